@@ -1,0 +1,66 @@
+"""The shared output head and the per-modality classifiers (SPEC steps 5-6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsf3n_jax.models.layers import Dropout, dense
+
+
+class OutputHead(nn.Module):
+  """Flatten tokens, Dense -> ReLU -> Dropout -> Dense: the retrieval embedding.
+
+  One instance serves both modalities. Tokens are flattened token-major.
+
+  Attributes:
+    hidden: width of the hidden layer (512).
+    features: embedding size (64).
+    dropout_rate: dropout after the hidden layer (0.5; 0 disables).
+  """
+
+  hidden: int = 512
+  features: int = 64
+  dropout_rate: float = 0.5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool,
+               example_ids: jax.Array | None = None) -> jax.Array:
+    x = tokens.reshape(tokens.shape[0], -1)
+    x = dense(self.hidden, x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+              name="hidden")(x)
+    x = nn.relu(x)
+    x = Dropout(self.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
+    return dense(self.features, self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="out")(x)
+
+
+class Classifier(nn.Module):
+  """Dense (no bias) -> ReLU -> Dropout -> Dense (no bias) -> logits.
+
+  Attributes:
+    num_classes: number of classes.
+    hidden: width of the hidden layer (32).
+    dropout_rate: dropout after the hidden layer (0.5; 0 disables).
+  """
+
+  num_classes: int
+  hidden: int = 32
+  dropout_rate: float = 0.5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool,
+               example_ids: jax.Array | None = None) -> jax.Array:
+    x = dense(self.hidden, x.shape[-1], use_bias=False, dtype=self.dtype,
+              param_dtype=self.param_dtype, name="hidden")(x)
+    x = nn.relu(x)
+    x = Dropout(self.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
+    return dense(self.num_classes, self.hidden, use_bias=False, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="logits")(x)

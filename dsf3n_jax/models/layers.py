@@ -1,0 +1,200 @@
+"""Building blocks shared by the DSF3N modules.
+
+The original model is written in PyTorch; these layers reproduce the pieces
+whose PyTorch behaviour differs from Flax's stock layers:
+
+* ``torch_kernel_init`` / ``torch_bias_init``: PyTorch's default
+  initialisation, uniform in +-1/sqrt(fan_in) for weights *and* biases.
+* ``BatchNorm``: normalises with the biased batch variance but updates the
+  running variance with the unbiased one (PyTorch's rule), computes the
+  variance in two passes, and can synchronise statistics over a mapped axis.
+* ``Bilinear``: ``nn.Bilinear`` without bias, computed as one matrix product
+  of the flattened outer product so that forward and backward run at
+  matrix-multiply speed.
+* ``Dropout``: draws its mask per example from a key folded with the
+  example's (global) index, so that the same global batch gets the same masks
+  however it is split over devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+Dtype = Any
+
+
+def torch_kernel_init():
+  """PyTorch's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  ``kaiming_uniform_(a=sqrt(5))`` has bound sqrt(6 / ((1 + 5) fan_in)), which
+  is variance scaling with scale 1/3, fan_in mode, uniform. Flax's fan_in for a
+  kernel of shape (..., in, out) is the product of all but the last axis, the
+  same as PyTorch's in_features or in_channels * kernel_size.
+  """
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def uniform_init(bound: float):
+  """U(-bound, bound)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias init for a layer with ``fan_in`` inputs."""
+  return uniform_init(1.0 / math.sqrt(fan_in))
+
+
+def dense(features: int, fan_in: int, *, use_bias: bool = True, dtype=None,
+          param_dtype=jnp.float32, name: str | None = None) -> nn.Dense:
+  """``nn.Dense`` initialised like ``torch.nn.Linear``."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in),
+                  name=name)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last (channel) axis with PyTorch's semantics.
+
+  Train mode normalises with the batch mean and the *biased* batch variance
+  and updates ``running_var`` with the *unbiased* one, as
+  ``torch.nn.BatchNorm1d`` does (Flax's ``nn.BatchNorm`` uses the biased one).
+  Statistics are reduced over every axis but the last, in float32, in two
+  passes. With ``axis_name`` they are averaged over that mapped axis, so a
+  data-parallel step sees the statistics of the global batch (all shards
+  must have the same size).
+
+  Attributes:
+    momentum: weight of the old running statistics (PyTorch momentum 0.1 is
+      0.9 here).
+    epsilon: added to the variance.
+    axis_name: mapped axis to synchronise the statistics over, or None.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    reduce_axes = tuple(range(x.ndim - 1))
+    if train:
+      count = math.prod(x.shape[:-1])
+      mean = xf.mean(reduce_axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      var = jnp.square(xf - mean).mean(reduce_axes)  # biased, second pass
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+        count = count * jax.lax.psum(1, self.axis_name)
+      if not self.is_initializing():
+        unbiased = var * (count / jnp.maximum(count - 1, 1))
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.astype(ra_mean.value.dtype)
+        ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(ra_var.value.dtype)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale + bias
+    dtype = self.dtype or x.dtype
+    return y.astype(dtype)
+
+
+class Bilinear(nn.Module):
+  """``torch.nn.Bilinear`` without bias: ``y_o = sum_ij x_i W_oij z_j``.
+
+  The kernel is stored as (in1, in2, out), i.e. PyTorch's (out, in1, in2)
+  transposed, so that the flattened outer product of the two inputs
+  (batch, in1 * in2) multiplies the kernel reshaped to (in1 * in2, out)
+  without a transpose: one matrix product forward, two backward.
+
+  Attributes:
+    features: output size.
+    precision: passed to the matrix product.
+  """
+
+  features: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, z: Array) -> Array:
+    in1, in2 = x.shape[-1], z.shape[-1]
+    # PyTorch: bound = 1 / sqrt(in1_features).
+    kernel = self.param("kernel", uniform_init(1.0 / math.sqrt(in1)),
+                        (in1, in2, self.features), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, z, kernel)
+    x, z, kernel = (a.astype(dtype) for a in (x, z, kernel))
+    batch_shape = x.shape[:-1]
+    outer = (x[..., :, None] * z[..., None, :]).reshape(-1, in1 * in2)
+    y = jnp.dot(outer, kernel.reshape(in1 * in2, self.features), precision=self.precision)
+    return y.reshape(*batch_shape, self.features)
+
+
+class Dropout(nn.Module):
+  """Inverted dropout whose mask is a function of (rng, example index).
+
+  ``nn.Dropout`` draws one mask for the whole array, so the mask an example
+  gets depends on how the batch is split over devices. Here each example's
+  mask is drawn from ``fold_in(key, example_id)``; pass the examples' global
+  indices as ``example_ids`` and the update no longer depends on the device
+  count. Without ``example_ids`` the position in the batch is used.
+
+  Attributes:
+    rate: probability of dropping a value.
+    rng_collection: the rng stream to draw from.
+  """
+
+  rate: float
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool,
+               example_ids: Array | None = None) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    key = self.make_rng(self.rng_collection)
+    if example_ids is None:
+      example_ids = jnp.arange(x.shape[0])
+    keep_prob = 1.0 - self.rate
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, x.shape[1:]))(keys)
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x)).astype(x.dtype)
+
+
+def max_pool(x: Array, window: int) -> Array:
+  """Max pooling over the length axis of (batch, length, channels)."""
+  return nn.max_pool(x, (window,), strides=(window,))
+
+
+def conv1d(features: int, kernel_size: int, in_features: int, *, stride: int = 1,
+           padding: int | Sequence[tuple[int, int]] | str = "SAME", dtype=None,
+           param_dtype=jnp.float32, name: str | None = None) -> nn.Conv:
+  """``nn.Conv`` over (batch, length, channels) initialised like ``torch.nn.Conv1d``."""
+  if isinstance(padding, int):
+    padding = [(padding, padding)]
+  return nn.Conv(features, (kernel_size,), strides=(stride,), padding=padding, dtype=dtype,
+                 param_dtype=param_dtype, kernel_init=torch_kernel_init(),
+                 bias_init=torch_bias_init(in_features * kernel_size), name=name)
