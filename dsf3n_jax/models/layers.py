@@ -92,8 +92,10 @@ class BatchNorm(nn.Module):
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    # Statistics at least float32, float64 with float64 parameters.
+    stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), stats_dtype))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), stats_dtype))
 
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     reduce_axes = tuple(range(x.ndim - 1))

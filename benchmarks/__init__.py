@@ -1,0 +1,1 @@
+"""Benchmarks and the PyTorch baseline the JAX implementation is compared against."""

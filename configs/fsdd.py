@@ -1,0 +1,26 @@
+"""Real audio-visual digits (shared/data/fsdd_digits.npz): spoken digits paired with handwriting.
+
+VEGAS's input sizes (128-d audio, 1024-d visual) and 10 classes. A few
+minutes on a laptop CPU:
+``python -m dsf3n_jax.main --config=configs/fsdd.py --workdir=DIR``
+(``--config.data.path`` if the file lives elsewhere).
+"""
+
+import os
+
+from configs import default
+
+DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                            "fsdd_digits.npz")
+
+
+def get_config(arg=None):
+  config = default.get_config()
+  config.data.name = "paired_features"
+  config.data.path = os.path.normpath(DEFAULT_PATH)
+  config.optim.lr = 1e-3
+  config.num_epochs = 12
+  config.eval_every_epochs = 3
+  config.checkpoint_every_epochs = 3
+  config.log_every_steps = 10
+  return default.apply_variants(config, arg)

@@ -1,0 +1,241 @@
+"""Reading paired-feature files (.h5 / .npz) and validating their six arrays.
+
+Every check raises ``DataValidationError`` with a message naming the file, the
+key, what was expected and what was found, so that nothing a file gets wrong
+reaches training silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+SPLITS = ("train", "test")
+# key name per (split, field); the authors' HDF5 layout.
+KEYS = {
+    split: {"visual": f"visual_{split}", "audio": f"audio_{split}", "label": f"lab_{split}"}
+    for split in SPLITS
+}
+ALL_KEYS = tuple(k for split in SPLITS for k in KEYS[split].values())
+SUFFIXES = (".h5", ".hdf5", ".npz")
+
+
+class DataValidationError(ValueError):
+  """A data file or array does not have the expected content."""
+
+
+def read_paired_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads the six SPEC arrays from an HDF5 or NPZ file.
+
+  Only the six keys (``visual_train``, ``audio_train``, ``lab_train``,
+  ``visual_test``, ``audio_test``, ``lab_test``) are read; other keys are
+  ignored. Missing keys are reported by ``validate_arrays``.
+
+  Args:
+    path: a ``.h5``/``.hdf5`` or ``.npz`` file.
+
+  Returns:
+    Dict from key to numpy array, for those of the six keys present in the file.
+
+  Raises:
+    DataValidationError: the file is missing, of an unknown type, unreadable or
+      truncated.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise DataValidationError(f"{path}: file not found (expected an .h5 or .npz feature file)")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in SUFFIXES:
+    raise DataValidationError(
+        f"{path}: unknown file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
+  try:
+    if suffix == ".npz":
+      return _read_npz(path)
+    return _read_h5(path)
+  except DataValidationError:
+    raise
+  except Exception as e:  # h5py/zipfile/numpy raise many types for bad files.
+    raise DataValidationError(
+        f"{path}: unreadable or truncated {suffix} file ({type(e).__name__}: {e})") from e
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as f:
+    return {k: np.asarray(f[k]) for k in ALL_KEYS if k in f.files}
+
+
+def _read_h5(path: str) -> dict[str, np.ndarray]:
+  import h5py  # Only needed for HDF5 inputs.
+
+  out = {}
+  with h5py.File(path, "r") as f:
+    for k in ALL_KEYS:
+      if k in f:
+        if not isinstance(f[k], h5py.Dataset):
+          raise DataValidationError(f"{path}: key {k!r} is a group, expected a dataset (array)")
+        out[k] = np.asarray(f[k][()])
+  return out
+
+
+def peek_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """Returns the shapes of the six arrays without loading them (when possible).
+
+  Args:
+    path: a ``.h5`` or ``.npz`` file.
+
+  Returns:
+    Dict from key to shape for the keys present.
+  """
+  path = os.fspath(path)
+  suffix = os.path.splitext(path)[1].lower()
+  try:
+    if suffix in (".h5", ".hdf5"):
+      import h5py
+
+      with h5py.File(path, "r") as f:
+        return {k: tuple(f[k].shape) for k in ALL_KEYS if k in f}
+  except Exception:  # Fall back to the full read, which reports the error well.
+    pass
+  return {k: v.shape for k, v in read_paired_file(path).items()}
+
+
+def _check_finite(x: np.ndarray, *, source: str, key: str) -> None:
+  bad = ~np.isfinite(x)
+  if bad.any():
+    rows = np.nonzero(bad.reshape(len(x), -1).any(axis=1))[0]
+    raise DataValidationError(
+        f"{source}: key {key!r} has {int(bad.sum())} non-finite values (NaN or +-Inf) in "
+        f"{len(rows)} rows; first bad row {int(rows[0])}; expected all finite")
+
+
+def _labels_to_ids(lab: np.ndarray, *, source: str, key: str,
+                   num_classes: int | None) -> np.ndarray:
+  """Integer ids from integer ids or one-hot rows (checked)."""
+  if lab.ndim == 2:
+    if num_classes is not None and lab.shape[1] != num_classes:
+      raise DataValidationError(
+          f"{source}: key {key!r} one-hot width {lab.shape[1]}, expected {num_classes} classes")
+    if not np.all(np.isfinite(lab)):
+      _check_finite(lab.astype(np.float64), source=source, key=key)
+    is01 = (lab == 0) | (lab == 1)
+    row_ok = is01.all(axis=1) & (lab.sum(axis=1) == 1)
+    if not row_ok.all():
+      first = int(np.nonzero(~row_ok)[0][0])
+      raise DataValidationError(
+          f"{source}: key {key!r} row {first} is not one-hot (found {lab[first][:20].tolist()}"
+          f"{'...' if lab.shape[1] > 20 else ''}); {int((~row_ok).sum())} bad rows; expected "
+          "exactly one 1 and zeros elsewhere")
+    return np.argmax(lab, axis=1).astype(np.int32)
+  if lab.ndim != 1:
+    raise DataValidationError(
+        f"{source}: key {key!r} has rank {lab.ndim} (shape {lab.shape}); expected rank 1 "
+        "(class ids) or rank 2 (one-hot rows)")
+  if np.issubdtype(lab.dtype, np.floating):
+    if not np.all(np.isfinite(lab)):
+      _check_finite(lab, source=source, key=key)
+    if not np.all(lab == np.round(lab)):
+      first = int(np.nonzero(lab != np.round(lab))[0][0])
+      raise DataValidationError(
+          f"{source}: key {key!r} row {first} label {lab[first]!r} is not an integer class id")
+  elif not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):
+    raise DataValidationError(
+        f"{source}: key {key!r} has dtype {lab.dtype}; expected integer class ids or one-hot rows")
+  ids = lab.astype(np.int64)
+  hi = num_classes - 1 if num_classes is not None else None
+  bad = ids < 0 if hi is None else (ids < 0) | (ids > hi)
+  if bad.any():
+    first = int(np.nonzero(bad)[0][0])
+    expected = f"0..{hi}" if hi is not None else ">= 0"
+    raise DataValidationError(
+        f"{source}: key {key!r} has {int(bad.sum())} labels outside {expected}; first at row "
+        f"{first}: {int(ids[first])}")
+  return ids.astype(np.int32)
+
+
+def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
+                    num_classes: int | None = None, visual_dim: int | None = None,
+                    audio_dim: int | None = None) -> dict[str, np.ndarray]:
+  """Checks the six SPEC arrays and normalises them.
+
+  Checks: every key present; features of rank 2 with the configured sizes (and
+  the same size in train and test); audio, visual and label counts equal per
+  split; no empty split; finite features; labels integer ids in 0..C-1 or
+  one-hot rows; every class present in train.
+
+  Args:
+    arrays: dict with ``visual_train``, ``audio_train``, ``lab_train``,
+      ``visual_test``, ``audio_test``, ``lab_test``.
+    source: the file (or other origin) named in error messages.
+    num_classes: expected class count; None infers ``max(label) + 1`` (or the
+      one-hot width).
+    visual_dim, audio_dim: expected feature sizes; None accepts the file's.
+
+  Returns:
+    Dict with the same six keys: features float32, labels int32 class ids.
+
+  Raises:
+    DataValidationError: any check fails.
+  """
+  missing = [k for k in ALL_KEYS if k not in arrays]
+  if missing:
+    raise DataValidationError(
+        f"{source}: missing key(s) {missing}; expected all of {list(ALL_KEYS)}, found "
+        f"{sorted(arrays)}")
+  expected_dims = {"visual": visual_dim, "audio": audio_dim}
+  # One-hot width fixes the class count when it was not given.
+  if num_classes is None:
+    widths = {arrays[KEYS[s]["label"]].shape[1] for s in SPLITS
+              if np.ndim(arrays[KEYS[s]["label"]]) == 2}
+    if len(widths) > 1:
+      raise DataValidationError(
+          f"{source}: one-hot label widths differ between splits: found {sorted(widths)}")
+    if widths:
+      num_classes = widths.pop()
+  out = {}
+  for split in SPLITS:
+    counts = {}
+    for field in ("visual", "audio"):
+      key = KEYS[split][field]
+      x = np.asarray(arrays[key])
+      if x.ndim != 2:
+        raise DataValidationError(
+            f"{source}: key {key!r} has rank {x.ndim} (shape {x.shape}); expected rank 2 "
+            f"(examples, {field} features)")
+      want = expected_dims[field]
+      if want is not None and x.shape[1] != want:
+        raise DataValidationError(
+            f"{source}: key {key!r} has feature size {x.shape[1]}; expected {want}")
+      expected_dims[field] = x.shape[1]  # Test must match train.
+      if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataValidationError(f"{source}: key {key!r} has dtype {x.dtype}; expected float")
+      x = x.astype(np.float32, copy=False)
+      _check_finite(x, source=source, key=key)
+      out[key] = x
+      counts[key] = x.shape[0]
+    lkey = KEYS[split]["label"]
+    lab = np.asarray(arrays[lkey])
+    counts[lkey] = lab.shape[0] if lab.ndim else 0
+    if len(set(counts.values())) != 1:
+      raise DataValidationError(
+          f"{source}: split {split!r} example counts differ: {counts}; expected equal counts")
+    if counts[lkey] == 0:
+      raise DataValidationError(
+          f"{source}: split {split!r} is empty (keys {list(counts)} have 0 rows); expected at "
+          "least one example")
+    out[lkey] = _labels_to_ids(lab, source=source, key=lkey, num_classes=num_classes)
+  if num_classes is None:
+    num_classes = int(max(out[KEYS[s]["label"]].max() for s in SPLITS)) + 1
+  present = np.bincount(out["lab_train"], minlength=num_classes)
+  absent = np.nonzero(present == 0)[0]
+  if absent.size:
+    raise DataValidationError(
+        f"{source}: key 'lab_train' has no example of class(es) {absent.tolist()}; expected "
+        f"every class 0..{num_classes - 1} in train")
+  return out
+
+
+def infer_num_classes(arrays: Mapping[str, np.ndarray]) -> int:
+  """The class count of validated arrays (``max label + 1``)."""
+  return int(max(arrays["lab_train"].max(), arrays["lab_test"].max())) + 1

@@ -1,0 +1,519 @@
+"""Input pipeline: data sources, host-sharded train/eval batches, on-device splits.
+
+A *source* is anything with ``__len__`` and ``__getitems__(indices)`` returning
+a dict of stacked numpy arrays ``visual`` (float32), ``audio`` (float32),
+``label`` (int32 class ids) and ``index`` (int64 row in the source file):
+``ArraySource`` (in memory), ``TfdsSource`` (a ``tfds.data_source`` over
+array_record files) and ``SubsetSource`` (rows of another source).
+
+Batches are global ``jax.Array``s sharded over the ``data`` axis of a mesh,
+built with ``jax.make_array_from_process_local_data``: each process reads only
+the contiguous rows of each global batch that land on its devices.
+
+The shuffled order of epoch ``e`` is ``epoch_permutation(seed, e, n)``; batch
+``b`` is ``perm[b*B:(b+1)*B]`` (last partial batch dropped). File-order mode
+uses ``arange(n)``, the original's unshuffled batches.
+
+Nothing here imports TensorFlow; TFDS is imported only to read or build a
+TFDS dataset.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax.datasets import synthetic as synthetic_lib
+from dsf3n_jax.datasets import validation
+from dsf3n_jax.datasets.validation import DataValidationError
+
+DATA_AXIS = "data"
+FIELDS = ("visual", "audio", "label", "index")
+DATASETS = ("synthetic", "vegas", "ave", "paired_features")
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
+  """The shuffled order of one epoch (THE definition, shared with on-device epochs).
+
+  Args:
+    seed: shuffling seed.
+    epoch: epoch number (may be traced).
+    num_examples: split size (static under jit).
+
+  Returns:
+    (num_examples,) int32 permutation.
+  """
+  return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), num_examples)
+
+
+class Source(Protocol):
+  """Random access to a split: ``__len__`` and ``__getitems__``."""
+
+  def __len__(self) -> int: ...
+
+  def __getitems__(self, indices) -> dict[str, np.ndarray]: ...
+
+
+class ArraySource:
+  """A source over in-memory numpy arrays.
+
+  Args:
+    visual: (N, Dv) features.
+    audio: (N, Da) features.
+    label: (N,) integer class ids.
+    index: (N,) rows in the source file (default ``arange(N)``).
+  """
+
+  def __init__(self, visual, audio, label, index=None):
+    self.visual = np.asarray(visual, np.float32)
+    self.audio = np.asarray(audio, np.float32)
+    self.label = np.asarray(label).astype(np.int32)
+    self.index = (np.arange(len(self.label), dtype=np.int64) if index is None
+                  else np.asarray(index, np.int64))
+    counts = {k: len(getattr(self, k)) for k in FIELDS}
+    if len(set(counts.values())) != 1:
+      raise ValueError(f"ArraySource: row counts differ: {counts}")
+
+  def __len__(self) -> int:
+    return len(self.label)
+
+  def __getitems__(self, indices) -> dict[str, np.ndarray]:
+    idx = np.asarray(indices, np.int64)
+    return {k: getattr(self, k)[idx] for k in FIELDS}
+
+
+class SubsetSource:
+  """Rows ``rows`` of another source (e.g. train without its validation rows).
+
+  Args:
+    source: the parent source.
+    rows: parent positions, in the order they are exposed.
+  """
+
+  def __init__(self, source: Source, rows):
+    self.source = source
+    self.rows = np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitems__(self, indices) -> dict[str, np.ndarray]:
+    return self.source.__getitems__(self.rows[np.asarray(indices, np.int64)])
+
+
+class TfdsSource:
+  """Adapter of a ``tfds.data_source`` (array_record) split to the source protocol.
+
+  Args:
+    data_source: what ``builder.as_data_source(split)`` returns.
+    name: for error messages.
+  """
+
+  def __init__(self, data_source, *, name: str = "tfds"):
+    self.data_source = data_source
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitems__(self, indices) -> dict[str, np.ndarray]:
+    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+    rows = self.data_source.__getitems__(idx) if idx else []
+    out = {
+        "visual": np.stack([r["visual"] for r in rows]).astype(np.float32, copy=False)
+        if rows else np.zeros((0, 0), np.float32),
+        "audio": np.stack([r["audio"] for r in rows]).astype(np.float32, copy=False)
+        if rows else np.zeros((0, 0), np.float32),
+        "label": np.asarray([r["label"] for r in rows], np.int32),
+        "index": np.asarray([r["index"] for r in rows], np.int64),
+    }
+    # Builders write in file order; a mismatch means a foreign or corrupted dataset.
+    if not np.array_equal(out["index"], np.asarray(idx, np.int64)):
+      raise DataValidationError(
+          f"{self.name}: stored 'index' does not match the record position (expected "
+          f"{idx[:5]}..., found {out['index'][:5].tolist()}...); rebuild the dataset")
+    return out
+
+
+@dataclasses.dataclass
+class Sources:
+  """The splits of one dataset and its sizes."""
+
+  train: Any
+  test: Any
+  validation: Any | None
+  num_classes: int
+  visual_dim: int
+  audio_dim: int
+  name: str
+
+
+def stratified_split(labels: np.ndarray, *, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Carves a stratified validation subset out of train.
+
+  Args:
+    labels: (N,) class ids of train.
+    fraction: share of each class moved to validation (0 <= fraction < 1).
+    seed: numpy seed of the draw.
+
+  Returns:
+    ``(train_rows, validation_rows)``, each sorted (file order), disjoint and
+    together ``arange(N)``. Each class keeps at least one train row.
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+  rng = np.random.default_rng(seed)
+  val = []
+  for c in np.unique(labels):
+    rows = np.nonzero(labels == c)[0]
+    k = min(int(round(fraction * len(rows))), len(rows) - 1)
+    val.append(rng.permutation(rows)[:k])
+  val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
+  train = np.setdiff1d(np.arange(len(labels)), val)
+  return train.astype(np.int64), val.astype(np.int64)
+
+
+def _check_dims(name: str, *, found: Mapping[str, int], expected: Mapping[str, int | None]):
+  for k, want in expected.items():
+    if want is not None and int(want) != int(found[k]):
+      raise DataValidationError(f"{name}: {k} is {found[k]} in the data; expected {want} "
+                                f"(flag/config {k})")
+
+
+def _tfds_builder(name: str, *, data_dir, path, num_classes):
+  """The (prepared) TFDS builder of ``name``; builds it first when needed."""
+  import tensorflow_datasets as tfds
+
+  from dsf3n_jax.datasets import builders
+
+  manual_dir = None
+  if name == "paired_features":
+    config = (builders.paired_features_config(path, num_classes=num_classes) if path
+              else "manual")
+    builder = tfds.builder(name, config=config, data_dir=data_dir)
+  else:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if path is not None:
+      manual_dir = os.fspath(path)
+      manual_dir = manual_dir if os.path.isdir(manual_dir) else os.path.dirname(manual_dir)
+  if not builder.is_prepared():
+    if name == "paired_features" and not path:
+      raise DataValidationError(
+          "paired_features: no `path` given and no prepared `manual` config in data_dir "
+          f"{data_dir}; pass path=FILE (flag --config.data.path)")
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    builder.download_and_prepare(download_config=config)
+  return builder
+
+
+def load_sources(name: str, *, data_dir: str | None = None, path: str | None = None,
+                 num_classes: int | None = None, visual_dim: int | None = None,
+                 audio_dim: int | None = None, validation_fraction: float = 0.0,
+                 validation_seed: int = 0, synthetic: Mapping[str, Any] | None = None) -> Sources:
+  """Loads a dataset's splits as sources (building the TFDS dataset when needed).
+
+  Args:
+    name: "synthetic", "vegas", "ave" or "paired_features".
+    data_dir: TFDS data directory (default: TFDS's, ``~/tensorflow_datasets``).
+    path: paired_features: the ``.h5``/``.npz`` file; vegas/ave: the manual
+      directory (or the file in it) used if the dataset is not built yet.
+    num_classes, visual_dim, audio_dim: if given, checked against the data.
+    validation_fraction: share of train (stratified by class) moved to a
+      validation split; 0 gives ``validation=None``.
+    validation_seed: seed of that draw.
+    synthetic: keyword arguments of ``generate_synthetic`` (synthetic only;
+      generated in memory, identical to the TFDS ``synthetic`` builder).
+
+  Returns:
+    ``Sources``.
+
+  Raises:
+    DataValidationError: bad file, or sizes that differ from the given ones.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"dataset name {name!r} unknown; expected one of {DATASETS}")
+  if name == "synthetic":
+    kwargs = dict(synthetic or {})
+    if num_classes is not None:
+      kwargs.setdefault("num_classes", num_classes)
+    arrays = synthetic_lib.generate_synthetic(**kwargs)
+    arrays = validation.validate_arrays(arrays, source="synthetic", num_classes=num_classes,
+                                        visual_dim=visual_dim, audio_dim=audio_dim)
+    train = ArraySource(arrays["visual_train"], arrays["audio_train"], arrays["lab_train"])
+    test = ArraySource(arrays["visual_test"], arrays["audio_test"], arrays["lab_test"])
+    found = dict(num_classes=validation.infer_num_classes(arrays),
+                 visual_dim=arrays["visual_train"].shape[1],
+                 audio_dim=arrays["audio_train"].shape[1])
+    train_labels = arrays["lab_train"]
+  else:
+    builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
+    meta = builder.info.metadata
+    source_name = f"{name} ({meta.get('source', builder.data_path)})"
+    train = TfdsSource(builder.as_data_source("train"), name=source_name)
+    test = TfdsSource(builder.as_data_source("test"), name=source_name)
+    found = {k: int(meta[k]) for k in ("num_classes", "visual_dim", "audio_dim")}
+    train_labels = load_split_arrays(train)["label"] if validation_fraction else None
+  _check_dims(name, found=found, expected=dict(num_classes=num_classes, visual_dim=visual_dim,
+                                               audio_dim=audio_dim))
+  val = None
+  if validation_fraction:
+    train_rows, val_rows = stratified_split(train_labels, fraction=validation_fraction,
+                                            seed=validation_seed)
+    val = SubsetSource(train, val_rows)
+    train = SubsetSource(train, train_rows)
+  return Sources(train=train, test=test, validation=val, name=name, **found)
+
+
+def _sharding(mesh: Mesh) -> NamedSharding:
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh axes {mesh.axis_names} have no {DATA_AXIS!r} axis")
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def process_rows(global_batch_size: int, *, mesh: Mesh, process_index: int | None = None,
+                 process_count: int | None = None) -> tuple[int, int]:
+  """The contiguous rows ``[lo, hi)`` of a global batch this process reads.
+
+  Args:
+    global_batch_size: B.
+    mesh: the mesh with a ``data`` axis.
+    process_index, process_count: injected for tests; default: from the
+      mesh's addressable devices (contiguous, in process-index order for
+      ``jax.make_mesh``).
+
+  Returns:
+    ``(lo, hi)``.
+  """
+  if process_index is not None or process_count is not None:
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if global_batch_size % pc:
+      raise ValueError(f"global_batch_size {global_batch_size} not divisible by {pc} processes")
+    per = global_batch_size // pc
+    return pi * per, (pi + 1) * per
+  index_map = _sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  starts = sorted({(s[0].start or 0, s[0].stop or global_batch_size)
+                   for s in index_map.values()})
+  lo, hi = starts[0][0], starts[-1][1]
+  if sum(b - a for a, b in starts) != hi - lo:
+    raise ValueError("this process's devices do not hold a contiguous part of the batch; "
+                     "build the mesh with jax.make_mesh")
+  return lo, hi
+
+
+def _check_batch(global_batch_size: int, mesh: Mesh, n: int | None) -> None:
+  if global_batch_size < 1 or global_batch_size % mesh.size:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                     f"the mesh size {mesh.size}")
+  if n is not None and global_batch_size > n:
+    raise ValueError(f"global_batch_size {global_batch_size} exceeds the split size {n}")
+
+
+def _to_global(host: Mapping[str, np.ndarray], *, sharding: NamedSharding,
+               global_batch_size: int) -> dict[str, jax.Array]:
+  out = {}
+  for k, v in host.items():
+    if k == "index" and not jax.config.jax_enable_x64:
+      v = v.astype(np.int32)  # JAX without x64 has no int64.
+    out[k] = jax.make_array_from_process_local_data(
+        sharding, v, (global_batch_size,) + v.shape[1:])
+  return out
+
+
+class TrainLoader:
+  """Endless, resumable, host-sharded train batches.
+
+  ``epoch`` and ``step`` give the position of the NEXT batch (after the last
+  batch of an epoch they read ``epoch + 1, 0``).
+
+  Args:
+    source: a source (see module docstring).
+    global_batch_size: B, a multiple of the mesh size, at most ``len(source)``.
+    mesh: mesh with a ``data`` axis.
+    seed: shuffling seed.
+    shuffle: True: ``epoch_permutation`` order; False: file order.
+    start_epoch: first epoch.
+    prefetch: read the next batch in a background thread.
+    process_index, process_count: injected for tests (see ``process_rows``).
+  """
+
+  def __init__(self, source: Source, *, global_batch_size: int, mesh: Mesh, seed: int = 0,
+               shuffle: bool = True, start_epoch: int = 0, prefetch: bool = True,
+               process_index: int | None = None, process_count: int | None = None):
+    self.source = source
+    self.num_examples = len(source)
+    _check_batch(global_batch_size, mesh, self.num_examples)
+    self.global_batch_size = global_batch_size
+    self.mesh = mesh
+    self.sharding = _sharding(mesh)
+    self.lo, self.hi = process_rows(global_batch_size, mesh=mesh, process_index=process_index,
+                                    process_count=process_count)
+    self.steps_per_epoch = self.num_examples // global_batch_size
+    self.seed, self.shuffle = int(seed), bool(shuffle)
+    self.epoch, self.step = int(start_epoch), 0
+    self._order_cache: tuple[tuple, np.ndarray] | None = None
+    self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+                      if prefetch else None)
+    self._pending = None  # ((epoch, step, seed, shuffle), future)
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The order of all rows in ``epoch`` (global, all processes)."""
+    key = (self.seed, self.shuffle, epoch)
+    if self._order_cache is None or self._order_cache[0] != key:
+      order = (np.asarray(jax.device_get(epoch_permutation(self.seed, epoch, self.num_examples)))
+               if self.shuffle else np.arange(self.num_examples))
+      self._order_cache = (key, order.astype(np.int64))
+    return self._order_cache[1]
+
+  def global_indices(self, epoch: int, step: int) -> np.ndarray:
+    """Rows of global batch ``step`` of ``epoch``."""
+    b = self.global_batch_size
+    return self.epoch_order(epoch)[step * b:(step + 1) * b]
+
+  def local_indices(self, epoch: int, step: int) -> np.ndarray:
+    """The rows of that batch this process reads."""
+    return self.global_indices(epoch, step)[self.lo:self.hi]
+
+  def get_state(self) -> dict[str, Any]:
+    """Position of the next batch: JSON-able ``dict(epoch, step, seed, shuffle)``."""
+    return dict(epoch=int(self.epoch), step=int(self.step), seed=int(self.seed),
+                shuffle=bool(self.shuffle))
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues exactly where the iterator that gave ``state`` would."""
+    step = int(state["step"])
+    if not 0 <= step < self.steps_per_epoch:
+      raise ValueError(f"loader state step {step} outside 0..{self.steps_per_epoch - 1}")
+    self.epoch, self.step = int(state["epoch"]), step
+    self.seed = int(state.get("seed", self.seed))
+    self.shuffle = bool(state.get("shuffle", self.shuffle))
+    self._pending = None
+
+  def _position(self) -> tuple:
+    return (self.epoch, self.step, self.seed, self.shuffle)
+
+  def _submit(self) -> None:
+    if self._executor is not None:
+      idx = self.local_indices(self.epoch, self.step)
+      self._pending = (self._position(), self._executor.submit(self.source.__getitems__, idx))
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self._pending is not None and self._pending[0] == self._position():
+      host = self._pending[1].result()
+    else:
+      host = self.source.__getitems__(self.local_indices(self.epoch, self.step))
+    self._pending = None
+    self.step += 1
+    if self.step == self.steps_per_epoch:
+      self.epoch, self.step = self.epoch + 1, 0
+    self._submit()
+    return _to_global(host, sharding=self.sharding, global_batch_size=self.global_batch_size)
+
+  def close(self) -> None:
+    """Stops the prefetch thread."""
+    if self._executor is not None:
+      self._executor.shutdown(wait=True, cancel_futures=True)
+      self._executor = None
+    self._pending = None
+
+
+def eval_batch_rows(num_examples: int, *, global_batch_size: int, lo: int,
+                    hi: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Per eval batch: this process's rows (-1 for padding) and its mask.
+
+  Args:
+    num_examples: split size.
+    global_batch_size: B.
+    lo, hi: this process's part of each batch (``process_rows``).
+
+  Yields:
+    ``(rows, mask)`` of shape (hi - lo,) each, in file order.
+  """
+  num_batches = -(-num_examples // global_batch_size)
+  for b in range(num_batches):
+    rows = b * global_batch_size + np.arange(lo, hi, dtype=np.int64)
+    real = rows < num_examples
+    yield np.where(real, rows, -1), real.astype(np.float32)
+
+
+def eval_batches(source: Source, *, global_batch_size: int, mesh: Mesh,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Every item of ``source`` exactly once, in file order; the last batch padded.
+
+  Args:
+    source: a source.
+    global_batch_size: B, a multiple of the mesh size.
+    mesh: mesh with a ``data`` axis.
+    process_index, process_count: injected for tests.
+
+  Yields:
+    Dicts as ``TrainLoader`` plus ``mask`` (B,) float32 (0 on padding rows,
+    whose ``index`` is -1 and features 0).
+  """
+  _check_batch(global_batch_size, mesh, None)
+  n = len(source)
+  if n == 0:
+    return
+  sharding = _sharding(mesh)
+  lo, hi = process_rows(global_batch_size, mesh=mesh, process_index=process_index,
+                        process_count=process_count)
+  template = source.__getitems__(np.zeros((1,), np.int64))
+  for rows, mask in eval_batch_rows(n, global_batch_size=global_batch_size, lo=lo, hi=hi):
+    real = mask > 0
+    got = source.__getitems__(rows[real]) if real.any() else None
+    host = {}
+    for k, t in template.items():
+      fill = -1 if k == "index" else 0
+      v = np.full((hi - lo,) + t.shape[1:], fill, t.dtype)
+      if got is not None:
+        v[real] = got[k]
+      host[k] = v
+    host["mask"] = mask
+    yield _to_global(host, sharding=sharding, global_batch_size=global_batch_size)
+
+
+def load_split_arrays(source: Source) -> dict[str, np.ndarray]:
+  """The whole split as numpy arrays (``visual``, ``audio``, ``label``, ``index``)."""
+  return source.__getitems__(np.arange(len(source), dtype=np.int64))
+
+
+def to_device(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Copies arrays to every device of ``mesh``, replicated (``P()``), for on-device epochs.
+
+  Every process must pass the same arrays.
+
+  Args:
+    arrays: dict of numpy arrays (e.g. ``load_split_arrays``).
+    mesh: the mesh.
+
+  Returns:
+    Dict of replicated global ``jax.Array``s.
+  """
+  sharding = NamedSharding(mesh, P())
+  out = {}
+  for k, v in arrays.items():
+    v = np.asarray(v)
+    if v.dtype == np.int64 and not jax.config.jax_enable_x64:
+      v = v.astype(np.int32)
+    out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+  return out
+
+
+__all__ = [
+    "ArraySource", "Sources", "SubsetSource", "TfdsSource", "TrainLoader", "epoch_permutation",
+    "eval_batches", "load_sources", "load_split_arrays", "process_rows", "stratified_split",
+    "to_device",
+]

@@ -1,0 +1,320 @@
+"""Cross-modal retrieval: embed a split, save/load embeddings and variables, blockwise top-k.
+
+Embedding needs both modalities at once (the fusion mixes them), so a split of
+pairs is embedded in batches; the last batch is padded and the padding dropped.
+Files:
+  * embeddings ``.npz``: ``emb_visual`` (n, e), ``emb_audio`` (n, e), ``labels`` (n,),
+    ``indices`` (n,) (row numbers in the source split).
+  * variables ``.npz``: the flattened ``{"params", "batch_stats"}`` pytree with
+    '/'-joined keys, plus ``__model__``: the model's keyword arguments as JSON.
+  * paired-feature ``.npz`` (the SPEC arrays): ``visual_<split>``, ``audio_<split>``,
+    ``lab_<split>`` (class ids or one-hot rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from dsf3n_jax import metrics
+
+_MODEL_KEY = "__model__"
+
+
+class Embeddings(NamedTuple):
+  """Embeddings of a split of pairs."""
+
+  emb_visual: np.ndarray
+  emb_audio: np.ndarray
+  labels: np.ndarray
+  indices: np.ndarray
+
+
+class Retrieved(NamedTuple):
+  """Top-k items for each query, nearest first (ties: lower item index first)."""
+
+  indices: np.ndarray    # (n, k) item rows in the retrieval set
+  distances: np.ndarray  # (n, k)
+  labels: np.ndarray     # (n, k) item labels
+  relevant: np.ndarray   # (n, k) bool, item label == query label
+
+
+def save_variables(path, variables: Mapping[str, Any], *,
+                   model_kwargs: Mapping[str, Any] | None = None) -> None:
+  """Writes a variables pytree as a flat ``.npz`` ('/'-joined keys).
+
+  Args:
+    path: output file.
+    variables: e.g. ``{"params": ..., "batch_stats": ...}``.
+    model_kwargs: keyword arguments of ``DSF3N`` to store beside them (JSON).
+  """
+  flat = traverse_util.flatten_dict(jax.device_get(dict(variables)), sep="/")
+  arrays = {k: np.asarray(v) for k, v in flat.items()}
+  if model_kwargs is not None:
+    arrays[_MODEL_KEY] = np.asarray(json.dumps(dict(model_kwargs)))
+  np.savez(path, **arrays)
+
+
+def load_variables(path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """Reads a file written by ``save_variables``.
+
+  Args:
+    path: the ``.npz`` file.
+
+  Returns:
+    ``(variables, model_kwargs)``; ``model_kwargs`` is None if not stored.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"variables file {path} does not exist")
+  with np.load(path) as f:
+    flat = {k: f[k] for k in f.files}
+  model_kwargs = None
+  if _MODEL_KEY in flat:
+    model_kwargs = json.loads(str(flat.pop(_MODEL_KEY)))
+  if "params" not in {k.split("/")[0] for k in flat}:
+    raise ValueError(f"variables file {path}: expected keys under 'params/', found "
+                     f"{sorted(flat)[:5]}")
+  variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()},
+                                           sep="/")
+  return variables, model_kwargs
+
+
+def as_class_ids(labels, *, name: str = "labels") -> np.ndarray:
+  """Class ids from ids or one-hot rows."""
+  labels = np.asarray(labels)
+  if labels.ndim == 2:
+    labels = labels.argmax(-1)
+  if labels.ndim != 1:
+    raise ValueError(f"{name}: expected (n,) class ids or (n, C) one-hot rows, got shape "
+                     f"{labels.shape}")
+  return labels.astype(np.int64)
+
+
+def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads ``visual_<split>``, ``audio_<split>`` and ``lab_<split>`` from a paired-feature file.
+
+  Args:
+    path: ``.npz`` (or ``.h5``) file with the SPEC arrays.
+    split: "train" or "test" (any suffix present in the file).
+
+  Returns:
+    ``(visual, audio, labels)`` as float32, float32 and int64 numpy arrays.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"data file {path} does not exist")
+  keys = (f"visual_{split}", f"audio_{split}", f"lab_{split}")
+  if path.suffix in (".h5", ".hdf5"):
+    import h5py  # pylint: disable=g-import-not-at-top
+    with h5py.File(path, "r") as f:
+      missing = [k for k in keys if k not in f]
+      if missing:
+        raise KeyError(f"data file {path}: missing {missing}; found {sorted(f.keys())}")
+      arrays = [np.asarray(f[k]) for k in keys]
+  else:
+    with np.load(path) as f:
+      missing = [k for k in keys if k not in f.files]
+      if missing:
+        raise KeyError(f"data file {path}: missing {missing}; found {sorted(f.files)}")
+      arrays = [f[k] for k in keys]
+  visual, audio, labels = arrays
+  labels = as_class_ids(labels, name=f"{path}:{keys[2]}")
+  if not len(visual) == len(audio) == len(labels):
+    raise ValueError(f"data file {path}: split {split!r} has {len(visual)} visual, "
+                     f"{len(audio)} audio and {len(labels)} label rows; expected equal")
+  return visual.astype(np.float32), audio.astype(np.float32), labels
+
+
+def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = 256,
+                indices=None) -> Embeddings:
+  """Embeds pairs with a model in eval mode, in padded batches.
+
+  Args:
+    model: a ``DSF3N`` (or any module with the same ``apply`` signature).
+    variables: ``{"params", "batch_stats"}``.
+    visual: (n, visual_dim) features.
+    audio: (n, audio_dim) features.
+    labels: (n,) labels to carry along (zeros if None).
+    batch_size: pairs per forward pass.
+    indices: (n,) source row numbers (default ``arange(n)``).
+
+  Returns:
+    ``Embeddings`` of numpy arrays.
+  """
+  visual = np.asarray(visual, np.float32)
+  audio = np.asarray(audio, np.float32)
+  n = len(visual)
+  if len(audio) != n:
+    raise ValueError(f"visual and audio: expected the same number of rows, got {n} and "
+                     f"{len(audio)}")
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  outs_v, outs_a = [], []
+  for start in range(0, n, batch_size):
+    v, a = visual[start:start + batch_size], audio[start:start + batch_size]
+    pad = batch_size - len(v)
+    if pad and n > batch_size:  # keep one compiled shape
+      v = np.pad(v, ((0, pad), (0, 0)))
+      a = np.pad(a, ((0, pad), (0, 0)))
+    out = apply(variables, jnp.asarray(v), jnp.asarray(a))
+    take = min(batch_size, n - start)
+    outs_v.append(np.asarray(out[0])[:take])
+    outs_a.append(np.asarray(out[1])[:take])
+  emb_dim = (lambda o: o[0].shape[-1] if o else 0)(outs_v)
+  emb_v = np.concatenate(outs_v) if outs_v else np.zeros((0, emb_dim), np.float32)
+  emb_a = np.concatenate(outs_a) if outs_a else np.zeros((0, emb_dim), np.float32)
+  labels = np.zeros(n, np.int64) if labels is None else as_class_ids(labels)
+  indices = np.arange(n) if indices is None else np.asarray(indices)
+  return Embeddings(emb_v, emb_a, labels, indices.astype(np.int64))
+
+
+def save_embeddings(path, embeddings: Embeddings) -> None:
+  """Writes embeddings, labels and source indices to ``.npz``."""
+  np.savez(path, **embeddings._asdict())
+
+
+def load_embeddings(path) -> Embeddings:
+  """Reads a file written by ``save_embeddings`` (keys ``emb_visual``, ``emb_audio``,
+  ``labels``, ``indices``; ``indices`` defaults to ``arange(n)``)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"embeddings file {path} does not exist")
+  with np.load(path) as f:
+    missing = [k for k in ("emb_visual", "emb_audio", "labels") if k not in f.files]
+    if missing:
+      raise KeyError(f"embeddings file {path}: missing {missing}; found {sorted(f.files)}")
+    emb_v, emb_a = f["emb_visual"], f["emb_audio"]
+    labels = as_class_ids(f["labels"], name=f"{path}:labels")
+    indices = f["indices"] if "indices" in f.files else np.arange(len(labels))
+  if not len(emb_v) == len(emb_a) == len(labels) == len(indices):
+    raise ValueError(f"embeddings file {path}: row counts differ: emb_visual {len(emb_v)}, "
+                     f"emb_audio {len(emb_a)}, labels {len(labels)}, indices {len(indices)}")
+  return Embeddings(emb_v, emb_a, labels, np.asarray(indices, np.int64))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "distance", "block_size"))
+def _top_k_blocks(queries, items, *, k, distance, block_size):
+  d = queries.shape[-1]
+
+  def one_block(q):
+    dist = metrics.pairwise_distances(q, items, distance=distance)
+    keys = metrics._ranking_keys(dist)  # pylint: disable=protected-access
+    _, pos = jax.lax.top_k(-keys, k)    # unique keys: (distance, index) order
+    return jnp.take_along_axis(dist, pos, axis=1), pos
+
+  dist, pos = jax.lax.map(one_block, queries.reshape(-1, block_size, d))
+  return dist.reshape(-1, k), pos.reshape(-1, k)
+
+
+def top_k(queries, items, *, k: int, distance: metrics.Distance = "cosine",
+          block_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """The k nearest items of each query, blockwise (memory ``O(block_size * m)``).
+
+  Args:
+    queries: (n, d) embeddings.
+    items: (m, d) embeddings.
+    k: items per query (clipped to m).
+    distance: "cosine" or "euclidean".
+    block_size: queries per block.
+
+  Returns:
+    ``(distances, indices)``, each (n, min(k, m)), nearest first; equal
+    distances are ordered by item index, as in ``metrics``.
+  """
+  queries = np.asarray(queries, np.float32)
+  items = np.asarray(items, np.float32)
+  if k < 1:
+    raise ValueError(f"k: expected a positive int, got {k}")
+  k = min(k, len(items))
+  n = len(queries)
+  block_size = max(1, min(block_size, n))
+  padded = -(-n // block_size) * block_size
+  q = np.pad(queries, ((0, padded - n), (0, 0)))
+  with jax.enable_x64(True):
+    dist, pos = _top_k_blocks(q, items, k=k, distance=distance, block_size=block_size)
+    return np.asarray(dist)[:n], np.asarray(pos)[:n].astype(np.int64)
+
+
+def retrieve(queries, items, query_labels, item_labels, *, k: int = 5,
+             distance: metrics.Distance = "cosine", block_size: int = 256) -> Retrieved:
+  """Top-k items of the other modality for each query, with distances and labels.
+
+  Args:
+    queries: (n, d) query embeddings.
+    items: (m, d) retrieval-set embeddings.
+    query_labels: (n,) query class ids.
+    item_labels: (m,) item class ids.
+    k: items per query.
+    distance: "cosine" or "euclidean".
+    block_size: queries per block.
+
+  Returns:
+    ``Retrieved`` with (n, k) arrays.
+  """
+  query_labels = as_class_ids(query_labels, name="query_labels")
+  item_labels = as_class_ids(item_labels, name="item_labels")
+  dist, idx = top_k(queries, items, k=k, distance=distance, block_size=block_size)
+  labels = item_labels[idx]
+  return Retrieved(idx, dist, labels, labels == query_labels[:, None])
+
+
+def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=None,
+                         split: str = "test", batch_size: int = 256,
+                         model_kwargs: Mapping[str, Any] | None = None) -> Embeddings:
+  """Embeddings from one of the three inputs the CLIs accept.
+
+  Args:
+    workdir: training directory; uses ``dsf3n_jax.train.restore_model``.
+    embeddings: precomputed embeddings ``.npz``.
+    variables: variables ``.npz`` (with ``data``).
+    data: paired-feature file (with ``variables`` or ``workdir``; for ``workdir``
+      defaults to the config's data file).
+    split: split of the data file to embed.
+    batch_size: pairs per forward pass.
+    model_kwargs: ``DSF3N`` arguments overriding those stored with ``variables``.
+
+  Returns:
+    ``Embeddings``.
+  """
+  given = [name for name, v in (("--workdir", workdir), ("--embeddings", embeddings),
+                                ("--variables", variables)) if v]
+  if len(given) != 1:
+    raise ValueError(f"expected exactly one of --workdir, --embeddings, --variables; got "
+                     f"{given or 'none'}")
+  if embeddings:
+    return load_embeddings(embeddings)
+  from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
+  if workdir:
+    from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
+    model, model_vars, config = train.restore_model(workdir)
+    if data is None:
+      data = _config_data_path(config, workdir)
+  else:
+    if not data:
+      raise ValueError("--variables needs --data=FILE.npz (the paired-feature file)")
+    model_vars, stored = load_variables(variables)
+    kwargs = dict(stored or {})
+    kwargs.update(model_kwargs or {})
+    if "num_classes" not in kwargs:
+      raise ValueError(f"variables file {variables}: no stored model arguments; pass the "
+                       "model's arguments (at least num_classes) with --model_kwargs")
+    model = DSF3N(**kwargs)
+  visual, audio, labels = load_split(data, split)
+  return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size)
+
+
+def _config_data_path(config, workdir):
+  data_cfg = getattr(config, "data", None)
+  for name in ("path", "file", "data_path", "data_file"):
+    value = getattr(data_cfg, name, None) if data_cfg is not None else None
+    if value:
+      return value
+  raise ValueError(f"--workdir={workdir}: config.data names no data file; pass --data=FILE")

@@ -1,0 +1,627 @@
+"""Training and evaluation: config in, checkpoints, metrics and results out.
+
+The per-device ``train_step`` is written in the programming model of
+``jax.pmap``: it sees one shard of the global batch and uses explicit
+collectives over the ``data`` axis (``lax.pmean`` of gradients and metrics,
+BatchNorm statistics synchronised). ``make_train_step`` maps it over a
+one-axis ``data`` mesh of every device of every process with
+``jax.shard_map`` under ``jax.jit`` (``check_vma=False``, so gradients of
+replicated parameters are the per-device ones and the ``pmean`` is the only
+reduction, exactly as under ``pmap``). ``make_train_epoch`` runs a whole epoch
+as one compiled call (``lax.scan`` over the steps, the epoch's permutation
+drawn on device) when the train split is in device memory.
+
+Dropout masks are drawn per example from a key folded with the step and the
+example's position in the global batch, so the same global batch gives the
+same update on any number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax import input_pipeline, losses, metrics
+from dsf3n_jax.checkpoints import Checkpointer, abstract_like
+from dsf3n_jax.models import DSF3N
+
+AXIS = "data"
+Batch = Mapping[str, jax.Array]
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(DSF3N)
+                     if f.name not in ("parent", "name", "axis_name"))
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes, in one pytree.
+
+  Attributes:
+    step: number of optimiser steps taken.
+    params: network parameters.
+    batch_stats: BatchNorm running statistics.
+    centers: (C, embed_dim) centre-loss centres (trained, not part of the net).
+    opt_state: optax state of both optimisers.
+    rng: raw uint32 key data; dropout keys are ``fold_in(rng, step)``.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  centers: jax.Array
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def trainable(self):
+    return {"net": self.params, "centers": self.centers}
+
+  @property
+  def variables(self):
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+# ----------------------------------------------------------------------------
+# Model and optimiser from the config.
+
+
+def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_dim: int,
+                 audio_dim: int) -> dict[str, Any]:
+  """The resolved keyword arguments of ``DSF3N`` (saved with every checkpoint)."""
+  m = config.model
+  kwargs = {k: m[k] for k in m.keys() if k in MODEL_FIELDS}
+  kwargs.update(num_classes=int(num_classes), visual_dim=int(visual_dim),
+                audio_dim=int(audio_dim))
+  for key in ("kernel_sizes", "branch_features"):
+    kwargs[key] = [int(v) for v in kwargs[key]]
+  kwargs["dtype"] = str(m.dtype)
+  return kwargs
+
+
+def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> DSF3N:
+  """``DSF3N`` from resolved kwargs; computation dtype from its name, float32 params."""
+  kw = dict(kwargs)
+  dtype = kw.pop("dtype", "float32")
+  kw["kernel_sizes"] = tuple(kw["kernel_sizes"])
+  kw["branch_features"] = tuple(kw["branch_features"])
+  return DSF3N(**kw, dtype=jnp.dtype(dtype), axis_name=axis_name)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """The network's learning rate as a function of the step.
+
+  ``constant``: ``optim.lr``. ``warmup_step``: the original's
+  ``adjust_learning_rate`` by epoch: linear warm-up over 10 epochs
+  (lr (e+1)/10), lr until epoch 20, lr/10 until epoch 50, lr/100 after.
+  """
+  lr = config.optim.lr
+  if config.optim.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if config.optim.schedule == "warmup_step":
+    def schedule(step):
+      epoch = step // steps_per_epoch
+      return jnp.where(epoch < 10, lr * (epoch + 1) / 10,
+                       jnp.where(epoch < 20, lr, jnp.where(epoch < 50, lr * 0.1, lr * 0.01)))
+    return schedule
+  raise ValueError(f"config.optim.schedule: expected 'constant' or 'warmup_step', got "
+                   f"{config.optim.schedule!r}")
+
+
+def build_optimizer(config: ml_collections.ConfigDict,
+                    steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam (b1 0.5, b2 0.999) on the network, plain SGD on the centres."""
+  o = config.optim
+  net = []
+  if o.grad_clip_norm > 0:
+    net.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  if o.weight_decay > 0:
+    net.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  else:
+    net.append(optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps))
+  return optax.multi_transform(
+      {"net": optax.chain(*net), "centers": optax.sgd(o.center_lr)}, _labels)
+
+
+def _labels(trainable):
+  return {"net": jax.tree.map(lambda _: "net", trainable["net"]), "centers": "centers"}
+
+
+def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int,
+               num_classes: int) -> TrainState:
+  """Initialises parameters (PyTorch's init), centres (standard normal) and optimisers."""
+  init_key, center_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
+  visual = jnp.zeros((2, model.visual_dim), jnp.float32)
+  audio = jnp.zeros((2, model.audio_dim), jnp.float32)
+  unmapped = model.clone(axis_name=None)
+  variables = unmapped.init({"params": init_key, "dropout": dropout_key}, visual, audio,
+                            train=False)
+  centers = jax.random.normal(center_key, (num_classes, model.embed_dim), jnp.float32)
+  trainable = {"net": variables["params"], "centers": centers}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], centers=centers,
+                    opt_state=tx.init(trainable),
+                    rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+
+
+# ----------------------------------------------------------------------------
+# The per-device step and its mapped forms.
+
+
+def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
+               tx: optax.GradientTransformation, alpha: float, beta: float,
+               id_form: str = "ce", axis_name: str = AXIS) -> tuple[TrainState, dict]:
+  """One optimiser step on this device's shard of the global batch.
+
+  Must run under a mapping that binds ``axis_name`` (``shard_map`` with
+  ``check_vma=False``, or ``pmap``). ``model`` must have ``axis_name`` set
+  so that BatchNorm statistics are those of the global batch.
+  """
+  labels = batch["label"]
+  local = labels.shape[0]
+  example_ids = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
+  dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(trainable):
+    outputs, mutated = model.apply(
+        {"params": trainable["net"], "batch_stats": state.batch_stats},
+        batch["visual"], batch["audio"], train=True, example_ids=example_ids,
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    outputs = jax.tree.map(lambda x: x.astype(jnp.float32), tuple(outputs))
+    total, parts = losses.dsf3n_loss(outputs, labels, trainable["centers"], alpha=alpha,
+                                     beta=beta, id_form=id_form, axis_name=axis_name)
+    return total, (parts, mutated["batch_stats"], outputs)
+
+  (total, (parts, batch_stats, outputs)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.trainable)
+  grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  _, _, logits_v, logits_a = outputs
+  step_metrics = {
+      "loss": total, **parts,
+      "accuracy_visual": jnp.mean(jnp.argmax(logits_v, -1) == labels),
+      "accuracy_audio": jnp.mean(jnp.argmax(logits_a, -1) == labels),
+  }
+  step_metrics = jax.lax.pmean(step_metrics, axis_name)
+  new_state = state.replace(step=state.step + 1, params=trainable["net"],
+                            batch_stats=batch_stats, centers=trainable["centers"],
+                            opt_state=opt_state)
+  return new_state, step_metrics
+
+
+def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
+                    tx: optax.GradientTransformation) -> Callable:
+  """``train_step`` with the model, optimiser and loss weights bound."""
+  return functools.partial(train_step, model=model, tx=tx, alpha=config.loss.alpha,
+                           beta=config.loss.beta, id_form=config.loss.id_form)
+
+
+def make_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """``(state, global_batch) -> (state, metrics)`` over every device of ``mesh``."""
+  mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_train_epoch(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
+                     num_examples: int, seed: int, shuffle: bool,
+                     unroll: int | bool = 1) -> Callable:
+  """``(state, arrays, epoch) -> (state, per-step metrics)``: one epoch, one call.
+
+  ``arrays`` is the whole train split, replicated on every device. The
+  epoch's order is ``input_pipeline.epoch_permutation`` (the streaming
+  loader's), drawn on device; each device gathers its slice of each global
+  batch.
+  """
+  steps = num_examples // global_batch_size
+  n_dev = mesh.shape[AXIS]
+  local = global_batch_size // n_dev
+
+  def epoch_fn(state, arrays, epoch):
+    if shuffle:
+      order = input_pipeline.epoch_permutation(seed, epoch, num_examples)
+    else:
+      order = jnp.arange(num_examples)
+    order = order[:steps * global_batch_size].reshape(steps, n_dev, local)
+    device = jax.lax.axis_index(AXIS)
+
+    def body(state, idx):
+      rows = idx[device]
+      batch = {k: arrays[k][rows] for k in ("visual", "audio", "label")}
+      return step_fn(state, batch)
+
+    return jax.lax.scan(body, state, order, unroll=unroll)
+
+  mapped = jax.shard_map(epoch_fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_embed_fn(model: DSF3N, mesh: Mesh) -> Callable:
+  """Eval-mode forward of a batch sharded over ``data`` (float32 outputs, same sharding)."""
+  def embed(variables, visual, audio):
+    out = model.apply(variables, visual, audio, train=False)
+    return tuple(x.astype(jnp.float32) for x in out)
+  mapped = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
+                         check_vma=False)
+  return jax.jit(mapped)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
+                batch_size: int) -> dict[str, np.ndarray]:
+  """Eval-mode outputs for every item of ``source``, in order, padding removed."""
+  parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                        ("emb_visual", "emb_audio", "logits_visual",
+                                         "logits_audio", "label", "index")}
+  for batch in input_pipeline.eval_batches(source, global_batch_size=batch_size, mesh=mesh):
+    out = embed_fn(variables, batch["visual"], batch["audio"])
+    keep = _gather(batch["mask"]) > 0
+    for key, value in zip(("emb_visual", "emb_audio", "logits_visual", "logits_audio"), out):
+      parts[key].append(_gather(value)[keep])
+    parts["label"].append(_gather(batch["label"])[keep])
+    parts["index"].append(_gather(batch["index"])[keep])
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
+             mesh: Mesh) -> dict[str, float]:
+  """Loss parts, accuracy and mAP (A->V, V->A, average) on every item of a split.
+
+  The loss is computed on the whole split at once (centre-loss class counts
+  over the split), with the current centres.
+  """
+  out = embed_split(embed_fn, state.variables, source, mesh=mesh,
+                    batch_size=config.eval_batch_size)
+  outputs = tuple(jnp.asarray(out[k]) for k in ("emb_visual", "emb_audio", "logits_visual",
+                                                  "logits_audio"))
+  labels = jnp.asarray(out["label"])
+  total, parts = losses.dsf3n_loss(outputs, labels, jnp.asarray(state.centers),
+                                   alpha=config.loss.alpha, beta=config.loss.beta,
+                                   id_form=config.loss.id_form)
+  maps = metrics.cross_modal_map(out["emb_visual"], out["emb_audio"], out["label"],
+                                 distance=config.metric.distance,
+                                 k=config.metric.k or None)
+  result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
+            "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
+            "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"])),
+            "map_audio_to_visual": float(maps["audio_to_visual"]),
+            "map_visual_to_audio": float(maps["visual_to_audio"]),
+            "map_average": float(maps["average"]),
+            "num_examples": int(out["label"].shape[0])}
+  return result
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+class MetricWriter:
+  """Console, ``metrics.jsonl`` and TensorBoard; only process 0 writes files.
+
+  On resume, ``metrics.jsonl`` is cut back to the restored step so that it
+  never holds records of steps that are replayed.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not self.active:
+      return
+    if os.path.exists(self.path):
+      keep = []
+      if resume_step is not None:
+        with open(self.path) as f:
+          keep = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+      _atomic_write(self.path, "".join(keep))
+    from tensorboardX import SummaryWriter  # no TensorFlow import
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), "split": split, **extra,
+              **{k: float(v) for k, v in values.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in values.items():
+      self.tb.add_scalar(f"{split}/{key}", float(value), int(step))
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def log(msg: str, *args) -> None:
+  """Console progress (stderr), from process 0 only."""
+  if jax.process_index() == 0:
+    print(time.strftime("%H:%M:%S ") + (msg % args if args else msg), file=sys.stderr,
+          flush=True)
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir}: not writable ({e})") from e
+
+
+def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Sources:
+  """The run's sources, checked against the model config."""
+  d = config.data
+  sources = input_pipeline.load_sources(
+      d.name, data_dir=d.data_dir or None, path=d.path or None,
+      num_classes=d.num_classes or None, visual_dim=config.model.visual_dim or None,
+      audio_dim=config.model.audio_dim or None, validation_fraction=d.validation_fraction,
+      validation_seed=d.validation_seed, synthetic=dict(d.synthetic))
+  return sources
+
+
+def make_mesh() -> Mesh:
+  """A one-axis ``data`` mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _fmt(values: Mapping[str, Any], keys) -> str:
+  return " ".join(f"{k}={float(values[k]):.4f}" for k in keys if k in values)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains DSF3N as ``config`` says, checkpointing and evaluating into ``workdir``.
+
+  Resumes from the latest checkpoint in ``workdir`` if there is one.
+
+  Returns:
+    The ``results.json`` content: final and best metrics, epochs, timing.
+  """
+  start_time = time.time()
+  # Guards that need no compile.
+  _check_workdir(workdir)
+  n_dev = jax.device_count()
+  if config.batch_size % n_dev:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{n_dev} devices")
+  if config.eval_batch_size % n_dev:
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by "
+                     f"the {n_dev} devices")
+  sources = load_data(config)
+  num_train = len(sources.train)
+  if config.batch_size > num_train:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} training "
+                     f"examples of {sources.name}")
+  steps_per_epoch = num_train // config.batch_size
+  mcfg = model_config(config, num_classes=sources.num_classes, visual_dim=sources.visual_dim,
+                      audio_dim=sources.audio_dim)
+  model = build_model(mcfg)
+  tx = build_optimizer(config, steps_per_epoch)
+  mesh = make_mesh()
+  selection = config.selection_split
+  if selection == "validation" and sources.validation is None:
+    selection = "test"
+    log("warning: no validation split (config.data.validation_fraction=0): the best "
+                    "checkpoint is selected on the test split")
+
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+  state = init_state(model, tx, seed=config.seed, num_classes=sources.num_classes)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  meta = {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
+          "best_eval_loss": None, "loader": None}
+  resume_epoch = checkpointer.latest_epoch()
+  if resume_epoch is not None:
+    state, meta = checkpointer.restore(abstract_like(state, mesh), model_config=mcfg)
+    log("resumed from %s/checkpoints/%d (step %d)", workdir, resume_epoch,
+                 meta["step"])
+  if jax.process_index() == 0:
+    _atomic_write(os.path.join(workdir, "config.json"),
+                  json.dumps({"config": config.to_dict(), "model": mcfg}, indent=2,
+                             default=str))
+  writer = MetricWriter(workdir, resume_step=meta["step"] if resume_epoch is not None else None)
+
+  step_fn = per_device_step(config, model, tx)
+  embed_fn = make_embed_fn(model, mesh)
+  if config.data.on_device:
+    arrays = input_pipeline.to_device(input_pipeline.load_split_arrays(sources.train), mesh)
+    epoch_fn = make_train_epoch(step_fn, mesh, global_batch_size=config.batch_size,
+                                num_examples=num_train, seed=config.seed,
+                                shuffle=config.data.shuffle)
+  else:
+    loader = input_pipeline.TrainLoader(sources.train, global_batch_size=config.batch_size,
+                                        mesh=mesh, seed=config.seed,
+                                        shuffle=config.data.shuffle)
+    if meta["loader"] is not None:
+      loader.set_state(meta["loader"])
+    loader_iter = iter(loader)
+    step_jit = make_train_step(step_fn, mesh)
+
+  log("training %s on %d device(s) of %d process(es): %d examples, %d steps/epoch, "
+               "%d epochs", sources.name, n_dev, jax.process_count(), num_train,
+               steps_per_epoch, config.num_epochs)
+  first_epoch = meta["epoch"]
+  train_time, trained_steps = 0.0, 0
+  final_eval: dict[str, dict[str, float]] = {}
+  stopped_early = False
+  for epoch in range(first_epoch, config.num_epochs):
+    t0 = time.time()
+    if config.data.on_device:
+      state, step_metrics = epoch_fn(state, arrays, jnp.asarray(epoch, jnp.int32))
+      step_metrics = jax.tree.map(np.asarray, step_metrics)
+    else:
+      collected = []
+      for i in range(steps_per_epoch):
+        state, m = step_jit(state, next(loader_iter))
+        collected.append(m)
+        if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
+          done = (epoch - first_epoch) * steps_per_epoch + i + 1
+          rate = done * config.batch_size / (train_time + time.time() - t0)
+          left = (config.num_epochs - epoch) * steps_per_epoch - i - 1
+          log("epoch %d step %d/%d %s %.1f samples/s ETA %.0fs", epoch + 1, i + 1,
+                       steps_per_epoch, _fmt(jax.device_get(m), ("loss", "id", "pair",
+                                                                 "center")),
+                       rate, left * config.batch_size / rate)
+      step_metrics = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                  *collected)
+    train_time += time.time() - t0
+    trained_steps += steps_per_epoch
+    global_step = (epoch + 1) * steps_per_epoch
+    bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
+    if bad.size:
+      checkpointer.wait()
+      last = checkpointer.latest_epoch()
+      where = (f"{workdir}/checkpoints/{last} (kept)" if last is not None else "none")
+      raise FloatingPointError(
+          f"non-finite loss at step {epoch * steps_per_epoch + int(bad[0]) + 1} (epoch "
+          f"{epoch + 1}); last good checkpoint: {where}")
+    epoch_means = {k: float(np.mean(v)) for k, v in step_metrics.items()}
+    rate = trained_steps * config.batch_size / max(train_time, 1e-9)
+    writer.write(global_step, "train", epoch_means, epoch=epoch + 1,
+                 samples_per_second=rate)
+    log("epoch %d/%d train %s %.1f samples/s ETA %.0fs", epoch + 1, config.num_epochs,
+                 _fmt(epoch_means, ("loss", "id", "pair", "center", "accuracy_visual",
+                                    "accuracy_audio")),
+                 rate, (config.num_epochs - epoch - 1) * steps_per_epoch * config.batch_size / rate)
+
+    last_epoch = epoch + 1 == config.num_epochs
+    is_best = False
+    if last_epoch or (config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0):
+      final_eval = {}
+      for split in ("validation", "test"):
+        source = getattr(sources, split)
+        if source is None:
+          continue
+        final_eval[split] = evaluate(embed_fn, state, source, config=config, mesh=mesh)
+        writer.write(global_step, split, final_eval[split], epoch=epoch + 1)
+        log("epoch %d %s %s", epoch + 1, split, _fmt(final_eval[split], (
+            "loss", "map_audio_to_visual", "map_visual_to_audio", "map_average")))
+      chosen = final_eval[selection]
+      if meta["best"] is None or chosen["map_average"] > meta["best"]["map_average"]:
+        is_best = True
+        meta["best"] = {"epoch": epoch + 1, "selected_on": selection,
+                        "map_average": chosen["map_average"],
+                        **{s: v for s, v in final_eval.items()}}
+      if meta["best_eval_loss"] is None or chosen["loss"] < meta["best_eval_loss"]:
+        meta["best_eval_loss"] = chosen["loss"]
+        meta["evals_without_improvement"] = 0
+      else:
+        meta["evals_without_improvement"] += 1
+      if (config.early_stopping_patience
+          and meta["evals_without_improvement"] >= config.early_stopping_patience):
+        stopped_early = True
+    meta["epoch"], meta["step"] = epoch + 1, global_step
+    if not config.data.on_device:
+      meta["loader"] = loader.get_state()
+    if (last_epoch or stopped_early or is_best
+        or (config.checkpoint_every_epochs and (epoch + 1) % config.checkpoint_every_epochs == 0)):
+      checkpointer.save(epoch + 1, state, {**meta, "model": mcfg}, best=is_best)
+    if stopped_early:
+      log("early stopping after epoch %d: %d evaluations without a lower %s loss",
+                   epoch + 1, meta["evals_without_improvement"], selection)
+      break
+
+  checkpointer.wait()
+  if not final_eval:  # resumed a finished run: evaluate what is there
+    for split in ("validation", "test"):
+      source = getattr(sources, split)
+      if source is not None:
+        final_eval[split] = evaluate(embed_fn, state, source, config=config, mesh=mesh)
+  results = {
+      "dataset": sources.name, "epochs": meta["epoch"], "steps": meta["step"],
+      "final": final_eval, "best": meta["best"], "selected_on": selection,
+      "stopped_early": stopped_early, "wall_time_s": time.time() - start_time,
+      "train_time_s": train_time,
+      "samples_per_second": (trained_steps * config.batch_size / train_time
+                             if train_time else None),
+      "device_count": n_dev, "process_count": jax.process_count(),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+  }
+  if jax.process_index() == 0:
+    _atomic_write(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+  writer.close()
+  checkpointer.close()
+  return results
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+  """The final mAP table, as printed at the end of a run."""
+  rows = [("split", "A->V", "V->A", "average")]
+  for split, values in results["final"].items():
+    rows.append((f"final {split}", *(f"{values[k]:.4f}" for k in (
+        "map_audio_to_visual", "map_visual_to_audio", "map_average"))))
+  best = results.get("best")
+  if best:
+    for split in ("validation", "test"):
+      if split in best:
+        v = best[split]
+        rows.append((f"best {split} (epoch {best['epoch']}, on {best['selected_on']})",
+                     *(f"{v[k]:.4f}" for k in ("map_audio_to_visual", "map_visual_to_audio",
+                                               "map_average"))))
+  width = max(len(r[0]) for r in rows)
+  return "\n".join(f"{r[0]:<{width}}  {r[1]:>7} {r[2]:>7} {r[3]:>7}" for r in rows)
+
+
+def restore_model(workdir: str, *, which: str = "latest"):
+  """Model, variables and config of the run in ``workdir`` (for retrieval and figures).
+
+  Args:
+    workdir: a training run's directory.
+    which: "latest" or "best".
+
+  Returns:
+    ``(model, {"params", "batch_stats"}, config)`` with ``config`` the run's
+    saved ``ConfigDict``.
+  """
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  config = ml_collections.ConfigDict(saved["config"])
+  mcfg = saved["model"]
+  model = build_model(mcfg, axis_name=None)
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+  meta = checkpointer.read_meta(which=which)
+  steps_per_epoch = max(meta["step"] // max(meta["epoch"], 1), 1)
+  tx = build_optimizer(config, steps_per_epoch)
+  mesh = make_mesh()
+  abstract = abstract_like(jax.eval_shape(
+      lambda: init_state(model, tx, seed=config.seed, num_classes=mcfg["num_classes"])), mesh)
+  state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg)
+  checkpointer.close()
+  return model, jax.device_get(state.variables), config

@@ -1,0 +1,166 @@
+"""The paper's Fig. 3: t-SNE of raw input features vs learned embeddings.
+
+Both modalities share one plane, one colour per class, one marker per modality
+(o visual, ^ audio). Raw features have different sizes (1024 visual, 128
+audio), so each modality is standardised and projected by PCA to the same
+number of dimensions before the joint t-SNE; embeddings (same size, compared
+by cosine) are L2-normalised. Works for any dataset.
+
+  python -m dsf3n_jax.visualize --workdir=/tmp/run --out_dir=/tmp/figs
+  python -m dsf3n_jax.visualize --variables=vars.npz --data=feats.npz --out_dir=figs
+  python -m dsf3n_jax.visualize --embeddings=emb.npz --out_dir=figs  # embeddings only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from dsf3n_jax import retrieval
+
+
+def subsample(labels, *, max_points: int, seed: int = 0) -> np.ndarray:
+  """Rows to plot: all if few enough, else a class-stratified random subset (sorted)."""
+  labels = np.asarray(labels)
+  n = len(labels)
+  if n <= max_points:
+    return np.arange(n)
+  rng = np.random.default_rng(seed)
+  keep = []
+  for c in np.unique(labels):
+    rows = np.flatnonzero(labels == c)
+    take = max(1, int(round(max_points * len(rows) / n)))
+    keep.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+  return np.sort(np.concatenate(keep))
+
+
+def joint_tsne(visual, audio, *, seed: int = 0, perplexity: float = 30.0,
+               kind: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+  """2-D t-SNE of both modalities in one plane.
+
+  Args:
+    visual: (n, dv) features or embeddings.
+    audio: (n, da) features or embeddings.
+    seed: t-SNE random state.
+    perplexity: t-SNE perplexity (clipped below the number of points).
+    kind: "raw" (standardise + PCA each modality to a common size) or
+      "embedding" (L2-normalise).
+
+  Returns:
+    ``(xy_visual, xy_audio)``, each (n, 2).
+  """
+  from sklearn.decomposition import PCA  # pylint: disable=g-import-not-at-top
+  from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+
+  visual = np.asarray(visual, np.float64)
+  audio = np.asarray(audio, np.float64)
+  n = len(visual)
+  if kind == "raw":
+    dim = max(1, min(50, visual.shape[1], audio.shape[1], n))
+    parts = []
+    for x in (visual, audio):
+      x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
+      x = PCA(n_components=dim, random_state=seed).fit_transform(x)
+      parts.append(x / np.maximum(np.sqrt((x ** 2).sum(1).mean()), 1e-12))
+  elif kind == "embedding":
+    parts = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+             for x in (visual, audio)]
+  else:
+    raise ValueError(f"kind: expected 'raw' or 'embedding', got {kind!r}")
+  both = np.concatenate(parts)
+  perplexity = min(perplexity, max(1.0, (len(both) - 1) / 3))
+  xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+      both)
+  return xy[:n], xy[n:]
+
+
+def plot_plane(xy_visual, xy_audio, labels, *, title: str, path) -> None:
+  """Scatter plot: colour = class, marker = modality; writes a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  labels = np.asarray(labels)
+  classes = np.unique(labels)
+  cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+  fig, ax = plt.subplots(figsize=(6.5, 6))
+  for i, c in enumerate(classes):
+    color = cmap(i % cmap.N)
+    rows = labels == c
+    ax.scatter(*xy_visual[rows].T, s=12, marker="o", color=color, alpha=0.7,
+               label=f"{c} visual")
+    ax.scatter(*xy_audio[rows].T, s=14, marker="^", color=color, alpha=0.7, label=f"{c} audio")
+  ax.set_title(title)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.legend(fontsize=6, ncol=2, loc="best", markerscale=1.2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m dsf3n_jax.visualize", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir")
+  p.add_argument("--embeddings", help=".npz with emb_visual, emb_audio, labels, indices "
+                 "(with --data also the raw-feature figure)")
+  p.add_argument("--variables")
+  p.add_argument("--data", help="paired-feature file; needed for the raw-feature figure")
+  p.add_argument("--model_kwargs", default=None)
+  p.add_argument("--split", default="test")
+  p.add_argument("--out_dir", required=True)
+  p.add_argument("--max_points", type=int, default=1000, help="pairs plotted (stratified)")
+  p.add_argument("--perplexity", type=float, default=30.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch_size", type=int, default=256)
+  return p
+
+
+def main(argv=None) -> int:
+  """Writes ``raw_features.png`` (when raw data is given) and ``embeddings.png``.
+
+  Args:
+    argv: arguments without the program name (default ``sys.argv[1:]``).
+
+  Returns:
+    The exit status.
+  """
+  args = _parser().parse_args(argv)
+  model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+  emb = retrieval.embeddings_from_args(
+      workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
+      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs)
+  out = pathlib.Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = subsample(emb.labels, max_points=args.max_points, seed=args.seed)
+  labels = emb.labels[rows]
+  written = []
+  if args.data:
+    visual, audio, raw_labels = retrieval.load_split(args.data, args.split)
+    src = emb.indices[rows]
+    if src.max(initial=-1) >= len(raw_labels):
+      raise ValueError(f"--data={args.data}: split {args.split!r} has {len(raw_labels)} rows "
+                       f"but the embeddings' indices reach {src.max()}")
+    xy_v, xy_a = joint_tsne(visual[src], audio[src], seed=args.seed,
+                            perplexity=args.perplexity, kind="raw")
+    path = out / "raw_features.png"
+    plot_plane(xy_v, xy_a, raw_labels[src], title=f"raw input features ({args.split})",
+               path=path)
+    written.append(path)
+  xy_v, xy_a = joint_tsne(emb.emb_visual[rows], emb.emb_audio[rows], seed=args.seed,
+                          perplexity=args.perplexity, kind="embedding")
+  path = out / "embeddings.png"
+  plot_plane(xy_v, xy_a, labels, title=f"learned embeddings ({args.split})", path=path)
+  written.append(path)
+  for p in written:
+    print(f"wrote {p}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

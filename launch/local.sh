@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Multi-host on one machine: N processes on 127.0.0.1, CPU devices, gloo collectives.
+#
+#   launch/local.sh N --config=configs/synthetic.py:runlocal --workdir=/tmp/run [more flags]
+#
+# Environment:
+#   DEVICES_PER_PROCESS  CPU devices per process (default 2)
+#   PORT                 coordinator port (default: a free one)
+#   PYTHON               interpreter (default: python)
+#   DRY_RUN=1            print the commands instead of running them
+# Exits non-zero if any process does; a process whose peer died exits on its own
+# within --config.distributed.heartbeat_timeout seconds.
+set -euo pipefail
+
+if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
+  echo "usage: $0 N [dsf3n_jax.main flags...]  (N = number of processes, >= 1)" >&2
+  exit 2
+fi
+n=$1
+shift
+devices=${DEVICES_PER_PROCESS:-2}
+python=${PYTHON:-python}
+port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+cd "$(dirname "$0")/.."
+
+# Allocator: jemalloc (Debian's libjemalloc2) where present; see README "Performance".
+if [[ -z "${LD_PRELOAD:-}" && -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ]]; then
+  export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+fi
+
+pids=()
+# shellcheck disable=SC2329  # called by the trap
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup INT TERM
+
+for ((i = 0; i < n; i++)); do
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+       "$python" -m dsf3n_jax.main "--coordinator_address=127.0.0.1:$port"
+       "--num_processes=$n" "--process_id=$i" "$@")
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    echo
+    continue
+  fi
+  "${cmd[@]}" &
+  pids+=($!)
+done
+
+status=0
+for pid in "${pids[@]}"; do
+  if ! wait "$pid"; then
+    status=1
+  fi
+done
+exit "$status"

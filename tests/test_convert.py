@@ -1,0 +1,198 @@
+"""dsf3n_jax.convert: key names, layouts, round trips, errors, and the command line."""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from benchmarks import torch_dsf3n  # noqa: E402
+from dsf3n_jax import convert  # noqa: E402
+from dsf3n_jax.models import DSF3N  # noqa: E402
+
+SMALL = dict(encoder_features=256, stem_features=16, stem_kernel=8, stem_stride=2,
+             stem_padding=3, branch_features=(16, 32, 64), head_hidden=64, embed_dim=16,
+             classifier_hidden=8)
+
+
+@pytest.fixture(scope="module")
+def torch_state():
+  """The full reference model's state dict (float32 torch tensors), 10 classes."""
+  torch.manual_seed(0)
+  return torch_dsf3n.CrossModalNN(10).state_dict()
+
+
+def _np(state_dict):
+  return {k: v.numpy() for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
+
+def test_key_names_match_the_original(torch_state):
+  expected = {
+      "visual_layer.visual_encoder.weight", "audio_layer.audio_encoder.bias",
+      "MmFA.joint_attention_map.weight", "MmFA.t_c", "MmFA.w_4.bias",
+      "visual_fine_grained_feature.BN.running_var", "visual_fine_grained_feature.conv1.weight",
+      "audio_fine_grained_feature.conv7_3.bias", "out_layer.0.weight", "out_layer.3.bias",
+      "classifier_visual.classifier.0.weight", "classifier_audio.classifier.3.weight",
+  }
+  assert expected <= set(torch_state)
+  assert torch_state["MmFA.t_c"].shape == ()
+  assert tuple(torch_state["MmFA.joint_attention_map.weight"].shape) == (256, 256, 256)
+  variables = convert.variables_template(DSF3N(10))
+  assert set(convert.torch_key_map(variables)) == set(_np(torch_state))
+
+
+def test_round_trip_torch_flax_torch_is_exact(torch_state):
+  variables = convert.from_torch_state_dict(torch_state)
+  assert set(variables) == {"params", "batch_stats"}
+  template = convert.variables_template(DSF3N(10))
+  got_shapes = jax.tree.map(np.shape, variables)
+  assert got_shapes == jax.tree.map(lambda s: tuple(s.shape), template)
+  p = variables["params"]
+  w = torch_state["MmFA.joint_attention_map.weight"].numpy()
+  np.testing.assert_array_equal(p["fusion"]["mfa"]["bilinear"]["kernel"], w.transpose(1, 2, 0))
+  conv = torch_state["visual_fine_grained_feature.conv5_2.weight"].numpy()
+  np.testing.assert_array_equal(p["visual_fine_grained"]["conv5_2"]["kernel"],
+                                conv.transpose(2, 1, 0))
+  np.testing.assert_array_equal(p["head"]["hidden"]["kernel"],
+                                torch_state["out_layer.0.weight"].numpy().T)
+  back = convert.to_torch_state_dict(variables)
+  original = _np(torch_state)
+  assert list(back) == list(convert.torch_key_map(variables))
+  assert set(back) == set(original)
+  for k, v in original.items():
+    assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(mfa_variant="paper"), dict(use_mfa=False), dict(kernel_sizes=(3, 5, 7, 9)),
+    dict(branch_features=(16, 32, 48, 64))], ids=["paper", "no_mfa", "four_kernels",
+                                                 "four_stages"])
+def test_round_trip_of_other_configurations(variant):
+  config = {**SMALL, **variant}
+  torch.manual_seed(1)
+  net = torch_dsf3n.CrossModalNN(7, **config)
+  variables = convert.from_torch_state_dict(net.state_dict(), model=DSF3N(7, **config))
+  back = convert.to_torch_state_dict(variables)
+  original = _np(net.state_dict())
+  assert set(back) == set(original)
+  for k, v in original.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+  net2 = torch_dsf3n.CrossModalNN(7, **config)
+  net2.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})  # strict
+
+
+@pytest.fixture(scope="module")
+def small_variables():
+  """Random variables with the structure of a reduced-width ``DSF3N`` (4 classes)."""
+  template = convert.variables_template(DSF3N(4, **SMALL))
+  rng = np.random.RandomState(0)
+  return jax.tree.map(lambda s: rng.uniform(-0.1, 0.1, s.shape).astype(s.dtype), template)
+
+
+def test_flax_variables_load_into_torch(small_variables):
+  sd = convert.to_torch_state_dict(small_variables)
+  net = torch_dsf3n.CrossModalNN(4, **SMALL)
+  missing, unexpected = net.load_state_dict({k: torch.from_numpy(np.asarray(v))
+                                             for k, v in sd.items()})
+  assert not missing and not unexpected
+  assert int(net.visual_fine_grained_feature.BN.num_batches_tracked) == 0
+
+
+def test_params_only_tree_converts(small_variables):
+  grads = jax.tree.map(lambda x: np.ones_like(x), small_variables["params"])
+  sd_bare = convert.to_torch_state_dict(grads)
+  sd_wrapped = convert.to_torch_state_dict({"params": grads})
+  assert set(sd_bare) == set(sd_wrapped)
+  assert not any("running" in k for k in sd_bare)
+  assert "MmFA.joint_attention_map.weight" in sd_bare
+  # And back, with a params-only template.
+  back = convert.from_torch_state_dict(sd_bare, template={"params": grads})
+  assert set(back) == {"params"}
+
+
+def test_torch_tensors_numpy_and_module_prefix_agree(torch_state):
+  from_tensors = convert.from_torch_state_dict(torch_state)
+  from_numpy = convert.from_torch_state_dict(
+      {"module." + k: v.numpy() for k, v in torch_state.items()})
+  jax.tree.map(np.testing.assert_array_equal, from_tensors, from_numpy)
+
+
+def test_dtype_cast(torch_state):
+  variables = convert.from_torch_state_dict(torch_state, dtype=np.float64)
+  assert {v.dtype for v in jax.tree.leaves(variables)} == {np.dtype(np.float64)}
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(torch_state):
+  sd = dict(torch_state)
+  del sd["MmFA.w_2.weight"]
+  sd["visual_fine_grained_feature.conv9_1.weight"] = torch.zeros(64, 64, 9)
+  sd["out_layer.3.bias"] = torch.zeros(65)
+  with pytest.raises(ValueError) as info:
+    convert.from_torch_state_dict(sd)
+  msg = str(info.value)
+  assert "missing keys ['MmFA.w_2.weight']" in msg
+  assert "visual_fine_grained_feature.conv9_1.weight" in msg and "unexpected" in msg
+  assert "out_layer.3.bias: expected (64,), got (65,)" in msg
+
+
+def test_non_strict_ignores_unexpected_keys_with_a_warning(torch_state):
+  sd = dict(torch_state)
+  extra = ["visual_fine_grained_feature.conv9_1.weight",
+           "audio_fine_grained_feature.out_layer_1.weight"]
+  for k in extra:
+    sd[k] = torch.zeros(3)
+  with pytest.raises(ValueError, match="conv9_1"):
+    convert.from_torch_state_dict(sd)
+  with pytest.warns(UserWarning, match="out_layer_1"):
+    variables = convert.from_torch_state_dict(sd, strict=False)
+  reference = convert.from_torch_state_dict(torch_state)
+  jax.tree.map(np.testing.assert_array_equal, variables, reference)
+
+
+def test_num_classes_is_read_off_the_state_dict():
+  net = torch_dsf3n.CrossModalNN(15)
+  variables = convert.from_torch_state_dict(net.state_dict())
+  assert variables["params"]["visual_classifier"]["logits"]["kernel"].shape == (32, 15)
+  with pytest.raises(KeyError, match="classifier_visual.classifier.3.weight"):
+    convert.num_classes_of({})
+
+
+def test_command_line_both_directions(tmp_path, torch_state):
+  pth = tmp_path / "audio_image_vegas_best_.pth"
+  torch.save(torch_state, pth)  # what the original's train_model.py writes
+  npz = convert.main([str(pth), str(tmp_path / "flax")])
+  assert npz == tmp_path / "flax" / "variables.npz"
+  loaded = convert.load_npz(npz)
+  assert "params/fusion/mfa/bilinear/kernel" in np.load(npz).files
+  jax.tree.map(np.testing.assert_array_equal, loaded, convert.from_torch_state_dict(torch_state))
+  out = convert.main(["--to_torch", str(npz), str(tmp_path / "back.pth")])
+  back = torch.load(out, weights_only=True)
+  original = _np(torch_state)
+  assert set(back) == set(original)
+  for k, v in original.items():
+    np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+  net = torch_dsf3n.CrossModalNN(10)
+  net.load_state_dict(back)  # strict; num_batches_tracked is filled in
+
+
+def test_command_line_variants_and_errors(tmp_path):
+  net = torch_dsf3n.CrossModalNN(3, mfa_variant="paper")
+  pth = tmp_path / "paper.pth"
+  torch.save({"state_dict": net.state_dict()}, pth)
+  with pytest.raises(ValueError, match="missing keys .*MmFA.w_2.weight"):
+    convert.main([str(pth), str(tmp_path / "a")])
+  path = convert.main([str(pth), str(tmp_path / "b"), "--mfa_variant", "paper"])
+  assert "params/fusion/mfa/w_1/kernel" in np.load(path).files
+  assert "params/fusion/mfa/t_c" not in np.load(path).files
+  with pytest.raises(SystemExit):
+    convert.main([str(pth), str(tmp_path / "c"), "--format", "nope"])
+  with pytest.raises(SystemExit):
+    convert.main([str(tmp_path / "absent.pth"), str(tmp_path / "d")])

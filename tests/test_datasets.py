@@ -1,0 +1,224 @@
+"""Tests of the dataset builders, the validation and the synthetic generator."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dsf3n_jax.datasets import (
+  DataValidationError,
+  generate_synthetic,
+  read_paired_file,
+  validate_arrays,
+)
+
+SMALL = dict(num_train=60, num_test=25, seed=3)
+
+
+def _write(path, arrays):
+  if str(path).endswith(".npz"):
+    np.savez(path, **arrays)
+  else:
+    import h5py
+    with h5py.File(path, "w") as f:
+      for k, v in arrays.items():
+        f.create_dataset(k, data=v)
+  return str(path)
+
+
+def _one_hot(arrays, num_classes=10):
+  out = dict(arrays)
+  for s in ("train", "test"):
+    out[f"lab_{s}"] = np.eye(num_classes, dtype=np.float32)[arrays[f"lab_{s}"]]
+  return out
+
+
+def test_synthetic_deterministic_shapes():
+  a, b = generate_synthetic(**SMALL), generate_synthetic(**SMALL)
+  assert a["visual_train"].shape == (60, 1024) and a["audio_test"].shape == (25, 128)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  c = generate_synthetic(**{**SMALL, "seed": 4})
+  assert not np.allclose(a["visual_train"], c["visual_train"])
+  assert set(np.unique(a["lab_train"])) == set(range(10))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_read_and_validate_roundtrip(tmp_path, suffix, one_hot):
+  arrays = generate_synthetic(**SMALL)
+  path = _write(tmp_path / f"f{suffix}", _one_hot(arrays) if one_hot else arrays)
+  got = validate_arrays(read_paired_file(path), source=path)
+  for k in arrays:
+    np.testing.assert_array_equal(got[k], arrays[k])
+  assert got["lab_train"].dtype == np.int32
+
+
+def _bad_cases():
+  base = generate_synthetic(**SMALL)
+
+  def edit(**kw):
+    out = dict(base)
+    for k, v in kw.items():
+      if v is None:
+        del out[k]
+      else:
+        out[k] = v
+    return out
+
+  nan = base["visual_train"].copy()
+  nan[7, 3] = np.nan
+  nan[9, 0] = np.inf
+  onehot = _one_hot(base)
+  bad_onehot = onehot["lab_train"].copy()
+  bad_onehot[4] = 0.5
+  no_class = base["lab_train"].copy()
+  no_class[no_class == 9] = 0
+  return {
+      "missing": (edit(audio_test=None), {}, r"missing key.*audio_test"),
+      "rank": (edit(visual_train=base["visual_train"][:, :, None]), {}, r"visual_train.*rank 3"),
+      "feature_size": (base, dict(visual_dim=512), r"visual_train.*feature size 1024.*512"),
+      "counts": (edit(audio_train=base["audio_train"][:-1]), {}, r"counts differ"),
+      "label_range": (base, dict(num_classes=5), r"lab_train.*outside 0\.\.4"),
+      "negative": (edit(lab_test=base["lab_test"] - 1), {}, r"lab_test.*outside"),
+      "not_one_hot": (edit(lab_train=bad_onehot, lab_test=onehot["lab_test"]), {},
+                      r"lab_train.*row 4 is not one-hot"),
+      "nan": (edit(visual_train=nan), {}, r"visual_train.*2 non-finite.*first bad row 7"),
+      "empty": (edit(visual_test=base["visual_test"][:0], audio_test=base["audio_test"][:0],
+                     lab_test=base["lab_test"][:0]), {}, r"'test' is empty"),
+      "absent_class": (edit(lab_train=no_class), dict(num_classes=10),
+                       r"lab_train.*no example of class.*\[9\]"),
+  }
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_validation_errors(case):
+  arrays, kwargs, pattern = BAD[case]
+  with pytest.raises(DataValidationError, match=pattern) as e:
+    validate_arrays(arrays, source="/data/x.h5", **kwargs)
+  assert "/data/x.h5" in str(e.value)
+
+
+def test_unreadable_and_truncated(tmp_path):
+  with pytest.raises(DataValidationError, match="not found"):
+    read_paired_file(tmp_path / "absent.h5")
+  path = _write(tmp_path / "f.h5", generate_synthetic(**SMALL))
+  data = open(path, "rb").read()
+  for name, content in (("trunc.h5", data[: len(data) // 2]), ("junk.npz", b"not a zip")):
+    with open(tmp_path / name, "wb") as f:
+      f.write(content)
+    with pytest.raises(DataValidationError, match=rf"{name}.*(unreadable|truncated)"):
+      arrays = read_paired_file(tmp_path / name)
+      validate_arrays(arrays, source=name)  # A truncated h5 may lose keys instead.
+
+
+@pytest.fixture()
+def data_dirs(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  return str(tmp_path / "tfds"), manual
+
+
+@pytest.mark.parametrize("name,fmt,one_hot,num_classes", [
+    ("vegas", ".h5", False, 10), ("ave", ".npz", True, 15)])
+def test_vegas_ave_builders(data_dirs, name, fmt, one_hot, num_classes):
+  from dsf3n_jax import input_pipeline
+  data_dir, manual = data_dirs
+  arrays = generate_synthetic(**SMALL, num_classes=num_classes)
+  _write(manual / f"{name}_feature_norm{fmt}",
+         _one_hot(arrays, num_classes) if one_hot else arrays)
+  src = input_pipeline.load_sources(name, data_dir=data_dir, path=str(manual))
+  assert (src.num_classes, src.visual_dim, src.audio_dim) == (num_classes, 1024, 128)
+  for split, s in (("train", src.train), ("test", src.test)):
+    got = input_pipeline.load_split_arrays(s)
+    np.testing.assert_array_equal(got["visual"], arrays[f"visual_{split}"])
+    np.testing.assert_array_equal(got["audio"], arrays[f"audio_{split}"])
+    np.testing.assert_array_equal(got["label"], arrays[f"lab_{split}"])
+    np.testing.assert_array_equal(got["index"], np.arange(len(got["label"])))
+  # Reading the built dataset again needs no file.
+  os.remove(manual / f"{name}_feature_norm{fmt}")
+  again = input_pipeline.load_sources(name, data_dir=data_dir)
+  assert len(again.test) == 25
+
+
+def test_bad_file_leaves_no_dataset(data_dirs):
+  from dsf3n_jax import input_pipeline
+  data_dir, manual = data_dirs
+  arrays = generate_synthetic(**SMALL)
+  arrays["audio_test"] = arrays["audio_test"].copy()
+  arrays["audio_test"][5] = np.nan
+  _write(manual / "vegas_feature_norm.npz", arrays)
+  for _ in range(2):  # The failed build must not leave anything a second load accepts.
+    with pytest.raises(DataValidationError, match="audio_test.*first bad row 5"):
+      input_pipeline.load_sources("vegas", data_dir=data_dir, path=str(manual))
+
+
+def test_missing_manual_file(data_dirs):
+  from dsf3n_jax import input_pipeline
+  data_dir, manual = data_dirs
+  with pytest.raises(DataValidationError, match="vegas_feature_norm.h5.*manual_dir"):
+    input_pipeline.load_sources("vegas", data_dir=data_dir, path=str(manual))
+
+
+def test_paired_features_and_dim_check(data_dirs):
+  from dsf3n_jax import input_pipeline
+  data_dir, manual = data_dirs
+  arrays = generate_synthetic(**SMALL, num_classes=4, visual_dim=20, audio_dim=6)
+  path = _write(manual / "small.npz", arrays)
+  src = input_pipeline.load_sources("paired_features", data_dir=data_dir, path=path)
+  assert (src.num_classes, src.visual_dim, src.audio_dim) == (4, 20, 6)
+  got = input_pipeline.load_split_arrays(src.test)
+  np.testing.assert_array_equal(got["visual"], arrays["visual_test"])
+  with pytest.raises(DataValidationError, match="visual_dim is 20.*expected 1024"):
+    input_pipeline.load_sources("paired_features", data_dir=data_dir, path=path,
+                                visual_dim=1024)
+
+
+def test_synthetic_builder_matches_in_memory(tmp_path):
+  import tensorflow_datasets as tfds
+
+  from dsf3n_jax import input_pipeline
+  from dsf3n_jax.datasets import builders
+  config = builders.SyntheticConfig(name="tiny", num_train=40, num_test=12, seed=5)
+  builder = tfds.builder("synthetic", config=config, data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  mem = input_pipeline.load_sources("synthetic", synthetic=config.generator_kwargs())
+  ds = input_pipeline.TfdsSource(builder.as_data_source("train"))
+  a, b = input_pipeline.load_split_arrays(ds), input_pipeline.load_split_arrays(mem.train)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_fsdd_paired_features(fsdd_path, tmp_path):
+  from dsf3n_jax import input_pipeline
+  src = input_pipeline.load_sources("paired_features", data_dir=str(tmp_path), path=fsdd_path,
+                                    num_classes=10, visual_dim=1024, audio_dim=128,
+                                    validation_fraction=0.1)
+  assert len(src.test) == 300 and len(src.train) + len(src.validation) == 2700
+  raw = np.load(fsdd_path)
+  got = input_pipeline.load_split_arrays(src.test)
+  np.testing.assert_array_equal(got["audio"], raw["audio_test"])
+  val = input_pipeline.load_split_arrays(src.validation)
+  np.testing.assert_array_equal(val["visual"], raw["visual_train"][val["index"]])
+
+
+def test_reading_built_dataset_imports_no_tensorflow(data_dirs):
+  data_dir, manual = data_dirs
+  _write(manual / "vegas_feature_norm.npz", generate_synthetic(**SMALL))
+  code = (
+      "import sys\n"
+      "from dsf3n_jax import input_pipeline as ip\n"
+      f"s = ip.load_sources('vegas', data_dir={data_dir!r}, path={str(manual)!r})\n"
+      "assert len(ip.load_split_arrays(s.train)['label']) == 60\n"
+      "s = ip.load_sources('vegas', data_dir=" + repr(data_dir) + ")\n"
+      "ip.load_split_arrays(s.test)\n"
+      "print('TF' if 'tensorflow' in sys.modules else 'NO_TF')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "NO_TF"

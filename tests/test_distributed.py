@@ -1,0 +1,170 @@
+"""Multi-host training with real processes on 127.0.0.1, and the launch scripts."""
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from dsf3n_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ("local.sh", "tpu_pod.sh", "slurm.sbatch")
+
+
+def tiny_flags(workdir, *extra):
+  return [f"--workdir={workdir}", "--config=configs/synthetic.py:runlocal,tiny",
+          "--config.data.synthetic.num_train=128", "--config.data.synthetic.num_test=40",
+          "--config.data.validation_fraction=0.0", "--config.batch_size=16",
+          "--config.eval_batch_size=16", "--config.num_epochs=2", "--config.eval_every_epochs=2",
+          "--config.data.on_device=False", "--config.optim.lr=1e-3", *extra]
+
+
+def env(devices=None):
+  e = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  if devices:
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["DEVICES_PER_PROCESS"] = str(devices)
+  return e
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def local_run(n, devices, flags, timeout=600):
+  proc = subprocess.run(["bash", str(LAUNCH / "local.sh"), str(n), *flags], cwd=REPO,
+                        env=env(devices), capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def single_run(devices, flags, timeout=600):
+  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main", *flags], cwd=REPO,
+                        env=env(devices), capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def params(workdir):
+  _, variables, _ = train.restore_model(str(workdir))
+  return traverse_util.flatten_dict(variables["params"], sep="/")
+
+
+def assert_params_close(a, b, atol=1e-5):
+  assert a.keys() == b.keys()
+  worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+  assert worst < atol, worst
+
+
+# ----------------------------------------------------------------------------
+# Launch scripts.
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_scripts_parse_and_pass_shellcheck(script):
+  subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
+  shellcheck = shutil.which("shellcheck") or str(pathlib.Path(sys.executable).parent /
+                                                 "shellcheck")
+  proc = subprocess.run([shellcheck, str(LAUNCH / script)], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout
+
+
+def test_launch_scripts_dry_run_print_resolved_commands():
+  out = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--tpu=pod", "--zone=us-east5-b",
+                        "--workdir=gs://bucket/run", "--dry-run", "--",
+                        "--config.num_epochs=3"], capture_output=True, text=True, check=True)
+  cmd = out.stdout
+  assert "gcloud compute tpus tpu-vm ssh pod --zone=us-east5-b --worker=all" in cmd
+  assert "dsf3n_jax.main" in cmd and "gs://bucket/run" in cmd
+  assert "--config.num_epochs=3" in cmd
+  missing = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "--tpu=pod", "--dry-run"],
+                           capture_output=True, text=True)
+  assert missing.returncode == 2 and "--zone is required" in missing.stderr
+
+  out = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "--config=configs/vegas.py",
+                        "--workdir=/shared/run"], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, DRY_RUN="1"))
+  assert "srun --gpu-bind=single:1 python -m dsf3n_jax.main --config=configs/vegas.py" in (
+      out.stdout)
+
+  out = subprocess.run(["bash", str(LAUNCH / "local.sh"), "2", "--workdir=/tmp/x"],
+                       capture_output=True, text=True, check=True,
+                       env=dict(os.environ, DRY_RUN="1", PORT="1234"))
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 2
+  for i, line in enumerate(lines):
+    assert f"--process_id={i}" in line and "--num_processes=2" in line
+    assert "--coordinator_address=127.0.0.1:1234" in line
+
+
+# ----------------------------------------------------------------------------
+# Real processes.
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_checkpoints_cross_restore(tmp_path):
+  two, one = tmp_path / "two", tmp_path / "one"
+  local_run(2, 2, tiny_flags(two))  # 2 processes x 2 devices
+  single_run(4, tiny_flags(one))  # 1 process x 4 devices
+  after_two_epochs = params(one)
+  assert_params_close(params(two), after_two_epochs)
+  for workdir in (two, one):
+    assert (workdir / "results.json").exists() and (workdir / "metrics.jsonl").exists()
+
+  # Each checkpoint resumes in the other topology; both continuations agree.
+  single_run(4, tiny_flags(two, "--config.num_epochs=3"))
+  local_run(2, 2, tiny_flags(one, "--config.num_epochs=3"))
+  a, b = params(two), params(one)
+  assert_params_close(a, b)
+  assert max(float(np.max(np.abs(a[k] - p))) for k, p in after_two_epochs.items()) > 1e-4
+
+
+def _start(i, n, port, workdir, *extra):
+  cmd = [sys.executable, "-m", "dsf3n_jax.main", f"--coordinator_address=127.0.0.1:{port}",
+         f"--num_processes={n}", f"--process_id={i}", *tiny_flags(workdir, *extra)]
+  return subprocess.Popen(cmd, cwd=REPO, env=env(2), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_a_process_whose_peer_died_exits_within_the_heartbeat_timeout(tmp_path):
+  port = free_port()
+  flags = ("--config.distributed.heartbeat_timeout=10", "--config.num_epochs=200",
+           "--config.checkpoint_every_epochs=1")
+  procs = [_start(i, 2, port, tmp_path / "run", *flags) for i in range(2)]
+  deadline = time.time() + 300
+  ckpt = tmp_path / "run" / "checkpoints"
+  while time.time() < deadline and not (ckpt.exists() and any(
+      c.name.isdigit() for c in ckpt.iterdir())):
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+    time.sleep(0.5)
+  procs[1].kill()
+  killed_at = time.time()
+  try:
+    procs[0].wait(timeout=120)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("the surviving process hung after its peer died")
+  assert procs[0].returncode != 0
+  assert time.time() - killed_at < 120
+
+
+@pytest.mark.slow
+def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+  start = time.time()
+  proc = _start(1, 2, free_port(), tmp_path / "run",
+                "--config.distributed.initialization_timeout=5")
+  out, _ = proc.communicate(timeout=180)
+  assert proc.returncode != 0
+  assert time.time() - start < 180
+  assert "coordinator" in out.lower() or "deadline" in out.lower() or "timed out" in out.lower()

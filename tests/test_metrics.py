@@ -1,0 +1,189 @@
+"""Tests of dsf3n_jax.metrics against a transcription of the original mAP loop."""
+
+import jax
+import numpy as np
+import pytest
+import scipy.spatial
+from sklearn.metrics import average_precision_score
+
+from dsf3n_jax import metrics
+
+
+def original_map(dist, query_labels, item_labels, k=0, per_query=False):
+  """fx_calc_map_label, loop and all, with stable ties and separate labels."""
+  order = np.argsort(dist, axis=1, kind="stable")
+  n, m = dist.shape
+  k = m if k == 0 else min(k, m)
+  res = []
+  for i in range(n):
+    p = 0.0
+    r = 0.0
+    for j in range(k):
+      if query_labels[i] == item_labels[order[i, j]]:
+        r += 1
+        p += r / (j + 1)
+    res.append(p / r if r > 0 else 0.0)
+  return np.array(res) if per_query else np.mean(res)
+
+
+def _data(seed, n, m, d=8, classes=4, ties=False, absent=0):
+  rng = np.random.default_rng(seed)
+  if ties:  # few distinct small-integer vectors: many exactly equal distances
+    q = rng.integers(-1, 2, (n, d)).astype(np.float32)
+    x = rng.integers(-1, 2, (m, d)).astype(np.float32)
+  else:
+    q = rng.normal(size=(n, d)).astype(np.float32)
+    x = rng.normal(size=(m, d)).astype(np.float32)
+  ql = rng.integers(0, classes + absent, n)
+  il = rng.integers(0, classes, m)
+  return q, x, ql, il
+
+
+def _ref(q, x, ql, il, k=0, distance="cosine", per_query=False):
+  dist = np.asarray(metrics.pairwise_distances(q, x, distance=distance), np.float64)
+  return original_map(dist, ql, il, k, per_query)
+
+
+CASES = [  # (n, m, classes, k, ties, absent)
+    (37, 53, 4, 0, False, 0),    # n != m, block size not dividing n
+    (20, 20, 1, 0, False, 0),    # one class
+    (30, 25, 3, 0, False, 2),    # query labels absent from the items
+    (41, 60, 5, 0, True, 0),     # many exact ties
+    (41, 60, 5, 3, True, 0),     # k below the number of relevant items
+    (33, 40, 6, 30, False, 0),   # k above the number of relevant items
+    (15, 12, 3, 100, True, 1),   # k above m
+]
+
+
+@pytest.mark.parametrize("strategy", ["sort", "count"])
+@pytest.mark.parametrize("n,m,classes,k,ties,absent", CASES)
+def test_equals_original_definition(n, m, classes, k, ties, absent, strategy):
+  q, x, ql, il = _data(n * m + k, n, m, classes=classes, ties=ties, absent=absent)
+  want = _ref(q, x, ql, il, k, per_query=True)
+  got = metrics.average_precision(q, x, ql, il, k=k, block_size=8, strategy=strategy)
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  assert abs(metrics.mean_average_precision(q, x, ql, il, k=k, block_size=8,
+                                            strategy=strategy) - want.mean()) < 1e-6
+
+
+def test_class_with_one_member_and_euclidean():
+  q, x, ql, il = _data(3, 29, 31, classes=5)
+  il[:] = np.where(il == 4, 3, il)
+  il[7] = 4  # class 4 has exactly one item
+  for strategy in ("sort", "count"):
+    got = metrics.average_precision(q, x, ql, il, distance="euclidean", strategy=strategy,
+                                    block_size=5)
+    np.testing.assert_allclose(got, _ref(q, x, ql, il, distance="euclidean", per_query=True),
+                               atol=1e-6, rtol=0)
+
+
+def test_ties_are_broken_by_item_index():
+  q = np.ones((1, 4), np.float32)
+  x = np.ones((4, 4), np.float32)  # all items at distance 0
+  # Stable by index: relevant items at positions 2 and 4 -> AP = (1/2 + 2/4) / 2.
+  for strategy in ("sort", "count"):
+    ap = metrics.average_precision(q, x, [1], [0, 1, 0, 1], strategy=strategy)
+    np.testing.assert_allclose(ap, [0.5])
+
+
+def test_distances_match_scipy():
+  q, x, _, _ = _data(4, 17, 23, d=16)
+  for ours, theirs in (("cosine", "cosine"), ("euclidean", "euclidean")):
+    got = np.asarray(metrics.pairwise_distances(q, x, distance=ours))
+    np.testing.assert_allclose(got, scipy.spatial.distance.cdist(q, x, theirs), atol=2e-6)
+
+
+def test_matches_original_with_scipy_distances_and_quicksort():
+  # The original exactly as written (float64 cdist, quicksort): continuous data has no ties.
+  q, x, ql, il = _data(5, 64, 64, d=16, classes=4)
+  dist = scipy.spatial.distance.cdist(q, x, "cosine")
+  order = dist.argsort()
+  res = []
+  for i in range(len(q)):
+    p = r = 0.0
+    for j in range(len(x)):
+      if ql[i] == il[order[i, j]]:
+        r += 1
+        p += r / (j + 1)
+    res.append(p / r if r > 0 else 0)
+  assert abs(metrics.mean_average_precision(q, x, ql, il) - np.mean(res)) < 1e-6
+
+
+def test_equals_sklearn_average_precision():
+  # Without ties and with every relevant item ranked (k=None), AP is sklearn's.
+  q, x, ql, il = _data(6, 25, 40, classes=3)
+  ap = metrics.average_precision(q, x, ql, il)
+  dist = np.asarray(metrics.pairwise_distances(q, x), np.float64)
+  for i in range(len(q)):
+    y = il == ql[i]
+    if y.any():
+      assert abs(ap[i] - average_precision_score(y, -dist[i])) < 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["sort", "count"])
+def test_block_size_and_devices_do_not_change_results(strategy):
+  q, x, ql, il = _data(7, 45, 50, classes=4, ties=True)
+  ap = lambda **kw: metrics.average_precision(q, x, ql, il, strategy=strategy, **kw)
+  base = ap(block_size=4)
+  for bs in (2, 7, 45, 1000):
+    np.testing.assert_array_equal(ap(block_size=bs), base)
+  # One query per block: XLA may round the float64 AP sum differently (1 ulp at most).
+  np.testing.assert_allclose(ap(block_size=1), base, rtol=1e-15, atol=0)
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ("data",))
+  for bs in (2, 3, 16):
+    np.testing.assert_array_equal(ap(block_size=bs, mesh=mesh), base)
+  mesh1 = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  np.testing.assert_array_equal(ap(block_size=4, mesh=mesh1), base)
+  np.testing.assert_allclose(base, _ref(q, x, ql, il, per_query=True), atol=1e-6, rtol=0)
+
+
+def test_precision_and_recall_at_k():
+  q, x, ql, il = _data(8, 19, 30, classes=3, absent=1)
+  dist = np.asarray(metrics.pairwise_distances(q, x), np.float64)
+  order = np.argsort(dist, axis=1, kind="stable")
+  rel = il[order] == ql[:, None]
+  for k in (1, 5, 30, 50):
+    hits = rel[:, :k].sum(1)
+    for strategy in ("sort", "count"):
+      np.testing.assert_allclose(
+          metrics.precision_at_k(q, x, ql, il, k=k, strategy=strategy), hits / min(k, 30))
+      np.testing.assert_allclose(
+          metrics.recall_at_k(q, x, ql, il, k=k, strategy=strategy),
+          hits / np.maximum(rel.sum(1), 1))
+
+
+def test_cross_modal_map_directions():
+  rng = np.random.default_rng(9)
+  labels = rng.integers(0, 4, 40)
+  v = rng.normal(size=(40, 8)).astype(np.float32) + labels[:, None]
+  a = rng.normal(size=(40, 8)).astype(np.float32) - labels[:, None]
+  got = metrics.cross_modal_map(v, a, labels)
+  assert abs(got["audio_to_visual"] - _ref(a, v, labels, labels)) < 1e-6
+  assert abs(got["visual_to_audio"] - _ref(v, a, labels, labels)) < 1e-6
+  assert got["average"] == pytest.approx((got["audio_to_visual"] + got["visual_to_audio"]) / 2)
+  assert got["audio_to_visual"] != got["visual_to_audio"]
+  onehot = np.eye(4)[labels]
+  assert metrics.cross_modal_map(v, a, onehot) == got
+
+
+def test_bad_inputs_name_the_argument():
+  q, x, ql, il = _data(10, 5, 6)
+  with pytest.raises(ValueError, match="query_labels"):
+    metrics.mean_average_precision(q, x, ql[:3], il)
+  with pytest.raises(ValueError, match="queries and items"):
+    metrics.mean_average_precision(q, x[:, :3], ql, il)
+  with pytest.raises(ValueError, match="distance"):
+    metrics.mean_average_precision(q, x, ql, il, distance="manhattan")
+  with pytest.raises(ValueError, match="strategy"):
+    metrics.mean_average_precision(q, x, ql, il, strategy="fast")
+  with pytest.raises(ValueError, match="k"):
+    metrics.precision_at_k(q, x, ql, il, k=0)
+
+
+def test_real_data_raw_features(fsdd_path):
+  with np.load(fsdd_path) as f:
+    audio, labels = f["audio_test"][:120], f["lab_test"][:120]
+  got = metrics.mean_average_precision(audio, audio, labels, labels)
+  assert abs(got - _ref(audio, audio, labels, labels)) < 1e-6
+  assert got > 0.1

@@ -1,0 +1,269 @@
+"""JAX DSF3N vs the PyTorch baseline (benchmarks/torch_dsf3n.py) with the same weights.
+
+Both start from one set of weights (converted with ``dsf3n_jax.convert``) and
+are compared on: eval outputs, train-mode outputs (dropout 0), the loss and
+each part, the gradient of every parameter and of the centres, and after 3
+plain SGD steps (network and centres) the parameters, BatchNorm statistics and
+eval outputs. Tolerance: relative error 1e-8 in float64, 1e-3 in float32.
+
+The gradients of the key biases ``k_v``/``k_a`` are mathematically zero
+(softmax is shift-invariant): they are compared against the overall gradient
+scale, never relatively. No Adam trajectory is compared (Adam turns rounding
+noise in near-zero gradients into full-size steps).
+"""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from benchmarks import torch_dsf3n  # noqa: E402
+from dsf3n_jax import convert  # noqa: E402
+from dsf3n_jax.losses import dsf3n_loss  # noqa: E402
+from dsf3n_jax.models import DSF3N  # noqa: E402
+
+NUM_CLASSES = 5
+BATCH = 4
+ALPHA, BETA = 0.1, 0.05  # larger than the reference's so every part shows in the gradients
+LR, CENTER_LR = 0.005, 0.5
+STEPS = 3
+TOL = {np.float64: 1e-8, np.float32: 1e-3}
+# Weights (not biases) are multiplied by these factors so that the outputs
+# depend on the inputs (at default init they are dominated by biases).
+SCALES = {
+    "visual_fine_grained_feature.conv": 1.6, "audio_fine_grained_feature.conv": 1.6,
+    "MmFA.": 2.0, "classifier_": 2.0,
+}
+SMALL_SCALES = {**SCALES, "visual_layer.": 4.0, "audio_layer.": 4.0}
+SMALL = dict(encoder_features=256, stem_features=16, stem_kernel=8, stem_stride=2,
+             stem_padding=3, branch_features=(16, 32, 64), head_hidden=64, embed_dim=16,
+             classifier_hidden=8)
+KEY_BIASES = ("MmFA.k_v.bias", "MmFA.k_a.bias")
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+  """Torch's OpenMP threads crawl on a busy machine; one thread is faster and steadier."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+# Worst relative errors seen, per dtype (printed with -s; quoted in the README).
+WORST: dict[str, float] = {}
+
+
+def _inputs(dtype, seed=0):
+  rng = np.random.RandomState(seed)
+  visual = rng.randn(BATCH, 1024).astype(dtype)
+  audio = rng.randn(BATCH, 128).astype(dtype)
+  labels = np.array([0, 1, 1, 3])  # a repeated class; classes 2 and 4 absent
+  return visual, audio, labels
+
+
+def make_torch(config, dtype, *, seed=0, scales=None):
+  """Baseline network with scaled weights and its centre loss, in ``dtype``."""
+  torch.manual_seed(seed)
+  net = torch_dsf3n.CrossModalNN(NUM_CLASSES, dropout_rate=0.0, **config)
+  embed_dim = config.get("embed_dim", 64)
+  center = torch_dsf3n.CenterLoss(NUM_CLASSES, embed_dim,
+                                  generator=torch.Generator().manual_seed(seed + 1))
+  tdtype = torch.float64 if dtype == np.float64 else torch.float32
+  net, center = net.to(tdtype), center.to(tdtype)
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      for prefix, factor in (SCALES if scales is None else scales).items():
+        if name.startswith(prefix) and name.endswith("weight"):
+          p.mul_(factor)
+  return net, center
+
+
+def torch_run(net, center, visual, audio, labels, *, steps=STEPS):
+  """Eval outputs, step-0 train outputs/loss/gradients, and the state after SGD steps."""
+  v, a, y = torch.from_numpy(visual), torch.from_numpy(audio), torch.from_numpy(labels)
+  rec = {}
+  net.eval()
+  with torch.no_grad():
+    rec["eval"] = [o.numpy().copy() for o in net(v, a)]
+  net.train()
+  opt = torch.optim.SGD(net.parameters(), lr=LR)
+  opt_c = torch.optim.SGD(center.parameters(), lr=CENTER_LR)
+  for step in range(steps):
+    opt.zero_grad()
+    opt_c.zero_grad()
+    out = net(v, a)
+    total, parts = torch_dsf3n.total_loss(out, y, center, alpha=ALPHA, beta=BETA)
+    total.backward()
+    if step == 0:
+      rec["train"] = [o.detach().numpy().copy() for o in out]
+      rec["loss"] = {"total": total.item(), **{k: p.item() for k, p in parts.items()}}
+      rec["grads"] = {k: p.grad.numpy().copy() for k, p in net.named_parameters()}
+      rec["center_grad"] = center.center.grad.numpy().copy()
+    opt.step()
+    opt_c.step()
+  net.eval()
+  with torch.no_grad():
+    rec["eval_after"] = [o.numpy().copy() for o in net(v, a)]
+  rec["state_after"] = {k: t.numpy().copy() for k, t in net.state_dict().items()
+                        if not k.endswith("num_batches_tracked")}
+  rec["center_after"] = center.center.detach().numpy().copy()
+  return rec
+
+
+def jax_run(model, variables, centers, visual, audio, labels, *, steps=STEPS):
+  """The same as ``torch_run`` with the Flax model and plain SGD.
+
+  One jitted function (one compilation) gives the eval outputs of the
+  variables it receives and their SGD update.
+  """
+
+  def loss_fn(params, centers, stats):
+    out, new = model.apply({"params": params, "batch_stats": stats}, visual, audio, train=True,
+                           mutable=["batch_stats"])
+    total, parts = dsf3n_loss(out, labels, centers, alpha=ALPHA, beta=BETA)
+    return total, (out, parts, new["batch_stats"])
+
+  @jax.jit
+  def eval_and_step(params, centers, stats):
+    eval_out = model.apply({"params": params, "batch_stats": stats}, visual, audio, train=False)
+    (total, (out, parts, new_stats)), (g_params, g_centers) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, centers, stats)
+    params = jax.tree.map(lambda p, g: p - LR * g, params, g_params)
+    return (params, centers - CENTER_LR * g_centers, new_stats), (eval_out, total, out, parts,
+                                                                  g_params, g_centers)
+
+  rec = {}
+  state = (variables["params"], centers, variables["batch_stats"])
+  for step in range(steps + 1):
+    new_state, (eval_out, total, out, parts, g_params, g_centers) = eval_and_step(*state)
+    if step == 0:
+      rec["eval"] = [np.asarray(o) for o in eval_out]
+      rec["train"] = [np.asarray(o) for o in out]
+      rec["loss"] = {"total": float(total), **{k: float(p) for k, p in parts.items()}}
+      rec["grads"] = convert.to_torch_state_dict(jax.tree.map(np.asarray, g_params))
+      rec["center_grad"] = np.asarray(g_centers)
+    if step == steps:  # only the eval outputs of the last call are used
+      rec["eval_after"] = [np.asarray(o) for o in eval_out]
+      break
+    state = new_state
+  params, centers, stats = jax.tree.map(np.asarray, state)
+  rec["state_after"] = convert.to_torch_state_dict({"params": params, "batch_stats": stats})
+  rec["center_after"] = centers
+  return rec
+
+
+def rel_err(x, ref, scale=None):
+  """max |x - ref| / scale (default: max |ref|)."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  assert x.shape == ref.shape, (x.shape, ref.shape)
+  scale = np.max(np.abs(ref)) if scale is None else scale
+  return float(np.max(np.abs(x - ref)) / max(scale, 1e-30))
+
+
+def compare(rec_j, rec_t):
+  """{name: relative error} over everything both runs recorded."""
+  errs = {}
+  for what in ("eval", "train", "eval_after"):
+    for name, x, ref in zip(("emb_v", "emb_a", "logits_v", "logits_a"), rec_j[what], rec_t[what],
+                            strict=True):
+      errs[f"{what}/{name}"] = rel_err(x, ref)
+  for k, ref in rec_t["loss"].items():
+    errs[f"loss/{k}"] = rel_err(rec_j["loss"][k], ref)
+  grads_t = rec_t["grads"]
+  assert sorted(rec_j["grads"]) == sorted(grads_t)
+  grad_scale = max(np.max(np.abs(g)) for g in grads_t.values())
+  for k, ref in grads_t.items():
+    scale = grad_scale if k in KEY_BIASES else None
+    errs[f"grad/{k}"] = rel_err(rec_j["grads"][k], ref, scale)
+  errs["grad/centers"] = rel_err(rec_j["center_grad"], rec_t["center_grad"])
+  assert sorted(rec_j["state_after"]) == sorted(rec_t["state_after"])
+  for k, ref in rec_t["state_after"].items():
+    errs[f"after/{k}"] = rel_err(rec_j["state_after"][k], ref)
+  errs["after/centers"] = rel_err(rec_j["center_after"], rec_t["center_after"])
+  return errs, grad_scale
+
+
+def check_parity(config, dtype, *, scales=None):
+  visual, audio, labels = _inputs(dtype)
+  net, center = make_torch(config, dtype, scales=scales)
+  variables = convert.from_torch_state_dict(
+      net.state_dict(), model=DSF3N(NUM_CLASSES, dropout_rate=0.0, **config))
+  centers = center.center.detach().numpy().copy()
+  rec_t = torch_run(net, center, visual, audio, labels)
+
+  # The outputs must depend on the inputs, or the comparison says little.
+  for o in rec_t["eval"] + rec_t["train"]:
+    assert np.mean(np.std(o, axis=0)) > 0.1 * np.mean(np.abs(o)), "outputs ~ constant"
+  assert all(v.dtype == dtype for v in jax.tree.leaves(variables))
+
+  model = DSF3N(NUM_CLASSES, dropout_rate=0.0, param_dtype=jnp.dtype(dtype), **config)
+  rec_j = jax_run(model, variables, centers, visual, audio, labels)
+  errs, grad_scale = compare(rec_j, rec_t)
+  tol = TOL[dtype]
+  bad = {k: e for k, e in errs.items() if not e <= tol}
+  assert not bad, f"relative errors above {tol}: {bad}"
+  # The key biases' gradient is zero up to rounding in both implementations.
+  for k in KEY_BIASES:
+    if k in rec_t["grads"]:
+      assert np.max(np.abs(rec_t["grads"][k])) <= tol * grad_scale
+      assert np.max(np.abs(rec_j["grads"][k])) <= tol * grad_scale
+  # The SGD steps moved the weights and statistics by far more than the tolerance.
+  initial = convert.to_torch_state_dict(variables)
+  moved = {k: rel_err(v, initial[k], scale=np.max(np.abs(v)))
+           for k, v in rec_t["state_after"].items()}
+  assert max(moved.values()) > 100 * tol, moved
+  assert moved["visual_fine_grained_feature.BN.running_var"] > 100 * tol
+  key = np.dtype(dtype).name
+  WORST[key] = max(WORST.get(key, 0.0), max(errs.values()))
+  name = {k: v for k, v in config.items() if k not in SMALL} if config else "full"
+  print(f"\n{key} {name}: worst relative error "
+        f"{max(errs.values()):.3g} ({max(errs, key=errs.get)})")
+  return errs
+
+
+def test_parity_full_float32():
+  check_parity({}, np.float32)
+
+
+def test_parity_full_float64():
+  with jax.enable_x64(True):
+    check_parity({}, np.float64)
+
+
+# The reference variant at reduced width is covered by the full-width tests.
+@pytest.mark.parametrize("variant", [
+    dict(mfa_variant="paper"),
+    dict(use_mfa=False),
+    dict(kernel_sizes=(3, 5), num_fusion_stages=3),
+], ids=["paper", "no_mfa", "two_kernels_three_stages"])
+def test_parity_small_float64(variant):
+  with jax.enable_x64(True):
+    errs = check_parity({**SMALL, **variant}, np.float64, scales=SMALL_SCALES)
+  has_mfa = variant.get("use_mfa", True)
+  assert any(k.startswith("grad/MmFA.") for k in errs) == has_mfa
+  assert ("grad/MmFA.w_2.weight" in errs) == (has_mfa and variant.get("mfa_variant") != "paper")
+
+
+def test_torch_einsum_bilinear_matches_nn_bilinear():
+  net, _ = make_torch(SMALL, np.float64)
+  net_e = torch_dsf3n.CrossModalNN(NUM_CLASSES, dropout_rate=0.0, einsum_bilinear=True,
+                                   **SMALL).double()
+  net_e.load_state_dict(net.state_dict())
+  visual, audio, _ = _inputs(np.float64)
+  net.eval()
+  net_e.eval()
+  with torch.no_grad():
+    for o, o_e in zip(net(torch.from_numpy(visual), torch.from_numpy(audio)),
+                      net_e(torch.from_numpy(visual), torch.from_numpy(audio)), strict=True):
+      assert rel_err(o_e.numpy(), o.numpy()) < 1e-12

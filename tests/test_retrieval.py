@@ -1,0 +1,110 @@
+"""Tests of dsf3n_jax.retrieval and the retrieve CLI with a tiny random-weight model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsf3n_jax import metrics, retrieval, retrieve
+from dsf3n_jax.models import DSF3N
+
+TINY = dict(num_classes=4, encoder_features=64, stem_kernel=8, stem_stride=2, stem_padding=3,
+            branch_features=(8, 16, 32), head_hidden=32, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A tiny model, its variables file and a paired-feature file with a 'test' split."""
+  tmp = tmp_path_factory.mktemp("tiny")
+  rng = np.random.default_rng(0)
+  n = 37
+  data = {f"{k}_{s}": v for s in ("train", "test") for k, v in (
+      ("visual", rng.normal(size=(n, 1024)).astype(np.float32)),
+      ("audio", rng.normal(size=(n, 128)).astype(np.float32)),
+      ("lab", rng.integers(0, 4, n)))}
+  np.savez(tmp / "data.npz", **data)
+  model = DSF3N(**TINY)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 1024)), jnp.zeros((2, 128)))
+  retrieval.save_variables(tmp / "vars.npz", variables, model_kwargs=TINY)
+  return tmp, model, variables, data
+
+
+def test_variables_round_trip(tiny):
+  tmp, _, variables, _ = tiny
+  loaded, kwargs = retrieval.load_variables(tmp / "vars.npz")
+  assert kwargs["num_classes"] == 4 and tuple(kwargs["branch_features"]) == (8, 16, 32)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded),
+               jax.device_get(dict(variables)))
+
+
+def test_embed_split_pads_and_matches_one_pass(tiny):
+  _, model, variables, data = tiny
+  v, a, y = data["visual_test"], data["audio_test"], data["lab_test"]
+  emb = retrieval.embed_split(model, variables, v, a, y, batch_size=8)
+  full = model.apply(variables, v, a, train=False)
+  assert emb.emb_visual.shape == (37, 16) and emb.emb_audio.shape == (37, 16)
+  np.testing.assert_allclose(emb.emb_visual, full.emb_visual, atol=1e-5)
+  np.testing.assert_allclose(emb.emb_audio, full.emb_audio, atol=1e-5)
+  np.testing.assert_array_equal(emb.labels, y)
+  np.testing.assert_array_equal(emb.indices, np.arange(37))
+
+
+def test_top_k_matches_full_ranking():
+  rng = np.random.default_rng(1)
+  q = rng.integers(-1, 2, (23, 6)).astype(np.float32)  # many ties
+  x = rng.integers(-1, 2, (31, 6)).astype(np.float32)
+  x[0] = 0  # zero vector
+  dist = np.asarray(metrics.pairwise_distances(q, x))
+  order = np.argsort(dist, axis=1, kind="stable")[:, :5]
+  for bs in (1, 4, 100):
+    d, idx = retrieval.top_k(q, x, k=5, block_size=bs)
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_allclose(d, np.take_along_axis(dist, order, 1), atol=1e-6)
+  got = retrieval.retrieve(q, x, np.zeros(23, int), np.arange(31) % 2, k=40)
+  assert got.indices.shape == (23, 31)
+  np.testing.assert_array_equal(got.relevant, got.labels == 0)
+
+
+def test_embeddings_file_round_trip_and_errors(tmp_path):
+  emb = retrieval.Embeddings(np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32),
+                             np.array([0, 1, 0]), np.array([5, 6, 7]))
+  retrieval.save_embeddings(tmp_path / "e.npz", emb)
+  back = retrieval.load_embeddings(tmp_path / "e.npz")
+  for a, b in zip(back, emb, strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.savez(tmp_path / "bad.npz", emb_visual=np.ones((3, 2)))
+  with pytest.raises(KeyError, match="emb_audio"):
+    retrieval.load_embeddings(tmp_path / "bad.npz")
+  with pytest.raises(KeyError, match="visual_val"):
+    retrieval.load_split(tmp_path / "bad.npz", "val")
+  with pytest.raises(ValueError, match="exactly one of"):
+    retrieval.embeddings_from_args(embeddings="a.npz", variables="b.npz")
+
+
+def test_cli_variables_and_embeddings(tiny, capsys):
+  tmp, _, _, _ = tiny
+  out = tmp / "emb.npz"
+  assert retrieve.main([f"--variables={tmp / 'vars.npz'}", f"--data={tmp / 'data.npz'}",
+                        "--split=test", "--queries=0,5", "--k=3", "--batch_size=16",
+                        f"--save_embeddings={out}"]) == 0
+  text = capsys.readouterr().out
+  assert "query audio row 5" in text and "precision@3" in text and "mAP audio->visual" in text
+  emb = retrieval.load_embeddings(out)
+  p3 = metrics.precision_at_k(emb.emb_audio, emb.emb_visual, emb.labels, emb.labels, k=3)
+  assert f"{p3.mean():.4f}" in text
+  assert retrieve.main([f"--embeddings={out}", "--query_modality=visual", "--queries=1",
+                        "--k=2"]) == 0
+  text = capsys.readouterr().out
+  assert "query visual row 1" in text and "-> audio" in text
+  with pytest.raises(SystemExit, match="out of range"):
+    retrieve.main([f"--embeddings={out}", "--queries=99"])
+
+
+def test_cli_on_real_data(fsdd_path, tmp_path, capsys):
+  model = DSF3N(**{**TINY, "num_classes": 10})
+  variables = model.init(jax.random.key(1), jnp.zeros((2, 1024)), jnp.zeros((2, 128)))
+  retrieval.save_variables(tmp_path / "v.npz", variables, model_kwargs={**TINY,
+                                                                       "num_classes": 10})
+  assert retrieve.main([f"--variables={tmp_path / 'v.npz'}", f"--data={fsdd_path}",
+                        "--queries=0", "--k=5"]) == 0
+  assert "precision@5 (audio->visual, 300 queries)" in capsys.readouterr().out

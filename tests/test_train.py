@@ -1,0 +1,288 @@
+"""Tests of dsf3n_jax.train: the data-parallel step, epochs on device, runs, guards."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import default
+from dsf3n_jax import input_pipeline, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+  config = default.get_config("runlocal,tiny")
+  config.optim.lr = 1e-3
+  config.data.synthetic.num_train = 96
+  config.data.synthetic.num_test = 40
+  config.data.synthetic.num_classes = 5
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return config
+
+
+def tiny_setup(config, *, visual_dim=24, audio_dim=12, num_classes=5):
+  mcfg = train.model_config(config, num_classes=num_classes, visual_dim=visual_dim,
+                            audio_dim=audio_dim)
+  model = train.build_model(mcfg)
+  tx = train.build_optimizer(config, 10)
+  state = jax.device_get(train.init_state(model, tx, seed=0, num_classes=num_classes))
+  return model, tx, state
+
+
+def random_batches(num, batch, *, visual_dim=24, audio_dim=12, num_classes=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return [dict(visual=rng.normal(size=(batch, visual_dim)).astype(np.float32),
+               audio=rng.normal(size=(batch, audio_dim)).astype(np.float32),
+               label=rng.integers(0, num_classes, batch).astype(np.int32)) for _ in range(num)]
+
+
+def mesh_of(n):
+  return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+
+
+def run_steps(step_fn, state, batches, n):
+  mesh = mesh_of(n)
+  step = train.make_train_step(step_fn, mesh)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  history = []
+  for b in batches:
+    state, m = step(state, jax.device_put(b, NamedSharding(mesh, P("data"))))
+    history.append(jax.device_get(m))
+  return jax.device_get(state), history
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_update_is_independent_of_device_count_with_dropout():
+  config = tiny_config()
+  assert config.model.dropout_rate == 0.5
+  model, tx, state0 = tiny_setup(config)
+  step_fn = train.per_device_step(config, model, tx)
+  batches = random_batches(3, 16)
+  ref_state, ref_hist = run_steps(step_fn, state0, batches, 1)
+  # The run moves the parameters far more than the tolerance.
+  assert max_abs_diff(ref_state.params, state0.params) > 1e-3
+  for n in (2, 4, 8):
+    state, hist = run_steps(step_fn, state0, batches, n)
+    assert max_abs_diff(state.params, ref_state.params) < 1e-5, n
+    assert max_abs_diff(state.batch_stats, ref_state.batch_stats) < 1e-5, n
+    assert max_abs_diff(state.centers, ref_state.centers) < 1e-5, n
+    assert max_abs_diff(state.opt_state, ref_state.opt_state) < 1e-5, n
+    np.testing.assert_allclose(hist[-1]["loss"], ref_hist[-1]["loss"], rtol=1e-5)
+
+
+def test_dropout_masks_depend_on_step_and_example():
+  config = tiny_config()
+  model, tx, state0 = tiny_setup(config)
+  step_fn = train.per_device_step(config, model, tx)
+  batch = random_batches(1, 16)
+  with_dropout, _ = run_steps(step_fn, state0, batch, 1)
+  config.model.dropout_rate = 0.0
+  model0, tx0, _ = tiny_setup(config)
+  without, _ = run_steps(train.per_device_step(config, model0, tx0), state0, batch, 1)
+  assert max_abs_diff(with_dropout.params, without.params) > 1e-4
+
+
+def test_pmap_of_the_per_device_step_matches_shard_map():
+  config = tiny_config()
+  model, tx, state0 = tiny_setup(config)
+  step_fn = train.per_device_step(config, model, tx)
+  batches = random_batches(3, 16)
+  ref_state, _ = run_steps(step_fn, state0, batches, 4)
+  n = 4
+  pstate = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state0)
+  pstep = jax.pmap(step_fn, axis_name="data", devices=jax.devices()[:n])
+  for b in batches:
+    pstate, _ = pstep(pstate, jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), b))
+  pstate = jax.device_get(pstate)
+  # Every replica holds the same state, equal to the shard_map one.
+  for leaf in jax.tree.leaves(pstate.params):
+    np.testing.assert_array_equal(leaf[0], leaf[-1])
+  assert max_abs_diff(jax.tree.map(lambda x: x[0], pstate.params), ref_state.params) < 1e-5
+
+
+def test_epoch_on_device_equals_streamed_epoch():
+  config = tiny_config()
+  model, tx, state0 = tiny_setup(config, visual_dim=1024, audio_dim=128)
+  step_fn = train.per_device_step(config, model, tx)
+  arrays = input_pipeline.ArraySource(
+      *[np.asarray(x) for x in random_batches(1, 64, visual_dim=1024, audio_dim=128)[0].values()])
+  mesh = mesh_of(4)
+  epoch_fn = train.make_train_epoch(step_fn, mesh, global_batch_size=16, num_examples=64, seed=7,
+                                    shuffle=True)
+  on_device = jax.device_put(state0, NamedSharding(mesh, P()))
+  data = input_pipeline.to_device(input_pipeline.load_split_arrays(arrays), mesh)
+  for epoch in range(2):
+    on_device, _ = epoch_fn(on_device, data, jnp.int32(epoch))
+  loader = input_pipeline.TrainLoader(arrays, global_batch_size=16, mesh=mesh, seed=7)
+  step = train.make_train_step(step_fn, mesh)
+  streamed = jax.device_put(state0, NamedSharding(mesh, P()))
+  it = iter(loader)
+  for _ in range(2 * 4):
+    streamed, _ = step(streamed, next(it))
+  assert max_abs_diff(jax.device_get(on_device).params, jax.device_get(streamed).params) < 1e-5
+  assert int(on_device.step) == int(streamed.step) == 8
+
+
+def test_warmup_step_schedule_follows_the_original():
+  config = tiny_config(**{"optim.schedule": "warmup_step", "optim.lr": 1.0})
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=3)
+  lrs = [float(schedule(epoch * 3 + 1)) for epoch in (0, 4, 9, 10, 19, 20, 49, 50, 80)]
+  np.testing.assert_allclose(lrs, [0.1, 0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+
+
+def test_optimizer_adam_on_network_and_sgd_on_centres():
+  config = tiny_config(**{"optim.lr": 0.01, "optim.center_lr": 0.5})
+  tx = train.build_optimizer(config, 1)
+  params = {"net": {"w": jnp.ones(3)}, "centers": jnp.ones((2, 2))}
+  grads = {"net": {"w": jnp.array([1e-3, 1.0, -5.0])}, "centers": jnp.full((2, 2), 2.0)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step is lr * sign(g) (up to eps); SGD's is -lr * g.
+  np.testing.assert_allclose(updates["net"]["w"], -0.01 * np.sign(grads["net"]["w"]), rtol=1e-3)
+  np.testing.assert_allclose(updates["centers"], -1.0 * np.ones((2, 2)), rtol=1e-6)
+
+
+def test_train_and_evaluate_resumes_and_reports(tmp_path):
+  config = tiny_config()
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  assert results["epochs"] == config.num_epochs
+  for split in ("test",):
+    for key in ("map_audio_to_visual", "map_visual_to_audio", "map_average", "loss",
+                "accuracy_visual"):
+      assert np.isfinite(results["final"][split][key])
+  assert results["best"]["selected_on"] == "test"
+  assert results["final"]["test"]["num_examples"] == 40  # every test item, none dropped
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {r["split"] for r in records} == {"train", "test"}
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert any(p.name.startswith("events") for p in (tmp_path / "run" / "tensorboard").iterdir())
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert on_disk["final"] == results["final"]
+  # Restoring gives the model and variables the retrieval tools use.
+  model, variables, saved = train.restore_model(workdir)
+  assert saved.data.name == "synthetic"
+  assert set(variables) == {"params", "batch_stats"}
+  # A second run on the finished workdir resumes and trains nothing more.
+  again = train.train_and_evaluate(config, workdir)
+  assert again["steps"] == results["steps"]
+  assert again["final"]["test"]["map_average"] == pytest.approx(
+      results["final"]["test"]["map_average"], abs=1e-6)
+
+
+def test_checkpoint_of_another_model_is_rejected_naming_fields(tmp_path):
+  config = tiny_config(num_epochs=1)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  config.model.embed_dim = 8
+  config.model.mfa_variant = "paper"
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(config, workdir)
+  assert "model.embed_dim: checkpoint has 16, config has 8" in str(err.value)
+  assert "model.mfa_variant: checkpoint has 'reference', config has 'paper'" in str(err.value)
+
+
+def test_guards_fail_before_compiling(tmp_path):
+  config = tiny_config(batch_size=12)  # 8 devices
+  with pytest.raises(ValueError, match=r"batch_size=12 .*8 devices"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = tiny_config(**{"model.visual_dim": 2048})
+  with pytest.raises(ValueError, match="2048"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  readonly = tmp_path / "ro"
+  readonly.mkdir()
+  (readonly / "file").write_text("x")
+  with pytest.raises(PermissionError, match="workdir"):
+    train.train_and_evaluate(tiny_config(), str(readonly / "file" / "run"))
+
+
+def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path):
+  config = tiny_config(num_epochs=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config.copy_and_resolve_references(), workdir)
+  good = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  config.num_epochs = 3
+  config.loss.alpha = float("nan")
+  with pytest.raises(FloatingPointError, match=r"step 13 \(epoch 3\).*checkpoints/2"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == good
+
+
+def _cli(workdir, *extra):
+  return [sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:runlocal,tiny",
+          f"--workdir={workdir}", "--config.data.synthetic.num_train=128",
+          "--config.data.synthetic.num_test=40", "--config.batch_size=16",
+          "--config.eval_batch_size=16", "--config.num_epochs=4",
+          "--config.eval_every_epochs=2", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["PYTHONPATH"] = str(REPO)
+  return env
+
+
+def _params(workdir):
+  _, variables, _ = train.restore_model(str(workdir))
+  return traverse_util.flatten_dict(variables["params"], sep="/")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_and_sigkill_resume_is_exact(tmp_path):
+  # An uninterrupted run of the real command line.
+  full = tmp_path / "full"
+  proc = subprocess.run(_cli(full), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "A->V" in proc.stdout and "final test" in proc.stdout
+  results = json.load(open(full / "results.json"))
+  assert results["device_count"] == 2 and results["epochs"] == 4
+
+  # The same run, killed with SIGKILL once its first checkpoint is complete, then restarted.
+  killed = tmp_path / "killed"
+  p = subprocess.Popen(_cli(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  ckpt = killed / "checkpoints"
+  while time.time() < deadline and p.poll() is None:
+    if ckpt.exists() and any(c.name.isdigit() for c in ckpt.iterdir()):
+      break
+    time.sleep(0.2)
+  assert p.poll() is None, "the run ended before it could be killed"
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not (killed / "results.json").exists()
+  proc = subprocess.run(_cli(killed), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from" in proc.stderr
+  a, b = _params(full), _params(killed)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  steps = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")
+           if json.loads(line)["split"] == "train"]
+  assert steps == sorted(set(steps))  # no replayed step is recorded twice
