@@ -33,7 +33,11 @@ def get_config(arg=None):
   config.data.validation_fraction = 0.0  # carved from train, stratified, with validation_seed
   config.data.validation_seed = 0
   config.data.shuffle = True  # False = file order, like the original
-  config.data.on_device = True  # whole train split in device memory, one compiled call per epoch
+  # "auto": the whole train split in device memory and one compiled call (lax.scan) per epoch
+  # on GPU/TPU; streamed batches on CPU, where XLA runs a step inside a loop several times
+  # slower than the same step on its own. True / False force either path.
+  config.data.on_device = "auto"
+  config.data.normalize = "none"  # none | standardize (per feature, train statistics)
   config.data.synthetic = ml_collections.ConfigDict()  # generator kwargs for synthetic
 
   # Model (dsf3n_jax.models.DSF3N). Input dims 0 = from the data.

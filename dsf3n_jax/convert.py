@@ -305,14 +305,29 @@ def save_torch_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike
       (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items()), path)
 
 
-def _write_npz(variables: Mapping[str, Any], out_dir: pathlib.Path) -> pathlib.Path:
+def _write_npz(variables: Mapping[str, Any], out_dir: pathlib.Path,
+               model_fields: Mapping[str, Any]) -> pathlib.Path:
+  del model_fields  # written beside it as model_config.json
   path = out_dir / "variables.npz"
   save_npz(variables, path)
   return path
 
 
-# Output formats of the torch -> flax direction; orbax output plugs in here.
-WRITERS: dict[str, Callable[[Mapping[str, Any], pathlib.Path], pathlib.Path]] = {
+def _write_orbax(variables: Mapping[str, Any], out_dir: pathlib.Path,
+                 model_fields: Mapping[str, Any]) -> pathlib.Path:
+  """A training workdir (config.json + orbax checkpoint at epoch 0)."""
+  from dsf3n_jax import train
+
+  config = train.default_config()
+  for key, value in model_fields.items():
+    if key in config.model:
+      config.model[key] = value
+  return pathlib.Path(train.save_variables_as_run(str(out_dir), variables, config=config))
+
+
+# Output formats of the torch -> flax direction.
+WRITERS: dict[str, Callable[..., pathlib.Path]] = {
+    "orbax": _write_orbax,
     "npz": _write_npz,
 }
 
@@ -338,8 +353,9 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   parser.add_argument("src", help="a .pth state dict (or, with --to_torch, an .npz)")
   parser.add_argument("dst", help="output folder (or, with --to_torch, the .pth file)")
   parser.add_argument("--to_torch", action="store_true", help="npz -> .pth instead")
-  parser.add_argument("--format", default="npz", choices=sorted(WRITERS),
-                      help="output format of torch -> flax")
+  parser.add_argument("--format", default="orbax", choices=sorted(WRITERS),
+                      help="torch -> flax output: orbax (a workdir that training resumes and "
+                      "retrieve/visualize read) or npz")
   parser.add_argument("--num_classes", type=int, default=None,
                       help="default: read off the state dict")
   parser.add_argument("--mfa_variant", default="reference", choices=("reference", "paper"))
@@ -363,10 +379,11 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   model = _model_from_args(args, num_classes)
   variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
   dst.mkdir(parents=True, exist_ok=True)
-  path = WRITERS[args.format](variables, dst)
-  config = dict(num_classes=num_classes, kernel_sizes=list(args.kernel_sizes),
-                mfa_variant=args.mfa_variant, use_mfa=not args.no_mfa)
-  (dst / "model_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  fields = dict(kernel_sizes=list(args.kernel_sizes), mfa_variant=args.mfa_variant,
+                use_mfa=not args.no_mfa)
+  path = WRITERS[args.format](variables, dst, fields)
+  (dst / "model_config.json").write_text(
+      json.dumps(dict(num_classes=num_classes, **fields), indent=2) + "\n")
   return path
 
 

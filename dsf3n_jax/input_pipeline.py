@@ -109,6 +109,45 @@ class SubsetSource:
     return self.source.__getitems__(self.rows[np.asarray(indices, np.int64)])
 
 
+class StandardizedSource:
+  """Another source with each feature standardised: ``(x - mean) / std``.
+
+  Args:
+    source: the parent source.
+    stats: ``{"visual": (mean, std), "audio": (mean, std)}`` (per-feature arrays).
+  """
+
+  def __init__(self, source: Source, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]):
+    self.source = source
+    self.stats = stats
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitems__(self, indices) -> dict[str, np.ndarray]:
+    out = dict(self.source.__getitems__(indices))
+    for key, (mean, std) in self.stats.items():
+      out[key] = ((out[key] - mean) / std).astype(np.float32)
+    return out
+
+
+def standardize(sources: Sources) -> Sources:
+  """Standardises every split's features with the train split's mean and std.
+
+  Features with zero variance in train get std 1 (they become constant 0).
+  """
+  arrays = load_split_arrays(sources.train)
+  stats = {}
+  for key in ("visual", "audio"):
+    x = arrays[key].astype(np.float64)
+    std = x.std(axis=0)
+    stats[key] = (x.mean(axis=0).astype(np.float32),
+                  np.where(std > 0, std, 1.0).astype(np.float32))
+  wrap = lambda src: None if src is None else StandardizedSource(src, stats)
+  return dataclasses.replace(sources, train=wrap(sources.train), test=wrap(sources.test),
+                             validation=wrap(sources.validation))
+
+
 class TfdsSource:
   """Adapter of a ``tfds.data_source`` (array_record) split to the source protocol.
 

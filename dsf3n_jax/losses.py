@@ -38,6 +38,17 @@ def _weights(mask: Array | None, batch: int, dtype) -> Array:
   return jnp.ones((batch,), dtype) if mask is None else mask.astype(dtype)
 
 
+def _norm(x: Array, *, keepdims: bool = False) -> Array:
+  """Euclidean norm over the last axis whose gradient at 0 is 0, not NaN.
+
+  The value is exact; only the derivative at exactly zero differs from a
+  plain ``sqrt`` (whose 0 * inf would poison every parameter).
+  """
+  sq = jnp.sum(jnp.square(x), axis=-1, keepdims=keepdims)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
 def _mean(values: Array, weights: Array, axis_name: str | None) -> Array:
   """Weighted mean over the local batch; with ``axis_name``, a share of the global mean.
 
@@ -100,7 +111,7 @@ def identity_loss(logits_visual: Array, logits_audio: Array, labels: Array, *,
 def pair_loss(emb_visual: Array, emb_audio: Array, *, mask: Array | None = None,
               axis_name: str | None = None) -> Array:
   """``L_pair``: mean Euclidean (not squared) distance between paired embeddings."""
-  dist = jnp.sqrt(jnp.sum(jnp.square(emb_visual - emb_audio), axis=-1))
+  dist = _norm(emb_visual - emb_audio)
   return _mean(dist, _weights(mask, dist.shape[0], dist.dtype), axis_name)
 
 
@@ -124,7 +135,7 @@ def center_loss(features: Array, labels: Array, centers: Array, *, mask: Array |
   """
   num_classes = centers.shape[0]
   ids = _class_ids(labels, num_classes)
-  norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+  norm = _norm(features, keepdims=True)
   f_hat = features / jnp.maximum(norm, 1e-12)
   w = _weights(mask, features.shape[0], f_hat.dtype)
   counts = jnp.zeros((num_classes,), f_hat.dtype).at[ids].add(w)

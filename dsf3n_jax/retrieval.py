@@ -295,8 +295,10 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   if workdir:
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
     model, model_vars, config = train.restore_model(workdir)
-    if data is None:
-      data = _config_data_path(config, workdir)
+    if data is None:  # the run's own dataset, with its normalisation
+      arrays = run_split(config, split)
+      return embed_split(model, model_vars, arrays["visual"], arrays["audio"], arrays["label"],
+                         batch_size=batch_size, indices=arrays["index"])
   else:
     if not data:
       raise ValueError("--variables needs --data=FILE.npz (the paired-feature file)")
@@ -311,10 +313,21 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size)
 
 
-def _config_data_path(config, workdir):
-  data_cfg = getattr(config, "data", None)
-  for name in ("path", "file", "data_path", "data_file"):
-    value = getattr(data_cfg, name, None) if data_cfg is not None else None
-    if value:
-      return value
-  raise ValueError(f"--workdir={workdir}: config.data names no data file; pass --data=FILE")
+def run_split(config, split: str = "test") -> dict[str, np.ndarray]:
+  """A split of a training run's dataset, as the run saw it (``train.load_data``).
+
+  Args:
+    config: the run's config (``train.restore_model``'s third output).
+    split: "train", "validation" or "test".
+
+  Returns:
+    ``{"visual", "audio", "label", "index"}`` numpy arrays.
+  """
+  from dsf3n_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  sources = train.load_data(config)
+  source = {"train": sources.train, "validation": sources.validation,
+            "test": sources.test}.get(split)
+  if source is None:
+    raise ValueError(f"--split={split}: the run's dataset {sources.name} has no such split "
+                     "(train, test, and validation when config.data.validation_fraction > 0)")
+  return input_pipeline.load_split_arrays(source)

@@ -394,7 +394,22 @@ def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Sources:
       num_classes=d.num_classes or None, visual_dim=config.model.visual_dim or None,
       audio_dim=config.model.audio_dim or None, validation_fraction=d.validation_fraction,
       validation_seed=d.validation_seed, synthetic=dict(d.synthetic))
+  if d.normalize == "standardize":
+    sources = input_pipeline.standardize(sources)
+  elif d.normalize != "none":
+    raise ValueError(f"config.data.normalize: expected 'none' or 'standardize', got "
+                     f"{d.normalize!r}")
   return sources
+
+
+def _resolve_on_device(value) -> bool:
+  """``config.data.on_device``: "auto" (on device except on CPU), "true" or "false"."""
+  v = str(value).lower()
+  if v == "auto":
+    return jax.default_backend() != "cpu"
+  if v in ("true", "false"):
+    return v == "true"
+  raise ValueError(f"config.data.on_device: expected 'auto', 'true' or 'false', got {value!r}")
 
 
 def make_mesh() -> Mesh:
@@ -443,8 +458,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "checkpoint is selected on the test split")
 
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = init_state(model, tx, seed=config.seed, num_classes=sources.num_classes)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state = jax.jit(functools.partial(init_state, model, tx, seed=config.seed,
+                                    num_classes=sources.num_classes),
+                  out_shardings=NamedSharding(mesh, P()))()
   meta = {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
           "best_eval_loss": None, "loader": None}
   resume_epoch = checkpointer.latest_epoch()
@@ -460,7 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   step_fn = per_device_step(config, model, tx)
   embed_fn = make_embed_fn(model, mesh)
-  if config.data.on_device:
+  on_device = _resolve_on_device(config.data.on_device)
+  if on_device:
     arrays = input_pipeline.to_device(input_pipeline.load_split_arrays(sources.train), mesh)
     epoch_fn = make_train_epoch(step_fn, mesh, global_batch_size=config.batch_size,
                                 num_examples=num_train, seed=config.seed,
@@ -483,7 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stopped_early = False
   for epoch in range(first_epoch, config.num_epochs):
     t0 = time.time()
-    if config.data.on_device:
+    if on_device:
       state, step_metrics = epoch_fn(state, arrays, jnp.asarray(epoch, jnp.int32))
       step_metrics = jax.tree.map(np.asarray, step_metrics)
     else:
@@ -548,7 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           and meta["evals_without_improvement"] >= config.early_stopping_patience):
         stopped_early = True
     meta["epoch"], meta["step"] = epoch + 1, global_step
-    if not config.data.on_device:
+    if not on_device:
       meta["loader"] = loader.get_state()
     if (last_epoch or stopped_early or is_best
         or (config.checkpoint_every_epochs and (epoch + 1) % config.checkpoint_every_epochs == 0)):
@@ -625,3 +642,56 @@ def restore_model(workdir: str, *, which: str = "latest"):
   state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg)
   checkpointer.close()
   return model, jax.device_get(state.variables), config
+
+
+def save_variables_as_run(workdir: str, variables: Mapping[str, Any], *,
+                          config: ml_collections.ConfigDict) -> str:
+  """Writes ``variables`` as epoch 0 of a run in ``workdir`` (e.g. converted weights).
+
+  Input sizes and the class count are read off the variables. The result is a
+  workdir that ``restore_model`` (retrieval, figures) reads and that
+  ``train_and_evaluate`` resumes from, i.e. fine-tunes; the optimiser state is
+  fresh and the centres are drawn as at initialisation.
+
+  Returns:
+    The checkpoint directory written.
+  """
+  params = variables["params"]
+  mcfg = model_config(config,
+                      num_classes=np.shape(params["visual_classifier"]["logits"]["kernel"])[1],
+                      visual_dim=np.shape(params["visual_encoder"]["dense"]["kernel"])[0],
+                      audio_dim=np.shape(params["audio_encoder"]["dense"]["kernel"])[0])
+  model = build_model(mcfg)
+  tx = build_optimizer(config, 1)
+  state = init_state(model, tx, seed=config.seed, num_classes=mcfg["num_classes"])
+  template = jax.tree.structure(state.variables)
+  given = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  if jax.tree.structure(given) != template:
+    raise ValueError("variables do not fit the model config: "
+                     f"{jax.tree.structure(given)} vs {template}")
+  state = state.replace(params=jax.tree.map(jnp.asarray, given["params"]),
+                        batch_stats=jax.tree.map(jnp.asarray, given["batch_stats"]))
+  _check_workdir(workdir)
+  _atomic_write(os.path.join(workdir, "config.json"),
+                json.dumps({"config": config.to_dict(), "model": mcfg}, indent=2, default=str))
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+  meta = {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
+          "best_eval_loss": None, "loader": None, "model": mcfg}
+  checkpointer.save(0, state, meta)
+  checkpointer.wait()
+  checkpointer.close()
+  return os.path.join(workdir, "checkpoints", "0")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``configs/default.py``'s config, loaded from the source tree."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: the configs/ folder of the source tree is "
+                            "needed (install with `pip install -e .`)")
+  spec = importlib.util.spec_from_file_location("dsf3n_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -140,12 +140,20 @@ def main(argv=None) -> int:
   rows = subsample(emb.labels, max_points=args.max_points, seed=args.seed)
   labels = emb.labels[rows]
   written = []
+  raw = None
   if args.data:
     visual, audio, raw_labels = retrieval.load_split(args.data, args.split)
-    src = emb.indices[rows]
+    src = emb.indices[rows]  # rows of the file's split
     if src.max(initial=-1) >= len(raw_labels):
       raise ValueError(f"--data={args.data}: split {args.split!r} has {len(raw_labels)} rows "
                        f"but the embeddings' indices reach {src.max()}")
+    raw = visual, audio, raw_labels
+  elif args.workdir:  # the run's own dataset, row-aligned with the embeddings
+    from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
+    arrays = retrieval.run_split(train.restore_model(args.workdir)[2], args.split)
+    raw, src = (arrays["visual"], arrays["audio"], arrays["label"]), rows
+  if raw is not None:
+    visual, audio, raw_labels = raw
     xy_v, xy_a = joint_tsne(visual[src], audio[src], seed=args.seed,
                             perplexity=args.perplexity, kind="raw")
     path = out / "raw_features.png"

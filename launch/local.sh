@@ -23,10 +23,9 @@ python=${PYTHON:-python}
 port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 cd "$(dirname "$0")/.."
 
-# Allocator: jemalloc (Debian's libjemalloc2) where present; see README "Performance".
-if [[ -z "${LD_PRELOAD:-}" && -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ]]; then
-  export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
-fi
+# glibc's malloc returns XLA's large buffers to the kernel after every step; huge
+# pages keep them (README "Performance"). glibc < 2.35 ignores the tunable.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
 pids=()
 # shellcheck disable=SC2329  # called by the trap

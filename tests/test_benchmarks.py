@@ -73,7 +73,8 @@ def test_allocator_env_selects_and_rejects():
   with pytest.raises(ValueError, match="--allocator"):
     sysinfo.allocator_env("tcmalloc", base)
   if "jemalloc" in sysinfo.available_allocators():
-    assert "jemalloc" in sysinfo.allocator_env("jemalloc", {})["LD_PRELOAD"]
+    env = sysinfo.allocator_env("jemalloc", {})
+    assert "jemalloc" in env["LD_PRELOAD"] and env["MALLOC_CONF"] == "oversize_threshold:0"
   if "hugetlb" in sysinfo.available_allocators():
     assert sysinfo.allocator_env("hugetlb", {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 

@@ -168,7 +168,7 @@ def test_num_classes_is_read_off_the_state_dict():
 def test_command_line_both_directions(tmp_path, torch_state):
   pth = tmp_path / "audio_image_vegas_best_.pth"
   torch.save(torch_state, pth)  # what the original's train_model.py writes
-  npz = convert.main([str(pth), str(tmp_path / "flax")])
+  npz = convert.main([str(pth), str(tmp_path / "flax"), "--format", "npz"])
   assert npz == tmp_path / "flax" / "variables.npz"
   loaded = convert.load_npz(npz)
   assert "params/fusion/mfa/bilinear/kernel" in np.load(npz).files
@@ -189,10 +189,24 @@ def test_command_line_variants_and_errors(tmp_path):
   torch.save({"state_dict": net.state_dict()}, pth)
   with pytest.raises(ValueError, match="missing keys .*MmFA.w_2.weight"):
     convert.main([str(pth), str(tmp_path / "a")])
-  path = convert.main([str(pth), str(tmp_path / "b"), "--mfa_variant", "paper"])
+  path = convert.main([str(pth), str(tmp_path / "b"), "--mfa_variant", "paper", "--format",
+                       "npz"])
   assert "params/fusion/mfa/w_1/kernel" in np.load(path).files
   assert "params/fusion/mfa/t_c" not in np.load(path).files
   with pytest.raises(SystemExit):
     convert.main([str(pth), str(tmp_path / "c"), "--format", "nope"])
   with pytest.raises(SystemExit):
     convert.main([str(tmp_path / "absent.pth"), str(tmp_path / "d")])
+
+
+def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_state):
+  from dsf3n_jax import train
+
+  pth = tmp_path / "audio_image_vegas_best_.pth"
+  torch.save(torch_state, pth)
+  ckpt = convert.main([str(pth), str(tmp_path / "run")])  # orbax is the default
+  assert ckpt == tmp_path / "run" / "checkpoints" / "0"
+  model, variables, config = train.restore_model(str(tmp_path / "run"))
+  assert model.num_classes == 10 and config.model.mfa_variant == "reference"
+  expected = convert.from_torch_state_dict(torch_state)
+  jax.tree.map(np.testing.assert_array_equal, variables, expected)
