@@ -25,10 +25,13 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint was written for a different model configuration."""
 
 
-def _manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+def _manager(directory: pathlib.Path, keep: int, name: str) -> ocp.CheckpointManager:
+  # Each manager needs its own barrier names: two managers saving the same step
+  # at once would otherwise collide in the multi-host coordination service.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+      enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -42,8 +45,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2):
     self.workdir = pathlib.Path(workdir)
-    self.latest = _manager(self.workdir / "checkpoints", keep)
-    self.best = _manager(self.workdir / "best", 1)
+    self.latest = _manager(self.workdir / "checkpoints", keep, "latest")
+    self.best = _manager(self.workdir / "best", 1, "best")
 
   def latest_epoch(self) -> int | None:
     return self.latest.latest_step()
@@ -53,6 +56,7 @@ class Checkpointer:
                               meta=ocp.args.JsonSave(dict(meta)))
     self.latest.save(epoch, args=args, force=True)
     if best:
+      self.latest.wait_until_finished()  # one save in flight at a time
       self.best.save(epoch, args=args, force=True)
 
   def restore(self, abstract_state, *, epoch: int | None = None, which: str = "latest",
