@@ -74,7 +74,8 @@ def get_config(arg=None):
   config.optim.eps = 1e-8
   config.optim.weight_decay = 0.0  # decoupled (AdamW) when > 0
   config.optim.grad_clip_norm = 0.0  # global-norm clipping when > 0
-  config.optim.schedule = "constant"  # constant | warmup_step (the original's adjust_learning_rate)
+  # constant | warmup_step (the original's adjust_learning_rate) | cosine (to 0 over num_epochs)
+  config.optim.schedule = "constant"
   config.optim.center_lr = 0.05
 
   config.batch_size = 128  # global

@@ -20,8 +20,9 @@ def get_config(arg=None):
   config.data.path = os.path.normpath(DEFAULT_PATH)
   config.data.normalize = "standardize"  # log-mel dB values are far from the authors' scale
   config.optim.lr = 1e-3
-  config.num_epochs = 6
-  config.eval_every_epochs = 3
-  config.checkpoint_every_epochs = 3
+  config.optim.schedule = "cosine"
+  config.num_epochs = 5
+  config.eval_every_epochs = 5
+  config.checkpoint_every_epochs = 5
   config.log_every_steps = 10
   return default.apply_variants(config, arg)

@@ -107,6 +107,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   ``constant``: ``optim.lr``. ``warmup_step``: the original's
   ``adjust_learning_rate`` by epoch: linear warm-up over 10 epochs
   (lr (e+1)/10), lr until epoch 20, lr/10 until epoch 50, lr/100 after.
+  ``cosine``: from lr down to 0 over ``config.num_epochs``.
   """
   lr = config.optim.lr
   if config.optim.schedule == "constant":
@@ -117,8 +118,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
       return jnp.where(epoch < 10, lr * (epoch + 1) / 10,
                        jnp.where(epoch < 20, lr, jnp.where(epoch < 50, lr * 0.1, lr * 0.01)))
     return schedule
-  raise ValueError(f"config.optim.schedule: expected 'constant' or 'warmup_step', got "
-                   f"{config.optim.schedule!r}")
+  if config.optim.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, max(config.num_epochs * steps_per_epoch, 1))
+  raise ValueError(f"config.optim.schedule: expected 'constant', 'warmup_step' or 'cosine', "
+                   f"got {config.optim.schedule!r}")
 
 
 def build_optimizer(config: ml_collections.ConfigDict,
@@ -451,6 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = build_model(mcfg)
   tx = build_optimizer(config, steps_per_epoch)
   mesh = make_mesh()
+  log("topology: %d process(es), %d local / %d global device(s) (%s), mesh %s",
+      jax.process_count(), jax.local_device_count(), n_dev, jax.default_backend(),
+      " ".join(f"{k}={v}" for k, v in mesh.shape.items()))
   selection = config.selection_split
   if selection == "validation" and sources.validation is None:
     selection = "test"

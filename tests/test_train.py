@@ -345,15 +345,16 @@ def test_synthetic_dsf3n_beats_linear_cca_in_float32_and_bfloat16(tmp_path):
 
 @pytest.mark.slow
 def test_learns_real_audio_visual_digits(tmp_path, fsdd_path):
-  """configs/fsdd.py on shared/data/fsdd_digits.npz: average test mAP >= 0.80 (CCA: 0.57)."""
-  import importlib.util
+  """configs/fsdd.py on shared/data/fsdd_digits.npz: average test mAP >= 0.80 (CCA: 0.57).
 
-  spec = importlib.util.spec_from_file_location("fsdd_config", REPO / "configs" / "fsdd.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.path = str(fsdd_path)
-  results = train.train_and_evaluate(config, str(tmp_path / "fsdd"))
-  final = results["final"]["test"]
+  The real command line on one CPU device, as a user runs it (about 2.5 min here).
+  """
+  workdir = tmp_path / "fsdd"
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main", "--config=configs/fsdd.py",
+                         f"--workdir={workdir}", f"--config.data.path={fsdd_path}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.load(open(workdir / "results.json"))["final"]["test"]
   assert final["num_examples"] == 300
   assert final["map_average"] >= 0.80, final
