@@ -358,3 +358,13 @@ def test_learns_real_audio_visual_digits(tmp_path, fsdd_path):
   final = json.load(open(workdir / "results.json"))["final"]["test"]
   assert final["num_examples"] == 300
   assert final["map_average"] >= 0.80, final
+
+
+def test_early_stopping_after_evaluations_without_a_lower_loss(tmp_path):
+  # Nothing learns (both learning rates 0), so the evaluation loss never gets lower.
+  config = tiny_config(**{"optim.lr": 0.0, "optim.center_lr": 0.0, "num_epochs": 6,
+                          "eval_every_epochs": 1, "early_stopping_patience": 2})
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["stopped_early"]
+  assert results["epochs"] == 3  # evaluations at epochs 2 and 3 were no better than epoch 1
+  assert results["best"]["epoch"] == 1
