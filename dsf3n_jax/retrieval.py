@@ -313,6 +313,14 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size)
 
 
+def embeddings_from_flags(args) -> Embeddings:
+  """``embeddings_from_args`` from the flags the retrieve and visualize CLIs share."""
+  model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+  return embeddings_from_args(
+      workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
+      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs)
+
+
 def run_split(config, split: str = "test") -> dict[str, np.ndarray]:
   """A split of a training run's dataset, as the run saw it (``train.load_data``).
 

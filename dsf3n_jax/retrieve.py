@@ -12,7 +12,6 @@ both directions.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -66,10 +65,7 @@ def main(argv=None) -> int:
     The exit status.
   """
   args = _parser().parse_args(argv)
-  model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-  emb = retrieval.embeddings_from_args(
-      workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
-      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs)
+  emb = retrieval.embeddings_from_flags(args)
   if args.save_embeddings:
     retrieval.save_embeddings(args.save_embeddings, emb)
     print(f"wrote {len(emb.labels)} embeddings to {args.save_embeddings}")

@@ -14,7 +14,6 @@ by cosine) are L2-normalised. Works for any dataset.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -131,10 +130,7 @@ def main(argv=None) -> int:
     The exit status.
   """
   args = _parser().parse_args(argv)
-  model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-  emb = retrieval.embeddings_from_args(
-      workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
-      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs)
+  emb = retrieval.embeddings_from_flags(args)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rows = subsample(emb.labels, max_points=args.max_points, seed=args.seed)
