@@ -378,6 +378,19 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _new_meta() -> dict[str, Any]:
+  """The bookkeeping a run starts with (saved beside the state in every checkpoint)."""
+  return {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
+          "best_eval_loss": None, "loader": None}
+
+
+def _write_run_config(workdir: str, config: ml_collections.ConfigDict,
+                      mcfg: Mapping[str, Any]) -> None:
+  """``config.json``: the resolved config and model, read by ``restore_model``."""
+  _atomic_write(os.path.join(workdir, "config.json"),
+                json.dumps({"config": config.to_dict(), "model": mcfg}, indent=2, default=str))
+
+
 def _check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -467,17 +480,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = jax.jit(functools.partial(init_state, model, tx, seed=config.seed,
                                     num_classes=sources.num_classes),
                   out_shardings=NamedSharding(mesh, P()))()
-  meta = {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
-          "best_eval_loss": None, "loader": None}
+  meta = _new_meta()
   resume_epoch = checkpointer.latest_epoch()
   if resume_epoch is not None:
     state, meta = checkpointer.restore(abstract_like(state, mesh), model_config=mcfg)
     log("resumed from %s/checkpoints/%d (step %d)", workdir, resume_epoch,
                  meta["step"])
   if jax.process_index() == 0:
-    _atomic_write(os.path.join(workdir, "config.json"),
-                  json.dumps({"config": config.to_dict(), "model": mcfg}, indent=2,
-                             default=str))
+    _write_run_config(workdir, config, mcfg)
   writer = MetricWriter(workdir, resume_step=meta["step"] if resume_epoch is not None else None)
 
   step_fn = per_device_step(config, model, tx)
@@ -678,12 +688,9 @@ def save_variables_as_run(workdir: str, variables: Mapping[str, Any], *,
   state = state.replace(params=jax.tree.map(jnp.asarray, given["params"]),
                         batch_stats=jax.tree.map(jnp.asarray, given["batch_stats"]))
   _check_workdir(workdir)
-  _atomic_write(os.path.join(workdir, "config.json"),
-                json.dumps({"config": config.to_dict(), "model": mcfg}, indent=2, default=str))
+  _write_run_config(workdir, config, mcfg)
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-  meta = {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
-          "best_eval_loss": None, "loader": None, "model": mcfg}
-  checkpointer.save(0, state, meta)
+  checkpointer.save(0, state, {**_new_meta(), "model": mcfg})
   checkpointer.wait()
   checkpointer.close()
   return os.path.join(workdir, "checkpoints", "0")
