@@ -187,3 +187,20 @@ def test_real_data_raw_features(fsdd_path):
   got = metrics.mean_average_precision(audio, audio, labels, labels)
   assert abs(got - _ref(audio, audio, labels, labels)) < 1e-6
   assert got > 0.1
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 15, 16, 17, 40, 64])
+def test_lower_bound_equals_searchsorted(members):
+  """The count strategy's search, at table widths around every fan-out boundary."""
+  rng = np.random.default_rng(members)
+  keys = rng.integers(-50, 50, (6, 200)).astype(np.int64)  # below, among and above the rows
+  rows = rng.integers(-40, 40, (6, members)).astype(np.int64)
+  listed = np.broadcast_to(np.arange(members), (6, members))
+  want = np.stack([np.searchsorted(np.sort(r), k, side="left") for r, k in zip(rows, keys)])
+  with jax.enable_x64(True):
+    table = np.asarray(metrics._sorted_members(rows, listed, metrics._INT64_MAX))
+    assert table.shape[1] > members and np.all(table[:, members:] == metrics._INT64_MAX)
+    np.testing.assert_array_equal(table[:, :members], np.sort(rows, axis=1))
+    for fanout in (1, 2, 16):
+      got = metrics._lower_bound(table, keys, fanout=fanout)
+      np.testing.assert_array_equal(np.asarray(got), want)
