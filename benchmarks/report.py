@@ -11,8 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 SECTIONS = ("machine", "matmul_peak", "train_step", "flops", "compile", "memory", "embed",
-            "epoch", "map", "map_scaling", "allocators", "ratios", "targets")
+            "epoch", "profile", "map", "map_scaling", "allocators", "ratios", "targets")
 RECIPE_EPOCHS = 40
+EPOCH_NAMES = {"scan": "JAX on-device epoch (lax.scan), 1 device",
+               "streaming": "JAX streamed epoch (TrainLoader + jitted step), 1 device"}
+PROFILE_TOP = 15
 # The issue's targets for the 2-core CPU (batch 128, float32).
 TARGETS = {"jax_samples_per_s": 180.0, "fraction_of_matmul_peak": 0.8,
            "speedup_vs_original": 25.0, "speedup_vs_best_pytorch": 1.4,
@@ -57,9 +60,8 @@ def _train_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                  "device_peak_mib": _mib(r.get("device_peak_bytes")),
                  "minor_faults_per_step": r.get("minor_faults_per_step"),
                  "error": r.get("error")})
-  epoch = jobs.get("epoch")
-  if epoch is not None:
-    rows.append({"id": "epoch", "name": "JAX on-device epoch (lax.scan), 1 device",
+  for job_id, epoch in _epoch_jobs(doc):
+    rows.append({"id": job_id, "name": _epoch_name(job_id, epoch),
                  "framework": "jax", "batch": epoch.get("batch_size"), "dtype": "float32",
                  "samples_per_s": epoch.get("samples_per_s"),
                  "compile_s": epoch.get("compile_s"),
@@ -113,7 +115,10 @@ def _map_rows(doc) -> list[dict[str, Any]]:
   rows = []
   if "error" in comp:
     return [{"implementation": "all", "error": comp["error"]}]
-  names = {"ours": "dsf3n_jax.metrics (JAX)", "original": "original loop (fx_calc_map_label)",
+  names = {"ours": "dsf3n_jax.metrics (JAX), default strategy",
+           "ours_sort": "dsf3n_jax.metrics (JAX), strategy=\"sort\"",
+           "ours_count": "dsf3n_jax.metrics (JAX), strategy=\"count\"",
+           "original": "original loop (fx_calc_map_label)",
            "numpy": "numpy, vectorised", "sklearn": "scikit-learn (LRAP)"}
   for row in comp.values():
     if not isinstance(row, dict) or "n" not in row:
@@ -142,21 +147,49 @@ def _scaling_rows(doc) -> list[dict[str, Any]]:
   return rows
 
 
+def _epoch_jobs(doc) -> list[tuple[str, Mapping[str, Any]]]:
+  return [(k, r) for k, r in doc["jobs"].items() if k == "epoch" or k.startswith("epoch/")]
+
+
+def _epoch_name(job_id: str, e: Mapping[str, Any]) -> str:
+  if "mode" in e:
+    return EPOCH_NAMES[e["mode"]]
+  return f"JAX epoch ({job_id})"
+
+
 def _epoch(doc, rows) -> dict[str, Any]:
-  e = doc["jobs"].get("epoch")
-  if not e or "error" in e:
-    return {"error": (e or {}).get("error", "not run")}
-  med = _median(e["epoch_s"])
-  out = {"num_examples": e["num_examples"], "batch": e["batch_size"], "steps": e["steps"],
-         "epoch_s": e["epoch_s"], "compile_s": e["compile_s"], "device_put_s": e["device_put_s"],
-         "recipe_epochs": RECIPE_EPOCHS,
-         "recipe_s_extrapolated": e["compile_s"] + RECIPE_EPOCHS * med}
-  samples = RECIPE_EPOCHS * e["steps"] * e["batch_size"]
-  out["pytorch_recipe_s_extrapolated"] = {
-      r["name"]: samples / _median(r["samples_per_s"]) for r in rows
-      if r["framework"] == "torch" and r["batch"] == e["batch_size"]
-      and _median(r["samples_per_s"])}
+  """One row per epoch job, and PyTorch's recipe from its step rate at the same batch."""
+  out: dict[str, Any] = {"rows": [], "pytorch_recipe_s_extrapolated": {},
+                         "recipe_epochs": RECIPE_EPOCHS}
+  for job_id, e in _epoch_jobs(doc):
+    row: dict[str, Any] = {"id": job_id, "name": _epoch_name(job_id, e), "error": e.get("error")}
+    if "error" not in e:
+      ev = e.get("evaluation") or {}
+      row.update(mode=e["mode"], num_examples=e["num_examples"], batch=e["batch_size"],
+                 steps=e["steps"], epoch_s=e["epoch_s"], samples_per_s=e["samples_per_s"],
+                 compile_s=e["compile_s"], loader_epoch_s=e.get("loader_epoch_s"),
+                 device_put_s=e.get("device_put_s"), evaluation_s=ev.get("evaluate_s"),
+                 evaluation_first_call_s=ev.get("first_call_s"), embed_s=ev.get("embed_s"),
+                 evaluation_examples=ev.get("examples"), evaluation_error=ev.get("error"),
+                 recipe=e["recipe"])
+      out["recipe_epochs"] = e["recipe"]["epochs"]
+    out["rows"].append(row)
+  done = [r for r in out["rows"] if not r["error"]]
+  if done:
+    recipe = done[0]["recipe"]
+    samples = recipe["epochs"] * recipe["steps_per_epoch"] * done[0]["batch"]
+    out["pytorch_recipe_s_extrapolated"] = {
+        r["name"]: samples / _median(r["samples_per_s"]) for r in rows
+        if r["framework"] == "torch" and r["batch"] == done[0]["batch"]
+        and _median(r["samples_per_s"])}
   return out
+
+
+def _profile(doc) -> dict[str, Any]:
+  p = doc["jobs"].get("profile")
+  if not p or "error" in p:
+    return {"error": (p or {}).get("error", "not run")}
+  return {k: v for k, v in p.items() if not k.startswith("load_average")}
 
 
 def _allocators(doc) -> list[dict[str, Any]]:
@@ -239,7 +272,8 @@ def sections(doc: Mapping[str, Any]) -> dict[str, Any]:
                   "versions": doc["versions"]},
       "matmul_peak": {k: v for k, v in jobs.get("matmul_peak", {}).items()},
       "train_step": rows, "flops": flops, "compile": compile_rows, "memory": memory,
-      "embed": embed_rows, "epoch": _epoch(doc, rows), "map": map_rows,
+      "embed": embed_rows, "epoch": _epoch(doc, rows), "profile": _profile(doc),
+      "map": map_rows,
       "map_scaling": _scaling_rows(doc), "allocators": _allocators(doc),
       "ratios": _ratios(rows), "targets": _targets(doc, rows, flops, map_rows),
   }
@@ -269,6 +303,100 @@ def _table(header, rows) -> list[str]:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return lines + [""]
+
+
+def _epoch_markdown(e: Mapping[str, Any]) -> list[str]:
+  epochs = e["recipe_epochs"]
+  lines = [f"### One epoch end to end and the {epochs}-epoch recipe"]
+  if not e["rows"]:
+    return lines + ["not run", ""]
+  body = []
+  recipe = None
+  for r in e["rows"]:
+    if r["error"]:
+      body.append((r["name"], "failed", r["error"].splitlines()[0][:80], *[""] * 8))
+      continue
+    recipe = r["recipe"]
+    scaled = " (scaled)" if recipe["scaled_from_steps"] else ""
+    body.append((r["name"], f"{r['num_examples']:,} / {r['batch']}", *_s(r["epoch_s"]),
+                 _f(_median(r["samples_per_s"])), _f(r["compile_s"]),
+                 _f(r["evaluation_s"]) if r["evaluation_s"] else "-",
+                 _f(recipe["train_s"] / 60) + scaled,
+                 _f(recipe["total_s"] / 60) + scaled if recipe["total_s"] else "-"))
+  for name, secs in e["pytorch_recipe_s_extrapolated"].items():
+    body.append((name + " (from its step rate)",
+                 f"{recipe['examples']:,} / {e['rows'][0]['batch']}" if recipe else "",
+                 _f(secs / epochs), "", "", "", "", "", "", _f(secs / 60), ""))
+  lines += _table(("implementation", "examples / batch", "epoch s median", "min", "max", "n",
+                   "samples/s", "compile s", "1 evaluation s", f"{epochs} epochs, min",
+                   "recipe with evaluations, min"), body)
+  if recipe:
+    ev = next((r for r in e["rows"] if r.get("evaluation_s")), None)
+    lines.append(
+        f"Recipe: {recipe['epochs']} epochs of {recipe['examples']:,} examples "
+        f"({recipe['steps_per_epoch']} steps)"
+        + (f", epoch time scaled linearly from the {recipe['scaled_from_steps']} steps measured"
+           if recipe["scaled_from_steps"] else "")
+        + f"; includes {recipe['includes']}."
+        + (f" {recipe['evaluations']} evaluations of {ev['evaluation_examples']:,} test pairs; "
+           f"one evaluation {_f(ev['evaluation_s'])} s (the embedding alone "
+           f"{_f(ev['embed_s'])} s), the first {_f(ev['evaluation_first_call_s'])} s."
+           if ev else "")
+        + "".join(f" {r['name']}: evaluation failed: {r['evaluation_error']}."
+                  for r in e["rows"] if r.get("evaluation_error"))
+        + "".join(f" {r['name']}: the batches alone (TrainLoader, no step) take "
+                  f"{_f(r['loader_epoch_s'])} s per epoch." for r in e["rows"]
+                  if r.get("loader_epoch_s") is not None)
+        + " PyTorch rows: the recipe's samples over the PyTorch step rate (no evaluation).")
+    lines.append("")
+  return lines
+
+
+def _profile_markdown(p: Mapping[str, Any]) -> list[str]:
+  lines = ["### Where the training step's time goes (JAX float32, 1 device, XLA profile)"]
+  if "error" in p:
+    return lines + [f"failed: {p['error']}", ""]
+  wall = _median(p["wall_s"])
+  lines.append(
+      f"Batch {p['batch_size']}, {p['steps_traced']} traced steps, medians: wall "
+      f"{_f(wall)} s per step untraced ({_f(p['batch_size'] / wall)} samples/s), "
+      f"{_f(_median(p['traced_wall_s']))} s traced; from the first op's start to the last "
+      f"op's end {_f(_median(p['span_s']))} s. Thread time (ops and executor) "
+      f"{_f(_median(p['cpu_s']))} s per step on {p['cores']} cores (idle core time within the "
+      f"span {_f(_median(p['idle_core_s']))} s). {_f(p['ops_per_step'])} ops per step. "
+      f"FLOPs of the products and convolutions {_f(p['op_flops_per_step'] / 1e9)} GFLOP per "
+      f"step (XLA cost analysis of the whole step: {_f((p['flops_per_step'] or 0) / 1e9)}).")
+  lines.append("")
+
+  def gf(x):
+    return _f(x) if x else "-"
+
+  lines += _table(
+      ("category", "ops", "thread s / step", "share", "elapsed s", "GFLOP / step", "GFLOP/s",
+       "GFLOP/s per thread"),
+      [(c["category"], c["ops"], _f(c["cpu_s"]), f"{100 * c['share']:.1f} %",
+        _f(c["elapsed_s"]), gf(c["flops"] / 1e9), gf(c["gflops"]), gf(c["gflops_per_thread"]))
+       for c in p["categories"]])
+  lines += _table(
+      ("op", "category", "from", "shape", "thread ms", "share", "elapsed ms", "GFLOP",
+       "GFLOP/s", "per thread"),
+      [(f"`{o['op']}`", o["category"], o["source"][:60] or "-", f"`{(o['shape'] or '-')[:38]}`",
+        _f(1e3 * o["cpu_s"]), f"{100 * o['share']:.1f} %", _f(1e3 * o["elapsed_s"]),
+        gf(o["flops"] / 1e9), gf(o["gflops"]), gf(o["gflops_per_thread"]))
+       for o in p["ops"][:PROFILE_TOP]])
+  if p.get("layers"):
+    lines += _table(("layer (forward and backward)", "ops", "thread s / step", "share",
+                     "GFLOP / step"),
+                    [(r["layer"], r["ops"], _f(r["cpu_s"]), f"{100 * r['share']:.1f} %",
+                      gf(r["flops"] / 1e9)) for r in p["layers"][:PROFILE_TOP // 2]])
+  lines.append(
+      "Thread time: all threads' time on the op per step, pool tasks included (shares add up "
+      "to 100 %); elapsed: time during which at least one thread worked on it (ops overlap on "
+      "the thunk executor's threads). GFLOP/s = FLOPs / elapsed; per thread = FLOPs / thread "
+      "time, to compare with the matmul peak divided by the cores. \"fwd\"/\"bwd\": forward "
+      "or backward pass of the named layer.")
+  lines.append("")
+  return lines
 
 
 def markdown(doc: Mapping[str, Any]) -> str:
@@ -325,18 +453,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
   lines += _table(("implementation", "batch", "median", "min", "max", "n"),
                   [(r["name"], r["batch"], *_s(r["samples_per_s"])) for r in sec["embed"]])
 
-  e = sec["epoch"]
-  lines.append("### One epoch end to end and the 40-epoch recipe")
-  if "error" in e:
-    lines.append(f"failed: {e['error']}")
-  else:
-    rows = [("JAX on-device epoch (scan), 1 device", f"{e['num_examples']:,} / {e['batch']}",
-             *_s(e["epoch_s"]), _f(e["compile_s"]), _f(e["recipe_s_extrapolated"] / 60))]
-    for name, secs in e["pytorch_recipe_s_extrapolated"].items():
-      rows.append((name + " (from its step rate)", f"{e['num_examples']:,} / {e['batch']}",
-                   _f(secs / RECIPE_EPOCHS), "", "", "", "", _f(secs / 60)))
-    lines += _table(("implementation", "examples / batch", "epoch s median", "min", "max", "n",
-                     "compile s", f"{RECIPE_EPOCHS} epochs, min"), rows)
+  lines += _epoch_markdown(sec["epoch"])
+  lines += _profile_markdown(sec["profile"])
 
   lines.append("### mAP (audio -> visual, all items ranked, cosine), seconds")
   lines += _table(("implementation", "size", "median", "min", "max", "n", "1st call s", "mAP",

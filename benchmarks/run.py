@@ -50,7 +50,12 @@ PLANS: dict[str, dict[str, Any]] = {
         "slow_warmup": 1, "slow_repeats": 3, "slow_budget_s": 60.0,
         "torch_compile": True, "data_parallel": True, "allocators": True, "bf16": True,
         "slow_batches": [128],
-        "epoch": {"batch_size": 128, "num_examples": 22000, "repeats": 1},
+        "epoch": {"batch_size": 128, "num_examples": 22000, "repeats": 1,
+                  "eval_examples": 5621, "eval_batch_size": 1024},
+        # The on-device (lax.scan) epoch as well; short on CPU, where it is several times
+        # slower per step than the streamed one (and "auto" does not pick it).
+        "epoch_variants": {"scan": {"on_device": "true", "num_examples": 1280}},
+        "profile": {"steps": 5, "warmup": 2},
         "map_compare": {"n": 5621, "original_n": 5621, "original_repeats": 2, "repeats": 3},
         "map_scaling": [(5621, 5621, 0), (20000, 4096, 0), (20000, 4096, 100),
                         (100000, 1024, 0), (100000, 1024, 100)],
@@ -61,7 +66,9 @@ PLANS: dict[str, dict[str, Any]] = {
         "warmup": 1, "repeats": 3, "steps_per_repeat": 1, "budget_s": 15.0,
         "slow_warmup": 1, "slow_repeats": 1, "slow_budget_s": 1.0,
         "torch_compile": False, "data_parallel": False, "allocators": False, "bf16": True,
-        "epoch": {"batch_size": 128, "num_examples": 2560, "repeats": 1},
+        "epoch": {"batch_size": 128, "num_examples": 2560, "repeats": 1,
+                  "eval_examples": 5621, "eval_batch_size": 1024},
+        "profile": {"steps": 3, "warmup": 1},
         "map_compare": {"n": 5621, "original_n": 1500, "original_repeats": 1, "repeats": 2},
         "map_scaling": [(20000, 1024, 0), (100000, 256, 100)],
         "matmul": {"n": 1024}, "timeout_s": 900,
@@ -71,7 +78,11 @@ PLANS: dict[str, dict[str, Any]] = {
         "warmup": 1, "repeats": 2, "steps_per_repeat": 1, "budget_s": 2.0,
         "slow_warmup": 1, "slow_repeats": 2, "slow_budget_s": 2.0,
         "torch_compile": False, "data_parallel": True, "allocators": False, "bf16": False,
-        "epoch": {"batch_size": 8, "num_examples": 32, "repeats": 2},
+        "epoch": {"batch_size": 8, "num_examples": 32, "repeats": 2,
+                  "eval_examples": 20, "eval_batch_size": 16},
+        # Also the on-device (lax.scan) epoch, which "auto" picks on GPU/TPU only.
+        "epoch_variants": {"scan": {"on_device": "true"}},
+        "profile": {"steps": 2, "warmup": 1},
         "map_compare": {"n": 200, "original_n": 200, "original_repeats": 2, "repeats": 2},
         "map_scaling": [(400, 100, 10)],
         "matmul": {"n": 128, "bilinear_shape": [24, 256, 16]}, "timeout_s": 300,
@@ -141,7 +152,14 @@ def plan_jobs(mode: str, *, accelerator: Mapping[str, Any], allocator: str,
             {**common, "batch_size": b, "dtype": "float32", "devices": "one"}, alloc=alloc)
   add("embed", "embed", {**common, "batch_size": p["embed_batch"], "weights": weights,
                          "steps_per_repeat": 1})
-  add("epoch", "jax_epoch", {**p["epoch"], "model": p["model"], "budget_s": 1e9})
+  # The epoch as training runs it here (config.data.on_device="auto": lax.scan on GPU/TPU,
+  # streamed batches on CPU), extrapolated to the 40-epoch recipe at VEGAS's size.
+  epoch = {**p["epoch"], "model": p["model"], "budget_s": 1e9, "recipe_examples": 22000}
+  add("epoch", "jax_epoch", {**epoch, "on_device": "auto"})
+  for name, overrides in p.get("epoch_variants", {}).items():
+    add(f"epoch/{name}", "jax_epoch", {**epoch, **overrides})
+  add("profile", "jax_profile", {**p["profile"], "model": p["model"], "dtype": "float32",
+                                 "batch_size": p["train_batches"][0], "top": 25})
   add("map_compare", "map_compare", {**p["map_compare"], "budget_s": p["budget_s"]})
   for items, queries, k in p["map_scaling"]:
     add(f"map_scaling/{items}/{queries}/{k}", "map_scaling",

@@ -40,15 +40,29 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert sec["flops"]["flops_per_sample"] > 0
   assert sec["matmul_peak"]["peak_float32_gflops"] > 0
   assert all(r["samples_per_s"]["median"] > 0 for r in sec["embed"])
-  assert sec["epoch"]["recipe_s_extrapolated"] > 0
+  epochs = {r["id"]: r for r in sec["epoch"]["rows"]}
+  assert epochs["epoch"]["mode"] == "streaming"  # "auto" on CPU, as in training
+  assert epochs["epoch/scan"]["mode"] == "scan"
+  for row in epochs.values():
+    assert row["steps"] >= 1 and row["compile_s"] > 0 and row["evaluation_s"] > 0, row
+    assert 0 < row["recipe"]["train_s"] < row["recipe"]["total_s"], row["recipe"]
+  prof = sec["profile"]
+  assert "error" not in prof, prof
+  assert prof["wall_s"]["median"] > 0 and prof["op_flops_per_step"] > 0
+  cats = {c["category"]: c for c in prof["categories"]}
+  assert {"matmul: bilinear", "matmul: other", "convolution", "elementwise"} <= set(cats)
+  assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+  assert cats["matmul: bilinear"]["flops"] > 0 and cats["convolution"]["gflops"] > 0
+  assert prof["ops"] and all(o["cpu_s"] >= 0 for o in prof["ops"])
   maps = {r["key"]: r["map"] for r in sec["map"]}
-  assert set(maps) == {"ours", "original", "numpy", "sklearn"}
+  assert set(maps) == {"ours", "ours_sort", "ours_count", "original", "numpy", "sklearn"}
   assert max(maps.values()) - min(maps.values()) < 1e-6, maps
   assert sec["map_scaling"] and sec["map_scaling"][0]["seconds"]["median"] > 0
   assert {t["target"] for t in sec["targets"]} == set(report.TARGETS)
   assert len(sec["ratios"]) == 2
   printed = proc.stdout
   assert "### Training step" in printed and "PyTorch eager, nn.Bilinear" in printed
+  assert "JAX streamed epoch" in printed and "### Where the training step's time goes" in printed
 
 
 def test_map_baselines_agree_with_our_kernel():
@@ -86,6 +100,28 @@ def test_machine_slug_is_file_safe():
                                         "jax_devices": 8}) == "gpu-nvidia-h100-x8"
 
 
+def test_hlo_parse_classifies_ops_and_counts_flops():
+  import jax
+  import jax.numpy as jnp
+
+  def f(a, b, x, w):
+    conv = jax.lax.conv_general_dilated(x, w, (1,), "SAME",
+                                        dimension_numbers=("NWC", "WIO", "NWC"))
+    return jnp.tanh(a @ b).sum(0), jnp.sort(a, axis=1), conv
+
+  args = (jnp.ones((32, 64)), jnp.ones((64, 48)), jnp.ones((4, 16, 8)), jnp.ones((3, 8, 5)))
+  instrs, computations = cases.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
+  entry = next(c for c in computations if c.startswith("main"))
+  found = {}
+  for name in computations[entry]:
+    if instrs[name]["opcode"] not in ("parameter", "tuple", "get-tuple-element", "bitcast"):
+      category, flops = cases.classify_hlo(name, instrs, computations)
+      found.setdefault(category, []).append(flops)
+  assert max(found["matmul: other"]) == 2 * 32 * 64 * 48
+  assert max(found["convolution"]) == 2 * 4 * 16 * 5 * 3 * 8
+  assert "sort" in found
+
+
 def test_repeat_and_stats():
   calls = []
   times = cases.repeat(lambda: calls.append(1), warmup=2, repeats=4)
@@ -117,6 +153,41 @@ def _fake_document():
   return {"mode": "full", "machine_name": "m", "machine": machine, "accelerator": {},
           "allocator": "default", "threads": {}, "versions": {}, "jobs": jobs,
           "started": "today", "wall_s": 1.0, "command": "c"}
+
+
+def test_report_epoch_and_profile_sections():
+  doc = _fake_document()
+  doc["sections"] = report.sections(doc)
+  assert doc["sections"]["epoch"]["rows"] == [] and "error" in doc["sections"]["profile"]
+  report.markdown(doc)  # renders without them
+  st = cases.stats
+  recipe = {"epochs": 40, "examples": 22000, "steps_per_epoch": 171, "epoch_s": 150.0,
+            "scaled_from_steps": None, "evaluations": 8, "evaluation_s": 10.0,
+            "evaluation_examples": 5621, "train_s": 6006.0, "total_s": 6060.0, "includes": "x"}
+  doc["jobs"]["epoch"] = {"mode": "streaming", "batch_size": 128, "num_examples": 22000,
+                          "steps": 171, "epoch_s": st([150.0]), "samples_per_s": st([146.0]),
+                          "compile_s": 6.0, "evaluation": {"evaluate_s": 10.0, "embed_s": 3.0,
+                                                           "first_call_s": 14.0,
+                                                           "examples": 5621},
+                          "recipe": recipe}
+  cat = {"category": "matmul: bilinear", "ops": 6, "cpu_s": 1.0, "elapsed_s": 0.55,
+         "share": 1.0, "flops": 77e9, "gflops": 140.0, "gflops_per_thread": 77.0}
+  op = {"op": "dot.57", "category": "matmul: bilinear", "source": "bwd fusion/mfa/bilinear",
+        "shape": "f32[65536,256]", "cpu_s": 0.25, "elapsed_s": 0.2, "share": 0.25,
+        "flops": 12.9e9, "gflops": 64.0, "gflops_per_thread": 51.0}
+  doc["jobs"]["profile"] = {"batch_size": 128, "steps_traced": 5, "wall_s": st([0.88]),
+                            "traced_wall_s": st([0.9]), "span_s": st([0.88]),
+                            "cpu_s": st([1.7]), "idle_core_s": st([0.03]), "cores": 2,
+                            "ops_per_step": 1880.0, "op_flops_per_step": 106e9,
+                            "flops_per_step": 105e9, "categories": [cat], "ops": [op]}
+  doc["sections"] = report.sections(doc)
+  (row,) = doc["sections"]["epoch"]["rows"]
+  assert row["name"] == report.EPOCH_NAMES["streaming"] and row["evaluation_s"] == 10.0
+  pytorch = doc["sections"]["epoch"]["pytorch_recipe_s_extrapolated"]
+  assert pytorch["PyTorch eager, einsum bilinear"] == pytest.approx(40 * 171 * 128 / 100.0)
+  text = report.markdown(doc)
+  assert "JAX streamed epoch" in text and "| 101 |" in text  # 6060 s = 101 min
+  assert "`dot.57`" in text and "bwd fusion/mfa/bilinear" in text
 
 
 def test_report_targets_ratios_and_failed_rows():

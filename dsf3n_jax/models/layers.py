@@ -18,6 +18,7 @@ whose PyTorch behaviour differs from Flax's stock layers:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -121,17 +122,63 @@ class BatchNorm(nn.Module):
     return y.astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def bilinear(x: Array, z: Array, kernel: Array, precision: Any = None) -> Array:
+  """``y[b, o] = sum_ij x[b, i] z[b, j] kernel[i, j, o]`` as one matrix product.
+
+  Forward: the flattened outer product (batch, in1 * in2) times the kernel
+  reshaped to (in1 * in2, out). The backward pass is written by hand so that
+  both of its products have untransposed, row-major operands: autodiff would
+  contract the kernel gradient over the batch axis of the (batch, in1 * in2)
+  outer product, a transposed product that XLA:CPU runs at a third of its
+  matrix-multiply speed (it was 30 % of the training step). Here that outer
+  product is built directly as (in1 * in2, batch), from the inputs rather than
+  kept from the forward pass, which also saves its memory.
+
+  Args:
+    x: (batch, in1).
+    z: (batch, in2).
+    kernel: (in1, in2, out).
+    precision: passed to the matrix products.
+
+  Returns:
+    (batch, out).
+  """
+  (in1, in2, out), batch = kernel.shape, x.shape[0]
+  outer = (x[:, :, None] * z[:, None, :]).reshape(batch, in1 * in2)
+  return jnp.dot(outer, kernel.reshape(in1 * in2, out), precision=precision)
+
+
+def _bilinear_fwd(x, z, kernel, precision):
+  return bilinear(x, z, kernel, precision), (x, z, kernel)
+
+
+def _bilinear_bwd(precision, residuals, dy):
+  x, z, kernel = residuals
+  (in1, in2, out), batch = kernel.shape, x.shape[0]
+  outer_t = (x.T[:, None, :] * z.T[None, :, :]).reshape(in1 * in2, batch)
+  dkernel = jnp.dot(outer_t, dy, precision=precision).reshape(in1, in2, out)
+  douter = jnp.dot(dy, kernel.reshape(in1 * in2, out).T, precision=precision)
+  douter = douter.reshape(batch, in1, in2)
+  dx = jnp.einsum("bij,bj->bi", douter, z, precision=precision)
+  dz = jnp.einsum("bij,bi->bj", douter, x, precision=precision)
+  return dx, dz, dkernel
+
+
+bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
+
+
 class Bilinear(nn.Module):
   """``torch.nn.Bilinear`` without bias: ``y_o = sum_ij x_i W_oij z_j``.
 
   The kernel is stored as (in1, in2, out), i.e. PyTorch's (out, in1, in2)
   transposed, so that the flattened outer product of the two inputs
   (batch, in1 * in2) multiplies the kernel reshaped to (in1 * in2, out)
-  without a transpose: one matrix product forward, two backward.
+  without a transpose; see ``bilinear`` for the backward pass.
 
   Attributes:
     features: output size.
-    precision: passed to the matrix product.
+    precision: passed to the matrix products.
   """
 
   features: int
@@ -148,8 +195,7 @@ class Bilinear(nn.Module):
     dtype = self.dtype or jnp.result_type(x, z, kernel)
     x, z, kernel = (a.astype(dtype) for a in (x, z, kernel))
     batch_shape = x.shape[:-1]
-    outer = (x[..., :, None] * z[..., None, :]).reshape(-1, in1 * in2)
-    y = jnp.dot(outer, kernel.reshape(in1 * in2, self.features), precision=self.precision)
+    y = bilinear(x.reshape(-1, in1), z.reshape(-1, in2), kernel, self.precision)
     return y.reshape(*batch_shape, self.features)
 
 
