@@ -218,11 +218,11 @@ def case_weights(params: Mapping[str, Any]) -> dict[str, Any]:
   return {"path": params["path"], "num_params": num_params, "model": mcfg}
 
 
-def case_jax_train(params: Mapping[str, Any]) -> dict[str, Any]:
-  """One training step (forward, loss, backward, both optimiser updates), jitted.
+def _compiled_step(params: Mapping[str, Any], *, devices: str):
+  """The jitted training step of ``params`` compiled for one synthetic batch.
 
-  ``params["devices"]``: "one" (the first device) or "all" (data-parallel over
-  every local device, the batch split on the ``data`` axis).
+  Returns:
+    ``(compiled, state, batch, compile_s, devices)``, state and batch placed on the mesh.
   """
   import jax
   from jax.sharding import NamedSharding
@@ -231,15 +231,28 @@ def case_jax_train(params: Mapping[str, Any]) -> dict[str, Any]:
   from dsf3n_jax import train
   batch_size, dtype = int(params["batch_size"]), params.get("dtype", "float32")
   cfg, _, model, tx, state = jax_setup(params, batch_size=batch_size, dtype=dtype)
-  mesh, devices = _mesh(params.get("devices", "one"))
-  if batch_size % len(devices):
-    raise ValueError(f"batch_size={batch_size} is not divisible by {len(devices)} devices")
+  mesh, devs = _mesh(devices)
+  if batch_size % len(devs):
+    raise ValueError(f"batch_size={batch_size} is not divisible by {len(devs)} devices")
   step = train.make_train_step(train.per_device_step(cfg, model, tx), mesh)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   batch = jax.device_put(synthetic_batch(batch_size), NamedSharding(mesh, P("data")))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  return compiled, state, batch, time.perf_counter() - t0, devs
+
+
+def case_jax_train(params: Mapping[str, Any]) -> dict[str, Any]:
+  """One training step (forward, loss, backward, both optimiser updates), jitted.
+
+  ``params["devices"]``: "one" (the first device) or "all" (data-parallel over
+  every local device, the batch split on the ``data`` axis).
+  """
+  import jax
+
+  batch_size, dtype = int(params["batch_size"]), params.get("dtype", "float32")
+  compiled, state, batch, compile_s, devices = _compiled_step(
+      params, devices=params.get("devices", "one"))
   flops = _flops(compiled)
   holder = {"state": state}
   steps = int(params["steps_per_repeat"])
@@ -919,20 +932,10 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
   import tempfile
 
   import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  from dsf3n_jax import train
   batch_size, dtype = int(params["batch_size"]), params.get("dtype", "float32")
   steps = int(params.get("steps", 5))
-  cfg, _, model, tx, state = jax_setup(params, batch_size=batch_size, dtype=dtype)
-  mesh, devices = _mesh("one")
-  step = train.make_train_step(train.per_device_step(cfg, model, tx), mesh)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  batch = jax.device_put(synthetic_batch(batch_size), NamedSharding(mesh, P("data")))
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, state, batch, compile_s, devices = _compiled_step(params, devices="one")
   text = compiled.as_text()
   module = re.match(r"HloModule\s+([\w.\-]+)", text).group(1)
   instrs, computations = parse_hlo(text)
