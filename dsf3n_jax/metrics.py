@@ -254,7 +254,9 @@ def ranking_stats(queries, items, query_labels, item_labels, *, distance: Distan
     block_size: queries per block; memory is ``O(block_size * m)``.
     strategy: "sort", "count" or "auto" (see the module docstring); all exact.
     mesh: optional mesh with a "data" axis; query blocks are split over it and
-      items replicated. Results are identical to one device.
+      items replicated. Results are identical to one device (with the same
+      ``block_size``; another block size may compute the float32 dot products
+      with another kernel, which can move near-ties by one place).
 
   Returns:
     ``QueryStats`` of numpy arrays.
