@@ -207,3 +207,13 @@ def test_report_targets_ratios_and_failed_rows():
   assert "RuntimeError: no compiler" in text  # a failed variant is a row, not a gap
   assert "missed by" in text and "17 %" in text
   assert np.isclose(sec["flops"]["flops_per_sample"], 0.83e9)
+
+
+def test_scan_profile_names_the_costliest_ops():
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.scan_profile", "--smoke", "--steps",
+                         "1", "--batch-size", "8", "--top", "3"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[0].startswith("cpu: 1 steps of batch 8") and "per step" in lines[0], lines
+  assert len(lines) == 2 + 3 and all(float(line.split()[0]) >= 0 for line in lines[2:]), lines
