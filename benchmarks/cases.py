@@ -312,6 +312,30 @@ def _time_evaluation(cfg, model, state, mesh, params: Mapping[str, Any]) -> dict
   return out
 
 
+def compiled_scan_epoch(step_fn, cfg, state, source, mesh, *, batch_size: int,
+                        num_examples: int):
+  """``train.make_train_epoch`` (``lax.scan`` over the steps) with ``source`` on the device.
+
+  Returns:
+    ``(compiled, arrays, device_put_s, compile_s)``: the compiled epoch, called
+    as ``compiled(state, arrays, epoch)``, and the seconds each part took.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from dsf3n_jax import input_pipeline, train
+  t0 = time.perf_counter()
+  arrays = jax.block_until_ready(
+      input_pipeline.to_device(input_pipeline.load_split_arrays(source), mesh))
+  put_s = time.perf_counter() - t0
+  epoch_fn = train.make_train_epoch(step_fn, mesh, global_batch_size=batch_size,
+                                    num_examples=num_examples, seed=cfg.seed,
+                                    shuffle=cfg.data.shuffle)
+  t0 = time.perf_counter()
+  compiled = epoch_fn.lower(state, arrays, jnp.int32(0)).compile()
+  return compiled, arrays, put_s, time.perf_counter() - t0
+
+
 def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   """One epoch as ``train.train_and_evaluate`` runs it, and the recipe extrapolated from it.
 
@@ -361,16 +385,8 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
                          "num_examples": num_examples, "steps": steps, "devices": len(devices)}
   source = input_pipeline.ArraySource(data["visual"], data["audio"], data["label"])
   if on_device:
-    t0 = time.perf_counter()
-    arrays = jax.block_until_ready(
-        input_pipeline.to_device(input_pipeline.load_split_arrays(source), mesh))
-    out["device_put_s"] = time.perf_counter() - t0
-    epoch_fn = train.make_train_epoch(step_fn, mesh, global_batch_size=batch_size,
-                                      num_examples=num_examples, seed=cfg.seed,
-                                      shuffle=cfg.data.shuffle)
-    t0 = time.perf_counter()
-    compiled = epoch_fn.lower(state, arrays, jnp.int32(0)).compile()
-    out["compile_s"] = time.perf_counter() - t0
+    compiled, arrays, out["device_put_s"], out["compile_s"] = compiled_scan_epoch(
+        step_fn, cfg, state, source, mesh, batch_size=batch_size, num_examples=num_examples)
 
     def run():
       holder["state"], metrics = compiled(holder["state"], arrays,
@@ -771,19 +787,25 @@ def classify_hlo(name: str, instrs: Mapping[str, Any],
   return "elementwise", flops
 
 
+# An op traced in the model's forward ("jvp") or backward ("transpose(jvp)") pass, also
+# inside a loop body: "jit(f)/while/body/closed_call/transpose(jvp(M))/a/b/dot_general".
+_MODEL_OP = re.compile(r"^jit\([^)]*\)/(?:[^()]*?/)?(transpose\(jvp\([^)]*\)\)|jvp\([^)]*\))/(.*)$")
+
+
 def _short_op_name(op_name: str) -> str:
   """``jit(f)/transpose(jvp(M))/a/b`` -> ``bwd a/b``; ``jit(f)/jvp(M)/a/b`` -> ``fwd a/b``."""
-  name = re.sub(r"^jit\([^)]*\)/", "", op_name)
-  name = re.sub(r"^transpose\(jvp\([^)]*\)\)/", "bwd ", name)
-  return re.sub(r"^jvp\([^)]*\)/", "fwd ", name)
+  m = _MODEL_OP.match(op_name)
+  if m:
+    return ("bwd " if m.group(1).startswith("transpose") else "fwd ") + m.group(2)
+  return re.sub(r"^jit\([^)]*\)/", "", op_name)
 
 
 def _layer_of(op_name: str) -> str:
   """The model layer an op comes from: ``jit(f)/transpose(jvp(M))/a/b/dot_general`` -> ``a/b``."""
-  m = re.match(r"^jit\([^)]*\)/(?:transpose\(jvp\([^)]*\)\)|jvp\([^)]*\))/(.*)$", op_name)
+  m = _MODEL_OP.match(op_name)
   if not m:
     return "(outside the model: losses, optimisers)" if op_name else "(no source recorded)"
-  parts = m.group(1).split("/")
+  parts = m.group(2).split("/")
   keep = []
   for part in parts:
     if not re.fullmatch(r"[\w.\-]+", part):

@@ -43,10 +43,9 @@ def main(argv=None) -> None:
   data = cases.synthetic_batch(n, seed=1)
   state = jax.device_put(host_state, NamedSharding(mesh, P()))
   source = input_pipeline.ArraySource(data["visual"], data["audio"], data["label"])
-  arrays = input_pipeline.to_device(input_pipeline.load_split_arrays(source), mesh)
-  epoch_fn = train.make_train_epoch(train.per_device_step(cfg, model, tx), mesh,
-                                    global_batch_size=bs, num_examples=n, seed=0, shuffle=True)
-  compiled = epoch_fn.lower(state, arrays, jnp.int32(0)).compile()
+  compiled, arrays, _, _ = cases.compiled_scan_epoch(
+      train.per_device_step(cfg, model, tx), cfg, state, source, mesh, batch_size=bs,
+      num_examples=n)
   text = compiled.as_text()
   module = re.match(r"HloModule\s+([\w.\-]+)", text).group(1)
   instrs, computations = cases.parse_hlo(text)
@@ -71,10 +70,7 @@ def main(argv=None) -> None:
                        else ("runtime", 0.0))
     # Each op of the loop body runs once per step.
     rate = f"{flops * args.steps / seconds / 1e9:.2f}" if flops and seconds else "-"
-    # Inside the loop the op names read "jit(epoch_fn)/while/body/closed_call/jvp(...)/...".
-    op_name = re.sub(r"^jit\([^)]*\)/.*?/(?=(?:transpose\()?jvp\()", "jit(step)/",
-                     info.get("op_name", ""))
-    layer = cases._layer_of(op_name) if info else ""
+    layer = cases._layer_of(info.get("op_name", "")) if info else ""
     print(f"{seconds:9.3f} {seconds / total:6.1%} {rate:>14}  {op} ({category}; "
           f"{info.get('shape', '')}; {layer})")
 

@@ -217,3 +217,14 @@ def test_scan_profile_names_the_costliest_ops():
   lines = proc.stdout.strip().splitlines()
   assert lines[0].startswith("cpu: 1 steps of batch 8") and "per step" in lines[0], lines
   assert len(lines) == 2 + 3 and all(float(line.split()[0]) >= 0 for line in lines[2:]), lines
+
+
+def test_ops_are_traced_back_to_model_layers_also_inside_loops():
+  step = "jit(step)/transpose(jvp(DSF3N))/fusion/mfa/bilinear/dot_general"
+  loop = "jit(epoch_fn)/while/body/closed_call/jvp(DSF3N)/audio_fine_grained/conv7_3/conv"
+  assert cases._layer_of(step) == "fusion/mfa/bilinear"
+  assert cases._short_op_name(step) == "bwd fusion/mfa/bilinear/dot_general"
+  assert cases._layer_of(loop) == "audio_fine_grained/conv7_3"
+  assert cases._short_op_name(loop) == "fwd audio_fine_grained/conv7_3/conv"
+  assert cases._layer_of("jit(step)/while/body/add").startswith("(outside the model")
+  assert cases._layer_of("") == "(no source recorded)"
