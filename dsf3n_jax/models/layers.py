@@ -130,7 +130,7 @@ def bilinear(x: Array, z: Array, kernel: Array, precision: Any = None) -> Array:
   reshaped to (in1 * in2, out). The backward pass is written by hand so that
   both of its products have untransposed, row-major operands: autodiff would
   contract the kernel gradient over the batch axis of the (batch, in1 * in2)
-  outer product, a transposed product that XLA:CPU runs at a third of its
+  outer product, a transposed product that XLA:CPU runs at about half its
   matrix-multiply speed (it was 30 % of the training step). Here that outer
   product is built directly as (in1 * in2, batch), from the inputs rather than
   kept from the forward pass, which also saves its memory.
