@@ -559,7 +559,7 @@ def case_embed(params: Mapping[str, Any]) -> dict[str, Any]:
     _, mcfg, _, _, state = jax_setup(params, batch_size=batch_size, dtype=dtype)
     mesh, _ = _mesh("one")
     if "mesh" in inspect.signature(train.make_embed_fn).parameters:
-      embed = train.make_embed_fn(train.build_model(mcfg), mesh)
+      embed = train.make_embed_fn(train.build_model(mcfg), mesh, unimodal=False)
     else:
       embed = train.make_embed_fn(train.build_model(mcfg, axis_name=None))
     variables = jax.device_put({"params": state.params, "batch_stats": state.batch_stats},

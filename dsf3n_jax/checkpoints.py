@@ -11,6 +11,7 @@ one.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -94,11 +95,23 @@ class Checkpointer:
     self.best.close()
 
 
+def _model_defaults() -> dict[str, Any]:
+  from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
+  return {f.name: f.default for f in dataclasses.fields(DSF3N)
+          if f.default is not dataclasses.MISSING}
+
+
 def check_model_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, where: str):
-  """Raises ``CheckpointMismatchError`` listing every field that differs."""
+  """Raises ``CheckpointMismatchError`` listing every field that differs.
+
+  A field the checkpoint does not record (written before the field existed)
+  counts as ``DSF3N``'s default for it.
+  """
   diffs = []
+  defaults = _model_defaults()
   for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    a = saved.get(key, defaults.get(key, "<absent>"))
+    b = current.get(key, defaults.get(key, "<absent>"))
     if isinstance(a, (list, tuple)):
       a = list(a)
     if isinstance(b, (list, tuple)):

@@ -14,11 +14,16 @@ stage counts and the "paper" / no-MFA variants convert too.
 
 Command line::
 
-  python -m dsf3n_jax.convert in.pth out_dir            # torch -> out_dir/variables.npz
-  python -m dsf3n_jax.convert --to_torch in.npz out.pth  # back
+  python -m dsf3n_jax.convert in.pth out_dir               # torch -> a run in out_dir (orbax)
+  python -m dsf3n_jax.convert in.pth out_dir --format npz  # torch -> out_dir/variables.npz
+  python -m dsf3n_jax.convert --to_torch in.npz out.pth [--num_batches_tracked STEPS]  # back
 
-The npz holds the flattened variables with '/'-joined keys
-(``params/visual_encoder/dense/kernel``); ``load_npz`` reads it back.
+The default writes ``out_dir`` as a training workdir: ``config.json`` and the
+weights as the orbax checkpoint ``out_dir/checkpoints/0`` (``train.restore_model``,
+``retrieve`` and ``visualize`` read it; training resumes from it). Both formats
+also write ``out_dir/model_config.json``. The npz holds the flattened variables
+with '/'-joined keys (``params/visual_encoder/dense/kernel``); ``load_npz``
+reads it back.
 """
 
 from __future__ import annotations
@@ -153,22 +158,35 @@ def torch_key_map(variables: Mapping[str, Any]) -> dict[str, tuple[str, tuple[st
   return out
 
 
-def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_torch_state_dict(variables: Mapping[str, Any], *,
+                        num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
   """Our variables as the original's state dict (numpy arrays, same dtypes).
 
   Args:
     variables: ``{"params": ..., "batch_stats": ...}``, ``{"params": ...}``,
       or a bare params tree (for example gradients); keys follow the tree, so
-      a params-only tree gives no ``BN.running_*`` entries. ``num_batches_tracked``
-      is not written (``load_state_dict`` fills it with 0).
+      a params-only tree gives no ``BN.running_*`` (and no ``num_batches_tracked``)
+      entries.
+    num_batches_tracked: written as every BatchNorm's ``num_batches_tracked``
+      (an int64 scalar, after its ``running_var``), where ``batch_stats`` are
+      given. PyTorch counts one per train-mode forward of the layer, and each
+      BatchNorm of DSF3N runs once per step, so pass the run's number of
+      training steps (``TrainState.step``); 0 is untrained weights.
 
   Returns:
     ``{torch_key: array}``.
   """
+  if num_batches_tracked < 0:
+    raise ValueError(f"num_batches_tracked: expected >= 0, got {num_batches_tracked}")
   variables = _as_variables(variables)
   flat = {c: _flatten(t) for c, t in variables.items()}
-  return {key: np.array(_to_torch_layout(_to_numpy(flat[c][path]), layout))  # own, writable
-          for key, (c, path, layout) in torch_key_map(variables).items()}
+  out = {}
+  for key, (c, path, layout) in torch_key_map(variables).items():
+    out[key] = np.array(_to_torch_layout(_to_numpy(flat[c][path]), layout))  # own, writable
+    if c == "batch_stats" and key.endswith(".running_var"):
+      out[key[:-len("running_var")] + "num_batches_tracked"] = np.array(num_batches_tracked,
+                                                                         np.int64)
+  return out
 
 
 def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -353,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   parser.add_argument("src", help="a .pth state dict (or, with --to_torch, an .npz)")
   parser.add_argument("dst", help="output folder (or, with --to_torch, the .pth file)")
   parser.add_argument("--to_torch", action="store_true", help="npz -> .pth instead")
+  parser.add_argument("--num_batches_tracked", type=int, default=0,
+                      help="with --to_torch: every BatchNorm's num_batches_tracked, i.e. the "
+                      "number of training steps of the run the weights come from (default 0)")
   parser.add_argument("--format", default="orbax", choices=sorted(WRITERS),
                       help="torch -> flax output: orbax (a workdir that training resumes and "
                       "retrieve/visualize read) or npz")
@@ -371,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   if args.to_torch:
     variables = load_npz(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_torch_checkpoint(to_torch_state_dict(variables), dst)
+    save_torch_checkpoint(
+        to_torch_state_dict(variables, num_batches_tracked=args.num_batches_tracked), dst)
     return dst
 
   state_dict = load_torch_checkpoint(src)

@@ -33,6 +33,9 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # progress goes to the console; libraries stay quiet
   config = FLAGS.config
+  if str(config.model.dtype) == "float64":  # float64 end to end: parameters, optimiser, loss
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_enable_x64", True)
   distributed.initialize(config.distributed, coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   results = train.train_and_evaluate(config, FLAGS.workdir)

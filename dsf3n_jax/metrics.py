@@ -41,6 +41,7 @@ AP sums are accumulated in float64.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -412,3 +413,36 @@ def cross_modal_map(emb_visual, emb_audio, labels, *, distance: Distance = "cosi
   v2a = mean_average_precision(emb_visual, emb_audio, labels, labels, distance=distance, k=k,
                                **kwargs)
   return {"audio_to_visual": a2v, "visual_to_audio": v2a, "average": (a2v + v2a) / 2}
+
+
+def original_protocol_count(num_examples: int, batch_size: int) -> int:
+  """How many items of a split the original's evaluation sees.
+
+  The original (``train_model.py``, ``eval_model``) reads the test split
+  through ``DataLoader(batch_size=test_size, drop_last=True)`` without a
+  ``shuffle`` argument, i.e. in file order, and computes the mAP on the
+  concatenated batches only: the leading ``num_examples // test_size *
+  test_size`` items, the last partial batch left out (``test_size`` is 128
+  for VEGAS, 189 for AVE). Evaluating ``items[:count]`` reproduces its item
+  set; ours evaluates every item by default.
+
+  Args:
+    num_examples: items in the split (>= 0).
+    batch_size: the original's ``test_size`` (>= 0); 0 means no batching,
+      every item (``config.metric.original_test_batches = 0``).
+
+  Returns:
+    The number of leading items evaluated; 0 when ``batch_size >
+    num_examples`` (the original then has no batch at all and fails).
+
+  Raises:
+    ValueError: if either argument is negative.
+  """
+  num_examples, batch_size = operator.index(num_examples), operator.index(batch_size)
+  if num_examples < 0:
+    raise ValueError(f"num_examples: expected >= 0, got {num_examples}")
+  if batch_size < 0:
+    raise ValueError(f"batch_size: expected >= 0 (0 = every item), got {batch_size}")
+  if batch_size == 0:
+    return num_examples
+  return num_examples // batch_size * batch_size

@@ -1,10 +1,15 @@
 """Cross-modal retrieval: embed a split, save/load embeddings and variables, blockwise top-k.
 
-Embedding needs both modalities at once (the fusion mixes them), so a split of
-pairs is embedded in batches; the last batch is padded and the padding dropped.
+Two protocols. ``"unimodal"`` (the default, the one that deploys): each item
+is embedded from its own modality alone (``DSF3N.embed_visual`` /
+``embed_audio``), so a query needs nothing of the other modality.
+``"paired"`` (the paper's): the fusion mixes the two modalities of a pair, so
+each item is embedded together with its paired item. Either way a split is
+embedded in batches; the last batch is padded and the padding dropped.
 Files:
   * embeddings ``.npz``: ``emb_visual`` (n, e), ``emb_audio`` (n, e), ``labels`` (n,),
-    ``indices`` (n,) (row numbers in the source split).
+    ``indices`` (n,) (row numbers in the source split), ``protocol`` (the protocol
+    that made them; files without it are "paired").
   * variables ``.npz``: the flattened ``{"params", "batch_stats"}`` pytree with
     '/'-joined keys, plus ``__model__``: the model's keyword arguments as JSON.
   * paired-feature ``.npz`` (the SPEC arrays): ``visual_<split>``, ``audio_<split>``,
@@ -27,15 +32,38 @@ from flax import traverse_util
 from dsf3n_jax import metrics
 
 _MODEL_KEY = "__model__"
+PROTOCOLS = ("unimodal", "paired")
 
 
 class Embeddings(NamedTuple):
-  """Embeddings of a split of pairs."""
+  """Embeddings of a split of pairs, and the protocol that made them."""
 
   emb_visual: np.ndarray
   emb_audio: np.ndarray
   labels: np.ndarray
   indices: np.ndarray
+  protocol: str = "paired"
+
+
+def check_protocol(protocol: str, *, flag: str = "--protocol") -> str:
+  """``protocol`` if it is one of ``PROTOCOLS``; a one-line ``ValueError`` otherwise."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"{flag}={protocol}: expected one of {', '.join(PROTOCOLS)}")
+  return protocol
+
+
+def check_missing_partner(model, variables: Mapping[str, Any], *, source: str) -> None:
+  """Raises a one-line ``ValueError`` if ``variables`` lack what ``model.missing_partner``
+  needs (``placeholder_*`` params for "learned", ``token_mean_*`` statistics for "mean")."""
+  needs = {"learned": ("params", "placeholder_"), "mean": ("batch_stats", "token_mean_")}
+  if model.missing_partner not in needs:
+    return
+  collection, prefix = needs[model.missing_partner]
+  missing = [f"{collection}/{prefix}{m}" for m in ("visual", "audio")
+             if f"{prefix}{m}" not in variables.get(collection, {})]
+  if missing:
+    raise ValueError(f"{source}: missing_partner={model.missing_partner!r} needs {missing}, "
+                     "which these variables lack; accepted for them: 'self' (or retrain)")
 
 
 class Retrieved(NamedTuple):
@@ -134,56 +162,71 @@ def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.nd
   return visual.astype(np.float32), audio.astype(np.float32), labels
 
 
+def _batched(fn, arrays, *, batch_size: int) -> list[np.ndarray]:
+  """``fn(*batch)`` over row batches of ``arrays`` (padded to one shape), padding removed."""
+  n = len(arrays[0])
+  outs = []
+  for start in range(0, n, batch_size):
+    batch = [x[start:start + batch_size] for x in arrays]
+    pad = batch_size - len(batch[0])
+    if pad and n > batch_size:  # keep one compiled shape
+      batch = [np.pad(x, ((0, pad), (0, 0))) for x in batch]
+    out = fn(*(jnp.asarray(x) for x in batch))
+    take = min(batch_size, n - start)
+    outs.append([np.asarray(o)[:take] for o in (out if isinstance(out, tuple) else (out,))])
+  return [np.concatenate(parts) for parts in zip(*outs)] if outs else []
+
+
 def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = 256,
-                indices=None) -> Embeddings:
-  """Embeds pairs with a model in eval mode, in padded batches.
+                indices=None, protocol: str = "unimodal") -> Embeddings:
+  """Embeds a split with a model in eval mode, in padded batches.
 
   Args:
-    model: a ``DSF3N`` (or any module with the same ``apply`` signature).
+    model: a ``DSF3N`` (or any module with the same methods).
     variables: ``{"params", "batch_stats"}``.
     visual: (n, visual_dim) features.
     audio: (n, audio_dim) features.
     labels: (n,) labels to carry along (zeros if None).
-    batch_size: pairs per forward pass.
+    batch_size: items per forward pass.
     indices: (n,) source row numbers (default ``arange(n)``).
+    protocol: "unimodal" (each modality alone: ``embed_visual`` on the visual
+      rows, ``embed_audio`` on the audio rows) or "paired" (row i of each
+      modality embedded together, the paper's protocol).
 
   Returns:
     ``Embeddings`` of numpy arrays.
   """
+  check_protocol(protocol)
   visual = np.asarray(visual, np.float32)
   audio = np.asarray(audio, np.float32)
   n = len(visual)
   if len(audio) != n:
     raise ValueError(f"visual and audio: expected the same number of rows, got {n} and "
                      f"{len(audio)}")
-  apply = jax.jit(functools.partial(model.apply, train=False))
-  outs_v, outs_a = [], []
-  for start in range(0, n, batch_size):
-    v, a = visual[start:start + batch_size], audio[start:start + batch_size]
-    pad = batch_size - len(v)
-    if pad and n > batch_size:  # keep one compiled shape
-      v = np.pad(v, ((0, pad), (0, 0)))
-      a = np.pad(a, ((0, pad), (0, 0)))
-    out = apply(variables, jnp.asarray(v), jnp.asarray(a))
-    take = min(batch_size, n - start)
-    outs_v.append(np.asarray(out[0])[:take])
-    outs_a.append(np.asarray(out[1])[:take])
-  emb_dim = (lambda o: o[0].shape[-1] if o else 0)(outs_v)
-  emb_v = np.concatenate(outs_v) if outs_v else np.zeros((0, emb_dim), np.float32)
-  emb_a = np.concatenate(outs_a) if outs_a else np.zeros((0, emb_dim), np.float32)
+  emb_v = emb_a = np.zeros((0, model.embed_dim), np.float32)
+  if n and protocol == "paired":
+    apply = jax.jit(lambda v, a: tuple(model.apply(variables, v, a, train=False)[:2]))
+    emb_v, emb_a = _batched(apply, (visual, audio), batch_size=batch_size)
+  elif n:
+    (emb_v,) = _batched(jax.jit(functools.partial(model.apply, variables, method="embed_visual")),
+                        (visual,), batch_size=batch_size)
+    (emb_a,) = _batched(jax.jit(functools.partial(model.apply, variables, method="embed_audio")),
+                        (audio,), batch_size=batch_size)
   labels = np.zeros(n, np.int64) if labels is None else as_class_ids(labels)
   indices = np.arange(n) if indices is None else np.asarray(indices)
-  return Embeddings(emb_v, emb_a, labels, indices.astype(np.int64))
+  return Embeddings(emb_v, emb_a, labels, indices.astype(np.int64), protocol)
 
 
 def save_embeddings(path, embeddings: Embeddings) -> None:
-  """Writes embeddings, labels and source indices to ``.npz``."""
+  """Writes embeddings, labels, source indices and the protocol to ``.npz``."""
   np.savez(path, **embeddings._asdict())
 
 
-def load_embeddings(path) -> Embeddings:
+def load_embeddings(path, *, protocol: str | None = None) -> Embeddings:
   """Reads a file written by ``save_embeddings`` (keys ``emb_visual``, ``emb_audio``,
-  ``labels``, ``indices``; ``indices`` defaults to ``arange(n)``)."""
+  ``labels``, ``indices``, ``protocol``; ``indices`` defaults to ``arange(n)``,
+  ``protocol`` to "paired"). With ``protocol``, a file made under the other one is
+  refused."""
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"embeddings file {path} does not exist")
@@ -194,10 +237,14 @@ def load_embeddings(path) -> Embeddings:
     emb_v, emb_a = f["emb_visual"], f["emb_audio"]
     labels = as_class_ids(f["labels"], name=f"{path}:labels")
     indices = f["indices"] if "indices" in f.files else np.arange(len(labels))
+    made = str(f["protocol"]) if "protocol" in f.files else "paired"
+  if protocol is not None and made != check_protocol(protocol):
+    raise ValueError(f"embeddings file {path} was made under --protocol={made}, not "
+                     f"--protocol={protocol}; re-embed, or pass --protocol={made}")
   if not len(emb_v) == len(emb_a) == len(labels) == len(indices):
     raise ValueError(f"embeddings file {path}: row counts differ: emb_visual {len(emb_v)}, "
                      f"emb_audio {len(emb_a)}, labels {len(labels)}, indices {len(indices)}")
-  return Embeddings(emb_v, emb_a, labels, np.asarray(indices, np.int64))
+  return Embeddings(emb_v, emb_a, labels, np.asarray(indices, np.int64), made)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "distance", "block_size"))
@@ -268,7 +315,8 @@ def retrieve(queries, items, query_labels, item_labels, *, k: int = 5,
 
 def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=None,
                          split: str = "test", batch_size: int = 256,
-                         model_kwargs: Mapping[str, Any] | None = None) -> Embeddings:
+                         model_kwargs: Mapping[str, Any] | None = None,
+                         protocol: str = "unimodal") -> Embeddings:
   """Embeddings from one of the three inputs the CLIs accept.
 
   Args:
@@ -280,25 +328,29 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     split: split of the data file to embed.
     batch_size: pairs per forward pass.
     model_kwargs: ``DSF3N`` arguments overriding those stored with ``variables``.
+    protocol: "unimodal" or "paired" (see ``embed_split``); an embeddings file
+      made under the other protocol is refused.
 
   Returns:
     ``Embeddings``.
   """
+  check_protocol(protocol)
   given = [name for name, v in (("--workdir", workdir), ("--embeddings", embeddings),
                                 ("--variables", variables)) if v]
   if len(given) != 1:
     raise ValueError(f"expected exactly one of --workdir, --embeddings, --variables; got "
                      f"{given or 'none'}")
   if embeddings:
-    return load_embeddings(embeddings)
+    return load_embeddings(embeddings, protocol=protocol)
   from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
   if workdir:
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
     model, model_vars, config = train.restore_model(workdir)
+    source = f"--workdir={workdir}"
     if data is None:  # the run's own dataset, with its normalisation
       arrays = run_split(config, split)
       return embed_split(model, model_vars, arrays["visual"], arrays["audio"], arrays["label"],
-                         batch_size=batch_size, indices=arrays["index"])
+                         batch_size=batch_size, indices=arrays["index"], protocol=protocol)
   else:
     if not data:
       raise ValueError("--variables needs --data=FILE.npz (the paired-feature file)")
@@ -309,8 +361,11 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
       raise ValueError(f"variables file {variables}: no stored model arguments; pass the "
                        "model's arguments (at least num_classes) with --model_kwargs")
     model = DSF3N(**kwargs)
+    source = f"--variables={variables}"
+  check_missing_partner(model, model_vars, source=source)
   visual, audio, labels = load_split(data, split)
-  return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size)
+  return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size,
+                     protocol=protocol)
 
 
 def embeddings_from_flags(args) -> Embeddings:
@@ -318,7 +373,8 @@ def embeddings_from_flags(args) -> Embeddings:
   model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   return embeddings_from_args(
       workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
-      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs)
+      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs,
+      protocol=args.protocol)
 
 
 def run_split(config, split: str = "test") -> dict[str, np.ndarray]:

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--model_kwargs", default=None,
                    help="JSON DSF3N arguments, overriding those stored with --variables")
   p.add_argument("--split", default="test")
+  p.add_argument("--protocol", choices=retrieval.PROTOCOLS, default="unimodal",
+                 help="unimodal: each item embedded from its own modality alone (deployable); "
+                 "paired: each item embedded with its paired item (the paper's protocol)")
   p.add_argument("--query_modality", choices=("audio", "visual"), default="audio",
                  help="modality of the queries; items are the other modality")
   p.add_argument("--queries", default="0,1,2",

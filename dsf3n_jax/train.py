@@ -14,6 +14,17 @@ drawn on device) when the train split is in device memory.
 Dropout masks are drawn per example from a key folded with the step and the
 example's position in the global batch, so the same global batch gives the
 same update on any number of devices.
+
+Evaluation and early stopping (``train_and_evaluate``): after every
+``eval_every_epochs``-th epoch (1-based) and after the last, each split is
+evaluated on every item; its loss is one mean over the whole split with the
+trained centres. With ``early_stopping_patience`` = N > 0 the run stops after N
+evaluations in a row whose selection-split loss is not strictly below the best
+so far (a tie is no improvement). This is our own rule, not the original's: the
+original evaluates the test split after 1-based epochs 6, 11, 16, ... (not the
+last), sums the per-batch losses of its ``drop_last`` test batches, draws fresh
+random centres for the centre term at every evaluation (which no run can
+reproduce), and counts an equal loss as an improvement.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -39,8 +51,12 @@ from jax.sharding import PartitionSpec as P
 from dsf3n_jax import input_pipeline, losses, metrics
 from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.models import DSF3N
+from dsf3n_jax.models.dsf3n import MISSING_PARTNERS
 
 AXIS = "data"
+# The averages a run may select its best checkpoint on: the paper's protocol (each item
+# embedded with its partner) or the deployable one (each modality alone).
+SELECTION_METRICS = ("map_average", "unimodal_map_average")
 Batch = Mapping[str, jax.Array]
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(DSF3N)
                      if f.name not in ("parent", "name", "axis_name"))
@@ -92,21 +108,37 @@ def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_
 
 
 def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> DSF3N:
-  """``DSF3N`` from resolved kwargs; computation dtype from its name, float32 params."""
+  """``DSF3N`` from resolved kwargs; computation dtype from its name.
+
+  Parameters (and so the optimiser state and the centres) are float32, or
+  float64 for a float64 model: a float64 run is float64 end to end, which needs
+  64-bit JAX (``JAX_ENABLE_X64=1``; ``python -m dsf3n_jax.main`` turns it on).
+  """
   kw = dict(kwargs)
-  dtype = kw.pop("dtype", "float32")
+  dtype = jnp.dtype(kw.pop("dtype", "float32"))
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("config.model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                     "jax.config.update('jax_enable_x64', True) before training")
   kw["kernel_sizes"] = tuple(kw["kernel_sizes"])
   kw["branch_features"] = tuple(kw["branch_features"])
-  return DSF3N(**kw, dtype=jnp.dtype(dtype), axis_name=axis_name)
+  param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  return DSF3N(**kw, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: int) -> optax.Schedule:
   """The network's learning rate as a function of the step.
 
-  ``constant``: ``optim.lr``. ``warmup_step``: the original's
-  ``adjust_learning_rate`` by epoch: linear warm-up over 10 epochs
-  (lr (e+1)/10), lr until epoch 20, lr/10 until epoch 50, lr/100 after.
+  ``constant``: ``optim.lr`` (what the original trained with: its
+  ``train_model.py`` has the call of ``adjust_learning_rate`` commented out,
+  so the paper's runs used Adam at a constant 1e-4).
+  ``warmup_step``: the rate the original's ``adjust_learning_rate(optimizer,
+  epoch)`` gives the network, had it been called. That function computes
+  ``r`` = lr (e+1)/10 for epochs e < 10 (0-based), lr for e < 20, lr/10 for
+  e < 50 and lr/100 after, returns ``r``, but sets ``param_groups[0]``,
+  the only group, which holds every network parameter, to ``0.1 * r``; so
+  the network trains at ``0.1 * r``, from lr/100 at epoch 0 to lr/10 at
+  epochs 9-19. The centres' SGD is a separate optimiser it never touches.
   ``cosine``: from lr down to 0 over ``config.num_epochs``.
   """
   lr = config.optim.lr
@@ -115,8 +147,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   if config.optim.schedule == "warmup_step":
     def schedule(step):
       epoch = step // steps_per_epoch
-      return jnp.where(epoch < 10, lr * (epoch + 1) / 10,
-                       jnp.where(epoch < 20, lr, jnp.where(epoch < 50, lr * 0.1, lr * 0.01)))
+      returned = jnp.where(epoch < 10, lr * (epoch + 1) / 10,
+                           jnp.where(epoch < 20, lr, jnp.where(epoch < 50, lr * 0.1, lr * 0.01)))
+      return 0.1 * returned  # param_groups[0]['lr'] = 0.1 * lr
     return schedule
   if config.optim.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, max(config.num_epochs * steps_per_epoch, 1))
@@ -132,12 +165,41 @@ def build_optimizer(config: ml_collections.ConfigDict,
   if o.grad_clip_norm > 0:
     net.append(optax.clip_by_global_norm(o.grad_clip_norm))
   schedule = learning_rate_schedule(config, steps_per_epoch)
+  # optax.adam / adamw, with the bias corrections computed as PyTorch's Adam does.
+  adam = [scale_by_adam(o.b1, o.b2, o.eps)]
   if o.weight_decay > 0:
-    net.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-  else:
-    net.append(optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps))
+    adam.append(optax.add_decayed_weights(o.weight_decay))
+  net.append(optax.chain(*adam, optax.scale_by_learning_rate(schedule)))
   return optax.multi_transform(
       {"net": optax.chain(*net), "centers": optax.sgd(o.center_lr)}, _labels)
+
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` (same state) with bias corrections exact in any precision.
+
+  optax computes ``1 - b ** t`` in the moments' dtype: in float32 that is up to
+  2e-5 (relative) too small for ``b2 = 0.999``, every step is that much shorter
+  than PyTorch's (which computes it in float64), and after 50 steps this model's
+  parameters were up to 100 % apart. ``-expm1(t log b)`` is exact to float32
+  rounding.
+  """
+  base = optax.scale_by_adam(b1, b2, eps)
+
+  def update(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+
+    def corrected(moment, decay):
+      return jax.tree.map(lambda m: m / -jnp.expm1(count * math.log(decay)).astype(m.dtype),
+                          moment)
+
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), corrected(mu, b1),
+                           corrected(nu, b2))
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(base.init, update)
 
 
 def _labels(trainable):
@@ -148,12 +210,12 @@ def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int,
                num_classes: int) -> TrainState:
   """Initialises parameters (PyTorch's init), centres (standard normal) and optimisers."""
   init_key, center_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
-  visual = jnp.zeros((2, model.visual_dim), jnp.float32)
-  audio = jnp.zeros((2, model.audio_dim), jnp.float32)
+  visual = jnp.zeros((2, model.visual_dim), model.param_dtype)
+  audio = jnp.zeros((2, model.audio_dim), model.param_dtype)
   unmapped = model.clone(axis_name=None)
   variables = unmapped.init({"params": init_key, "dropout": dropout_key}, visual, audio,
                             train=False)
-  centers = jax.random.normal(center_key, (num_classes, model.embed_dim), jnp.float32)
+  centers = jax.random.normal(center_key, (num_classes, model.embed_dim), model.param_dtype)
   trainable = {"net": variables["params"], "centers": centers}
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                     batch_stats=variables["batch_stats"], centers=centers,
@@ -165,14 +227,27 @@ def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int,
 # The per-device step and its mapped forms.
 
 
+def _loss_precision(x: jax.Array) -> jax.Array:
+  """Outputs below float32 (bfloat16) are promoted for the loss; float32/64 stay as given."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
                tx: optax.GradientTransformation, alpha: float, beta: float,
-               id_form: str = "ce", axis_name: str = AXIS) -> tuple[TrainState, dict]:
+               id_form: str = "ce", unimodal_weight: float = 0.0,
+               unimodal_alpha: float | None = None, unimodal_beta: float | None = None,
+               axis_name: str = AXIS) -> tuple[TrainState, dict]:
   """One optimiser step on this device's shard of the global batch.
 
   Must run under a mapping that binds ``axis_name`` (``shard_map`` with
   ``check_vma=False``, or ``pmap``). ``model`` must have ``axis_name`` set
   so that BatchNorm statistics are those of the global batch.
+
+  ``unimodal_weight > 0`` adds ``unimodal_weight`` times the same loss on the
+  outputs of each modality embedded alone (``DSF3N.embed_visual`` /
+  ``embed_audio``), with the pair and centre terms weighted by
+  ``unimodal_alpha`` and ``unimodal_beta`` (None: ``alpha``, ``beta``); its
+  parts are reported as ``unimodal_<part>``.
   """
   labels = batch["label"]
   local = labels.shape[0]
@@ -183,11 +258,19 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
     outputs, mutated = model.apply(
         {"params": trainable["net"], "batch_stats": state.batch_stats},
         batch["visual"], batch["audio"], train=True, example_ids=example_ids,
-        rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-    outputs = jax.tree.map(lambda x: x.astype(jnp.float32), tuple(outputs))
-    total, parts = losses.dsf3n_loss(outputs, labels, trainable["centers"], alpha=alpha,
-                                     beta=beta, id_form=id_form, axis_name=axis_name)
-    return total, (parts, mutated["batch_stats"], outputs)
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal_weight > 0)
+    outputs = jax.tree.map(_loss_precision, tuple(outputs))
+    paired = outputs[0] if unimodal_weight > 0 else outputs
+    loss = functools.partial(losses.dsf3n_loss, labels=labels, centers=trainable["centers"],
+                             alpha=alpha, beta=beta, id_form=id_form, axis_name=axis_name)
+    total, parts = loss(paired)
+    if unimodal_weight > 0:
+      alone_total, alone_parts = loss(
+          outputs[1], alpha=alpha if unimodal_alpha is None else unimodal_alpha,
+          beta=beta if unimodal_beta is None else unimodal_beta)
+      total = total + unimodal_weight * alone_total
+      parts = {**parts, **{f"unimodal_{k}": v for k, v in alone_parts.items()}}
+    return total, (parts, mutated["batch_stats"], paired)
 
   (total, (parts, batch_stats, outputs)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.trainable)
@@ -211,7 +294,16 @@ def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
                     tx: optax.GradientTransformation) -> Callable:
   """``train_step`` with the model, optimiser and loss weights bound."""
   return functools.partial(train_step, model=model, tx=tx, alpha=config.loss.alpha,
-                           beta=config.loss.beta, id_form=config.loss.id_form)
+                           beta=config.loss.beta, id_form=config.loss.id_form,
+                           **_unimodal_loss_weights(config.loss))
+
+
+def _unimodal_loss_weights(loss_config) -> dict[str, float | None]:
+  """``config.loss.unimodal_*`` as ``train_step`` keywords (a negative alpha/beta: None)."""
+  get = lambda key: float(loss_config.get(key, -1.0))  # noqa: E731
+  return {"unimodal_weight": max(get("unimodal_weight"), 0.0),
+          "unimodal_alpha": get("unimodal_alpha") if get("unimodal_alpha") >= 0 else None,
+          "unimodal_beta": get("unimodal_beta") if get("unimodal_beta") >= 0 else None}
 
 
 def make_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
@@ -255,11 +347,23 @@ def make_train_epoch(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
   return jax.jit(mapped, donate_argnums=(0,))
 
 
-def make_embed_fn(model: DSF3N, mesh: Mesh) -> Callable:
-  """Eval-mode forward of a batch sharded over ``data`` (float32 outputs, same sharding)."""
+EMBED_KEYS = ("emb_visual", "emb_audio", "logits_visual", "logits_audio",
+              "unimodal_emb_visual", "unimodal_emb_audio")
+
+
+def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callable:
+  """Eval-mode forward of a batch sharded over ``data`` (same sharding).
+
+  Returns ``{EMBED_KEYS}``: the paired outputs and (``unimodal``) each
+  modality's embedding alone, in at least float32.
+  """
   def embed(variables, visual, audio):
-    out = model.apply(variables, visual, audio, train=False)
-    return tuple(x.astype(jnp.float32) for x in out)
+    if not unimodal:
+      out = model.apply(variables, visual, audio, train=False)
+    else:
+      paired, alone = model.apply(variables, visual, audio, train=False, unimodal=True)
+      out = (*paired, alone.emb_visual, alone.emb_audio)
+    return {k: _loss_precision(x) for k, x in zip(EMBED_KEYS, out)}
   mapped = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
                          check_vma=False)
   return jax.jit(mapped)
@@ -279,44 +383,54 @@ def _gather(x: jax.Array) -> np.ndarray:
 def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
                 batch_size: int) -> dict[str, np.ndarray]:
   """Eval-mode outputs for every item of ``source``, in order, padding removed."""
-  parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                        ("emb_visual", "emb_audio", "logits_visual",
-                                         "logits_audio", "label", "index")}
+  parts: dict[str, list[np.ndarray]] = {}
   for batch in input_pipeline.eval_batches(source, global_batch_size=batch_size, mesh=mesh):
     out = embed_fn(variables, batch["visual"], batch["audio"])
     keep = _gather(batch["mask"]) > 0
-    for key, value in zip(("emb_visual", "emb_audio", "logits_visual", "logits_audio"), out):
-      parts[key].append(_gather(value)[keep])
-    parts["label"].append(_gather(batch["label"])[keep])
-    parts["index"].append(_gather(batch["index"])[keep])
+    for key, value in (*out.items(), ("label", batch["label"]), ("index", batch["index"])):
+      parts.setdefault(key, []).append(_gather(value)[keep])
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
-             mesh: Mesh) -> dict[str, float]:
+             mesh: Mesh, split: str = "test") -> dict[str, float]:
   """Loss parts, accuracy and mAP (A->V, V->A, average) on every item of a split.
 
-  The loss is computed on the whole split at once (centre-loss class counts
-  over the split), with the current centres.
+  Both retrieval protocols: ``map_*`` embeds each item with its paired item
+  of the other modality (the paper's); ``unimodal_map_*`` embeds each item
+  from its own modality alone (``DSF3N.embed_visual`` / ``embed_audio``).
+  The loss (of the paired outputs) is computed on the whole split at once
+  (centre-loss class counts over the split), with the current centres.
+  Every item counts, except on the test split with
+  ``config.metric.original_test_batches = N > 0``: then only the items the
+  original's evaluation saw (batches of N in file order, the last partial one
+  dropped; ``metrics.original_protocol_count``).
   """
   out = embed_split(embed_fn, state.variables, source, mesh=mesh,
                     batch_size=config.eval_batch_size)
+  test_batches = config.metric.get("original_test_batches", 0)
+  if split == "test" and test_batches:
+    count = metrics.original_protocol_count(len(out["label"]), test_batches)
+    if not count:
+      raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
+                       f"{len(out['label'])} test items: the original would evaluate none")
+    out = {k: v[:count] for k, v in out.items()}
   outputs = tuple(jnp.asarray(out[k]) for k in ("emb_visual", "emb_audio", "logits_visual",
                                                   "logits_audio"))
   labels = jnp.asarray(out["label"])
   total, parts = losses.dsf3n_loss(outputs, labels, jnp.asarray(state.centers),
                                    alpha=config.loss.alpha, beta=config.loss.beta,
                                    id_form=config.loss.id_form)
-  maps = metrics.cross_modal_map(out["emb_visual"], out["emb_audio"], out["label"],
-                                 distance=config.metric.distance,
-                                 k=config.metric.k or None)
   result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
             "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
-            "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"])),
-            "map_audio_to_visual": float(maps["audio_to_visual"]),
-            "map_visual_to_audio": float(maps["visual_to_audio"]),
-            "map_average": float(maps["average"]),
-            "num_examples": int(out["label"].shape[0])}
+            "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}
+  for prefix in ("", "unimodal_"):
+    maps = metrics.cross_modal_map(out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"],
+                                   out["label"], distance=config.metric.distance,
+                                   k=config.metric.k or None)
+    result.update({f"{prefix}map_{direction}": float(maps[direction]) for direction in (
+        "audio_to_visual", "visual_to_audio", "average")})
+  result["num_examples"] = int(out["label"].shape[0])
   return result
 
 
@@ -448,6 +562,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   start_time = time.time()
   # Guards that need no compile.
+  if config.model.get("missing_partner", "self") not in MISSING_PARTNERS:
+    raise ValueError(f"config.model.missing_partner: expected one of "
+                     f"{', '.join(MISSING_PARTNERS)}, got {config.model.missing_partner!r}")
+  if not 0 <= config.model.get("partner_dropout", 0.0) <= 1:
+    raise ValueError(f"config.model.partner_dropout: expected a probability in [0, 1], got "
+                     f"{config.model.partner_dropout!r}")
   _check_workdir(workdir)
   n_dev = jax.device_count()
   if config.batch_size % n_dev:
@@ -471,6 +591,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       jax.process_count(), jax.local_device_count(), n_dev, jax.default_backend(),
       " ".join(f"{k}={v}" for k, v in mesh.shape.items()))
   selection = config.selection_split
+  metric = config.get("selection_metric", "map_average")
+  if metric not in SELECTION_METRICS:
+    raise ValueError(f"config.selection_metric: expected one of {', '.join(SELECTION_METRICS)}, "
+                     f"got {metric!r}")
   if selection == "validation" and sources.validation is None:
     selection = "test"
     log("warning: no validation split (config.data.validation_fraction=0): the best "
@@ -562,15 +686,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         source = getattr(sources, split)
         if source is None:
           continue
-        final_eval[split] = evaluate(embed_fn, state, source, config=config, mesh=mesh)
+        final_eval[split] = evaluate(embed_fn, state, source, config=config, mesh=mesh,
+                                     split=split)
         writer.write(global_step, split, final_eval[split], epoch=epoch + 1)
         log("epoch %d %s %s", epoch + 1, split, _fmt(final_eval[split], (
-            "loss", "map_audio_to_visual", "map_visual_to_audio", "map_average")))
+            "loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
+            "unimodal_map_average")))
       chosen = final_eval[selection]
-      if meta["best"] is None or chosen["map_average"] > meta["best"]["map_average"]:
+      if meta["best"] is None or chosen[metric] > meta["best"]["value"]:
         is_best = True
-        meta["best"] = {"epoch": epoch + 1, "selected_on": selection,
-                        "map_average": chosen["map_average"],
+        meta["best"] = {"epoch": epoch + 1, "selected_on": selection, "metric": metric,
+                        "value": chosen[metric],
                         **{s: v for s, v in final_eval.items()}}
       if meta["best_eval_loss"] is None or chosen["loss"] < meta["best_eval_loss"]:
         meta["best_eval_loss"] = chosen["loss"]
@@ -596,10 +722,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for split in ("validation", "test"):
       source = getattr(sources, split)
       if source is not None:
-        final_eval[split] = evaluate(embed_fn, state, source, config=config, mesh=mesh)
+        final_eval[split] = evaluate(embed_fn, state, source, config=config, mesh=mesh,
+                                     split=split)
   results = {
       "dataset": sources.name, "epochs": meta["epoch"], "steps": meta["step"],
       "final": final_eval, "best": meta["best"], "selected_on": selection,
+      "selection_metric": metric,
       "stopped_early": stopped_early, "wall_time_s": time.time() - start_time,
       "train_time_s": train_time,
       "samples_per_second": (trained_steps * config.batch_size / train_time
@@ -615,21 +743,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def format_results(results: Mapping[str, Any]) -> str:
-  """The final mAP table, as printed at the end of a run."""
-  rows = [("split", "A->V", "V->A", "average")]
+  """The final mAP table, as printed at the end of a run: both protocols side by side."""
+  directions = ("map_audio_to_visual", "map_visual_to_audio", "map_average")
+  rows = [("split", "A->V", "V->A", "average", "A->V", "V->A", "average")]
+
+  def row(label, values):
+    cells = [f"{values[p + k]:.4f}" if p + k in values else "-"
+             for p in ("", "unimodal_") for k in directions]
+    rows.append((label, *cells))
+
   for split, values in results["final"].items():
-    rows.append((f"final {split}", *(f"{values[k]:.4f}" for k in (
-        "map_audio_to_visual", "map_visual_to_audio", "map_average"))))
+    row(f"final {split}", values)
   best = results.get("best")
   if best:
+    metric = best.get("metric", "map_average")
     for split in ("validation", "test"):
       if split in best:
-        v = best[split]
-        rows.append((f"best {split} (epoch {best['epoch']}, on {best['selected_on']})",
-                     *(f"{v[k]:.4f}" for k in ("map_audio_to_visual", "map_visual_to_audio",
-                                               "map_average"))))
+        row(f"best {split} (epoch {best['epoch']}, {metric} on {best['selected_on']})",
+            best[split])
   width = max(len(r[0]) for r in rows)
-  return "\n".join(f"{r[0]:<{width}}  {r[1]:>7} {r[2]:>7} {r[3]:>7}" for r in rows)
+  lines = [f"{'':<{width}}  {'paired (paper)':^23}   {'unimodal (deployable)':^23}"]
+  lines += [f"{r[0]:<{width}}  " + " ".join(f"{c:>7}" for c in r[1:4]) + "   "
+            + " ".join(f"{c:>7}" for c in r[4:]) for r in rows]
+  return "\n".join(lines)
 
 
 def restore_model(workdir: str, *, which: str = "latest"):

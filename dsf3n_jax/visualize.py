@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--data", help="paired-feature file; needed for the raw-feature figure")
   p.add_argument("--model_kwargs", default=None)
   p.add_argument("--split", default="test")
+  p.add_argument("--protocol", choices=retrieval.PROTOCOLS, default="unimodal",
+                 help="unimodal: each item embedded from its own modality alone (deployable); "
+                 "paired: each item embedded with its paired item (the paper's protocol)")
   p.add_argument("--out_dir", required=True)
   p.add_argument("--max_points", type=int, default=1000, help="pairs plotted (stratified)")
   p.add_argument("--perplexity", type=float, default=30.0)

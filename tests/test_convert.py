@@ -29,8 +29,9 @@ def torch_state():
   return torch_dsf3n.CrossModalNN(10).state_dict()
 
 
-def _np(state_dict):
-  return {k: v.numpy() for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+def _np(state_dict, *, num_batches_tracked=False):
+  return {k: v.numpy() for k, v in state_dict.items()
+          if num_batches_tracked or not k.endswith("num_batches_tracked")}
 
 
 def test_key_names_match_the_original(torch_state):
@@ -63,8 +64,9 @@ def test_round_trip_torch_flax_torch_is_exact(torch_state):
   np.testing.assert_array_equal(p["head"]["hidden"]["kernel"],
                                 torch_state["out_layer.0.weight"].numpy().T)
   back = convert.to_torch_state_dict(variables)
-  original = _np(torch_state)
-  assert list(back) == list(convert.torch_key_map(variables))
+  original = _np(torch_state, num_batches_tracked=True)  # 0 in an untrained net
+  assert [k for k in back if not k.endswith("num_batches_tracked")] == list(
+      convert.torch_key_map(variables))
   assert set(back) == set(original)
   for k, v in original.items():
     assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
@@ -81,7 +83,7 @@ def test_round_trip_of_other_configurations(variant):
   net = torch_dsf3n.CrossModalNN(7, **config)
   variables = convert.from_torch_state_dict(net.state_dict(), model=DSF3N(7, **config))
   back = convert.to_torch_state_dict(variables)
-  original = _np(net.state_dict())
+  original = _np(net.state_dict(), num_batches_tracked=True)
   assert set(back) == set(original)
   for k, v in original.items():
     np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -104,6 +106,30 @@ def test_flax_variables_load_into_torch(small_variables):
                                              for k, v in sd.items()})
   assert not missing and not unexpected
   assert int(net.visual_fine_grained_feature.BN.num_batches_tracked) == 0
+
+
+def test_num_batches_tracked_is_the_step_count_pytorch_would_have(small_variables):
+  net = torch_dsf3n.CrossModalNN(4, **SMALL)
+  v, a = torch.randn(6, 1024), torch.randn(6, 128)
+  net.train()
+  for _ in range(3):  # PyTorch counts one per train-mode forward of each BatchNorm
+    net(v, a)
+  sd = convert.to_torch_state_dict(small_variables, num_batches_tracked=3)
+  for k, ref in net.state_dict().items():
+    if k.endswith("num_batches_tracked"):
+      assert sd[k].dtype == np.int64 and sd[k].shape == () and int(sd[k]) == int(ref) == 3, k
+  keys = list(sd)
+  for prefix in ("visual_fine_grained_feature.BN.", "audio_fine_grained_feature.BN."):
+    i = keys.index(prefix + "running_var")
+    assert keys[i + 1] == prefix + "num_batches_tracked"  # where PyTorch has it
+  net2 = torch_dsf3n.CrossModalNN(4, **SMALL)
+  net2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})  # strict
+  assert int(net2.audio_fine_grained_feature.BN.num_batches_tracked) == 3
+  # A params-only tree (e.g. gradients) has no BatchNorm buffers at all.
+  assert not any("num_batches_tracked" in k for k in convert.to_torch_state_dict(
+      small_variables["params"], num_batches_tracked=3))
+  with pytest.raises(ValueError, match="num_batches_tracked"):
+    convert.to_torch_state_dict(small_variables, num_batches_tracked=-1)
 
 
 def test_params_only_tree_converts(small_variables):
@@ -175,12 +201,16 @@ def test_command_line_both_directions(tmp_path, torch_state):
   jax.tree.map(np.testing.assert_array_equal, loaded, convert.from_torch_state_dict(torch_state))
   out = convert.main(["--to_torch", str(npz), str(tmp_path / "back.pth")])
   back = torch.load(out, weights_only=True)
-  original = _np(torch_state)
+  original = _np(torch_state, num_batches_tracked=True)
   assert set(back) == set(original)
   for k, v in original.items():
     np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
   net = torch_dsf3n.CrossModalNN(10)
-  net.load_state_dict(back)  # strict; num_batches_tracked is filled in
+  net.load_state_dict(back)  # strict
+  out = convert.main(["--to_torch", str(npz), str(tmp_path / "trained.pth"),
+                      "--num_batches_tracked", "1720"])
+  net.load_state_dict(torch.load(out, weights_only=True))
+  assert int(net.visual_fine_grained_feature.BN.num_batches_tracked) == 1720
 
 
 def test_command_line_variants_and_errors(tmp_path):

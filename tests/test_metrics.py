@@ -204,3 +204,28 @@ def test_lower_bound_equals_searchsorted(members):
     for fanout in (1, 2, 16):
       got = metrics._lower_bound(table, keys, fanout=fanout)
       np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_original_protocol_count():
+  assert metrics.original_protocol_count(5621, 128) == 5504  # VEGAS's test_size
+  assert metrics.original_protocol_count(256, 128) == 256
+  assert metrics.original_protocol_count(1000, 189) == 945  # AVE's test_size
+  assert metrics.original_protocol_count(100, 189) == 0
+  assert metrics.original_protocol_count(0, 5) == 0
+  assert metrics.original_protocol_count(1000, 0) == 1000  # 0: every item
+  assert metrics.original_protocol_count(np.int64(10), np.int32(4)) == 8
+  with pytest.raises(ValueError, match="batch_size: expected >= 0"):
+    metrics.original_protocol_count(10, -1)
+  with pytest.raises(ValueError, match="num_examples: expected >= 0"):
+    metrics.original_protocol_count(-10, 4)
+  with pytest.raises(TypeError):
+    metrics.original_protocol_count(10, 2.5)
+
+
+def test_original_protocol_count_is_what_a_drop_last_data_loader_yields():
+  torch = pytest.importorskip("torch")
+  for n, b in ((10, 4), (12, 4), (3, 4), (189 * 2 + 7, 189), (7, 1)):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n)),
+                                         batch_size=b, drop_last=True)  # as in the original
+    seen = [int(i) for (batch,) in loader for i in batch]
+    assert seen == list(range(metrics.original_protocol_count(n, b))), (n, b)

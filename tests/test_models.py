@@ -283,3 +283,53 @@ def test_bilinear_hand_written_backward_equals_autodiff():
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(x, z, w)
     for a, b in zip(got, want):
       np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("missing_partner", ["self", "learned", "mean"])
+def test_unimodal_embeddings_read_nothing_of_the_other_modality(missing_partner):
+  model = DSF3N(5, **SMALL, missing_partner=missing_partner)
+  rng = np.random.default_rng(0)
+  visual = rng.normal(size=(4, 1024)).astype(np.float32)
+  audio = rng.normal(size=(4, 128)).astype(np.float32)
+  variables = model.init(jax.random.key(0), visual, audio)
+  if missing_partner == "mean":  # a running mean of the partner's tokens
+    _, state = model.apply(variables, visual, audio, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(1)})
+    assert float(jnp.abs(state["batch_stats"]["token_mean_audio"]).max()) > 0
+    variables = {**variables, **state}
+  emb_v = model.apply(variables, visual, method="embed_visual")
+  emb_a = model.apply(variables, audio, method="embed_audio")
+  assert emb_v.shape == emb_a.shape == (4, 16)
+  # The alone outputs of a paired call are those, bitwise, whatever the other modality is.
+  for other_audio in (audio, np.zeros_like(audio), audio[::-1]):
+    _, alone = model.apply(variables, visual, other_audio, unimodal=True)
+    np.testing.assert_array_equal(alone.emb_visual, emb_v)
+  for other_visual in (visual, -visual):
+    _, alone = model.apply(variables, other_visual, audio, unimodal=True)
+    np.testing.assert_array_equal(alone.emb_audio, emb_a)
+  paired = model.apply(variables, visual, audio)
+  assert _differ(paired.emb_visual, emb_v)  # the paired embedding does mix the pair
+
+
+def test_partner_dropout_mixes_paired_and_alone_outputs():
+  rng = np.random.default_rng(0)
+  visual = rng.normal(size=(16, 1024)).astype(np.float32)
+  audio = rng.normal(size=(16, 128)).astype(np.float32)
+  base = DSF3N(5, **SMALL, dropout_rate=0.0)
+  variables = base.init(jax.random.key(0), visual, audio)
+
+  def train_out(p):
+    out, _ = DSF3N(5, **SMALL, dropout_rate=0.0, partner_dropout=p).apply(
+        variables, visual, audio, train=True, unimodal=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(3)})
+    return out
+
+  paired, alone = train_out(0.0)
+  for p, expect in ((1.0, alone), (0.0, paired)):
+    np.testing.assert_allclose(train_out(p)[0].emb_visual, expect.emb_visual, atol=1e-6)
+  mixed = np.asarray(train_out(0.5)[0].emb_visual)
+  from_alone = np.all(np.isclose(mixed, alone.emb_visual, atol=1e-6), axis=1)
+  from_paired = np.all(np.isclose(mixed, paired.emb_visual, atol=1e-6), axis=1)
+  assert np.all(from_alone | from_paired) and 0 < from_alone.sum() < 16
+  with pytest.raises(ValueError, match="missing_partner: expected one of self, learned, mean"):
+    DSF3N(5, **SMALL, missing_partner="zeros").init(jax.random.key(0), visual, audio)

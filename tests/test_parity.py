@@ -8,10 +8,18 @@ eval outputs. Tolerance: relative error 1e-8 in float64, 1e-3 in float32.
 
 The gradients of the key biases ``k_v``/``k_a`` are mathematically zero
 (softmax is shift-invariant): they are compared against the overall gradient
-scale, never relatively. No Adam trajectory is compared (Adam turns rounding
-noise in near-zero gradients into full-size steps).
+scale, never relatively.
+
+Training: the project's own step (``train.make_train_step`` with
+``train.build_optimizer``: Adam with betas (0.5, 0.999) on the network, SGD on
+the centres, both loss terms, dropout 0) runs 50 steps against the original's
+loop with ``torch.optim.Adam``/``SGD``; every parameter, BatchNorm statistic
+(``num_batches_tracked`` included) and centre is compared at the end. In
+float64 to 1e-9 relative; in float32 the test is an expected failure, for the
+reason in its marker.
 """
 
+import inspect
 import pathlib
 import sys
 
@@ -19,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +37,8 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from benchmarks import torch_dsf3n  # noqa: E402
-from dsf3n_jax import convert  # noqa: E402
+from configs import default  # noqa: E402
+from dsf3n_jax import convert, train  # noqa: E402
 from dsf3n_jax.losses import dsf3n_loss  # noqa: E402
 from dsf3n_jax.models import DSF3N  # noqa: E402
 
@@ -115,8 +126,7 @@ def torch_run(net, center, visual, audio, labels, *, steps=STEPS):
   net.eval()
   with torch.no_grad():
     rec["eval_after"] = [o.numpy().copy() for o in net(v, a)]
-  rec["state_after"] = {k: t.numpy().copy() for k, t in net.state_dict().items()
-                        if not k.endswith("num_batches_tracked")}
+  rec["state_after"] = {k: t.numpy().copy() for k, t in net.state_dict().items()}
   rec["center_after"] = center.center.detach().numpy().copy()
   return rec
 
@@ -158,7 +168,8 @@ def jax_run(model, variables, centers, visual, audio, labels, *, steps=STEPS):
       break
     state = new_state
   params, centers, stats = jax.tree.map(np.asarray, state)
-  rec["state_after"] = convert.to_torch_state_dict({"params": params, "batch_stats": stats})
+  rec["state_after"] = convert.to_torch_state_dict({"params": params, "batch_stats": stats},
+                                                   num_batches_tracked=steps)
   rec["center_after"] = centers
   return rec
 
@@ -267,3 +278,167 @@ def test_torch_einsum_bilinear_matches_nn_bilinear():
     for o, o_e in zip(net(torch.from_numpy(visual), torch.from_numpy(audio)),
                       net_e(torch.from_numpy(visual), torch.from_numpy(audio)), strict=True):
       assert rel_err(o_e.numpy(), o.numpy()) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the project's own step (train.make_train_step, train.build_optimizer) for 50 steps
+# against the original's loop (torch Adam with betas (0.5, 0.999) on the network, SGD on the
+# centres, one backward of the total loss), from the same weights, on the same batches.
+
+TRAIN_STEPS = 50
+TRAIN_BATCH, TRAIN_EXAMPLES = 16, 80  # 5 steps per epoch, 10 epochs, batches in file order
+TRAIN_DIMS = dict(visual_dim=48, audio_dim=24)
+# Larger than the reference's (lr 1e-4, alpha 1e-4, beta 5e-4, centre lr 0.05) so that every
+# loss term shapes the update and the weights move by far more than the tolerances.
+TRAIN_RECIPE = {"optim.lr": 1e-3, "optim.center_lr": 0.5, "loss.alpha": 0.1, "loss.beta": 0.05}
+TINY_SCALES = {**SMALL_SCALES, "out_layer.": 2.0}
+
+
+def _train_config(dtype):
+  config = default.get_config("tiny")
+  config.model.dropout_rate = 0.0
+  config.model.dtype = np.dtype(dtype).name
+  config.batch_size = TRAIN_BATCH
+  for key, value in TRAIN_RECIPE.items():
+    group, name = key.split(".")
+    config[group][name] = value
+  return config
+
+
+def _train_data(dtype):
+  """A learnable split (class means plus noise) in file order, every class present."""
+  rng = np.random.RandomState(3)
+  labels = np.arange(TRAIN_EXAMPLES) % NUM_CLASSES
+  rng.shuffle(labels)
+  means_v = rng.randn(NUM_CLASSES, TRAIN_DIMS["visual_dim"])
+  means_a = rng.randn(NUM_CLASSES, TRAIN_DIMS["audio_dim"])
+  visual = (means_v[labels] + rng.randn(TRAIN_EXAMPLES, TRAIN_DIMS["visual_dim"])).astype(dtype)
+  audio = (means_a[labels] + rng.randn(TRAIN_EXAMPLES, TRAIN_DIMS["audio_dim"])).astype(dtype)
+  batches = []
+  for step in range(TRAIN_STEPS):
+    start = step * TRAIN_BATCH % TRAIN_EXAMPLES
+    rows = slice(start, start + TRAIN_BATCH)
+    batches.append({"visual": visual[rows], "audio": audio[rows],
+                    "label": labels[rows].astype(np.int32)})
+  return batches
+
+
+def torch_train(net, center, batches, config):
+  """The original's training loop (train_model.py) without dropout; returns its state."""
+  opt = torch.optim.Adam(net.parameters(), config.optim.lr, betas=(0.5, 0.999))
+  opt_c = torch.optim.SGD(center.parameters(), lr=config.optim.center_lr)
+  net.train()
+  losses = []
+  for b in batches:
+    opt.zero_grad()
+    opt_c.zero_grad()
+    out = net(torch.from_numpy(b["visual"]), torch.from_numpy(b["audio"]))
+    total, _ = torch_dsf3n.total_loss(out, torch.from_numpy(b["label"]).long(), center,
+                                      alpha=config.loss.alpha, beta=config.loss.beta)
+    total.backward()
+    opt.step()
+    opt_c.step()
+    losses.append(total.item())
+  state = {k: t.numpy().copy() for k, t in net.state_dict().items()}
+  return state, center.center.detach().numpy().copy(), losses
+
+
+def jax_train(config, variables, centers, batches):
+  """``train.make_train_step`` of ``train.per_device_step`` with ``train.build_optimizer``."""
+  mcfg = train.model_config(config, num_classes=NUM_CLASSES, **TRAIN_DIMS)
+  model = train.build_model(mcfg)
+  tx = train.build_optimizer(config, TRAIN_EXAMPLES // TRAIN_BATCH)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  step = train.make_train_step(train.per_device_step(config, model, tx), mesh)
+  trainable = {"net": variables["params"], "centers": centers}
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"], centers=jnp.asarray(centers),
+                           opt_state=tx.init(trainable),
+                           rng=jax.random.key_data(jax.random.key(0)))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  losses = []
+  for b in batches:
+    state, m = step(state, jax.device_put(b, NamedSharding(mesh, P("data"))))
+    losses.append(float(m["loss"]))
+  state = jax.device_get(state)
+  sd = convert.to_torch_state_dict(state.variables, num_batches_tracked=int(state.step))
+  return sd, np.asarray(state.centers), losses
+
+
+def check_training_parity(dtype):
+  """Both runs for ``TRAIN_STEPS`` steps from the same weights on the same batches.
+
+  Returns:
+    ``(errs, moved, key_gaps)``: the relative error of every tensor of the final state dict,
+    the centres and the loss curve; how far (relatively) PyTorch moved each tensor from the
+    start; and ``max |jax - torch| / lr`` of the key biases.
+  """
+  config = _train_config(dtype)
+  mcfg = train.model_config(config, num_classes=NUM_CLASSES, **TRAIN_DIMS)
+  torch_fields = inspect.signature(torch_dsf3n.CrossModalNN).parameters
+  torch_kwargs = {k: v for k, v in mcfg.items()
+                  if k in torch_fields and k not in ("num_classes", "dropout_rate")}
+  net, center = make_torch(torch_kwargs, dtype, scales=TINY_SCALES)
+  variables = convert.from_torch_state_dict(
+      net.state_dict(), model=train.build_model(mcfg, axis_name=None))
+  centers = center.center.detach().numpy().copy()
+  initial = convert.to_torch_state_dict(variables)
+  batches = _train_data(dtype)
+  sd_t, centers_t, losses_t = torch_train(net, center, batches, config)
+  sd_j, centers_j, losses_j = jax_train(config, variables, centers, batches)
+
+  assert sorted(sd_j) == sorted(sd_t)  # num_batches_tracked included
+  errs, moved = {}, {}
+  for k, ref in sd_t.items():
+    if k.endswith("num_batches_tracked"):
+      assert sd_j[k].dtype == ref.dtype and int(sd_j[k]) == int(ref) == TRAIN_STEPS, k
+      continue
+    assert sd_j[k].dtype == ref.dtype == dtype, k
+    errs[k] = rel_err(sd_j[k], ref)
+    moved[k] = rel_err(initial[k], ref)
+  errs["centers"] = rel_err(centers_j, centers_t)
+  moved["centers"] = rel_err(centers, centers_t)
+  errs["loss curve"] = rel_err(losses_j, losses_t)
+  # |jax - torch| of the key biases in units of the learning rate.
+  key_gaps = {k: float(np.max(np.abs(sd_j[k] - sd_t[k]))) / config.optim.lr
+              for k in KEY_BIASES if k in sd_t}
+  assert losses_t[-1] < 0.7 * losses_t[0], losses_t  # the runs learn
+  return errs, moved, key_gaps
+
+
+def _report(dtype, errs, tol):
+  worst = max(errs, key=errs.get)
+  WORST[f"training {np.dtype(dtype).name}"] = errs[worst]
+  print(f"\n{np.dtype(dtype).name}, {TRAIN_STEPS} Adam steps: worst relative error "
+        f"{errs[worst]:.3g} ({worst})")
+  bad = {k: e for k, e in errs.items() if not e <= tol}
+  assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def test_training_50_adam_steps_float64():
+  """Every parameter, BatchNorm statistic and centre to 1e-9 (measured: 1.2e-11)."""
+  tol = 1e-9
+  with jax.enable_x64(True):
+    errs, moved, _ = check_training_parity(np.float64)
+  _report(np.float64, errs, tol)
+  # The key biases' gradient is rounding noise (~1e-17), far below Adam's eps: they stay put
+  # in both runs. Everything else moved by far more than the tolerance.
+  assert all(moved[k] > 1e6 * tol for k in moved if not k.startswith(KEY_BIASES)), moved
+
+
+# Tolerance of the float32 run, from measurements of this test's 50 steps: PyTorch's own float32
+# run is 7.6e-6 (relative, worst tensor) from its float64 run. Ours, with an Adam whose bias
+# corrections 1 - b**t are exact to float32 rounding, is 3.0e-5 from PyTorch's float64 run and
+# 3.7e-5 from its float32 run (centres 6e-7, loss curve 2e-6); 2e-4 leaves a factor of 5. The
+# key biases are excluded: their gradient is rounding noise (~1e-7 of the gradient scale, above
+# Adam's eps), so in float32 both implementations take noise-driven steps (PyTorch float32 vs
+# float64: 0.26 lr apart after 50 steps); they must stay within 2 lr of each other.
+F32_TOL = 2e-4
+
+
+def test_training_50_adam_steps_float32():
+  errs, _, key_gaps = check_training_parity(np.float32)
+  for k in KEY_BIASES:
+    del errs[k]
+  assert max(key_gaps.values()) < 2.0, key_gaps
+  _report(np.float32, errs, F32_TOL)

@@ -37,16 +37,55 @@ def test_variables_round_trip(tiny):
                jax.device_get(dict(variables)))
 
 
-def test_embed_split_pads_and_matches_one_pass(tiny):
+@pytest.mark.parametrize("protocol", ["paired", "unimodal"])
+def test_embed_split_pads_and_matches_one_pass(tiny, protocol):
+  _, model, variables, data = tiny
+  v, a, y = data["visual_test"], data["audio_test"], data["lab_test"]
+  emb = retrieval.embed_split(model, variables, v, a, y, batch_size=8, protocol=protocol)
+  if protocol == "paired":
+    full_v, full_a = model.apply(variables, v, a, train=False)[:2]
+  else:
+    full_v = model.apply(variables, v, method="embed_visual")
+    full_a = model.apply(variables, a, method="embed_audio")
+  assert emb.protocol == protocol
+  assert emb.emb_visual.shape == (37, 16) and emb.emb_audio.shape == (37, 16)
+  np.testing.assert_allclose(emb.emb_visual, full_v, atol=1e-5)
+  np.testing.assert_allclose(emb.emb_audio, full_a, atol=1e-5)
+  np.testing.assert_array_equal(emb.labels, y)
+  np.testing.assert_array_equal(emb.indices, np.arange(37))
+
+
+def test_unimodal_embeddings_do_not_depend_on_the_other_modality(tiny):
   _, model, variables, data = tiny
   v, a, y = data["visual_test"], data["audio_test"], data["lab_test"]
   emb = retrieval.embed_split(model, variables, v, a, y, batch_size=8)
-  full = model.apply(variables, v, a, train=False)
-  assert emb.emb_visual.shape == (37, 16) and emb.emb_audio.shape == (37, 16)
-  np.testing.assert_allclose(emb.emb_visual, full.emb_visual, atol=1e-5)
-  np.testing.assert_allclose(emb.emb_audio, full.emb_audio, atol=1e-5)
-  np.testing.assert_array_equal(emb.labels, y)
-  np.testing.assert_array_equal(emb.indices, np.arange(37))
+  other = retrieval.embed_split(model, variables, v, np.zeros_like(a), y, batch_size=8)
+  np.testing.assert_array_equal(emb.emb_visual, other.emb_visual)
+  paired = retrieval.embed_split(model, variables, v, a, y, batch_size=8, protocol="paired")
+  assert np.abs(paired.emb_visual - emb.emb_visual).max() > 1e-4  # the fusion mixes pairs
+
+
+def test_protocols_are_recorded_and_checked(tiny, tmp_path, capsys):
+  tmp, _, _, _ = tiny
+  for protocol in ("paired", "unimodal"):
+    path = tmp_path / f"{protocol}.npz"
+    assert retrieve.main([f"--variables={tmp / 'vars.npz'}", f"--data={tmp / 'data.npz'}",
+                          f"--protocol={protocol}", f"--save_embeddings={path}",
+                          "--queries=0"]) == 0
+    assert retrieval.load_embeddings(path).protocol == protocol
+  # An embeddings file made under the other protocol is refused, naming file and flag.
+  with pytest.raises(ValueError, match=r"paired\.npz was made under --protocol=paired"):
+    retrieve.main([f"--embeddings={tmp_path / 'paired.npz'}", "--protocol=unimodal"])
+  with pytest.raises(SystemExit) as e:
+    retrieve.main([f"--embeddings={tmp_path / 'paired.npz'}", "--protocol=both"])
+  assert e.value.code == 2
+  assert "--protocol: invalid choice: 'both' (choose from 'unimodal', 'paired')" in (
+      capsys.readouterr().err)
+  # Variables without what the chosen stand-in needs: one line naming the file and values.
+  with pytest.raises(ValueError, match=r"vars\.npz: missing_partner='learned' needs "
+                     r"\['params/placeholder_visual', 'params/placeholder_audio'\]"):
+    retrieve.main([f"--variables={tmp / 'vars.npz'}", f"--data={tmp / 'data.npz'}",
+                   '--model_kwargs={"missing_partner": "learned"}'])
 
 
 def test_top_k_matches_full_ranking():

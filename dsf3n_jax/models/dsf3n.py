@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,9 @@ from dsf3n_jax.models.encoder import ModalityEncoder
 from dsf3n_jax.models.fine_grained import FineGrainedNet
 from dsf3n_jax.models.fusion import TwoStageFusion, Variant
 from dsf3n_jax.models.heads import Classifier, OutputHead
+
+MissingPartner = Literal["self", "learned", "mean"]
+MISSING_PARTNERS = ("self", "learned", "mean")
 
 
 class DSF3NOutput(NamedTuple):
@@ -26,6 +29,18 @@ class DSF3NOutput(NamedTuple):
 
 class DSF3N(nn.Module):
   """The whole model: ``(visual, audio) -> (O_v, O_a, logits_v, logits_a)``.
+
+  The fusion mixes the two modalities of a pair, so ``__call__`` embeds each
+  item with its partner (the paper's protocol). ``embed_visual`` and
+  ``embed_audio`` embed one modality alone (the deployable protocol): the
+  partner the fusion needs is replaced by ``missing_partner``:
+
+  * ``"self"``: the modality itself (``MFA(F_v, F_v)``); no extra variables.
+  * ``"learned"``: a learned (tokens, dim) placeholder per modality, params
+    ``placeholder_visual`` / ``placeholder_audio``, initialised to zeros.
+  * ``"mean"``: the running mean of the partner's fine-grained tokens,
+    ``batch_stats`` ``token_mean_visual`` / ``token_mean_audio``, kept with
+    the BatchNorm momentum (the batch mean in train mode), zeros at init.
 
   BatchNorm state lives in the ``batch_stats`` collection (mutable in train
   mode); dropout draws from the ``dropout`` rng.
@@ -45,6 +60,12 @@ class DSF3N(nn.Module):
     embed_dim: retrieval embedding size (64).
     classifier_hidden: hidden width of the classifiers (32).
     dropout_rate: dropout in the head and classifiers (0.5; 0 disables).
+    missing_partner: what stands in for the absent modality when one
+      modality is embedded alone: "self", "learned" or "mean".
+    partner_dropout: in train mode, the probability that an example's
+      embedding of each modality is computed with ``missing_partner`` in place
+      of its partner (per example and modality, drawn from the ``dropout``
+      rng keyed by the example's global index; 0 = the original).
     bn_momentum, bn_epsilon: BatchNorm settings (Flax momentum convention).
     axis_name: mapped axis over which BatchNorm statistics are synchronised.
     dtype: computation dtype (None: that of inputs and parameters).
@@ -68,24 +89,124 @@ class DSF3N(nn.Module):
   embed_dim: int = 64
   classifier_hidden: int = 32
   dropout_rate: float = 0.5
+  missing_partner: MissingPartner = "self"
+  partner_dropout: float = 0.0
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   axis_name: str | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
-  def _fine_grained(self, name: str) -> FineGrainedNet:
+  def setup(self):
+    if self.missing_partner not in MISSING_PARTNERS:
+      raise ValueError(f"missing_partner: expected one of {', '.join(MISSING_PARTNERS)}, got "
+                       f"{self.missing_partner!r}")
+    if not 0.0 <= self.partner_dropout <= 1.0:
+      raise ValueError(f"partner_dropout: expected a probability in [0, 1], got "
+                       f"{self.partner_dropout!r}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.visual_encoder = ModalityEncoder(self.encoder_features, **kw)
+    self.audio_encoder = ModalityEncoder(self.encoder_features, **kw)
+    self.visual_fine_grained = self._fine_grained()
+    self.audio_fine_grained = self._fine_grained()
+    self.fusion = TwoStageFusion(self.num_fusion_stages if self.use_mfa else 0,
+                                 self.mfa_variant, **kw)
+    self.head = OutputHead(self.head_hidden, self.embed_dim, self.dropout_rate, **kw)
+    self.visual_classifier = Classifier(self.num_classes, self.classifier_hidden,
+                                        self.dropout_rate, **kw)
+    self.audio_classifier = Classifier(self.num_classes, self.classifier_hidden,
+                                       self.dropout_rate, **kw)
+    shape = (len(self.kernel_sizes), self.branch_features[-1])
+    if self.missing_partner == "learned":
+      self.placeholder_visual = self.param("placeholder_visual", nn.initializers.zeros, shape,
+                                           self.param_dtype)
+      self.placeholder_audio = self.param("placeholder_audio", nn.initializers.zeros, shape,
+                                          self.param_dtype)
+    elif self.missing_partner == "mean":
+      self.token_mean_visual = self.variable("batch_stats", "token_mean_visual", jnp.zeros,
+                                             shape, self.param_dtype)
+      self.token_mean_audio = self.variable("batch_stats", "token_mean_audio", jnp.zeros,
+                                            shape, self.param_dtype)
+
+  def _fine_grained(self) -> FineGrainedNet:
     return FineGrainedNet(
         kernel_sizes=tuple(self.kernel_sizes), stem_features=self.stem_features,
         stem_kernel=self.stem_kernel, stem_stride=self.stem_stride,
         stem_padding=self.stem_padding, branch_features=tuple(self.branch_features),
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, axis_name=self.axis_name,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        dtype=self.dtype, param_dtype=self.param_dtype)
 
-  @nn.compact
+  def _check(self, name: str, x: jax.Array, dim: int) -> None:
+    if x.ndim != 2 or x.shape[-1] != dim:
+      raise ValueError(f"{name}: expected shape (batch, {dim}), got {x.shape}")
+
+  def visual_tokens(self, visual: jax.Array, *, train: bool = False) -> jax.Array:
+    """Encoder and fine-grained net: (batch, visual_dim) -> (batch, tokens, dim)."""
+    self._check("visual", visual, self.visual_dim)
+    return self.visual_fine_grained(self.visual_encoder(visual), train=train)
+
+  def audio_tokens(self, audio: jax.Array, *, train: bool = False) -> jax.Array:
+    """Encoder and fine-grained net: (batch, audio_dim) -> (batch, tokens, dim)."""
+    self._check("audio", audio, self.audio_dim)
+    return self.audio_fine_grained(self.audio_encoder(audio), train=train)
+
+  def _stand_in(self, present: jax.Array, missing: str, *, partner: jax.Array | None = None,
+                train: bool = False) -> jax.Array:
+    """Tokens standing in for the ``missing`` modality ("visual" or "audio").
+
+    ``partner``: the real tokens of the missing modality, when known (train
+    mode); "mean" then uses and tracks their batch mean.
+    """
+    if self.missing_partner == "self":
+      return present
+    if self.missing_partner == "learned":
+      placeholder = getattr(self, f"placeholder_{missing}")
+      return jnp.broadcast_to(placeholder.astype(present.dtype), present.shape)
+    stat = getattr(self, f"token_mean_{missing}")
+    if train and partner is not None:
+      mean = jnp.mean(jax.lax.stop_gradient(partner), axis=0)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      if not self.is_initializing():
+        stat.value = (self.bn_momentum * stat.value
+                      + (1 - self.bn_momentum) * mean.astype(stat.value.dtype))
+    else:
+      mean = stat.value
+    return jnp.broadcast_to(mean.astype(present.dtype), present.shape)
+
+  def embed_visual(self, visual: jax.Array, *, train: bool = False,
+                   example_ids: jax.Array | None = None) -> jax.Array:
+    """The retrieval embedding of visual items alone: (batch, visual_dim) -> (batch, embed)."""
+    f_v = self.visual_tokens(visual, train=train)
+    fused, _ = self.fusion(f_v, self._stand_in(f_v, "audio"))
+    return self.head(fused, train=train, example_ids=example_ids)
+
+  def embed_audio(self, audio: jax.Array, *, train: bool = False,
+                  example_ids: jax.Array | None = None) -> jax.Array:
+    """The retrieval embedding of audio items alone: (batch, audio_dim) -> (batch, embed)."""
+    f_a = self.audio_tokens(audio, train=train)
+    _, fused = self.fusion(self._stand_in(f_a, "visual"), f_a)
+    return self.head(fused, train=train, example_ids=example_ids)
+
+  def _outputs(self, m_v, m_a, *, train, example_ids) -> DSF3NOutput:
+    # Call order as in the original: visual head, audio head, visual classifier, audio one.
+    o_v = self.head(m_v, train=train, example_ids=example_ids)
+    o_a = self.head(m_a, train=train, example_ids=example_ids)
+    logits_v = self.visual_classifier(o_v, train=train, example_ids=example_ids)
+    logits_a = self.audio_classifier(o_a, train=train, example_ids=example_ids)
+    return DSF3NOutput(o_v, o_a, logits_v, logits_a)
+
+  def _drop_partner(self, paired: jax.Array, alone: jax.Array, example_ids: jax.Array,
+                    salt: int) -> jax.Array:
+    """Per example, ``alone`` with probability ``partner_dropout``, else ``paired``."""
+    key = jax.random.fold_in(self.make_rng("dropout"), salt)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, self.partner_dropout))(keys)
+    return jnp.where(drop.reshape(-1, *([1] * (paired.ndim - 1))), alone, paired)
+
   def __call__(self, visual: jax.Array, audio: jax.Array, *, train: bool = False,
-               example_ids: jax.Array | None = None) -> DSF3NOutput:
-    """Runs the model.
+               example_ids: jax.Array | None = None, unimodal: bool = False):
+    """Runs the model on pairs.
 
     Args:
       visual: (batch, visual_dim) visual features.
@@ -93,29 +214,32 @@ class DSF3N(nn.Module):
       train: batch statistics and dropout if True; running statistics if False.
       example_ids: (batch,) global indices of the examples; dropout masks are a
         function of them (default: positions in the batch).
+      unimodal: also return the outputs of each modality embedded alone.
 
     Returns:
-      ``DSF3NOutput(emb_visual, emb_audio, logits_visual, logits_audio)``.
+      ``DSF3NOutput(emb_visual, emb_audio, logits_visual, logits_audio)`` of
+      the pairs; with ``unimodal``, ``(paired, alone)``, two ``DSF3NOutput``.
+      In train mode with ``partner_dropout > 0`` the paired outputs have each
+      modality's fusion see the stand-in for a random subset of the examples.
     """
-    for name, x, dim in (("visual", visual, self.visual_dim), ("audio", audio, self.audio_dim)):
-      if x.ndim != 2 or x.shape[-1] != dim:
-        raise ValueError(f"{name}: expected shape (batch, {dim}), got {x.shape}")
     if visual.shape[0] != audio.shape[0]:
       raise ValueError(f"visual and audio batch sizes differ: {visual.shape[0]} vs "
                        f"{audio.shape[0]}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h_v = ModalityEncoder(self.encoder_features, **kw, name="visual_encoder")(visual)
-    h_a = ModalityEncoder(self.encoder_features, **kw, name="audio_encoder")(audio)
-    f_v = self._fine_grained("visual_fine_grained")(h_v, train=train)
-    f_a = self._fine_grained("audio_fine_grained")(h_a, train=train)
-    stages = self.num_fusion_stages if self.use_mfa else 0
-    f_v, f_a = TwoStageFusion(stages, self.mfa_variant, **kw, name="fusion")(f_v, f_a)
-    head = OutputHead(self.head_hidden, self.embed_dim, self.dropout_rate, **kw, name="head")
-    # Call order as in the original: visual head, audio head, visual classifier, audio one.
-    o_v = head(f_v, train=train, example_ids=example_ids)
-    o_a = head(f_a, train=train, example_ids=example_ids)
-    logits_v = Classifier(self.num_classes, self.classifier_hidden, self.dropout_rate, **kw,
-                          name="visual_classifier")(o_v, train=train, example_ids=example_ids)
-    logits_a = Classifier(self.num_classes, self.classifier_hidden, self.dropout_rate, **kw,
-                          name="audio_classifier")(o_a, train=train, example_ids=example_ids)
-    return DSF3NOutput(o_v, o_a, logits_v, logits_a)
+    f_v = self.visual_tokens(visual, train=train)
+    f_a = self.audio_tokens(audio, train=train)
+    m_v, m_a = self.fusion(f_v, f_a)
+    need_alone = unimodal or (train and self.partner_dropout > 0)
+    if need_alone or (train and self.missing_partner == "mean"):  # "mean" tracks in training
+      s_a = self._stand_in(f_v, "audio", partner=f_a, train=train)
+      s_v = self._stand_in(f_a, "visual", partner=f_v, train=train)
+    if need_alone:
+      alone_v, _ = self.fusion(f_v, s_a)
+      _, alone_a = self.fusion(s_v, f_a)
+    if train and self.partner_dropout > 0:
+      ids = jnp.arange(visual.shape[0]) if example_ids is None else example_ids
+      m_v = self._drop_partner(m_v, alone_v, ids, 0)
+      m_a = self._drop_partner(m_a, alone_a, ids, 1)
+    paired = self._outputs(m_v, m_a, train=train, example_ids=example_ids)
+    if not unimodal:
+      return paired
+    return paired, self._outputs(alone_v, alone_a, train=train, example_ids=example_ids)
