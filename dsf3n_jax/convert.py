@@ -32,11 +32,14 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from dsf3n_jax import cli
 
 # Flax module path prefix -> torch module prefix. The longest matching prefix wins; module
 # names after it are kept (the fine-grained convolutions ``conv{k}_{i}`` share their names).
@@ -410,4 +413,5 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-  print(main())
+  # Errors: `error: ...` lines (--verbose: the traceback too).
+  sys.exit(cli.run(lambda argv: print(main(argv))))

@@ -6,7 +6,9 @@
 
 Prints, for a few queries, the top-k items of the other modality (row, source
 index, label, distance, hit), then precision@k over all queries and the mAP of
-both directions.
+both directions. ``--protocol=unimodal`` (the default) embeds every item from its
+own modality alone, as a deployed query is; ``--protocol=paired`` embeds each item
+with its paired item (the paper's protocol).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 import numpy as np
 
-from dsf3n_jax import metrics, retrieval
+from dsf3n_jax import cli, metrics, retrieval
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,9 +96,10 @@ def main(argv=None) -> int:
   direction = "audio->visual" if args.query_modality == "audio" else "visual->audio"
   print(f"precision@{args.k} ({direction}, {n} queries): {p_at_k.mean():.4f}")
   print(f"mAP audio->visual {maps['audio_to_visual']:.4f}  visual->audio "
-        f"{maps['visual_to_audio']:.4f}  average {maps['average']:.4f}")
+        f"{maps['visual_to_audio']:.4f}  average {maps['average']:.4f}  "
+        f"({emb.protocol} protocol)")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))  # errors: `error: ...` lines (--verbose: the traceback too)

@@ -48,15 +48,12 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsf3n_jax import input_pipeline, losses, metrics
+from dsf3n_jax import config_check, input_pipeline, losses, metrics
 from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.models import DSF3N
-from dsf3n_jax.models.dsf3n import MISSING_PARTNERS
 
 AXIS = "data"
-# The averages a run may select its best checkpoint on: the paper's protocol (each item
-# embedded with its partner) or the deployable one (each modality alone).
-SELECTION_METRICS = ("map_average", "unimodal_map_average")
+SELECTION_METRICS = config_check.SELECTION_METRICS  # what a run may select its best on
 Batch = Mapping[str, jax.Array]
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(DSF3N)
                      if f.name not in ("parent", "name", "axis_name"))
@@ -561,21 +558,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The ``results.json`` content: final and best metrics, epochs, timing.
   """
   start_time = time.time()
-  # Guards that need no compile.
-  if config.model.get("missing_partner", "self") not in MISSING_PARTNERS:
-    raise ValueError(f"config.model.missing_partner: expected one of "
-                     f"{', '.join(MISSING_PARTNERS)}, got {config.model.missing_partner!r}")
-  if not 0 <= config.model.get("partner_dropout", 0.0) <= 1:
-    raise ValueError(f"config.model.partner_dropout: expected a probability in [0, 1], got "
-                     f"{config.model.partner_dropout!r}")
-  _check_workdir(workdir)
+  # Guards that need no compile: every config problem at once (config_check.ConfigError),
+  # then the workdir, then the data.
   n_dev = jax.device_count()
-  if config.batch_size % n_dev:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{n_dev} devices")
-  if config.eval_batch_size % n_dev:
-    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by "
-                     f"the {n_dev} devices")
+  config_check.validate(config, num_devices=n_dev)
+  _check_workdir(workdir)
   sources = load_data(config)
   num_train = len(sources.train)
   if config.batch_size > num_train:
@@ -592,9 +579,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       " ".join(f"{k}={v}" for k, v in mesh.shape.items()))
   selection = config.selection_split
   metric = config.get("selection_metric", "map_average")
-  if metric not in SELECTION_METRICS:
-    raise ValueError(f"config.selection_metric: expected one of {', '.join(SELECTION_METRICS)}, "
-                     f"got {metric!r}")
   if selection == "validation" and sources.validation is None:
     selection = "test"
     log("warning: no validation split (config.data.validation_fraction=0): the best "

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from dsf3n_jax import retrieval
+from dsf3n_jax import cli, retrieval
 
 
 def subsample(labels, *, max_points: int, seed: int = 0) -> np.ndarray:
@@ -170,4 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))  # errors: `error: ...` lines (--verbose: the traceback too)

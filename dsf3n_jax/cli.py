@@ -1,0 +1,74 @@
+"""Command-line error reporting: ``error: ...`` lines on stderr instead of a traceback.
+
+An exception that ends a command is printed as one ``error: <message>`` line
+per line of its message (a ``config_check.ConfigError`` has one per problem).
+The exit status is the exception's ``exit_status`` attribute if it has one (2:
+a usage error, as ``UsageError`` and ``ConfigError``), else 1. ``--verbose`` on
+the command line or ``DSF3N_VERBOSE=1`` in the environment prints the full
+traceback first. ``KeyboardInterrupt`` and ``SystemExit`` pass through.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+VERBOSE_ENV = "DSF3N_VERBOSE"
+VERBOSE_FLAGS = ("--verbose", "--verbose=true", "--verbose=1")
+USAGE_STATUS, RUNTIME_STATUS = 2, 1
+# Exceptions whose message alone is cryptic (KeyError: 'x'): their type is named before it.
+_NAMED = (LookupError, AttributeError, TypeError, NameError, AssertionError)
+
+
+class UsageError(Exception):
+  """A bad command line (flag, config file, variant or field): exit status 2."""
+
+  exit_status = USAGE_STATUS
+
+
+def verbose_requested(argv: Sequence[str]) -> bool:
+  """``--verbose`` in ``argv`` or ``DSF3N_VERBOSE`` set to 1 / true / yes / on."""
+  env = os.environ.get(VERBOSE_ENV, "").strip().lower()
+  return env in ("1", "true", "yes", "on") or any(a in VERBOSE_FLAGS for a in argv)
+
+
+def error_lines(exc: BaseException) -> list[str]:
+  """The message of ``exc`` as lines (a traceback folded into it: its last line only)."""
+  text = str(exc).strip()
+  if "Traceback (most recent call last)" in text:
+    text = re.sub(r"^\w+(Error|Exception): ", "", text.splitlines()[-1].strip())
+  lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+  if not lines:
+    return [type(exc).__name__]
+  if isinstance(exc, _NAMED):
+    lines[0] = f"{type(exc).__name__}: {lines[0]}"
+  return lines
+
+
+def report(exc: BaseException, *, verbose: bool = False) -> int:
+  """Prints ``exc`` to stderr (traceback first if ``verbose``); returns the exit status."""
+  if verbose:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+  for line in error_lines(exc):
+    print(f"error: {line}", file=sys.stderr)
+  sys.stderr.flush()
+  return int(getattr(exc, "exit_status", RUNTIME_STATUS))
+
+
+def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
+  """``main(argv)`` (``--verbose`` taken out of ``argv``); an exception: its exit status.
+
+  Args:
+    main: an argparse-style entry point taking the arguments without the program name.
+    argv: default ``sys.argv[1:]``.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = verbose_requested(argv)
+  try:
+    return main([a for a in argv if a not in VERBOSE_FLAGS])
+  except Exception as e:  # noqa: BLE001 - reported as error lines; KeyboardInterrupt passes
+    return report(e, verbose=verbose)

@@ -1,0 +1,143 @@
+"""Tests of config validation and one-line CLI errors: nothing here compiles the model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from dsf3n_jax import cli, config_check
+from dsf3n_jax.config_check import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("synthetic", "vegas", "ave", "fsdd", "paired_features")
+
+
+def small_config(**overrides):
+  config = default.get_config("runlocal,tiny")
+  for path, value in overrides.items():
+    *parents, last = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("variants", ["", "runlocal,tiny", "unimodal"])
+def test_shipped_configs_are_valid(name, variants):
+  module = __import__(f"configs.{name}", fromlist=["get_config"])
+  config = module.get_config(variants)
+  config.data.path = config.data.path or "features.npz"  # paired_features: given on the CLI
+  config_check.validate(config, num_devices=8)
+  config_check.check_unknown_fields(config, default.get_config())
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("batch_size", 0, "a positive multiple of the 8 devices"),
+    ("batch_size", -32, "a positive multiple of the 8 devices"),
+    ("batch_size", 12, "a positive multiple of the 8 devices"),
+    ("eval_batch_size", 0, "a positive multiple of the 8 devices"),
+    ("keep_checkpoints", 0, "an int >= 1"),
+    ("num_epochs", 0, "an int >= 1"),
+    ("num_epochs", -1, "an int >= 1"),
+    ("model.dropout_rate", 2.0, "a number in [0, 1)"),
+    ("optim.lr", -1.0, "a number >= 0"),
+    ("optim.lr", float("nan"), "a number >= 0"),
+    ("selection_split", "valid", "one of validation, test"),
+    ("metric.distance", "cos", "one of cosine, euclidean"),
+    ("selection_metric", "map", "one of map_average, unimodal_map_average"),
+    ("model.missing_partner", "zeros", "one of self, learned, mean"),
+    ("model.partner_dropout", 1.5, "a number in [0, 1]"),
+    ("model.kernel_sizes", (3, 4), "a non-empty sequence of odd positive ints"),
+    ("data.name", "vegass", "one of synthetic, vegas, ave, paired_features"),
+    ("data.on_device", "maybe", "one of auto, true, false"),
+    ("optim.schedule", "linear", "one of constant, warmup_step, cosine"),
+])
+def test_each_bad_value_is_named_with_what_is_accepted(path, value, expected):
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(small_config(**{path: value}), num_devices=8)
+  assert str(err.value) == f"config.{path}={value!r}: expected {expected}"
+
+
+def test_every_problem_is_reported_at_once():
+  config = small_config(**{"batch_size": 0, "num_epochs": -1, "metric.distance": "cos",
+                           "data.name": "paired_features", "model.encoder_features": 8})
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(config, num_devices=1)
+  assert err.value.exit_status == 2
+  assert [p.split("=")[0] for p in err.value.problems] == [
+      "config.num_epochs", "config.metric.distance", "config.batch_size",
+      "config.model.encoder_features", "config.data.path"]
+  assert "config.batch_size=0: expected an int >= 1" in err.value.problems
+
+
+def test_a_field_an_older_config_lacks_is_not_checked():
+  config = small_config()
+  del config.model["partner_dropout"]
+  del config["selection_metric"]
+  del config.metric["original_test_batches"]
+  config_check.validate(config, num_devices=8)
+
+
+def test_unknown_fields_name_the_closest_known_one():
+  config = small_config()
+  config.unlock()
+  config.optim.learning_rate = 1.0
+  config.num_epoch = 3
+  config.data.synthetic.difficulty = 2.0  # generator kwargs: open-ended, checked by name
+  with pytest.raises(ConfigError) as err:
+    config_check.check_unknown_fields(config, default.get_config())
+  assert err.value.problems == [
+      "config.num_epoch: unknown field; did you mean config.num_epochs?",
+      "config.optim.learning_rate: unknown field; did you mean config.optim.lr?"]
+  config.data.synthetic.num_trian = 5
+  del config.optim["learning_rate"], config["num_epoch"]
+  with pytest.raises(ConfigError, match=r"^config\.data\.synthetic\.num_trian: unknown field; "
+                     r"did you mean config\.data\.synthetic\.num_train\?$"):
+    config_check.validate(config, num_devices=8)
+
+
+def test_an_unknown_override_on_the_command_line_names_lr():
+  from dsf3n_jax import main  # pylint: disable=g-import-not-at-top
+  argv = ["main", f"--config={REPO}/configs/synthetic.py:runlocal",
+          "--config.optim.learning_rate=1", "--config.optim.lr=1"]
+  assert main._unknown_overrides(argv) == [
+      "config.optim.learning_rate: unknown field; did you mean config.optim.lr?"]
+
+
+def test_train_and_evaluate_refuses_before_creating_anything(tmp_path):
+  from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=r"config\.keep_checkpoints=0: expected an int >= 1"):
+    train.train_and_evaluate(small_config(keep_checkpoints=0), str(workdir))
+  assert not workdir.exists()
+
+
+def test_errors_are_lines_with_an_exit_status(capsys):
+  assert cli.report(ConfigError(["config.a=1: expected x", "config.b=2: expected y"])) == 2
+  assert cli.report(KeyError("emb_audio")) == 1
+  assert cli.report(FloatingPointError("non-finite loss at step 7")) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      "error: config.a=1: expected x", "error: config.b=2: expected y",
+      "error: KeyError: 'emb_audio'", "error: non-finite loss at step 7"]
+  assert cli.run(lambda argv: {}["x"], ["--verbose"]) == 1
+  err = capsys.readouterr().err
+  assert "Traceback" in err and err.endswith("error: KeyError: 'x'\n")
+  with pytest.raises(KeyboardInterrupt):
+    cli.run(lambda argv: (_ for _ in ()).throw(KeyboardInterrupt), [])
+
+
+def test_cli_bad_config_is_one_error_line(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != cli.VERBOSE_ENV}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:runlocal,tiny",
+       "--config.batch_size=0", f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.splitlines() == ["error: config.batch_size=0: expected a positive multiple "
+                                      "of the 8 devices"], proc.stderr
+  assert not (tmp_path / "run").exists()
