@@ -30,7 +30,7 @@ def test_cli_writes_both_figures(tmp_path):
            audio_test=rng.normal(size=(n, 16)).astype(np.float32), lab_test=labels)
   retrieval.save_embeddings(tmp_path / "emb.npz", retrieval.Embeddings(
       rng.normal(size=(n, 8)).astype(np.float32), rng.normal(size=(n, 8)).astype(np.float32),
-      labels, np.arange(n)))
+      labels, np.arange(n), protocol="unimodal"))
   assert visualize.main([f"--embeddings={tmp_path / 'emb.npz'}", f"--data={tmp_path / 'data.npz'}",
                          f"--out_dir={tmp_path / 'figs'}", "--perplexity=5"]) == 0
   for name in ("raw_features.png", "embeddings.png"):
