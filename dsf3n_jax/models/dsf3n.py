@@ -13,6 +13,7 @@ from dsf3n_jax.models.encoder import ModalityEncoder
 from dsf3n_jax.models.fine_grained import FineGrainedNet
 from dsf3n_jax.models.fusion import TwoStageFusion, Variant
 from dsf3n_jax.models.heads import Classifier, OutputHead
+from dsf3n_jax.models.layers import example_keys
 
 MissingPartner = Literal["self", "learned", "mean"]
 MISSING_PARTNERS = ("self", "learned", "mean")
@@ -200,7 +201,7 @@ class DSF3N(nn.Module):
                     salt: int) -> jax.Array:
     """Per example, ``alone`` with probability ``partner_dropout``, else ``paired``."""
     key = jax.random.fold_in(self.make_rng("dropout"), salt)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+    keys = example_keys(key, example_ids)
     drop = jax.vmap(lambda k: jax.random.bernoulli(k, self.partner_dropout))(keys)
     return jnp.where(drop.reshape(-1, *([1] * (paired.ndim - 1))), alone, paired)
 

@@ -199,6 +199,12 @@ class Bilinear(nn.Module):
     return y.reshape(*batch_shape, self.features)
 
 
+def example_keys(key: jax.Array, example_ids: Array) -> jax.Array:
+  """One key per example, ``fold_in(key, example_id)``: draws that do not depend on how the
+  batch is split over devices."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+
+
 class Dropout(nn.Module):
   """Inverted dropout whose mask is a function of (rng, example index).
 
@@ -227,7 +233,7 @@ class Dropout(nn.Module):
     if example_ids is None:
       example_ids = jnp.arange(x.shape[0])
     keep_prob = 1.0 - self.rate
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+    keys = example_keys(key, example_ids)
     keep = jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, x.shape[1:]))(keys)
     return jnp.where(keep, x / keep_prob, jnp.zeros_like(x)).astype(x.dtype)
 
