@@ -8,11 +8,18 @@ Errors are ``error: ...`` lines on stderr (``dsf3n_jax.cli``): exit status 2 for
 bad command line or config (a flag, config file, variant, unknown field or bad
 value: the config is checked before anything compiles), 1 for a failure of the
 run; ``--verbose`` or ``DSF3N_VERBOSE=1`` prints the traceback too.
+
+``--config`` is a path, absolute or relative to the current directory, from any
+directory: the source tree's root (the folder holding ``configs/``) goes first on
+``sys.path``, so a config file anywhere, ours or a user's own, can build on ours
+with ``from configs import default``; the config file's own folder goes last, so
+it can import its neighbours too (``configs/__init__.py`` says more).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -69,6 +76,12 @@ def _parse_flags(argv):
   return rest
 
 
+def _without_traceback(record) -> bool:
+  record.exc_info, record.exc_text = None, None
+  record.msg = str(record.msg).split("\n", 1)[0]
+  return True
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -78,6 +91,10 @@ def main(argv):
 
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # progress goes to the console; libraries stay quiet
+  if not cli.verbose_requested(sys.argv[1:]):
+    # A library's error log is one line: the traceback of a failed background save is
+    # printed with --verbose; the run's own error line names the cause.
+    logging.get_absl_handler().addFilter(_without_traceback)
   config = FLAGS.config
   config_check.check_unknown_fields(config, train.default_config())  # fields set in the file
   if str(config.model.dtype) == "float64":  # float64 end to end: parameters, optimiser, loss
@@ -92,13 +109,48 @@ def main(argv):
   logging.flush()
 
 
+def source_root() -> pathlib.Path | None:
+  """The folder holding ``configs/`` beside the ``dsf3n_jax`` source tree (None if absent).
+
+  Found as ``train.default_config`` finds ``configs/default.py``.
+  """
+  root = pathlib.Path(__file__).resolve().parents[1]
+  return root if (root / "configs" / "default.py").is_file() else None
+
+
+def config_search_path(argv) -> list[str]:
+  """Puts on ``sys.path`` what a ``--config`` file in ``argv`` imports; returns ``sys.path``.
+
+  First: the source root (``configs`` then means our configs, from any working
+  directory), then the working directory (as ``python -m`` has it). Last: the
+  config file's folder, for a config that imports a module beside it.
+  """
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  root = source_root()
+  if root is not None and sys.path[:1] != [str(root)]:
+    sys.path.insert(0, str(root))  # first, even if it is on the path already (PYTHONPATH)
+  spec = _flag_value(argv, "config")
+  if spec:
+    path = spec.split(":", 1)[0]  # ml_collections: what follows the first ':' is the variant
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and folder not in sys.path:
+      sys.path.append(folder)
+  return sys.path
+
+
 def run():
   """Console entry point: an error is ``error: ...`` lines and exit status 2 or 1."""
-  sys.path.insert(0, os.getcwd())  # so configs can `from configs import default`
+  config_search_path(sys.argv[1:])  # so any config can `from configs import default`
   try:
     app.run(main, flags_parser=_parse_flags)
   except Exception as e:  # noqa: BLE001 - reported in one line each; KeyboardInterrupt passes
-    sys.exit(cli.report(e, verbose=cli.verbose_requested(sys.argv[1:])))
+    status = cli.report(e, verbose=cli.verbose_requested(sys.argv[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The run has closed what it could (train.train_and_evaluate); threads a failed save or
+    # writer left behind must not keep the process alive (on a pod, the allocation).
+    os._exit(status)
 
 
 if __name__ == "__main__":
