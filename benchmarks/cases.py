@@ -470,8 +470,10 @@ def _torch_model(params, *, einsum: bool, device):
     if key in kwargs:
       kwargs[key] = tuple(kwargs[key])
   model = torch_dsf3n.CrossModalNN(NUM_CLASSES, einsum_bilinear=einsum, **kwargs)
-  saved = np.load(params["weights"])
-  state_dict = {k[len("model/"):]: torch.from_numpy(saved[k]) for k in saved.files
+  from dsf3n_jax.datasets import validation
+  saved = validation.read_npz(params["weights"], expected=(
+      "a weights .npz of arrays (model/<torch state-dict key> and centers)"))
+  state_dict = {k[len("model/"):]: torch.from_numpy(v) for k, v in saved.items()
                 if k.startswith("model/")}
   missing, unexpected = model.load_state_dict(state_dict, strict=False)
   missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -292,10 +292,20 @@ def save_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
     np.savez(f, **flat)
 
 
+NPZ_EXPECTED = ("a variables .npz of arrays ('/'-joined keys such as params/head/out/kernel, "
+                "as convert.save_npz writes)")
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads what ``save_npz`` wrote back into a nested dict of numpy arrays."""
-  with np.load(path) as data:
-    return _unflatten({tuple(k.split("/")): data[k] for k in data.files})
+  """Reads what ``save_npz`` wrote back into a nested dict of numpy arrays.
+
+  Never unpickles: anything but an ``.npz`` of arrays is a one-line
+  ``DataValidationError`` naming the file.
+  """
+  from dsf3n_jax.datasets import validation
+
+  data = validation.read_npz(path, expected=NPZ_EXPECTED)
+  return _unflatten({tuple(k.split("/")): v for k, v in data.items()})
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -29,10 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import metrics
+from dsf3n_jax import cli, metrics
+from dsf3n_jax.datasets import validation
 
 _MODEL_KEY = "__model__"
 PROTOCOLS = ("unimodal", "paired")
+# What each file should be, for the message when it is not (every .npz: allow_pickle=False).
+VARIABLES_EXPECTED = ("a variables .npz of arrays (retrieval.save_variables: '/'-joined keys "
+                      "under params/ and batch_stats/)")
+EMBEDDINGS_EXPECTED = ("an embeddings .npz of arrays (retrieval.save_embeddings: emb_visual, "
+                       "emb_audio, labels, indices, protocol)")
+RUN_FILE = "config.json"  # what every training run's workdir holds (train.train_and_evaluate)
 
 
 class Embeddings(NamedTuple):
@@ -103,8 +111,7 @@ def load_variables(path) -> tuple[dict[str, Any], dict[str, Any] | None]:
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"variables file {path} does not exist")
-  with np.load(path) as f:
-    flat = {k: f[k] for k in f.files}
+  flat = validation.read_npz(path, expected=VARIABLES_EXPECTED)
   model_kwargs = None
   if _MODEL_KEY in flat:
     model_kwargs = json.loads(str(flat.pop(_MODEL_KEY)))
@@ -143,19 +150,26 @@ def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.nd
   keys = (f"visual_{split}", f"audio_{split}", f"lab_{split}")
   if path.suffix in (".h5", ".hdf5"):
     import h5py  # pylint: disable=g-import-not-at-top
-    with h5py.File(path, "r") as f:
+    try:
+      f = h5py.File(path, "r")
+    except OSError as e:
+      raise validation.DataValidationError(
+          f"{path}: not a readable HDF5 file ({e}); expected "
+          f"{validation.PAIRED_EXPECTED}") from e
+    with f:
       missing = [k for k in keys if k not in f]
       if missing:
         raise KeyError(f"data file {path}: missing {missing}; found {sorted(f.keys())}")
       arrays = [np.asarray(f[k]) for k in keys]
   else:
-    with np.load(path) as f:
+    with validation.open_npz(path, expected=validation.PAIRED_EXPECTED) as f:
       missing = [k for k in keys if k not in f.files]
       if missing:
         raise KeyError(f"data file {path}: missing {missing}; found {sorted(f.files)}")
       arrays = [f[k] for k in keys]
   visual, audio, labels = arrays
-  labels = as_class_ids(labels, name=f"{path}:{keys[2]}")
+  # Class ids or one-hot rows, checked: a bad label names the key (lab_<split>) and its row.
+  labels = validation.labels_to_ids(labels, source=str(path), key=keys[2]).astype(np.int64)
   if not len(visual) == len(audio) == len(labels):
     raise ValueError(f"data file {path}: split {split!r} has {len(visual)} visual, "
                      f"{len(audio)} audio and {len(labels)} label rows; expected equal")
@@ -230,7 +244,7 @@ def load_embeddings(path, *, protocol: str | None = None) -> Embeddings:
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"embeddings file {path} does not exist")
-  with np.load(path) as f:
+  with validation.open_npz(path, expected=EMBEDDINGS_EXPECTED) as f:
     missing = [k for k in ("emb_visual", "emb_audio", "labels") if k not in f.files]
     if missing:
       raise KeyError(f"embeddings file {path}: missing {missing}; found {sorted(f.files)}")
@@ -344,6 +358,7 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     return load_embeddings(embeddings, protocol=protocol)
   from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
   if workdir:
+    check_run_dir(workdir)
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
     model, model_vars, config = train.restore_model(workdir)
     source = f"--workdir={workdir}"
@@ -366,6 +381,21 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   visual, audio, labels = load_split(data, split)
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size,
                      protocol=protocol)
+
+
+def check_run_dir(workdir, *, flag: str = "--workdir") -> str:
+  """``workdir`` if it holds a training run (its ``config.json``); else a ``cli.UsageError``.
+
+  The one-line message names the flag and what is missing, e.g.
+  ``--workdir=/tmp/x: no training run here (config.json not found)``.
+  """
+  where = f"{flag}={workdir}: no training run here"
+  if not os.path.isdir(workdir):
+    found = "not a directory" if os.path.exists(workdir) else "no such directory"
+    raise cli.UsageError(f"{where} ({found})")
+  if not os.path.isfile(os.path.join(workdir, RUN_FILE)):
+    raise cli.UsageError(f"{where} ({RUN_FILE} not found)")
+  return workdir
 
 
 def embeddings_from_flags(args) -> Embeddings:

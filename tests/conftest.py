@@ -23,3 +23,56 @@ def fsdd_path():
   if not path.exists():
     pytest.skip(f"real data file {path} is absent (see shared/data/README.md)")
   return path
+
+
+def write_bad_npz_files(folder) -> dict[str, pathlib.Path]:
+  """Files named ``<kind>.npz`` that are not ``.npz`` archives of arrays, by kind."""
+  import pickle
+  import zipfile
+
+  import h5py
+  import numpy as np
+
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = {}
+
+  def path(kind):
+    paths[kind] = folder / f"{kind}.npz"
+    return paths[kind]
+
+  with open(path("pickle"), "wb") as f:  # what torch.save / pickle.dump of a dict write
+    pickle.dump({"emb_visual": np.ones((2, 2)), "params/w": np.ones(2)}, f)
+  # A real .npz whose one member is an object array: np.load wants allow_pickle=True for it.
+  np.savez(path("object_array"), **{k: np.array([{"x": 1}, None], dtype=object) for k in (
+      "emb_visual", "emb_audio", "labels", "params/w", "visual_test", "audio_test", "lab_test",
+      "visual_train", "audio_train", "lab_train")})
+  path("random_bytes").write_bytes(np.random.default_rng(0).bytes(4096))
+  with h5py.File(path("hdf5"), "w") as f:  # an HDF5 file under an .npz name
+    f["visual_test"] = np.ones((2, 2))
+  with open(path("npy"), "wb") as f:  # np.save, not np.savez
+    np.save(f, np.ones(3))
+  with zipfile.ZipFile(path("zip_of_other_things"), "w") as z:  # e.g. a torch .pth
+    z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+  path("empty").write_bytes(b"")
+  return paths
+
+
+@pytest.fixture()
+def bad_npz_files(tmp_path):
+  """``{kind: path}`` of files named .npz that are not .npz archives of arrays."""
+  return write_bad_npz_files(tmp_path / "bad")
+
+
+def _assert_refused_npz(message: str, path) -> None:
+  assert "\n" not in message, message
+  assert str(path) in message, message
+  assert "expected" in message and ".npz of arrays" in message, message
+  assert "allow_pickle" not in message, message
+
+
+@pytest.fixture()
+def assert_refused_npz():
+  """``check(message, path)``: one line naming the file and the .npz of arrays expected,
+  and not numpy's advice to set allow_pickle."""
+  return _assert_refused_npz

@@ -228,3 +228,13 @@ def test_ops_are_traced_back_to_model_layers_also_inside_loops():
   assert cases._short_op_name(loop) == "fwd audio_fine_grained/conv7_3/conv"
   assert cases._layer_of("jit(step)/while/body/add").startswith("(outside the model")
   assert cases._layer_of("") == "(no source recorded)"
+
+
+@pytest.mark.parametrize("kind", ["pickle", "object_array", "hdf5"])
+def test_torch_weights_file_is_read_without_pickles(bad_npz_files, assert_refused_npz, kind):
+  pytest.importorskip("torch")
+  from dsf3n_jax.datasets import DataValidationError
+  path = bad_npz_files[kind]
+  with pytest.raises(DataValidationError) as e:
+    cases._torch_model({"weights": str(path)}, einsum=False, device="cpu")
+  assert_refused_npz(str(e.value), path)

@@ -240,3 +240,32 @@ def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_
   assert model.num_classes == 10 and config.model.mfa_variant == "reference"
   expected = convert.from_torch_state_dict(torch_state)
   jax.tree.map(np.testing.assert_array_equal, variables, expected)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "object_array", "random_bytes", "hdf5", "npy",
+                                  "zip_of_other_things", "empty"])
+def test_load_npz_refuses_what_is_not_an_npz_of_arrays(bad_npz_files, assert_refused_npz,
+                                                       kind):
+  from dsf3n_jax.datasets import DataValidationError
+  path = bad_npz_files[kind]
+  with pytest.raises(DataValidationError) as e:
+    convert.load_npz(path)
+  assert_refused_npz(str(e.value), path)
+
+
+def test_command_line_refuses_a_pickle_in_one_error_line(bad_npz_files, tmp_path):
+  import os
+  import subprocess
+
+  from dsf3n_jax import cli
+  env = {k: v for k, v in os.environ.items() if k != cli.VERBOSE_ENV}
+  for kind in ("pickle", "object_array", "hdf5"):
+    src = bad_npz_files[kind]
+    proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.convert", "--to_torch", str(src),
+                           str(tmp_path / "out.pth")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {src}: "), lines
+    assert "expected a variables .npz of arrays" in lines[0] and "allow_pickle" not in lines[0]
+    assert not (tmp_path / "out.pth").exists()

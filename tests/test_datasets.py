@@ -1,6 +1,7 @@
 """Tests of the dataset builders, the validation and the synthetic generator."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -222,3 +223,69 @@ def test_reading_built_dataset_imports_no_tensorflow(data_dirs):
                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "NO_TF"
+
+
+@pytest.mark.parametrize("kind", ["pickle", "object_array", "random_bytes", "hdf5", "npy",
+                                  "zip_of_other_things", "empty"])
+def test_a_feature_file_that_is_not_an_npz_of_arrays_is_refused(bad_npz_files,
+                                                                assert_refused_npz, kind):
+  path = bad_npz_files[kind]
+  with pytest.raises(DataValidationError) as e:
+    read_paired_file(path)
+  assert_refused_npz(str(e.value), path)
+  if kind == "hdf5":
+    assert "name it .h5" in str(e.value)
+
+
+def test_an_npz_named_h5_is_named_a_zip(tmp_path):
+  path = _write(tmp_path / "f.npz", generate_synthetic(**SMALL))
+  os.rename(path, tmp_path / "f.h5")
+  with pytest.raises(DataValidationError, match=r"f\.h5: .*zip archive \(an \.npz\?\)"):
+    read_paired_file(tmp_path / "f.h5")
+
+
+def _lab_test_bad_at_row_7(value, *, one_hot=False):
+  arrays = generate_synthetic(**SMALL, num_classes=4, visual_dim=20, audio_dim=6)
+  if one_hot:
+    arrays = _one_hot(arrays, 4)
+    arrays["lab_test"][7] = value
+  else:
+    arrays["lab_test"] = arrays["lab_test"].astype(np.asarray(value).dtype)
+    arrays["lab_test"][7] = value
+  return arrays
+
+
+LAB_TEST_ROW_7 = {  # label value at row 7 of lab_test -> the rest of the message
+    "unseen_class": (4, {}, "has label 4, a class with no example in 'lab_train'"),
+    "far_class": (99, {}, "has label 99, a class with no example in 'lab_train'"),
+    "negative": (-1, {}, "has label -1, outside"),
+    "num_classes": (4, dict(num_classes=4), r"has label 4, outside 0\.\.3"),
+    "fraction": (2.5, {}, r"label 2\.5 is not an integer class id"),
+    "nan": (np.nan, {}, "non-finite .*first bad row 7"),
+    "one_hot": ([0, 1, 1, 0], dict(one_hot=True), "is not one-hot"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAB_TEST_ROW_7))
+def test_a_bad_test_label_names_lab_test_and_its_row(case):
+  value, kwargs, rest = LAB_TEST_ROW_7[case]
+  kwargs = dict(kwargs)
+  arrays = _lab_test_bad_at_row_7(value, one_hot=kwargs.pop("one_hot", False))
+  with pytest.raises(DataValidationError, match=r"^/d/x\.npz: key 'lab_test' .*row 7") as e:
+    validate_arrays(arrays, source="/d/x.npz", **kwargs)
+  assert re.search(rest, str(e.value)), str(e.value)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("num_classes", [None, 4])
+def test_a_bad_test_label_through_load_sources(data_dirs, num_classes):
+  # The path training takes: config.data.name=paired_features, config.data.path=FILE.
+  from dsf3n_jax import input_pipeline
+  data_dir, manual = data_dirs
+  path = _write(manual / "feats.npz", _lab_test_bad_at_row_7(4))
+  with pytest.raises(DataValidationError) as e:
+    input_pipeline.load_sources("paired_features", data_dir=data_dir, path=path,
+                                num_classes=num_classes)
+  message = str(e.value)
+  assert message.startswith(f"{path}: key 'lab_test' row 7 has label 4"), message
+  assert "\n" not in message

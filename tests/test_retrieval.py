@@ -147,3 +147,69 @@ def test_cli_on_real_data(fsdd_path, tmp_path, capsys):
   assert retrieve.main([f"--variables={tmp_path / 'v.npz'}", f"--data={fsdd_path}",
                         "--queries=0", "--k=5"]) == 0
   assert "precision@5 (audio->visual, 300 queries)" in capsys.readouterr().out
+
+
+NOT_NPZ = ("pickle", "object_array", "random_bytes", "hdf5", "npy", "zip_of_other_things",
+           "empty")
+
+
+@pytest.mark.parametrize("kind", NOT_NPZ)
+def test_files_that_are_not_an_npz_of_arrays_are_refused(bad_npz_files, assert_refused_npz,
+                                                         kind):
+  from dsf3n_jax.datasets import DataValidationError
+  path = bad_npz_files[kind]
+  for load in (retrieval.load_embeddings, retrieval.load_variables,
+               lambda p: retrieval.load_split(p, "test")):
+    with pytest.raises(DataValidationError) as e:
+      load(path)
+    assert_refused_npz(str(e.value), path)
+  if kind == "hdf5":  # a paired-feature file may be HDF5: under its own name
+    with pytest.raises(DataValidationError, match=r"HDF5 file.*name it \.h5"):
+      retrieval.load_split(path, "test")
+  if kind in ("pickle", "object_array"):
+    with pytest.raises(DataValidationError, match="never loaded"):
+      retrieval.load_embeddings(path)
+
+
+def test_a_bad_label_names_its_key_and_row(tiny, tmp_path):
+  tmp, _, _, data = tiny
+  for bad, message in ((-1, r"row 7 has label -1"), (2.5, r"row 7 label 2\.5 is not an integer")):
+    labels = data["lab_test"].astype(type(bad)).copy()
+    labels[7] = bad
+    np.savez(tmp_path / "d.npz", **{**data, "lab_test": labels})
+    with pytest.raises(ValueError, match=rf"d\.npz: key 'lab_test' {message}"):
+      retrieval.load_split(tmp_path / "d.npz", "test")
+
+
+def _run_cli(module, *args, cwd):
+  import os
+  import subprocess
+  import sys
+
+  from dsf3n_jax import cli
+  env = {k: v for k, v in os.environ.items() if k != cli.VERBOSE_ENV}
+  env.update(JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("module", ["dsf3n_jax.retrieve", "dsf3n_jax.visualize"])
+def test_cli_workdir_without_a_run_is_one_error_line(tmp_path, module):
+  (tmp_path / "empty").mkdir()
+  extra = ["--out_dir=figs"] if module.endswith("visualize") else []
+  for workdir, why in (("absent", "no such directory"), ("empty", "config.json not found")):
+    proc = _run_cli(module, f"--workdir={workdir}", *extra, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: --workdir={workdir}: no training run here ({why})"], proc.stderr
+  with pytest.raises(Exception, match=r"no training run here \(config.json not found\)"):
+    retrieval.embeddings_from_args(workdir=str(tmp_path / "empty"))
+
+
+def test_cli_refuses_a_pickle_in_one_error_line(bad_npz_files, tmp_path):
+  for kind in ("pickle", "object_array"):
+    proc = _run_cli("dsf3n_jax.retrieve", f"--embeddings={bad_npz_files[kind]}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad_npz_files[kind]}: "), lines
+    assert "allow_pickle" not in proc.stderr

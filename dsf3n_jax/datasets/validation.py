@@ -3,12 +3,19 @@
 Every check raises ``DataValidationError`` with a message naming the file, the
 key, what was expected and what was found, so that nothing a file gets wrong
 reaches training silently.
+
+``open_npz`` / ``read_npz`` read every ``.npz`` of the project (features,
+embeddings, variables, converted weights) with ``allow_pickle=False``: a file
+that is not an archive of arrays, or holds a pickled object array, is refused
+with one line naming the file and what it should be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -24,6 +31,123 @@ SUFFIXES = (".h5", ".hdf5", ".npz")
 
 class DataValidationError(ValueError):
   """A data file or array does not have the expected content."""
+
+
+NPZ_EXPECTED = "an .npz of arrays (np.savez)"
+PAIRED_EXPECTED = ("an .npz of arrays (np.savez) with visual_<split>, audio_<split> and "
+                   "lab_<split>, or an .h5/.hdf5 file")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def file_kind(path: str | os.PathLike) -> str:
+  """What a file's first bytes say it is.
+
+  Returns:
+    "zip" (an .npz, or any zip archive), "npy" (one ``np.save`` array),
+    "hdf5", "pickle" (protocol 2 or later), "empty" or "unknown".
+  """
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if not head:
+    return "empty"
+  if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    return "zip"
+  if head.startswith(b"\x93NUMPY"):
+    return "npy"
+  if head.startswith(_HDF5_MAGIC):
+    return "hdf5"
+  if head[0] == 0x80 and 2 <= head[1] <= 5:
+    return "pickle"
+  return "unknown"
+
+
+def _not_npz_reason(path: str, kind: str, expected: str) -> str:
+  h5_ok = ".h5" in expected and path.lower().endswith(".npz")
+  return {
+      "empty": "the file is empty",
+      "npy": "it is a single .npy array (np.save), not an .npz archive",
+      "hdf5": ("it is an HDF5 file, not an .npz archive"
+               + (" (name it .h5 to read it as HDF5)" if h5_ok else "")),
+      "pickle": "it is a Python pickle, which is never loaded (it could run code)",
+  }.get(kind, "unreadable as an .npz: it is not a zip archive")
+
+
+class NpzArrays:
+  """An open ``.npz`` of arrays (``open_npz``): ``files``, ``in``, ``[key]``; no pickles."""
+
+  def __init__(self, npz, path: str, expected: str):
+    self._npz, self._path, self._expected = npz, path, expected
+    self.files = list(npz.files)
+
+  def __contains__(self, key) -> bool:
+    return key in self.files
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    if key not in self.files:
+      raise KeyError(key)
+    try:
+      return self._npz[key]
+    except ValueError as e:
+      if "pickle" in str(e):  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise DataValidationError(
+            f"{self._path}: key {key!r} holds Python objects (a pickled object array), which "
+            f"are never loaded; expected {self._expected}") from e
+      raise DataValidationError(f"{self._path}: key {key!r} is not a readable array ({e}); "
+                                f"expected {self._expected}") from e
+    except Exception as e:  # zipfile/zlib/numpy raise many types for a damaged member
+      raise DataValidationError(
+          f"{self._path}: key {key!r} is unreadable or truncated ({type(e).__name__}: {e}); "
+          f"expected {self._expected}") from e
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, *,
+             expected: str = NPZ_EXPECTED) -> Iterator[NpzArrays]:
+  """``with open_npz(path) as f:`` an ``.npz`` of arrays, refusing anything else.
+
+  Loads with ``allow_pickle=False``, and a file that is not an archive of
+  ``.npy`` arrays (a pickle, an HDF5 file, a single ``.npy``, a torch ``.pth``,
+  random bytes), is truncated, or holds a pickled object array under a key
+  that is read, is a ``DataValidationError`` naming the file and ``expected``.
+
+  Args:
+    path: the file.
+    expected: what the file should be, for the message (starts "an .npz of arrays").
+  """
+  path = os.fspath(path)
+
+  def fail(reason: str, cause: BaseException | None = None):
+    raise DataValidationError(f"{path}: {reason}; expected {expected}") from cause
+
+  if not os.path.exists(path):
+    fail("file not found")
+  if os.path.isdir(path):
+    fail("a directory, not a file")
+  kind = file_kind(path)
+  if kind != "zip":
+    fail(_not_npz_reason(path, kind, expected))
+  try:
+    with zipfile.ZipFile(path) as z:
+      other = [n for n in z.namelist() if not n.endswith(".npy")]
+    npz = np.load(path, allow_pickle=False)
+  except Exception as e:  # noqa: BLE001 - zipfile raises many types for a damaged archive
+    fail(f"unreadable or truncated .npz archive ({type(e).__name__}: {e})", e)
+  with npz:
+    if other:
+      fail(f"a zip archive whose members are not .npy arrays ({other[:3]}"
+           f"{' ...' if len(other) > 3 else ''})")
+    yield NpzArrays(npz, path, expected)
+
+
+def read_npz(path: str | os.PathLike, keys: Iterable[str] | None = None, *,
+             expected: str = NPZ_EXPECTED) -> dict[str, np.ndarray]:
+  """The arrays of an ``.npz`` (those of ``keys`` that it has; None: all), via ``open_npz``."""
+  with open_npz(path, expected=expected) as f:
+    return {k: np.asarray(f[k]) for k in _wanted(f.files, keys)}
+
+
+def _wanted(files: list[str], keys: Iterable[str] | None) -> Iterator[str]:
+  return iter(files) if keys is None else (k for k in keys if k in files)
 
 
 def read_paired_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -57,13 +181,20 @@ def read_paired_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except DataValidationError:
     raise
   except Exception as e:  # h5py/zipfile/numpy raise many types for bad files.
+    kind = file_kind(path)
+    hint = "" if kind in ("hdf5", "unknown") else f"; {_not_h5_reason(kind)}"
     raise DataValidationError(
-        f"{path}: unreadable or truncated {suffix} file ({type(e).__name__}: {e})") from e
+        f"{path}: unreadable or truncated {suffix} file ({type(e).__name__}: {e}){hint}; "
+        f"expected {PAIRED_EXPECTED}") from e
+
+
+def _not_h5_reason(kind: str) -> str:
+  return {"zip": "it is a zip archive (an .npz?), not HDF5: name it .npz",
+          "empty": "the file is empty"}.get(kind, f"it is a {kind} file, not HDF5")
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as f:
-    return {k: np.asarray(f[k]) for k in ALL_KEYS if k in f.files}
+  return read_npz(path, ALL_KEYS, expected=PAIRED_EXPECTED)
 
 
 def _read_h5(path: str) -> dict[str, np.ndarray]:
@@ -138,7 +269,8 @@ def _labels_to_ids(lab: np.ndarray, *, source: str, key: str,
     if not np.all(lab == np.round(lab)):
       first = int(np.nonzero(lab != np.round(lab))[0][0])
       raise DataValidationError(
-          f"{source}: key {key!r} row {first} label {lab[first]!r} is not an integer class id")
+          f"{source}: key {key!r} row {first} label {lab[first].item()!r} is not an integer "
+          "class id")
   elif not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):
     raise DataValidationError(
         f"{source}: key {key!r} has dtype {lab.dtype}; expected integer class ids or one-hot rows")
@@ -147,11 +279,20 @@ def _labels_to_ids(lab: np.ndarray, *, source: str, key: str,
   bad = ids < 0 if hi is None else (ids < 0) | (ids > hi)
   if bad.any():
     first = int(np.nonzero(bad)[0][0])
-    expected = f"0..{hi}" if hi is not None else ">= 0"
+    expected = f"0..{hi}" if hi is not None else "0.. (class ids are >= 0)"
     raise DataValidationError(
-        f"{source}: key {key!r} has {int(bad.sum())} labels outside {expected}; first at row "
-        f"{first}: {int(ids[first])}")
+        f"{source}: key {key!r} row {first} has label {int(ids[first])}, outside {expected} "
+        f"(rows with such labels: {int(bad.sum())})")
   return ids.astype(np.int32)
+
+
+def labels_to_ids(lab, *, source: str, key: str,
+                  num_classes: int | None = None) -> np.ndarray:
+  """Checked int32 class ids from class ids or one-hot rows (``lab``, the array of ``key``).
+
+  A bad label is a ``DataValidationError`` naming ``source``, ``key`` and its first row.
+  """
+  return _labels_to_ids(np.asarray(lab), source=source, key=key, num_classes=num_classes)
 
 
 def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
@@ -186,13 +327,14 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
   expected_dims = {"visual": visual_dim, "audio": audio_dim}
   # One-hot width fixes the class count when it was not given.
   if num_classes is None:
-    widths = {arrays[KEYS[s]["label"]].shape[1] for s in SPLITS
+    widths = {KEYS[s]["label"]: np.shape(arrays[KEYS[s]["label"]])[1] for s in SPLITS
               if np.ndim(arrays[KEYS[s]["label"]]) == 2}
-    if len(widths) > 1:
+    if len(set(widths.values())) > 1:
       raise DataValidationError(
-          f"{source}: one-hot label widths differ between splits: found {sorted(widths)}")
+          f"{source}: key 'lab_test' has one-hot width {widths['lab_test']} but key "
+          f"'lab_train' {widths['lab_train']}; expected the same width (the class count)")
     if widths:
-      num_classes = widths.pop()
+      num_classes = widths.popitem()[1]
   out = {}
   for split in SPLITS:
     counts = {}
@@ -225,15 +367,35 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
           f"{source}: split {split!r} is empty (keys {list(counts)} have 0 rows); expected at "
           "least one example")
     out[lkey] = _labels_to_ids(lab, source=source, key=lkey, num_classes=num_classes)
-  if num_classes is None:
+  # Without a class count (given, or a one-hot width), it is max(label) + 1: a class above
+  # train's largest then comes from a test label, and that label is what is reported.
+  inferred = num_classes is None
+  if inferred:
     num_classes = int(max(out[KEYS[s]["label"]].max() for s in SPLITS)) + 1
   present = np.bincount(out["lab_train"], minlength=num_classes)
   absent = np.nonzero(present == 0)[0]
   if absent.size:
+    unseen = (out["lab_test"] > out["lab_train"].max()) if inferred else np.zeros(0, bool)
+    if unseen.any():
+      row = int(np.nonzero(unseen)[0][0])
+      raise DataValidationError(
+          f"{source}: key 'lab_test' row {row} has label {int(out['lab_test'][row])}, a class "
+          f"with no example in 'lab_train' (test rows with such labels: {int(unseen.sum())}); "
+          f"expected only classes train has: {_class_list(np.nonzero(present)[0])}")
     raise DataValidationError(
-        f"{source}: key 'lab_train' has no example of class(es) {absent.tolist()}; expected "
-        f"every class 0..{num_classes - 1} in train")
+        f"{source}: key 'lab_train' has no example of class(es) {_class_list(absent)}; "
+        f"expected every class 0..{num_classes - 1} in train")
   return out
+
+
+def _class_list(ids: np.ndarray, limit: int = 20) -> str:
+  """``[0, 1, 5]``; ``0..9`` for a run; the first ``limit`` ids and the count for many."""
+  ids = np.asarray(ids).tolist()
+  if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+    return f"{ids[0]}..{ids[-1]}"
+  if len(ids) > limit:
+    return "[" + ", ".join(map(str, ids[:limit])) + f", ...] ({len(ids)} classes)"
+  return str(ids)
 
 
 def infer_num_classes(arrays: Mapping[str, np.ndarray]) -> int:
