@@ -340,7 +340,7 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   """One epoch as ``train.train_and_evaluate`` runs it, and the recipe extrapolated from it.
 
   ``params["on_device"]`` ("auto", "true" or "false"; default "auto") is
-  resolved like ``config.data.on_device`` (``train._resolve_on_device``):
+  resolved like ``config.data.on_device`` (``train.resolve_on_device``):
 
   * on device ("scan"): the split is copied to the device once and the epoch
     is one compiled call, ``train.make_train_epoch`` (``lax.scan`` over the
@@ -373,7 +373,7 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   steps = num_examples // batch_size
   cfg, _, model, tx, host_state = jax_setup(params, batch_size=batch_size,
                                             steps_per_epoch=steps)
-  on_device = train._resolve_on_device(params.get("on_device", "auto"))
+  on_device = train.resolve_on_device(params.get("on_device", "auto"))
   mesh, devices = _mesh(params.get("devices", "one"))
   data = synthetic_batch(num_examples, seed=1)
   state = jax.device_put(host_state, NamedSharding(mesh, P()))

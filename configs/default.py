@@ -109,7 +109,13 @@ def get_config(arg=None):
   # 6, 11, 16, ... (0-based epoch > 0 and epoch % 5 == 0; VEGAS: up to 36 of 40), not the last.
   config.eval_every_epochs = 5
   config.checkpoint_every_epochs = 5  # and at the end
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = 2  # the latest ones; the best one is kept besides
+  # False: checkpoints hold parameters, BatchNorm statistics, centres, step and key only (about
+  # a third of the size); a resume then starts Adam afresh, so it is not bit for bit.
+  config.checkpoint_optimizer_state = True
+  # A resume refuses a workdir whose checkpoints were trained on other data or another loss
+  # config (both named); True resumes anyway, e.g. to fine-tune on new data.
+  config.allow_resume_mismatch = False
   config.log_every_steps = 50
   config.selection_split = "validation"  # validation (if carved) | test: picks the best checkpoint
   # map_average (the paper's protocol) | unimodal_map_average (each modality embedded alone)

@@ -1,98 +1,180 @@
-"""Orbax checkpoints of a training run: the latest ones and the best one.
+"""Orbax checkpoints of a training run: the latest ones and the best one, in one manager.
 
-``workdir/checkpoints/<epoch>`` holds the latest ``keep`` checkpoints and
-``workdir/best/<epoch>`` the best one by the selection metric. Each holds
-the ``TrainState`` and a JSON ``meta`` item: the resolved model config, the
-data iterator's state, the global step and the run's bookkeeping (best so
-far, early-stopping counter). Saves are asynchronous and atomic: a run
+``workdir/checkpoints/<epoch>`` is one orbax ``CheckpointManager`` whose
+preservation policy keeps the latest ``keep`` checkpoints and the best one
+(the newest save marked ``best``: a finite evaluation that improved the
+selection metric). The best checkpoint is an ordinary step of the manager, so
+when it is also a latest one the two are the same files.
+
+Each checkpoint holds the ``TrainState`` (without the optimiser state when
+``optimizer_state=False``) and a JSON ``meta`` item: the resolved model
+config, the data iterator's state, the global step, the run's bookkeeping
+(best so far, early-stopping counter) and what the run was trained on
+(dataset fingerprint, loss config). Saves are asynchronous and atomic: a run
 killed during a save leaves the previous checkpoint as the latest complete
-one.
+one. A checkpoint that cannot be read is reported in one line and restoring
+falls back to the previous one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+_policies = ocp.checkpoint_managers
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint was written for a different model configuration."""
 
 
-def _manager(directory: pathlib.Path, keep: int, name: str) -> ocp.CheckpointManager:
-  # Each manager needs its own barrier names: two managers saving the same step
-  # at once would otherwise collide in the multi-host coordination service.
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
-      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
-  return ocp.CheckpointManager(directory.absolute(), options=options)
+class CheckpointError(RuntimeError):
+  """No intact checkpoint could be read."""
+
+
+def first_line(e: BaseException) -> str:
+  """``Type: first line of the message`` (orbax/tensorstore messages run to pages)."""
+  text = str(e).strip() or type(e).__name__
+  return f"{type(e).__name__}: {text.splitlines()[0][:200]}"
 
 
 class Checkpointer:
-  """The latest and best checkpoints of one workdir.
+  """The checkpoints of one workdir.
 
   Args:
-    workdir: the run's directory.
-    keep: number of latest checkpoints kept.
+    workdir: the run's directory (any ``etils.epath`` path, e.g. ``gs://``).
+    keep: number of latest checkpoints kept (the best one is kept besides).
+    optimizer_state: save the optimiser state (needed to resume bit for bit);
+      without it a checkpoint holds parameters, BatchNorm statistics, centres,
+      step and key, and a resume starts the optimiser afresh.
+    read_only: open an existing run without creating anything.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2):
-    self.workdir = pathlib.Path(workdir)
-    self.latest = _manager(self.workdir / "checkpoints", keep, "latest")
-    self.best = _manager(self.workdir / "best", 1, "best")
+  def __init__(self, workdir, *, keep: int = 2, optimizer_state: bool = True,
+               read_only: bool = False):
+    self.workdir = epath.Path(workdir)
+    self.directory = self.workdir / "checkpoints"
+    self.optimizer_state = optimizer_state
+    policy = _policies.AnyPreservationPolicy([
+        _policies.LatestN(keep),
+        _policies.BestN(get_metric_fn=lambda m: m["value"], n=1,
+                        keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=True,
+        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_epoch(self) -> int | None:
-    return self.latest.latest_step()
+    return self.manager.latest_step()
+
+  def epochs(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, epoch: int, state, meta: Mapping[str, Any], *, best: bool = False) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(dict(meta)))
-    self.latest.save(epoch, args=args, force=True)
-    if best:
-      self.latest.wait_until_finished()  # one save in flight at a time
-      self.best.save(epoch, args=args, force=True)
+    """Starts an asynchronous save; ``best`` marks it as the new best (``meta["best"]``)."""
+    if not self.optimizer_state:
+      state = state.replace(opt_state=None)
+    meta = {**meta, "optimizer_state": self.optimizer_state}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    metrics = {"value": float(meta["best"]["value"])} if best else None
+    self.manager.save(epoch, args=args, metrics=metrics, force=True)
+
+  def read_meta(self, *, which: str = "latest", epoch: int | None = None) -> dict[str, Any]:
+    """The ``meta`` item of one checkpoint (default: the newest readable one)."""
+    if epoch is None:
+      epoch = self._best_epoch() if which == "best" else self._newest()
+    return self._meta(epoch)
 
   def restore(self, abstract_state, *, epoch: int | None = None, which: str = "latest",
-              model_config: Mapping[str, Any] | None = None):
+              model_config: Mapping[str, Any] | None = None,
+              on_fallback: Callable[[str], None] | None = None, repair: bool = False):
     """Restores ``(state, meta)``; checks the model config when given.
+
+    Without ``epoch``, the newest checkpoint (or the best one) is read; one
+    that cannot be read is reported through ``on_fallback`` and the previous
+    one is tried (``repair``: the unreadable ones are deleted, so that the run
+    can save those epochs again). A checkpoint saved without optimiser state
+    comes back with ``opt_state=None``.
 
     Raises:
       CheckpointMismatchError: naming the differing model fields.
+      CheckpointError: no readable checkpoint.
       FileNotFoundError: no checkpoint in the workdir.
     """
-    manager = self.latest if which == "latest" else self.best
-    epoch = manager.latest_step() if epoch is None else epoch
+    if epoch is not None or which == "best":
+      epoch = self._best_epoch() if epoch is None else epoch
+      return self._restore(epoch, abstract_state, model_config)
+    candidates = sorted(self.manager.all_steps(), reverse=True)
+    if not candidates:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    broken = []
+    for epoch in candidates:
+      try:
+        restored = self._restore(epoch, abstract_state, model_config)
+      except (CheckpointMismatchError, KeyboardInterrupt):
+        raise
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+        broken.append((epoch, first_line(e)))
+        if on_fallback is not None:
+          on_fallback(f"checkpoint {self.directory}/{epoch} is unreadable ({first_line(e)})")
+        continue
+      if broken and repair:
+        for bad, _ in broken:
+          self.manager.delete(bad)
+      return restored
+    raise CheckpointError(f"no readable checkpoint under {self.directory}: " + "; ".join(
+        f"epoch {epoch}: {cause}" for epoch, cause in broken))
+
+  def _newest(self) -> int:
+    epoch = self.manager.latest_step()
     if epoch is None:
-      raise FileNotFoundError(f"no {which} checkpoint under {manager.directory}")
-    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    return epoch
+
+  def _best_epoch(self) -> int:
+    best = self._meta(self._newest()).get("best")
+    if not best:
+      raise FileNotFoundError(f"no best checkpoint under {self.directory}: the run has not "
+                              "evaluated yet")
+    if best["epoch"] not in self.manager.all_steps():
+      raise CheckpointError(f"the best checkpoint, {self.directory}/{best['epoch']}, is "
+                            "missing (a resume of the run saves it again)")
+    return best["epoch"]
+
+  def _meta(self, epoch: int) -> dict[str, Any]:
+    try:
+      return self.manager.restore(epoch, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"{self.directory}/{epoch}/meta: unreadable checkpoint metadata "
+                            f"({first_line(e)})") from e
+
+  def _restore(self, epoch: int, abstract_state, model_config):
+    meta = self._meta(epoch)
     if model_config is not None:
-      check_model_config(meta["model"], model_config, where=f"{manager.directory}/{epoch}")
-    restored = manager.restore(epoch, args=ocp.args.Composite(
+      check_model_config(meta["model"], model_config, where=f"{self.directory}/{epoch}")
+    if not meta.get("optimizer_state", True):
+      abstract_state = abstract_state.replace(opt_state=None)
+    restored = self.manager.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
-  def read_meta(self, *, which: str = "latest", epoch: int | None = None) -> dict[str, Any]:
-    manager = self.latest if which == "latest" else self.best
-    epoch = manager.latest_step() if epoch is None else epoch
-    if epoch is None:
-      raise FileNotFoundError(f"no {which} checkpoint under {manager.directory}")
-    return manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  def check_for_errors(self) -> None:
+    """Raises the error of a finished asynchronous save that failed (e.g. a full disk)."""
+    self.manager.check_for_errors()
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    self.manager.close()
 
 
 def _model_defaults() -> dict[str, Any]:

@@ -46,6 +46,9 @@ def error_lines(exc: BaseException) -> list[str]:
     return [type(exc).__name__]
   if isinstance(exc, _NAMED):
     lines[0] = f"{type(exc).__name__}: {lines[0]}"
+  notes = [n.strip() for n in getattr(exc, "__notes__", ()) if n.strip()]
+  if notes:  # e.g. the last intact checkpoint of a failed run: on the same line
+    lines[-1] += "; " + "; ".join(notes)
   return lines
 
 

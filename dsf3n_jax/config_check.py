@@ -138,6 +138,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("eval_every_epochs", _int(0)),
     ("checkpoint_every_epochs", _int(0)),
     ("keep_checkpoints", _int(1)),
+    ("checkpoint_optimizer_state", _BOOL),
+    ("allow_resume_mismatch", _BOOL),
     ("log_every_steps", _int(0)),
     ("selection_split", _choice(SELECTION_SPLITS)),
     ("selection_metric", _choice(SELECTION_METRICS)),

@@ -193,6 +193,9 @@ class Sources:
   visual_dim: int
   audio_dim: int
   name: str
+  # What identifies the data beyond its sizes: the synthetic generator's arguments, or the
+  # TFDS dataset's full name (name/config/version).
+  origin: dict = dataclasses.field(default_factory=dict)
 
 
 def stratified_split(labels: np.ndarray, *, fraction: float,
@@ -293,6 +296,7 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
                  visual_dim=arrays["visual_train"].shape[1],
                  audio_dim=arrays["audio_train"].shape[1])
     train_labels = arrays["lab_train"]
+    origin = {"synthetic": kwargs}
   else:
     builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
     meta = builder.info.metadata
@@ -301,6 +305,7 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     test = TfdsSource(builder.as_data_source("test"), name=source_name)
     found = {k: int(meta[k]) for k in ("num_classes", "visual_dim", "audio_dim")}
     train_labels = load_split_arrays(train)["label"] if validation_fraction else None
+    origin = {"tfds": builder.info.full_name}
   _check_dims(name, found=found, expected=dict(num_classes=num_classes, visual_dim=visual_dim,
                                                audio_dim=audio_dim))
   val = None
@@ -309,7 +314,7 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
                                             seed=validation_seed)
     val = SubsetSource(train, val_rows)
     train = SubsetSource(train, train_rows)
-  return Sources(train=train, test=test, validation=val, name=name, **found)
+  return Sources(train=train, test=test, validation=val, name=name, origin=origin, **found)
 
 
 def _sharding(mesh: Mesh) -> NamedSharding:

@@ -6,6 +6,12 @@ import pathlib
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the whole suite (workers and the subprocesses they
+# start inherit it): the many small runs of the same tiny model compile once. Results do not
+# depend on it (the cache stores the same executables).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(
+    pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

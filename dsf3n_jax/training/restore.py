@@ -1,0 +1,103 @@
+"""A finished or running training's model back from its workdir; weights written as a run."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dsf3n_jax.checkpoints import Checkpointer, abstract_like
+from dsf3n_jax.training import workdir as workdir_lib
+from dsf3n_jax.training.run import make_mesh
+from dsf3n_jax.training.state import (
+    build_model,
+    build_optimizer,
+    init_state,
+    model_config,
+    new_meta,
+)
+from dsf3n_jax.training.workdir import log
+
+
+def restore_model(workdir, *, which: str = "latest"):
+  """Model, variables and config of the run in ``workdir`` (for retrieval and figures).
+
+  Args:
+    workdir: a training run's directory.
+    which: "latest" or "best".
+
+  Returns:
+    ``(model, {"params", "batch_stats"}, config)`` with ``config`` the run's
+    saved ``ConfigDict``.
+  """
+  saved = workdir_lib.read_run_config(workdir)
+  config = ml_collections.ConfigDict(saved["config"])
+  mcfg = saved["model"]
+  model = build_model(mcfg, axis_name=None)
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, read_only=True)
+  try:  # the optimiser's structure does not depend on the schedule's steps per epoch
+    abstract = abstract_like(jax.eval_shape(lambda: init_state(
+    model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"])),
+        make_mesh())
+    state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg,
+                                    on_fallback=lambda msg: log("%s; reading the one before",
+                                                                 msg))
+  finally:
+    checkpointer.close()
+  return model, jax.device_get(state.variables), config
+
+
+def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
+                          config: ml_collections.ConfigDict) -> str:
+  """Writes ``variables`` as epoch 0 of a run in ``workdir`` (e.g. converted weights).
+
+  Input sizes and the class count are read off the variables. The result is a
+  workdir that ``restore_model`` (retrieval, figures) reads and that
+  ``train_and_evaluate`` resumes from, i.e. fine-tunes; the optimiser state is
+  fresh and the centres are drawn as at initialisation.
+
+  Returns:
+    The checkpoint directory written.
+  """
+  params = variables["params"]
+  mcfg = model_config(config,
+                      num_classes=np.shape(params["visual_classifier"]["logits"]["kernel"])[1],
+                      visual_dim=np.shape(params["visual_encoder"]["dense"]["kernel"])[0],
+                      audio_dim=np.shape(params["audio_encoder"]["dense"]["kernel"])[0])
+  model = build_model(mcfg)
+  tx = build_optimizer(config, 1)
+  state = init_state(model, tx, seed=config.seed, num_classes=mcfg["num_classes"])
+  template = jax.tree.structure(state.variables)
+  given = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  if jax.tree.structure(given) != template:
+    raise ValueError("variables do not fit the model config: "
+                     f"{jax.tree.structure(given)} vs {template}")
+  state = state.replace(params=jax.tree.map(jnp.asarray, given["params"]),
+                        batch_stats=jax.tree.map(jnp.asarray, given["batch_stats"]))
+  workdir = workdir_lib.prepare(workdir)
+  workdir_lib.write_run_config(workdir, config, mcfg, {})
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    checkpointer.save(0, state, {**new_meta(), "model": mcfg})
+    checkpointer.wait()
+  finally:
+    checkpointer.close()
+  return str(workdir / "checkpoints" / "0")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``configs/default.py``'s config, loaded from the source tree."""
+  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: the configs/ folder of the source tree is "
+                            "needed (install with `pip install -e .`)")
+  spec = importlib.util.spec_from_file_location("dsf3n_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,183 @@
+"""Train state, model and optimiser built from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+
+from dsf3n_jax.input_pipeline import DATA_AXIS as AXIS
+from dsf3n_jax.models import DSF3N
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(DSF3N)
+                     if f.name not in ("parent", "name", "axis_name"))
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes, in one pytree.
+
+  Attributes:
+    step: number of optimiser steps taken.
+    params: network parameters.
+    batch_stats: BatchNorm running statistics.
+    centers: (C, embed_dim) centre-loss centres (trained, not part of the net).
+    opt_state: optax state of both optimisers.
+    rng: raw uint32 key data; dropout keys are ``fold_in(rng, step)``.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  centers: jax.Array
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def trainable(self):
+    return {"net": self.params, "centers": self.centers}
+
+  @property
+  def variables(self):
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_dim: int,
+                 audio_dim: int) -> dict[str, Any]:
+  """The resolved keyword arguments of ``DSF3N`` (saved with every checkpoint)."""
+  m = config.model
+  kwargs = {k: m[k] for k in m.keys() if k in MODEL_FIELDS}
+  kwargs.update(num_classes=int(num_classes), visual_dim=int(visual_dim),
+                audio_dim=int(audio_dim))
+  for key in ("kernel_sizes", "branch_features"):
+    kwargs[key] = [int(v) for v in kwargs[key]]
+  kwargs["dtype"] = str(m.dtype)
+  return kwargs
+
+
+def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> DSF3N:
+  """``DSF3N`` from resolved kwargs; computation dtype from its name.
+
+  Parameters (and so the optimiser state and the centres) are float32, or
+  float64 for a float64 model: a float64 run is float64 end to end, which needs
+  64-bit JAX (``JAX_ENABLE_X64=1``; ``python -m dsf3n_jax.main`` turns it on).
+  """
+  kw = dict(kwargs)
+  dtype = jnp.dtype(kw.pop("dtype", "float32"))
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("config.model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                     "jax.config.update('jax_enable_x64', True) before training")
+  kw["kernel_sizes"] = tuple(kw["kernel_sizes"])
+  kw["branch_features"] = tuple(kw["branch_features"])
+  param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  return DSF3N(**kw, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """The network's learning rate as a function of the step.
+
+  ``constant``: ``optim.lr`` (what the original trained with: its
+  ``train_model.py`` has the call of ``adjust_learning_rate`` commented out,
+  so the paper's runs used Adam at a constant 1e-4).
+  ``warmup_step``: the rate the original's ``adjust_learning_rate(optimizer,
+  epoch)`` gives the network, had it been called. That function computes
+  ``r`` = lr (e+1)/10 for epochs e < 10 (0-based), lr for e < 20, lr/10 for
+  e < 50 and lr/100 after, returns ``r``, but sets ``param_groups[0]``,
+  the only group, which holds every network parameter, to ``0.1 * r``; so
+  the network trains at ``0.1 * r``, from lr/100 at epoch 0 to lr/10 at
+  epochs 9-19. The centres' SGD is a separate optimiser it never touches.
+  ``cosine``: from lr down to 0 over ``config.num_epochs``.
+  """
+  lr = config.optim.lr
+  if config.optim.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if config.optim.schedule == "warmup_step":
+    def schedule(step):
+      epoch = step // steps_per_epoch
+      returned = jnp.where(epoch < 10, lr * (epoch + 1) / 10,
+                           jnp.where(epoch < 20, lr, jnp.where(epoch < 50, lr * 0.1, lr * 0.01)))
+      return 0.1 * returned  # param_groups[0]['lr'] = 0.1 * lr
+    return schedule
+  if config.optim.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, max(config.num_epochs * steps_per_epoch, 1))
+  raise ValueError(f"config.optim.schedule: expected 'constant', 'warmup_step' or 'cosine', "
+                   f"got {config.optim.schedule!r}")
+
+
+def build_optimizer(config: ml_collections.ConfigDict,
+                    steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam (b1 0.5, b2 0.999) on the network, plain SGD on the centres."""
+  o = config.optim
+  net = []
+  if o.grad_clip_norm > 0:
+    net.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  # optax.adam / adamw, with the bias corrections computed as PyTorch's Adam does.
+  adam = [scale_by_adam(o.b1, o.b2, o.eps)]
+  if o.weight_decay > 0:
+    adam.append(optax.add_decayed_weights(o.weight_decay))
+  net.append(optax.chain(*adam, optax.scale_by_learning_rate(schedule)))
+  return optax.multi_transform(
+      {"net": optax.chain(*net), "centers": optax.sgd(o.center_lr)}, _labels)
+
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """``optax.scale_by_adam`` (same state) with bias corrections exact in any precision.
+
+  optax computes ``1 - b ** t`` in the moments' dtype: in float32 that is up to
+  2e-5 (relative) too small for ``b2 = 0.999``, every step is that much shorter
+  than PyTorch's (which computes it in float64), and after 50 steps this model's
+  parameters were up to 100 % apart. ``-expm1(t log b)`` is exact to float32
+  rounding.
+  """
+  base = optax.scale_by_adam(b1, b2, eps)
+
+  def update(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+
+    def corrected(moment, decay):
+      return jax.tree.map(lambda m: m / -jnp.expm1(count * math.log(decay)).astype(m.dtype),
+                          moment)
+
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), corrected(mu, b1),
+                           corrected(nu, b2))
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(base.init, update)
+
+
+def _labels(trainable):
+  return {"net": jax.tree.map(lambda _: "net", trainable["net"]), "centers": "centers"}
+
+
+def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int,
+               num_classes: int) -> TrainState:
+  """Initialises parameters (PyTorch's init), centres (standard normal) and optimisers."""
+  init_key, center_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
+  visual = jnp.zeros((2, model.visual_dim), model.param_dtype)
+  audio = jnp.zeros((2, model.audio_dim), model.param_dtype)
+  unmapped = model.clone(axis_name=None)
+  variables = unmapped.init({"params": init_key, "dropout": dropout_key}, visual, audio,
+                            train=False)
+  centers = jax.random.normal(center_key, (num_classes, model.embed_dim), model.param_dtype)
+  trainable = {"net": variables["params"], "centers": centers}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], centers=centers,
+                    opt_state=tx.init(trainable),
+                    rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+
+
+def new_meta() -> dict[str, Any]:
+  """The bookkeeping a run starts with (saved beside the state in every checkpoint)."""
+  return {"epoch": 0, "step": 0, "best": None, "evals_without_improvement": 0,
+          "best_eval_loss": None, "loader": None}

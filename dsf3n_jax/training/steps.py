@@ -1,0 +1,240 @@
+"""The per-device train step, its mapped forms (a step, a whole epoch) and evaluation.
+
+The per-device ``train_step`` is written in the programming model of
+``jax.pmap``: it sees one shard of the global batch and uses explicit
+collectives over the ``data`` axis (``lax.pmean`` of gradients and metrics,
+BatchNorm statistics synchronised). ``make_train_step`` maps it over a
+one-axis ``data`` mesh of every device of every process with
+``jax.shard_map`` under ``jax.jit`` (``check_vma=False``, so gradients of
+replicated parameters are the per-device ones and the ``pmean`` is the only
+reduction, exactly as under ``pmap``). ``make_train_epoch`` runs a whole epoch
+as one compiled call (``lax.scan`` over the steps, the epoch's permutation
+drawn on device) when the train split is in device memory.
+
+Dropout masks are drawn per example from a key folded with the step and the
+example's position in the global batch, so the same global batch gives the
+same update on any number of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax import input_pipeline, losses, metrics
+from dsf3n_jax.input_pipeline import DATA_AXIS as AXIS
+from dsf3n_jax.models import DSF3N
+from dsf3n_jax.training.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+
+def _loss_precision(x: jax.Array) -> jax.Array:
+  """Outputs below float32 (bfloat16) are promoted for the loss; float32/64 stay as given."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
+               tx: optax.GradientTransformation, alpha: float, beta: float,
+               id_form: str = "ce", unimodal_weight: float = 0.0,
+               unimodal_alpha: float | None = None, unimodal_beta: float | None = None,
+               axis_name: str = AXIS) -> tuple[TrainState, dict]:
+  """One optimiser step on this device's shard of the global batch.
+
+  Must run under a mapping that binds ``axis_name`` (``shard_map`` with
+  ``check_vma=False``, or ``pmap``). ``model`` must have ``axis_name`` set
+  so that BatchNorm statistics are those of the global batch.
+
+  ``unimodal_weight > 0`` adds ``unimodal_weight`` times the same loss on the
+  outputs of each modality embedded alone (``DSF3N.embed_visual`` /
+  ``embed_audio``), with the pair and centre terms weighted by
+  ``unimodal_alpha`` and ``unimodal_beta`` (None: ``alpha``, ``beta``); its
+  parts are reported as ``unimodal_<part>``.
+  """
+  labels = batch["label"]
+  local = labels.shape[0]
+  example_ids = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
+  dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(trainable):
+    outputs, mutated = model.apply(
+        {"params": trainable["net"], "batch_stats": state.batch_stats},
+        batch["visual"], batch["audio"], train=True, example_ids=example_ids,
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal_weight > 0)
+    outputs = jax.tree.map(_loss_precision, tuple(outputs))
+    paired = outputs[0] if unimodal_weight > 0 else outputs
+    loss = functools.partial(losses.dsf3n_loss, labels=labels, centers=trainable["centers"],
+                             alpha=alpha, beta=beta, id_form=id_form, axis_name=axis_name)
+    total, parts = loss(paired)
+    if unimodal_weight > 0:
+      alone_total, alone_parts = loss(
+          outputs[1], alpha=alpha if unimodal_alpha is None else unimodal_alpha,
+          beta=beta if unimodal_beta is None else unimodal_beta)
+      total = total + unimodal_weight * alone_total
+      parts = {**parts, **{f"unimodal_{k}": v for k, v in alone_parts.items()}}
+    return total, (parts, mutated["batch_stats"], paired)
+
+  (total, (parts, batch_stats, outputs)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.trainable)
+  grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  _, _, logits_v, logits_a = outputs
+  step_metrics = {
+      "loss": total, **parts,
+      "accuracy_visual": jnp.mean(jnp.argmax(logits_v, -1) == labels),
+      "accuracy_audio": jnp.mean(jnp.argmax(logits_a, -1) == labels),
+  }
+  step_metrics = jax.lax.pmean(step_metrics, axis_name)
+  new_state = state.replace(step=state.step + 1, params=trainable["net"],
+                            batch_stats=batch_stats, centers=trainable["centers"],
+                            opt_state=opt_state)
+  return new_state, step_metrics
+
+
+def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
+                    tx: optax.GradientTransformation) -> Callable:
+  """``train_step`` with the model, optimiser and loss weights bound."""
+  return functools.partial(train_step, model=model, tx=tx, alpha=config.loss.alpha,
+                           beta=config.loss.beta, id_form=config.loss.id_form,
+                           **_unimodal_loss_weights(config.loss))
+
+
+def _unimodal_loss_weights(loss_config) -> dict[str, float | None]:
+  """``config.loss.unimodal_*`` as ``train_step`` keywords (a negative alpha/beta: None)."""
+  get = lambda key: float(loss_config.get(key, -1.0))  # noqa: E731
+  return {"unimodal_weight": max(get("unimodal_weight"), 0.0),
+          "unimodal_alpha": get("unimodal_alpha") if get("unimodal_alpha") >= 0 else None,
+          "unimodal_beta": get("unimodal_beta") if get("unimodal_beta") >= 0 else None}
+
+
+def make_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """``(state, global_batch) -> (state, metrics)`` over every device of ``mesh``."""
+  mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_train_epoch(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
+                     num_examples: int, seed: int, shuffle: bool,
+                     unroll: int | bool = 1) -> Callable:
+  """``(state, arrays, epoch) -> (state, per-step metrics)``: one epoch, one call.
+
+  ``arrays`` is the whole train split, replicated on every device. The
+  epoch's order is ``input_pipeline.epoch_permutation`` (the streaming
+  loader's), drawn on device; each device gathers its slice of each global
+  batch.
+  """
+  steps = num_examples // global_batch_size
+  n_dev = mesh.shape[AXIS]
+  local = global_batch_size // n_dev
+
+  def epoch_fn(state, arrays, epoch):
+    if shuffle:
+      order = input_pipeline.epoch_permutation(seed, epoch, num_examples)
+    else:
+      order = jnp.arange(num_examples)
+    order = order[:steps * global_batch_size].reshape(steps, n_dev, local)
+    device = jax.lax.axis_index(AXIS)
+
+    def body(state, idx):
+      rows = idx[device]
+      batch = {k: arrays[k][rows] for k in ("visual", "audio", "label")}
+      return step_fn(state, batch)
+
+    return jax.lax.scan(body, state, order, unroll=unroll)
+
+  mapped = jax.shard_map(epoch_fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+EMBED_KEYS = ("emb_visual", "emb_audio", "logits_visual", "logits_audio",
+              "unimodal_emb_visual", "unimodal_emb_audio")
+
+
+def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callable:
+  """Eval-mode forward of a batch sharded over ``data`` (same sharding).
+
+  Returns ``{EMBED_KEYS}``: the paired outputs and (``unimodal``) each
+  modality's embedding alone, in at least float32.
+  """
+  def embed(variables, visual, audio):
+    if not unimodal:
+      out = model.apply(variables, visual, audio, train=False)
+    else:
+      paired, alone = model.apply(variables, visual, audio, train=False, unimodal=True)
+      out = (*paired, alone.emb_visual, alone.emb_audio)
+    return {k: _loss_precision(x) for k, x in zip(EMBED_KEYS, out)}
+  mapped = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
+                         check_vma=False)
+  return jax.jit(mapped)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
+                batch_size: int) -> dict[str, np.ndarray]:
+  """Eval-mode outputs for every item of ``source``, in order, padding removed."""
+  parts: dict[str, list[np.ndarray]] = {}
+  for batch in input_pipeline.eval_batches(source, global_batch_size=batch_size, mesh=mesh):
+    out = embed_fn(variables, batch["visual"], batch["audio"])
+    keep = _gather(batch["mask"]) > 0
+    for key, value in (*out.items(), ("label", batch["label"]), ("index", batch["index"])):
+      parts.setdefault(key, []).append(_gather(value)[keep])
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
+             mesh: Mesh, split: str = "test") -> dict[str, float]:
+  """Loss parts, accuracy and mAP (A->V, V->A, average) on every item of a split.
+
+  Both retrieval protocols: ``map_*`` embeds each item with its paired item
+  of the other modality (the paper's); ``unimodal_map_*`` embeds each item
+  from its own modality alone (``DSF3N.embed_visual`` / ``embed_audio``).
+  The loss (of the paired outputs) is computed on the whole split at once
+  (centre-loss class counts over the split), with the current centres.
+  Every item counts, except on the test split with
+  ``config.metric.original_test_batches = N > 0``: then only the items the
+  original's evaluation saw (batches of N in file order, the last partial one
+  dropped; ``metrics.original_protocol_count``).
+  """
+  out = embed_split(embed_fn, state.variables, source, mesh=mesh,
+                    batch_size=config.eval_batch_size)
+  test_batches = config.metric.get("original_test_batches", 0)
+  if split == "test" and test_batches:
+    count = metrics.original_protocol_count(len(out["label"]), test_batches)
+    if not count:
+      raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
+                       f"{len(out['label'])} test items: the original would evaluate none")
+    out = {k: v[:count] for k, v in out.items()}
+  outputs = tuple(jnp.asarray(out[k]) for k in ("emb_visual", "emb_audio", "logits_visual",
+                                                  "logits_audio"))
+  labels = jnp.asarray(out["label"])
+  total, parts = losses.dsf3n_loss(outputs, labels, jnp.asarray(state.centers),
+                                   alpha=config.loss.alpha, beta=config.loss.beta,
+                                   id_form=config.loss.id_form)
+  result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
+            "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
+            "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}
+  for prefix in ("", "unimodal_"):
+    maps = metrics.cross_modal_map(out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"],
+                                   out["label"], distance=config.metric.distance,
+                                   k=config.metric.k or None)
+    result.update({f"{prefix}map_{direction}": float(maps[direction]) for direction in (
+        "audio_to_visual", "visual_to_audio", "average")})
+  result["num_examples"] = int(out["label"].shape[0])
+  return result

@@ -1,0 +1,210 @@
+"""A run's directory: its lock, ``config.json``, ``results.json``, metrics and console log.
+
+Every path goes through ``etils.epath``, so a workdir may be local or a
+bucket (``gs://...``). Only process 0 writes these files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+LOCK_NAME = "lock"
+
+
+class WorkdirError(PermissionError):
+  """The workdir cannot be used: not writable, or another run holds it."""
+
+
+def log(msg: str, *args) -> None:
+  """Console progress (stderr), from process 0 only."""
+  if jax.process_index() == 0:
+    print(time.strftime("%H:%M:%S ") + (msg % args if args else msg), file=sys.stderr,
+          flush=True)
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def atomic_write(path: epath.Path, text: str) -> None:
+  """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  with tmp.open("w") as f:
+    f.write(text)
+    f.flush()
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # remote files have no fd
+      os.fsync(f.fileno())
+  tmp.replace(path)
+
+
+def prepare(workdir) -> epath.Path:
+  """Creates ``workdir`` and checks that it is writable (a one-line error naming it)."""
+  workdir = epath.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_probe_{socket.gethostname()}_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir}: not writable ({e})") from e
+  return workdir
+
+
+def _start_time(pid: int) -> str | None:
+  """The kernel's start time of ``pid`` (Linux), to tell a reused pid from its first owner."""
+  with contextlib.suppress(OSError, IndexError):
+    with open(f"/proc/{pid}/stat") as f:  # the process table, not the workdir
+      return f.read().rsplit(")", 1)[1].split()[19]
+  return None
+
+
+def _alive(owner: Mapping[str, Any]) -> bool:
+  """Whether the lock's owner still runs (owners on other hosts are assumed alive)."""
+  if owner.get("host") != socket.gethostname():
+    return True
+  pid = int(owner.get("pid", -1))
+  if pid <= 0:  # a lock file a killed run left half-written
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  started = owner.get("start_time")
+  return started is None or started == _start_time(pid)
+
+
+class WorkdirLock:
+  """``workdir/lock``: a run holds its workdir for its whole life (process 0 only).
+
+  A lock whose process is gone (same host, pid no longer running, or running
+  but started later, i.e. a reused pid) is stale and taken over, saying so. A
+  live one is refused with its pid and host.
+  """
+
+  def __init__(self, workdir):
+    self.path = epath.Path(workdir) / LOCK_NAME
+    self.held = False
+
+  def acquire(self) -> None:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(
+        os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+      owner = self._owner()
+      if owner is not None:
+        if _alive(owner):
+          raise WorkdirError(
+              f"--workdir={self.path.parent} is in use by pid {owner.get('pid')} on host "
+              f"{owner.get('host')} (started {owner.get('started')}); wait for that run to "
+              f"end, pick another --workdir, or delete {self.path} if that run is gone")
+        log("taking over the stale lock %s of pid %s on %s (that run is gone)", self.path,
+            owner.get("pid"), owner.get("host"))
+        self.path.unlink(missing_ok=True)
+      if self._create(json.dumps(me)):
+        self.held = True
+        return
+    raise WorkdirError(f"--workdir={self.path.parent}: could not take {self.path}: another run "
+                       "took it at the same time")
+
+  def _owner(self) -> dict[str, Any] | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (ValueError, OSError):  # half-written by a run killed while taking it
+      return {"pid": -1, "host": socket.gethostname()}
+
+  def _create(self, text: str) -> bool:
+    if _is_local(self.path):  # O_EXCL: of two runs starting at once, exactly one wins
+      try:
+        fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+      return True
+    self.path.write_text(text)  # object stores: last writer wins; read back to check
+    return self.path.read_text() == text
+
+  def release(self) -> None:
+    if self.held:
+      with contextlib.suppress(OSError):
+        self.path.unlink(missing_ok=True)
+      self.held = False
+
+
+def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[str, Any],
+                     fingerprint: Mapping[str, Any]) -> None:
+  """``config.json``: the resolved config, model and data, read by ``restore_model``."""
+  atomic_write(epath.Path(workdir) / "config.json", json.dumps(
+      {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint)}, indent=2,
+      default=str))
+
+
+def read_run_config(workdir) -> dict[str, Any]:
+  """``config.json`` of a run, or a one-line error naming what is missing."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"--workdir={workdir}: no training run here ({path.name} not "
+                            "found)")
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_results(workdir, results: Mapping[str, Any]) -> None:
+  atomic_write(epath.Path(workdir) / "results.json", json.dumps(results, indent=2))
+
+
+class MetricWriter:
+  """``metrics.jsonl`` and TensorBoard; only process 0 writes files.
+
+  On resume, ``metrics.jsonl`` is cut back to the restored step so that it
+  never holds records of steps that are replayed.
+  """
+
+  def __init__(self, workdir, *, resume_step: int | None):
+    self.active = jax.process_index() == 0
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.tb = None
+    if not self.active:
+      return
+    if self.path.exists():
+      keep = []
+      if resume_step is not None:
+        keep = [line + "\n" for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      atomic_write(self.path, "".join(keep))
+    from tensorboardX import SummaryWriter  # no TensorFlow import
+    self.tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), "split": split, **extra,
+              **{k: float(v) for k, v in values.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in {**values, **extra}.items():
+      if key != "epoch":
+        self.tb.add_scalar(f"{split}/{key}", float(value), int(step))
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      tb, self.tb = self.tb, None
+      tb.close()

@@ -1,0 +1,366 @@
+"""Failure paths of a run: no hang, one writer per workdir, only good checkpoints, resumes."""
+
+import errno
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from dsf3n_jax import checkpoints, config_check, train
+from dsf3n_jax.training import run as run_lib
+from dsf3n_jax.training import steps as steps_lib
+from dsf3n_jax.training import workdir as workdir_lib
+from tests.test_train import REPO, tiny_config
+
+# A run that fails must end well inside this (a hang fails the test instead of the suite).
+EXIT_TIMEOUT_S = 240
+
+
+def _argv(workdir, *extra):
+  return ["--config=configs/synthetic.py:runlocal,tiny", f"--workdir={workdir}",
+          "--config.data.synthetic.num_train=96", "--config.data.synthetic.num_test=40",
+          "--config.batch_size=16", "--config.eval_batch_size=16", "--config.num_epochs=2",
+          "--config.eval_every_epochs=1", "--config.checkpoint_every_epochs=1", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["PYTHONPATH"] = str(REPO)
+  return env
+
+
+def _main(workdir, *extra, inject: str = "", timeout: float = EXIT_TIMEOUT_S):
+  """``python -m dsf3n_jax.main`` after ``inject`` (Python run first, e.g. a patch)."""
+  code = textwrap.dedent(inject) + textwrap.dedent("""
+      import sys
+      from dsf3n_jax import main
+      sys.argv = ["dsf3n_jax.main"] + sys.argv[1:]
+      main.run()
+      """)
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-c", code, *_argv(workdir, *extra)], cwd=REPO,
+                        env=_env(), capture_output=True, text=True, timeout=timeout)
+  return proc, time.time() - t0
+
+
+def _error_line(proc) -> str:
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return errors[0]
+
+
+# -- every exit path ends the process --------------------------------------------------------
+
+_FAIL_MKDIR_UNDER = """
+    import errno, os
+    _real_mkdir = os.mkdir
+    def _mkdir(path, *args, **kwargs):
+      path = os.fspath(path)
+      if "/checkpoints/" in path and {after_first}:
+        raise OSError({errno_}, os.strerror({errno_}), path)
+      return _real_mkdir(path, *args, **kwargs)
+    os.mkdir = _mkdir
+    """
+
+
+@pytest.mark.parametrize("errno_name", ["EACCES", "ENOSPC"])
+def test_a_failing_checkpoint_save_ends_the_run(tmp_path, errno_name):
+  """checkpoints/ refuses writes (permission) or the disk is full: exit 1 in seconds."""
+  code = getattr(errno, errno_name)
+  inject = _FAIL_MKDIR_UNDER.format(errno_=code, after_first="True")
+  proc, elapsed = _main(tmp_path / "run", inject=inject)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  line = _error_line(proc)
+  assert os.strerror(code) in line and "last intact checkpoint: none" in line, line
+  assert not (tmp_path / "run" / "results.json").exists()
+  assert not (tmp_path / "run" / "lock").exists()  # released on the way out
+
+
+def test_a_save_failing_after_a_good_checkpoint_names_it(tmp_path):
+  inject = _FAIL_MKDIR_UNDER.format(  # once checkpoint 1 is complete, the disk is full
+      errno_=errno.ENOSPC,
+      after_first="os.path.isdir(path.split('/checkpoints/')[0] + '/checkpoints/1')")
+  proc, _ = _main(tmp_path / "run", inject=inject)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  line = _error_line(proc)
+  assert "No space left on device" in line, line
+  assert f"last intact checkpoint: {tmp_path / 'run' / 'checkpoints' / '1'}" in line, line
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_an_unwritable_tensorboard_dir_ends_the_run(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "tensorboard").write_text("a file where the folder should be")
+  proc, _ = _main(workdir)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "tensorboard" in _error_line(proc)
+
+
+def test_a_full_disk_ends_the_run(tmp_path):
+  """A real full file system (a 2 MiB tmpfs) when this machine lets us mount one."""
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here; the injected ENOSPC test covers this path")
+  try:
+    proc, _ = _main(mount / "run")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _error_line(proc)
+    assert "No space left on device" in line or "ENOSPC" in line or "space" in line, line
+    assert proc.stderr.count("\n") < 40, proc.stderr  # no flood of tracebacks
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# -- one writer per workdir ------------------------------------------------------------------
+
+def test_a_second_run_into_a_live_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+  workdir = tmp_path / "run"
+  first = subprocess.Popen(
+      [sys.executable, "-m", "dsf3n_jax.main", *_argv(workdir, "--config.num_epochs=50")],
+      cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + EXIT_TIMEOUT_S
+    while not (workdir / "lock").exists() and time.time() < deadline and first.poll() is None:
+      time.sleep(0.2)
+    assert first.poll() is None, first.stderr.read()[-3000:]
+    second, elapsed = _main(workdir)
+    assert second.returncode == 1, second.stderr[-3000:]
+    line = _error_line(second)
+    assert f"in use by pid {first.pid} on host {socket.gethostname()}" in line, line
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  # The killed run's lock is stale now: the next run takes it over and finishes.
+  assert json.loads((workdir / "lock").read_text())["pid"] == first.pid
+  third, _ = _main(workdir, "--config.num_epochs=1")
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f"taking over the stale lock {workdir / 'lock'} of pid {first.pid}" in third.stderr
+  assert not (workdir / "lock").exists()
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_or_reused_pid(tmp_path):
+  path = tmp_path / "lock"
+  host = socket.gethostname()
+  path.write_text(json.dumps({"pid": os.getpid(), "host": host,
+                              "start_time": workdir_lib._start_time(os.getpid())}))
+  with pytest.raises(workdir_lib.WorkdirError, match=f"in use by pid {os.getpid()} on host"):
+    workdir_lib.WorkdirLock(tmp_path).acquire()
+  path.write_text(json.dumps({"pid": 12345678, "host": "elsewhere"}))  # another host: alive
+  with pytest.raises(workdir_lib.WorkdirError, match="on host elsewhere"):
+    workdir_lib.WorkdirLock(tmp_path).acquire()
+  for owner in ({"pid": 2 ** 22 + 7, "host": host},  # no such process
+                {"pid": os.getpid(), "host": host, "start_time": "0"},  # pid reused since
+                "{half-written"):
+    path.write_text(owner if isinstance(owner, str) else json.dumps(owner))
+    lock = workdir_lib.WorkdirLock(tmp_path)
+    lock.acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+# -- only good checkpoints ---------------------------------------------------------------------
+
+def _run(config, workdir):
+  return train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+
+
+def _epochs(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+def test_a_non_finite_evaluation_is_never_saved_or_best(tmp_path, monkeypatch):
+  config = tiny_config(num_epochs=3, eval_every_epochs=1, checkpoint_every_epochs=1,
+                       keep_checkpoints=3)
+  real = steps_lib.evaluate
+  calls = []
+
+  def evaluate(*args, **kwargs):
+    values = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:  # epoch 2: finite training loss, NaN evaluation (lr too high)
+      values = {**values, "loss": float("nan"), "map_average": float("nan")}
+    return values
+
+  monkeypatch.setattr(steps_lib, "evaluate", evaluate)
+  with pytest.raises(FloatingPointError, match=r"non-finite test evaluation after epoch 2 .*"
+                     r"not saved; last good checkpoint: .*checkpoints/1"):
+    _run(config, tmp_path / "run")
+  assert _epochs(tmp_path / "run") == [1]
+  meta = checkpoints.Checkpointer(tmp_path / "run", read_only=True).read_meta()
+  assert meta["best"]["epoch"] == 1 and np.isfinite(meta["best"]["value"])
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_best_shares_the_latest_files_and_results_name_complete_checkpoints(tmp_path):
+  config = tiny_config(num_epochs=3, eval_every_epochs=1, checkpoint_every_epochs=1,
+                       keep_checkpoints=1)
+  results = _run(config, tmp_path / "run")
+  best = results["best"]["epoch"]
+  # One manager: the latest checkpoint and the best one; no copy when they coincide.
+  assert _epochs(tmp_path / "run") == sorted({3, best})
+  assert not (tmp_path / "run" / "best").exists()
+  _, variables, _ = train.restore_model(str(tmp_path / "run"), which="best")
+  assert set(variables) == {"params", "batch_stats"}
+
+
+def test_a_resume_repairs_a_missing_best_checkpoint(tmp_path, monkeypatch, capfd):
+  workdir = tmp_path / "run"
+  config = tiny_config(num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1,
+                       keep_checkpoints=1)
+  real = steps_lib.evaluate
+  scores = iter([0.9, 0.5])  # epoch 1 is the best, epoch 2 the latest: both kept
+
+  def evaluate(*args, **kwargs):
+    return {**real(*args, **kwargs), "map_average": next(scores)}
+
+  monkeypatch.setattr(steps_lib, "evaluate", evaluate)
+  _run(config, workdir)
+  monkeypatch.setattr(steps_lib, "evaluate", real)
+  assert _epochs(workdir) == [1, 2]
+  shutil.rmtree(workdir / "checkpoints" / "1")  # lost, as a kill during a best save used to
+  capfd.readouterr()
+  results = _run(config, workdir)
+  assert "the best checkpoint (epoch 1) is missing" in capfd.readouterr().err
+  assert results["best"]["epoch"] == 2 and _epochs(workdir) == [2]
+  train.restore_model(str(workdir), which="best")
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capfd):
+  workdir = tmp_path / "run"
+  config = tiny_config(num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1,
+                       keep_checkpoints=2)
+  _run(config, workdir)
+  state_dir = workdir / "checkpoints" / "2" / "state"
+  for f in state_dir.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\0garbage")
+  capfd.readouterr()
+  config.num_epochs = 3
+  results = _run(config, workdir)
+  err = capfd.readouterr().err
+  fallback = [line for line in err.splitlines() if "is unreadable" in line]
+  assert len(fallback) == 1 and f"{workdir / 'checkpoints' / '2'}" in fallback[0], err
+  assert "falling back" in fallback[0] and "resumed from" in err
+  assert results["epochs"] == 3 and 3 in _epochs(workdir)
+
+
+def test_garbage_checkpoint_metadata_is_named(tmp_path):
+  workdir = tmp_path / "run"
+  _run(tiny_config(num_epochs=1), workdir)
+  meta_dir = workdir / "checkpoints" / "1" / "meta"
+  for f in meta_dir.iterdir():
+    f.write_text("{not json")
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/1/meta: unreadable"):
+    checkpoints.Checkpointer(workdir, read_only=True).read_meta()
+  with pytest.raises(checkpoints.CheckpointError, match=r"no readable checkpoint.*epoch 1"):
+    train.restore_model(str(workdir))
+
+
+# -- resumes on other data or another loss are refused ---------------------------------------
+
+def test_a_resume_on_other_data_or_loss_is_refused_naming_both(tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(num_epochs=1)
+  _run(config, workdir)
+  config.num_epochs = 2
+  other_data = config.copy_and_resolve_references()
+  other_data.data.synthetic.num_train = 80
+  with pytest.raises(run_lib.ResumeMismatchError, match=r"data: checkpoint was trained on .*"
+                     r"'train': 96.*the config gives .*'train': 80.*allow_resume_mismatch"):
+    _run(other_data, workdir)
+  other_loss = config.copy_and_resolve_references()
+  other_loss.loss.alpha = 0.5
+  with pytest.raises(run_lib.ResumeMismatchError, match=r"loss: .*'alpha': 0.0001.*'alpha': 0.5"):
+    _run(other_loss, workdir)
+  other_loss.allow_resume_mismatch = True  # deliberately, e.g. to fine-tune
+  assert _run(other_loss, workdir)["epochs"] == 2
+
+
+def test_the_fingerprint_hashes_a_feature_file(tmp_path):
+  config = tiny_config()
+  sources = run_lib.load_data(config)
+  a = run_lib.data_fingerprint(config, sources)
+  assert a["synthetic"]["num_train"] == 96 and a["sizes"] == {"train": 96, "test": 40}
+  path = tmp_path / "f.bin"
+  path.write_bytes(b"abc")
+  config.data.path = str(path)
+  b = run_lib.data_fingerprint(config, sources)
+  assert b["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# -- disk: checkpoints without the optimiser state -------------------------------------------
+
+def _size(folder) -> int:
+  return sum(f.stat().st_size for f in pathlib.Path(folder).rglob("*") if f.is_file())
+
+
+def test_checkpoints_without_optimizer_state_are_smaller_and_resume(tmp_path, capfd):
+  config = tiny_config(num_epochs=1)
+  _run(config, tmp_path / "full")
+  config.checkpoint_optimizer_state = False
+  _run(config, tmp_path / "lean")
+  full = _size(tmp_path / "full" / "checkpoints" / "1")
+  lean = _size(tmp_path / "lean" / "checkpoints" / "1")
+  assert lean < 0.6 * full, (lean, full)  # Adam's two moments are twice the parameters
+  capfd.readouterr()
+  config.num_epochs = 2
+  assert _run(config, tmp_path / "lean")["epochs"] == 2
+  assert "the optimiser starts afresh" in capfd.readouterr().err
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+def _scalars(event_dir) -> dict[str, list[float]]:
+  """Scalars of TensorBoard event files (TFRecord framing, tensorboardX's protos)."""
+  from tensorboardX.proto import event_pb2
+  out: dict[str, list[float]] = {}
+  for path in pathlib.Path(event_dir).glob("events*"):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, []).append(value.simple_value)
+  return out
+
+
+def test_progress_says_compiling_and_tensorboard_has_rate_and_learning_rate(tmp_path, capfd):
+  config = tiny_config(num_epochs=2, log_every_steps=2)
+  config.optim.schedule = "cosine"
+  _run(config, tmp_path / "run")
+  err = capfd.readouterr().err
+  assert "compiling the train step" in err
+  assert err.index("compiling the train step") < err.index("epoch 1 step 2/")
+  scalars = _scalars(tmp_path / "run" / "tensorboard")
+  assert len(scalars["train/samples_per_second"]) == 2
+  lr = scalars["train/learning_rate"]
+  assert lr[0] > lr[1] > 0  # cosine decay, read at each epoch's last step
+
+
+def test_config_errors_before_anything_compiles_are_listed_together():
+  config = tiny_config().to_dict()  # a dict: ConfigDict itself refuses a str for a bool
+  config.update(keep_checkpoints=0, checkpoint_optimizer_state="yes", allow_resume_mismatch=1)
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(config, num_devices=1)
+  assert {p.split("=")[0] for p in e.value.problems} == {
+      "config.keep_checkpoints", "config.checkpoint_optimizer_state",
+      "config.allow_resume_mismatch"}
