@@ -226,6 +226,12 @@ def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int
                         (visual,), batch_size=batch_size)
     (emb_a,) = _batched(jax.jit(functools.partial(model.apply, variables, method="embed_audio")),
                         (audio,), batch_size=batch_size)
+  for name, emb in (("visual", emb_v), ("audio", emb_a)):
+    bad = np.flatnonzero(~np.isfinite(np.asarray(emb)).all(axis=-1))
+    if bad.size:
+      raise FloatingPointError(
+          f"the model gives non-finite {name} embeddings for {bad.size} of {n} items (first: "
+          f"row {int(bad[0])}): its variables are not usable (non-finite or diverged weights)")
   labels = np.zeros(n, np.int64) if labels is None else as_class_ids(labels)
   indices = np.arange(n) if indices is None else np.asarray(indices)
   return Embeddings(emb_v, emb_a, labels, indices.astype(np.int64), protocol)
@@ -255,6 +261,10 @@ def load_embeddings(path, *, protocol: str | None = None) -> Embeddings:
   if protocol is not None and made != check_protocol(protocol):
     raise ValueError(f"embeddings file {path} was made under --protocol={made}, not "
                      f"--protocol={protocol}; re-embed, or pass --protocol={made}")
+  for key, emb in (("emb_visual", emb_v), ("emb_audio", emb_a)):
+    if not np.issubdtype(emb.dtype, np.floating) or not np.isfinite(emb).all():
+      raise ValueError(f"embeddings file {path}: {key} must be finite floats (found dtype "
+                       f"{emb.dtype}{', non-finite values' if emb.dtype.kind == 'f' else ''})")
   if not len(emb_v) == len(emb_a) == len(labels) == len(indices):
     raise ValueError(f"embeddings file {path}: row counts differ: emb_visual {len(emb_v)}, "
                      f"emb_audio {len(emb_a)}, labels {len(labels)}, indices {len(indices)}")

@@ -213,3 +213,18 @@ def test_cli_refuses_a_pickle_in_one_error_line(bad_npz_files, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad_npz_files[kind]}: "), lines
     assert "allow_pickle" not in proc.stderr
+
+
+def test_non_finite_weights_or_embeddings_are_refused(tiny, tmp_path):
+  _, model, variables, data = tiny
+  broken = jax.tree.map(lambda x: x, jax.device_get(dict(variables)))
+  broken["params"]["head"] = jax.tree.map(lambda x: np.full_like(x, np.nan),
+                                          broken["params"]["head"])
+  with pytest.raises(FloatingPointError, match=r"non-finite visual embeddings for 37 of 37 "
+                     r"items \(first: row 0\)"):
+    retrieval.embed_split(model, broken, data["visual_test"], data["audio_test"])
+  emb = np.ones((3, 2), np.float32)
+  emb[1, 0] = np.nan
+  np.savez(tmp_path / "nan.npz", emb_visual=emb, emb_audio=np.ones((3, 2)), labels=[0, 1, 0])
+  with pytest.raises(ValueError, match=r"nan.npz: emb_visual must be finite floats"):
+    retrieval.load_embeddings(tmp_path / "nan.npz")
