@@ -158,10 +158,10 @@ def jax_setup(params: Mapping[str, Any], *, batch_size: int, dtype: str = "float
 
 def _mesh(which: str):
   import jax
+
+  from dsf3n_jax.mesh import make_mesh
   devices = jax.devices() if which == "all" else jax.devices()[:1]
-  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  return mesh, devices
+  return make_mesh(devices), devices
 
 
 # ----------------------------------------------------------------------------

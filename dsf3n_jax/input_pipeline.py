@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 from dsf3n_jax.datasets import synthetic as synthetic_lib
 from dsf3n_jax.datasets import validation
 from dsf3n_jax.datasets.validation import DataValidationError
+from dsf3n_jax.mesh import DATA_AXIS
 
-DATA_AXIS = "data"
 FIELDS = ("visual", "audio", "label", "index")
 DATASETS = ("synthetic", "vegas", "ave", "paired_features")
 

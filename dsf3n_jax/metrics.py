@@ -51,6 +51,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from dsf3n_jax.mesh import DATA_AXIS
+
 Distance = Literal["cosine", "euclidean"]
 Strategy = Literal["auto", "sort", "count"]
 
@@ -218,7 +220,7 @@ def _ranking_stats(queries, items, query_labels, item_labels, query_classes, cla
   args = (queries, query_labels, query_classes, items, item_labels, class_table)
   if mesh is None:
     return local(*args)
-  row, rep = P("data"), P()
+  row, rep = P(DATA_AXIS), P()
   return jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, rep, rep, rep),
                        out_specs=(row, row, row), check_vma=False)(*args)
 
@@ -302,7 +304,7 @@ def ranking_stats(queries, items, query_labels, item_labels, *, distance: Distan
   dense_query_labels = query_classes
   dense_item_labels = item_classes.astype(np.int32)
 
-  shards = 1 if mesh is None else mesh.shape["data"]
+  shards = 1 if mesh is None else mesh.shape[DATA_AXIS]
   block_size = min(block_size, -(-n // shards))
   chunk = block_size * shards
   padded = -(-n // chunk) * chunk
@@ -311,7 +313,7 @@ def ranking_stats(queries, items, query_labels, item_labels, *, distance: Distan
   dense_query_labels = np.pad(dense_query_labels, (0, pad), constant_values=len(classes))
   with jax.enable_x64(True):
     if mesh is not None:
-      sharding = jax.sharding.NamedSharding(mesh, P("data"))
+      sharding = jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
       replicated = jax.sharding.NamedSharding(mesh, P())
       put = lambda x, s: jax.device_put(x, s)
       args = (put(queries, sharding), put(items, replicated),

@@ -15,7 +15,7 @@ The public names of ``dsf3n_jax.training``, in one namespace:
 """
 
 from dsf3n_jax.config_check import SELECTION_METRICS
-from dsf3n_jax.input_pipeline import DATA_AXIS as AXIS
+from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.training.loop import format_results, train_and_evaluate
 from dsf3n_jax.training.restore import default_config, restore_model, save_variables_as_run
 from dsf3n_jax.training.run import load_data, make_mesh, resolve_on_device

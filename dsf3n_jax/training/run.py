@@ -14,7 +14,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from dsf3n_jax import config_check, input_pipeline
-from dsf3n_jax.input_pipeline import DATA_AXIS as AXIS
+from dsf3n_jax.mesh import make_mesh
 from dsf3n_jax.models import DSF3N
 from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.state import build_model, build_optimizer, model_config
@@ -93,12 +93,6 @@ def check_resume(saved: Mapping[str, Any], *, fingerprint: Mapping[str, Any],
     raise ResumeMismatchError(
         f"cannot resume {where}: " + "; ".join(problems) + " (a new --workdir starts afresh; "
         "--config.allow_resume_mismatch=True resumes anyway, e.g. to fine-tune)")
-
-
-def make_mesh() -> Mesh:
-  """A one-axis ``data`` mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def resolve_on_device(value) -> bool:

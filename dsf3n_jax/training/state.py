@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -13,11 +14,20 @@ import ml_collections
 import optax
 from flax import struct
 
-from dsf3n_jax.input_pipeline import DATA_AXIS as AXIS
-from dsf3n_jax.models import DSF3N
+from dsf3n_jax.mesh import DATA_AXIS as AXIS
+from dsf3n_jax.models import DSF3N, registry
 
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(DSF3N)
-                     if f.name not in ("parent", "name", "axis_name"))
+DEFAULT_MODEL = "dsf3n"  # config.model.name of runs (and checkpoints) that do not name one
+
+
+def _model_fields(model_def) -> dict[str, Any]:
+  """The ``config.model`` fields a model class (or partial of one) takes, with defaults."""
+  cls = model_def.func if isinstance(model_def, functools.partial) else model_def
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name", "axis_name")}
+
+
+MODEL_FIELDS = tuple(_model_fields(DSF3N))
 
 
 class TrainState(struct.PyTreeNode):
@@ -50,25 +60,64 @@ class TrainState(struct.PyTreeNode):
 
 def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_dim: int,
                  audio_dim: int) -> dict[str, Any]:
-  """The resolved keyword arguments of ``DSF3N`` (saved with every checkpoint)."""
+  """The resolved keyword arguments of the model (saved with every checkpoint).
+
+  ``name`` is the registered model (``config.model.name``, default "dsf3n");
+  the rest are its fields taken from ``config.model``, with the part names
+  (``fusion``, ``head``, ``classifier``) always present and a preset's
+  settings (e.g. "dsf3n_paper": ``mfa_variant="paper"``) applied.
+
+  Raises:
+    ValueError: an unregistered name, or a field set against the preset.
+  """
   m = config.model
-  kwargs = {k: m[k] for k in m.keys() if k in MODEL_FIELDS}
+  name = m.get("name", DEFAULT_MODEL)
+  model_def = registry.lookup("model", name, where="config.model.name")
+  fields = _model_fields(model_def)
+  kwargs = {k: m[k] for k in m.keys() if k in fields}
+  _apply_preset(model_def, name, kwargs, fields)
   kwargs.update(num_classes=int(num_classes), visual_dim=int(visual_dim),
                 audio_dim=int(audio_dim))
   for key in ("kernel_sizes", "branch_features"):
     kwargs[key] = [int(v) for v in kwargs[key]]
+  for part in (p for p in registry.PARTS if p in fields):
+    kwargs.setdefault(part, fields[part])
+    registry.lookup(part, kwargs[part], where=f"config.model.{part}")
   kwargs["dtype"] = str(m.dtype)
-  return kwargs
+  return {"name": name, **kwargs}
+
+
+def _apply_preset(model_def, name: str, kwargs: dict[str, Any],
+                  defaults: Mapping[str, Any]) -> None:
+  """Sets a preset's (partial's) keywords in ``kwargs``.
+
+  A field the config changed from the default to another value than the
+  preset's is an error rather than silently overridden.
+  """
+  if not isinstance(model_def, functools.partial):
+    return
+  for key, value in model_def.keywords.items():
+    if key in kwargs and kwargs[key] not in (value, defaults.get(key)):
+      raise ValueError(f"config.model.{key}={kwargs[key]!r} conflicts with "
+                       f"config.model.name={name!r}, which sets {key}={value!r}")
+    kwargs[key] = value
 
 
 def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> DSF3N:
-  """``DSF3N`` from resolved kwargs; computation dtype from its name.
+  """The model of resolved kwargs (``model_config``); model, parts and dtype by name.
+
+  ``name`` absent (a checkpoint written before models had names) is "dsf3n";
+  a part name must be registered, i.e. its module imported, before this.
 
   Parameters (and so the optimiser state and the centres) are float32, or
   float64 for a float64 model: a float64 run is float64 end to end, which needs
   64-bit JAX (``JAX_ENABLE_X64=1``; ``python -m dsf3n_jax.main`` turns it on).
   """
   kw = dict(kwargs)
+  model_def = registry.lookup("model", kw.pop("name", DEFAULT_MODEL), where="model.name")
+  for part in registry.PARTS:
+    if isinstance(kw.get(part), str):  # else a ModuleDef, from Python
+      registry.lookup(part, kw[part], where=f"model.{part}")
   dtype = jnp.dtype(kw.pop("dtype", "float32"))
   if dtype == jnp.float64 and not jax.config.jax_enable_x64:
     raise ValueError("config.model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
@@ -76,7 +125,7 @@ def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> D
   kw["kernel_sizes"] = tuple(kw["kernel_sizes"])
   kw["branch_features"] = tuple(kw["branch_features"])
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
-  return DSF3N(**kw, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+  return model_def(**kw, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax import input_pipeline, losses, metrics
-from dsf3n_jax.input_pipeline import DATA_AXIS as AXIS
+from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N
 from dsf3n_jax.training.state import TrainState
 
