@@ -54,6 +54,12 @@ def get_config(arg=None):
 
   # Model (dsf3n_jax.models.DSF3N). Input dims 0 = from the data.
   config.model = ml_collections.ConfigDict()
+  # The model and its parts by registered name (dsf3n_jax.models.registry; a config file adds
+  # its own by importing the module that registers them). Model: dsf3n | dsf3n_paper.
+  config.model.name = "dsf3n"
+  config.model.fusion = "mfa"  # two-stage MFA, from num_fusion_stages, mfa_variant, use_mfa
+  config.model.head = "mlp"  # shared output head, from head_hidden, embed_dim, dropout_rate
+  config.model.classifier = "mlp"  # per-modality classifiers, from classifier_hidden
   config.model.visual_dim = 0
   config.model.audio_dim = 0
   config.model.encoder_features = 1024

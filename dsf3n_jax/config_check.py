@@ -23,6 +23,7 @@ import ml_collections
 from dsf3n_jax import metrics
 from dsf3n_jax.datasets import synthetic as synthetic_lib
 from dsf3n_jax.input_pipeline import DATASETS
+from dsf3n_jax.models import registry
 from dsf3n_jax.models.dsf3n import MISSING_PARTNERS
 from dsf3n_jax.models.fusion import Variant
 
@@ -105,6 +106,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("data.on_device", ((lambda v: str(v).lower() in ("auto", "true", "false")),
                         "one of auto, true, false")),
     ("data.normalize", _choice(("none", "standardize"))),
+    ("model.name", _STR),
+    *((f"model.{part}", _STR) for part in registry.PARTS),
     ("model.visual_dim", _int(0)),
     ("model.audio_dim", _int(0)),
     *((f"model.{k}", _int(1)) for k in (
@@ -221,10 +224,22 @@ def _geometry_problems(config, bad: set[str]) -> list[str]:
                    "max-pools by 2")]
 
 
+def _registry_problems(config, bad: set[str]) -> list[str]:
+  """Model and part names must be registered (by the time the config is checked)."""
+  out = []
+  for kind in registry.KINDS:
+    path = "model.name" if kind == "model" else f"model.{kind}"
+    value = lookup(config, path)
+    if value is not _MISSING and path not in bad and value not in registry.names(kind):
+      out.append(_problem(path, value, f"a registered {kind}: "
+                          f"{', '.join(registry.names(kind))} ({registry.IMPORT_HINT})"))
+  return out
+
+
 def _cross_field_problems(config, problems: list[str]) -> list[str]:
   """Checks between fields (or of open-ended fields) whose own values passed."""
   bad = {p.split("=", 1)[0].removeprefix("config.") for p in problems}
-  out = _geometry_problems(config, bad)
+  out = _geometry_problems(config, bad) + _registry_problems(config, bad)
   if lookup(config, "data.name") == "paired_features" and not lookup(config, "data.path", ""):
     out.append(_problem("data.path", lookup(config, "data.path", ""),
                         "the paired-feature file (.npz/.h5) for data.name='paired_features'"))

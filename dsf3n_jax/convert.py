@@ -10,7 +10,9 @@ weight (out, in, k) transposed (2, 1, 0); the bilinear kernel (in1, in2, out)
 is the torch weight (out, in1, in2) transposed (1, 2, 0).
 
 The mapping is derived from the Flax variable tree, so other kernel sizes,
-stage counts and the "paper" / no-MFA variants convert too.
+stage counts and the "paper" / no-MFA variants convert too. Only the original's
+composition does: ``DSF3N`` with fusion "mfa", head "mlp" and classifier "mlp"
+(``check_reference_model``); another part has no PyTorch counterpart.
 
 Command line::
 
@@ -29,6 +31,7 @@ reads it back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -100,7 +103,8 @@ def _torch_name(collection: str, path: tuple[str, ...]) -> tuple[str, str]:
              key=lambda p: len(p[0]), default=None)
   leaf_name = _LEAF_NAMES.get((collection, leaf))
   if best is None or leaf_name is None:
-    raise ValueError(f"no torch name for Flax variable {collection}/{'/'.join(path)}")
+    raise ValueError(f"no torch name for Flax variable {collection}/{'/'.join(path)}: only the "
+                     "original DSF3N (fusion 'mfa', head 'mlp', classifier 'mlp') converts")
   torch_modules = [best[1], *modules[len(best[0]):]]
   layout = "copy"
   if leaf == "kernel":
@@ -208,6 +212,27 @@ def num_classes_of(state_dict: Mapping[str, Any]) -> int:
   return int(np.shape(state_dict[_NUM_CLASSES_KEY])[0])
 
 
+def check_reference_model(model) -> None:
+  """Raises a one-line ``ValueError`` unless ``model`` is ``DSF3N`` with the stock parts.
+
+  Its settings may differ from the reference (kernel sizes, stages, the MFA
+  variant, no MFA): the mapping follows the variable tree. Another model class
+  or another fusion, head or classifier has no counterpart in the original.
+  """
+  from dsf3n_jax.models import DSF3N, registry
+
+  if type(model) is not DSF3N:
+    raise ValueError(f"convert: the model is a {type(model).__name__}, not DSF3N; only the "
+                     "original architecture has PyTorch weights")
+  for field in dataclasses.fields(DSF3N):
+    if field.name in registry.PARTS and getattr(model, field.name) != field.default:
+      value = getattr(model, field.name)
+      if not isinstance(value, str):
+        value = getattr(getattr(value, "func", value), "__qualname__", value)
+      raise ValueError(f"convert: model.{field.name}={value!r} has no counterpart in the "
+                       f"original PyTorch model; only {field.name} {field.default!r} converts")
+
+
 def variables_template(model) -> dict[str, Any]:
   """Shape structs of ``model``'s variables (no computation, no memory)."""
   import jax
@@ -228,6 +253,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], *, model=None,
       entries and a ``module.`` prefix are ignored).
     model: the ``DSF3N`` the weights are for; default ``DSF3N(num_classes)``
       (the reference configuration) with ``num_classes`` read off the state dict.
+      It must have the original's parts (``check_reference_model``).
     template: variables (or shape structs) to take the structure from instead
       of ``model``.
     strict: if True, keys the model does not have are an error; if False they
@@ -239,13 +265,15 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], *, model=None,
     only when the template has it).
 
   Raises:
-    ValueError: naming every missing, unexpected (strict) and mis-shaped key.
+    ValueError: naming every missing, unexpected (strict) and mis-shaped key, or
+      the part of ``model`` that is not the original's.
   """
   sd = normalize_state_dict(state_dict)
   if template is None:
     if model is None:
       from dsf3n_jax.models import DSF3N
       model = DSF3N(num_classes_of(sd))
+    check_reference_model(model)
     template = variables_template(model)
   template = _as_variables(template)
   flat_template = {c: _flatten(t) for c, t in template.items()}

@@ -1,7 +1,13 @@
-"""DSF3N: encoders, fine-grained nets, two-stage MFA fusion, shared head, classifiers."""
+"""DSF3N: encoders, fine-grained nets, two-stage MFA fusion, shared head, classifiers.
+
+The fusion, the head and the classifiers are parts chosen by name (or given as
+modules); the stock ones and the models ``"dsf3n"`` / ``"dsf3n_paper"`` are
+registered here (``dsf3n_jax.models.registry``).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -9,11 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dsf3n_jax.models import registry
 from dsf3n_jax.models.encoder import ModalityEncoder
 from dsf3n_jax.models.fine_grained import FineGrainedNet
 from dsf3n_jax.models.fusion import TwoStageFusion, Variant
 from dsf3n_jax.models.heads import Classifier, OutputHead
 from dsf3n_jax.models.layers import example_keys
+from dsf3n_jax.models.registry import ModuleDef
 
 MissingPartner = Literal["self", "learned", "mean"]
 MISSING_PARTNERS = ("self", "learned", "mean")
@@ -28,6 +36,7 @@ class DSF3NOutput(NamedTuple):
   logits_audio: jax.Array
 
 
+@registry.register_model("dsf3n")
 class DSF3N(nn.Module):
   """The whole model: ``(visual, audio) -> (O_v, O_a, logits_v, logits_a)``.
 
@@ -46,6 +55,33 @@ class DSF3N(nn.Module):
   BatchNorm state lives in the ``batch_stats`` collection (mutable in train
   mode); dropout draws from the ``dropout`` rng.
 
+  Parts. ``fusion``, ``head`` and ``classifier`` are each a registered name
+  (``registry.register_fusion`` etc.) or a ``ModuleDef`` (a Module class or a
+  ``functools.partial`` of one). The defaults are the stock parts, the
+  original model. Each is constructed and called as follows (``train``: train
+  mode; ``example_ids``: (batch,) global example indices or None):
+
+  * ``fusion(dtype=, param_dtype=)``, variables under ``fusion``; called as
+    ``fusion(f_v, f_a, *, train, example_ids) -> (m_v, m_a)`` with visual and
+    audio tokens of shape (batch, tokens, dim), returning the same shapes. It
+    runs on the pairs and, for one modality embedded alone, with the
+    ``missing_partner`` stand-in as the other input (its other output unused).
+  * ``head(features=embed_dim, dtype=, param_dtype=)``, under ``head``, shared
+    by both modalities: ``head(m, *, train, example_ids) -> (batch, embed_dim)``.
+  * ``classifier(num_classes=, dtype=, param_dtype=)``, one per modality under
+    ``visual_classifier`` / ``audio_classifier``:
+    ``classifier(o, *, train, example_ids) -> (batch, num_classes)``.
+
+  A part may hold ``params`` and ``batch_stats`` (the only collections the
+  train step keeps). Dropout must draw from the ``dropout`` rng and should
+  make its masks a function of ``example_ids`` (``layers.Dropout`` does), so
+  that an update does not depend on the device count. A part needing the
+  model's settings is registered as a factory ``model -> ModuleDef``, as the
+  stock ones are: fusion ``"mfa"`` (``TwoStageFusion`` of ``num_fusion_stages``,
+  ``mfa_variant``, ``use_mfa``), head ``"mlp"`` (``OutputHead`` of
+  ``head_hidden``, ``dropout_rate``), classifier ``"mlp"`` (``Classifier`` of
+  ``classifier_hidden``, ``dropout_rate``).
+
   Attributes:
     num_classes: number of classes of the classifiers.
     visual_dim, audio_dim: input sizes (1024, 128); checked against the input.
@@ -54,13 +90,16 @@ class DSF3N(nn.Module):
     kernel_sizes: one fine-grained branch (and token) per kernel size.
     stem_features, stem_kernel, stem_stride, stem_padding: the stem conv.
     branch_features: channels per branch stage; the last is the token dim.
+    fusion: the fusion part, a name or ModuleDef ("mfa", the paper's MFA).
+    head: the shared output head, a name or ModuleDef ("mlp").
+    classifier: the classifiers' part, a name or ModuleDef ("mlp").
     num_fusion_stages: MFA applications sharing one set of weights (2).
     mfa_variant: "reference" (the code) or "paper" (Eq. 3-4 as printed).
     use_mfa: False is the ablation without MFA (fused = fine-grained).
-    head_hidden: hidden width of the shared output head (512).
+    head_hidden: hidden width of the stock output head (512).
     embed_dim: retrieval embedding size (64).
-    classifier_hidden: hidden width of the classifiers (32).
-    dropout_rate: dropout in the head and classifiers (0.5; 0 disables).
+    classifier_hidden: hidden width of the stock classifiers (32).
+    dropout_rate: dropout in the stock head and classifiers (0.5; 0 disables).
     missing_partner: what stands in for the absent modality when one
       modality is embedded alone: "self", "learned" or "mean".
     partner_dropout: in train mode, the probability that an example's
@@ -83,6 +122,9 @@ class DSF3N(nn.Module):
   stem_stride: int = 8
   stem_padding: int = 12
   branch_features: Sequence[int] = (64, 128, 256)
+  fusion: str | ModuleDef = "mfa"
+  head: str | ModuleDef = "mlp"
+  classifier: str | ModuleDef = "mlp"
   num_fusion_stages: int = 2
   mfa_variant: Variant = "reference"
   use_mfa: bool = True
@@ -110,13 +152,13 @@ class DSF3N(nn.Module):
     self.audio_encoder = ModalityEncoder(self.encoder_features, **kw)
     self.visual_fine_grained = self._fine_grained()
     self.audio_fine_grained = self._fine_grained()
-    self.fusion = TwoStageFusion(self.num_fusion_stages if self.use_mfa else 0,
-                                 self.mfa_variant, **kw)
-    self.head = OutputHead(self.head_hidden, self.embed_dim, self.dropout_rate, **kw)
-    self.visual_classifier = Classifier(self.num_classes, self.classifier_hidden,
-                                        self.dropout_rate, **kw)
-    self.audio_classifier = Classifier(self.num_classes, self.classifier_hidden,
-                                       self.dropout_rate, **kw)
+    # The fields are named fusion and head, so the submodules get those names explicitly.
+    self.fusion_module = registry.resolve_part("fusion", self.fusion, self)(**kw, name="fusion")
+    self.head_module = registry.resolve_part("head", self.head, self)(
+        features=self.embed_dim, **kw, name="head")
+    classifier = registry.resolve_part("classifier", self.classifier, self)
+    self.visual_classifier = classifier(num_classes=self.num_classes, **kw)
+    self.audio_classifier = classifier(num_classes=self.num_classes, **kw)
     shape = (len(self.kernel_sizes), self.branch_features[-1])
     if self.missing_partner == "learned":
       self.placeholder_visual = self.param("placeholder_visual", nn.initializers.zeros, shape,
@@ -151,6 +193,21 @@ class DSF3N(nn.Module):
     self._check("audio", audio, self.audio_dim)
     return self.audio_fine_grained(self.audio_encoder(audio), train=train)
 
+  def _fuse(self, f_v: jax.Array, f_a: jax.Array, *, train: bool,
+            example_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    m_v, m_a = self.fusion_module(f_v, f_a, train=train, example_ids=example_ids)
+    if m_v.shape != f_v.shape or m_a.shape != f_a.shape:
+      raise ValueError(f"fusion {self.fusion!r}: expected outputs of the input shapes "
+                       f"{f_v.shape} and {f_a.shape}, got {m_v.shape} and {m_a.shape}")
+    return m_v, m_a
+
+  def _embed(self, fused: jax.Array, *, train: bool, example_ids: jax.Array | None) -> jax.Array:
+    out = self.head_module(fused, train=train, example_ids=example_ids)
+    if out.shape != (fused.shape[0], self.embed_dim):
+      raise ValueError(f"head {self.head!r}: expected an output of shape "
+                       f"({fused.shape[0]}, {self.embed_dim}), got {out.shape}")
+    return out
+
   def _stand_in(self, present: jax.Array, missing: str, *, partner: jax.Array | None = None,
                 train: bool = False) -> jax.Array:
     """Tokens standing in for the ``missing`` modality ("visual" or "audio").
@@ -179,20 +236,22 @@ class DSF3N(nn.Module):
                    example_ids: jax.Array | None = None) -> jax.Array:
     """The retrieval embedding of visual items alone: (batch, visual_dim) -> (batch, embed)."""
     f_v = self.visual_tokens(visual, train=train)
-    fused, _ = self.fusion(f_v, self._stand_in(f_v, "audio"))
-    return self.head(fused, train=train, example_ids=example_ids)
+    fused, _ = self._fuse(f_v, self._stand_in(f_v, "audio"), train=train,
+                          example_ids=example_ids)
+    return self._embed(fused, train=train, example_ids=example_ids)
 
   def embed_audio(self, audio: jax.Array, *, train: bool = False,
                   example_ids: jax.Array | None = None) -> jax.Array:
     """The retrieval embedding of audio items alone: (batch, audio_dim) -> (batch, embed)."""
     f_a = self.audio_tokens(audio, train=train)
-    _, fused = self.fusion(self._stand_in(f_a, "visual"), f_a)
-    return self.head(fused, train=train, example_ids=example_ids)
+    _, fused = self._fuse(self._stand_in(f_a, "visual"), f_a, train=train,
+                          example_ids=example_ids)
+    return self._embed(fused, train=train, example_ids=example_ids)
 
   def _outputs(self, m_v, m_a, *, train, example_ids) -> DSF3NOutput:
     # Call order as in the original: visual head, audio head, visual classifier, audio one.
-    o_v = self.head(m_v, train=train, example_ids=example_ids)
-    o_a = self.head(m_a, train=train, example_ids=example_ids)
+    o_v = self._embed(m_v, train=train, example_ids=example_ids)
+    o_a = self._embed(m_a, train=train, example_ids=example_ids)
     logits_v = self.visual_classifier(o_v, train=train, example_ids=example_ids)
     logits_a = self.audio_classifier(o_a, train=train, example_ids=example_ids)
     return DSF3NOutput(o_v, o_a, logits_v, logits_a)
@@ -228,14 +287,15 @@ class DSF3N(nn.Module):
                        f"{audio.shape[0]}")
     f_v = self.visual_tokens(visual, train=train)
     f_a = self.audio_tokens(audio, train=train)
-    m_v, m_a = self.fusion(f_v, f_a)
+    fuse = functools.partial(self._fuse, train=train, example_ids=example_ids)
+    m_v, m_a = fuse(f_v, f_a)
     need_alone = unimodal or (train and self.partner_dropout > 0)
     if need_alone or (train and self.missing_partner == "mean"):  # "mean" tracks in training
       s_a = self._stand_in(f_v, "audio", partner=f_a, train=train)
       s_v = self._stand_in(f_a, "visual", partner=f_v, train=train)
     if need_alone:
-      alone_v, _ = self.fusion(f_v, s_a)
-      _, alone_a = self.fusion(s_v, f_a)
+      alone_v, _ = fuse(f_v, s_a)
+      _, alone_a = fuse(s_v, f_a)
     if train and self.partner_dropout > 0:
       ids = jnp.arange(visual.shape[0]) if example_ids is None else example_ids
       m_v = self._drop_partner(m_v, alone_v, ids, 0)
@@ -244,3 +304,29 @@ class DSF3N(nn.Module):
     if not unimodal:
       return paired
     return paired, self._outputs(alone_v, alone_a, train=train, example_ids=example_ids)
+
+
+# The stock parts: factories of the model's settings, giving exactly the original's modules.
+@registry.register_fusion("mfa")
+def mfa_fusion(model: DSF3N) -> ModuleDef:
+  """Two-stage MFA (paper Eq. 3-5); no fusion (identity) when ``use_mfa`` is False."""
+  return functools.partial(TwoStageFusion, num_stages=model.num_fusion_stages if model.use_mfa
+                           else 0, variant=model.mfa_variant)
+
+
+@registry.register_head("mlp")
+def mlp_head(model: DSF3N) -> ModuleDef:
+  """The original's shared output layer (``OutputHead``)."""
+  return functools.partial(OutputHead, hidden=model.head_hidden, dropout_rate=model.dropout_rate)
+
+
+@registry.register_classifier("mlp")
+def mlp_classifier(model: DSF3N) -> ModuleDef:
+  """The original's per-modality classifier (``Classifier``)."""
+  return functools.partial(Classifier, hidden=model.classifier_hidden,
+                           dropout_rate=model.dropout_rate)
+
+
+# Eq. 3-4 as printed instead of as the original code computes them.
+DSF3N_PAPER = registry.register_model("dsf3n_paper")(
+    functools.partial(DSF3N, mfa_variant="paper"))

@@ -90,7 +90,9 @@ class TwoStageFusion(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, f_v: jax.Array, f_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, f_v: jax.Array, f_a: jax.Array, *, train: bool = False,
+               example_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    del train, example_ids  # the fusion part's interface (DSF3N); MFA has no dropout
     if self.num_stages == 0:
       return f_v, f_a
     mfa = MultiModalFusionAttention(self.variant, dtype=self.dtype, param_dtype=self.param_dtype,
