@@ -1,0 +1,291 @@
+"""dsf3n_jax.models.registry: parts by name, trained, saved and restored; the stock default."""
+
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import default
+from dsf3n_jax import checkpoints, config_check, convert, metrics, train
+from dsf3n_jax.models import (
+    DSF3N,
+    Classifier,
+    FineGrainedNet,
+    ModalityEncoder,
+    OutputHead,
+    TwoStageFusion,
+    registry,
+)
+
+NUM_CLASSES, VISUAL_DIM, AUDIO_DIM = 5, 24, 12
+
+
+@registry.register_fusion("gated_sum")
+class GatedSum(nn.Module):
+  """A user's fusion: each modality mixed with its partner by one learned gate."""
+
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, f_v, f_a, *, train=False, example_ids=None):
+    del train, example_ids  # no dropout
+    gate = nn.sigmoid(self.param("gate", nn.initializers.zeros, (), self.param_dtype))
+    gate = gate.astype(f_v.dtype)
+    return gate * f_v + (1 - gate) * f_a, gate * f_a + (1 - gate) * f_v
+
+
+# A preset whose head width a config may not contradict.
+registry.register_model("test_wide_head")(functools.partial(DSF3N, head_hidden=64))
+
+
+def tiny_config(**overrides):
+  config = default.get_config("runlocal,tiny")
+  config.optim.lr = 1e-3
+  config.data.synthetic.num_train = 96
+  config.data.synthetic.num_test = 40
+  config.data.synthetic.num_classes = NUM_CLASSES
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for name in path:
+      node = node[name]
+    node[last] = value
+  return config
+
+
+def tiny_mcfg(config):
+  return train.model_config(config, num_classes=NUM_CLASSES, visual_dim=VISUAL_DIM,
+                            audio_dim=AUDIO_DIM)
+
+
+def test_a_registered_fusion_trains_with_its_params_under_fusion():
+  config = tiny_config(**{"model.fusion": "gated_sum"})
+  mcfg = tiny_mcfg(config)
+  assert (mcfg["name"], mcfg["fusion"], mcfg["head"], mcfg["classifier"]) == (
+      "dsf3n", "gated_sum", "mlp", "mlp")
+  model = train.build_model(mcfg)
+  tx = train.build_optimizer(config, 10)
+  state = jax.device_get(train.init_state(model, tx, seed=0, num_classes=NUM_CLASSES))
+  assert jax.tree.map(np.shape, state.params["fusion"]) == {"gate": ()}
+  assert {"visual_encoder", "head", "visual_classifier", "audio_classifier"} <= set(state.params)
+
+  mesh = train.make_mesh(jax.devices()[:2])
+  step = train.make_train_step(train.per_device_step(config, model, tx), mesh)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    batch = dict(visual=rng.normal(size=(16, VISUAL_DIM)).astype(np.float32),
+                 audio=rng.normal(size=(16, AUDIO_DIM)).astype(np.float32),
+                 label=rng.integers(0, NUM_CLASSES, 16).astype(np.int32))
+    state, step_metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+    assert np.isfinite(float(step_metrics["loss"]))
+  assert int(state.step) == 3
+  assert float(state.params["fusion"]["gate"]) != 0.0  # the gate is trained
+
+
+def test_names_are_saved_and_rebuild_the_model():
+  config = tiny_config(**{"model.fusion": "gated_sum", "model.name": "dsf3n_paper"})
+  mcfg = json.loads(json.dumps(tiny_mcfg(config)))  # as config.json / a checkpoint holds it
+  assert mcfg["name"] == "dsf3n_paper" and mcfg["mfa_variant"] == "paper"  # the preset's
+  model = train.build_model(mcfg)
+  assert type(model) is DSF3N
+  assert (model.fusion, model.head, model.classifier, model.mfa_variant) == (
+      "gated_sum", "mlp", "mlp", "paper")
+  assert tiny_mcfg(config) == mcfg
+  # A run written before models had names rebuilds the stock model; the absent part names
+  # count as the stock ones when a resume compares model configs.
+  old = {k: v for k, v in tiny_mcfg(tiny_config()).items()
+         if k not in ("name", *registry.PARTS)}
+  model = train.build_model(old)
+  assert (type(model), model.fusion, model.head, model.classifier) == (DSF3N, "mfa", "mlp", "mlp")
+  current = {k: v for k, v in tiny_mcfg(tiny_config()).items() if k != "name"}
+  checkpoints.check_model_config(old, current, where="old")
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="model.fusion: checkpoint has 'mfa', config has 'gated_sum'"):
+    checkpoints.check_model_config(old, {**current, "fusion": "gated_sum"}, where="old")
+
+
+def test_a_preset_refuses_a_config_that_contradicts_it():
+  mcfg = tiny_mcfg(tiny_config(**{"model.name": "test_wide_head", "model.head_hidden": 512}))
+  assert mcfg["head_hidden"] == 64  # the config's value is the default: the preset's applies
+  with pytest.raises(ValueError, match=r"^config.model.head_hidden=32 conflicts with "
+                     r"config.model.name='test_wide_head', which sets head_hidden=64$"):
+    tiny_mcfg(tiny_config(**{"model.name": "test_wide_head"}))  # :tiny sets 32
+
+
+@pytest.mark.parametrize("kind", registry.KINDS)
+def test_an_unknown_name_is_one_line_listing_the_registered(kind):
+  field = "name" if kind == "model" else kind
+  config = tiny_config(**{f"model.{field}": "nope"})
+  known = ", ".join(registry.names(kind))
+  with pytest.raises(ValueError) as err:
+    tiny_mcfg(config)
+  assert str(err.value).startswith(
+      f"config.model.{field}='nope': unknown {kind}; registered: {known} (")
+  assert "\n" not in str(err.value)
+  with pytest.raises(config_check.ConfigError) as err:
+    config_check.validate(config, num_devices=1)
+  assert err.value.problems == [
+      f"config.model.{field}='nope': expected a registered {kind}: {known} "
+      f"({registry.IMPORT_HINT})"]
+  with pytest.raises(ValueError, match=f"^model.{field}='nope': unknown {kind}; registered"):
+    train.build_model({**tiny_mcfg(tiny_config()), field: "nope"})
+
+
+def test_a_module_given_an_unknown_part_fails_at_init():
+  with pytest.raises(ValueError, match="^model.head='nope': unknown head; registered: mlp"):
+    DSF3N(3, visual_dim=4, audio_dim=4, head="nope").init(
+        jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 4)))
+
+
+def test_registering_a_taken_name_or_an_unknown_kind_is_an_error():
+  with pytest.raises(ValueError, match="fusion 'mfa' is already registered"):
+    registry.register_fusion("mfa")(GatedSum)
+  registry.register_fusion("gated_sum")(GatedSum)  # the same class again (a re-import): fine
+  with pytest.raises(ValueError, match="kind: expected one of model, fusion, head, classifier"):
+    registry.register("loss", "x")
+  with pytest.raises(TypeError, match="expected a registered name or a Module class"):
+    DSF3N(3, fusion=lambda: None).init(jax.random.key(0), jnp.zeros((1, 1024)),
+                                       jnp.zeros((1, 128)))
+
+
+SMALL = dict(encoder_features=128, stem_features=16, stem_kernel=8, stem_stride=2,
+             stem_padding=3, branch_features=(16, 16, 32), head_hidden=32, embed_dim=16,
+             classifier_hidden=8)
+
+
+class OriginalComposition(nn.Module):
+  """DSF3N (SMALL settings) with its parts built as its setup built them before they were
+  fields, for the paired forward."""
+
+  def setup(self):
+    s = SMALL
+    self.visual_encoder = ModalityEncoder(s["encoder_features"])
+    self.audio_encoder = ModalityEncoder(s["encoder_features"])
+    fine_grained = functools.partial(
+        FineGrainedNet, kernel_sizes=(3, 5, 7), stem_features=s["stem_features"],
+        stem_kernel=s["stem_kernel"], stem_stride=s["stem_stride"],
+        stem_padding=s["stem_padding"], branch_features=s["branch_features"])
+    self.visual_fine_grained = fine_grained()
+    self.audio_fine_grained = fine_grained()
+    self.fusion = TwoStageFusion(2, "reference")
+    self.head = OutputHead(s["head_hidden"], s["embed_dim"], 0.5)
+    self.visual_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], 0.5)
+    self.audio_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], 0.5)
+
+  def __call__(self, visual, audio, *, train=False):
+    f_v = self.visual_fine_grained(self.visual_encoder(visual), train=train)
+    f_a = self.audio_fine_grained(self.audio_encoder(audio), train=train)
+    m_v, m_a = self.fusion(f_v, f_a)
+    o_v, o_a = self.head(m_v, train=train), self.head(m_a, train=train)
+    return (o_v, o_a, self.visual_classifier(o_v, train=train),
+            self.audio_classifier(o_a, train=train))
+
+
+def test_the_default_composition_is_the_original_model_bit_for_bit():
+  stock = DSF3N(NUM_CLASSES, visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, **SMALL)
+  as_module_defs = stock.clone(  # the same parts given as ModuleDefs instead of names
+      fusion=functools.partial(TwoStageFusion, num_stages=2, variant="reference"),
+      head=functools.partial(OutputHead, hidden=SMALL["head_hidden"], dropout_rate=0.5),
+      classifier=functools.partial(Classifier, hidden=SMALL["classifier_hidden"],
+                                   dropout_rate=0.5))
+  visual = jax.random.normal(jax.random.key(1), (4, VISUAL_DIM))
+  audio = jax.random.normal(jax.random.key(2), (4, AUDIO_DIM))
+
+  def run(model):
+    variables = model.init(jax.random.key(0), visual, audio)
+    outputs, stats = model.apply(variables, visual, audio, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.key(3)})
+    return variables, tuple(outputs), stats
+
+  expected = run(OriginalComposition())
+  for model in (stock, as_module_defs):
+    got = run(model)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+
+
+class FirstToken(nn.Module):
+  """A fusion breaking the interface: it keeps the first token only."""
+
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __call__(self, f_v, f_a, *, train=False, example_ids=None):
+    return f_v[:, :1], f_a[:, :1]
+
+
+class EightWide(nn.Module):
+  """A head breaking the interface: 8 outputs whatever ``features`` asks for."""
+
+  features: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, train=False, example_ids=None):
+    return nn.Dense(8)(tokens.reshape(tokens.shape[0], -1))
+
+
+def test_a_part_breaking_its_interface_is_named():
+  x, a = jnp.zeros((2, VISUAL_DIM)), jnp.zeros((2, AUDIO_DIM))
+  model = DSF3N(3, visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, **SMALL)
+  init = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), x, a))  # noqa: E731
+  with pytest.raises(ValueError, match=r"fusion <class .*FirstToken'>: expected outputs of the "
+                     r"input shapes \(2, 3, 32\) and \(2, 3, 32\), got \(2, 1, 32\)"):
+    init(model.clone(fusion=FirstToken))
+  with pytest.raises(ValueError, match=r"head <class .*EightWide'>: expected an output of shape "
+                     r"\(2, 16\), got \(2, 8\)"):
+    init(model.clone(head=EightWide))
+
+
+def test_convert_refuses_another_composition_naming_the_part():
+  convert.check_reference_model(DSF3N(3, mfa_variant="paper", use_mfa=True))  # converts
+  for kwargs, message in (
+      (dict(fusion="gated_sum"), "model.fusion='gated_sum' has no counterpart"),
+      (dict(head=OutputHead), "model.head='OutputHead' has no counterpart"),
+      (dict(classifier=functools.partial(Classifier, hidden=4)),
+       "model.classifier='Classifier' has no counterpart"),
+  ):
+    with pytest.raises(ValueError, match=f"^convert: {message} in the original PyTorch model; "
+                       "only"):
+      convert.from_torch_state_dict({}, model=DSF3N(3, **kwargs))
+
+  class Subclass(DSF3N):
+    pass
+
+  with pytest.raises(ValueError, match="^convert: the model is a Subclass, not DSF3N"):
+    convert.from_torch_state_dict({}, model=Subclass(3))
+  variables = convert.variables_template(DSF3N(3, fusion="gated_sum"))
+  with pytest.raises(ValueError, match="no torch name for Flax variable params/fusion/gate"):
+    convert.to_torch_state_dict(variables)
+
+
+def test_a_run_with_a_registered_fusion_restores_it(tmp_path):
+  config = tiny_config(num_epochs=1, **{"model.fusion": "gated_sum"})
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  model, variables, saved = train.restore_model(workdir)
+  assert saved.model.fusion == "gated_sum" and model.fusion == "gated_sum"
+  assert set(variables["params"]["fusion"]) == {"gate"}
+  assert float(variables["params"]["fusion"]["gate"]) != 0.0
+  # The restored model embeds the test split as the trained state did at the end of the run.
+  mesh = train.make_mesh()
+  out = train.embed_split(train.make_embed_fn(model, mesh), variables,
+                          train.load_data(config).test, mesh=mesh,
+                          batch_size=config.eval_batch_size)
+  maps = metrics.cross_modal_map(out["emb_visual"], out["emb_audio"], out["label"],
+                                 distance=config.metric.distance)
+  assert float(maps["average"]) == pytest.approx(results["final"]["test"]["map_average"],
+                                                 abs=1e-6)
