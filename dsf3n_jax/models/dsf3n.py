@@ -76,8 +76,9 @@ class DSF3N(nn.Module):
   train step keeps). Dropout must draw from the ``dropout`` rng and should
   make its masks a function of ``example_ids`` (``layers.Dropout`` does), so
   that an update does not depend on the device count. A part needing the
-  model's settings is registered as a factory ``model -> ModuleDef``, as the
-  stock ones are: fusion ``"mfa"`` (``TwoStageFusion`` of ``num_fusion_stages``,
+  model's settings (e.g. ``axis_name`` for a BatchNorm synchronised over
+  devices) is registered as a factory ``model -> ModuleDef``, as the stock
+  ones are: fusion ``"mfa"`` (``TwoStageFusion`` of ``num_fusion_stages``,
   ``mfa_variant``, ``use_mfa``), head ``"mlp"`` (``OutputHead`` of
   ``head_hidden``, ``dropout_rate``), classifier ``"mlp"`` (``Classifier`` of
   ``classifier_hidden``, ``dropout_rate``).
