@@ -19,6 +19,7 @@ falls back to the previous one.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,7 +60,8 @@ class Checkpointer:
 
   def __init__(self, workdir, *, keep: int = 2, optimizer_state: bool = True,
                read_only: bool = False):
-    self.workdir = epath.Path(workdir)
+    text = os.fspath(workdir)  # a local path made absolute: orbax requires that
+    self.workdir = epath.Path(text if "://" in text else os.path.abspath(text))
     self.directory = self.workdir / "checkpoints"
     self.optimizer_state = optimizer_state
     policy = _policies.AnyPreservationPolicy([
@@ -179,8 +181,9 @@ class Checkpointer:
 
 def _model_defaults() -> dict[str, Any]:
   from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
-  return {f.name: f.default for f in dataclasses.fields(DSF3N)
-          if f.default is not dataclasses.MISSING}
+  defaults = {f.name: f.default for f in dataclasses.fields(DSF3N)
+              if f.default is not dataclasses.MISSING}
+  return {**defaults, "name": "dsf3n"}  # checkpoints from before models had names
 
 
 def check_model_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, where: str):

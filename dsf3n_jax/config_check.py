@@ -230,7 +230,11 @@ def _registry_problems(config, bad: set[str]) -> list[str]:
   for kind in registry.KINDS:
     path = "model.name" if kind == "model" else f"model.{kind}"
     value = lookup(config, path)
-    if value is not _MISSING and path not in bad and value not in registry.names(kind):
+    if value is _MISSING or path in bad:
+      continue
+    try:
+      registry.lookup(kind, value)  # "module:name" imports the module that registers it
+    except ValueError:
       out.append(_problem(path, value, f"a registered {kind}: "
                           f"{', '.join(registry.names(kind))} ({registry.IMPORT_HINT})"))
   return out

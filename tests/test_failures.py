@@ -147,7 +147,7 @@ def test_a_second_run_into_a_live_workdir_is_refused_and_a_stale_lock_taken_over
     first.wait()
   # The killed run's lock is stale now: the next run takes it over and finishes.
   assert json.loads((workdir / "lock").read_text())["pid"] == first.pid
-  third, _ = _main(workdir, "--config.num_epochs=1")
+  third, _ = _main(os.path.relpath(workdir, REPO), "--config.num_epochs=1")  # relative
   assert third.returncode == 0, third.stderr[-3000:]
   assert f"taking over the stale lock {workdir / 'lock'} of pid {first.pid}" in third.stderr
   assert not (workdir / "lock").exists()

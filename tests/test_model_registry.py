@@ -289,3 +289,15 @@ def test_a_run_with_a_registered_fusion_restores_it(tmp_path):
                                  distance=config.metric.distance)
   assert float(maps["average"]) == pytest.approx(results["final"]["test"]["map_average"],
                                                  abs=1e-6)
+
+
+def test_a_module_colon_name_imports_the_module_that_registers_it(tmp_path, monkeypatch):
+  from dsf3n_jax.models import registry
+  (tmp_path / "user_parts_for_test.py").write_text(
+      "from dsf3n_jax.models import registry\n"
+      "from dsf3n_jax.models.heads import OutputHead\n"
+      "registry.register('head', 'user_head')(OutputHead)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert registry.lookup("head", "user_parts_for_test:user_head") is not None
+  with pytest.raises(ValueError, match=r"cannot import 'no_such_module_x'"):
+    registry.lookup("head", "no_such_module_x:user_head")

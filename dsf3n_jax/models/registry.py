@@ -23,6 +23,7 @@ trained (the module registering a custom part must be imported first).
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ PARTS = ("fusion", "head", "classifier")
 KINDS = ("model", *PARTS)
 
 ModuleDef = Any  # a Module class or a functools.partial of one
-IMPORT_HINT = "a module registering another must be imported first, e.g. by the config file"
+IMPORT_HINT = ("a module registering another must be imported first, e.g. by the config file; "
+               "or name it as 'module:name'")
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 
@@ -90,15 +92,24 @@ def lookup(kind: str, name: str, *, where: str | None = None) -> Any:
 
   Args:
     kind: "model", "fusion", "head" or "classifier".
-    name: the registered name.
+    name: the registered name; ``"module:name"`` imports ``module`` first and
+      then finds ``name`` (so that a process that did not run the config file,
+      e.g. ``retrieve`` on a saved run, finds a user's part).
     where: what the error names (default ``kind``), e.g. ``"config.model.fusion"``.
 
   Raises:
     ValueError: one line naming ``where``, the name and the registered names.
   """
   _check_kind(kind)
-  if isinstance(name, str) and name in _REGISTRY[kind]:
-    return _REGISTRY[kind][name]
+  if isinstance(name, str) and ":" in name and name not in _REGISTRY[kind]:
+    module = name.split(":", 1)[0]  # "my_fusion:gated_sum": importing my_fusion registers it
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(f"{where or kind}={name!r}: cannot import {module!r} ({e})") from e
+  for key in (name, name.split(":", 1)[-1]) if isinstance(name, str) else ():
+    if key in _REGISTRY[kind]:
+      return _REGISTRY[kind][key]
   raise ValueError(f"{where or kind}={name!r}: unknown {kind}; registered: "
                    f"{', '.join(names(kind))} ({IMPORT_HINT})")
 

@@ -49,9 +49,15 @@ def atomic_write(path: epath.Path, text: str) -> None:
   tmp.replace(path)
 
 
+def resolve(workdir) -> epath.Path:
+  """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that)."""
+  text = os.fspath(workdir)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def prepare(workdir) -> epath.Path:
   """Creates ``workdir`` and checks that it is writable (a one-line error naming it)."""
-  workdir = epath.Path(workdir)
+  workdir = resolve(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_probe_{socket.gethostname()}_{os.getpid()}"

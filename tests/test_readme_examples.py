@@ -1,0 +1,53 @@
+"""The README's Extending examples, run as a user runs them: their own files, no edit inside."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import REPO
+
+
+def readme_examples() -> dict[str, str]:
+  """``{file name: code}`` of the README blocks marked ``<!-- example: NAME -->``."""
+  text = (REPO / "README.md").read_text()
+  found = re.findall(r"<!-- example: (\S+) -->\n```python\n(.*?)```", text, flags=re.S)
+  return dict(found)
+
+
+def test_the_readme_has_its_examples():
+  assert {"my_fusion.py", "my_config.py"} <= set(readme_examples())
+
+
+@pytest.mark.slow
+def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
+  for name, code in readme_examples().items():
+    (tmp_path / name).write_text(code)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop("PYTHONPATH", None)  # the user's folder, with the package installed
+  small = ["--config.data.synthetic.num_train=64", "--config.data.synthetic.num_test=24",
+           "--config.batch_size=16", "--config.eval_batch_size=16"]
+
+  def main(*extra):
+    return subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
+                           "--config=my_config.py:runlocal,tiny", "--workdir=run", *small,
+                           *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+  first = main("--config.num_epochs=1")
+  assert first.returncode == 0, first.stderr[-3000:]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["model"]["fusion"] == "my_fusion:gated_sum"
+  resumed = main("--config.num_epochs=2")  # resumes the same workdir
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["epochs"] == 2
+  shown = subprocess.run([sys.executable, "-m", "dsf3n_jax.retrieve", "--workdir=run",
+                          "--queries=0,1", "--k=3"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  assert "rank" in shown.stdout
