@@ -96,7 +96,9 @@ _RATE: Rule = _num(0, 1, hi_open=True)
 
 RULES: tuple[tuple[str, Rule], ...] = (
     ("seed", _int()),
-    ("data.name", _choice(DATASETS)),
+    # One of DATASETS or any registered TFDS dataset (checked when the data loads).
+    ("data.name", ((lambda v: isinstance(v, str) and bool(v.strip())),
+                   f"a dataset name: {', '.join(DATASETS)} or a registered TFDS dataset")),
     ("data.path", _STR),
     ("data.data_dir", _STR),
     ("data.num_classes", _int(0)),

@@ -37,7 +37,10 @@ from dsf3n_jax.datasets.validation import DataValidationError
 from dsf3n_jax.mesh import DATA_AXIS
 
 FIELDS = ("visual", "audio", "label", "index")
+# The project's own datasets. Any other TFDS dataset (a registered builder) with ``visual``,
+# ``audio`` and ``label`` features works by name too (``load_sources``).
 DATASETS = ("synthetic", "vegas", "ave", "paired_features")
+_PROJECT_BUILDERS = ("vegas", "ave", "paired_features")
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
@@ -172,9 +175,10 @@ class TfdsSource:
         "audio": np.stack([r["audio"] for r in rows]).astype(np.float32, copy=False)
         if rows else np.zeros((0, 0), np.float32),
         "label": np.asarray([r["label"] for r in rows], np.int32),
-        "index": np.asarray([r["index"] for r in rows], np.int64),
+        "index": np.asarray([r.get("index", i) for r, i in zip(rows, idx)], np.int64),
     }
-    # Builders write in file order; a mismatch means a foreign or corrupted dataset.
+    # Our builders write in file order; a mismatch means a foreign or corrupted dataset. A
+    # dataset without an 'index' feature is indexed by position.
     if not np.array_equal(out["index"], np.asarray(idx, np.int64)):
       raise DataValidationError(
           f"{self.name}: stored 'index' does not match the record position (expected "
@@ -231,11 +235,74 @@ def _check_dims(name: str, *, found: Mapping[str, int], expected: Mapping[str, i
                                 f"(flag/config {k})")
 
 
+def _tfds_sizes(builder, train, *, name: str) -> dict[str, int | None]:
+  """Class count and feature sizes from the metadata (ours) or the features (any dataset)."""
+  meta = builder.info.metadata or {}
+  if all(k in meta for k in ("num_classes", "visual_dim", "audio_dim")):
+    return {k: int(meta[k]) for k in ("num_classes", "visual_dim", "audio_dim")}
+  features = builder.info.features
+  missing = [k for k in ("visual", "audio", "label") if k not in features]
+  if missing:
+    raise DataValidationError(
+        f"TFDS dataset {name!r} ({builder.info.full_name}): no feature(s) {missing}; expected "
+        f"'visual' (Dv,) float, 'audio' (Da,) float and 'label' (class id); found "
+        f"{sorted(features.keys())}")
+  shapes = {k: tuple(features[k].shape) for k in ("visual", "audio")}
+  bad = {k: v for k, v in shapes.items() if len(v) != 1 or not v[0]}
+  if bad:
+    raise DataValidationError(f"TFDS dataset {name!r}: features {bad} must be vectors of a "
+                              "fixed size")
+  label = features["label"]
+  return {"num_classes": getattr(label, "num_classes", None),
+          "visual_dim": int(shapes["visual"][0]), "audio_dim": int(shapes["audio"][0])}
+
+
+def _locate_metadata(builder_cls) -> None:
+  """A builder in a plain module (not a package), e.g. beside a user's config: TFDS looks for
+  its metadata files in the module's package, so point it at the module's folder."""
+  if builder_cls.__dict__.get("pkg_dir_path") is None and "." not in builder_cls.__module__:
+    import inspect
+
+    from etils import epath
+    builder_cls.pkg_dir_path = epath.Path(inspect.getfile(builder_cls)).parent
+
+
 def _tfds_builder(name: str, *, data_dir, path, num_classes):
-  """The (prepared) TFDS builder of ``name``; builds it first when needed."""
+  """The (prepared) TFDS builder of ``name``; builds it first when needed.
+
+  ``name`` is one of the project's builders or any TFDS dataset whose builder
+  is registered (``"module:name"`` imports ``module`` first, which registers
+  a user's builder).
+  """
+  import importlib
+
   import tensorflow_datasets as tfds
 
   from dsf3n_jax.datasets import builders
+
+  if ":" in name:
+    module, name = name.split(":", 1)
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise DataValidationError(f"config.data.name: cannot import {module!r} ({e})") from e
+  if name not in _PROJECT_BUILDERS:
+    try:
+      _locate_metadata(tfds.core.registered.imported_builder_cls(name.split("/")[0]))
+    except Exception:  # noqa: BLE001 - tfds.builder below says what is wrong
+      pass
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except Exception as e:  # noqa: BLE001 - tfds raises DatasetNotFoundError and friends
+      raise DataValidationError(
+          f"config.data.name={name!r}: not 'synthetic' and not a TFDS dataset this process "
+          f"can build ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
+          f" the project's: {', '.join(DATASETS)}; a builder of "
+          "your own registers when its module is imported (by the config file, or name it "
+          "'module:name')") from e
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+    return builder
 
   manual_dir = None
   if name == "paired_features":
@@ -281,8 +348,6 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
   Raises:
     DataValidationError: bad file, or sizes that differ from the given ones.
   """
-  if name not in DATASETS:
-    raise ValueError(f"dataset name {name!r} unknown; expected one of {DATASETS}")
   if name == "synthetic":
     kwargs = dict(synthetic or {})
     if num_classes is not None:
@@ -299,12 +364,15 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     origin = {"synthetic": kwargs}
   else:
     builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
-    meta = builder.info.metadata
+    meta = builder.info.metadata or {}
     source_name = f"{name} ({meta.get('source', builder.data_path)})"
     train = TfdsSource(builder.as_data_source("train"), name=source_name)
     test = TfdsSource(builder.as_data_source("test"), name=source_name)
-    found = {k: int(meta[k]) for k in ("num_classes", "visual_dim", "audio_dim")}
-    train_labels = load_split_arrays(train)["label"] if validation_fraction else None
+    found = _tfds_sizes(builder, train, name=name)
+    train_labels = (load_split_arrays(train)["label"]
+                    if validation_fraction or found["num_classes"] is None else None)
+    if found["num_classes"] is None:  # a plain integer label: max + 1 over train
+      found["num_classes"] = int(train_labels.max()) + 1 if len(train_labels) else 0
     origin = {"tfds": builder.info.full_name}
   _check_dims(name, found=found, expected=dict(num_classes=num_classes, visual_dim=visual_dim,
                                                audio_dim=audio_dim))

@@ -52,7 +52,8 @@ def test_shipped_configs_are_valid(name, variants):
     ("model.missing_partner", "zeros", "one of self, learned, mean"),
     ("model.partner_dropout", 1.5, "a number in [0, 1]"),
     ("model.kernel_sizes", (3, 4), "a non-empty sequence of odd positive ints"),
-    ("data.name", "vegass", "one of synthetic, vegas, ave, paired_features"),
+    ("data.name", "",
+     "a dataset name: synthetic, vegas, ave, paired_features or a registered TFDS dataset"),
     ("data.on_device", "maybe", "one of auto, true, false"),
     ("optim.schedule", "linear", "one of constant, warmup_step, cosine"),
 ])

@@ -19,7 +19,8 @@ def readme_examples() -> dict[str, str]:
 
 
 def test_the_readme_has_its_examples():
-  assert {"my_fusion.py", "my_config.py"} <= set(readme_examples())
+  assert {"my_fusion.py", "my_config.py", "my_dataset.py",
+          "my_data_config.py"} <= set(readme_examples())
 
 
 @pytest.mark.slow
@@ -51,3 +52,21 @@ def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
                          capture_output=True, text=True, timeout=600)
   assert shown.returncode == 0, shown.stderr[-3000:]
   assert "rank" in shown.stdout
+
+
+@pytest.mark.slow
+def test_a_users_tfds_dataset_trains_by_name(tmp_path):
+  for name, code in readme_examples().items():
+    (tmp_path / name).write_text(code)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop("PYTHONPATH", None)
+  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
+                         "--config=my_data_config.py:runlocal,tiny", "--workdir=run",
+                         f"--config.data.data_dir={tmp_path / 'tfds'}",
+                         "--config.num_epochs=1"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["final"]["test"]["num_examples"] == 30
+  assert results["data"]["tfds"].startswith("my_pairs/")
+  assert results["data"]["sizes"] == {"train": 96, "test": 30}
