@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -76,6 +77,25 @@ def _parse_flags(argv):
   return rest
 
 
+_SEEN_ERRORS: set[tuple[str, str]] = set()
+
+
+def _error_in_one_line(exc_type, exc_value, _tb, *, where: str = "") -> None:
+  """A library's stray exception: one warning line, each distinct one once."""
+  if exc_type is SystemExit:
+    return
+  first = str(exc_value).strip().split("\n", 1)[0][:200]
+  if (exc_type.__name__, first) not in _SEEN_ERRORS:
+    _SEEN_ERRORS.add((exc_type.__name__, first))
+    print(f"warning: {where}{exc_type.__name__}: {first}", file=sys.stderr)
+
+
+def _thread_error_in_one_line(args) -> None:
+  """An exception ending a library's thread (e.g. an I/O loop of a failed save)."""
+  name = args.thread.name if args.thread is not None else "?"
+  _error_in_one_line(args.exc_type, args.exc_value, None, where=f"thread {name}: ")
+
+
 def _without_traceback(record) -> bool:
   record.exc_info, record.exc_text = None, None
   record.msg = str(record.msg).split("\n", 1)[0]
@@ -95,6 +115,8 @@ def main(argv):
     # A library's error log is one line: the traceback of a failed background save is
     # printed with --verbose; the run's own error line names the cause.
     logging.get_absl_handler().addFilter(_without_traceback)
+    threading.excepthook = _thread_error_in_one_line
+    sys.excepthook = _error_in_one_line  # what native code (tensorstore callbacks) prints
   config = FLAGS.config
   config_check.check_unknown_fields(config, train.default_config())  # fields set in the file
   if str(config.model.dtype) == "float64":  # float64 end to end: parameters, optimiser, loss

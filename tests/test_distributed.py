@@ -29,6 +29,9 @@ def tiny_flags(workdir, *extra):
 
 def env(devices=None):
   e = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  # No persistent compilation cache here: a process that finds the step cached while its peer
+  # compiles it reaches the first collective more than gloo's 30 s ahead of it on a busy machine.
+  e["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   if devices:
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["DEVICES_PER_PROCESS"] = str(devices)
