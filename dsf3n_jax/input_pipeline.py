@@ -1,46 +1,43 @@
-"""Input pipeline: data sources, host-sharded train/eval batches, on-device splits.
-
-A *source* is anything with ``__len__`` and ``__getitems__(indices)`` returning
-a dict of stacked numpy arrays ``visual`` (float32), ``audio`` (float32),
-``label`` (int32 class ids) and ``index`` (int64 row in the source file):
-``ArraySource`` (in memory), ``TfdsSource`` (a ``tfds.data_source`` over
-array_record files) and ``SubsetSource`` (rows of another source).
+"""Input pipeline: host-sharded train/eval batches and on-device splits of data sources.
 
 Batches are global ``jax.Array``s sharded over the ``data`` axis of a mesh,
 built with ``jax.make_array_from_process_local_data``: each process reads only
-the contiguous rows of each global batch that land on its devices.
+the contiguous rows of each global batch that land on its devices. The sources
+themselves (and ``load_sources``, by dataset name) are in
+``dsf3n_jax.datasets.sources``; their names are re-exported here.
 
 The shuffled order of epoch ``e`` is ``epoch_permutation(seed, e, n)``; batch
 ``b`` is ``perm[b*B:(b+1)*B]`` (last partial batch dropped). File-order mode
 uses ``arange(n)``, the original's unshuffled batches.
-
-Nothing here imports TensorFlow; TFDS is imported only to read or build a
-TFDS dataset.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import os
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsf3n_jax.datasets import synthetic as synthetic_lib
-from dsf3n_jax.datasets import validation
+from dsf3n_jax.datasets.sources import (
+  DATASETS,
+  FIELDS,
+  ArraySource,
+  Source,
+  Sources,
+  StandardizedSource,
+  SubsetSource,
+  TfdsSource,
+  load_sources,
+  load_split_arrays,
+  standardize,
+  stratified_split,
+)
 from dsf3n_jax.datasets.validation import DataValidationError
 from dsf3n_jax.mesh import DATA_AXIS
-
-FIELDS = ("visual", "audio", "label", "index")
-# The project's own datasets. Any other TFDS dataset (a registered builder) with ``visual``,
-# ``audio`` and ``label`` features works by name too (``load_sources``).
-DATASETS = ("synthetic", "vegas", "ave", "paired_features")
-_PROJECT_BUILDERS = ("vegas", "ave", "paired_features")
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
@@ -55,334 +52,6 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
     (num_examples,) int32 permutation.
   """
   return jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), num_examples)
-
-
-class Source(Protocol):
-  """Random access to a split: ``__len__`` and ``__getitems__``."""
-
-  def __len__(self) -> int: ...
-
-  def __getitems__(self, indices) -> dict[str, np.ndarray]: ...
-
-
-class ArraySource:
-  """A source over in-memory numpy arrays.
-
-  Args:
-    visual: (N, Dv) features.
-    audio: (N, Da) features.
-    label: (N,) integer class ids.
-    index: (N,) rows in the source file (default ``arange(N)``).
-  """
-
-  def __init__(self, visual, audio, label, index=None):
-    self.visual = np.asarray(visual, np.float32)
-    self.audio = np.asarray(audio, np.float32)
-    self.label = np.asarray(label).astype(np.int32)
-    self.index = (np.arange(len(self.label), dtype=np.int64) if index is None
-                  else np.asarray(index, np.int64))
-    counts = {k: len(getattr(self, k)) for k in FIELDS}
-    if len(set(counts.values())) != 1:
-      raise ValueError(f"ArraySource: row counts differ: {counts}")
-
-  def __len__(self) -> int:
-    return len(self.label)
-
-  def __getitems__(self, indices) -> dict[str, np.ndarray]:
-    idx = np.asarray(indices, np.int64)
-    return {k: getattr(self, k)[idx] for k in FIELDS}
-
-
-class SubsetSource:
-  """Rows ``rows`` of another source (e.g. train without its validation rows).
-
-  Args:
-    source: the parent source.
-    rows: parent positions, in the order they are exposed.
-  """
-
-  def __init__(self, source: Source, rows):
-    self.source = source
-    self.rows = np.asarray(rows, np.int64)
-
-  def __len__(self) -> int:
-    return len(self.rows)
-
-  def __getitems__(self, indices) -> dict[str, np.ndarray]:
-    return self.source.__getitems__(self.rows[np.asarray(indices, np.int64)])
-
-
-class StandardizedSource:
-  """Another source with each feature standardised: ``(x - mean) / std``.
-
-  Args:
-    source: the parent source.
-    stats: ``{"visual": (mean, std), "audio": (mean, std)}`` (per-feature arrays).
-  """
-
-  def __init__(self, source: Source, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]):
-    self.source = source
-    self.stats = stats
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitems__(self, indices) -> dict[str, np.ndarray]:
-    out = dict(self.source.__getitems__(indices))
-    for key, (mean, std) in self.stats.items():
-      out[key] = ((out[key] - mean) / std).astype(np.float32)
-    return out
-
-
-def standardize(sources: Sources) -> Sources:
-  """Standardises every split's features with the train split's mean and std.
-
-  Features with zero variance in train get std 1 (they become constant 0).
-  """
-  arrays = load_split_arrays(sources.train)
-  stats = {}
-  for key in ("visual", "audio"):
-    x = arrays[key].astype(np.float64)
-    std = x.std(axis=0)
-    stats[key] = (x.mean(axis=0).astype(np.float32),
-                  np.where(std > 0, std, 1.0).astype(np.float32))
-  wrap = lambda src: None if src is None else StandardizedSource(src, stats)
-  return dataclasses.replace(sources, train=wrap(sources.train), test=wrap(sources.test),
-                             validation=wrap(sources.validation))
-
-
-class TfdsSource:
-  """Adapter of a ``tfds.data_source`` (array_record) split to the source protocol.
-
-  Args:
-    data_source: what ``builder.as_data_source(split)`` returns.
-    name: for error messages.
-  """
-
-  def __init__(self, data_source, *, name: str = "tfds"):
-    self.data_source = data_source
-    self.name = name
-
-  def __len__(self) -> int:
-    return len(self.data_source)
-
-  def __getitems__(self, indices) -> dict[str, np.ndarray]:
-    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
-    rows = self.data_source.__getitems__(idx) if idx else []
-    out = {
-        "visual": np.stack([r["visual"] for r in rows]).astype(np.float32, copy=False)
-        if rows else np.zeros((0, 0), np.float32),
-        "audio": np.stack([r["audio"] for r in rows]).astype(np.float32, copy=False)
-        if rows else np.zeros((0, 0), np.float32),
-        "label": np.asarray([r["label"] for r in rows], np.int32),
-        "index": np.asarray([r.get("index", i) for r, i in zip(rows, idx)], np.int64),
-    }
-    # Our builders write in file order; a mismatch means a foreign or corrupted dataset. A
-    # dataset without an 'index' feature is indexed by position.
-    if not np.array_equal(out["index"], np.asarray(idx, np.int64)):
-      raise DataValidationError(
-          f"{self.name}: stored 'index' does not match the record position (expected "
-          f"{idx[:5]}..., found {out['index'][:5].tolist()}...); rebuild the dataset")
-    return out
-
-
-@dataclasses.dataclass
-class Sources:
-  """The splits of one dataset and its sizes."""
-
-  train: Any
-  test: Any
-  validation: Any | None
-  num_classes: int
-  visual_dim: int
-  audio_dim: int
-  name: str
-  # What identifies the data beyond its sizes: the synthetic generator's arguments, or the
-  # TFDS dataset's full name (name/config/version).
-  origin: dict = dataclasses.field(default_factory=dict)
-
-
-def stratified_split(labels: np.ndarray, *, fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Carves a stratified validation subset out of train.
-
-  Args:
-    labels: (N,) class ids of train.
-    fraction: share of each class moved to validation (0 <= fraction < 1).
-    seed: numpy seed of the draw.
-
-  Returns:
-    ``(train_rows, validation_rows)``, each sorted (file order), disjoint and
-    together ``arange(N)``. Each class keeps at least one train row.
-  """
-  if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
-  rng = np.random.default_rng(seed)
-  val = []
-  for c in np.unique(labels):
-    rows = np.nonzero(labels == c)[0]
-    k = min(int(round(fraction * len(rows))), len(rows) - 1)
-    val.append(rng.permutation(rows)[:k])
-  val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
-  train = np.setdiff1d(np.arange(len(labels)), val)
-  return train.astype(np.int64), val.astype(np.int64)
-
-
-def _check_dims(name: str, *, found: Mapping[str, int], expected: Mapping[str, int | None]):
-  for k, want in expected.items():
-    if want is not None and int(want) != int(found[k]):
-      raise DataValidationError(f"{name}: {k} is {found[k]} in the data; expected {want} "
-                                f"(flag/config {k})")
-
-
-def _tfds_sizes(builder, train, *, name: str) -> dict[str, int | None]:
-  """Class count and feature sizes from the metadata (ours) or the features (any dataset)."""
-  meta = builder.info.metadata or {}
-  if all(k in meta for k in ("num_classes", "visual_dim", "audio_dim")):
-    return {k: int(meta[k]) for k in ("num_classes", "visual_dim", "audio_dim")}
-  features = builder.info.features
-  missing = [k for k in ("visual", "audio", "label") if k not in features]
-  if missing:
-    raise DataValidationError(
-        f"TFDS dataset {name!r} ({builder.info.full_name}): no feature(s) {missing}; expected "
-        f"'visual' (Dv,) float, 'audio' (Da,) float and 'label' (class id); found "
-        f"{sorted(features.keys())}")
-  shapes = {k: tuple(features[k].shape) for k in ("visual", "audio")}
-  bad = {k: v for k, v in shapes.items() if len(v) != 1 or not v[0]}
-  if bad:
-    raise DataValidationError(f"TFDS dataset {name!r}: features {bad} must be vectors of a "
-                              "fixed size")
-  label = features["label"]
-  return {"num_classes": getattr(label, "num_classes", None),
-          "visual_dim": int(shapes["visual"][0]), "audio_dim": int(shapes["audio"][0])}
-
-
-def _locate_metadata(builder_cls) -> None:
-  """A builder in a plain module (not a package), e.g. beside a user's config: TFDS looks for
-  its metadata files in the module's package, so point it at the module's folder."""
-  if builder_cls.__dict__.get("pkg_dir_path") is None and "." not in builder_cls.__module__:
-    import inspect
-
-    from etils import epath
-    builder_cls.pkg_dir_path = epath.Path(inspect.getfile(builder_cls)).parent
-
-
-def _tfds_builder(name: str, *, data_dir, path, num_classes):
-  """The (prepared) TFDS builder of ``name``; builds it first when needed.
-
-  ``name`` is one of the project's builders or any TFDS dataset whose builder
-  is registered (``"module:name"`` imports ``module`` first, which registers
-  a user's builder).
-  """
-  import importlib
-
-  import tensorflow_datasets as tfds
-
-  from dsf3n_jax.datasets import builders
-
-  if ":" in name:
-    module, name = name.split(":", 1)
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise DataValidationError(f"config.data.name: cannot import {module!r} ({e})") from e
-  if name not in _PROJECT_BUILDERS:
-    try:
-      _locate_metadata(tfds.core.registered.imported_builder_cls(name.split("/")[0]))
-    except Exception:  # noqa: BLE001 - tfds.builder below says what is wrong
-      pass
-    try:
-      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except Exception as e:  # noqa: BLE001 - tfds raises DatasetNotFoundError and friends
-      raise DataValidationError(
-          f"config.data.name={name!r}: not 'synthetic' and not a TFDS dataset this process "
-          f"can build ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
-          f" the project's: {', '.join(DATASETS)}; a builder of "
-          "your own registers when its module is imported (by the config file, or name it "
-          "'module:name')") from e
-    if not builder.is_prepared():
-      builder.download_and_prepare()
-    return builder
-
-  manual_dir = None
-  if name == "paired_features":
-    config = (builders.paired_features_config(path, num_classes=num_classes) if path
-              else "manual")
-    builder = tfds.builder(name, config=config, data_dir=data_dir)
-  else:
-    builder = tfds.builder(name, data_dir=data_dir)
-    if path is not None:
-      manual_dir = os.fspath(path)
-      manual_dir = manual_dir if os.path.isdir(manual_dir) else os.path.dirname(manual_dir)
-  if not builder.is_prepared():
-    if name == "paired_features" and not path:
-      raise DataValidationError(
-          "paired_features: no `path` given and no prepared `manual` config in data_dir "
-          f"{data_dir}; pass path=FILE (flag --config.data.path)")
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=config)
-  return builder
-
-
-def load_sources(name: str, *, data_dir: str | None = None, path: str | None = None,
-                 num_classes: int | None = None, visual_dim: int | None = None,
-                 audio_dim: int | None = None, validation_fraction: float = 0.0,
-                 validation_seed: int = 0, synthetic: Mapping[str, Any] | None = None) -> Sources:
-  """Loads a dataset's splits as sources (building the TFDS dataset when needed).
-
-  Args:
-    name: "synthetic", "vegas", "ave" or "paired_features".
-    data_dir: TFDS data directory (default: TFDS's, ``~/tensorflow_datasets``).
-    path: paired_features: the ``.h5``/``.npz`` file; vegas/ave: the manual
-      directory (or the file in it) used if the dataset is not built yet.
-    num_classes, visual_dim, audio_dim: if given, checked against the data.
-    validation_fraction: share of train (stratified by class) moved to a
-      validation split; 0 gives ``validation=None``.
-    validation_seed: seed of that draw.
-    synthetic: keyword arguments of ``generate_synthetic`` (synthetic only;
-      generated in memory, identical to the TFDS ``synthetic`` builder).
-
-  Returns:
-    ``Sources``.
-
-  Raises:
-    DataValidationError: bad file, or sizes that differ from the given ones.
-  """
-  if name == "synthetic":
-    kwargs = dict(synthetic or {})
-    if num_classes is not None:
-      kwargs.setdefault("num_classes", num_classes)
-    arrays = synthetic_lib.generate_synthetic(**kwargs)
-    arrays = validation.validate_arrays(arrays, source="synthetic", num_classes=num_classes,
-                                        visual_dim=visual_dim, audio_dim=audio_dim)
-    train = ArraySource(arrays["visual_train"], arrays["audio_train"], arrays["lab_train"])
-    test = ArraySource(arrays["visual_test"], arrays["audio_test"], arrays["lab_test"])
-    found = dict(num_classes=validation.infer_num_classes(arrays),
-                 visual_dim=arrays["visual_train"].shape[1],
-                 audio_dim=arrays["audio_train"].shape[1])
-    train_labels = arrays["lab_train"]
-    origin = {"synthetic": kwargs}
-  else:
-    builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
-    meta = builder.info.metadata or {}
-    source_name = f"{name} ({meta.get('source', builder.data_path)})"
-    train = TfdsSource(builder.as_data_source("train"), name=source_name)
-    test = TfdsSource(builder.as_data_source("test"), name=source_name)
-    found = _tfds_sizes(builder, train, name=name)
-    train_labels = (load_split_arrays(train)["label"]
-                    if validation_fraction or found["num_classes"] is None else None)
-    if found["num_classes"] is None:  # a plain integer label: max + 1 over train
-      found["num_classes"] = int(train_labels.max()) + 1 if len(train_labels) else 0
-    origin = {"tfds": builder.info.full_name}
-  _check_dims(name, found=found, expected=dict(num_classes=num_classes, visual_dim=visual_dim,
-                                               audio_dim=audio_dim))
-  val = None
-  if validation_fraction:
-    train_rows, val_rows = stratified_split(train_labels, fraction=validation_fraction,
-                                            seed=validation_seed)
-    val = SubsetSource(train, val_rows)
-    train = SubsetSource(train, train_rows)
-  return Sources(train=train, test=test, validation=val, name=name, origin=origin, **found)
 
 
 def _sharding(mesh: Mesh) -> NamedSharding:
@@ -597,11 +266,6 @@ def eval_batches(source: Source, *, global_batch_size: int, mesh: Mesh,
     yield _to_global(host, sharding=sharding, global_batch_size=global_batch_size)
 
 
-def load_split_arrays(source: Source) -> dict[str, np.ndarray]:
-  """The whole split as numpy arrays (``visual``, ``audio``, ``label``, ``index``)."""
-  return source.__getitems__(np.arange(len(source), dtype=np.int64))
-
-
 def to_device(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Copies arrays to every device of ``mesh``, replicated (``P()``), for on-device epochs.
 
@@ -625,7 +289,8 @@ def to_device(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arr
 
 
 __all__ = [
-    "ArraySource", "Sources", "SubsetSource", "TfdsSource", "TrainLoader", "epoch_permutation",
-    "eval_batches", "load_sources", "load_split_arrays", "process_rows", "stratified_split",
-    "to_device",
+    "DATASETS", "FIELDS", "ArraySource", "DataValidationError", "Source", "Sources",
+    "StandardizedSource", "SubsetSource", "TfdsSource", "TrainLoader", "epoch_permutation",
+    "eval_batches", "load_sources", "load_split_arrays", "process_rows", "standardize",
+    "stratified_split", "to_device",
 ]

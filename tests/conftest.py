@@ -82,3 +82,11 @@ def assert_refused_npz():
   """``check(message, path)``: one line naming the file and the .npz of arrays expected,
   and not numpy's advice to set allow_pickle."""
   return _assert_refused_npz
+
+
+# Longest first: the tests marked slow (end-to-end runs, several minutes each) start before
+# the quick ones, so that on two workers no single long test runs alone at the end.
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                               "learns_real" not in item.nodeid))
