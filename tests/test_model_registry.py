@@ -12,7 +12,6 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import default
 from dsf3n_jax import checkpoints, config_check, convert, metrics, train
 from dsf3n_jax.models import (
     DSF3N,
@@ -23,6 +22,7 @@ from dsf3n_jax.models import (
     TwoStageFusion,
     registry,
 )
+from tests import test_train
 
 NUM_CLASSES, VISUAL_DIM, AUDIO_DIM = 5, 24, 12
 
@@ -47,20 +47,7 @@ registry.register_model("test_wide_head")(functools.partial(DSF3N, head_hidden=6
 
 
 def tiny_config(**overrides):
-  config = default.get_config("runlocal,tiny")
-  config.optim.lr = 1e-3
-  config.data.synthetic.num_train = 96
-  config.data.synthetic.num_test = 40
-  config.data.synthetic.num_classes = NUM_CLASSES
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for name in path:
-      node = node[name]
-    node[last] = value
-  return config
+  return test_train.tiny_config(**{"data.synthetic.num_classes": NUM_CLASSES, **overrides})
 
 
 def tiny_mcfg(config):
