@@ -19,15 +19,15 @@ falls back to the previous one.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax.training.workdir import resolve
 
 _policies = ocp.checkpoint_managers
 
@@ -60,8 +60,7 @@ class Checkpointer:
 
   def __init__(self, workdir, *, keep: int = 2, optimizer_state: bool = True,
                read_only: bool = False):
-    text = os.fspath(workdir)  # a local path made absolute: orbax requires that
-    self.workdir = epath.Path(text if "://" in text else os.path.abspath(text))
+    self.workdir = resolve(workdir)  # a local path made absolute: orbax requires that
     self.directory = self.workdir / "checkpoints"
     self.optimizer_state = optimizer_state
     policy = _policies.AnyPreservationPolicy([

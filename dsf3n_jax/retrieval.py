@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import cli, metrics
+from dsf3n_jax import metrics
 from dsf3n_jax.datasets import validation
 
 _MODEL_KEY = "__model__"
@@ -40,7 +39,6 @@ VARIABLES_EXPECTED = ("a variables .npz of arrays (retrieval.save_variables: '/'
                       "under params/ and batch_stats/)")
 EMBEDDINGS_EXPECTED = ("an embeddings .npz of arrays (retrieval.save_embeddings: emb_visual, "
                        "emb_audio, labels, indices, protocol)")
-RUN_FILE = "config.json"  # what every training run's workdir holds (train.train_and_evaluate)
 
 
 class Embeddings(NamedTuple):
@@ -368,9 +366,8 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     return load_embeddings(embeddings, protocol=protocol)
   from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
   if workdir:
-    check_run_dir(workdir)
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-    model, model_vars, config = train.restore_model(workdir)
+    model, model_vars, config = train.restore_model(workdir)  # names a missing run
     source = f"--workdir={workdir}"
     if data is None:  # the run's own dataset, with its normalisation
       arrays = run_split(config, split)
@@ -391,21 +388,6 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   visual, audio, labels = load_split(data, split)
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size,
                      protocol=protocol)
-
-
-def check_run_dir(workdir, *, flag: str = "--workdir") -> str:
-  """``workdir`` if it holds a training run (its ``config.json``); else a ``cli.UsageError``.
-
-  The one-line message names the flag and what is missing, e.g.
-  ``--workdir=/tmp/x: no training run here (config.json not found)``.
-  """
-  where = f"{flag}={workdir}: no training run here"
-  if not os.path.isdir(workdir):
-    found = "not a directory" if os.path.exists(workdir) else "no such directory"
-    raise cli.UsageError(f"{where} ({found})")
-  if not os.path.isfile(os.path.join(workdir, RUN_FILE)):
-    raise cli.UsageError(f"{where} ({RUN_FILE} not found)")
-  return workdir
 
 
 def embeddings_from_flags(args) -> Embeddings:

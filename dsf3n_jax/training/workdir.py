@@ -19,7 +19,10 @@ import jax
 import ml_collections
 from etils import epath
 
+from dsf3n_jax import cli
+
 LOCK_NAME = "lock"
+RUN_FILE = "config.json"  # what every training run's workdir holds
 
 
 class WorkdirError(PermissionError):
@@ -33,7 +36,7 @@ def log(msg: str, *args) -> None:
           flush=True)
 
 
-def _is_local(path: epath.Path) -> bool:
+def _is_local(path) -> bool:
   return "://" not in os.fspath(path)
 
 
@@ -52,7 +55,7 @@ def atomic_write(path: epath.Path, text: str) -> None:
 def resolve(workdir) -> epath.Path:
   """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that)."""
   text = os.fspath(workdir)
-  return epath.Path(text if "://" in text else os.path.abspath(text))
+  return epath.Path(text if not _is_local(text) else os.path.abspath(text))
 
 
 def prepare(workdir) -> epath.Path:
@@ -155,17 +158,28 @@ class WorkdirLock:
 def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[str, Any],
                      fingerprint: Mapping[str, Any]) -> None:
   """``config.json``: the resolved config, model and data, read by ``restore_model``."""
-  atomic_write(epath.Path(workdir) / "config.json", json.dumps(
+  atomic_write(epath.Path(workdir) / RUN_FILE, json.dumps(
       {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint)}, indent=2,
       default=str))
 
 
+def check_run_dir(workdir, *, flag: str = "--workdir") -> epath.Path:
+  """``workdir`` if it holds a training run (its ``config.json``); else a ``cli.UsageError``.
+
+  The one-line message names the flag and what is missing, e.g.
+  ``--workdir=/tmp/x: no training run here (config.json not found)``.
+  """
+  path, where = resolve(workdir), f"{flag}={workdir}: no training run here"
+  if not path.is_dir():
+    raise cli.UsageError(f"{where} ({'not a directory' if path.exists() else 'no such directory'})")
+  if not (path / RUN_FILE).is_file():
+    raise cli.UsageError(f"{where} ({RUN_FILE} not found)")
+  return path
+
+
 def read_run_config(workdir) -> dict[str, Any]:
-  """``config.json`` of a run, or a one-line error naming what is missing."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"--workdir={workdir}: no training run here ({path.name} not "
-                            "found)")
+  """``config.json`` of a run (``check_run_dir`` says what is missing)."""
+  path = check_run_dir(workdir) / RUN_FILE
   try:
     return json.loads(path.read_text())
   except ValueError as e:
