@@ -96,6 +96,11 @@ def _thread_error_in_one_line(args) -> None:
   _error_in_one_line(args.exc_type, args.exc_value, None, where=f"thread {name}: ")
 
 
+def _unraisable_in_one_line(args) -> None:
+  """An exception native code could not raise (tensorstore's callbacks on a closed loop)."""
+  _error_in_one_line(args.exc_type, args.exc_value, None)
+
+
 def _without_traceback(record) -> bool:
   record.exc_info, record.exc_text = None, None
   record.msg = str(record.msg).split("\n", 1)[0]
@@ -116,7 +121,8 @@ def main(argv):
     # printed with --verbose; the run's own error line names the cause.
     logging.get_absl_handler().addFilter(_without_traceback)
     threading.excepthook = _thread_error_in_one_line
-    sys.excepthook = _error_in_one_line  # what native code (tensorstore callbacks) prints
+    sys.excepthook = _error_in_one_line
+    sys.unraisablehook = _unraisable_in_one_line  # what native code (tensorstore callbacks) prints
   config = FLAGS.config
   config_check.check_unknown_fields(config, train.default_config())  # fields set in the file
   if str(config.model.dtype) == "float64":  # float64 end to end: parameters, optimiser, loss
