@@ -26,13 +26,12 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from benchmarks import sysinfo
+from benchmarks import baselines, sysinfo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -41,10 +40,6 @@ DIRECTIONS = ("audio_to_visual", "visual_to_audio", "average")
 # Protocol -> prefix of the keys of train.evaluate's metrics.
 PROTOCOL_KEYS = {"paired": "map_", "unimodal": "unimodal_map_"}
 QUICK_VARIANTS = ("runlocal", "tiny")
-# CCA's ridge (x each covariance's mean variance) keeps whitening finite on rank-deficient
-# features (fsdd's visual rows are upsampled 8x8 images). sklearn's iterative CCA took 2-3 min
-# on fsdd, and float rounding of its input moved its mAP from 0.33 to 0.65.
-CCA_RIDGE = 1e-3
 
 
 class Dataset(NamedTuple):
@@ -143,69 +138,31 @@ def score(emb_visual, emb_audio, labels) -> dict[str, float]:
   return {k: float(maps[k]) for k in DIRECTIONS}
 
 
-def _whitener(x: np.ndarray, ridge: float) -> np.ndarray:
-  """(d, r <= min(n, d)): whitens centred ``x`` against ``cov + ridge * mean variance``."""
-  _, s, vt = np.linalg.svd(x, full_matrices=False)
-  var = s**2 / len(x)
-  return vt.T / np.sqrt(var + ridge * var.sum() / x.shape[1])
-
-
-def linear_cca(x: np.ndarray, y: np.ndarray, k: int, ridge: float):
-  """Closed-form ridge CCA: ``(mean_x, proj_x, mean_y, proj_y, correlations)``."""
-  mx, my = x.mean(0), y.mean(0)
-  x, y = x - mx, y - my
-  wx, wy = _whitener(x, ridge), _whitener(y, ridge)
-  u, s, vt = np.linalg.svd((x @ wx).T @ (y @ wy) / len(x))
-  return mx, wx @ u[:, :k], my, wy @ vt.T[:, :k], s[:k]
-
-
 def run_cca(ctx: Context) -> list[dict[str, Any]]:
   """Linear CCA on standardised features; embeddings are the canonical variates."""
-  a, (train, test) = ctx.arrays, (ctx.arrays["train"], ctx.arrays["test"])
-  k = min(a["num_classes"], a["visual_dim"], a["audio_dim"], len(train["label"]))
   t0 = time.perf_counter()
-  mv, pv, ma, pa, corr = linear_cca(train["visual"].astype(np.float64),
-                                    train["audio"].astype(np.float64), k, CCA_RIDGE)
-  fit_s = time.perf_counter() - t0
-  v, au = (test["visual"] - mv) @ pv, (test["audio"] - ma) @ pa
-  return [{"name": f"linear CCA ({k} components)", "protocol": "unimodal", "train_s": fit_s,
-           **score(v, au, test["label"]), "details": {"train_correlations": corr.tolist()},
+  v, au, details = baselines.fit_linear_cca(ctx.arrays["train"], ctx.arrays["test"],
+                                             num_classes=ctx.arrays["num_classes"])
+  k = details["components"]
+  return [{"name": f"linear CCA ({k} components)", "protocol": "unimodal",
+           "train_s": time.perf_counter() - t0, **score(v, au, ctx.arrays["test"]["label"]),
+           "details": {"train_correlations": details["train_correlations"]},
            "config": f"closed-form CCA (numpy, float64), {k} components = min(classes, dims, "
-                     f"train pairs), ridge {CCA_RIDGE} x mean variance, standardised features"}]
-
-
-def _semantic(ctx: Context, make_classifier: Callable[[], Any]) -> dict[str, Any]:
-  """Fits one classifier per modality; scores their test class-probability vectors."""
-  train, test = ctx.arrays["train"], ctx.arrays["test"]
-  probs, details, fit_s = {}, {}, 0.0
-  for modality in ("visual", "audio"):
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # not converging shows as n_iter == max_iter
-      clf = make_classifier().fit(train[modality], train["label"])
-    fit_s += time.perf_counter() - t0
-    probs[modality] = clf.predict_proba(test[modality])
-    details[modality] = {"n_iter": int(np.max(clf.n_iter_)), "max_iter": clf.max_iter,
-                         "test_accuracy": float(np.mean(clf.classes_[probs[modality].argmax(1)]
-                                                        == test["label"]))}
-  return {"protocol": "unimodal", **score(probs["visual"], probs["audio"], test["label"]),
-          "train_s": fit_s, "details": details}
+                     f"train pairs), ridge {baselines.CCA_RIDGE} x mean variance, "
+                     "standardised features"}]
 
 
 def run_semantic(ctx: Context, kind: str) -> list[dict[str, Any]]:
   """Semantic matching with a logistic regression ("linear") or an MLP ("mlp") per modality."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.neural_network import MLPClassifier
-  if kind == "linear":  # lbfgs: multinomial
-    kwargs = dict(C=1.0, max_iter=200 if ctx.quick else 1000, random_state=ctx.seed)
-    make = lambda: LogisticRegression(**kwargs)
-  else:
-    kwargs = dict(hidden_layer_sizes=(256,), max_iter=50 if ctx.quick else 200,
-                  early_stopping=False, random_state=ctx.seed)
-    make = lambda: MLPClassifier(**kwargs)
+  t0 = time.perf_counter()
+  v, a, details = baselines.fit_semantic(ctx.arrays["train"], ctx.arrays["test"], kind=kind,
+                                         seed=ctx.seed, quick=ctx.quick)
+  kwargs = baselines.semantic_kwargs(kind, seed=ctx.seed, quick=ctx.quick)
+  name = "LogisticRegression" if kind == "linear" else "MLPClassifier"
   text = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-  return [{**_semantic(ctx, make), "config": f"sklearn {make().__class__.__name__}({text}) "
-           "per modality on standardised features"}]
+  return [{"protocol": "unimodal", **score(v, a, ctx.arrays["test"]["label"]),
+           "train_s": time.perf_counter() - t0, "details": details,
+           "config": f"sklearn {name}({text}) per modality on standardised features"}]
 
 
 def _protocol_row(metrics: dict[str, Any] | None, protocol: str) -> dict[str, Any]:

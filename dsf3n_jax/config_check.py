@@ -128,6 +128,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("loss.alpha", _num(0)),
     ("loss.beta", _num(0)),
     ("loss.id_form", _choice(ID_FORMS)),
+    ("loss.id_weight", _num(0)),
     ("loss.unimodal_weight", _num(0)),
     ("loss.unimodal_alpha", _num()),  # negative: loss.alpha
     ("loss.unimodal_beta", _num()),  # negative: loss.beta

@@ -149,7 +149,8 @@ def center_loss(features: Array, labels: Array, centers: Array, *, mask: Array |
 
 
 def dsf3n_loss(outputs, labels: Array, centers: Array, *, alpha: float, beta: float,
-               id_form: Literal["ce", "paper"] = "ce", mask: Array | None = None,
+               id_form: Literal["ce", "paper"] = "ce", id_weight: float = 1.0,
+               mask: Array | None = None,
                axis_name: str | None = None) -> tuple[Array, Mapping[str, Array]]:
   """``L = L_id + alpha L_pair + beta L_center`` (reference ``train_model.py``).
 
@@ -161,6 +162,8 @@ def dsf3n_loss(outputs, labels: Array, centers: Array, *, alpha: float, beta: fl
     alpha: weight of the pair loss.
     beta: weight of the centre loss.
     id_form: "ce" (reference) or "paper" (Eq. 6).
+    id_weight: weight of the identity (discriminative) loss; 0 is the paper's
+      ablation without J_dis. The parts are reported unweighted.
     mask: optional (batch,) weights (padded evaluation batches).
     axis_name: mapped axis for a data-parallel step.
 
@@ -175,5 +178,6 @@ def dsf3n_loss(outputs, labels: Array, centers: Array, *, alpha: float, beta: fl
       "center": center_loss(emb_v, labels, centers, **kw) + center_loss(emb_a, labels, centers,
                                                                          **kw),
   }
-  total = parts["id"] + alpha * parts["pair"] + beta * parts["center"]
+  id_term = parts["id"] if id_weight == 1 else id_weight * parts["id"]  # 1: bit-exact
+  total = id_term + alpha * parts["pair"] + beta * parts["center"]
   return total, parts

@@ -379,26 +379,27 @@ def test_synthetic_dsf3n_beats_linear_cca_in_float32_and_bfloat16(tmp_path):
 
 @pytest.mark.slow
 def test_learns_real_audio_visual_digits_from_one_modality(tmp_path, fsdd_path):
-  """configs/fsdd.py:unimodal on shared/data/fsdd_digits.npz, both protocols.
+  """configs/fsdd.py:unimodal,small (30 epochs) on shared/data/fsdd_digits.npz, both protocols.
 
-  Unimodal (each modality embedded alone, what deploys) >= 0.93 and paired (the
-  paper's protocol) >= 0.90 average test mAP (measured 0.978 and 0.995; linear CCA: 0.56;
-  MLP semantic matching: 0.970). The real command line on one CPU device, as a user runs it.
+  The recipe at full width (0.978 unimodal, 0.995 paired; 20 min here) is measured by
+  ``python -m benchmarks.accuracy --data=fsdd``; this is its narrow model (about a minute),
+  through the real command line on one CPU device, as a user runs it. Measured with seeds
+  0-2: 0.958-0.969 unimodal, 0.979-0.986 paired; linear CCA 0.56, MLP semantic matching 0.970.
   """
   workdir = tmp_path / "fsdd"
   env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
-                         "--config=configs/fsdd.py:unimodal", f"--workdir={workdir}",
-                         f"--config.data.path={fsdd_path}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+                         "--config=configs/fsdd.py:unimodal,small", f"--workdir={workdir}",
+                         f"--config.data.path={fsdd_path}", "--config.num_epochs=30",
+                         "--config.eval_every_epochs=10", "--config.checkpoint_every_epochs=30"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.load(open(workdir / "results.json"))
   final = results["final"]["test"]
   assert final["num_examples"] == 300
   assert results["selection_metric"] == "unimodal_map_average"
   assert results["best"]["selected_on"] == "validation"
-  # Measured (seed 0, python -m benchmarks.accuracy --data=fsdd): 0.978 unimodal, 0.995 paired.
-  assert final["unimodal_map_average"] >= 0.93, final
+  assert final["unimodal_map_average"] >= 0.90, final
   assert final["map_average"] >= 0.90, final
 
 

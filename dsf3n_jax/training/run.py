@@ -31,7 +31,7 @@ class Run:
   """A run's fixed parts, resolved and checked before anything compiles."""
 
   config: ml_collections.ConfigDict
-  workdir: epath.Path
+  workdir: epath.Path | None  # None: a run that writes nothing (training.seeds)
   sources: input_pipeline.Sources
   mcfg: dict[str, Any]
   model: DSF3N
@@ -105,10 +105,13 @@ def resolve_on_device(value) -> bool:
   raise ValueError(f"config.data.on_device: expected 'auto', 'true' or 'false', got {value!r}")
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir) -> Run:
-  """Every check that needs no compile: the config (all problems at once), workdir, data."""
+def prepare_run(config: ml_collections.ConfigDict, workdir=None) -> Run:
+  """Every check that needs no compile: the config (all problems at once), workdir, data.
+
+  ``workdir=None``: nothing is written (the run's parts only).
+  """
   config_check.validate(config, num_devices=jax.device_count())
-  workdir = workdir_lib.prepare(workdir)
+  workdir = None if workdir is None else workdir_lib.prepare(workdir)
   sources = load_data(config)
   num_train = len(sources.train)
   if config.batch_size > num_train:
@@ -120,8 +123,9 @@ def prepare_run(config: ml_collections.ConfigDict, workdir) -> Run:
   selection = config.selection_split
   if selection == "validation" and sources.validation is None:
     selection = "test"
-    workdir_lib.log("warning: no validation split (config.data.validation_fraction=0): the "
-                    "best checkpoint is selected on the test split")
+    if workdir is not None:  # a run that selects checkpoints
+      workdir_lib.log("warning: no validation split (config.data.validation_fraction=0): the "
+                      "best checkpoint is selected on the test split")
   return Run(config=config, workdir=workdir, sources=sources, mcfg=mcfg,
              model=build_model(mcfg), tx=build_optimizer(config, steps_per_epoch),
              mesh=make_mesh(), steps_per_epoch=steps_per_epoch, selection=selection,

@@ -44,7 +44,7 @@ def _loss_precision(x: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
                tx: optax.GradientTransformation, alpha: float, beta: float,
-               id_form: str = "ce", unimodal_weight: float = 0.0,
+               id_form: str = "ce", id_weight: float = 1.0, unimodal_weight: float = 0.0,
                unimodal_alpha: float | None = None, unimodal_beta: float | None = None,
                axis_name: str = AXIS) -> tuple[TrainState, dict]:
   """One optimiser step on this device's shard of the global batch.
@@ -72,7 +72,8 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
     outputs = jax.tree.map(_loss_precision, tuple(outputs))
     paired = outputs[0] if unimodal_weight > 0 else outputs
     loss = functools.partial(losses.dsf3n_loss, labels=labels, centers=trainable["centers"],
-                             alpha=alpha, beta=beta, id_form=id_form, axis_name=axis_name)
+                             alpha=alpha, beta=beta, id_form=id_form, id_weight=id_weight,
+                             axis_name=axis_name)
     total, parts = loss(paired)
     if unimodal_weight > 0:
       alone_total, alone_parts = loss(
@@ -105,6 +106,7 @@ def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
   """``train_step`` with the model, optimiser and loss weights bound."""
   return functools.partial(train_step, model=model, tx=tx, alpha=config.loss.alpha,
                            beta=config.loss.beta, id_form=config.loss.id_form,
+                           id_weight=float(config.loss.get("id_weight", 1.0)),
                            **_unimodal_loss_weights(config.loss))
 
 
@@ -226,7 +228,8 @@ def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collec
   labels = jnp.asarray(out["label"])
   total, parts = losses.dsf3n_loss(outputs, labels, jnp.asarray(state.centers),
                                    alpha=config.loss.alpha, beta=config.loss.beta,
-                                   id_form=config.loss.id_form)
+                                   id_form=config.loss.id_form,
+                                   id_weight=float(config.loss.get("id_weight", 1.0)))
   result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
             "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
             "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}

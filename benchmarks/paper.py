@@ -1,0 +1,511 @@
+"""The paper's tables on one dataset, in one command, over seeds, for both protocols.
+
+  python -m benchmarks.paper --data=fsdd                 # ../shared/data/fsdd_digits.npz
+  python -m benchmarks.paper --data=synthetic --quick --seeds=2
+  python -m benchmarks.paper --data=FILE.npz --seeds=5 --epochs=10 --set=optim.lr=3e-4
+
+``--data``: synthetic, fsdd, vegas, ave (TFDS, prepared as in the README) or a
+paired-feature file. Writes ``paper-<data>[-quick].json`` and ``.md`` (default
+benchmarks/results/) with:
+
+- Table I/II, comparison methods on features alone: linear CCA, kernel CCA
+  (random Fourier features), deep CCA, cluster CCA, semantic matching
+  (logistic regression, MLP), all unimodal by construction; DSF3N with the
+  data's config (``configs/<data>.py``: the paper's model and losses, the
+  data's optimiser budget) and with its ``:unimodal`` recipe, both protocols.
+- Table III/IV, the ablations: every combination of the identity loss (J_dis,
+  ``loss.id_weight``), the centre loss (J_intra, ``loss.beta``) and MFA
+  (``model.use_mfa``) except the one with none of them: seven rows. The pair
+  term stays in every row, so the row with neither loss trains on the pair
+  term alone (its centres get no gradient).
+- Fig. 3: t-SNE of the test split (raw features, and the full model's
+  embeddings in both protocols) for its seed with the best validation mAP.
+
+Every number is the test split at the last epoch (no checkpoint selection),
+mean and standard deviation over the seeds (0 .. seeds-1). The seeds of a
+DSF3N row train together as one compiled program (``dsf3n_jax.training.seeds``).
+Each finished row is saved at once; a rerun skips the rows whose config, seeds
+and code-relevant settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import pathlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from benchmarks import accuracy, baselines, sysinfo
+
+RESULTS = accuracy.RESULTS
+DIRECTIONS = accuracy.DIRECTIONS
+PROTOCOLS = ("paired", "unimodal")
+TFDS_DATA = ("vegas", "ave")
+# Epochs of the :small model, the grid's budget on synthetic, fsdd and files (unless
+# --full_model): 30 epochs of configs/fsdd.py:unimodal,small reached 0.96-0.97 unimodal mAP.
+CPU_EPOCHS = 30
+# The paper's published test mAP (average of both directions) per dataset and row key. This
+# project does not hold the paper's tables: add them here to print them beside ours.
+PUBLISHED: dict[str, dict[str, float]] = {}
+
+
+class Ablation(NamedTuple):
+  key: str
+  name: str
+  dis: bool  # J_dis: the identity (classification) loss
+  intra: bool  # J_intra: the centre loss
+  mfa: bool
+
+
+ABLATIONS = (
+    Ablation("full", "J_dis + J_intra + MFA (full model)", True, True, True),
+    Ablation("no_mfa", "J_dis + J_intra, no MFA", True, True, False),
+    Ablation("no_intra", "J_dis + MFA, no J_intra", True, False, True),
+    Ablation("no_dis", "J_intra + MFA, no J_dis", False, True, True),
+    Ablation("dis_only", "J_dis only, no MFA", True, False, False),
+    Ablation("intra_only", "J_intra only, no MFA", False, True, False),
+    Ablation("mfa_only", "MFA, neither loss (pair term only)", False, False, True),
+)
+BASELINES = {
+    "linear_cca": ("linear CCA", baselines.fit_linear_cca),
+    "kernel_cca": ("kernel CCA (RBF, random Fourier features)", baselines.fit_kernel_cca),
+    "deep_cca": ("deep CCA", baselines.fit_deep_cca),
+    "cluster_cca": ("cluster CCA", baselines.fit_cluster_cca),
+    "semantic_linear": ("semantic matching, logistic regression",
+                        lambda *a, **k: baselines.fit_semantic(*a, kind="linear", **k)),
+    "semantic_mlp": ("semantic matching, MLP",
+                     lambda *a, **k: baselines.fit_semantic(*a, kind="mlp", **k)),
+}
+
+
+class Row(NamedTuple):
+  key: str
+  table: str  # "comparison" (Tables I/II) or "ablation" (Tables III/IV)
+  name: str
+  kind: str  # "baseline" or "dsf3n"
+  config: Any  # a DSF3N row's ConfigDict; None for baselines
+
+
+# -- configs ------------------------------------------------------------------------------------
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+  """``--set=path=value`` items -> {path: value} (values as Python literals, else strings)."""
+  out = {}
+  for item in items:
+    path, sep, text = item.partition("=")
+    if not sep or not path:
+      raise SystemExit(f"--set={item!r}: expected FIELD=VALUE, e.g. --set=optim.lr=3e-4")
+    try:
+      out[path] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[path] = text
+  return out
+
+
+def _apply(config, overrides: dict[str, Any]):
+  for path, value in overrides.items():
+    *parents, last = path.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise SystemExit(f"--set={path}: config has no field {p!r}")
+      node = node[p]
+    if last not in node:
+      raise SystemExit(f"--set={path}: config has no field {last!r}")
+    node[last] = value
+  return config
+
+
+def base_config(data: str, *, unimodal: bool, quick: bool, epochs: int | None,
+                overrides: dict[str, Any], full_model: bool = False):
+  """``configs/<data module>.py`` with the grid's budget, then ``overrides``.
+
+  The budget: ``:runlocal,tiny`` when quick; on vegas and ave (or ``full_model``)
+  the data config as it stands; otherwise (synthetic, fsdd, files) the
+  ``:small`` model for ``CPU_EPOCHS`` epochs. ``unimodal`` adds ``:unimodal``.
+  """
+  path = pathlib.Path(data)
+  module = data if data in ("synthetic", "fsdd", *TFDS_DATA) else "paired_features"
+  small = not quick and not full_model and module not in TFDS_DATA
+  variants = [*(["unimodal"] if unimodal else []), *(accuracy.QUICK_VARIANTS if quick else []),
+              *(["small"] if small else [])]
+  config = accuracy.load_config(module, ",".join(variants))
+  if module == "paired_features":
+    config.data.path = str(path.resolve())
+  if small:
+    config.num_epochs = CPU_EPOCHS
+  if epochs is not None:
+    config.num_epochs = epochs
+  config = _apply(config, overrides)
+  if not config.data.validation_fraction:
+    config.data.validation_fraction = 0.1  # Fig. 3's seed is chosen on validation
+  return config
+
+
+def ablation_config(base, ablation: Ablation):
+  config = base.copy_and_resolve_references()
+  config.loss.id_weight = 1.0 if ablation.dis else 0.0
+  if not ablation.intra:
+    config.loss.beta = 0.0
+  config.model.use_mfa = ablation.mfa
+  return config
+
+
+def plan_rows(data: str, **budget) -> list[Row]:
+  """Every row of the run, in order (the full model first of the DSF3N rows)."""
+  base = base_config(data, unimodal=False, **budget)
+  rows = [Row(k, "comparison", name, "baseline", None) for k, (name, _) in BASELINES.items()]
+  rows += [Row(a.key, "ablation", a.name, "dsf3n", ablation_config(base, a)) for a in ABLATIONS]
+  rows.append(Row("unimodal_recipe", "comparison", "DSF3N, :unimodal recipe", "dsf3n",
+                  base_config(data, unimodal=True, **budget)))
+  return rows
+
+
+def fingerprint(row: Row, seeds: Sequence[int], quick: bool) -> str:
+  """What a saved row must match to be reused: its config (or method), seeds and budget."""
+  what = {"key": row.key, "seeds": list(seeds), "quick": quick,
+          "config": None if row.config is None else json.loads(row.config.to_json_best_effort())}
+  return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+
+def summarise(per_seed: list[dict[str, float] | None]) -> dict[str, Any]:
+  """Mean and (population) standard deviation over the seeds that finished finite."""
+  good = [s for s in per_seed if s is not None]
+  out: dict[str, Any] = {"seeds_used": len(good), "seeds_failed": len(per_seed) - len(good)}
+  for stat, fn in (("mean", np.mean), ("std", np.std)):
+    out[stat] = {k: (float(fn([s[k] for s in good])) if good else None) for k in DIRECTIONS}
+  out["per_seed"] = per_seed
+  return out
+
+
+def baseline_arrays(config) -> dict[str, Any]:
+  """Standardised train rows (the validation carve removed) and test split of ``config``."""
+  from dsf3n_jax import input_pipeline as ip
+  from dsf3n_jax import train
+  sources = train.load_data(config)
+  if config.data.normalize != "standardize":
+    sources = ip.standardize(sources)
+  return {"train": ip.load_split_arrays(sources.train), "test": ip.load_split_arrays(sources.test),
+          "validation": (None if sources.validation is None
+                         else ip.load_split_arrays(sources.validation)),
+          "num_classes": sources.num_classes}
+
+
+def run_baseline(row: Row, arrays, seeds, quick: bool, progress) -> dict[str, Any]:
+  _, fit = BASELINES[row.key]
+  per_seed, details, t0 = [], [], time.perf_counter()
+  for i, seed in enumerate(seeds):
+    progress(f"{row.key}: seed {seed} ({i + 1}/{len(seeds)})")
+    v, a, d = fit(arrays["train"], arrays["test"], num_classes=arrays["num_classes"],
+                  seed=seed, quick=quick)
+    per_seed.append(accuracy.score(v, a, arrays["test"]["label"]))
+    details.append(d)
+  return {"protocols": {"unimodal": summarise(per_seed)}, "train_s": time.perf_counter() - t0,
+          "details": details[0]}
+
+
+def _protocol_values(metrics: dict[str, float] | None, protocol: str):
+  prefix = accuracy.PROTOCOL_KEYS[protocol]
+  return None if metrics is None else {k: metrics[prefix + k] for k in DIRECTIONS}
+
+
+def run_dsf3n(row: Row, seeds, progress) -> dict[str, Any]:
+  import jax
+
+  from dsf3n_jax.training import seeds as seeds_lib
+  epochs, t0 = row.config.num_epochs, time.perf_counter()
+
+  def on_epoch(epoch, means, seconds):
+    progress(f"{row.key}: epoch {epoch}/{epochs} of {len(seeds)} seeds together "
+             f"({seconds:.0f} s/epoch), loss " + " ".join(f"{x:.3f}" for x in means["loss"]),
+             done_fraction=epoch / epochs)
+
+  run, states, history = seeds_lib.train_seeds(row.config, seeds, on_epoch=on_epoch)
+  train_s = time.perf_counter() - t0
+  test = seeds_lib.evaluate_seeds(run, states, "test")
+  validation = (seeds_lib.evaluate_seeds(run, states, "validation")
+                if run.sources.validation is not None else [None] * len(seeds))
+  return {"protocols": {p: summarise([_protocol_values(m, p) for m in test]) for p in PROTOCOLS},
+          "validation": {p: summarise([_protocol_values(m, p) for m in validation])
+                         for p in PROTOCOLS},
+          "train_s": train_s, "seconds_per_epoch": [h["seconds"] for h in history],
+          "final_train_loss": history[-1]["loss"],
+          "num_params": int(sum(np.size(x) for x in jax.tree.leaves(
+              seeds_lib.seed_state(states, 0).params))),
+          "_run": run, "_states": states}
+
+
+# -- Fig. 3 -------------------------------------------------------------------------------------
+
+
+def figure(full: dict[str, Any], arrays, seeds, out_dir: pathlib.Path, stem: str):
+  """t-SNE of the test split for the full model's seed with the best validation mAP."""
+  from dsf3n_jax import visualize
+  from dsf3n_jax.training import seeds as seeds_lib
+  from dsf3n_jax.training import steps as steps_lib
+  run, states = full["_run"], full["_states"]
+  scores = [(s or {}).get("average", -1.0) for s in full["validation"]["paired"]["per_seed"]]
+  best = int(np.argmax(scores))
+  state = seeds_lib.seed_state(states, best)
+  emb = steps_lib.embed_split(steps_lib.make_embed_fn(run.model, run.mesh), state.variables,
+                              run.sources.test, mesh=run.mesh,
+                              batch_size=run.config.eval_batch_size)
+  rows = visualize.subsample(emb["label"], max_points=1000, seed=0)
+  labels = emb["label"][rows]
+  test = arrays["test"]
+  files = {}
+  planes = {"raw_features": (test["visual"][emb["index"][rows]],
+                             test["audio"][emb["index"][rows]], "raw"),
+            "embeddings_paired": (emb["emb_visual"][rows], emb["emb_audio"][rows], "embedding"),
+            "embeddings_unimodal": (emb["unimodal_emb_visual"][rows],
+                                    emb["unimodal_emb_audio"][rows], "embedding")}
+  for name, (v, a, kind) in planes.items():
+    xy_v, xy_a = visualize.joint_tsne(v, a, seed=0, kind=kind)
+    path = out_dir / f"{stem}-fig3-{name}.png"
+    visualize.plot_plane(xy_v, xy_a, labels, path=path,
+                         title=f"{name.replace('_', ' ')} (test, seed {seeds[best]})")
+    files[name] = path.name
+  return {"seed": seeds[best], "selected_on": "validation paired map_average", "files": files}
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class Progress:
+  """One line per event: a bar over the rows, the rows and seeds done, and an ETA."""
+
+  def __init__(self, rows: list[Row], log: Callable[[str], None]):
+    self.weights = {r.key: (r.config.num_epochs * (2 if r.config.loss.unimodal_weight else 1)
+                            if r.kind == "dsf3n" else 0.05) for r in rows}
+    self.total, self.done, self.log = sum(self.weights.values()), 0.0, log
+    self.t0, self.spent = time.perf_counter(), 0.0
+    self.current: str | None = None
+
+  def start(self, key: str) -> None:
+    self.current, self.row_t0 = key, time.perf_counter()
+
+  def finish(self, key: str, *, skipped: bool = False) -> None:
+    if not skipped:
+      self.spent += time.perf_counter() - self.row_t0
+    else:
+      self.total -= self.weights[key]
+    self.done += 0 if skipped else self.weights[key]
+    self.current = None
+
+  def __call__(self, message: str, done_fraction: float = 0.0) -> None:
+    done = self.done + done_fraction * self.weights.get(self.current, 0)
+    elapsed = self.spent + (time.perf_counter() - self.row_t0 if self.current else 0)
+    frac = done / max(self.total, 1e-9)
+    eta = elapsed / frac * (1 - frac) if frac > 0.02 else None
+    bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+    self.log(f"[{bar}] {100 * frac:3.0f}% {message}"
+             + (f"; ETA {eta / 60:.1f} min" if eta is not None else ""))
+
+
+def load_previous(path: pathlib.Path) -> tuple[dict[str, dict[str, Any]], dict | None]:
+  """The finished rows (by key) and Fig. 3 of an earlier run writing the same file."""
+  if not path.exists():
+    return {}, None
+  try:
+    doc = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    print(f"note: {path} unreadable ({e}); every row runs again", file=sys.stderr)
+    return {}, None
+  return {r["key"]: r for r in doc.get("rows", []) if not r.get("error")}, doc.get("figure_3")
+
+
+def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
+        epochs: int | None = None, overrides: dict[str, Any] | None = None,
+        full_model: bool = False, only: Sequence[str] = (), figures: bool = True,
+        command: str = "",
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs (or reuses) every row; writes the JSON and Markdown after each one."""
+  if len(seeds) < 1:
+    raise SystemExit("--seeds: expected at least 1")
+  named = data in ("synthetic", "fsdd", *TFDS_DATA)
+  name = data if named else pathlib.Path(data).stem
+  budget = dict(quick=quick, epochs=epochs, overrides=overrides or {}, full_model=full_model)
+  planned = plan_rows(data, **budget)
+  rows = [r for r in planned if not only or r.key in only or r.table in only]
+  if not rows:
+    raise SystemExit(f"--only={list(only)}: no such row or table; rows: "
+                     f"{', '.join(r.key for r in planned)}")
+  stem = f"paper-{name}" + ("-quick" if quick else "")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  previous, previous_figure = load_previous(out_dir / f"{stem}.json")
+  base = base_config(data, unimodal=False, **budget)
+  arrays = baseline_arrays(base)
+  doc = {"benchmark": "paper", "data": name, "quick": quick,
+         "data_source": base.data.path or base.data.name,
+         "seeds": list(seeds), "report_split": "test", "selection": "none: the last epoch",
+         "metric": "mAP, cosine, all items", "command": command,
+         "started": sysinfo.machine_info()["date"], "machine": sysinfo.machine_info(),
+         "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
+         "num_classes": arrays["num_classes"], "train_examples": len(arrays["train"]["label"]),
+         "test_examples": len(arrays["test"]["label"]),
+         "published": PUBLISHED.get(name), "rows": [],
+         "figure_3": previous_figure if "full" in previous else None}
+  progress, t0 = Progress(rows, log), time.perf_counter()
+  selected = {r.key for r in rows}
+  for row in planned:
+    if row.key not in selected:  # not selected by --only: an earlier result stays in the report
+      if row.key in previous:
+        doc["rows"].append(previous[row.key])
+      continue
+    fp = fingerprint(row, seeds, quick)
+    if row.key in previous and previous[row.key].get("fingerprint") == fp and not (
+        figures and row.key == "full" and not previous[row.key].get("has_figure")):
+      doc["rows"].append(previous[row.key])
+      progress.finish(row.key, skipped=True)
+      log(f"{row.key}: unchanged since the last run, kept")
+      continue
+    progress.start(row.key)
+    progress(f"{row.key}: {row.name}")
+    entry = {"key": row.key, "table": row.table, "name": row.name, "kind": row.kind,
+             "fingerprint": fp, "error": None,
+             "config": (None if row.config is None
+                        else json.loads(row.config.to_json_best_effort()))}
+    try:
+      result = (run_baseline(row, arrays, seeds, quick, progress) if row.kind == "baseline"
+                else run_dsf3n(row, seeds, progress))
+      if row.key == "full" and figures:
+        doc["figure_3"] = figure(result, arrays, seeds, out_dir, stem)
+        entry["has_figure"] = True
+      entry.update({k: v for k, v in result.items() if not k.startswith("_")})
+    except Exception as e:  # a failed row is recorded, the others still run
+      entry.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+    progress.finish(row.key)
+    doc["rows"].append(entry)
+    doc["wall_s"] = time.perf_counter() - t0
+    write(doc, out_dir, stem)
+    log(f"{row.key}: " + ("FAILED " + entry["error"].splitlines()[0] if entry["error"] else
+                          "; ".join(f"{p} {_cell(entry, p)}" for p in entry["protocols"])))
+  doc["wall_s"] = time.perf_counter() - t0
+  write(doc, out_dir, stem)
+  return doc
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+
+def _pm(mean, std) -> str:
+  return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _cell(entry, protocol: str, key: str = "average") -> str:
+  if entry.get("error"):
+    return "failed"
+  p = entry.get("protocols", {}).get(protocol)
+  return "n/a" if p is None else _pm(p["mean"][key], p["std"][key])
+
+
+def markdown(doc: dict[str, Any]) -> str:
+  m = doc["machine"]
+  seeds = doc["seeds"]
+  published = doc.get("published") or {}
+  pub = (lambda key: f" | {published[key]:.3f}" if key in published else " | -") if published \
+      else (lambda key: "")
+  pub_head = " | paper" if published else ""
+  lines = [f"# The paper's tables: {doc['data']}{' (quick mode)' if doc['quick'] else ''}", "",
+           f"- Data: {doc['data_source']}; {doc['train_examples']} train pairs (validation carved "
+           f"out), {doc['test_examples']} test pairs, {doc['num_classes']} classes",
+           f"- Every cell: **test** split, {doc['metric']}, average of A->V and V->A, mean ± "
+           f"std over seeds {seeds}; selection: {doc['selection']}",
+           f"- Machine: {m['cpu_model']}, {m['cores']} cores; date {doc['started']}; total "
+           f"{doc.get('wall_s', 0) / 60:.1f} min",
+           f"- Command: `{doc['command']}`",
+           "- The paper's published numbers: " + ("beside ours" if published else
+                                                 "not held by this project for this data"), "",
+           "## Table I/II: comparison methods", "",
+           f"| method | unimodal | paired{pub_head} |", "|---|---|---|" + ("---|" if published
+                                                                      else "")]
+  by_key = {r["key"]: r for r in doc["rows"]}
+  comparison = [r for r in doc["rows"] if r["table"] == "comparison"]
+  if "full" in by_key:
+    comparison.insert(len([r for r in comparison if r["kind"] == "baseline"]),
+                      {**by_key["full"], "name": "DSF3N, the data's config (full model)"})
+  for r in comparison:
+    paired = _cell(r, "paired") if r["kind"] == "dsf3n" else "(unimodal only)"
+    lines.append(f"| {r['name']} | {_cell(r, 'unimodal')} | {paired}{pub(r['key'])} |")
+  lines += ["", "## Table III/IV: ablations (the pair term in every row)", "",
+            f"| J_dis | J_intra | MFA | paired | unimodal{pub_head} |",
+            "|---|---|---|---|---|" + ("---|" if published else "")]
+  for a in ABLATIONS:
+    r = by_key.get(a.key)
+    if r is None:
+      continue
+    mark = lambda on: "yes" if on else "-"
+    lines.append(f"| {mark(a.dis)} | {mark(a.intra)} | {mark(a.mfa)} | {_cell(r, 'paired')} | "
+                 f"{_cell(r, 'unimodal')}{pub(a.key)} |")
+  failed = [f"- {r['key']} failed: {r['error'].splitlines()[0][:300]}"
+            for r in doc["rows"] if r.get("error")]
+  lines += ["", *failed]
+  fig = doc.get("figure_3")
+  if fig:
+    lines += ["## Fig. 3", "", f"Test split, the full model's seed {fig['seed']} (best "
+              f"{fig['selected_on']}):", "",
+              *(f"![{k}]({v})" for k, v in fig["files"].items()), ""]
+  return "\n".join(lines)
+
+
+def write(doc: dict[str, Any], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
+  """``<stem>.json`` and ``<stem>.md``, each replaced atomically."""
+  paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+  for path, text in zip(paths, (json.dumps(doc, indent=1, default=str), markdown(doc))):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--data", required=True,
+                      help="synthetic, fsdd, vegas, ave or a paired-feature .npz/.h5 file")
+  parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 (default 5)")
+  parser.add_argument("--quick", action="store_true",
+                      help="DSF3N configs get ':runlocal,tiny'; baselines shorter")
+  parser.add_argument("--epochs", type=int, default=None, help="every DSF3N row's num_epochs")
+  parser.add_argument("--full_model", action="store_true",
+                      help="the data config's model (default on synthetic, fsdd and files: "
+                      f":small for {CPU_EPOCHS} epochs; vegas and ave: always their config)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a config field of every DSF3N row (repeatable)")
+  parser.add_argument("--only", action="append", default=[],
+                      help="rows (keys) or tables (comparison, ablation) to run")
+  parser.add_argument("--no_figures", action="store_true", help="skip Fig. 3's t-SNE")
+  parser.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
+  raw = sys.argv[1:] if argv is None else list(argv)
+  args = parser.parse_args(raw)
+  data = args.data
+  if data not in ("synthetic", "fsdd", *TFDS_DATA) and not pathlib.Path(data).exists():
+    raise SystemExit(f"--data={data}: not synthetic, fsdd, vegas or ave, and no such file")
+  if data == "fsdd" and not accuracy.FSDD_PATH.exists():
+    raise SystemExit(f"--data=fsdd: {accuracy.FSDD_PATH} is absent (shared/data/README.md)")
+  log = lambda s: print(time.strftime("%H:%M:%S "), s, file=sys.stderr, flush=True)
+  out_dir = pathlib.Path(args.out) if args.out else RESULTS
+  doc = run(data, seeds=list(range(args.seeds)), quick=args.quick, out_dir=out_dir,
+            epochs=args.epochs, overrides=parse_set(args.set), full_model=args.full_model,
+            only=args.only,
+            figures=not args.no_figures, log=log,
+            command=" ".join(["python -m benchmarks.paper", *raw]))
+  print(markdown(doc))
+  failed = [r["key"] for r in doc["rows"] if r.get("error")]
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,142 @@
+"""Several seeds of one config trained together, as one compiled program.
+
+The train states of K seeds are stacked (a leading axis of size K) and the
+per-device ``train_step`` is ``jax.vmap``-ed over that axis inside the
+data-parallel ``shard_map``: one compile serves every seed. Seed ``s`` is
+initialised, shuffled and dropped out exactly as ``train_and_evaluate`` with
+``config.seed = s`` (streamed batches), so the result equals training the seeds
+one by one (``tests/test_seeds.py``, to 1e-5). ``config.seed`` itself is not
+used.
+
+  run, states, history = seeds.train_seeds(config, [0, 1, 2])
+  metrics = seeds.evaluate_seeds(run, states, "test")  # one dict per seed
+
+Nothing is written: this is for grids of short runs (``benchmarks/paper.py``),
+not for runs that need checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax import input_pipeline
+from dsf3n_jax.mesh import DATA_AXIS as AXIS
+from dsf3n_jax.training import run as run_lib
+from dsf3n_jax.training import steps as steps_lib
+from dsf3n_jax.training.state import TrainState, init_state
+
+# The train-step metrics averaged per epoch in ``train_seeds``' history.
+HISTORY_KEYS = ("loss", "id", "pair", "center")
+
+
+def init_states(run: run_lib.Run, seeds: Sequence[int]) -> TrainState:
+  """Each seed's initial state (as ``train_and_evaluate`` builds it), stacked over seeds."""
+  init = functools.partial(init_state, run.model, run.tx, num_classes=run.sources.num_classes)
+  return jax.jit(jax.vmap(lambda seed: init(seed=seed)),
+                 out_shardings=NamedSharding(run.mesh, P()))(jnp.asarray(seeds, jnp.int32))
+
+
+def seed_state(states: TrainState, i: int) -> TrainState:
+  """Seed ``i``'s state out of the stacked ones."""
+  return jax.tree.map(lambda x: x[i], states)
+
+
+def make_seeds_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """``(stacked states, stacked global batches) -> (states, per-seed metrics)``.
+
+  ``step_fn`` is a per-device step (``steps.per_device_step``); it is
+  vmapped over the seed axis inside the ``data`` ``shard_map``, so its
+  collectives still reduce over devices, per seed.
+  """
+  mapped = jax.shard_map(jax.vmap(step_fn), mesh=mesh, in_specs=(P(), P(None, AXIS)),
+                         out_specs=(P(), P()), check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+class SeedBatches:
+  """Each seed's train batches (its own ``TrainLoader`` order), stacked: ``(K, batch, ...)``."""
+
+  def __init__(self, source, *, seeds: Sequence[int], global_batch_size: int, mesh: Mesh,
+               shuffle: bool = True):
+    self.loaders = [input_pipeline.TrainLoader(source, global_batch_size=global_batch_size,
+                                               mesh=mesh, seed=int(s), shuffle=shuffle)
+                    for s in seeds]
+    self._stack = jax.jit(lambda *b: jax.tree.map(lambda *x: jnp.stack(x), *b),
+                          out_shardings=NamedSharding(mesh, P(None, AXIS)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    batches = [next(loader) for loader in self.loaders]
+    return self._stack(*[{k: b[k] for k in ("visual", "audio", "label")} for b in batches])
+
+  def close(self) -> None:
+    for loader in self.loaders:
+      loader.close()
+
+
+def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
+                on_epoch: Callable[[int, dict[str, np.ndarray], float], None] | None = None,
+                ) -> tuple[run_lib.Run, TrainState, list[dict[str, Any]]]:
+  """Trains ``config`` for ``config.num_epochs`` epochs once per seed, all seeds at once.
+
+  Returns the run's parts, the stacked final states and a history: per epoch,
+  each seed's mean train loss parts (``HISTORY_KEYS``, lists of K floats) and
+  the epoch's seconds. ``on_epoch(epoch, means, seconds)`` is called after each
+  (1-based) epoch. A seed whose loss turns non-finite keeps training (its
+  numbers are NaN); ``finite_seeds`` says which ended finite.
+  """
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds: expected distinct integers, got {list(seeds)}")
+  run = run_lib.prepare_run(config)
+  step = make_seeds_step(steps_lib.per_device_step(config, run.model, run.tx), run.mesh)
+  states = init_states(run, seeds)
+  batches = SeedBatches(run.sources.train, seeds=seeds, global_batch_size=config.batch_size,
+                        mesh=run.mesh, shuffle=config.data.shuffle)
+  history = []
+  try:
+    for epoch in range(1, config.num_epochs + 1):
+      t0, collected = time.perf_counter(), []
+      for _ in range(run.steps_per_epoch):
+        states, m = step(states, next(batches))
+        collected.append({k: m[k] for k in HISTORY_KEYS if k in m})
+      means = {k: np.mean(np.stack([np.asarray(c[k]) for c in collected]), axis=0)
+               for k in collected[0]}
+      seconds = time.perf_counter() - t0
+      history.append({"epoch": epoch, "seconds": seconds,
+                      **{k: v.tolist() for k, v in means.items()}})
+      if on_epoch is not None:
+        on_epoch(epoch, means, seconds)
+  finally:
+    batches.close()
+  return run, states, history
+
+
+def finite_seeds(states: TrainState) -> np.ndarray:
+  """(K,) bool: whether each seed's parameters, statistics and centres are all finite."""
+  leaves = jax.tree.leaves((states.params, states.batch_stats, states.centers))
+  per_leaf = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
+  return np.asarray(functools.reduce(jnp.logical_and, per_leaf))
+
+
+def evaluate_seeds(run: run_lib.Run, states: TrainState, split: str) -> list[dict | None]:
+  """``steps.evaluate`` on ``split`` for each seed (None for a seed whose state is not finite)."""
+  source = getattr(run.sources, split)
+  if source is None:
+    raise ValueError(f"the data has no {split} split")
+  embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
+  finite = finite_seeds(states)
+  return [steps_lib.evaluate(embed_fn, seed_state(states, i), source, config=run.config,
+                             mesh=run.mesh, split=split) if finite[i] else None
+          for i in range(len(finite))]

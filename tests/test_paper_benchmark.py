@@ -1,0 +1,91 @@
+"""benchmarks.paper: the paper's tables on synthetic data in quick mode, end to end."""
+
+import json
+
+import pytest
+
+from benchmarks import paper
+
+
+@pytest.mark.slow
+def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_path):
+  logs = []
+  doc = paper.run("synthetic", seeds=[0, 1], quick=True, out_dir=tmp_path, log=logs.append,
+                  command="test")
+  on_disk = json.loads((tmp_path / "paper-synthetic-quick.json").read_text())
+  assert on_disk["rows"] == json.loads(json.dumps(doc["rows"], default=str))
+  rows = {r["key"]: r for r in on_disk["rows"]}
+  expected = {*paper.BASELINES, *(a.key for a in paper.ABLATIONS), "unimodal_recipe"}
+  assert set(rows) == expected, set(rows) ^ expected
+  for key, row in rows.items():
+    assert row["error"] is None, (key, row["error"])
+    protocols = ("unimodal",) if key in paper.BASELINES else ("paired", "unimodal")
+    assert tuple(sorted(row["protocols"])) == tuple(sorted(protocols)), key
+    for p in protocols:
+      summary = row["protocols"][p]
+      assert summary["seeds_used"] == 2 and len(summary["per_seed"]) == 2, (key, p)
+      for stat in ("mean", "std"):
+        values = summary[stat]
+        assert set(values) == {"audio_to_visual", "visual_to_audio", "average"}
+        assert all(0.0 <= v <= 1.0 for v in values.values()), (key, p, stat, values)
+      per_seed = [s["average"] for s in summary["per_seed"]]
+      assert summary["mean"]["average"] == pytest.approx(sum(per_seed) / 2)
+  # The ablation switches reached the configs.
+  assert rows["no_dis"]["config"]["loss"]["id_weight"] == 0.0
+  assert rows["no_intra"]["config"]["loss"]["beta"] == 0.0
+  assert rows["no_mfa"]["config"]["model"]["use_mfa"] is False
+  assert rows["full"]["config"]["loss"]["id_weight"] == 1.0
+  fig = on_disk["figure_3"]
+  assert fig["seed"] in (0, 1) and all((tmp_path / f).stat().st_size > 1000
+                                       for f in fig["files"].values())
+  md = (tmp_path / "paper-synthetic-quick.md").read_text()
+  assert "## Table I/II" in md and "## Table III/IV" in md and "± " in md
+  assert md.count("\n| ") >= 2 + len(paper.BASELINES) + 2 + len(paper.ABLATIONS)
+
+  # A rerun keeps every unchanged row and reruns a row whose config changed (here: its saved
+  # fingerprint no longer matches); --only leaves the other rows' results in the report.
+  stale = json.loads((tmp_path / "paper-synthetic-quick.json").read_text())
+  stale["rows"][0]["fingerprint"] = "changed"
+  (tmp_path / "paper-synthetic-quick.json").write_text(json.dumps(stale))
+  logs.clear()
+  again = paper.run("synthetic", seeds=[0, 1], quick=True, out_dir=tmp_path, log=logs.append,
+                    only=["linear_cca", "cluster_cca", "full"])
+  assert [r["key"] for r in again["rows"]] == [r["key"] for r in doc["rows"]]
+  assert any(line.startswith("linear_cca: unimodal") for line in logs), logs  # rerun
+  assert any(line.startswith("cluster_cca: unchanged") for line in logs), logs
+  assert any(line.startswith("full: unchanged") for line in logs), logs
+  rerun = {r["key"]: r for r in again["rows"]}
+  assert rerun["linear_cca"]["fingerprint"] == rows["linear_cca"]["fingerprint"]
+  assert rerun["full"] == rows["full"] and rerun["no_mfa"] == rows["no_mfa"]
+  assert again["figure_3"] == fig
+
+
+def test_a_changed_config_or_seed_list_changes_a_rows_fingerprint():
+  budget = dict(quick=True, epochs=None, overrides={})
+  row = paper.plan_rows("synthetic", **budget)[len(paper.BASELINES)]
+  changed = paper.plan_rows("synthetic", **{**budget, "overrides": {"optim.lr": 2e-3}})
+  fp = paper.fingerprint(row, [0, 1], True)
+  assert fp == paper.fingerprint(paper.plan_rows("synthetic", **budget)[len(paper.BASELINES)],
+                                 [0, 1], True)
+  assert fp != paper.fingerprint(changed[len(paper.BASELINES)], [0, 1], True)
+  assert fp != paper.fingerprint(row, [0, 1, 2], True)
+
+
+def test_set_values_are_parsed_and_unknown_fields_refused():
+  assert paper.parse_set(["optim.lr=3e-4", "model.use_mfa=False", "data.name=vegas"]) == {
+      "optim.lr": 3e-4, "model.use_mfa": False, "data.name": "vegas"}
+  with pytest.raises(SystemExit, match="FIELD=VALUE"):
+    paper.parse_set(["optim.lr"])
+  with pytest.raises(SystemExit, match="no field 'learning_rate'"):
+    paper.base_config("synthetic", unimodal=False, quick=True, epochs=None,
+                      overrides={"optim.learning_rate": 1.0})
+
+
+def test_ablation_configs_switch_exactly_one_thing_each():
+  base = paper.base_config("synthetic", unimodal=False, quick=True, epochs=3, overrides={})
+  assert base.num_epochs == 3
+  for a in paper.ABLATIONS:
+    c = paper.ablation_config(base, a)
+    assert (c.loss.id_weight > 0, c.loss.beta > 0, c.model.use_mfa) == (a.dis, a.intra, a.mfa)
+    assert c.loss.alpha == base.loss.alpha  # the pair term stays in every row
+  assert len({(a.dis, a.intra, a.mfa) for a in paper.ABLATIONS}) == 7

@@ -1,0 +1,78 @@
+"""Seeds trained together (training.seeds) equal the same seeds trained one by one."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax import input_pipeline
+from dsf3n_jax.training import run as run_lib
+from dsf3n_jax.training import seeds as seeds_lib
+from dsf3n_jax.training import steps as steps_lib
+from dsf3n_jax.training.state import init_state
+from tests.test_train import tiny_config
+
+SEEDS = (0, 5)
+
+
+def _one_by_one(config, seed):
+  """The loop's streamed path for ``config.seed = seed``: init, loader, step."""
+  run = run_lib.prepare_run(config)
+  state = jax.jit(lambda: init_state(run.model, run.tx, seed=seed,
+                                     num_classes=run.sources.num_classes),
+                  out_shardings=NamedSharding(run.mesh, P()))()
+  step = steps_lib.make_train_step(steps_lib.per_device_step(config, run.model, run.tx),
+                                   run.mesh)
+  loader = input_pipeline.TrainLoader(run.sources.train, global_batch_size=config.batch_size,
+                                      mesh=run.mesh, seed=seed, shuffle=True)
+  losses = []
+  for _ in range(config.num_epochs * run.steps_per_epoch):
+    state, m = step(state, next(loader))
+    losses.append(float(m["loss"]))
+  loader.close()
+  test = steps_lib.evaluate(steps_lib.make_embed_fn(run.model, run.mesh), state,
+                            run.sources.test, config=config, mesh=run.mesh)
+  return jax.device_get(state), losses, test
+
+
+@pytest.fixture(scope="module")
+def trained():
+  config = tiny_config(num_epochs=2)
+  run, states, history = seeds_lib.train_seeds(config, SEEDS)
+  return config, run, states, history
+
+
+def test_seeds_together_equal_seeds_one_by_one(trained):
+  config, run, states, history = trained
+  tests = seeds_lib.evaluate_seeds(run, states, "test")
+  assert len(history) == 2 and len(history[0]["loss"]) == len(SEEDS)
+  for i, seed in enumerate(SEEDS):
+    alone, losses, test = _one_by_one(config, seed)
+    together = jax.device_get(seeds_lib.seed_state(states, i))
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(alone),
+                          jax.tree.leaves(alone), jax.tree.leaves(together)):
+      np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                                 rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path[0]))
+    spe = run.steps_per_epoch
+    np.testing.assert_allclose([h["loss"][i] for h in history],
+                               [np.mean(losses[e * spe:(e + 1) * spe]) for e in range(2)],
+                               rtol=1e-5)
+    np.testing.assert_allclose(tests[i]["loss"], test["loss"], rtol=1e-5)
+    for key in ("map_average", "unimodal_map_average"):  # a rank may swap on a 1e-6 change
+      np.testing.assert_allclose(tests[i][key], test[key], atol=1e-4)
+  # Different seeds really are different runs.
+  assert not np.allclose(jax.device_get(states.centers[0]), jax.device_get(states.centers[1]))
+
+
+def test_a_diverged_seed_is_reported_and_not_evaluated(trained):
+  _, run, states, _ = trained
+  broken = states.replace(centers=states.centers.at[1, 0, 0].set(np.nan))
+  np.testing.assert_array_equal(seeds_lib.finite_seeds(broken), [True, False])
+  results = seeds_lib.evaluate_seeds(run, broken, "test")
+  assert results[0] is not None and results[1] is None
+
+
+def test_seeds_must_be_distinct():
+  with pytest.raises(ValueError, match="distinct"):
+    seeds_lib.train_seeds(tiny_config(num_epochs=1), [1, 1])
