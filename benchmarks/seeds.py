@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 
 from benchmarks import accuracy, sysinfo
 
