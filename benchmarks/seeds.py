@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-
 from benchmarks import accuracy, sysinfo
 
 MODELS = {"tiny": "runlocal,tiny", "full": "runlocal"}
