@@ -313,16 +313,22 @@ def markdown(doc: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write(doc: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Writes ``accuracy-<data>[-quick].json`` and ``.md`` atomically."""
+def write_files(out_dir: pathlib.Path, stem: str, doc: dict[str, Any],
+                text: str) -> list[pathlib.Path]:
+  """``<stem>.json`` (``doc``) and ``<stem>.md`` (``text``), each replaced atomically."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  stem = f"accuracy-{doc['data']}" + ("-quick" if doc["quick"] else "")
   paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-  for path, text in zip(paths, (json.dumps(doc, indent=1, default=str), markdown(doc))):
+  for path, content in zip(paths, (json.dumps(doc, indent=1, default=str), text)):
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(content)
     tmp.replace(path)
   return paths
+
+
+def write(doc: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Writes ``accuracy-<data>[-quick].json`` and ``.md`` atomically."""
+  stem = f"accuracy-{doc['data']}" + ("-quick" if doc["quick"] else "")
+  return write_files(out_dir, stem, doc, markdown(doc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

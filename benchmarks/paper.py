@@ -284,31 +284,49 @@ def figure(full: dict[str, Any], arrays, seeds, out_dir: pathlib.Path, stem: str
 
 
 class Progress:
-  """One line per event: a bar over the rows, the rows and seeds done, and an ETA."""
+  """One line per event: a bar over the rows' work, the row and seed, and an ETA.
+
+  A DSF3N row weighs its epochs (twice for the ``:unimodal`` recipe: its step also embeds
+  each modality alone); the ETA runs each kind of row (baselines, DSF3N) at its own
+  measured rate.
+  """
 
   def __init__(self, rows: list[Row], log: Callable[[str], None]):
-    self.weights = {r.key: (r.config.num_epochs * (2 if r.config.loss.unimodal_weight else 1)
-                            if r.kind == "dsf3n" else 0.05) for r in rows}
-    self.total, self.done, self.log = sum(self.weights.values()), 0.0, log
-    self.t0, self.spent = time.perf_counter(), 0.0
-    self.current: str | None = None
+    self.rows = {r.key: r for r in rows}
+    self.weight = {k: (r.config.num_epochs * (2 if r.config.loss.unimodal_weight else 1)
+                       if r.kind == "dsf3n" else 1.0) for k, r in self.rows.items()}
+    self.left = {kind: sum(self.weight[k] for k, r in self.rows.items() if r.kind == kind)
+                 for kind in ("baseline", "dsf3n")}
+    self.total = sum(self.left.values())
+    self.spent = {"baseline": 0.0, "dsf3n": 0.0}
+    self.done = {"baseline": 0.0, "dsf3n": 0.0}
+    self.log, self.current = log, None
 
   def start(self, key: str) -> None:
     self.current, self.row_t0 = key, time.perf_counter()
 
   def finish(self, key: str, *, skipped: bool = False) -> None:
-    if not skipped:
-      self.spent += time.perf_counter() - self.row_t0
+    kind = self.rows[key].kind
+    self.left[kind] -= self.weight[key]
+    if skipped:
+      self.total -= self.weight[key]
     else:
-      self.total -= self.weights[key]
-    self.done += 0 if skipped else self.weights[key]
+      self.spent[kind] += time.perf_counter() - self.row_t0
+      self.done[kind] += self.weight[key]
     self.current = None
 
   def __call__(self, message: str, done_fraction: float = 0.0) -> None:
-    done = self.done + done_fraction * self.weights.get(self.current, 0)
-    elapsed = self.spent + (time.perf_counter() - self.row_t0 if self.current else 0)
-    frac = done / max(self.total, 1e-9)
-    eta = elapsed / frac * (1 - frac) if frac > 0.02 else None
+    kind = self.rows[self.current].kind if self.current else "dsf3n"
+    partial = done_fraction * self.weight.get(self.current, 0.0)
+    spent, done = dict(self.spent), dict(self.done)
+    if self.current:
+      spent[kind] += time.perf_counter() - self.row_t0
+      done[kind] += partial
+    rates = {k: spent[k] / done[k] for k in done if done[k] > 0}
+    left = {k: v - (partial if k == kind else 0.0) for k, v in self.left.items()}
+    eta = (sum(left[k] * rates[k] for k in left if left[k] > 0)
+           if all(k in rates for k in left if left[k] > 0) else None)
+    frac = sum(done.values()) / max(self.total, 1e-9)
     bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
     self.log(f"[{bar}] {100 * frac:3.0f}% {message}"
              + (f"; ETA {eta / 60:.1f} min" if eta is not None else ""))
@@ -462,12 +480,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def write(doc: dict[str, Any], out_dir: pathlib.Path, stem: str) -> list[pathlib.Path]:
   """``<stem>.json`` and ``<stem>.md``, each replaced atomically."""
-  paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-  for path, text in zip(paths, (json.dumps(doc, indent=1, default=str), markdown(doc))):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-  return paths
+  return accuracy.write_files(out_dir, stem, doc, markdown(doc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -122,15 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
          "started": machine["date"], "machine": machine,
          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
          "rows": rows}
-  out = pathlib.Path(args.out) if args.out else accuracy.RESULTS
-  out.mkdir(parents=True, exist_ok=True)
   acc = doc["accelerator"]
   tag = ("gpu-" + str(acc["jax_device_kind"]).lower().replace(" ", "-")
          if acc["jax_backend"] == "gpu" else f"cpu-{machine['cores']}c")
-  for suffix, text in ((".json", json.dumps(doc, indent=1, default=str)), (".md", markdown(doc))):
-    path = out / f"seeds-{tag}{suffix}"
-    path.with_suffix(".tmp").write_text(text)
-    path.with_suffix(".tmp").replace(path)
+  for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
+                                   f"seeds-{tag}", doc, markdown(doc)):
     print(f"wrote {path}", file=sys.stderr)
   print(markdown(doc))
   return 0

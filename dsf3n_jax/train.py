@@ -12,6 +12,8 @@ The public names of ``dsf3n_jax.training``, in one namespace:
 - ``training.loop``: ``train_and_evaluate``, ``format_results``.
 - ``training.restore``: ``restore_model``, ``save_variables_as_run``,
   ``default_config``.
+- ``training.seeds`` (not re-exported): several seeds of one config trained
+  together as one vmapped program (``train_seeds``, ``evaluate_seeds``).
 """
 
 from dsf3n_jax.config_check import SELECTION_METRICS
