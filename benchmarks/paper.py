@@ -406,6 +406,7 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
       entry.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
     progress.finish(row.key)
     doc["rows"].append(entry)
+    doc["ordering"] = ordering(doc)
     doc["wall_s"] = time.perf_counter() - t0
     write(doc, out_dir, stem)
     log(f"{row.key}: " + ("FAILED " + entry["error"].splitlines()[0] if entry["error"] else
@@ -416,6 +417,39 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
 
 
 # -- reports ------------------------------------------------------------------------------------
+
+COMPONENTS = ("dis", "intra", "mfa")
+COMPONENT_NAMES = {"dis": "J_dis", "intra": "J_intra", "mfa": "MFA"}
+
+
+def ordering(doc: dict[str, Any]) -> dict[str, Any]:
+  """The paper's claims checked per protocol on the mean test mAP of the ablation rows.
+
+  ``full_is_best``: the full model has the highest mean. ``helps[c]``: over the pairs of
+  rows that differ only in component ``c``, how many gain from adding it (``[gains, pairs]``).
+  """
+  means = {}
+  for r in doc["rows"]:
+    a = next((a for a in ABLATIONS if a.key == r["key"]), None)
+    if a is not None and not r.get("error"):
+      means[(a.dis, a.intra, a.mfa)] = {p: r["protocols"][p]["mean"]["average"]
+                                        for p in PROTOCOLS}
+  out: dict[str, Any] = {}
+  for p in PROTOCOLS:
+    if not means:
+      break
+    best = max(means, key=lambda k: means[k][p])
+    helps = {}
+    for i, c in enumerate(COMPONENTS):
+      pairs = [(k, k[:i] + (True,) + k[i + 1:]) for k in means if not k[i]]
+      pairs = [(off, on) for off, on in pairs if on in means]
+      helps[c] = [sum(means[on][p] > means[off][p] for off, on in pairs), len(pairs)]
+    out[p] = {"full_is_best": best == (True, True, True) if (True, True, True) in means
+              else None,
+              "best": next(a.key for a in ABLATIONS if (a.dis, a.intra, a.mfa) == best),
+              "helps": helps}
+  return out
+
 
 
 def _pm(mean, std) -> str:
@@ -470,6 +504,16 @@ def markdown(doc: dict[str, Any]) -> str:
   failed = [f"- {r['key']} failed: {r['error'].splitlines()[0][:300]}"
             for r in doc["rows"] if r.get("error")]
   lines += ["", *failed]
+  checks = ordering(doc)
+  if checks:
+    lines += ["The paper's ordering, on these means:", ""]
+    for p, c in checks.items():
+      helps = ", ".join(f"{COMPONENT_NAMES[k]} {g} of {n}" for k, (g, n) in c["helps"].items())
+      verdict = {True: "the full model is best", False: f"the full model is NOT best "
+                 f"(best: {c['best']})", None: "the full model was not run"}[c["full_is_best"]]
+      lines.append(f"- {p}: {verdict}; adding a component raises the mean in (pairs of rows "
+                   f"that differ only in it): {helps}")
+    lines.append("")
   fig = doc.get("figure_3")
   if fig:
     lines += ["## Fig. 3", "", f"Test split, the full model's seed {fig['seed']} (best "

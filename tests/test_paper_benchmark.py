@@ -35,6 +35,11 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
   assert rows["no_intra"]["config"]["loss"]["beta"] == 0.0
   assert rows["no_mfa"]["config"]["model"]["use_mfa"] is False
   assert rows["full"]["config"]["loss"]["id_weight"] == 1.0
+  for p in ("paired", "unimodal"):  # the paper's ordering, checked whichever way it comes out
+    check = on_disk["ordering"][p]
+    assert isinstance(check["full_is_best"], bool) and check["best"] in rows
+    assert all(n == 3 and 0 <= g <= 3 for g, n in check["helps"].values()), check
+  assert "The paper's ordering" in (tmp_path / "paper-synthetic-quick.md").read_text()
   fig = on_disk["figure_3"]
   assert fig["seed"] in (0, 1) and all((tmp_path / f).stat().st_size > 1000
                                        for f in fig["files"].values())
