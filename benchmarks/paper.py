@@ -332,16 +332,15 @@ class Progress:
              + (f"; ETA {eta / 60:.1f} min" if eta is not None else ""))
 
 
-def load_previous(path: pathlib.Path) -> tuple[dict[str, dict[str, Any]], dict | None]:
-  """The finished rows (by key) and Fig. 3 of an earlier run writing the same file."""
+def load_previous(path: pathlib.Path) -> dict[str, Any]:
+  """An earlier run's report at ``path`` ({} when absent or unreadable)."""
   if not path.exists():
-    return {}, None
+    return {}
   try:
-    doc = json.loads(path.read_text())
+    return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     print(f"note: {path} unreadable ({e}); every row runs again", file=sys.stderr)
-    return {}, None
-  return {r["key"]: r for r in doc.get("rows", []) if not r.get("error")}, doc.get("figure_3")
+    return {}
 
 
 def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
@@ -362,7 +361,8 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
                      f"{', '.join(r.key for r in planned)}")
   stem = f"paper-{name}" + ("-quick" if quick else "")
   out_dir.mkdir(parents=True, exist_ok=True)
-  previous, previous_figure = load_previous(out_dir / f"{stem}.json")
+  earlier = load_previous(out_dir / f"{stem}.json")
+  previous = {r["key"]: r for r in earlier.get("rows", []) if not r.get("error")}
   base = base_config(data, unimodal=False, **budget)
   arrays = baseline_arrays(base)
   doc = {"benchmark": "paper", "data": name, "quick": quick,
@@ -370,11 +370,13 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
          "seeds": list(seeds), "report_split": "test", "selection": "none: the last epoch",
          "metric": "mAP, cosine, all items", "command": command,
          "started": sysinfo.machine_info()["date"], "machine": sysinfo.machine_info(),
+         "first_started": earlier.get("first_started", earlier.get("started"))
+         if previous else None,
          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
          "num_classes": arrays["num_classes"], "train_examples": len(arrays["train"]["label"]),
          "test_examples": len(arrays["test"]["label"]),
          "published": PUBLISHED.get(name), "rows": [],
-         "figure_3": previous_figure if "full" in previous else None}
+         "figure_3": earlier.get("figure_3") if "full" in previous else None}
   progress, t0 = Progress(rows, log), time.perf_counter()
   selected = {r.key for r in rows}
   for row in planned:
@@ -404,14 +406,18 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
       entry.update({k: v for k, v in result.items() if not k.startswith("_")})
     except Exception as e:  # a failed row is recorded, the others still run
       entry.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+    entry["row_s"] = time.perf_counter() - progress.row_t0
     progress.finish(row.key)
     doc["rows"].append(entry)
     doc["ordering"] = ordering(doc)
     doc["wall_s"] = time.perf_counter() - t0
+    doc["rows_s"] = sum(r.get("row_s", 0.0) for r in doc["rows"])
     write(doc, out_dir, stem)
     log(f"{row.key}: " + ("FAILED " + entry["error"].splitlines()[0] if entry["error"] else
                           "; ".join(f"{p} {_cell(entry, p)}" for p in entry["protocols"])))
   doc["wall_s"] = time.perf_counter() - t0
+  doc["rows_s"] = sum(r.get("row_s", 0.0) for r in doc["rows"])
+  doc["ordering"] = ordering(doc)
   write(doc, out_dir, stem)
   return doc
 
@@ -475,8 +481,11 @@ def markdown(doc: dict[str, Any]) -> str:
            f"out), {doc['test_examples']} test pairs, {doc['num_classes']} classes",
            f"- Every cell: **test** split, {doc['metric']}, average of A->V and V->A, mean ± "
            f"std over seeds {seeds}; selection: {doc['selection']}",
-           f"- Machine: {m['cpu_model']}, {m['cores']} cores; date {doc['started']}; total "
-           f"{doc.get('wall_s', 0) / 60:.1f} min",
+           f"- Machine: {m['cpu_model']}, {m['cores']} cores; date {doc['started']}"
+           + (f" (rows kept from a run of {doc['first_started']})" if doc.get("first_started")
+              else "") + "; the rows "
+           f"took {doc.get('rows_s', 0) / 60:.1f} min in all (this run: "
+           f"{doc.get('wall_s', 0) / 60:.1f} min, rows kept from earlier runs not counted)",
            f"- Command: `{doc['command']}`",
            "- The paper's published numbers: " + ("beside ours" if published else
                                                  "not held by this project for this data"), "",
