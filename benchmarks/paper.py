@@ -198,8 +198,6 @@ def baseline_arrays(config) -> dict[str, Any]:
   if config.data.normalize != "standardize":
     sources = ip.standardize(sources)
   return {"train": ip.load_split_arrays(sources.train), "test": ip.load_split_arrays(sources.test),
-          "validation": (None if sources.validation is None
-                         else ip.load_split_arrays(sources.validation)),
           "num_classes": sources.num_classes}
 
 
