@@ -364,3 +364,11 @@ def test_config_errors_before_anything_compiles_are_listed_together():
   assert {p.split("=")[0] for p in e.value.problems} == {
       "config.keep_checkpoints", "config.checkpoint_optimizer_state",
       "config.allow_resume_mismatch"}
+
+
+def test_a_checkpoint_from_before_a_new_loss_field_resumes_at_its_neutral_value():
+  old = {"alpha": 1e-4, "beta": 5e-4}  # saved before config.loss.id_weight existed
+  run_lib.check_resume({"loss": old}, fingerprint={}, loss={**old, "id_weight": 1.0}, where="w")
+  with pytest.raises(run_lib.ResumeMismatchError, match="id_weight"):
+    run_lib.check_resume({"loss": old}, fingerprint={}, loss={**old, "id_weight": 0.0},
+                         where="w")

@@ -79,10 +79,18 @@ def data_fingerprint(config: ml_collections.ConfigDict,
   return fingerprint
 
 
+# Loss fields added after checkpoints existed, with the value that trains as before them: a
+# checkpoint that lacks one resumes when the config keeps that value.
+LOSS_FIELDS_ADDED = {"id_weight": 1.0}
+
+
 def check_resume(saved: Mapping[str, Any], *, fingerprint: Mapping[str, Any],
                  loss: Mapping[str, Any], where: str) -> None:
   """Refuses a resume on other data or with another loss config, naming both."""
   problems = []
+  if "loss" in saved:
+    loss = {k: v for k, v in dict(loss).items()
+            if k in saved["loss"] or LOSS_FIELDS_ADDED.get(k, object()) != v}
   if "data" in saved and dict(saved["data"]) != dict(fingerprint):
     problems.append(f"data: checkpoint was trained on {saved['data']}, the config gives "
                     f"{dict(fingerprint)}")
