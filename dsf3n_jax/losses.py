@@ -178,6 +178,5 @@ def dsf3n_loss(outputs, labels: Array, centers: Array, *, alpha: float, beta: fl
       "center": center_loss(emb_v, labels, centers, **kw) + center_loss(emb_a, labels, centers,
                                                                          **kw),
   }
-  id_term = parts["id"] if id_weight == 1 else id_weight * parts["id"]  # 1: bit-exact
-  total = id_term + alpha * parts["pair"] + beta * parts["center"]
+  total = id_weight * parts["id"] + alpha * parts["pair"] + beta * parts["center"]
   return total, parts
