@@ -14,7 +14,7 @@ benchmarks/results/) with:
   data's config (``configs/<data>.py``: the paper's model and losses, the
   data's optimiser budget) and with its ``:unimodal`` recipe, both protocols.
 - Table III/IV, the ablations: every combination of the identity loss (J_dis,
-  ``loss.id_weight``), the centre loss (J_intra, ``loss.beta``) and MFA
+  ``loss.terms.id``), the centre loss (J_intra, ``loss.terms.center``) and MFA
   (``model.use_mfa``) except the one with none of them: seven rows. The pair
   term stays in every row, so the row with neither loss trains on the pair
   term alone (its centres get no gradient).
@@ -153,9 +153,9 @@ def base_config(data: str, *, unimodal: bool, quick: bool, epochs: int | None,
 
 def ablation_config(base, ablation: Ablation):
   config = base.copy_and_resolve_references()
-  config.loss.id_weight = 1.0 if ablation.dis else 0.0
+  config.loss.terms.id = 1.0 if ablation.dis else 0.0
   if not ablation.intra:
-    config.loss.beta = 0.0
+    config.loss.terms.center = 0.0
   config.model.use_mfa = ablation.mfa
   return config
 

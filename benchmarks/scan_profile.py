@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 
-from benchmarks import cases
+from benchmarks import cases_train, harness, op_profile
 
 
 def main(argv=None) -> None:
@@ -37,18 +37,18 @@ def main(argv=None) -> None:
   from dsf3n_jax import input_pipeline, train
   bs, n = args.batch_size, args.batch_size * args.steps
   model_overrides = run.SMOKE_MODEL if args.smoke else {}
-  cfg, _, model, tx, host_state = cases.jax_setup({"model": model_overrides}, batch_size=bs,
+  cfg, _, model, tx, host_state = harness.jax_setup({"model": model_overrides}, batch_size=bs,
                                                   steps_per_epoch=args.steps)
-  mesh, _ = cases._mesh("one")
-  data = cases.synthetic_batch(n, seed=1)
+  mesh, _ = harness.mesh_of("one")
+  data = harness.synthetic_batch(n, seed=1)
   state = jax.device_put(host_state, NamedSharding(mesh, P()))
   source = input_pipeline.ArraySource(data["visual"], data["audio"], data["label"])
-  compiled, arrays, _, _ = cases.compiled_scan_epoch(
+  compiled, arrays, _, _ = cases_train.compiled_scan_epoch(
       train.per_device_step(cfg, model, tx), cfg, state, source, mesh, batch_size=bs,
       num_examples=n)
   text = compiled.as_text()
   module = re.match(r"HloModule\s+([\w.\-]+)", text).group(1)
-  instrs, computations = cases.parse_hlo(text)
+  instrs, computations = op_profile.parse_hlo(text)
   state, _ = jax.block_until_ready(compiled(state, arrays, jnp.int32(0)))
   t0 = time.perf_counter()
   state, _ = jax.block_until_ready(compiled(state, arrays, jnp.int32(1)))
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       jax.block_until_ready(compiled(state, arrays, jnp.int32(2)))
-    pieces, _ = cases.trace_op_times(trace_dir, module)
+    pieces, _ = op_profile.trace_op_times(trace_dir, module)
   per_op: collections.Counter = collections.Counter()
   for op, _, start, end, _ in pieces:
     per_op[op] += (end - start) / 1e9
@@ -66,11 +66,11 @@ def main(argv=None) -> None:
   print(f"{'thread s':>9} {'share':>6} {'GFLOP/s/thread':>14}  op (category; shape; layer)")
   for op, seconds in per_op.most_common(args.top):
     info = instrs.get(op, {}) if op else {}
-    category, flops = (cases.classify_hlo(op, instrs, computations) if op in instrs
+    category, flops = (op_profile.classify_hlo(op, instrs, computations) if op in instrs
                        else ("runtime", 0.0))
     # Each op of the loop body runs once per step.
     rate = f"{flops * args.steps / seconds / 1e9:.2f}" if flops and seconds else "-"
-    layer = cases._layer_of(info.get("op_name", "")) if info else ""
+    layer = op_profile.layer_of(info.get("op_name", "")) if info else ""
     print(f"{seconds:9.3f} {seconds / total:6.1%} {rate:>14}  {op} ({category}; "
           f"{info.get('shape', '')}; {layer})")
 

@@ -83,18 +83,20 @@ def get_config(arg=None):
   config.model.partner_dropout = 0.0
   config.model.dtype = "float32"  # bfloat16: bf16 compute, float32 params and optimiser state
 
-  # Loss (dsf3n_jax.losses.dsf3n_loss).
+  # Loss: weighted terms by name (dsf3n_jax.losses; a user registers more with
+  # losses.register_loss_term). These three are the original's L_id + alpha L_pair + beta L_center.
   config.loss = ml_collections.ConfigDict()
-  config.loss.alpha = 1e-4  # pair loss
-  config.loss.beta = 5e-4  # centre loss
+  config.loss.terms = ml_collections.ConfigDict()
+  config.loss.terms.id = 1.0  # identity (discriminative) loss; 0: the ablation without it
+  config.loss.terms.pair = 1e-4  # alpha: pair loss
+  config.loss.terms.center = 5e-4  # beta: centre loss
   config.loss.id_form = "ce"  # ce | paper
-  config.loss.id_weight = 1.0  # identity (discriminative) loss; 0: the ablation without it
-  # > 0: the same loss on each modality's embedding alone, times this weight, is added.
+  # > 0: the same terms on each modality's embedding alone, times this weight, are added.
   config.loss.unimodal_weight = 0.0
-  # Pair weight in that loss (negative: loss.alpha). At 1 the unimodal embeddings collapsed
-  # to a point on fsdd_digits (mAP 0.12): the Euclidean pair distance is minimised by shrinking.
-  config.loss.unimodal_alpha = -1.0
-  config.loss.unimodal_beta = -1.0  # centre weight in that loss (negative: loss.beta)
+  # Weights of that loss that differ from loss.terms (e.g. center). A pair weight of 1 there
+  # collapsed the unimodal embeddings to a point on fsdd_digits (mAP 0.12): the Euclidean pair
+  # distance is minimised by shrinking.
+  config.loss.unimodal_terms = ml_collections.ConfigDict()
 
   # Optimisers: Adam on the network, SGD on the centres.
   config.optim = ml_collections.ConfigDict()
@@ -189,7 +191,7 @@ def apply_unimodal(config):
   # Centre term of the alone outputs. Measured on fsdd_digits (seed 0, validation unimodal
   # mAP, selected on: validation; test in brackets): 0.3 -> 0.980 (0.978), 1.0 -> 0.972
   # (0.954), 3.0 -> 0.431 (0.422); unimodal_weight 2 with 1.0 -> 0.758 (0.738).
-  config.loss.unimodal_beta = 0.3
+  config.loss.unimodal_terms.center = 0.3
   config.num_epochs *= 2
   config.selection_metric = "unimodal_map_average"
   if not config.data.validation_fraction:

@@ -21,6 +21,6 @@ def get_config(arg=None):
   config.data.validation_fraction = 0.1
   config.optim.lr = 1e-3
   config.optim.schedule = "cosine"
-  config.loss.alpha = 1e-2
+  config.loss.terms.pair = 1e-2
   config.num_epochs = 10
   return default.apply_variants(config, arg)

@@ -20,7 +20,7 @@ def get_config(arg=None):
   # The pair (paired-distance) term at 100x the original's 1e-4: it aligns the two
   # modalities directly. At 1e-4 the result of a short run swings with the seed (and with
   # float rounding); see configs/fsdd.py.
-  config.loss.alpha = 1e-2
+  config.loss.terms.pair = 1e-2
   config.num_epochs = 8
   config.eval_every_epochs = 4
   config.checkpoint_every_epochs = 4

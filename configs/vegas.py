@@ -11,6 +11,6 @@ def get_config(arg=None):
   config = default.get_config()
   config.data.name = "vegas"
   config.num_epochs = 40
-  config.loss.alpha = 1e-4
-  config.loss.beta = 5e-4
+  config.loss.terms.pair = 1e-4
+  config.loss.terms.center = 5e-4
   return default.apply_variants(config, arg)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -30,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 from dsf3n_jax.training.workdir import resolve
 
 _policies = ocp.checkpoint_managers
+# 2: the loss terms' parameters under ``aux`` (1: the centres as ``centers``; still read).
+FORMAT = 2
 
 
 class CheckpointMismatchError(ValueError):
@@ -82,7 +85,7 @@ class Checkpointer:
     """Starts an asynchronous save; ``best`` marks it as the new best (``meta["best"]``)."""
     if not self.optimizer_state:
       state = state.replace(opt_state=None)
-    meta = {**meta, "optimizer_state": self.optimizer_state}
+    meta = {**meta, "optimizer_state": self.optimizer_state, "format": FORMAT}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     metrics = {"value": float(meta["best"]["value"])} if best else None
     self.manager.save(epoch, args=args, metrics=metrics, force=True)
@@ -163,9 +166,34 @@ class Checkpointer:
       check_model_config(meta["model"], model_config, where=f"{self.directory}/{epoch}")
     if not meta.get("optimizer_state", True):
       abstract_state = abstract_state.replace(opt_state=None)
+    if meta.get("format", 1) < FORMAT:
+      return self._restore_format_1(epoch, abstract_state), meta
     restored = self.manager.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
+
+  def _restore_format_1(self, epoch: int, abstract_state):
+    """A checkpoint from before ``TrainState.aux``: the centres at the top as ``centers``, the
+    optimiser groups "net" and "centers". Read without a target, then leaf by leaf into
+    today's tree (same leaves, same order: only names of leafless nodes changed)."""
+    raw = self.manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    raw = {**raw, "aux": {"center": raw.pop("centers")}}
+    fields = {}
+    for field in ("step", "params", "batch_stats", "aux", "opt_state", "rng"):
+      target = getattr(abstract_state, field)
+      if target is None:
+        fields[field] = None
+        continue
+      leaves, targets = jax.tree.leaves(raw.get(field)), jax.tree.leaves(target)
+      if [np.shape(x) for x in leaves] != [t.shape for t in targets]:
+        raise CheckpointMismatchError(
+            f"checkpoint {self.directory}/{epoch} (format 1): its {field} does not fit the "
+            f"model and loss terms of the config ({len(leaves)} arrays, {len(targets)} "
+            "expected, or other shapes)")
+      fields[field] = jax.tree.unflatten(jax.tree.structure(target), [
+          jax.device_put(np.asarray(x, t.dtype), t.sharding) for x, t in zip(leaves, targets)])
+    return abstract_state.replace(**fields)
 
   def check_for_errors(self) -> None:
     """Raises the error of a finished asynchronous save that failed (e.g. a full disk)."""

@@ -20,7 +20,7 @@ from typing import Any, get_args
 
 import ml_collections
 
-from dsf3n_jax import metrics
+from dsf3n_jax import losses, metrics
 from dsf3n_jax.datasets import synthetic as synthetic_lib
 from dsf3n_jax.input_pipeline import DATASETS
 from dsf3n_jax.models import registry
@@ -35,6 +35,12 @@ ID_FORMS = ("ce", "paper")  # losses.identity_loss
 DTYPES = ("float32", "bfloat16", "float64")
 SCHEDULES = ("constant", "warmup_step", "cosine")  # train.learning_rate_schedule
 _MISSING = object()
+# Mappings whose keys are open (a user registers more loss terms), below the reference's own.
+OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms")
+# Fields that were renamed: an old config's field names its new place.
+RENAMED = {"loss.alpha": "loss.terms.pair", "loss.beta": "loss.terms.center",
+           "loss.id_weight": "loss.terms.id", "loss.unimodal_alpha": "loss.unimodal_terms.pair",
+           "loss.unimodal_beta": "loss.unimodal_terms.center"}
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -125,13 +131,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("model.missing_partner", _choice(MISSING_PARTNERS)),
     ("model.partner_dropout", _PROBABILITY),
     ("model.dtype", _choice(DTYPES)),
-    ("loss.alpha", _num(0)),
-    ("loss.beta", _num(0)),
     ("loss.id_form", _choice(ID_FORMS)),
-    ("loss.id_weight", _num(0)),
     ("loss.unimodal_weight", _num(0)),
-    ("loss.unimodal_alpha", _num()),  # negative: loss.alpha
-    ("loss.unimodal_beta", _num()),  # negative: loss.beta
     ("optim.lr", _num(0)),
     ("optim.b1", _RATE),
     ("optim.b2", _RATE),
@@ -230,7 +231,7 @@ def _geometry_problems(config, bad: set[str]) -> list[str]:
 def _registry_problems(config, bad: set[str]) -> list[str]:
   """Model and part names must be registered (by the time the config is checked)."""
   out = []
-  for kind in registry.KINDS:
+  for kind in ("model", *registry.PARTS):
     path = "model.name" if kind == "model" else f"model.{kind}"
     value = lookup(config, path)
     if value is _MISSING or path in bad:
@@ -243,10 +244,36 @@ def _registry_problems(config, bad: set[str]) -> list[str]:
   return out
 
 
+def _loss_term_problems(config) -> list[str]:
+  """``loss.terms`` / ``loss.unimodal_terms``: registered names, weights >= 0, some terms."""
+  out = []
+  for group in ("terms", "unimodal_terms"):
+    terms = lookup(config, f"loss.{group}", {})
+    if not _is_node(terms):
+      out.append(_problem(f"loss.{group}", terms, "a mapping of loss term names to weights"))
+      continue
+    for name, weight in terms.items():
+      try:
+        losses.lookup_term(name)
+      except ValueError:
+        out.append(_problem(f"loss.{group}.{name}", weight, "a registered loss term: "
+                            f"{', '.join(registry.names('loss_term'))} ({registry.IMPORT_HINT})"))
+      if not (_is_real(weight) and weight >= 0):
+        out.append(_problem(f"loss.{group}.{name}", weight, "a weight >= 0"))
+    if group == "terms" and not terms:
+      out.append(_problem("loss.terms", {}, "at least one loss term"))
+  unknown = set(lookup(config, "loss.unimodal_terms", {}) or {}) - set(
+      lookup(config, "loss.terms", {}) or {})
+  out += [_problem(f"loss.unimodal_terms.{name}", lookup(config, f"loss.unimodal_terms.{name}"),
+                   "a term of loss.terms") for name in sorted(unknown)]
+  return out
+
+
 def _cross_field_problems(config, problems: list[str]) -> list[str]:
   """Checks between fields (or of open-ended fields) whose own values passed."""
   bad = {p.split("=", 1)[0].removeprefix("config.") for p in problems}
   out = _geometry_problems(config, bad) + _registry_problems(config, bad)
+  out += _loss_term_problems(config)
   if lookup(config, "data.name") == "paired_features" and not lookup(config, "data.path", ""):
     out.append(_problem("data.path", lookup(config, "data.path", ""),
                         "the paired-feature file (.npz/.h5) for data.name='paired_features'"))
@@ -316,6 +343,8 @@ def closest_field(path: str, known: Iterable[str]) -> str | None:
 def unknown_field_message(path: str, known: Iterable[str]) -> str:
   """'config.<path>: unknown field; did you mean config.<closest>?' (or the known siblings)."""
   known = list(known)
+  if path in RENAMED:
+    return f"config.{path}: unknown field; it is now config.{RENAMED[path]}"
   guess = closest_field(path, known)
   if guess:
     return f"config.{path}: unknown field; did you mean config.{guess}?"
@@ -334,6 +363,7 @@ def unknown_fields(config: Mapping[str, Any], reference: Mapping[str, Any]) -> l
   known = key_paths(reference)
   known_set = set(known)
   skip = [p for p in known if _is_node(lookup(reference, p)) and not lookup(reference, p)]
+  skip += OPEN_MAPPINGS
   out = []
   for path in key_paths(config):
     if path in known_set or any(path.startswith(f"{p}.") for p in skip):

@@ -4,6 +4,12 @@ Every term is a function of its own and ``dsf3n_loss`` combines them. Labels
 may be integer class ids (batch,) or one-hot rows (batch, C). An optional
 ``mask`` (batch,) of 0/1 weights excludes padded examples.
 
+Training combines *loss terms by name* (``config.loss.terms``, name -> weight;
+``{"id": 1.0, "pair": 1e-4, "center": 5e-4}`` is the original's objective).
+A user adds a term in their own file with ``register_loss_term``; a term may
+own trainable auxiliary parameters (the centres; a temperature), which live in
+``TrainState.aux[name]`` and get their own optimiser.
+
 In a data-parallel step, pass ``axis_name``: each term then returns a
 per-device value whose *mean over the axis* is the loss of the global batch,
 so that ``lax.pmean`` of per-device gradients is the global gradient. This
@@ -12,8 +18,11 @@ matters for the centre loss, whose per-class counts are over the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+import dataclasses
+import functools
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -170,13 +179,168 @@ def dsf3n_loss(outputs, labels: Array, centers: Array, *, alpha: float, beta: fl
   Returns:
     ``(total, {"id": ..., "pair": ..., "center": ...})``.
   """
-  emb_v, emb_a, logits_v, logits_a = outputs
-  kw = dict(mask=mask, axis_name=axis_name)
-  parts = {
-      "id": identity_loss(logits_v, logits_a, labels, form=id_form, **kw),
-      "pair": pair_loss(emb_v, emb_a, **kw),
-      "center": center_loss(emb_v, labels, centers, **kw) + center_loss(emb_a, labels, centers,
-                                                                         **kw),
-  }
-  total = id_weight * parts["id"] + alpha * parts["pair"] + beta * parts["center"]
-  return total, parts
+  loss = make_loss({"id": id_weight, "pair": alpha, "center": beta},
+                   options={"id": {"form": id_form}})
+  return loss(outputs, {"label": labels, "mask": mask}, {"center": centers},
+              axis_name=axis_name)
+
+
+# -- loss terms by name --------------------------------------------------------------------
+
+LossFn = Callable[..., tuple[Array, Mapping[str, Array]]]
+
+
+@dataclasses.dataclass
+class LossTerm:
+  """A named term of the training loss (``register_loss_term`` makes one).
+
+  Attributes:
+    fn: ``fn(outputs, batch, params, *, axis_name=None, **options) -> scalar``.
+      ``outputs`` is a ``DSF3NOutput`` (``emb_visual``, ``emb_audio``,
+      ``logits_visual``, ``logits_audio``; at least float32); ``batch`` has ``"label"``
+      ((batch,) ids) and ``"mask"`` ((batch,) 0/1 weights, or None);
+      ``params`` is the term's auxiliary parameters (None without ``init``).
+      With ``axis_name`` (a data-parallel step, one shard per device) it
+      returns this device's share: the mean over the axis is the term over the
+      global batch (``global_mean`` and ``all_gather`` help); without, the term
+      over the batch given.
+    init: ``init(key, *, num_classes, embed_dim, dtype) -> pytree``, the
+      term's trainable auxiliary parameters, or None.
+    optimizer: ``optimizer(config) -> optax.GradientTransformation`` for those
+      parameters; None: the network's optimiser (same rule and schedule).
+    options: ``options(loss_config) -> dict`` of keyword arguments of ``fn``
+      taken from ``config.loss`` (e.g. ``"id"``'s ``form``), or None.
+  """
+
+  fn: Callable[..., Array]
+  init: Callable[..., Any] | None = None
+  optimizer: Callable[..., Any] | None = None
+  options: Callable[[Mapping[str, Any]], dict] | None = None
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+
+def register_loss_term(name: str, *, init=None, optimizer=None, options=None):
+  """Decorator registering ``fn`` as the loss term ``name`` (``config.loss.terms.<name>``).
+
+  See ``LossTerm`` for the signatures. Returns ``fn`` unchanged.
+  """
+  from dsf3n_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  def decorator(fn):
+    term = LossTerm(fn, init=init, optimizer=optimizer, options=options)
+    functools.update_wrapper(term, fn)  # its origin, for re-registration of a reloaded module
+    registry.register("loss_term", name)(term)
+    return fn
+
+  return decorator
+
+
+def lookup_term(name: str, *, where: str = "config.loss.terms") -> LossTerm:
+  """The registered term ``name`` (``"module:name"`` imports ``module`` first)."""
+  from dsf3n_jax.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.lookup("loss_term", name, where=f"{where}.{name}")
+
+
+def term_origins(names) -> dict[str, str]:
+  """``{name: "module:name"}``: where each term is registered (``lookup_term`` imports it)."""
+  return {name: f"{lookup_term(name).__module__}:{name}" for name in names}
+
+
+def import_terms(origins: Mapping[str, str]) -> None:
+  """Registers the terms of ``term_origins`` that are not yet (imports their modules)."""
+  for origin in origins.values():
+    lookup_term(origin)
+
+
+def global_mean(values: Array, mask: Array | None = None, *,
+                axis_name: str | None = None) -> Array:
+  """The (masked) mean of per-example ``values`` over the global batch, as a device's share."""
+  return _mean(values, _weights(mask, values.shape[0], values.dtype), axis_name)
+
+
+def all_gather(x: Array, axis_name: str | None) -> Array:
+  """``x`` of every device, concatenated along the batch (``x`` itself without an axis).
+
+  For terms over pairs of the global batch (a contrastive loss): compute the
+  term on the gathered arrays, which every device then holds, and return it
+  as is (each device's share is the whole value; the mean over devices is it).
+  """
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+@register_loss_term("id", options=lambda c: {"form": c.get("id_form", "ce")})
+def _id_term(outputs, batch, params, *, axis_name=None, form="ce"):
+  del params
+  return identity_loss(outputs[2], outputs[3], batch["label"], form=form,
+                       mask=batch.get("mask"), axis_name=axis_name)
+
+
+@register_loss_term("pair")
+def _pair_term(outputs, batch, params, *, axis_name=None):
+  del params
+  return pair_loss(outputs[0], outputs[1], mask=batch.get("mask"), axis_name=axis_name)
+
+
+def _init_centers(key, *, num_classes: int, embed_dim: int, dtype) -> Array:
+  return jax.random.normal(key, (num_classes, embed_dim), dtype)
+
+
+@register_loss_term("center", init=_init_centers,
+                    optimizer=lambda config: optax.sgd(config.optim.center_lr))
+def _center_term(outputs, batch, centers, *, axis_name=None):
+  kw = dict(mask=batch.get("mask"), axis_name=axis_name)
+  return (center_loss(outputs[0], batch["label"], centers, **kw)
+          + center_loss(outputs[1], batch["label"], centers, **kw))
+
+
+def make_loss(weights: Mapping[str, float], *,
+              options: Mapping[str, Mapping[str, Any]] | None = None) -> LossFn:
+  """``loss(outputs, batch, aux, *, axis_name=None) -> (total, parts)`` of weighted terms.
+
+  ``total`` is the weighted sum in the order of ``weights``; ``parts`` holds
+  each term unweighted, by name. ``aux[name]`` are a term's parameters.
+  """
+  terms = {name: lookup_term(name) for name in weights}
+  options = options or {}
+
+  def loss(outputs, batch, aux, *, axis_name=None):
+    parts = {name: term(outputs, batch, (aux or {}).get(name), axis_name=axis_name,
+                        **options.get(name, {}))
+             for name, term in terms.items()}
+    total = sum(weights[name] * value for name, value in parts.items())
+    return total, parts
+
+  return loss
+
+
+def term_weights(loss_config: Mapping[str, Any], *, unimodal: bool = False) -> dict[str, float]:
+  """``config.loss.terms`` as ``{name: weight}`` (``unimodal``: with ``unimodal_terms`` set)."""
+  weights = {k: float(v) for k, v in dict(loss_config["terms"]).items()}
+  if unimodal:
+    weights.update({k: float(v) for k, v in dict(loss_config.get("unimodal_terms", {})).items()})
+  return weights
+
+
+def loss_from_config(loss_config: Mapping[str, Any], *, unimodal: bool = False) -> LossFn:
+  """The loss ``config.loss`` describes (``unimodal``: its unimodal form)."""
+  weights = term_weights(loss_config, unimodal=unimodal)
+  options = {name: lookup_term(name).options(loss_config) for name in weights
+             if lookup_term(name).options is not None}
+  return make_loss(weights, options=options)
+
+
+def init_aux(names, key: Array, *, num_classes: int, embed_dim: int, dtype) -> dict[str, Any]:
+  """``{name: params}`` of the named terms that have parameters.
+
+  The centre term's key is ``key`` itself (what runs have always used);
+  another term's is ``key`` folded with a hash of its name.
+  """
+  aux = {}
+  for name in names:
+    term = lookup_term(name)
+    if term.init is not None:
+      term_key = key if name == "center" else jax.random.fold_in(key, zlib.crc32(name.encode()))
+      aux[name] = term.init(term_key, num_classes=num_classes, embed_dim=embed_dim, dtype=dtype)
+  return aux

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import cases, original_map, report, sysinfo
+from benchmarks import cases_torch, harness, op_profile, original_map, report, sysinfo
 from dsf3n_jax import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,12 +110,12 @@ def test_hlo_parse_classifies_ops_and_counts_flops():
     return jnp.tanh(a @ b).sum(0), jnp.sort(a, axis=1), conv
 
   args = (jnp.ones((32, 64)), jnp.ones((64, 48)), jnp.ones((4, 16, 8)), jnp.ones((3, 8, 5)))
-  instrs, computations = cases.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
+  instrs, computations = op_profile.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
   entry = next(c for c in computations if c.startswith("main"))
   found = {}
   for name in computations[entry]:
     if instrs[name]["opcode"] not in ("parameter", "tuple", "get-tuple-element", "bitcast"):
-      category, flops = cases.classify_hlo(name, instrs, computations)
+      category, flops = op_profile.classify_hlo(name, instrs, computations)
       found.setdefault(category, []).append(flops)
   assert max(found["matmul: other"]) == 2 * 32 * 64 * 48
   assert max(found["convolution"]) == 2 * 4 * 16 * 5 * 3 * 8
@@ -124,18 +124,18 @@ def test_hlo_parse_classifies_ops_and_counts_flops():
 
 def test_repeat_and_stats():
   calls = []
-  times = cases.repeat(lambda: calls.append(1), warmup=2, repeats=4)
+  times = harness.repeat(lambda: calls.append(1), warmup=2, repeats=4)
   assert len(calls) == 6 and len(times) == 4
   # A budget stops after the first timed call, never before it.
-  assert len(cases.repeat(lambda: None, warmup=0, repeats=5, budget_s=0.0)) == 1
-  st = cases.stats([3.0, 1.0, 2.0])
+  assert len(harness.repeat(lambda: None, warmup=0, repeats=5, budget_s=0.0)) == 1
+  st = harness.stats([3.0, 1.0, 2.0])
   assert (st["median"], st["min"], st["max"], st["n"]) == (2.0, 1.0, 3.0, 3)
-  assert cases.rates(10.0, [1.0, 2.0])["max"] == 10.0
+  assert harness.rates(10.0, [1.0, 2.0])["max"] == 10.0
 
 
 def _fake_document():
   def st(x):
-    return cases.stats([x, x * 0.9, x * 1.1])
+    return harness.stats([x, x * 0.9, x * 1.1])
 
   jobs = {
       "info": {}, "matmul_peak": {"peak_float32_gflops": 200.0, "peak_bfloat16_gflops": 600.0},
@@ -160,7 +160,7 @@ def test_report_epoch_and_profile_sections():
   doc["sections"] = report.sections(doc)
   assert doc["sections"]["epoch"]["rows"] == [] and "error" in doc["sections"]["profile"]
   report.markdown(doc)  # renders without them
-  st = cases.stats
+  st = harness.stats
   recipe = {"epochs": 40, "examples": 22000, "steps_per_epoch": 171, "epoch_s": 150.0,
             "scaled_from_steps": None, "evaluations": 8, "evaluation_s": 10.0,
             "evaluation_examples": 5621, "train_s": 6006.0, "total_s": 6060.0, "includes": "x"}
@@ -222,12 +222,12 @@ def test_scan_profile_names_the_costliest_ops():
 def test_ops_are_traced_back_to_model_layers_also_inside_loops():
   step = "jit(step)/transpose(jvp(DSF3N))/fusion/mfa/bilinear/dot_general"
   loop = "jit(epoch_fn)/while/body/closed_call/jvp(DSF3N)/audio_fine_grained/conv7_3/conv"
-  assert cases._layer_of(step) == "fusion/mfa/bilinear"
-  assert cases._short_op_name(step) == "bwd fusion/mfa/bilinear/dot_general"
-  assert cases._layer_of(loop) == "audio_fine_grained/conv7_3"
-  assert cases._short_op_name(loop) == "fwd audio_fine_grained/conv7_3/conv"
-  assert cases._layer_of("jit(step)/while/body/add").startswith("(outside the model")
-  assert cases._layer_of("") == "(no source recorded)"
+  assert op_profile.layer_of(step) == "fusion/mfa/bilinear"
+  assert op_profile._short_op_name(step) == "bwd fusion/mfa/bilinear/dot_general"
+  assert op_profile.layer_of(loop) == "audio_fine_grained/conv7_3"
+  assert op_profile._short_op_name(loop) == "fwd audio_fine_grained/conv7_3/conv"
+  assert op_profile.layer_of("jit(step)/while/body/add").startswith("(outside the model")
+  assert op_profile.layer_of("") == "(no source recorded)"
 
 
 @pytest.mark.parametrize("kind", ["pickle", "object_array", "hdf5"])
@@ -236,5 +236,5 @@ def test_torch_weights_file_is_read_without_pickles(bad_npz_files, assert_refuse
   from dsf3n_jax.datasets import DataValidationError
   path = bad_npz_files[kind]
   with pytest.raises(DataValidationError) as e:
-    cases._torch_model({"weights": str(path)}, einsum=False, device="cpu")
+    cases_torch.torch_model({"weights": str(path)}, einsum=False, device="cpu")
   assert_refused_npz(str(e.value), path)

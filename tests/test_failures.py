@@ -286,8 +286,8 @@ def test_a_resume_on_other_data_or_loss_is_refused_naming_both(tmp_path):
                      r"'train': 96.*the config gives .*'train': 80.*allow_resume_mismatch"):
     _run(other_data, workdir)
   other_loss = config.copy_and_resolve_references()
-  other_loss.loss.alpha = 0.5
-  with pytest.raises(run_lib.ResumeMismatchError, match=r"loss: .*'alpha': 0.0001.*'alpha': 0.5"):
+  other_loss.loss.terms.pair = 0.5
+  with pytest.raises(run_lib.ResumeMismatchError, match=r"loss: .*'pair': 0.0001.*'pair': 0.5"):
     _run(other_loss, workdir)
   other_loss.allow_resume_mismatch = True  # deliberately, e.g. to fine-tune
   assert _run(other_loss, workdir)["epochs"] == 2
@@ -366,9 +366,19 @@ def test_config_errors_before_anything_compiles_are_listed_together():
       "config.allow_resume_mismatch"}
 
 
-def test_a_checkpoint_from_before_a_new_loss_field_resumes_at_its_neutral_value():
-  old = {"alpha": 1e-4, "beta": 5e-4}  # saved before config.loss.id_weight existed
-  run_lib.check_resume({"loss": old}, fingerprint={}, loss={**old, "id_weight": 1.0}, where="w")
-  with pytest.raises(run_lib.ResumeMismatchError, match="id_weight"):
-    run_lib.check_resume({"loss": old}, fingerprint={}, loss={**old, "id_weight": 0.0},
+def test_a_checkpoint_from_before_loss_terms_resumes_with_the_same_terms():
+  now = tiny_config().loss.to_dict()  # terms {id 1, pair 1e-4, center 5e-4}, no unimodal ones
+  # Saved before config.loss.terms (and, the first, before config.loss.id_weight) existed.
+  for old in ({"alpha": 1e-4, "beta": 5e-4, "id_form": "ce", "unimodal_weight": 0.0},
+              {"alpha": 1e-4, "beta": 5e-4, "id_form": "ce", "id_weight": 1.0,
+               "unimodal_weight": 0.0, "unimodal_alpha": -1.0, "unimodal_beta": -1.0}):
+    run_lib.check_resume({"loss": old}, fingerprint={}, loss=now, where="w")
+  changed = {**now, "terms": {**now["terms"], "id": 0.0}}
+  with pytest.raises(run_lib.ResumeMismatchError, match="'id': 1.0.*'id': 0.0"):
+    run_lib.check_resume({"loss": {"alpha": 1e-4, "beta": 5e-4, "id_form": "ce",
+                                   "unimodal_weight": 0.0}}, fingerprint={}, loss=changed,
                          where="w")
+  unimodal = {"alpha": 1e-4, "beta": 5e-4, "id_form": "ce", "unimodal_weight": 1.0,
+              "unimodal_alpha": -1.0, "unimodal_beta": 0.3}
+  run_lib.check_resume({"loss": unimodal}, fingerprint={}, where="w", loss={
+      **now, "unimodal_weight": 1.0, "unimodal_terms": {"center": 0.3}})

@@ -31,10 +31,10 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
       per_seed = [s["average"] for s in summary["per_seed"]]
       assert summary["mean"]["average"] == pytest.approx(sum(per_seed) / 2)
   # The ablation switches reached the configs.
-  assert rows["no_dis"]["config"]["loss"]["id_weight"] == 0.0
-  assert rows["no_intra"]["config"]["loss"]["beta"] == 0.0
+  assert rows["no_dis"]["config"]["loss"]["terms"]["id"] == 0.0
+  assert rows["no_intra"]["config"]["loss"]["terms"]["center"] == 0.0
   assert rows["no_mfa"]["config"]["model"]["use_mfa"] is False
-  assert rows["full"]["config"]["loss"]["id_weight"] == 1.0
+  assert rows["full"]["config"]["loss"]["terms"]["id"] == 1.0
   for p in ("paired", "unimodal"):  # the paper's ordering, checked whichever way it comes out
     check = on_disk["ordering"][p]
     assert isinstance(check["full_is_best"], bool) and check["best"] in rows
@@ -91,6 +91,7 @@ def test_ablation_configs_switch_exactly_one_thing_each():
   assert base.num_epochs == 3
   for a in paper.ABLATIONS:
     c = paper.ablation_config(base, a)
-    assert (c.loss.id_weight > 0, c.loss.beta > 0, c.model.use_mfa) == (a.dis, a.intra, a.mfa)
-    assert c.loss.alpha == base.loss.alpha  # the pair term stays in every row
+    assert (c.loss.terms.id > 0, c.loss.terms.center > 0, c.model.use_mfa) == (
+        a.dis, a.intra, a.mfa)
+    assert c.loss.terms.pair == base.loss.terms.pair  # the pair term stays in every row
   assert len({(a.dis, a.intra, a.mfa) for a in paper.ABLATIONS}) == 7

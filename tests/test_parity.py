@@ -290,7 +290,8 @@ TRAIN_BATCH, TRAIN_EXAMPLES = 16, 80  # 5 steps per epoch, 10 epochs, batches in
 TRAIN_DIMS = dict(visual_dim=48, audio_dim=24)
 # Larger than the reference's (lr 1e-4, alpha 1e-4, beta 5e-4, centre lr 0.05) so that every
 # loss term shapes the update and the weights move by far more than the tolerances.
-TRAIN_RECIPE = {"optim.lr": 1e-3, "optim.center_lr": 0.5, "loss.alpha": 0.1, "loss.beta": 0.05}
+TRAIN_RECIPE = {"optim.lr": 1e-3, "optim.center_lr": 0.5, "loss.terms.pair": 0.1,
+                "loss.terms.center": 0.05}
 TINY_SCALES = {**SMALL_SCALES, "out_layer.": 2.0}
 
 
@@ -300,8 +301,11 @@ def _train_config(dtype):
   config.model.dtype = np.dtype(dtype).name
   config.batch_size = TRAIN_BATCH
   for key, value in TRAIN_RECIPE.items():
-    group, name = key.split(".")
-    config[group][name] = value
+    *path, name = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[name] = value
   return config
 
 
@@ -334,7 +338,8 @@ def torch_train(net, center, batches, config):
     opt_c.zero_grad()
     out = net(torch.from_numpy(b["visual"]), torch.from_numpy(b["audio"]))
     total, _ = torch_dsf3n.total_loss(out, torch.from_numpy(b["label"]).long(), center,
-                                      alpha=config.loss.alpha, beta=config.loss.beta)
+                                      alpha=config.loss.terms.pair,
+                                      beta=config.loss.terms.center)
     total.backward()
     opt.step()
     opt_c.step()
@@ -350,9 +355,9 @@ def jax_train(config, variables, centers, batches):
   tx = train.build_optimizer(config, TRAIN_EXAMPLES // TRAIN_BATCH)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   step = train.make_train_step(train.per_device_step(config, model, tx), mesh)
-  trainable = {"net": variables["params"], "centers": centers}
+  trainable = {"net": variables["params"], "aux": {"center": jnp.asarray(centers)}}
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"], centers=jnp.asarray(centers),
+                           batch_stats=variables["batch_stats"], aux=trainable["aux"],
                            opt_state=tx.init(trainable),
                            rng=jax.random.key_data(jax.random.key(0)))
   state = jax.device_put(state, NamedSharding(mesh, P()))

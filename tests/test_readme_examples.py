@@ -19,7 +19,7 @@ def readme_examples() -> dict[str, str]:
 
 
 def test_the_readme_has_its_examples():
-  assert {"my_fusion.py", "my_config.py", "my_dataset.py",
+  assert {"my_fusion.py", "my_config.py", "my_loss.py", "my_loss_config.py", "my_dataset.py",
           "my_data_config.py"} <= set(readme_examples())
 
 
@@ -70,3 +70,31 @@ def test_a_users_tfds_dataset_trains_by_name(tmp_path):
   assert results["final"]["test"]["num_examples"] == 30
   assert results["data"]["tfds"].startswith("my_pairs/")
   assert results["data"]["sizes"] == {"train": 96, "test": 30}
+
+
+@pytest.mark.slow
+def test_a_loss_term_with_a_learnable_temperature_trains_and_is_read_back(tmp_path):
+  for name, code in readme_examples().items():
+    (tmp_path / name).write_text(code)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env.pop("PYTHONPATH", None)
+  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
+                         "--config=my_loss_config.py:runlocal,tiny", "--workdir=run",
+                         "--config.data.synthetic.num_train=64",
+                         "--config.data.synthetic.num_test=24", "--config.batch_size=16",
+                         "--config.eval_batch_size=16", "--config.num_epochs=1"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["loss_terms"]["infonce"] == "my_loss:infonce"
+  train_rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()
+                if '"split": "train"' in line]
+  assert train_rows and all(row["infonce"] > 0 for row in train_rows)
+  # A new process that never imported my_loss reads the run back (the recorded module).
+  shown = subprocess.run([sys.executable, "-c", (
+      "import json; from dsf3n_jax import train;"  # the checkpoint holds the temperature
+      "model, variables, config = train.restore_model('run');"
+      "print(json.dumps(dict(config.loss.terms)))")], cwd=tmp_path, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  assert json.loads(shown.stdout.strip().splitlines()[-1])["infonce"] == 0.1

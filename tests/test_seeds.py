@@ -67,7 +67,7 @@ def test_seeds_together_equal_seeds_one_by_one(trained):
 
 def test_a_diverged_seed_is_reported_and_not_evaluated(trained):
   _, run, states, _ = trained
-  broken = states.replace(centers=states.centers.at[1, 0, 0].set(np.nan))
+  broken = states.replace(aux={**states.aux, "center": states.centers.at[1, 0, 0].set(np.nan)})
   np.testing.assert_array_equal(seeds_lib.finite_seeds(broken), [True, False])
   results = seeds_lib.evaluate_seeds(run, broken, "test")
   assert results[0] is not None and results[1] is None

@@ -184,12 +184,12 @@ def test_warmup_step_schedule_follows_the_original():
 def test_optimizer_adam_on_network_and_sgd_on_centres():
   config = tiny_config(**{"optim.lr": 0.01, "optim.center_lr": 0.5})
   tx = train.build_optimizer(config, 1)
-  params = {"net": {"w": jnp.ones(3)}, "centers": jnp.ones((2, 2))}
-  grads = {"net": {"w": jnp.array([1e-3, 1.0, -5.0])}, "centers": jnp.full((2, 2), 2.0)}
+  params = {"net": {"w": jnp.ones(3)}, "aux": {"center": jnp.ones((2, 2))}}
+  grads = {"net": {"w": jnp.array([1e-3, 1.0, -5.0])}, "aux": {"center": jnp.full((2, 2), 2.0)}}
   updates, _ = tx.update(grads, tx.init(params), params)
   # Adam's first step is lr * sign(g) (up to eps); SGD's is -lr * g.
   np.testing.assert_allclose(updates["net"]["w"], -0.01 * np.sign(grads["net"]["w"]), rtol=1e-3)
-  np.testing.assert_allclose(updates["centers"], -1.0 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates["aux"]["center"], -1.0 * np.ones((2, 2)), rtol=1e-6)
 
 
 def test_train_and_evaluate_resumes_and_reports(tmp_path):
@@ -258,7 +258,7 @@ def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path, monkey
   train.train_and_evaluate(config.copy_and_resolve_references(), workdir)
   good = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   config.num_epochs = 2
-  config.loss.alpha = float("nan")
+  config.loss.terms.pair = float("nan")
   config.allow_resume_mismatch = True  # a resume refuses a changed loss config otherwise
   # config_check.validate refuses a NaN weight up front; what is tested here is the guard
   # against a loss that turns non-finite during a run.
@@ -363,7 +363,7 @@ def test_synthetic_dsf3n_beats_linear_cca_in_float32_and_bfloat16(tmp_path):
     config.data.synthetic.num_train = 3000
     config.data.synthetic.num_test = 600
     config.optim.lr = 1e-3
-    config.loss.alpha = 1e-2  # as configs/synthetic.py
+    config.loss.terms.pair = 1e-2  # as configs/synthetic.py
     config.num_epochs = 20
     config.eval_every_epochs = 20
     config.checkpoint_every_epochs = 20

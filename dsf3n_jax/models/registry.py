@@ -15,6 +15,7 @@ What is registered under a kind:
   settings come from the model's fields (the stock parts do this, e.g. the MFA
   fusion reads ``num_fusion_stages``). ``DSF3N``'s docstring says how each part
   is constructed and called.
+* ``"loss_term"``: a ``losses.LossTerm`` (``losses.register_loss_term``).
 
 The names are saved with every checkpoint, so restoring rebuilds what was
 trained (the module registering a custom part must be imported first).
@@ -30,7 +31,7 @@ from typing import Any
 from flax import linen as nn
 
 PARTS = ("fusion", "head", "classifier")
-KINDS = ("model", *PARTS)
+KINDS = ("model", *PARTS, "loss_term")
 
 ModuleDef = Any  # a Module class or a functools.partial of one
 IMPORT_HINT = ("a module registering another must be imported first, e.g. by the config file; "
@@ -91,7 +92,7 @@ def lookup(kind: str, name: str, *, where: str | None = None) -> Any:
   """What is registered as ``name`` of ``kind``.
 
   Args:
-    kind: "model", "fusion", "head" or "classifier".
+    kind: "model", "fusion", "head", "classifier" or "loss_term".
     name: the registered name; ``"module:name"`` imports ``module`` first and
       then finds ``name`` (so that a process that did not run the config file,
       e.g. ``retrieve`` on a saved run, finds a user's part).

@@ -55,21 +55,35 @@ def _fmt(values: Mapping[str, Any], keys) -> str:
 
 @jax.jit
 def _state_is_finite(state) -> jax.Array:
-  leaves = jax.tree.leaves((state.params, state.batch_stats, state.centers, state.opt_state))
+  leaves = jax.tree.leaves((state.params, state.batch_stats, state.aux, state.opt_state))
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
                             if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None,
+                       loss_fn=None) -> dict[str, Any]:
   """Trains DSF3N as ``config`` says, checkpointing and evaluating into ``workdir``.
 
   Resumes from the latest intact checkpoint in ``workdir`` if there is one.
+
+  Args:
+    config: the run's config (``configs/default.py``'s fields).
+    workdir: the run's directory (any ``etils.epath`` path, e.g. ``gs://``).
+    model: a Flax module to train instead of the one ``config.model`` names;
+      it is called as ``DSF3N`` is and must have its fields (``embed_dim``,
+      ``visual_dim``, ...) and ``axis_name`` (set to the data axis here).
+      Checkpoints record ``config.model``, so a model given here is not
+      rebuilt by ``restore_model``: register it to have that.
+    loss_fn: ``loss(outputs, batch, aux, *, axis_name=None) -> (total, parts)``
+      instead of ``config.loss.terms`` (``losses.LossTerm`` says what each
+      argument holds); ``aux`` still holds the parameters of the terms of
+      ``config.loss.terms``.
 
   Returns:
     The ``results.json`` content: final and best metrics, epochs, timing.
   """
   start_time = time.time()
-  run = run_lib.prepare_run(config, workdir)
+  run = run_lib.prepare_run(config, workdir, model=model, loss_fn=loss_fn)
   with contextlib.ExitStack() as stack:
     _hold_workdir(run, stack)
     checkpointer = Checkpointer(run.workdir, keep=config.keep_checkpoints,
@@ -140,7 +154,8 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
   """The initial state, or the latest intact checkpoint's (checked against the run)."""
   config = run.config
   state = jax.jit(functools.partial(init_state, run.model, run.tx, seed=config.seed,
-                                    num_classes=run.sources.num_classes),
+                                    num_classes=run.sources.num_classes,
+                                    loss_terms=config.loss.terms),
                   out_shardings=NamedSharding(run.mesh, P()))()
   if checkpointer.latest_epoch() is None:
     return state, new_meta(), False
@@ -171,7 +186,8 @@ class _Trainer:
                writer: workdir_lib.MetricWriter):
     self.run, self.config = run, run.config
     self.checkpointer, self.writer = checkpointer, writer
-    self.step_fn = steps_lib.per_device_step(self.config, run.model, run.tx)
+    self.step_fn = steps_lib.per_device_step(self.config, run.model, run.tx,
+                                             loss_fn=run.loss_fn)
     self.embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
     self.lr = learning_rate_schedule(self.config, run.steps_per_epoch)
     self.on_device = run_lib.resolve_on_device(self.config.data.on_device)
@@ -252,7 +268,7 @@ class _Trainer:
       if source is None:
         continue
       values = steps_lib.evaluate(self.embed_fn, state, source, config=self.config,
-                                  mesh=self.run.mesh, split=split)
+                                  mesh=self.run.mesh, split=split, loss_fn=self.run.loss_fn)
       bad = sorted(k for k, v in values.items() if not math.isfinite(v))
       if bad:
         raise FloatingPointError(

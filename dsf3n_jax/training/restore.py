@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dsf3n_jax import losses
 from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.training import workdir as workdir_lib
-from dsf3n_jax.training.run import make_mesh
+from dsf3n_jax.training.run import make_mesh, normalize_loss_config
 from dsf3n_jax.training.state import (
     build_model,
     build_optimizer,
@@ -37,14 +38,16 @@ def restore_model(workdir, *, which: str = "latest"):
     saved ``ConfigDict``.
   """
   saved = workdir_lib.read_run_config(workdir)
-  config = ml_collections.ConfigDict(saved["config"])
+  losses.import_terms(saved.get("loss_terms", {}))  # a user's terms, as the run registered them
+  config = ml_collections.ConfigDict(
+      {**saved["config"], "loss": normalize_loss_config(saved["config"]["loss"])})
   mcfg = saved["model"]
   model = build_model(mcfg, axis_name=None)
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, read_only=True)
   try:  # the optimiser's structure does not depend on the schedule's steps per epoch
     abstract = abstract_like(jax.eval_shape(lambda: init_state(
-    model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"])),
-        make_mesh())
+        model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"],
+        loss_terms=config.loss.terms)), make_mesh())
     state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg,
                                     on_fallback=lambda msg: log("%s; reading the one before",
                                                                  msg))
@@ -60,7 +63,8 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
   Input sizes and the class count are read off the variables. The result is a
   workdir that ``restore_model`` (retrieval, figures) reads and that
   ``train_and_evaluate`` resumes from, i.e. fine-tunes; the optimiser state is
-  fresh and the centres are drawn as at initialisation.
+  fresh and the loss terms' parameters (the centres) are drawn as at
+  initialisation.
 
   Returns:
     The checkpoint directory written.
@@ -72,7 +76,8 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
                       audio_dim=np.shape(params["audio_encoder"]["dense"]["kernel"])[0])
   model = build_model(mcfg)
   tx = build_optimizer(config, 1)
-  state = init_state(model, tx, seed=config.seed, num_classes=mcfg["num_classes"])
+  state = init_state(model, tx, seed=config.seed, num_classes=mcfg["num_classes"],
+                     loss_terms=config.loss.terms)
   template = jax.tree.structure(state.variables)
   given = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   if jax.tree.structure(given) != template:

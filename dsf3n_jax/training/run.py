@@ -13,7 +13,8 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from dsf3n_jax import config_check, input_pipeline
+from dsf3n_jax import config_check, input_pipeline, losses
+from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.mesh import make_mesh
 from dsf3n_jax.models import DSF3N
 from dsf3n_jax.training import workdir as workdir_lib
@@ -41,6 +42,7 @@ class Run:
   selection: str  # the split the best checkpoint is selected on
   metric: str  # the average it is selected by
   fingerprint: dict[str, Any]  # what it trains on (stored with every checkpoint)
+  loss_fn: losses.LossFn | None = None  # None: the terms of config.loss
 
   @property
   def is_main(self) -> bool:
@@ -79,24 +81,37 @@ def data_fingerprint(config: ml_collections.ConfigDict,
   return fingerprint
 
 
-# Loss fields added after checkpoints existed, with the value that trains as before them: a
-# checkpoint that lacks one resumes when the config keeps that value.
-LOSS_FIELDS_ADDED = {"id_weight": 1.0}
+def normalize_loss_config(loss: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved ``config.loss`` in today's form (terms by name).
+
+  Checkpoints written before ``loss.terms`` existed hold ``alpha``, ``beta``,
+  ``id_weight`` (absent before it existed: 1) and ``unimodal_alpha`` /
+  ``unimodal_beta`` (negative: as in the paired loss); they become
+  ``terms.{pair,center,id}`` and ``unimodal_terms``.
+  """
+  loss = dict(loss)
+  if "terms" in loss:
+    return loss
+  terms = {"id": float(loss.pop("id_weight", 1.0)), "pair": float(loss.pop("alpha")),
+           "center": float(loss.pop("beta"))}
+  unimodal = {}
+  for old, name in (("unimodal_alpha", "pair"), ("unimodal_beta", "center")):
+    value = float(loss.pop(old, -1.0))
+    if value >= 0:
+      unimodal[name] = value
+  return {**loss, "terms": terms, "unimodal_terms": unimodal}
 
 
 def check_resume(saved: Mapping[str, Any], *, fingerprint: Mapping[str, Any],
                  loss: Mapping[str, Any], where: str) -> None:
   """Refuses a resume on other data or with another loss config, naming both."""
   problems = []
-  if "loss" in saved:
-    loss = {k: v for k, v in dict(loss).items()
-            if k in saved["loss"] or LOSS_FIELDS_ADDED.get(k, object()) != v}
   if "data" in saved and dict(saved["data"]) != dict(fingerprint):
     problems.append(f"data: checkpoint was trained on {saved['data']}, the config gives "
                     f"{dict(fingerprint)}")
-  if "loss" in saved and dict(saved["loss"]) != dict(loss):
-    problems.append(f"loss: checkpoint was trained with {saved['loss']}, the config has "
-                    f"{dict(loss)}")
+  if "loss" in saved and normalize_loss_config(saved["loss"]) != normalize_loss_config(loss):
+    problems.append(f"loss: checkpoint was trained with {normalize_loss_config(saved['loss'])}, "
+                    f"the config has {normalize_loss_config(loss)}")
   if problems:
     raise ResumeMismatchError(
         f"cannot resume {where}: " + "; ".join(problems) + " (a new --workdir starts afresh; "
@@ -113,10 +128,12 @@ def resolve_on_device(value) -> bool:
   raise ValueError(f"config.data.on_device: expected 'auto', 'true' or 'false', got {value!r}")
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir=None) -> Run:
+def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
+                loss_fn: losses.LossFn | None = None) -> Run:
   """Every check that needs no compile: the config (all problems at once), workdir, data.
 
-  ``workdir=None``: nothing is written (the run's parts only).
+  ``workdir=None``: nothing is written (the run's parts only). ``model`` and
+  ``loss_fn``: as ``train_and_evaluate`` takes them.
   """
   config_check.validate(config, num_devices=jax.device_count())
   workdir = None if workdir is None else workdir_lib.prepare(workdir)
@@ -135,7 +152,16 @@ def prepare_run(config: ml_collections.ConfigDict, workdir=None) -> Run:
       workdir_lib.log("warning: no validation split (config.data.validation_fraction=0): the "
                       "best checkpoint is selected on the test split")
   return Run(config=config, workdir=workdir, sources=sources, mcfg=mcfg,
-             model=build_model(mcfg), tx=build_optimizer(config, steps_per_epoch),
+             model=build_model(mcfg) if model is None else _mapped(model),
+             tx=build_optimizer(config, steps_per_epoch),
              mesh=make_mesh(), steps_per_epoch=steps_per_epoch, selection=selection,
              metric=config.get("selection_metric", "map_average"),
-             fingerprint=data_fingerprint(config, sources))
+             fingerprint=data_fingerprint(config, sources), loss_fn=loss_fn)
+
+
+def _mapped(model):
+  """A user's model with BatchNorm statistics over the data axis (as ``build_model`` sets)."""
+  if not hasattr(model, "axis_name"):
+    raise TypeError(f"model: expected a module with an axis_name field (as DSF3N), got "
+                    f"{type(model).__name__}")
+  return model.clone(axis_name=AXIS)

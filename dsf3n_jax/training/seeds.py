@@ -41,7 +41,8 @@ HISTORY_KEYS = ("loss", "id", "pair", "center")
 
 def init_states(run: run_lib.Run, seeds: Sequence[int]) -> TrainState:
   """Each seed's initial state (as ``train_and_evaluate`` builds it), stacked over seeds."""
-  init = functools.partial(init_state, run.model, run.tx, num_classes=run.sources.num_classes)
+  init = functools.partial(init_state, run.model, run.tx, num_classes=run.sources.num_classes,
+                           loss_terms=run.config.loss.terms)
   return jax.jit(jax.vmap(lambda seed: init(seed=seed)),
                  out_shardings=NamedSharding(run.mesh, P()))(jnp.asarray(seeds, jnp.int32))
 
@@ -100,7 +101,8 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds: expected distinct integers, got {list(seeds)}")
   run = run_lib.prepare_run(config)
-  step = make_seeds_step(steps_lib.per_device_step(config, run.model, run.tx), run.mesh)
+  step = make_seeds_step(steps_lib.per_device_step(config, run.model, run.tx,
+                                                   loss_fn=run.loss_fn), run.mesh)
   states = init_states(run, seeds)
   batches = SeedBatches(run.sources.train, seeds=seeds, global_batch_size=config.batch_size,
                         mesh=run.mesh, shuffle=config.data.shuffle)
@@ -125,7 +127,7 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
 
 def finite_seeds(states: TrainState) -> np.ndarray:
   """(K,) bool: whether each seed's parameters, statistics and centres are all finite."""
-  leaves = jax.tree.leaves((states.params, states.batch_stats, states.centers))
+  leaves = jax.tree.leaves((states.params, states.batch_stats, states.aux))
   per_leaf = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
   return np.asarray(functools.reduce(jnp.logical_and, per_leaf))
 
@@ -138,5 +140,6 @@ def evaluate_seeds(run: run_lib.Run, states: TrainState, split: str) -> list[dic
   embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
   finite = finite_seeds(states)
   return [steps_lib.evaluate(embed_fn, seed_state(states, i), source, config=run.config,
-                             mesh=run.mesh, split=split) if finite[i] else None
+                             mesh=run.mesh, split=split, loss_fn=run.loss_fn)
+          if finite[i] else None
           for i in range(len(finite))]

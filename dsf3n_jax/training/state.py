@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -14,9 +14,11 @@ import ml_collections
 import optax
 from flax import struct
 
+from dsf3n_jax import losses
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N, registry
 
+DEFAULT_LOSS_TERMS = ("id", "pair", "center")  # the original's objective
 DEFAULT_MODEL = "dsf3n"  # config.model.name of runs (and checkpoints) that do not name one
 
 
@@ -37,21 +39,27 @@ class TrainState(struct.PyTreeNode):
     step: number of optimiser steps taken.
     params: network parameters.
     batch_stats: BatchNorm running statistics.
-    centers: (C, embed_dim) centre-loss centres (trained, not part of the net).
-    opt_state: optax state of both optimisers.
+    aux: the loss terms' trainable parameters, by term name (trained, not
+      part of the net); ``aux["center"]`` are the (C, embed_dim) centres.
+    opt_state: optax state of every parameter group (``build_optimizer``).
     rng: raw uint32 key data; dropout keys are ``fold_in(rng, step)``.
   """
 
   step: jax.Array
   params: Any
   batch_stats: Any
-  centers: jax.Array
+  aux: Any
   opt_state: Any
   rng: jax.Array
 
   @property
+  def centers(self):
+    """The centre loss's (C, embed_dim) centres (None when it is not a term)."""
+    return self.aux.get("center")
+
+  @property
   def trainable(self):
-    return {"net": self.params, "centers": self.centers}
+    return {"net": self.params, "aux": self.aux}
 
   @property
   def variables(self):
@@ -162,7 +170,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
 def build_optimizer(config: ml_collections.ConfigDict,
                     steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam (b1 0.5, b2 0.999) on the network, plain SGD on the centres."""
+  """Adam (b1 0.5, b2 0.999) on the network; each loss term's parameters by its own rule.
+
+  One ``optax.multi_transform`` over ``TrainState.trainable``: the group
+  ``"net"``, and one group per term of ``config.loss.terms`` that has
+  parameters, named after it (the centres: plain SGD at ``optim.center_lr``;
+  a term without its own rule: the network's).
+  """
   o = config.optim
   net = []
   if o.grad_clip_norm > 0:
@@ -173,8 +187,12 @@ def build_optimizer(config: ml_collections.ConfigDict,
   if o.weight_decay > 0:
     adam.append(optax.add_decayed_weights(o.weight_decay))
   net.append(optax.chain(*adam, optax.scale_by_learning_rate(schedule)))
-  return optax.multi_transform(
-      {"net": optax.chain(*net), "centers": optax.sgd(o.center_lr)}, _labels)
+  groups = {"net": optax.chain(*net)}
+  for name in config.loss.terms:
+    term = losses.lookup_term(name)
+    if term.init is not None:
+      groups[name] = groups["net"] if term.optimizer is None else term.optimizer(config)
+  return optax.multi_transform(groups, _labels)
 
 
 def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
@@ -206,23 +224,27 @@ def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformat
 
 
 def _labels(trainable):
-  return {"net": jax.tree.map(lambda _: "net", trainable["net"]), "centers": "centers"}
+  return {"net": jax.tree.map(lambda _: "net", trainable["net"]),
+          "aux": {name: jax.tree.map(lambda _, n=name: n, params)
+                  for name, params in trainable["aux"].items()}}
 
 
 def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int,
-               num_classes: int) -> TrainState:
-  """Initialises parameters (PyTorch's init), centres (standard normal) and optimisers."""
-  init_key, center_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
+               num_classes: int,
+               loss_terms: Iterable[str] = DEFAULT_LOSS_TERMS) -> TrainState:
+  """Parameters (PyTorch's init), the loss terms' parameters (``losses.init_aux``: the
+  centres standard normal) and the optimisers' state."""
+  init_key, aux_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
   visual = jnp.zeros((2, model.visual_dim), model.param_dtype)
   audio = jnp.zeros((2, model.audio_dim), model.param_dtype)
   unmapped = model.clone(axis_name=None)
   variables = unmapped.init({"params": init_key, "dropout": dropout_key}, visual, audio,
                             train=False)
-  centers = jax.random.normal(center_key, (num_classes, model.embed_dim), model.param_dtype)
-  trainable = {"net": variables["params"], "centers": centers}
+  aux = losses.init_aux(loss_terms, aux_key, num_classes=num_classes,
+                        embed_dim=model.embed_dim, dtype=model.param_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], centers=centers,
-                    opt_state=tx.init(trainable),
+                    batch_stats=variables["batch_stats"], aux=aux,
+                    opt_state=tx.init({"net": variables["params"], "aux": aux}),
                     rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
 
 

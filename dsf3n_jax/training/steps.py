@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax import input_pipeline, losses, metrics
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
-from dsf3n_jax.models import DSF3N
+from dsf3n_jax.models import DSF3N, DSF3NOutput
 from dsf3n_jax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -43,9 +43,8 @@ def _loss_precision(x: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
-               tx: optax.GradientTransformation, alpha: float, beta: float,
-               id_form: str = "ce", id_weight: float = 1.0, unimodal_weight: float = 0.0,
-               unimodal_alpha: float | None = None, unimodal_beta: float | None = None,
+               tx: optax.GradientTransformation, loss_fn: losses.LossFn,
+               unimodal_weight: float = 0.0, unimodal_loss_fn: losses.LossFn | None = None,
                axis_name: str = AXIS) -> tuple[TrainState, dict]:
   """One optimiser step on this device's shard of the global batch.
 
@@ -53,38 +52,37 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
   ``check_vma=False``, or ``pmap``). ``model`` must have ``axis_name`` set
   so that BatchNorm statistics are those of the global batch.
 
-  ``unimodal_weight > 0`` adds ``unimodal_weight`` times the same loss on the
-  outputs of each modality embedded alone (``DSF3N.embed_visual`` /
-  ``embed_audio``), with the pair and centre terms weighted by
-  ``unimodal_alpha`` and ``unimodal_beta`` (None: ``alpha``, ``beta``); its
+  ``loss_fn(outputs, batch, aux, *, axis_name) -> (total, parts)`` (e.g.
+  ``losses.loss_from_config``) returns this device's share of the global
+  loss; ``aux`` is ``state.aux``. ``unimodal_weight > 0`` adds that weight
+  times ``unimodal_loss_fn`` (None: ``loss_fn``) of the outputs of each
+  modality embedded alone (``DSF3N.embed_visual`` / ``embed_audio``); its
   parts are reported as ``unimodal_<part>``.
   """
   labels = batch["label"]
   local = labels.shape[0]
   example_ids = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  unimodal = unimodal_weight > 0
 
-  def loss_fn(trainable):
+  def objective(trainable):
     outputs, mutated = model.apply(
         {"params": trainable["net"], "batch_stats": state.batch_stats},
         batch["visual"], batch["audio"], train=True, example_ids=example_ids,
-        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal_weight > 0)
-    outputs = jax.tree.map(_loss_precision, tuple(outputs))
-    paired = outputs[0] if unimodal_weight > 0 else outputs
-    loss = functools.partial(losses.dsf3n_loss, labels=labels, centers=trainable["centers"],
-                             alpha=alpha, beta=beta, id_form=id_form, id_weight=id_weight,
-                             axis_name=axis_name)
-    total, parts = loss(paired)
-    if unimodal_weight > 0:
-      alone_total, alone_parts = loss(
-          outputs[1], alpha=alpha if unimodal_alpha is None else unimodal_alpha,
-          beta=beta if unimodal_beta is None else unimodal_beta)
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal)
+    outputs = jax.tree.map(_loss_precision, outputs)
+    paired = outputs[0] if unimodal else outputs
+    loss_batch = {"label": labels, "mask": None}
+    total, parts = loss_fn(paired, loss_batch, trainable["aux"], axis_name=axis_name)
+    if unimodal:
+      alone_total, alone_parts = (unimodal_loss_fn or loss_fn)(
+          outputs[1], loss_batch, trainable["aux"], axis_name=axis_name)
       total = total + unimodal_weight * alone_total
       parts = {**parts, **{f"unimodal_{k}": v for k, v in alone_parts.items()}}
     return total, (parts, mutated["batch_stats"], paired)
 
   (total, (parts, batch_stats, outputs)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.trainable)
+      objective, has_aux=True)(state.trainable)
   grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
@@ -96,26 +94,27 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
   }
   step_metrics = jax.lax.pmean(step_metrics, axis_name)
   new_state = state.replace(step=state.step + 1, params=trainable["net"],
-                            batch_stats=batch_stats, centers=trainable["centers"],
-                            opt_state=opt_state)
+                            batch_stats=batch_stats, aux=trainable["aux"], opt_state=opt_state)
   return new_state, step_metrics
 
 
 def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
-                    tx: optax.GradientTransformation) -> Callable:
-  """``train_step`` with the model, optimiser and loss weights bound."""
-  return functools.partial(train_step, model=model, tx=tx, alpha=config.loss.alpha,
-                           beta=config.loss.beta, id_form=config.loss.id_form,
-                           id_weight=float(config.loss.get("id_weight", 1.0)),
-                           **_unimodal_loss_weights(config.loss))
+                    tx: optax.GradientTransformation, *,
+                    loss_fn: losses.LossFn | None = None) -> Callable:
+  """``train_step`` with the model, optimiser and loss bound.
 
-
-def _unimodal_loss_weights(loss_config) -> dict[str, float | None]:
-  """``config.loss.unimodal_*`` as ``train_step`` keywords (a negative alpha/beta: None)."""
-  get = lambda key: float(loss_config.get(key, -1.0))  # noqa: E731
-  return {"unimodal_weight": max(get("unimodal_weight"), 0.0),
-          "unimodal_alpha": get("unimodal_alpha") if get("unimodal_alpha") >= 0 else None,
-          "unimodal_beta": get("unimodal_beta") if get("unimodal_beta") >= 0 else None}
+  ``loss_fn`` None: the terms of ``config.loss`` (``losses.loss_from_config``),
+  and with ``config.loss.unimodal_weight > 0`` their unimodal form; a given
+  ``loss_fn`` is used for both.
+  """
+  unimodal_weight = max(float(config.loss.get("unimodal_weight", 0.0)), 0.0)
+  unimodal_loss_fn = None
+  if loss_fn is None:
+    loss_fn = losses.loss_from_config(config.loss)
+    if unimodal_weight > 0:
+      unimodal_loss_fn = losses.loss_from_config(config.loss, unimodal=True)
+  return functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                           unimodal_weight=unimodal_weight, unimodal_loss_fn=unimodal_loss_fn)
 
 
 def make_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
@@ -201,14 +200,16 @@ def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
 
 
 def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
-             mesh: Mesh, split: str = "test") -> dict[str, float]:
+             mesh: Mesh, split: str = "test",
+             loss_fn: losses.LossFn | None = None) -> dict[str, float]:
   """Loss parts, accuracy and mAP (A->V, V->A, average) on every item of a split.
 
   Both retrieval protocols: ``map_*`` embeds each item with its paired item
   of the other modality (the paper's); ``unimodal_map_*`` embeds each item
   from its own modality alone (``DSF3N.embed_visual`` / ``embed_audio``).
   The loss (of the paired outputs) is computed on the whole split at once
-  (centre-loss class counts over the split), with the current centres.
+  (centre-loss class counts over the split), with the current centres;
+  ``loss_fn`` None: the terms of ``config.loss``.
   Every item counts, except on the test split with
   ``config.metric.original_test_batches = N > 0``: then only the items the
   original's evaluation saw (batches of N in file order, the last partial one
@@ -223,13 +224,10 @@ def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collec
       raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
                        f"{len(out['label'])} test items: the original would evaluate none")
     out = {k: v[:count] for k, v in out.items()}
-  outputs = tuple(jnp.asarray(out[k]) for k in ("emb_visual", "emb_audio", "logits_visual",
-                                                  "logits_audio"))
-  labels = jnp.asarray(out["label"])
-  total, parts = losses.dsf3n_loss(outputs, labels, jnp.asarray(state.centers),
-                                   alpha=config.loss.alpha, beta=config.loss.beta,
-                                   id_form=config.loss.id_form,
-                                   id_weight=float(config.loss.get("id_weight", 1.0)))
+  outputs = DSF3NOutput(*(jnp.asarray(out[k]) for k in DSF3NOutput._fields))
+  loss_fn = loss_fn or losses.loss_from_config(config.loss)
+  total, parts = loss_fn(outputs, {"label": jnp.asarray(out["label"]), "mask": None},
+                         jax.tree.map(jnp.asarray, state.aux))
   result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
             "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
             "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}

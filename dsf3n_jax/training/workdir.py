@@ -7,6 +7,7 @@ bucket (``gs://...``). Only process 0 writes these files.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -157,10 +158,15 @@ class WorkdirLock:
 
 def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[str, Any],
                      fingerprint: Mapping[str, Any]) -> None:
-  """``config.json``: the resolved config, model and data, read by ``restore_model``."""
+  """``config.json``: the resolved config, model and data, read by ``restore_model``.
+
+  ``loss_terms`` records where each loss term is registered (``"module:name"``),
+  so that reading the run back imports a user's module.
+  """
+  from dsf3n_jax import losses  # pylint: disable=g-import-not-at-top
   atomic_write(epath.Path(workdir) / RUN_FILE, json.dumps(
-      {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint)}, indent=2,
-      default=str))
+      {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint),
+       "loss_terms": losses.term_origins(config.loss.terms)}, indent=2, default=str))
 
 
 def check_run_dir(workdir, *, flag: str = "--workdir") -> epath.Path:
@@ -190,6 +196,38 @@ def write_results(workdir, results: Mapping[str, Any]) -> None:
   atomic_write(epath.Path(workdir) / "results.json", json.dumps(results, indent=2))
 
 
+class _EpathEventFile:
+  """A TensorBoard event file written through ``epath`` (whole, at each flush)."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory for a URL scheme, through ``epath`` (``gs://``: gcsfs or
+  TensorFlow's gfile, as for every other file of the run)."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_scheme(scheme: str) -> None:
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory(scheme, _EpathEventFiles())
+
+
 class MetricWriter:
   """``metrics.jsonl`` and TensorBoard; only process 0 writes files.
 
@@ -201,24 +239,28 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
+    self.lines: list[str] = []
     if not self.active:
       return
     if self.path.exists():
-      keep = []
       if resume_step is not None:
-        keep = [line + "\n" for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      atomic_write(self.path, "".join(keep))
+        self.lines = [line + "\n" for line in self.path.read_text().splitlines()
+                      if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      atomic_write(self.path, "".join(self.lines))
     from tensorboardX import SummaryWriter  # no TensorFlow import
-    self.tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+    tensorboard = epath.Path(workdir) / "tensorboard"
+    if not _is_local(tensorboard):
+      _register_tensorboard_scheme(os.fspath(tensorboard).split("://", 1)[0])
+    self.tb = SummaryWriter(os.fspath(tensorboard))
 
   def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
     if not self.active:
       return
     record = {"step": int(step), "split": split, **extra,
               **{k: float(v) for k, v in values.items()}}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    # The whole file, atomically: object stores cannot append (a few hundred lines a run).
+    self.lines.append(json.dumps(record) + "\n")
+    atomic_write(self.path, "".join(self.lines))
     for key, value in {**values, **extra}.items():
       if key != "epoch":
         self.tb.add_scalar(f"{split}/{key}", float(value), int(step))

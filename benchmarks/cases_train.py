@@ -1,0 +1,318 @@
+"""Cases of the JAX training step and epoch, and the machine's matmul peak."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from benchmarks import sysinfo
+from benchmarks.harness import (
+  device_peak_bytes,
+  flops_of,
+  host_peak_bytes,
+  jax_setup,
+  mesh_of,
+  minor_faults,
+  rates,
+  repeat,
+  stats,
+  synthetic_batch,
+)
+
+# ----------------------------------------------------------------------------
+# Cases.
+
+
+def case_info(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Machine, accelerator, versions, threads and allocator as a child process sees them."""
+  import torch  # noqa: F401  (so thread_settings reports torch's threads)
+  return {"machine": sysinfo.machine_info(), "accelerator": sysinfo.accelerator_info(),
+          "versions": sysinfo.versions(), "threads": sysinfo.thread_settings(),
+          "allocator": sysinfo.active_allocator()}
+
+
+def case_matmul_peak(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Matrix-multiply throughput of the JAX device, the ceiling the model is compared with.
+
+  Square products (n x n x n) and the model's bilinear product ((3 B) x 65,536
+  x 256) in float32, and both with bfloat16 operands and float32 accumulation.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  n = int(params["n"])
+  rows, inner, cols = params["bilinear_shape"]
+  out: dict[str, Any] = {"device": jax.devices()[0].device_kind,
+                         "precision": str(jax.config.jax_default_matmul_precision)}
+  key = jax.random.key(0)
+  forms = {"square": (n, n, n), "bilinear": (rows, inner, cols)}
+  for name, (m_, k_, n_) in forms.items():
+    for dtype in ("float32", "bfloat16"):
+      a = jax.random.normal(key, (m_, k_), jnp.float32).astype(dtype)
+      b = jax.random.normal(jax.random.fold_in(key, 1), (k_, n_), jnp.float32).astype(dtype)
+      f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+      f(a, b).block_until_ready()
+      times = repeat(lambda f=f, a=a, b=b: f(a, b).block_until_ready(),
+                     warmup=params["warmup"], repeats=params["repeats"])
+      out[f"{name}_{dtype}"] = {"shape": [m_, k_, n_],
+                                "gflops": rates(2.0 * m_ * k_ * n_ / 1e9, times)}
+  out["peak_float32_gflops"] = max(out[f"{f}_float32"]["gflops"]["median"] for f in forms)
+  out["peak_bfloat16_gflops"] = max(out[f"{f}_bfloat16"]["gflops"]["median"] for f in forms)
+  return out
+
+
+def case_weights(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Writes the initial JAX weights as the original's state dict, plus centres, to an npz."""
+  from dsf3n_jax import convert
+  _, mcfg, _, _, state = jax_setup(params, batch_size=128)
+  state_dict = convert.to_torch_state_dict({"params": state.params,
+                                            "batch_stats": state.batch_stats})
+  np.savez(params["path"], **{f"model/{k}": v for k, v in state_dict.items()},
+           centers=np.asarray(state.centers))
+  num_params = int(sum(np.asarray(x).size for x in __import__("jax").tree.leaves(state.params)))
+  return {"path": params["path"], "num_params": num_params, "model": mcfg}
+
+
+def compiled_step(params: Mapping[str, Any], *, devices: str):
+  """The jitted training step of ``params`` compiled for one synthetic batch.
+
+  Returns:
+    ``(compiled, state, batch, compile_s, devices)``, state and batch placed on the mesh.
+  """
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from dsf3n_jax import train
+  batch_size, dtype = int(params["batch_size"]), params.get("dtype", "float32")
+  cfg, _, model, tx, state = jax_setup(params, batch_size=batch_size, dtype=dtype)
+  mesh, devs = mesh_of(devices)
+  if batch_size % len(devs):
+    raise ValueError(f"batch_size={batch_size} is not divisible by {len(devs)} devices")
+  step = train.make_train_step(train.per_device_step(cfg, model, tx), mesh)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  batch = jax.device_put(synthetic_batch(batch_size), NamedSharding(mesh, P("data")))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  return compiled, state, batch, time.perf_counter() - t0, devs
+
+
+def case_jax_train(params: Mapping[str, Any]) -> dict[str, Any]:
+  """One training step (forward, loss, backward, both optimiser updates), jitted.
+
+  ``params["devices"]``: "one" (the first device) or "all" (data-parallel over
+  every local device, the batch split on the ``data`` axis).
+  """
+  import jax
+
+  batch_size, dtype = int(params["batch_size"]), params.get("dtype", "float32")
+  compiled, state, batch, compile_s, devices = compiled_step(
+      params, devices=params.get("devices", "one"))
+  flops = flops_of(compiled)
+  holder = {"state": state}
+  steps = int(params["steps_per_repeat"])
+
+  def run():
+    for _ in range(steps):
+      holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready((holder["state"], metrics))
+
+  run()  # first execution (allocations), not timed
+  for _ in range(max(params["warmup"] - 1, 0)):
+    run()
+  faults0 = minor_faults()
+  times = repeat(run, warmup=0, repeats=params["repeats"],
+                 budget_s=params.get("budget_s", float("inf")))
+  faults = (minor_faults() - faults0) / (len(times) * steps)
+  loss = float(jax.device_get(compiled(holder["state"], batch)[1]["loss"]))
+  return {"batch_size": batch_size, "dtype": dtype, "devices": len(devices),
+          "device_kind": devices[0].device_kind, "compile_s": compile_s,
+          "samples_per_s": rates(batch_size * steps, times),
+          "flops_per_step": flops,
+          "flops_per_sample": flops * len(devices) / batch_size if flops else None,
+          "minor_faults_per_step": faults, "page_bytes_per_step": faults * resource.getpagesize(),
+          "host_peak_bytes": host_peak_bytes(), "device_peak_bytes": device_peak_bytes(devices),
+          "loss_finite": bool(np.isfinite(loss)), "allocator": sysinfo.active_allocator()}
+
+
+def _recipe_evaluations(num_epochs: int, eval_every: int) -> int:
+  """How many evaluations ``train_and_evaluate`` runs: every ``eval_every`` epochs and the last."""
+  return sum(1 for e in range(1, num_epochs + 1)
+             if e == num_epochs or (eval_every and e % eval_every == 0))
+
+
+def _time_evaluation(cfg, model, state, mesh, params: Mapping[str, Any]) -> dict[str, Any]:
+  """``train.evaluate`` (embed, loss, both mAPs) on a VEGAS-sized synthetic test split."""
+  from dsf3n_jax import input_pipeline, train
+  n = int(params["eval_examples"])
+  test = synthetic_batch(n, seed=2)
+  source = input_pipeline.ArraySource(test["visual"], test["audio"], test["label"])
+  cfg.eval_batch_size = int(params.get("eval_batch_size", cfg.eval_batch_size))
+  embed_fn = train.make_embed_fn(model, mesh)
+  out: dict[str, Any] = {"examples": n, "batch_size": cfg.eval_batch_size}
+  try:
+    t0 = time.perf_counter()
+    train.evaluate(embed_fn, state, source, config=cfg, mesh=mesh)
+    out["first_call_s"] = time.perf_counter() - t0  # compiles the embedding and the mAP
+    t0 = time.perf_counter()
+    result = train.evaluate(embed_fn, state, source, config=cfg, mesh=mesh)
+    out["evaluate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train.embed_split(embed_fn, state.variables, source, mesh=mesh,
+                      batch_size=cfg.eval_batch_size)
+    out["embed_s"] = time.perf_counter() - t0
+    out["map_average"] = result["map_average"]
+  except Exception as e:  # the epoch figures stand without it
+    out["error"] = f"{type(e).__name__}: {e}"
+  return out
+
+
+def compiled_scan_epoch(step_fn, cfg, state, source, mesh, *, batch_size: int,
+                        num_examples: int):
+  """``train.make_train_epoch`` (``lax.scan`` over the steps) with ``source`` on the device.
+
+  Returns:
+    ``(compiled, arrays, device_put_s, compile_s)``: the compiled epoch, called
+    as ``compiled(state, arrays, epoch)``, and the seconds each part took.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from dsf3n_jax import input_pipeline, train
+  t0 = time.perf_counter()
+  arrays = jax.block_until_ready(
+      input_pipeline.to_device(input_pipeline.load_split_arrays(source), mesh))
+  put_s = time.perf_counter() - t0
+  epoch_fn = train.make_train_epoch(step_fn, mesh, global_batch_size=batch_size,
+                                    num_examples=num_examples, seed=cfg.seed,
+                                    shuffle=cfg.data.shuffle)
+  t0 = time.perf_counter()
+  compiled = epoch_fn.lower(state, arrays, jnp.int32(0)).compile()
+  return compiled, arrays, put_s, time.perf_counter() - t0
+
+
+def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
+  """One epoch as ``train.train_and_evaluate`` runs it, and the recipe extrapolated from it.
+
+  ``params["on_device"]`` ("auto", "true" or "false"; default "auto") is
+  resolved like ``config.data.on_device`` (``train.resolve_on_device``):
+
+  * on device ("scan"): the split is copied to the device once and the epoch
+    is one compiled call, ``train.make_train_epoch`` (``lax.scan`` over the
+    steps, the permutation drawn on device);
+  * streamed ("streaming", "auto" on CPU): an ``input_pipeline.TrainLoader``
+    over an in-memory ``ArraySource`` feeds the jitted step
+    (``train.make_train_step``) batch by batch, metrics fetched every
+    ``log_every_steps`` steps and stacked on the host at the end of the epoch,
+    as in training.
+
+  Compilation (``lower().compile()``) is timed apart; each timed epoch
+  (``repeats``, the first right after compilation) is a full pass of
+  ``num_examples // batch_size`` steps. Streamed, ``loader_epoch_s`` is one
+  more epoch of batches from the loader alone (the input pipeline's cost).
+  With ``eval_examples`` > 0 it also times ``train.evaluate`` (embedding with
+  ``train.make_embed_fn``, the loss and both mAPs) on a synthetic test split of
+  that size: the first call (with its compiles), then once warm. The recipe
+  (``num_epochs`` and ``eval_every_epochs`` of the default config) is
+  extrapolated as compile + epochs x the median epoch + the first evaluation
+  + the other evaluations x the warm one; the epoch is scaled linearly to
+  ``recipe_examples`` when the measured one is smaller.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from dsf3n_jax import input_pipeline, train
+  batch_size, num_examples = int(params["batch_size"]), int(params["num_examples"])
+  steps = num_examples // batch_size
+  cfg, _, model, tx, host_state = jax_setup(params, batch_size=batch_size,
+                                            steps_per_epoch=steps)
+  on_device = train.resolve_on_device(params.get("on_device", "auto"))
+  mesh, devices = mesh_of(params.get("devices", "one"))
+  data = synthetic_batch(num_examples, seed=1)
+  state = jax.device_put(host_state, NamedSharding(mesh, P()))
+  step_fn = train.per_device_step(cfg, model, tx)
+  holder: dict[str, Any] = {"state": state, "epoch": 0}
+  out: dict[str, Any] = {"mode": "scan" if on_device else "streaming",
+                         "on_device_param": str(params.get("on_device", "auto")),
+                         "backend": jax.default_backend(), "batch_size": batch_size,
+                         "num_examples": num_examples, "steps": steps, "devices": len(devices)}
+  source = input_pipeline.ArraySource(data["visual"], data["audio"], data["label"])
+  if on_device:
+    compiled, arrays, out["device_put_s"], out["compile_s"] = compiled_scan_epoch(
+        step_fn, cfg, state, source, mesh, batch_size=batch_size, num_examples=num_examples)
+
+    def run():
+      holder["state"], metrics = compiled(holder["state"], arrays,
+                                          jnp.asarray(holder["epoch"], jnp.int32))
+      jax.block_until_ready(holder["state"])
+      holder["loss"] = np.asarray(metrics["loss"])
+      holder["epoch"] += 1
+  else:
+    loader = input_pipeline.TrainLoader(source, global_batch_size=batch_size, mesh=mesh,
+                                        seed=cfg.seed, shuffle=cfg.data.shuffle)
+    batches = iter(loader)
+    # A batch of the loader's structure (with "index") from a throwaway loader, to lower with.
+    probe = input_pipeline.TrainLoader(source, global_batch_size=batch_size, mesh=mesh,
+                                       prefetch=False)
+    example = next(probe)
+    probe.close()
+    t0 = time.perf_counter()
+    compiled = train.make_train_step(step_fn, mesh).lower(state, example).compile()
+    out["compile_s"] = time.perf_counter() - t0
+    log_every = int(cfg.log_every_steps)
+
+    def run():
+      collected = []
+      for i in range(steps):
+        holder["state"], m = compiled(holder["state"], next(batches))
+        collected.append(m)
+        if log_every and (i + 1) % log_every == 0:
+          jax.device_get(m)  # training logs here (a host sync)
+      metrics = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *collected)
+      holder["loss"] = metrics["loss"]
+      holder["epoch"] += 1
+
+  times = repeat(run, warmup=int(params.get("warmup", 0)), repeats=int(params["repeats"]),
+                 budget_s=params.get("budget_s", float("inf")))
+  if not on_device:
+    # The input pipeline alone: one more epoch of batches, no step.
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      jax.block_until_ready(next(batches))
+    out["loader_epoch_s"] = time.perf_counter() - t0
+    loader.close()
+  out.update(epoch_s=stats(times), samples_per_s=rates(steps * batch_size, times),
+             loss_finite=bool(np.all(np.isfinite(holder["loss"]))),
+             host_peak_bytes=host_peak_bytes(), device_peak_bytes=device_peak_bytes(devices))
+  if int(params.get("eval_examples", 0)):
+    out["evaluation"] = _time_evaluation(cfg, model, holder["state"], mesh, params)
+  # The recipe: the default config's epochs and evaluations, at ``recipe_examples``.
+  recipe_examples = int(params.get("recipe_examples", num_examples))
+  recipe_steps = recipe_examples // batch_size
+  epoch_s = statistics.median(times) * recipe_steps / steps
+  evaluations = _recipe_evaluations(int(cfg.num_epochs), int(cfg.eval_every_epochs))
+  evaluation = out.get("evaluation", {})
+  train_s = out["compile_s"] + cfg.num_epochs * epoch_s
+  total_s = None
+  if "evaluate_s" in evaluation:
+    total_s = train_s + evaluation["first_call_s"] + (evaluations - 1) * evaluation["evaluate_s"]
+  out["recipe"] = {
+      "epochs": int(cfg.num_epochs), "examples": recipe_examples, "steps_per_epoch": recipe_steps,
+      "epoch_s": epoch_s, "scaled_from_steps": steps if recipe_steps != steps else None,
+      "evaluations": evaluations, "evaluation_s": evaluation.get("evaluate_s"),
+      "evaluation_examples": evaluation.get("examples"), "train_s": train_s, "total_s": total_s,
+      "includes": ("compile of the step + epochs x one epoch (batches, step, metrics)"
+                   + (" + evaluations x train.evaluate (embedding, loss, mAP both ways; the "
+                      "first with its compile)" if total_s else "")
+                   + "; not included: reading the data from disk, checkpoints"),
+  }
+  return out
+
+
