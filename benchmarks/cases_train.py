@@ -224,7 +224,6 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   ``recipe_examples`` when the measured one is smaller.
   """
   import jax
-  import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -236,64 +235,85 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   on_device = train.resolve_on_device(params.get("on_device", "auto"))
   mesh, devices = mesh_of(params.get("devices", "one"))
   data = synthetic_batch(num_examples, seed=1)
-  state = jax.device_put(host_state, NamedSharding(mesh, P()))
-  step_fn = train.per_device_step(cfg, model, tx)
-  holder: dict[str, Any] = {"state": state, "epoch": 0}
+  holder: dict[str, Any] = {"state": jax.device_put(host_state, NamedSharding(mesh, P())),
+                            "epoch": 0}
   out: dict[str, Any] = {"mode": "scan" if on_device else "streaming",
                          "on_device_param": str(params.get("on_device", "auto")),
                          "backend": jax.default_backend(), "batch_size": batch_size,
                          "num_examples": num_examples, "steps": steps, "devices": len(devices)}
   source = input_pipeline.ArraySource(data["visual"], data["audio"], data["label"])
-  if on_device:
-    compiled, arrays, out["device_put_s"], out["compile_s"] = compiled_scan_epoch(
-        step_fn, cfg, state, source, mesh, batch_size=batch_size, num_examples=num_examples)
-
-    def run():
-      holder["state"], metrics = compiled(holder["state"], arrays,
-                                          jnp.asarray(holder["epoch"], jnp.int32))
-      jax.block_until_ready(holder["state"])
-      holder["loss"] = np.asarray(metrics["loss"])
-      holder["epoch"] += 1
-  else:
-    loader = input_pipeline.TrainLoader(source, global_batch_size=batch_size, mesh=mesh,
-                                        seed=cfg.seed, shuffle=cfg.data.shuffle)
-    batches = iter(loader)
-    # A batch of the loader's structure (with "index") from a throwaway loader, to lower with.
-    probe = input_pipeline.TrainLoader(source, global_batch_size=batch_size, mesh=mesh,
-                                       prefetch=False)
-    example = next(probe)
-    probe.close()
-    t0 = time.perf_counter()
-    compiled = train.make_train_step(step_fn, mesh).lower(state, example).compile()
-    out["compile_s"] = time.perf_counter() - t0
-    log_every = int(cfg.log_every_steps)
-
-    def run():
-      collected = []
-      for i in range(steps):
-        holder["state"], m = compiled(holder["state"], next(batches))
-        collected.append(m)
-        if log_every and (i + 1) % log_every == 0:
-          jax.device_get(m)  # training logs here (a host sync)
-      metrics = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *collected)
-      holder["loss"] = metrics["loss"]
-      holder["epoch"] += 1
-
+  epoch = _scan_epoch if on_device else _streamed_epoch
+  run, finish = epoch(train.per_device_step(cfg, model, tx), cfg, holder, source, mesh,
+                      batch_size=batch_size, steps=steps, out=out)
   times = repeat(run, warmup=int(params.get("warmup", 0)), repeats=int(params["repeats"]),
                  budget_s=params.get("budget_s", float("inf")))
-  if not on_device:
-    # The input pipeline alone: one more epoch of batches, no step.
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      jax.block_until_ready(next(batches))
-    out["loader_epoch_s"] = time.perf_counter() - t0
-    loader.close()
+  finish()
   out.update(epoch_s=stats(times), samples_per_s=rates(steps * batch_size, times),
              loss_finite=bool(np.all(np.isfinite(holder["loss"]))),
              host_peak_bytes=host_peak_bytes(), device_peak_bytes=device_peak_bytes(devices))
   if int(params.get("eval_examples", 0)):
     out["evaluation"] = _time_evaluation(cfg, model, holder["state"], mesh, params)
-  # The recipe: the default config's epochs and evaluations, at ``recipe_examples``.
+  out["recipe"] = _recipe(cfg, params, out, times, batch_size=batch_size, steps=steps,
+                          num_examples=num_examples)
+  return out
+
+
+def _scan_epoch(step_fn, cfg, holder, source, mesh, *, batch_size, steps, out):
+  """The on-device epoch (``train.make_train_epoch``): ``(run one epoch, finish)``."""
+  import jax
+  import jax.numpy as jnp
+  del steps
+  compiled, arrays, out["device_put_s"], out["compile_s"] = compiled_scan_epoch(
+      step_fn, cfg, holder["state"], source, mesh, batch_size=batch_size,
+      num_examples=len(source))
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], arrays,
+                                        jnp.asarray(holder["epoch"], jnp.int32))
+    jax.block_until_ready(holder["state"])
+    holder["loss"] = np.asarray(metrics["loss"])
+    holder["epoch"] += 1
+
+  return run, lambda: None
+
+
+def _streamed_epoch(step_fn, cfg, holder, source, mesh, *, batch_size, steps, out):
+  """The streamed epoch as the trainer runs it (``TrainLoader`` + ``train.run_steps``):
+  ``(run one epoch, finish)``; ``finish`` times one more epoch of batches alone."""
+  import jax
+
+  from dsf3n_jax import input_pipeline, train
+  loader = input_pipeline.TrainLoader(source, global_batch_size=batch_size, mesh=mesh,
+                                      seed=cfg.seed, shuffle=cfg.data.shuffle)
+  batches = iter(loader)
+  # A batch of the loader's structure (with "index") from a throwaway loader, to lower with.
+  probe = input_pipeline.TrainLoader(source, global_batch_size=batch_size, mesh=mesh,
+                                     prefetch=False)
+  example = next(probe)
+  probe.close()
+  t0 = time.perf_counter()
+  compiled = train.make_train_step(step_fn, mesh).lower(holder["state"], example).compile()
+  out["compile_s"] = time.perf_counter() - t0
+
+  def run():
+    holder["state"], metrics = train.run_steps(compiled, holder["state"], batches,
+                                               steps=steps, log_every=int(cfg.log_every_steps))
+    holder["loss"] = metrics["loss"]
+    holder["epoch"] += 1
+
+  def finish():  # the input pipeline alone: one more epoch of batches, no step
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      jax.block_until_ready(next(batches))
+    out["loader_epoch_s"] = time.perf_counter() - t0
+    loader.close()
+
+  return run, finish
+
+
+def _recipe(cfg, params, out, times, *, batch_size: int, steps: int,
+            num_examples: int) -> dict[str, Any]:
+  """The default config's epochs and evaluations, extrapolated at ``recipe_examples``."""
   recipe_examples = int(params.get("recipe_examples", num_examples))
   recipe_steps = recipe_examples // batch_size
   epoch_s = statistics.median(times) * recipe_steps / steps
@@ -303,7 +323,7 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   total_s = None
   if "evaluate_s" in evaluation:
     total_s = train_s + evaluation["first_call_s"] + (evaluations - 1) * evaluation["evaluate_s"]
-  out["recipe"] = {
+  return {
       "epochs": int(cfg.num_epochs), "examples": recipe_examples, "steps_per_epoch": recipe_steps,
       "epoch_s": epoch_s, "scaled_from_steps": steps if recipe_steps != steps else None,
       "evaluations": evaluations, "evaluation_s": evaluation.get("evaluate_s"),
@@ -313,6 +333,5 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
                       "first with its compile)" if total_s else "")
                    + "; not included: reading the data from disk, checkpoints"),
   }
-  return out
 
 

@@ -6,7 +6,8 @@ The public names of ``dsf3n_jax.training``, in one namespace:
   ``build_optimizer`` (``learning_rate_schedule``, ``scale_by_adam``),
   ``init_state``.
 - ``training.steps``: the per-device ``train_step`` and its mapped forms
-  (``make_train_step``, ``make_train_epoch``), ``make_embed_fn``,
+  (``make_train_step``, ``make_train_epoch``), ``run_steps`` (a streamed
+  epoch), ``make_embed_fn``,
   ``embed_split``, ``evaluate``.
 - ``training.run``: ``load_data``, ``make_mesh``, the checks before a run.
 - ``training.loop``: ``train_and_evaluate``, ``format_results``.
@@ -39,6 +40,7 @@ from dsf3n_jax.training.steps import (
     make_train_epoch,
     make_train_step,
     per_device_step,
+    run_steps,
     train_step,
 )
 
@@ -47,6 +49,6 @@ __all__ = [
     "build_optimizer", "default_config", "embed_split", "evaluate", "format_results",
     "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_mesh",
     "make_train_epoch", "make_train_step", "model_config", "per_device_step", "resolve_on_device",
-    "restore_model",
+    "restore_model", "run_steps",
     "save_variables_as_run", "scale_by_adam", "train_and_evaluate", "train_step",
 ]

@@ -227,15 +227,10 @@ class _Trainer:
       state, step_metrics = self.epoch_fn(state, self.arrays, jnp.asarray(epoch, jnp.int32))
       step_metrics = jax.tree.map(np.asarray, step_metrics)
     else:
-      collected = []
-      every = self.config.log_every_steps
-      for i in range(self.run.steps_per_epoch):
-        state, m = self.step_jit(state, next(self.loader_iter))
-        collected.append(m)
-        if every and (i + 1) % every == 0:
-          self._log_step(epoch, i, jax.device_get(m), time.time() - t0)
-      step_metrics = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                  *collected)
+      state, step_metrics = steps_lib.run_steps(
+          self.step_jit, state, self.loader_iter, steps=self.run.steps_per_epoch,
+          log_every=self.config.log_every_steps,
+          on_log=lambda i, m: self._log_step(epoch, i, m, time.time() - t0))
     self.train_time += time.time() - t0
     self.trained_steps += self.run.steps_per_epoch
     return state, step_metrics

@@ -158,6 +158,27 @@ def make_train_epoch(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
   return jax.jit(mapped, donate_argnums=(0,))
 
 
+def run_steps(step: Callable, state: TrainState, batches, *, steps: int, log_every: int = 0,
+              on_log: Callable[[int, dict], None] | None = None):
+  """``steps`` calls of a jitted ``step`` on ``next(batches)``: one streamed epoch.
+
+  Every ``log_every``-th step (1-based) its metrics are fetched to the host (a
+  sync) and passed to ``on_log(i, metrics)`` with ``i`` the 0-based step.
+
+  Returns:
+    ``(state, per-step metrics)``, the metrics stacked over the steps as numpy.
+  """
+  collected = []
+  for i in range(steps):
+    state, m = step(state, next(batches))
+    collected.append(m)
+    if log_every and (i + 1) % log_every == 0:
+      m = jax.device_get(m)
+      if on_log is not None:
+        on_log(i, m)
+  return state, jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *collected)
+
+
 EMBED_KEYS = ("emb_visual", "emb_audio", "logits_visual", "logits_audio",
               "unimodal_emb_visual", "unimodal_emb_audio")
 
