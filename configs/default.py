@@ -32,86 +32,111 @@ def parse_variants(arg):
 
 
 def get_config(arg=None):
-  """The base config; ``arg`` may hold 'runlocal' to shrink the run to seconds."""
+  """The base config; ``arg`` holds variants (``parse_variants``), e.g. 'runlocal,tiny'."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.data = _data()
+  config.model = _model()
+  config.loss = _loss()
+  config.optim = _optim()
+  _schedule(config)
+  config.metric = _metric()
+  config.distributed = _distributed()
+  apply_variants(config, arg)
+  return config
 
-  # Data (dsf3n_jax.input_pipeline.load_sources).
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "synthetic"  # synthetic | vegas | ave | paired_features
-  config.data.path = ""  # the file, for paired_features
-  config.data.data_dir = ""  # TFDS data_dir ('' = TFDS default)
-  config.data.num_classes = 0  # 0 = from the data; otherwise checked against it
-  config.data.validation_fraction = 0.0  # carved from train, stratified, with validation_seed
-  config.data.validation_seed = 0
-  config.data.shuffle = True  # False = file order, like the original
+
+def _data():
+  """Data (dsf3n_jax.input_pipeline.load_sources)."""
+  c = ml_collections.ConfigDict()
+  c.name = "synthetic"  # synthetic | vegas | ave | paired_features
+  c.path = ""  # the file, for paired_features
+  c.data_dir = ""  # TFDS data_dir ('' = TFDS default)
+  c.num_classes = 0  # 0 = from the data; otherwise checked against it
+  c.validation_fraction = 0.0  # carved from train, stratified, with validation_seed
+  c.validation_seed = 0
+  c.shuffle = True  # False = file order, like the original
   # "auto": the whole train split in device memory and one compiled call (lax.scan) per epoch
   # on GPU/TPU; streamed batches on CPU, where XLA runs a step inside a loop several times
   # slower than the same step on its own. True / False force either path.
-  config.data.on_device = "auto"
-  config.data.normalize = "none"  # none | standardize (per feature, train statistics)
-  config.data.synthetic = ml_collections.ConfigDict()  # generator kwargs for synthetic
+  c.on_device = "auto"
+  c.normalize = "none"  # none | standardize (per feature, train statistics)
+  c.synthetic = ml_collections.ConfigDict()  # generator kwargs for synthetic
+  return c
 
-  # Model (dsf3n_jax.models.DSF3N). Input dims 0 = from the data.
-  config.model = ml_collections.ConfigDict()
+
+def _model():
+  """Model (dsf3n_jax.models.DSF3N). Input dims 0 = from the data."""
+  c = ml_collections.ConfigDict()
   # The model and its parts by registered name (dsf3n_jax.models.registry; a config file adds
   # its own by importing the module that registers them). Model: dsf3n | dsf3n_paper.
-  config.model.name = "dsf3n"
-  config.model.fusion = "mfa"  # two-stage MFA, from num_fusion_stages, mfa_variant, use_mfa
-  config.model.head = "mlp"  # shared output head, from head_hidden, embed_dim, dropout_rate
-  config.model.classifier = "mlp"  # per-modality classifiers, from classifier_hidden
-  config.model.visual_dim = 0
-  config.model.audio_dim = 0
-  config.model.encoder_features = 1024
-  config.model.kernel_sizes = (3, 5, 7)
-  config.model.stem_features = 64
-  config.model.stem_kernel = 32
-  config.model.stem_stride = 8
-  config.model.stem_padding = 12
-  config.model.branch_features = (64, 128, 256)
-  config.model.num_fusion_stages = 2
-  config.model.mfa_variant = "reference"
-  config.model.use_mfa = True
-  config.model.head_hidden = 512
-  config.model.embed_dim = 64
-  config.model.classifier_hidden = 32
-  config.model.dropout_rate = 0.5
+  c.name = "dsf3n"
+  c.fusion = "mfa"  # two-stage MFA, from num_fusion_stages, mfa_variant, use_mfa
+  c.head = "mlp"  # shared output head, from head_hidden, embed_dim, dropout_rate
+  c.classifier = "mlp"  # per-modality classifiers, from classifier_hidden
+  c.visual_dim = 0
+  c.audio_dim = 0
+  c.encoder_features = 1024
+  c.kernel_sizes = (3, 5, 7)
+  c.stem_features = 64
+  c.stem_kernel = 32
+  c.stem_stride = 8
+  c.stem_padding = 12
+  c.branch_features = (64, 128, 256)
+  c.num_fusion_stages = 2
+  c.mfa_variant = "reference"
+  c.use_mfa = True
+  c.head_hidden = 512
+  c.embed_dim = 64
+  c.classifier_hidden = 32
+  c.dropout_rate = 0.5
   # What the fusion sees in place of the absent modality when one modality is embedded alone
   # (DSF3N.embed_visual / embed_audio, the unimodal protocol): self | learned | mean.
-  config.model.missing_partner = "self"
+  c.missing_partner = "self"
   # Train mode: probability that an example's fusion sees the stand-in instead of its partner.
-  config.model.partner_dropout = 0.0
-  config.model.dtype = "float32"  # bfloat16: bf16 compute, float32 params and optimiser state
+  c.partner_dropout = 0.0
+  c.dtype = "float32"  # bfloat16: bf16 compute, float32 params and optimiser state
+  return c
 
+
+def _loss():
+  """Loss: weighted terms by name (dsf3n_jax.losses)."""
+  c = ml_collections.ConfigDict()
   # Loss: weighted terms by name (dsf3n_jax.losses; a user registers more with
   # losses.register_loss_term). These three are the original's L_id + alpha L_pair + beta L_center.
-  config.loss = ml_collections.ConfigDict()
-  config.loss.terms = ml_collections.ConfigDict()
-  config.loss.terms.id = 1.0  # identity (discriminative) loss; 0: the ablation without it
-  config.loss.terms.pair = 1e-4  # alpha: pair loss
-  config.loss.terms.center = 5e-4  # beta: centre loss
-  config.loss.id_form = "ce"  # ce | paper
+  c.terms = ml_collections.ConfigDict()
+  c.terms.id = 1.0  # identity (discriminative) loss; 0: the ablation without it
+  c.terms.pair = 1e-4  # alpha: pair loss
+  c.terms.center = 5e-4  # beta: centre loss
+  c.id_form = "ce"  # ce | paper
   # > 0: the same terms on each modality's embedding alone, times this weight, are added.
-  config.loss.unimodal_weight = 0.0
+  c.unimodal_weight = 0.0
   # Weights of that loss that differ from loss.terms (e.g. center). A pair weight of 1 there
   # collapsed the unimodal embeddings to a point on fsdd_digits (mAP 0.12): the Euclidean pair
   # distance is minimised by shrinking.
-  config.loss.unimodal_terms = ml_collections.ConfigDict()
+  c.unimodal_terms = ml_collections.ConfigDict()
+  return c
 
-  # Optimisers: Adam on the network, SGD on the centres.
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 1e-4
-  config.optim.b1 = 0.5
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 0.0  # decoupled (AdamW) when > 0
-  config.optim.grad_clip_norm = 0.0  # global-norm clipping when > 0
+
+def _optim():
+  """Optimisers: Adam on the network, SGD on the centres."""
+  c = ml_collections.ConfigDict()
+  c.lr = 1e-4
+  c.b1 = 0.5
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.weight_decay = 0.0  # decoupled (AdamW) when > 0
+  c.grad_clip_norm = 0.0  # global-norm clipping when > 0
   # constant: the original's runs (its call of adjust_learning_rate is commented out) |
   # warmup_step: what adjust_learning_rate would give the network, 0.1 x its return value |
   # cosine: to 0 over num_epochs
-  config.optim.schedule = "constant"
-  config.optim.center_lr = 0.05
+  c.schedule = "constant"
+  c.center_lr = 0.05
+  return c
 
+
+def _schedule(config):
+  """Batch sizes, epochs, evaluation, checkpoints and selection (set on ``config``)."""
   config.batch_size = 128  # global
   config.num_epochs = 40
   # After epochs 5, 10, ... (1-based) and the last. The original evaluates after 1-based epochs
@@ -137,24 +162,29 @@ def get_config(arg=None):
   # improvement (4 evaluations without one stop it).
   config.early_stopping_patience = 0
   config.eval_batch_size = 1024
-  config.metric = ml_collections.ConfigDict()
-  config.metric.distance = "cosine"
-  config.metric.k = 0  # 0 = all items (the paper's mAP)
+
+
+def _metric():
+  """The retrieval metric (dsf3n_jax.metrics)."""
+  c = ml_collections.ConfigDict()
+  c.distance = "cosine"
+  c.k = 0  # 0 = all items (the paper's mAP)
   # 0 = every test item (the default). N = the original's protocol: batches of N in file order,
   # the last partial batch dropped, i.e. only the first metrics.original_protocol_count(n, N)
   # items (the paper: N = 128 on VEGAS, 189 on AVE).
-  config.metric.original_test_batches = 0
+  c.original_test_batches = 0
+  return c
 
-  # Multi-host (dsf3n_jax.distributed); empty = automatic or single process.
-  config.distributed = ml_collections.ConfigDict()
-  config.distributed.coordinator_address = ""
-  config.distributed.num_processes = 0
-  config.distributed.process_id = -1
-  config.distributed.initialization_timeout = 300
-  config.distributed.heartbeat_timeout = 100
 
-  apply_variants(config, arg)
-  return config
+def _distributed():
+  """Multi-host (dsf3n_jax.distributed); empty = automatic or single process."""
+  c = ml_collections.ConfigDict()
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
+  c.initialization_timeout = 300
+  c.heartbeat_timeout = 100
+  return c
 
 
 def apply_variants(config, arg):
