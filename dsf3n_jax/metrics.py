@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from dsf3n_jax.datasets import validation
 from dsf3n_jax.mesh import DATA_AXIS
 
 Distance = Literal["cosine", "euclidean"]
@@ -226,17 +227,11 @@ def _ranking_stats(queries, items, query_labels, item_labels, query_classes, cla
 
 
 def _as_labels(labels, name: str, length: int) -> np.ndarray:
-  """Integer class ids from ids or one-hot rows."""
-  labels = np.asarray(labels)
-  if labels.ndim == 2:
-    labels = labels.argmax(-1)
-  if labels.ndim != 1 or labels.shape[0] != length:
-    raise ValueError(f"{name}: expected shape ({length},) (or one-hot ({length}, C)), "
-                     f"got {np.asarray(labels).shape}")
-  if not np.issubdtype(labels.dtype, np.integer):
-    if not np.all(labels == np.round(labels)):
-      raise ValueError(f"{name}: expected integer class ids, got dtype {labels.dtype}")
-  return labels.astype(np.int64)
+  """Checked class ids (``validation.labels_to_ids``) of ``length`` rows."""
+  ids = validation.labels_to_ids(labels, source="labels", key=name).astype(np.int64)
+  if ids.shape[0] != length:
+    raise ValueError(f"{name}: expected {length} labels (one per row), got {ids.shape[0]}")
+  return ids
 
 
 def _default_strategy() -> str:

@@ -122,14 +122,8 @@ def load_variables(path) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 def as_class_ids(labels, *, name: str = "labels") -> np.ndarray:
-  """Class ids from ids or one-hot rows."""
-  labels = np.asarray(labels)
-  if labels.ndim == 2:
-    labels = labels.argmax(-1)
-  if labels.ndim != 1:
-    raise ValueError(f"{name}: expected (n,) class ids or (n, C) one-hot rows, got shape "
-                     f"{labels.shape}")
-  return labels.astype(np.int64)
+  """Checked class ids from ids or one-hot rows (``validation.labels_to_ids``), int64."""
+  return validation.labels_to_ids(labels, source="labels", key=name).astype(np.int64)
 
 
 def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
