@@ -313,27 +313,25 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], *, model=None,
 # Files.
 
 
-def save_npz(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
-  """Writes variables as an npz of '/'-joined keys (``params/head/out/kernel``)."""
+def save_npz(variables: Mapping[str, Any], path: str | os.PathLike, *,
+             model_kwargs: Mapping[str, Any] | None = None) -> None:
+  """Writes variables as the project's one variables file (``retrieval.save_variables``:
+  '/'-joined keys such as ``params/head/out/kernel``, the model's fields beside them)."""
+  from dsf3n_jax import retrieval
   flat = {"/".join(p): _to_numpy(v) for p, v in _flatten(_as_variables(variables)).items()}
-  with open(path, "wb") as f:
-    np.savez(f, **flat)
-
-
-NPZ_EXPECTED = ("a variables .npz of arrays ('/'-joined keys such as params/head/out/kernel, "
-                "as convert.save_npz writes)")
+  retrieval.save_variables(path, _unflatten({tuple(k.split("/")): v for k, v in flat.items()}),
+                           model_kwargs=model_kwargs)
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads what ``save_npz`` wrote back into a nested dict of numpy arrays.
+  """Reads a variables file (``retrieval.load_variables``) as a nested dict of numpy arrays.
 
   Never unpickles: anything but an ``.npz`` of arrays is a one-line
   ``DataValidationError`` naming the file.
   """
-  from dsf3n_jax.datasets import validation
-
-  data = validation.read_npz(path, expected=NPZ_EXPECTED)
-  return _unflatten({tuple(k.split("/")): v for k, v in data.items()})
+  from dsf3n_jax import retrieval
+  variables, _ = retrieval.load_variables(path)
+  return _unflatten({p: np.asarray(v) for p, v in _flatten(variables).items()})
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -366,9 +364,8 @@ def save_torch_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike
 
 def _write_npz(variables: Mapping[str, Any], out_dir: pathlib.Path,
                model_fields: Mapping[str, Any]) -> pathlib.Path:
-  del model_fields  # written beside it as model_config.json
-  path = out_dir / "variables.npz"
-  save_npz(variables, path)
+  path = out_dir / "variables.npz"  # model_config.json is written beside it too
+  save_npz(variables, path, model_kwargs=model_fields)
   return path
 
 
