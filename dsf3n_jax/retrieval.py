@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import metrics
+from dsf3n_jax import input_pipeline, metrics
 from dsf3n_jax.datasets import validation
+from dsf3n_jax.mesh import make_mesh
 
 _MODEL_KEY = "__model__"
 PROTOCOLS = ("unimodal", "paired")
@@ -168,24 +169,10 @@ def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.nd
   return visual.astype(np.float32), audio.astype(np.float32), labels
 
 
-def _batched(fn, arrays, *, batch_size: int) -> list[np.ndarray]:
-  """``fn(*batch)`` over row batches of ``arrays`` (padded to one shape), padding removed."""
-  n = len(arrays[0])
-  outs = []
-  for start in range(0, n, batch_size):
-    batch = [x[start:start + batch_size] for x in arrays]
-    pad = batch_size - len(batch[0])
-    if pad and n > batch_size:  # keep one compiled shape
-      batch = [np.pad(x, ((0, pad), (0, 0))) for x in batch]
-    out = fn(*(jnp.asarray(x) for x in batch))
-    take = min(batch_size, n - start)
-    outs.append([np.asarray(o)[:take] for o in (out if isinstance(out, tuple) else (out,))])
-  return [np.concatenate(parts) for parts in zip(*outs)] if outs else []
-
-
 def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = 256,
                 indices=None, protocol: str = "unimodal") -> Embeddings:
-  """Embeds a split with a model in eval mode, in padded batches.
+  """Embeds a split with a model in eval mode: the trainer's ``training.steps.embed_split``
+  (padded batches over this host's devices), under one protocol.
 
   Args:
     model: a ``DSF3N`` (or any module with the same methods).
@@ -193,15 +180,16 @@ def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int
     visual: (n, visual_dim) features.
     audio: (n, audio_dim) features.
     labels: (n,) labels to carry along (zeros if None).
-    batch_size: items per forward pass.
+    batch_size: items per forward pass (rounded up to a multiple of the devices).
     indices: (n,) source row numbers (default ``arange(n)``).
-    protocol: "unimodal" (each modality alone: ``embed_visual`` on the visual
-      rows, ``embed_audio`` on the audio rows) or "paired" (row i of each
-      modality embedded together, the paper's protocol).
+    protocol: "unimodal" (each modality alone, as ``embed_visual`` /
+      ``embed_audio`` embed it) or "paired" (row i of each modality embedded
+      together, the paper's protocol).
 
   Returns:
-    ``Embeddings`` of numpy arrays.
+    ``Embeddings`` of numpy arrays (at least float32).
   """
+  from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
   check_protocol(protocol)
   visual = np.asarray(visual, np.float32)
   audio = np.asarray(audio, np.float32)
@@ -209,23 +197,23 @@ def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int
   if len(audio) != n:
     raise ValueError(f"visual and audio: expected the same number of rows, got {n} and "
                      f"{len(audio)}")
+  labels = np.zeros(n, np.int64) if labels is None else as_class_ids(labels)
+  indices = np.arange(n) if indices is None else np.asarray(indices)
   emb_v = emb_a = np.zeros((0, model.embed_dim), np.float32)
-  if n and protocol == "paired":
-    apply = jax.jit(lambda v, a: tuple(model.apply(variables, v, a, train=False)[:2]))
-    emb_v, emb_a = _batched(apply, (visual, audio), batch_size=batch_size)
-  elif n:
-    (emb_v,) = _batched(jax.jit(functools.partial(model.apply, variables, method="embed_visual")),
-                        (visual,), batch_size=batch_size)
-    (emb_a,) = _batched(jax.jit(functools.partial(model.apply, variables, method="embed_audio")),
-                        (audio,), batch_size=batch_size)
+  if n:
+    mesh = make_mesh(jax.local_devices())
+    out = steps.embed_split(
+        steps.make_embed_fn(model, mesh, unimodal=protocol == "unimodal"), variables,
+        input_pipeline.ArraySource(visual, audio, labels, indices), mesh=mesh,
+        batch_size=-(-batch_size // mesh.size) * mesh.size)
+    prefix = "unimodal_" if protocol == "unimodal" else ""
+    emb_v, emb_a = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
   for name, emb in (("visual", emb_v), ("audio", emb_a)):
     bad = np.flatnonzero(~np.isfinite(np.asarray(emb)).all(axis=-1))
     if bad.size:
       raise FloatingPointError(
           f"the model gives non-finite {name} embeddings for {bad.size} of {n} items (first: "
           f"row {int(bad[0])}): its variables are not usable (non-finite or diverged weights)")
-  labels = np.zeros(n, np.int64) if labels is None else as_class_ids(labels)
-  indices = np.arange(n) if indices is None else np.asarray(indices)
   return Embeddings(emb_v, emb_a, labels, indices.astype(np.int64), protocol)
 
 
