@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsf3n_jax.cli import first_line
 from dsf3n_jax.training.workdir import resolve
 
 _policies = ocp.checkpoint_managers
@@ -41,12 +42,6 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointError(RuntimeError):
   """No intact checkpoint could be read."""
-
-
-def first_line(e: BaseException) -> str:
-  """``Type: first line of the message`` (orbax/tensorstore messages run to pages)."""
-  text = str(e).strip() or type(e).__name__
-  return f"{type(e).__name__}: {text.splitlines()[0][:200]}"
 
 
 class Checkpointer:

@@ -30,6 +30,12 @@ class UsageError(Exception):
   exit_status = USAGE_STATUS
 
 
+def first_line(e: BaseException) -> str:
+  """``Type: first line of the message`` (orbax/tensorstore messages run to pages)."""
+  text = str(e).strip() or type(e).__name__
+  return f"{type(e).__name__}: {text.splitlines()[0][:200]}"
+
+
 def verbose_requested(argv: Sequence[str]) -> bool:
   """``--verbose`` in ``argv`` or ``DSF3N_VERBOSE`` set to 1 / true / yes / on."""
   env = os.environ.get(VERBOSE_ENV, "").strip().lower()

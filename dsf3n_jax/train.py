@@ -10,7 +10,9 @@ The public names of ``dsf3n_jax.training``, in one namespace:
   epoch), ``make_embed_fn``,
   ``embed_split``, ``evaluate``.
 - ``training.run``: ``load_data``, ``make_mesh``, the checks before a run.
-- ``training.loop``: ``train_and_evaluate``, ``format_results``.
+- ``training.loop``: ``train_and_evaluate``.
+- ``training.workdir``: the lock, ``config.json``, ``results.json``, metrics,
+  ``format_results`` (the final table).
 - ``training.restore``: ``restore_model``, ``save_variables_as_run``,
   ``default_config``.
 - ``training.seeds`` (not re-exported): several seeds of one config trained
@@ -19,7 +21,7 @@ The public names of ``dsf3n_jax.training``, in one namespace:
 
 from dsf3n_jax.config_check import SELECTION_METRICS
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
-from dsf3n_jax.training.loop import format_results, train_and_evaluate
+from dsf3n_jax.training.loop import train_and_evaluate
 from dsf3n_jax.training.restore import default_config, restore_model, save_variables_as_run
 from dsf3n_jax.training.run import load_data, make_mesh, resolve_on_device
 from dsf3n_jax.training.state import (
@@ -43,6 +45,7 @@ from dsf3n_jax.training.steps import (
     run_steps,
     train_step,
 )
+from dsf3n_jax.training.workdir import format_results
 
 __all__ = [
     "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "SELECTION_METRICS", "TrainState", "build_model",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -37,14 +36,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax import input_pipeline
-from dsf3n_jax.checkpoints import Checkpointer, abstract_like, first_line
+from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.state import init_state, learning_rate_schedule, new_meta
 from dsf3n_jax.training.workdir import log
 
-_CLOSE_TIMEOUT_S = 60.0
 _EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
               "unimodal_map_average")
 
@@ -88,14 +86,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
     _hold_workdir(run, stack)
     checkpointer = Checkpointer(run.workdir, keep=config.keep_checkpoints,
                                 optimizer_state=config.get("checkpoint_optimizer_state", True))
-    stack.callback(_close_within, checkpointer.close, "the checkpointer")
+    stack.callback(workdir_lib.close_within, checkpointer.close, "the checkpointer")
     try:
       state, meta, resumed = _init_or_resume(run, checkpointer)
       if run.is_main:
         workdir_lib.write_run_config(run.workdir, config, run.mcfg, run.fingerprint)
       writer = workdir_lib.MetricWriter(run.workdir,
                                         resume_step=meta["step"] if resumed else None)
-      stack.callback(_close_within, writer.close, "the metric writer")
+      stack.callback(workdir_lib.close_within, writer.close, "the metric writer")
       results = _Trainer(run, checkpointer, writer).fit(state, meta, start_time)
     except BaseException as e:
       if "checkpoint:" not in str(e):
@@ -120,25 +118,6 @@ def _hold_workdir(run: run_lib.Run, stack: contextlib.ExitStack) -> None:
       error = workdir_lib.WorkdirError(f"--workdir={run.workdir}: process 0 could not lock it")
   if error is not None:
     raise error
-
-
-def _close_within(close, what: str) -> None:
-  """Calls ``close`` in a daemon thread; a failure or a hang is logged, never waited out."""
-  failure = []
-
-  def target():
-    try:
-      close()
-    except Exception as e:  # noqa: BLE001 - the failure that ended the run is what is raised
-      failure.append(e)
-
-  thread = threading.Thread(target=target, daemon=True, name=f"close {what}")
-  thread.start()
-  thread.join(_CLOSE_TIMEOUT_S)
-  if thread.is_alive():
-    log("warning: closing %s did not finish in %.0f s; left behind", what, _CLOSE_TIMEOUT_S)
-  elif failure:
-    log("warning: closing %s: %s", what, first_line(failure[0]))
 
 
 def _last_intact(checkpointer: Checkpointer) -> str:
@@ -391,29 +370,3 @@ class _Trainer:
         "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "data": self.run.fingerprint,
     }
-
-
-def format_results(results: Mapping[str, Any]) -> str:
-  """The final mAP table, as printed at the end of a run: both protocols side by side."""
-  directions = ("map_audio_to_visual", "map_visual_to_audio", "map_average")
-  rows = [("split", "A->V", "V->A", "average", "A->V", "V->A", "average")]
-
-  def row(label, values):
-    cells = [f"{values[p + k]:.4f}" if p + k in values else "-"
-             for p in ("", "unimodal_") for k in directions]
-    rows.append((label, *cells))
-
-  for split, values in results["final"].items():
-    row(f"final {split}", values)
-  best = results.get("best")
-  if best:
-    metric = best.get("metric", "map_average")
-    for split in ("validation", "test"):
-      if split in best:
-        row(f"best {split} (epoch {best['epoch']}, {metric} on {best['selected_on']})",
-            best[split])
-  width = max(len(r[0]) for r in rows)
-  lines = [f"{'':<{width}}  {'paired (paper)':^23}   {'unimodal (deployable)':^23}"]
-  lines += [f"{r[0]:<{width}}  " + " ".join(f"{c:>7}" for c in r[1:4]) + "   "
-            + " ".join(f"{c:>7}" for c in r[4:]) for r in rows]
-  return "\n".join(lines)

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -270,3 +271,51 @@ class MetricWriter:
     if self.tb is not None:
       tb, self.tb = self.tb, None
       tb.close()
+
+
+CLOSE_TIMEOUT_S = 60.0
+
+
+def close_within(close, what: str) -> None:
+  """Calls ``close`` in a daemon thread; a failure or a hang is logged, never waited out."""
+  failure = []
+
+  def target():
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 - the failure that ended the run is what is raised
+      failure.append(e)
+
+  thread = threading.Thread(target=target, daemon=True, name=f"close {what}")
+  thread.start()
+  thread.join(CLOSE_TIMEOUT_S)
+  if thread.is_alive():
+    log("warning: closing %s did not finish in %.0f s; left behind", what, CLOSE_TIMEOUT_S)
+  elif failure:
+    log("warning: closing %s: %s", what, cli.first_line(failure[0]))
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+  """The final mAP table, as printed at the end of a run: both protocols side by side."""
+  directions = ("map_audio_to_visual", "map_visual_to_audio", "map_average")
+  rows = [("split", "A->V", "V->A", "average", "A->V", "V->A", "average")]
+
+  def row(label, values):
+    cells = [f"{values[p + k]:.4f}" if p + k in values else "-"
+             for p in ("", "unimodal_") for k in directions]
+    rows.append((label, *cells))
+
+  for split, values in results["final"].items():
+    row(f"final {split}", values)
+  best = results.get("best")
+  if best:
+    metric = best.get("metric", "map_average")
+    for split in ("validation", "test"):
+      if split in best:
+        row(f"best {split} (epoch {best['epoch']}, {metric} on {best['selected_on']})",
+            best[split])
+  width = max(len(r[0]) for r in rows)
+  lines = [f"{'':<{width}}  {'paired (paper)':^23}   {'unimodal (deployable)':^23}"]
+  lines += [f"{r[0]:<{width}}  " + " ".join(f"{c:>7}" for c in r[1:4]) + "   "
+            + " ".join(f"{c:>7}" for c in r[4:]) for r in rows]
+  return "\n".join(lines)
