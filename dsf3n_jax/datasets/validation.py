@@ -324,38 +324,17 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
     raise DataValidationError(
         f"{source}: missing key(s) {missing}; expected all of {list(ALL_KEYS)}, found "
         f"{sorted(arrays)}")
-  expected_dims = {"visual": visual_dim, "audio": audio_dim}
-  # One-hot width fixes the class count when it was not given.
-  if num_classes is None:
-    widths = {KEYS[s]["label"]: np.shape(arrays[KEYS[s]["label"]])[1] for s in SPLITS
-              if np.ndim(arrays[KEYS[s]["label"]]) == 2}
-    if len(set(widths.values())) > 1:
-      raise DataValidationError(
-          f"{source}: key 'lab_test' has one-hot width {widths['lab_test']} but key "
-          f"'lab_train' {widths['lab_train']}; expected the same width (the class count)")
-    if widths:
-      num_classes = widths.popitem()[1]
+  dims = {"visual": visual_dim, "audio": audio_dim}
+  if num_classes is None:  # a one-hot width fixes the class count when it was not given
+    num_classes = _one_hot_width(arrays, source=source)
   out = {}
   for split in SPLITS:
     counts = {}
     for field in ("visual", "audio"):
       key = KEYS[split][field]
-      x = np.asarray(arrays[key])
-      if x.ndim != 2:
-        raise DataValidationError(
-            f"{source}: key {key!r} has rank {x.ndim} (shape {x.shape}); expected rank 2 "
-            f"(examples, {field} features)")
-      want = expected_dims[field]
-      if want is not None and x.shape[1] != want:
-        raise DataValidationError(
-            f"{source}: key {key!r} has feature size {x.shape[1]}; expected {want}")
-      expected_dims[field] = x.shape[1]  # Test must match train.
-      if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise DataValidationError(f"{source}: key {key!r} has dtype {x.dtype}; expected float")
-      x = x.astype(np.float32, copy=False)
-      _check_finite(x, source=source, key=key)
-      out[key] = x
-      counts[key] = x.shape[0]
+      out[key] = _features(arrays[key], source=source, key=key, field=field, dim=dims[field])
+      dims[field] = out[key].shape[1]  # test must match train
+      counts[key] = out[key].shape[0]
     lkey = KEYS[split]["label"]
     lab = np.asarray(arrays[lkey])
     counts[lkey] = lab.shape[0] if lab.ndim else 0
@@ -367,25 +346,60 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
           f"{source}: split {split!r} is empty (keys {list(counts)} have 0 rows); expected at "
           "least one example")
     out[lkey] = _labels_to_ids(lab, source=source, key=lkey, num_classes=num_classes)
-  # Without a class count (given, or a one-hot width), it is max(label) + 1: a class above
-  # train's largest then comes from a test label, and that label is what is reported.
+  _check_train_has_every_class(out, num_classes, source=source)
+  return out
+
+
+def _one_hot_width(arrays: Mapping[str, np.ndarray], *, source: str) -> int | None:
+  """The class count a one-hot label array gives (None for class ids)."""
+  widths = {KEYS[s]["label"]: np.shape(arrays[KEYS[s]["label"]])[1] for s in SPLITS
+            if np.ndim(arrays[KEYS[s]["label"]]) == 2}
+  if len(set(widths.values())) > 1:
+    raise DataValidationError(
+        f"{source}: key 'lab_test' has one-hot width {widths['lab_test']} but key "
+        f"'lab_train' {widths['lab_train']}; expected the same width (the class count)")
+  return widths.popitem()[1] if widths else None
+
+
+def _features(x, *, source: str, key: str, field: str, dim: int | None) -> np.ndarray:
+  """A feature array checked (rank 2, size ``dim`` when given, numeric, finite), float32."""
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise DataValidationError(
+        f"{source}: key {key!r} has rank {x.ndim} (shape {x.shape}); expected rank 2 "
+        f"(examples, {field} features)")
+  if dim is not None and x.shape[1] != dim:
+    raise DataValidationError(
+        f"{source}: key {key!r} has feature size {x.shape[1]}; expected {dim}")
+  if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+    raise DataValidationError(f"{source}: key {key!r} has dtype {x.dtype}; expected float")
+  x = x.astype(np.float32, copy=False)
+  _check_finite(x, source=source, key=key)
+  return x
+
+
+def _check_train_has_every_class(out: Mapping[str, np.ndarray], num_classes: int | None, *,
+                                 source: str) -> None:
+  """Every class has a train example. Without a class count (given, or a one-hot width) it
+  is max(label) + 1: a class above train's largest then comes from a test label, and that
+  label is what is reported."""
   inferred = num_classes is None
   if inferred:
     num_classes = int(max(out[KEYS[s]["label"]].max() for s in SPLITS)) + 1
   present = np.bincount(out["lab_train"], minlength=num_classes)
   absent = np.nonzero(present == 0)[0]
-  if absent.size:
-    unseen = (out["lab_test"] > out["lab_train"].max()) if inferred else np.zeros(0, bool)
-    if unseen.any():
-      row = int(np.nonzero(unseen)[0][0])
-      raise DataValidationError(
-          f"{source}: key 'lab_test' row {row} has label {int(out['lab_test'][row])}, a class "
-          f"with no example in 'lab_train' (test rows with such labels: {int(unseen.sum())}); "
-          f"expected only classes train has: {_class_list(np.nonzero(present)[0])}")
+  if not absent.size:
+    return
+  unseen = (out["lab_test"] > out["lab_train"].max()) if inferred else np.zeros(0, bool)
+  if unseen.any():
+    row = int(np.nonzero(unseen)[0][0])
     raise DataValidationError(
-        f"{source}: key 'lab_train' has no example of class(es) {_class_list(absent)}; "
-        f"expected every class 0..{num_classes - 1} in train")
-  return out
+        f"{source}: key 'lab_test' row {row} has label {int(out['lab_test'][row])}, a class "
+        f"with no example in 'lab_train' (test rows with such labels: {int(unseen.sum())}); "
+        f"expected only classes train has: {_class_list(np.nonzero(present)[0])}")
+  raise DataValidationError(
+      f"{source}: key 'lab_train' has no example of class(es) {_class_list(absent)}; "
+      f"expected every class 0..{num_classes - 1} in train")
 
 
 def _class_list(ids: np.ndarray, limit: int = 20) -> str:
