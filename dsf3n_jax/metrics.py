@@ -260,6 +260,35 @@ def ranking_stats(queries, items, query_labels, item_labels, *, distance: Distan
   Returns:
     ``QueryStats`` of numpy arrays.
   """
+  queries, items, query_labels, item_labels, cutoff, strategy = _checked(
+      queries, items, query_labels, item_labels, k=k, block_size=block_size, strategy=strategy)
+  n = queries.shape[0]
+  if n == 0:
+    empty = np.zeros((0,), np.float64)
+    return QueryStats(empty, empty, empty, cutoff)
+  table, dense_query_labels, dense_item_labels, absent = _class_table(query_labels, item_labels)
+  shards = 1 if mesh is None else mesh.shape[DATA_AXIS]
+  block_size = min(block_size, -(-n // shards))
+  chunk = block_size * shards
+  pad = -(-n // chunk) * chunk - n
+  queries = np.pad(queries, ((0, pad), (0, 0)))
+  dense_query_labels = np.pad(dense_query_labels, (0, pad), constant_values=absent)
+  with jax.enable_x64(True):
+    args = (queries, items, dense_query_labels, dense_item_labels, dense_query_labels, table)
+    if mesh is not None:
+      rows = jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
+      replicated = jax.sharding.NamedSharding(mesh, P())
+      args = tuple(jax.device_put(x, s) for x, s in zip(
+          args, (rows, replicated, rows, replicated, rows, replicated)))
+    ap, hits, num_rel = _ranking_stats(*args, distance=distance, strategy=strategy,
+                                       cutoff=cutoff, block_size=block_size, mesh=mesh)
+    ap, hits, num_rel = (np.asarray(jax.device_get(x))[:n] for x in (ap, hits, num_rel))
+  return QueryStats(ap.astype(np.float64), hits.astype(np.int64), num_rel.astype(np.int64),
+                    cutoff)
+
+
+def _checked(queries, items, query_labels, item_labels, *, k, block_size, strategy):
+  """The arguments of ``ranking_stats`` checked: arrays, labels, cutoff and strategy."""
   queries = np.asarray(queries, np.float32)
   items = np.asarray(items, np.float32)
   if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
@@ -273,54 +302,31 @@ def ranking_stats(queries, items, query_labels, item_labels, *, distance: Distan
   cutoff = m if not k else int(k)
   if cutoff < 0:
     raise ValueError(f"k: expected None or a positive int, got {k}")
-  cutoff = min(cutoff, m)
   if block_size < 1:
     raise ValueError(f"block_size: expected a positive int, got {block_size}")
   if strategy == "auto":
     strategy = _default_strategy()
   if strategy not in ("sort", "count"):
     raise ValueError(f"strategy: expected 'auto', 'sort' or 'count', got {strategy!r}")
-  if n == 0:
-    empty = np.zeros((0,), np.float64)
-    return QueryStats(empty, empty, empty, cutoff)
+  return queries, items, query_labels, item_labels, min(cutoff, m), strategy
 
-  # Class table for the "count" strategy: row c lists the items of class c in
-  # index order, padded with -1; an extra all-padding row for absent labels.
+
+def _class_table(query_labels: np.ndarray, item_labels: np.ndarray):
+  """Dense class ids and the "count" strategy's class table.
+
+  Returns ``(table, query_ids, item_ids, absent)``: row c of ``table`` lists
+  the items of class c in index order, padded with -1, plus an all-padding row
+  ``absent`` for query labels no item has (their dense id).
+  """
   classes, item_classes = np.unique(item_labels, return_inverse=True)
   counts = np.bincount(item_classes, minlength=len(classes))
   table = np.full((len(classes) + 1, int(counts.max())), -1, np.int32)
   for c in range(len(classes)):
     members = np.flatnonzero(item_classes == c)
     table[c, :len(members)] = members
-  pos = np.searchsorted(classes, query_labels)
-  pos_c = np.minimum(pos, len(classes) - 1)
-  query_classes = np.where(classes[pos_c] == query_labels, pos_c, len(classes)).astype(np.int32)
-  # Dense label ids (absent query labels get an id no item has).
-  dense_query_labels = query_classes
-  dense_item_labels = item_classes.astype(np.int32)
-
-  shards = 1 if mesh is None else mesh.shape[DATA_AXIS]
-  block_size = min(block_size, -(-n // shards))
-  chunk = block_size * shards
-  padded = -(-n // chunk) * chunk
-  pad = padded - n
-  queries = np.pad(queries, ((0, pad), (0, 0)))
-  dense_query_labels = np.pad(dense_query_labels, (0, pad), constant_values=len(classes))
-  with jax.enable_x64(True):
-    if mesh is not None:
-      sharding = jax.sharding.NamedSharding(mesh, P(DATA_AXIS))
-      replicated = jax.sharding.NamedSharding(mesh, P())
-      put = lambda x, s: jax.device_put(x, s)
-      args = (put(queries, sharding), put(items, replicated),
-              put(dense_query_labels, sharding), put(dense_item_labels, replicated),
-              put(dense_query_labels, sharding), put(table, replicated))
-    else:
-      args = (queries, items, dense_query_labels, dense_item_labels, dense_query_labels, table)
-    ap, hits, num_rel = _ranking_stats(*args, distance=distance, strategy=strategy,
-                                       cutoff=cutoff, block_size=block_size, mesh=mesh)
-    ap, hits, num_rel = (np.asarray(jax.device_get(x))[:n] for x in (ap, hits, num_rel))
-  return QueryStats(ap.astype(np.float64), hits.astype(np.int64), num_rel.astype(np.int64),
-                    cutoff)
+  pos = np.minimum(np.searchsorted(classes, query_labels), len(classes) - 1)
+  query_classes = np.where(classes[pos] == query_labels, pos, len(classes)).astype(np.int32)
+  return table, query_classes, item_classes.astype(np.int32), len(classes)
 
 
 def average_precision(queries, items, query_labels, item_labels, **kwargs) -> np.ndarray:
