@@ -284,6 +284,41 @@ def load_previous(path: pathlib.Path) -> dict[str, Any]:
     return {}
 
 
+def _new_doc(name, seeds, quick, arrays, earlier, previous, *, command, base):
+  """The report's header: data, seeds, protocol, machine; rows are appended as they finish."""
+  return {"benchmark": "paper", "data": name, "quick": quick,
+          "data_source": base.data.path or base.data.name,
+          "seeds": list(seeds), "report_split": "test", "selection": "none: the last epoch",
+          "metric": "mAP, cosine, all items", "command": command,
+          "started": sysinfo.machine_info()["date"], "machine": sysinfo.machine_info(),
+          "first_started": earlier.get("first_started", earlier.get("started"))
+          if previous else None,
+          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
+          "num_classes": arrays["num_classes"], "train_examples": len(arrays["train"]["label"]),
+          "test_examples": len(arrays["test"]["label"]),
+          "published": PUBLISHED.get(name), "rows": [],
+          "figure_3": earlier.get("figure_3") if "full" in previous else None}
+
+
+def _run_row(row: Row, fp: str, arrays, seeds, quick: bool, progress, doc, *, figures: bool,
+             out_dir: pathlib.Path, stem: str) -> dict[str, Any]:
+  """One row's entry (a failure is recorded in it; the other rows still run)."""
+  entry = {"key": row.key, "table": row.table, "name": row.name, "kind": row.kind,
+           "fingerprint": fp, "error": None,
+           "config": (None if row.config is None
+                      else json.loads(row.config.to_json_best_effort()))}
+  try:
+    result = (run_baseline(row, arrays, seeds, quick, progress) if row.kind == "baseline"
+              else run_dsf3n(row, seeds, progress))
+    if row.key == "full" and figures:
+      doc["figure_3"] = figure(result, arrays, seeds, out_dir, stem)
+      entry["has_figure"] = True
+    entry.update({k: v for k, v in result.items() if not k.startswith("_")})
+  except Exception as e:  # noqa: BLE001 - a failed row is recorded, the others still run
+    entry.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+  return entry
+
+
 def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
         epochs: int | None = None, overrides: dict[str, Any] | None = None,
         full_model: bool = False, only: Sequence[str] = (), figures: bool = True,
@@ -306,18 +341,7 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
   previous = {r["key"]: r for r in earlier.get("rows", []) if not r.get("error")}
   base = base_config(data, unimodal=False, **budget)
   arrays = baseline_arrays(base)
-  doc = {"benchmark": "paper", "data": name, "quick": quick,
-         "data_source": base.data.path or base.data.name,
-         "seeds": list(seeds), "report_split": "test", "selection": "none: the last epoch",
-         "metric": "mAP, cosine, all items", "command": command,
-         "started": sysinfo.machine_info()["date"], "machine": sysinfo.machine_info(),
-         "first_started": earlier.get("first_started", earlier.get("started"))
-         if previous else None,
-         "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
-         "num_classes": arrays["num_classes"], "train_examples": len(arrays["train"]["label"]),
-         "test_examples": len(arrays["test"]["label"]),
-         "published": PUBLISHED.get(name), "rows": [],
-         "figure_3": earlier.get("figure_3") if "full" in previous else None}
+  doc = _new_doc(name, seeds, quick, arrays, earlier, previous, command=command, base=base)
   progress, t0 = Progress(rows, log), time.perf_counter()
   selected = {r.key for r in rows}
   for row in planned:
@@ -334,19 +358,8 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
       continue
     progress.start(row.key)
     progress(f"{row.key}: {row.name}")
-    entry = {"key": row.key, "table": row.table, "name": row.name, "kind": row.kind,
-             "fingerprint": fp, "error": None,
-             "config": (None if row.config is None
-                        else json.loads(row.config.to_json_best_effort()))}
-    try:
-      result = (run_baseline(row, arrays, seeds, quick, progress) if row.kind == "baseline"
-                else run_dsf3n(row, seeds, progress))
-      if row.key == "full" and figures:
-        doc["figure_3"] = figure(result, arrays, seeds, out_dir, stem)
-        entry["has_figure"] = True
-      entry.update({k: v for k, v in result.items() if not k.startswith("_")})
-    except Exception as e:  # a failed row is recorded, the others still run
-      entry.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+    entry = _run_row(row, fp, arrays, seeds, quick, progress, doc, figures=figures,
+                     out_dir=out_dir, stem=stem)
     entry["row_s"] = time.perf_counter() - progress.row_t0
     progress.finish(row.key)
     doc["rows"].append(entry)
