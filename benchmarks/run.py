@@ -90,6 +90,37 @@ PLANS: dict[str, dict[str, Any]] = {
 }
 
 
+def _training_jobs(add, p, *, common, slow, allocator: str, dp_devices, weights: str) -> None:
+  """The train-step jobs: JAX (float32, bf16, data-parallel), PyTorch, other allocators."""
+  for b in p["train_batches"]:
+    add(f"jax_train/float32/one/{b}", "jax_train",
+        {**common, "batch_size": b, "dtype": "float32", "devices": "one"})
+    if p["bf16"]:
+      add(f"jax_train/bfloat16/one/{b}", "jax_train",
+          {**common, "batch_size": b, "dtype": "bfloat16", "devices": "one"})
+    if p["data_parallel"]:
+      add(f"jax_train/float32/all/{b}", "jax_train",
+          {**common, "batch_size": b, "dtype": "float32", "devices": "all"},
+          xla_devices=dp_devices)
+    for einsum in (False, True):
+      name = "einsum" if einsum else "bilinear"
+      if not einsum and b not in p.get("slow_batches", p["train_batches"]):
+        continue  # nn.Bilinear's backward on CPU: minutes per step at this batch
+      add(f"torch_train/{name}/eager/{b}", "torch_train",
+          {**(common if einsum else slow), "batch_size": b, "einsum": einsum,
+           "weights": weights})
+      if p["torch_compile"]:
+        add(f"torch_train/{name}/compile/{b}", "torch_train",
+            {**(common if einsum else slow), "batch_size": b, "einsum": einsum,
+             "compile": True, "weights": weights})
+  if p["allocators"]:
+    b = p["train_batches"][0]
+    for alloc in sysinfo.available_allocators():
+      if alloc != allocator:
+        add(f"allocator/{alloc}/{b}", "jax_train",
+            {**common, "batch_size": b, "dtype": "float32", "devices": "one"}, alloc=alloc)
+
+
 def plan_jobs(mode: str, *, accelerator: Mapping[str, Any], allocator: str,
               cores: int, weights: str) -> list[dict[str, Any]]:
   """The list of measurements of a mode: ``{"id", "case", "params", "allocator", "xla_devices"}``.
@@ -122,34 +153,8 @@ def plan_jobs(mode: str, *, accelerator: Mapping[str, Any], allocator: str,
       "n": p["matmul"]["n"] if on_cpu else 8192, "warmup": 2, "repeats": p["repeats"],
       "bilinear_shape": p["matmul"].get("bilinear_shape", [bilinear_rows, 65536, 256])})
   add("weights", "weights", {"model": p["model"], "path": weights})
-  dp_devices = max(min(cores, 8), 2) if on_cpu else None
-  for b in p["train_batches"]:
-    add(f"jax_train/float32/one/{b}", "jax_train",
-        {**common, "batch_size": b, "dtype": "float32", "devices": "one"})
-    if p["bf16"]:
-      add(f"jax_train/bfloat16/one/{b}", "jax_train",
-          {**common, "batch_size": b, "dtype": "bfloat16", "devices": "one"})
-    if p["data_parallel"]:
-      add(f"jax_train/float32/all/{b}", "jax_train",
-          {**common, "batch_size": b, "dtype": "float32", "devices": "all"},
-          xla_devices=dp_devices)
-    for einsum in (False, True):
-      name = "einsum" if einsum else "bilinear"
-      if not einsum and b not in p.get("slow_batches", p["train_batches"]):
-        continue  # nn.Bilinear's backward on CPU: minutes per step at this batch
-      add(f"torch_train/{name}/eager/{b}", "torch_train",
-          {**(common if einsum else slow), "batch_size": b, "einsum": einsum,
-           "weights": weights})
-      if p["torch_compile"]:
-        add(f"torch_train/{name}/compile/{b}", "torch_train",
-            {**(common if einsum else slow), "batch_size": b, "einsum": einsum,
-             "compile": True, "weights": weights})
-  if p["allocators"]:
-    b = p["train_batches"][0]
-    for alloc in sysinfo.available_allocators():
-      if alloc != allocator:
-        add(f"allocator/{alloc}/{b}", "jax_train",
-            {**common, "batch_size": b, "dtype": "float32", "devices": "one"}, alloc=alloc)
+  _training_jobs(add, p, common=common, slow=slow, allocator=allocator,
+                 dp_devices=max(min(cores, 8), 2) if on_cpu else None, weights=weights)
   add("embed", "embed", {**common, "batch_size": p["embed_batch"], "weights": weights,
                          "steps_per_repeat": 1})
   # The epoch as training runs it here (config.data.on_device="auto": lax.scan on GPU/TPU,
@@ -238,19 +243,7 @@ def run_benchmarks(*, mode: str, out_dir: pathlib.Path, allocator: str = "auto",
   if mode not in PLANS:
     raise ValueError(f"mode: expected one of {sorted(PLANS)}, got {mode!r}")
   in_process = mode == "smoke"
-  if allocator == "auto":
-    available = sysinfo.available_allocators()
-    # Measured on the 2-core CPU (JAX step, batch 128): glibc with huge pages faults ~4k
-    # pages per step, jemalloc ~117k, plain glibc ~323k (1.3 GB of fresh memory).
-    allocator = next(a for a in ("hugetlb", "jemalloc", "default") if a in available)
-  sysinfo.allocator_env(allocator, {})  # fails early, naming the flag, if unavailable
-  if in_process:
-    # Two host devices for the data-parallel case; must precede the first jax import.
-    if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""):
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                 + " --xla_force_host_platform_device_count=2").strip()
-    allocator = sysinfo.active_allocator()
+  allocator = _resolve_allocator(allocator, in_process=in_process)
   out_dir.mkdir(parents=True, exist_ok=True)
   started = time.time()
   with tempfile.TemporaryDirectory(prefix="dsf3n_bench_") as workdir:
@@ -287,15 +280,37 @@ def run_benchmarks(*, mode: str, out_dir: pathlib.Path, allocator: str = "auto",
       "jobs": results,
   }
   document["sections"] = report.sections(document)
-  markdown = report.markdown(document)
+  document["paths"] = _write(document, out_dir, slug)
+  return document
+
+
+def _resolve_allocator(allocator: str, *, in_process: bool) -> str:
+  """``auto``: the allocator measured best here; checked (an unavailable one fails now)."""
+  if allocator == "auto":
+    available = sysinfo.available_allocators()
+    # Measured on the 2-core CPU (JAX step, batch 128): glibc with huge pages faults ~4k
+    # pages per step, jemalloc ~117k, plain glibc ~323k (1.3 GB of fresh memory).
+    allocator = next(a for a in ("hugetlb", "jemalloc", "default") if a in available)
+  sysinfo.allocator_env(allocator, {})  # fails early, naming the flag, if unavailable
+  if not in_process:
+    return allocator
+  # Two host devices for the data-parallel case; must precede the first jax import.
+  if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=2").strip()
+  return sysinfo.active_allocator()
+
+
+def _write(document: Mapping[str, Any], out_dir: pathlib.Path, slug: str) -> list[str]:
+  """``<slug>.json`` and ``<slug>.md``, each written whole (a temporary file renamed)."""
   json_path, md_path = out_dir / f"{slug}.json", out_dir / f"{slug}.md"
   for path, text in ((json_path, json.dumps(document, indent=1, default=str)),
-                     (md_path, markdown)):
+                     (md_path, report.markdown(document))):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-  document["paths"] = [str(json_path), str(md_path)]
-  return document
+  return [str(json_path), str(md_path)]
 
 
 def _run_case(case: str, params_json: str, result_path: str) -> None:
