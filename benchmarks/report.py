@@ -402,7 +402,27 @@ def _profile_markdown(p: Mapping[str, Any]) -> list[str]:
 def markdown(doc: Mapping[str, Any]) -> str:
   """The report as Markdown: machine header, then one table per section."""
   sec = doc["sections"]
-  m = sec["machine"]
+  lines = _header_markdown(doc)
+  lines += _train_markdown(sec)
+  if sec["ratios"]:
+    lines.append("### Ratios JAX (float32, 1 device) / PyTorch, same batch")
+    lines += _table(("batch", "PyTorch variant", "JAX / PyTorch"),
+                    [(r["batch"], r["pytorch"], f"{r['ratio']:.1f}x") for r in sec["ratios"]])
+
+  lines.append("### Embedding (eval forward, 4 outputs), samples/s")
+  lines += _table(("implementation", "batch", "median", "min", "max", "n"),
+                  [(r["name"], r["batch"], *_s(r["samples_per_s"])) for r in sec["embed"]])
+
+  lines += _epoch_markdown(sec["epoch"])
+  lines += _profile_markdown(sec["profile"])
+
+  lines += _map_and_targets_markdown(sec)
+  return "\n".join(lines)
+
+
+def _header_markdown(doc: Mapping[str, Any]) -> list[str]:
+  """The machine, versions, threads, allocator, date and command."""
+  m = doc["sections"]["machine"]
   threads = m["threads"]
   ver = m["versions"]
   lines = [f"## DSF3N benchmarks: {m['name']} ({doc['mode']} mode)", "",
@@ -422,7 +442,12 @@ def markdown(doc: Mapping[str, Any]) -> str:
            f"{m.get('load_average')} (other work on the host lowers every figure)",
            f"- Command: `{doc['command']}`. Figures: median, min, max over n runs after "
            "warm-up.", ""]
+  return lines
 
+
+def _train_markdown(sec: Mapping[str, Any]) -> list[str]:
+  """The training-step table and the FLOP counts it is read against."""
+  lines = []
   lines.append("### Training step (forward, loss, backward, both optimiser updates), samples/s")
   body = []
   for r in sec["train_step"]:
@@ -443,19 +468,12 @@ def markdown(doc: Mapping[str, Any]) -> str:
                f"{_f(fl['peak_bfloat16_gflops'])} GFLOP/s bf16 operands (f32 accumulation). "
                "\"of peak\" divides by the peak of the row's dtype.")
   lines.append("")
+  return lines
 
-  if sec["ratios"]:
-    lines.append("### Ratios JAX (float32, 1 device) / PyTorch, same batch")
-    lines += _table(("batch", "PyTorch variant", "JAX / PyTorch"),
-                    [(r["batch"], r["pytorch"], f"{r['ratio']:.1f}x") for r in sec["ratios"]])
 
-  lines.append("### Embedding (eval forward, 4 outputs), samples/s")
-  lines += _table(("implementation", "batch", "median", "min", "max", "n"),
-                  [(r["name"], r["batch"], *_s(r["samples_per_s"])) for r in sec["embed"]])
-
-  lines += _epoch_markdown(sec["epoch"])
-  lines += _profile_markdown(sec["profile"])
-
+def _map_and_targets_markdown(sec: Mapping[str, Any]) -> list[str]:
+  """The mAP tables, the allocators and the targets."""
+  lines = []
   lines.append("### mAP (audio -> visual, all items ranked, cosine), seconds")
   lines += _table(("implementation", "size", "median", "min", "max", "n", "1st call s", "mAP",
                    "speed-up vs original"),
@@ -482,4 +500,6 @@ def markdown(doc: Mapping[str, Any]) -> str:
                   [(t["description"], _f(t["threshold"]), _f(t["measured"]), _f(t["met"]),
                     f"{t['shortfall_percent']:.0f} %" if t["shortfall_percent"] else "-")
                    for t in sec["targets"]])
-  return "\n".join(lines)
+  return lines
+
+
