@@ -335,22 +335,8 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
       traced = repeat(one, warmup=0, repeats=steps)
     pieces, calls = trace_op_times(trace_dir, module)
 
-  # The last ``steps`` executions, each with the time pieces that fall in its span.
-  spans: dict[Any, list[float]] = {}
-  for op, run, start, end, _ in pieces:
-    if op is not None:
-      lo, hi = spans.get(run, (start, end))
-      spans[run] = [min(lo, start), max(hi, end)]
-  runs = sorted(spans, key=lambda r: spans[r][0])[-steps:]
+  runs, per_run, spans = _last_runs(pieces, steps, module)
   n = len(runs)
-  if not n:
-    raise RuntimeError(f"the trace holds no op of {module}")
-  per_run: dict[Any, list[tuple]] = {r: [] for r in runs}
-  for op, run, start, end, thread in pieces:
-    if op is None:
-      run = next((r for r in runs if spans[r][0] <= start < spans[r][1]), None)
-    if run in per_run:
-      per_run[run].append((op, start, end, thread))
   threads = {p[3] for r in runs for p in per_run[r] if p[0] is not None}
 
   def category_of(op):
@@ -359,6 +345,50 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
     return classify_hlo(op, instrs, computations) if op in instrs else ("other", 0.0)
 
   info = {op: category_of(op) for r in runs for op in {p[0] for p in per_run[r]}}
+  times = _times(runs, per_run, spans, info)
+  span_s, busy_s, cpu_s = times["span_s"], times["busy_s"], times["cpu_s"]
+  # Medians over the traced steps (a step slowed by other work on the host counts once).
+  median_cpu = {op: statistics.median(v) for op, v in times["cpu"].items()}
+  total = sum(median_cpu.values())
+  ops = _op_rows(median_cpu, info, instrs, calls, runs, times["elapsed"], total)
+  categories = _category_rows(ops, times["cat_elapsed"], total)
+  layers = _layer_rows(ops, total)
+  cores = sysinfo.usable_cores()
+  return {"batch_size": batch_size, "dtype": dtype, "device_kind": devices[0].device_kind,
+          "module": module, "compile_s": compile_s, "steps_traced": n, "cores": cores,
+          "threads": len(threads), "flops_per_step": flops_of(compiled),
+          "op_flops_per_step": sum(o["flops"] for o in ops),
+          "wall_s": stats(wall), "traced_wall_s": stats(traced), "span_s": stats(span_s),
+          "busy_s": stats(busy_s), "cpu_s": stats(cpu_s),
+          "idle_core_s": stats([cores * sp - c for sp, c in zip(span_s, cpu_s)]),
+          "samples_per_s": rates(batch_size, wall),
+          "ops_per_step": sum(calls[r, op] for (r, op) in calls if r in per_run) / n,
+          "distinct_ops": len(ops), "categories": categories,
+          "layers": layers[:int(params.get("top", 25))],
+          "ops": ops[:int(params.get("top", 25))], "host_peak_bytes": host_peak_bytes()}
+
+
+def _last_runs(pieces, steps: int, module: str):
+  """The last ``steps`` executions, each with the time pieces that fall in its span."""
+  spans: dict[Any, list[float]] = {}
+  for op, run, start, end, _ in pieces:
+    if op is not None:
+      lo, hi = spans.get(run, (start, end))
+      spans[run] = [min(lo, start), max(hi, end)]
+  runs = sorted(spans, key=lambda r: spans[r][0])[-steps:]
+  if not runs:
+    raise RuntimeError(f"the trace holds no op of {module}")
+  per_run: dict[Any, list[tuple]] = {r: [] for r in runs}
+  for op, run, start, end, thread in pieces:
+    if op is None:
+      run = next((r for r in runs if spans[r][0] <= start < spans[r][1]), None)
+    if run in per_run:
+      per_run[run].append((op, start, end, thread))
+  return runs, per_run, spans
+
+
+def _times(runs, per_run, spans, info) -> dict[str, Any]:
+  """Per run: thread time and elapsed time per op and per category; span, busy and cpu."""
   cpu: dict[Any, list[float]] = {op: [] for op in info}
   elapsed: dict[Any, list[float]] = {op: [] for op in info}
   cat_elapsed: dict[str, list[float]] = {}
@@ -378,9 +408,13 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
     span_s.append((spans[r][1] - spans[r][0]) / 1e9)
     busy_s.append(_union_ns(everything) / 1e9)
     cpu_s.append(sum(e - s for s, e in everything) / 1e9)
-  # Medians over the traced steps (a step slowed by other work on the host counts once).
-  median_cpu = {op: statistics.median(v) for op, v in cpu.items()}
-  total = sum(median_cpu.values())
+  return {"cpu": cpu, "elapsed": elapsed, "cat_elapsed": cat_elapsed, "span_s": span_s,
+          "busy_s": busy_s, "cpu_s": cpu_s}
+
+
+def _op_rows(median_cpu, info, instrs, calls, runs, elapsed, total) -> list[dict[str, Any]]:
+  """One row per op (its category, layer, source, calls, seconds, FLOP/s), costliest first."""
+  n = len(runs)
   ops = []
   for op, seconds in median_cpu.items():
     category, flops = info[op]
@@ -396,6 +430,11 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
                 "flops": flops, "gflops": flops / el / 1e9 if flops and el else None,
                 "gflops_per_thread": flops / seconds / 1e9 if flops and seconds else None})
   ops.sort(key=lambda o: -o["cpu_s"])
+  return ops
+
+
+def _category_rows(ops, cat_elapsed, total) -> list[dict[str, Any]]:
+  """The ops summed per category (``CATEGORIES``, control flow, runtime), costliest first."""
   categories = []
   for cat in (*CATEGORIES, "control flow", "runtime"):
     members = [o for o in ops if o["category"] == cat]
@@ -407,7 +446,11 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
                          "share": sec / total, "flops": flops,
                          "gflops": flops / el / 1e9 if flops and el else None,
                          "gflops_per_thread": flops / sec / 1e9 if flops and sec else None})
-  categories.sort(key=lambda c: -c["cpu_s"])
+  return sorted(categories, key=lambda c: -c["cpu_s"])
+
+
+def _layer_rows(ops, total) -> list[dict[str, Any]]:
+  """The ops summed per model layer, costliest first."""
   layers: dict[str, dict[str, Any]] = {}
   for o in ops:
     row = layers.setdefault(o["layer"], {"layer": o["layer"], "ops": 0, "cpu_s": 0.0,
@@ -417,17 +460,4 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
     row["flops"] += o["flops"]
   for row in layers.values():
     row["share"] = row["cpu_s"] / total
-  cores = sysinfo.usable_cores()
-  return {"batch_size": batch_size, "dtype": dtype, "device_kind": devices[0].device_kind,
-          "module": module, "compile_s": compile_s, "steps_traced": n, "cores": cores,
-          "threads": len(threads), "flops_per_step": flops_of(compiled),
-          "op_flops_per_step": sum(o["flops"] for o in ops),
-          "wall_s": stats(wall), "traced_wall_s": stats(traced), "span_s": stats(span_s),
-          "busy_s": stats(busy_s), "cpu_s": stats(cpu_s),
-          "idle_core_s": stats([cores * sp - c for sp, c in zip(span_s, cpu_s)]),
-          "samples_per_s": rates(batch_size, wall),
-          "ops_per_step": sum(calls[r, op] for (r, op) in calls if r in per_run) / n,
-          "distinct_ops": len(ops), "categories": categories,
-          "layers": sorted(layers.values(), key=lambda r: -r["cpu_s"])[:int(params.get("top", 25))],
-          "ops": ops[:int(params.get("top", 25))], "host_peak_bytes": host_peak_bytes()}
-
+  return sorted(layers.values(), key=lambda r: -r["cpu_s"])
