@@ -214,63 +214,84 @@ def trace_op_times(trace_dir: str, module: str) -> tuple[list[tuple], Counter]:
     on_device = plane.name.startswith("/device:")
     for line in plane.lines:
       thread = f"{plane.name}/{line.name}"
-      items = []
-      for i, event in enumerate(line.events):
-        start, end = float(event.start_ns), float(event.start_ns + event.duration_ns)
-        name = event.name
-        if name.startswith("ThreadpoolListener::"):
-          st = dict(event.stats)
-          if name.endswith("StartRegion"):
-            items.append((start, 1, "start", st.get("_c")))
-          elif name.endswith("StopRegion"):
-            items.append((start, 0, "stop", None))
-          elif name.endswith("Record"):
-            items.append((start, 2, "record", st.get("_p")))
-          continue
-        if name.startswith("ThunkExecutor::Execute"):
-          # The caller blocked on the step ("wait for completion") is no work.
-          ctx = ("wait" if "wait" in name else "runtime", None, i)
-        else:
-          st = dict(event.stats)
-          if "hlo_op" not in st:
-            continue
-          if st.get("hlo_module", module) != module:
-            ctx = ("foreign", None, i)
-          else:
-            key = (str(st["hlo_op"]), st.get("run_id"))
-            calls[key[1], key[0]] += 1
-            ctx = ("op", key, i)
-            if on_device:
-              device.append((key[0], key[1], start, end, thread))
-              continue
-        items += [(start, 1, "push", ctx), (end, 0, "pop", ctx)]
-      items.sort(key=lambda x: (x[0], x[1]))
-      stack: list[tuple] = []
-      task, last = None, None
-      for t, _, kind, value in items:
-        if last is not None and t > last:
-          if stack:
-            top = stack[-1]
-            if top[0] not in ("foreign", "wait"):
-              op = top[1] if top[0] == "op" else (None, None)
-              pieces.append((op[0], op[1], last, t, thread))
-          elif task is not None:
-            tasks.append((task, last, t, thread))
-        last = t
-        if kind == "push":
-          stack.append(value)
-        elif kind == "pop":
-          if value in stack:
-            del stack[len(stack) - 1 - stack[::-1].index(value)]
-        elif kind == "start":
-          task = value
-        elif kind == "stop":
-          task = None
-        elif kind == "record":
-          owner[value] = stack[-1] if stack else (("task", task, None) if task is not None
-                                                   else None)
+      items = _line_items(line, module, calls, device if on_device else None, thread)
+      _walk_line(items, thread, pieces, tasks, owner)
   if device:
     return device, calls
+  return pieces + _charged_tasks(tasks, owner), calls
+
+
+def _line_items(line, module: str, calls: Counter, device: list | None,
+                thread: str) -> list[tuple]:
+  """A thread's events as sorted ``(time, order, kind, value)``: op and runtime regions
+  pushed and popped, pool task starts, stops and records. Device ops go to ``device``."""
+  items = []
+  for i, event in enumerate(line.events):
+    start, end = float(event.start_ns), float(event.start_ns + event.duration_ns)
+    name = event.name
+    if name.startswith("ThreadpoolListener::"):
+      st = dict(event.stats)
+      if name.endswith("StartRegion"):
+        items.append((start, 1, "start", st.get("_c")))
+      elif name.endswith("StopRegion"):
+        items.append((start, 0, "stop", None))
+      elif name.endswith("Record"):
+        items.append((start, 2, "record", st.get("_p")))
+      continue
+    if name.startswith("ThunkExecutor::Execute"):
+      # The caller blocked on the step ("wait for completion") is no work.
+      ctx = ("wait" if "wait" in name else "runtime", None, i)
+    else:
+      st = dict(event.stats)
+      if "hlo_op" not in st:
+        continue
+      if st.get("hlo_module", module) != module:
+        ctx = ("foreign", None, i)
+      else:
+        key = (str(st["hlo_op"]), st.get("run_id"))
+        calls[key[1], key[0]] += 1
+        ctx = ("op", key, i)
+        if device is not None:
+          device.append((key[0], key[1], start, end, thread))
+          continue
+    items += [(start, 1, "push", ctx), (end, 0, "pop", ctx)]
+  items.sort(key=lambda x: (x[0], x[1]))
+  return items
+
+
+def _walk_line(items, thread: str, pieces: list, tasks: list, owner: dict) -> None:
+  """Charges each stretch of a thread's time to the innermost open op (``pieces``) or to
+  the pool task it runs (``tasks``), and records which op or task scheduled each task."""
+  stack: list[tuple] = []
+  task, last = None, None
+  for t, _, kind, value in items:
+    if last is not None and t > last:
+      if stack:
+        top = stack[-1]
+        if top[0] not in ("foreign", "wait"):
+          op = top[1] if top[0] == "op" else (None, None)
+          pieces.append((op[0], op[1], last, t, thread))
+      elif task is not None:
+        tasks.append((task, last, t, thread))
+    last = t
+    if kind == "push":
+      stack.append(value)
+    elif kind == "pop":
+      if value in stack:
+        del stack[len(stack) - 1 - stack[::-1].index(value)]
+    elif kind == "start":
+      task = value
+    elif kind == "stop":
+      task = None
+    elif kind == "record":
+      owner[value] = stack[-1] if stack else (("task", task, None) if task is not None
+                                               else None)
+
+
+def _charged_tasks(tasks, owner) -> list[tuple]:
+  """Pool task time charged to the op that scheduled the task (through tasks that schedule
+  tasks); tasks of another module are dropped, tasks of no op charged to ``None``."""
+  pieces = []
   for task, start, end, thread in tasks:
     who = owner.get(task)
     for _ in range(1000):  # tasks that schedule tasks
@@ -281,7 +302,7 @@ def trace_op_times(trace_dir: str, module: str) -> tuple[list[tuple], Counter]:
       continue
     op = who[1] if who is not None and who[0] == "op" else (None, None)
     pieces.append((op[0], op[1], start, end, thread))
-  return pieces, calls
+  return pieces
 
 
 def _union_ns(intervals) -> float:
