@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 
-from benchmarks import cases_train, harness, op_profile
+from benchmarks import cases_train, harness, hlo, op_trace
 
 
 def main(argv=None) -> None:
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
       num_examples=n)
   text = compiled.as_text()
   module = re.match(r"HloModule\s+([\w.\-]+)", text).group(1)
-  instrs, computations = op_profile.parse_hlo(text)
+  instrs, computations = hlo.parse_hlo(text)
   state, _ = jax.block_until_ready(compiled(state, arrays, jnp.int32(0)))
   t0 = time.perf_counter()
   state, _ = jax.block_until_ready(compiled(state, arrays, jnp.int32(1)))
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       jax.block_until_ready(compiled(state, arrays, jnp.int32(2)))
-    pieces, _ = op_profile.trace_op_times(trace_dir, module)
+    pieces, _ = op_trace.trace_op_times(trace_dir, module)
   per_op: collections.Counter = collections.Counter()
   for op, _, start, end, _ in pieces:
     per_op[op] += (end - start) / 1e9
@@ -66,11 +66,11 @@ def main(argv=None) -> None:
   print(f"{'thread s':>9} {'share':>6} {'GFLOP/s/thread':>14}  op (category; shape; layer)")
   for op, seconds in per_op.most_common(args.top):
     info = instrs.get(op, {}) if op else {}
-    category, flops = (op_profile.classify_hlo(op, instrs, computations) if op in instrs
+    category, flops = (hlo.classify_hlo(op, instrs, computations) if op in instrs
                        else ("runtime", 0.0))
     # Each op of the loop body runs once per step.
     rate = f"{flops * args.steps / seconds / 1e9:.2f}" if flops and seconds else "-"
-    layer = op_profile.layer_of(info.get("op_name", "")) if info else ""
+    layer = op_trace.layer_of(info.get("op_name", "")) if info else ""
     print(f"{seconds:9.3f} {seconds / total:6.1%} {rate:>14}  {op} ({category}; "
           f"{info.get('shape', '')}; {layer})")
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import cases_torch, harness, op_profile, original_map, report, sysinfo
+from benchmarks import cases_torch, harness, hlo, op_trace, original_map, report, sysinfo
 from dsf3n_jax import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,12 +110,12 @@ def test_hlo_parse_classifies_ops_and_counts_flops():
     return jnp.tanh(a @ b).sum(0), jnp.sort(a, axis=1), conv
 
   args = (jnp.ones((32, 64)), jnp.ones((64, 48)), jnp.ones((4, 16, 8)), jnp.ones((3, 8, 5)))
-  instrs, computations = op_profile.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
+  instrs, computations = hlo.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
   entry = next(c for c in computations if c.startswith("main"))
   found = {}
   for name in computations[entry]:
     if instrs[name]["opcode"] not in ("parameter", "tuple", "get-tuple-element", "bitcast"):
-      category, flops = op_profile.classify_hlo(name, instrs, computations)
+      category, flops = hlo.classify_hlo(name, instrs, computations)
       found.setdefault(category, []).append(flops)
   assert max(found["matmul: other"]) == 2 * 32 * 64 * 48
   assert max(found["convolution"]) == 2 * 4 * 16 * 5 * 3 * 8
@@ -222,12 +222,12 @@ def test_scan_profile_names_the_costliest_ops():
 def test_ops_are_traced_back_to_model_layers_also_inside_loops():
   step = "jit(step)/transpose(jvp(DSF3N))/fusion/mfa/bilinear/dot_general"
   loop = "jit(epoch_fn)/while/body/closed_call/jvp(DSF3N)/audio_fine_grained/conv7_3/conv"
-  assert op_profile.layer_of(step) == "fusion/mfa/bilinear"
-  assert op_profile._short_op_name(step) == "bwd fusion/mfa/bilinear/dot_general"
-  assert op_profile.layer_of(loop) == "audio_fine_grained/conv7_3"
-  assert op_profile._short_op_name(loop) == "fwd audio_fine_grained/conv7_3/conv"
-  assert op_profile.layer_of("jit(step)/while/body/add").startswith("(outside the model")
-  assert op_profile.layer_of("") == "(no source recorded)"
+  assert op_trace.layer_of(step) == "fusion/mfa/bilinear"
+  assert op_trace.short_op_name(step) == "bwd fusion/mfa/bilinear/dot_general"
+  assert op_trace.layer_of(loop) == "audio_fine_grained/conv7_3"
+  assert op_trace.short_op_name(loop) == "fwd audio_fine_grained/conv7_3/conv"
+  assert op_trace.layer_of("jit(step)/while/body/add").startswith("(outside the model")
+  assert op_trace.layer_of("") == "(no source recorded)"
 
 
 @pytest.mark.parametrize("kind", ["pickle", "object_array", "hdf5"])
