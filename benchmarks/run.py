@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks import report, sysinfo
+from benchmarks import report, report_md, sysinfo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -306,7 +306,7 @@ def _write(document: Mapping[str, Any], out_dir: pathlib.Path, slug: str) -> lis
   """``<slug>.json`` and ``<slug>.md``, each written whole (a temporary file renamed)."""
   json_path, md_path = out_dir / f"{slug}.json", out_dir / f"{slug}.md"
   for path, text in ((json_path, json.dumps(document, indent=1, default=str)),
-                     (md_path, report.markdown(document))):
+                     (md_path, report_md.markdown(document))):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   log = lambda *a, **k: print(*a, file=sys.stderr, **k)
   document = run_benchmarks(mode=mode, out_dir=out_dir, allocator=args.allocator,
                             only=args.only, name=args.name, log=log)
-  print(report.markdown(document))
+  print(report_md.markdown(document))
   log("wrote " + " and ".join(document["paths"]))
   return 0
 

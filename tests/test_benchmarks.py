@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import cases_torch, harness, hlo, op_trace, original_map, report, sysinfo
+from benchmarks import cases_torch, harness, hlo, op_trace, original_map, report, report_md, sysinfo
 from dsf3n_jax import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_report_epoch_and_profile_sections():
   doc = _fake_document()
   doc["sections"] = report.sections(doc)
   assert doc["sections"]["epoch"]["rows"] == [] and "error" in doc["sections"]["profile"]
-  report.markdown(doc)  # renders without them
+  report_md.markdown(doc)  # renders without them
   st = harness.stats
   recipe = {"epochs": 40, "examples": 22000, "steps_per_epoch": 171, "epoch_s": 150.0,
             "scaled_from_steps": None, "evaluations": 8, "evaluation_s": 10.0,
@@ -185,7 +185,7 @@ def test_report_epoch_and_profile_sections():
   assert row["name"] == report.EPOCH_NAMES["streaming"] and row["evaluation_s"] == 10.0
   pytorch = doc["sections"]["epoch"]["pytorch_recipe_s_extrapolated"]
   assert pytorch["PyTorch eager, einsum bilinear"] == pytest.approx(40 * 171 * 128 / 100.0)
-  text = report.markdown(doc)
+  text = report_md.markdown(doc)
   assert "JAX streamed epoch" in text and "| 101 |" in text  # 6060 s = 101 min
   assert "`dot.57`" in text and "bwd fusion/mfa/bilinear" in text
 
@@ -203,7 +203,7 @@ def test_report_targets_ratios_and_failed_rows():
   assert targets["map_speedup_vs_original"]["measured"] == pytest.approx(90.0)
   assert targets["fraction_of_matmul_peak"]["measured"] == pytest.approx(150 * 0.83 / 200)
   assert sorted(r["ratio"] for r in sec["ratios"]) == pytest.approx([1.5, 30.0])
-  text = report.markdown(doc)
+  text = report_md.markdown(doc)
   assert "RuntimeError: no compiler" in text  # a failed variant is a row, not a gap
   assert "missed by" in text and "17 %" in text
   assert np.isclose(sec["flops"]["flops_per_sample"], 0.83e9)
