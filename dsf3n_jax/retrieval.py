@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import input_pipeline, metrics
+from dsf3n_jax import input_pipeline, map_kernel, metrics
 from dsf3n_jax.datasets import validation
 from dsf3n_jax.mesh import make_mesh
 
@@ -257,7 +257,7 @@ def _top_k_blocks(queries, items, *, k, distance, block_size):
 
   def one_block(q):
     dist = metrics.pairwise_distances(q, items, distance=distance)
-    keys = metrics._ranking_keys(dist)  # pylint: disable=protected-access
+    keys = map_kernel.ranking_keys(dist)  # pylint: disable=protected-access
     _, pos = jax.lax.top_k(-keys, k)    # unique keys: (distance, index) order
     return jnp.take_along_axis(dist, pos, axis=1), pos
 

@@ -6,7 +6,7 @@ import pytest
 import scipy.spatial
 from sklearn.metrics import average_precision_score
 
-from dsf3n_jax import metrics
+from dsf3n_jax import map_kernel, metrics
 
 
 def original_map(dist, query_labels, item_labels, k=0, per_query=False):
@@ -198,11 +198,11 @@ def test_lower_bound_equals_searchsorted(members):
   listed = np.broadcast_to(np.arange(members), (6, members))
   want = np.stack([np.searchsorted(np.sort(r), k, side="left") for r, k in zip(rows, keys)])
   with jax.enable_x64(True):
-    table = np.asarray(metrics._sorted_members(rows, listed, metrics._INT64_MAX))
-    assert table.shape[1] > members and np.all(table[:, members:] == metrics._INT64_MAX)
+    table = np.asarray(map_kernel._sorted_members(rows, listed, map_kernel._INT64_MAX))
+    assert table.shape[1] > members and np.all(table[:, members:] == map_kernel._INT64_MAX)
     np.testing.assert_array_equal(table[:, :members], np.sort(rows, axis=1))
     for fanout in (1, 2, 16):
-      got = metrics._lower_bound(table, keys, fanout=fanout)
+      got = map_kernel._lower_bound(table, keys, fanout=fanout)
       np.testing.assert_array_equal(np.asarray(got), want)
 
 
