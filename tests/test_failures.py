@@ -318,7 +318,18 @@ def test_checkpoints_without_optimizer_state_are_smaller_and_resume(tmp_path, ca
   _run(config, tmp_path / "lean")
   full = _size(tmp_path / "full" / "checkpoints" / "1")
   lean = _size(tmp_path / "lean" / "checkpoints" / "1")
-  assert lean < 0.6 * full, (lean, full)  # Adam's two moments are twice the parameters
+  # Adam's two moments are twice the parameters. The bytes on disk are a noisy measure (OCDBT
+  # appends data files; seen: lean/full 0.27 to 0.66 for the same runs), so the arrays saved
+  # are counted from the checkpoint's tree as well.
+  assert lean < full, (lean, full)
+  saved = {run: [k for k in json.loads((tmp_path / run / "checkpoints" / "1" / "state" /
+                                         "_METADATA").read_text())["tree_metadata"]]
+           for run in ("full", "lean")}
+  optimizer_arrays = {run: [k for k in keys if k.startswith("('opt_state', ")]
+                      for run, keys in saved.items()}
+  assert optimizer_arrays["lean"] == [], optimizer_arrays["lean"]  # only a None placeholder
+  assert len(optimizer_arrays["full"]) >= 2 * len([k for k in saved["lean"]
+                                                   if k.startswith("('params', ")])
   capfd.readouterr()
   config.num_epochs = 2
   assert _run(config, tmp_path / "lean")["epochs"] == 2
