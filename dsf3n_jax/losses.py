@@ -326,8 +326,9 @@ def term_weights(loss_config: Mapping[str, Any], *, unimodal: bool = False) -> d
 def loss_from_config(loss_config: Mapping[str, Any], *, unimodal: bool = False) -> LossFn:
   """The loss ``config.loss`` describes (``unimodal``: its unimodal form)."""
   weights = term_weights(loss_config, unimodal=unimodal)
-  options = {name: lookup_term(name).options(loss_config) for name in weights
-             if lookup_term(name).options is not None}
+  terms = {name: lookup_term(name) for name in weights}
+  options = {name: term.options(loss_config) for name, term in terms.items()
+             if term.options is not None}
   return make_loss(weights, options=options)
 
 

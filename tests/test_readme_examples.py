@@ -18,6 +18,16 @@ def readme_examples() -> dict[str, str]:
   return dict(found)
 
 
+def user_folder(tmp_path, devices: int) -> dict[str, str]:
+  """Writes every README example into ``tmp_path``; the environment of a user there (the
+  package installed, not on ``PYTHONPATH``) with ``devices`` CPU devices."""
+  for name, code in readme_examples().items():
+    (tmp_path / name).write_text(code)
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.pop("PYTHONPATH", None)
+  return env
+
+
 def test_the_readme_has_its_examples():
   assert {"my_fusion.py", "my_config.py", "my_loss.py", "my_loss_config.py", "my_dataset.py",
           "my_data_config.py"} <= set(readme_examples())
@@ -25,10 +35,7 @@ def test_the_readme_has_its_examples():
 
 @pytest.mark.slow
 def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
-  for name, code in readme_examples().items():
-    (tmp_path / name).write_text(code)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  env.pop("PYTHONPATH", None)  # the user's folder, with the package installed
+  env = user_folder(tmp_path, 1)
   small = ["--config.data.synthetic.num_train=64", "--config.data.synthetic.num_test=24",
            "--config.batch_size=16", "--config.eval_batch_size=16"]
 
@@ -56,10 +63,7 @@ def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
 
 @pytest.mark.slow
 def test_a_users_tfds_dataset_trains_by_name(tmp_path):
-  for name, code in readme_examples().items():
-    (tmp_path / name).write_text(code)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  env.pop("PYTHONPATH", None)
+  env = user_folder(tmp_path, 1)
   proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
                          "--config=my_data_config.py:runlocal,tiny", "--workdir=run",
                          f"--config.data.data_dir={tmp_path / 'tfds'}",
@@ -74,10 +78,7 @@ def test_a_users_tfds_dataset_trains_by_name(tmp_path):
 
 @pytest.mark.slow
 def test_a_loss_term_with_a_learnable_temperature_trains_and_is_read_back(tmp_path):
-  for name, code in readme_examples().items():
-    (tmp_path / name).write_text(code)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  env.pop("PYTHONPATH", None)
+  env = user_folder(tmp_path, 2)
   proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
                          "--config=my_loss_config.py:runlocal,tiny", "--workdir=run",
                          "--config.data.synthetic.num_train=64",
