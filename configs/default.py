@@ -66,35 +66,25 @@ def _data():
 
 
 def _model():
-  """Model (dsf3n_jax.models.DSF3N). Input dims 0 = from the data."""
-  c = ml_collections.ConfigDict()
-  # The model and its parts by registered name (dsf3n_jax.models.registry; a config file adds
-  # its own by importing the module that registers them). Model: dsf3n | dsf3n_paper.
+  """Model: ``DSF3N``'s fields, its defaults (the original's; its docstring says what each is).
+
+  The model and its parts are chosen by registered name (dsf3n_jax.models.registry; a config
+  file adds its own by importing the module that registers them):
+  ``name`` dsf3n | dsf3n_paper; ``fusion`` "mfa" (from num_fusion_stages, mfa_variant,
+  use_mfa); ``head`` "mlp" (from head_hidden, embed_dim, dropout_rate); ``classifier`` "mlp"
+  (from classifier_hidden). ``missing_partner`` (self | learned | mean) is what the fusion
+  sees in place of the absent modality when one modality is embedded alone (the unimodal
+  protocol); ``partner_dropout`` the probability in train mode that an example's fusion sees
+  it instead of its partner.
+  """
+  from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
+
+  c = ml_collections.ConfigDict({k: v for k, v in registry.model_fields(DSF3N).items()
+                                 if k not in ("num_classes", "dtype", "param_dtype", "bn_momentum",
+                                              "bn_epsilon")})
   c.name = "dsf3n"
-  c.fusion = "mfa"  # two-stage MFA, from num_fusion_stages, mfa_variant, use_mfa
-  c.head = "mlp"  # shared output head, from head_hidden, embed_dim, dropout_rate
-  c.classifier = "mlp"  # per-modality classifiers, from classifier_hidden
-  c.visual_dim = 0
+  c.visual_dim = 0  # 0: from the data
   c.audio_dim = 0
-  c.encoder_features = 1024
-  c.kernel_sizes = (3, 5, 7)
-  c.stem_features = 64
-  c.stem_kernel = 32
-  c.stem_stride = 8
-  c.stem_padding = 12
-  c.branch_features = (64, 128, 256)
-  c.num_fusion_stages = 2
-  c.mfa_variant = "reference"
-  c.use_mfa = True
-  c.head_hidden = 512
-  c.embed_dim = 64
-  c.classifier_hidden = 32
-  c.dropout_rate = 0.5
-  # What the fusion sees in place of the absent modality when one modality is embedded alone
-  # (DSF3N.embed_visual / embed_audio, the unimodal protocol): self | learned | mean.
-  c.missing_partner = "self"
-  # Train mode: probability that an example's fusion sees the stand-in instead of its partner.
-  c.partner_dropout = 0.0
   c.dtype = "float32"  # bfloat16: bf16 compute, float32 params and optimiser state
   return c
 
@@ -185,6 +175,16 @@ def _distributed():
   c.initialization_timeout = 300
   c.heartbeat_timeout = 100
   return c
+
+
+def original_recipe(name, *, num_epochs, pair, center, arg=None):
+  """The authors' recipe for their dataset ``name``: epochs and the pair and centre weights."""
+  config = get_config()
+  config.data.name = name
+  config.num_epochs = num_epochs
+  config.loss.terms.pair = pair
+  config.loss.terms.center = center
+  return apply_variants(config, arg)
 
 
 def apply_variants(config, arg):

@@ -8,9 +8,4 @@ from configs import default
 
 
 def get_config(arg=None):
-  config = default.get_config()
-  config.data.name = "vegas"
-  config.num_epochs = 40
-  config.loss.terms.pair = 1e-4
-  config.loss.terms.center = 5e-4
-  return default.apply_variants(config, arg)
+  return default.original_recipe("vegas", num_epochs=40, pair=1e-4, center=5e-4, arg=arg)

@@ -130,6 +130,9 @@ def as_class_ids(labels, *, name: str = "labels") -> np.ndarray:
 def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Reads ``visual_<split>``, ``audio_<split>`` and ``lab_<split>`` from a paired-feature file.
 
+  The one reader of such files (``datasets.validation.read_split``): the
+  arrays are checked as the trainer checks them.
+
   Args:
     path: ``.npz`` (or ``.h5``) file with the SPEC arrays.
     split: "train" or "test" (any suffix present in the file).
@@ -137,36 +140,7 @@ def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.nd
   Returns:
     ``(visual, audio, labels)`` as float32, float32 and int64 numpy arrays.
   """
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"data file {path} does not exist")
-  keys = (f"visual_{split}", f"audio_{split}", f"lab_{split}")
-  if path.suffix in (".h5", ".hdf5"):
-    import h5py  # pylint: disable=g-import-not-at-top
-    try:
-      f = h5py.File(path, "r")
-    except OSError as e:
-      raise validation.DataValidationError(
-          f"{path}: not a readable HDF5 file ({e}); expected "
-          f"{validation.PAIRED_EXPECTED}") from e
-    with f:
-      missing = [k for k in keys if k not in f]
-      if missing:
-        raise KeyError(f"data file {path}: missing {missing}; found {sorted(f.keys())}")
-      arrays = [np.asarray(f[k]) for k in keys]
-  else:
-    with validation.open_npz(path, expected=validation.PAIRED_EXPECTED) as f:
-      missing = [k for k in keys if k not in f.files]
-      if missing:
-        raise KeyError(f"data file {path}: missing {missing}; found {sorted(f.files)}")
-      arrays = [f[k] for k in keys]
-  visual, audio, labels = arrays
-  # Class ids or one-hot rows, checked: a bad label names the key (lab_<split>) and its row.
-  labels = validation.labels_to_ids(labels, source=str(path), key=keys[2]).astype(np.int64)
-  if not len(visual) == len(audio) == len(labels):
-    raise ValueError(f"data file {path}: split {split!r} has {len(visual)} visual, "
-                     f"{len(audio)} audio and {len(labels)} label rows; expected equal")
-  return visual.astype(np.float32), audio.astype(np.float32), labels
+  return validation.read_split(path, split)
 
 
 def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = 256,

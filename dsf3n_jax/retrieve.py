@@ -61,13 +61,9 @@ def format_table(query_row: int, query_label: int, retrieved: retrieval.Retrieve
 
 
 def main(argv=None) -> int:
-  """Runs the CLI.
+  """Prints the queries' top-k and the split's mAP; returns the exit status.
 
-  Args:
-    argv: arguments without the program name (default ``sys.argv[1:]``).
-
-  Returns:
-    The exit status.
+  ``argv``: the arguments without the program name (default ``sys.argv[1:]``).
   """
   args = _parser().parse_args(argv)
   emb = retrieval.embeddings_from_flags(args)

@@ -124,13 +124,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  """Writes ``raw_features.png`` (when raw data is given) and ``embeddings.png``.
+  """Writes ``embeddings.png`` (and ``raw_features.png`` from ``--data`` or the run's data).
 
-  Args:
-    argv: arguments without the program name (default ``sys.argv[1:]``).
-
-  Returns:
-    The exit status.
+  ``argv`` are the arguments without the program name (default ``sys.argv[1:]``); returns
+  the exit status.
   """
   args = _parser().parse_args(argv)
   emb = retrieval.embeddings_from_flags(args)

@@ -150,18 +150,21 @@ def _wanted(files: list[str], keys: Iterable[str] | None) -> Iterator[str]:
   return iter(files) if keys is None else (k for k in keys if k in files)
 
 
-def read_paired_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads the six SPEC arrays from an HDF5 or NPZ file.
+def read_paired_file(path: str | os.PathLike,
+                     keys: Iterable[str] = ALL_KEYS) -> dict[str, np.ndarray]:
+  """Reads the six SPEC arrays (or other ``keys``) from an HDF5 or NPZ file.
 
-  Only the six keys (``visual_train``, ``audio_train``, ``lab_train``,
-  ``visual_test``, ``audio_test``, ``lab_test``) are read; other keys are
-  ignored. Missing keys are reported by ``validate_arrays``.
+  Only ``keys`` are read (by default the six: ``visual_train``,
+  ``audio_train``, ``lab_train``, ``visual_test``, ``audio_test``,
+  ``lab_test``); other keys are ignored. Missing keys are reported by
+  ``validate_arrays`` (or ``read_split``).
 
   Args:
     path: a ``.h5``/``.hdf5`` or ``.npz`` file.
+    keys: the keys to read.
 
   Returns:
-    Dict from key to numpy array, for those of the six keys present in the file.
+    Dict from key to numpy array, for those of ``keys`` present in the file.
 
   Raises:
     DataValidationError: the file is missing, of an unknown type, unreadable or
@@ -176,8 +179,8 @@ def read_paired_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"{path}: unknown file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
   try:
     if suffix == ".npz":
-      return _read_npz(path)
-    return _read_h5(path)
+      return read_npz(path, keys, expected=PAIRED_EXPECTED)
+    return _read_h5(path, keys)
   except DataValidationError:
     raise
   except Exception as e:  # h5py/zipfile/numpy raise many types for bad files.
@@ -193,21 +196,61 @@ def _not_h5_reason(kind: str) -> str:
           "empty": "the file is empty"}.get(kind, f"it is a {kind} file, not HDF5")
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-  return read_npz(path, ALL_KEYS, expected=PAIRED_EXPECTED)
-
-
-def _read_h5(path: str) -> dict[str, np.ndarray]:
+def _read_h5(path: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
   import h5py  # Only needed for HDF5 inputs.
 
   out = {}
   with h5py.File(path, "r") as f:
-    for k in ALL_KEYS:
+    for k in keys:
       if k in f:
         if not isinstance(f[k], h5py.Dataset):
           raise DataValidationError(f"{path}: key {k!r} is a group, expected a dataset (array)")
         out[k] = np.asarray(f[k][()])
   return out
+
+
+def read_split(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One split of a paired-feature file, checked: ``(visual, audio, labels)``.
+
+  Reads ``visual_<split>``, ``audio_<split>`` and ``lab_<split>`` (any suffix
+  the file has, e.g. "val") through ``read_paired_file`` and checks them as
+  ``validate_arrays`` checks a split: rank-2 finite features, class ids or
+  one-hot labels (a bad one names its key and row), equal counts.
+
+  Returns:
+    Features float32, labels int64 class ids.
+
+  Raises:
+    KeyError: a key of the split is not in the file (the message lists those
+      that are).
+    DataValidationError: the file or an array is not as expected.
+  """
+  keys = {"visual": f"visual_{split}", "audio": f"audio_{split}", "label": f"lab_{split}"}
+  arrays = read_paired_file(path, keys.values())
+  if len(arrays) < len(keys):
+    found = sorted(_file_keys(path))
+    raise KeyError(f"{os.fspath(path)}: missing {[k for k in keys.values() if k not in arrays]} "
+                   f"for split {split!r}; found {found}")
+  source = os.fspath(path)
+  out = [_features(arrays[keys[f]], source=source, key=keys[f], field=f, dim=None)
+         for f in ("visual", "audio")]
+  out.append(labels_to_ids(arrays[keys["label"]], source=source, key=keys["label"]))
+  counts = {k: len(a) for k, a in zip(keys.values(), out, strict=True)}
+  if len(set(counts.values())) != 1:
+    raise DataValidationError(
+        f"{source}: split {split!r} example counts differ: {counts}; expected equal counts")
+  return out[0], out[1], out[2].astype(np.int64)
+
+
+def _file_keys(path: str | os.PathLike) -> list[str]:
+  """Every key of a readable paired-feature file (for messages)."""
+  if os.fspath(path).lower().endswith(".npz"):
+    with open_npz(path, expected=PAIRED_EXPECTED) as f:
+      return list(f.files)
+  import h5py
+
+  with h5py.File(path, "r") as f:
+    return list(f.keys())
 
 
 def peek_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

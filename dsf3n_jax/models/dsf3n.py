@@ -7,6 +7,7 @@ registered here (``dsf3n_jax.models.registry``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -113,30 +114,31 @@ class DSF3N(nn.Module):
     param_dtype: parameter dtype.
   """
 
+  # A part's setting defaults to the part's own default: each value is written once.
   num_classes: int
   visual_dim: int = 1024
   audio_dim: int = 128
   encoder_features: int = 1024
-  kernel_sizes: Sequence[int] = (3, 5, 7)
-  stem_features: int = 64
-  stem_kernel: int = 32
-  stem_stride: int = 8
-  stem_padding: int = 12
-  branch_features: Sequence[int] = (64, 128, 256)
+  kernel_sizes: Sequence[int] = FineGrainedNet.kernel_sizes
+  stem_features: int = FineGrainedNet.stem_features
+  stem_kernel: int = FineGrainedNet.stem_kernel
+  stem_stride: int = FineGrainedNet.stem_stride
+  stem_padding: int = FineGrainedNet.stem_padding
+  branch_features: Sequence[int] = FineGrainedNet.branch_features
   fusion: str | ModuleDef = "mfa"
   head: str | ModuleDef = "mlp"
   classifier: str | ModuleDef = "mlp"
-  num_fusion_stages: int = 2
-  mfa_variant: Variant = "reference"
+  num_fusion_stages: int = TwoStageFusion.num_stages
+  mfa_variant: Variant = TwoStageFusion.variant
   use_mfa: bool = True
-  head_hidden: int = 512
-  embed_dim: int = 64
-  classifier_hidden: int = 32
-  dropout_rate: float = 0.5
+  head_hidden: int = OutputHead.hidden
+  embed_dim: int = OutputHead.features
+  classifier_hidden: int = Classifier.hidden
+  dropout_rate: float = OutputHead.dropout_rate
   missing_partner: MissingPartner = "self"
   partner_dropout: float = 0.0
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
+  bn_momentum: float = FineGrainedNet.bn_momentum
+  bn_epsilon: float = FineGrainedNet.bn_epsilon
   axis_name: str | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -173,12 +175,10 @@ class DSF3N(nn.Module):
                                             shape, self.param_dtype)
 
   def _fine_grained(self) -> FineGrainedNet:
-    return FineGrainedNet(
-        kernel_sizes=tuple(self.kernel_sizes), stem_features=self.stem_features,
-        stem_kernel=self.stem_kernel, stem_stride=self.stem_stride,
-        stem_padding=self.stem_padding, branch_features=tuple(self.branch_features),
-        bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, axis_name=self.axis_name,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+    """A FineGrainedNet of this model's fields of the same names."""
+    kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(FineGrainedNet)
+          if f.name not in ("parent", "name") and hasattr(self, f.name)}
+    return FineGrainedNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
 
   def _check(self, name: str, x: jax.Array, dim: int) -> None:
     if x.ndim != 2 or x.shape[-1] != dim:

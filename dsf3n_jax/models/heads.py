@@ -31,13 +31,8 @@ class OutputHead(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool,
                example_ids: jax.Array | None = None) -> jax.Array:
-    x = tokens.reshape(tokens.shape[0], -1)
-    x = dense(self.hidden, x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-              name="hidden")(x)
-    x = nn.relu(x)
-    x = Dropout(self.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
-    return dense(self.features, self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="out")(x)
+    return _mlp(self, tokens.reshape(tokens.shape[0], -1), self.features, use_bias=True,
+                out_name="out", train=train, example_ids=example_ids)
 
 
 class Classifier(nn.Module):
@@ -58,9 +53,14 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
                example_ids: jax.Array | None = None) -> jax.Array:
-    x = dense(self.hidden, x.shape[-1], use_bias=False, dtype=self.dtype,
-              param_dtype=self.param_dtype, name="hidden")(x)
-    x = nn.relu(x)
-    x = Dropout(self.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
-    return dense(self.num_classes, self.hidden, use_bias=False, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="logits")(x)
+    return _mlp(self, x, self.num_classes, use_bias=False, out_name="logits", train=train,
+                example_ids=example_ids)
+
+
+def _mlp(module: OutputHead | Classifier, x: jax.Array, features: int, *, use_bias: bool,
+         out_name: str, train: bool, example_ids: jax.Array | None) -> jax.Array:
+  """Dense ``hidden`` -> ReLU -> Dropout -> Dense ``out_name``, inside ``module``'s call."""
+  kw = dict(use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype)
+  x = nn.relu(dense(module.hidden, x.shape[-1], **kw, name="hidden")(x))
+  x = Dropout(module.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
+  return dense(features, module.hidden, **kw, name=out_name)(x)

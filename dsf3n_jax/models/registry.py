@@ -23,6 +23,7 @@ trained (the module registering a custom part must be imported first).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
@@ -113,6 +114,14 @@ def lookup(kind: str, name: str, *, where: str | None = None) -> Any:
       return _REGISTRY[kind][key]
   raise ValueError(f"{where or kind}={name!r}: unknown {kind}; registered: "
                    f"{', '.join(names(kind))} ({IMPORT_HINT})")
+
+
+def model_fields(model_def: ModuleDef) -> dict[str, Any]:
+  """The ``config.model`` fields a model class (or partial of one) takes, with defaults
+  (``dataclasses.MISSING`` for one without)."""
+  cls = model_def.func if isinstance(model_def, functools.partial) else model_def
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name", "axis_name")}
 
 
 def is_module_def(obj: Any) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Iterable, Mapping
@@ -22,14 +21,7 @@ DEFAULT_LOSS_TERMS = ("id", "pair", "center")  # the original's objective
 DEFAULT_MODEL = "dsf3n"  # config.model.name of runs (and checkpoints) that do not name one
 
 
-def _model_fields(model_def) -> dict[str, Any]:
-  """The ``config.model`` fields a model class (or partial of one) takes, with defaults."""
-  cls = model_def.func if isinstance(model_def, functools.partial) else model_def
-  return {f.name: f.default for f in dataclasses.fields(cls)
-          if f.name not in ("parent", "name", "axis_name")}
-
-
-MODEL_FIELDS = tuple(_model_fields(DSF3N))
+MODEL_FIELDS = tuple(registry.model_fields(DSF3N))
 
 
 class TrainState(struct.PyTreeNode):
@@ -81,7 +73,7 @@ def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_
   m = config.model
   name = m.get("name", DEFAULT_MODEL)
   model_def = registry.lookup("model", name, where="config.model.name")
-  fields = _model_fields(model_def)
+  fields = registry.model_fields(model_def)
   kwargs = {k: m[k] for k in m.keys() if k in fields}
   _apply_preset(model_def, name, kwargs, fields)
   kwargs.update(num_classes=int(num_classes), visual_dim=int(visual_dim),
