@@ -323,9 +323,14 @@ def term_weights(loss_config: Mapping[str, Any], *, unimodal: bool = False) -> d
   return weights
 
 
-def loss_from_config(loss_config: Mapping[str, Any], *, unimodal: bool = False) -> LossFn:
-  """The loss ``config.loss`` describes (``unimodal``: its unimodal form)."""
-  weights = term_weights(loss_config, unimodal=unimodal)
+def loss_from_config(loss_config: Mapping[str, Any], *, unimodal: bool = False,
+                     weights: Mapping[str, Any] | None = None) -> LossFn:
+  """The loss ``config.loss`` describes (``unimodal``: its unimodal form).
+
+  ``weights`` replace the config's weights of the same terms; they may be
+  traced arrays (``steps.per_device_weighted_step``).
+  """
+  weights = weights if weights is not None else term_weights(loss_config, unimodal=unimodal)
   terms = {name: lookup_term(name) for name in weights}
   options = {name: term.options(loss_config) for name, term in terms.items()
              if term.options is not None}

@@ -27,11 +27,13 @@ def tiny_flags(workdir, *extra):
           "--config.data.on_device=False", "--config.optim.lr=1e-3", *extra]
 
 
-def env(devices=None):
+def env(devices=None, *, peers=True):
   e = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
-  # No persistent compilation cache here: a process that finds the step cached while its peer
-  # compiles it reaches the first collective more than gloo's 30 s ahead of it on a busy machine.
-  e["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+  if peers:
+    # No persistent compilation cache for processes with peers: one that finds the step cached
+    # while its peer compiles it reaches the first collective more than gloo's 30 s ahead of it
+    # on a busy machine. A single process keeps it.
+    e["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   if devices:
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     e["DEVICES_PER_PROCESS"] = str(devices)
@@ -53,7 +55,8 @@ def local_run(n, devices, flags, timeout=600):
 
 def single_run(devices, flags, timeout=600):
   proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main", *flags], cwd=REPO,
-                        env=env(devices), capture_output=True, text=True, timeout=timeout)
+                        env=env(devices, peers=False), capture_output=True, text=True,
+                        timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 

@@ -52,14 +52,17 @@ def seed_state(states: TrainState, i: int) -> TrainState:
   return jax.tree.map(lambda x: x[i], states)
 
 
-def make_seeds_step(step_fn: Callable, mesh: Mesh) -> Callable:
-  """``(stacked states, stacked global batches) -> (states, per-seed metrics)``.
+def make_seeds_step(step_fn: Callable, mesh: Mesh, *, num_shared: int = 0) -> Callable:
+  """``(stacked states, stacked global batches, *shared) -> (states, per-seed metrics)``.
 
   ``step_fn`` is a per-device step (``steps.per_device_step``); it is
   vmapped over the seed axis inside the ``data`` ``shard_map``, so its
-  collectives still reduce over devices, per seed.
+  collectives still reduce over devices, per seed. Its ``num_shared`` further
+  arguments are the same for every seed and device (e.g. the loss weights of
+  ``steps.per_device_weighted_step``).
   """
-  mapped = jax.shard_map(jax.vmap(step_fn), mesh=mesh, in_specs=(P(), P(None, AXIS)),
+  mapped = jax.shard_map(jax.vmap(step_fn, in_axes=(0, 0) + (None,) * num_shared), mesh=mesh,
+                         in_specs=(P(), P(None, AXIS)) + (P(),) * num_shared,
                          out_specs=(P(), P()), check_vma=False)
   return jax.jit(mapped, donate_argnums=(0,))
 
@@ -101,8 +104,10 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds: expected distinct integers, got {list(seeds)}")
   run = run_lib.prepare_run(config)
-  step = make_seeds_step(steps_lib.per_device_step(config, run.model, run.tx,
-                                                   loss_fn=run.loss_fn), run.mesh)
+  # The loss weights traced: a grid of configs differing only in them compiles one step.
+  step_fn, weights = steps_lib.per_device_weighted_step(config, run.model, run.tx)
+  step = make_seeds_step(step_fn, run.mesh, num_shared=1)
+  weights = jax.tree.map(jnp.asarray, weights)
   states = init_states(run, seeds)
   batches = SeedBatches(run.sources.train, seeds=seeds, global_batch_size=config.batch_size,
                         mesh=run.mesh, shuffle=config.data.shuffle)
@@ -111,7 +116,7 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
     for epoch in range(1, config.num_epochs + 1):
       t0, collected = time.perf_counter(), []
       for _ in range(run.steps_per_epoch):
-        states, m = step(states, next(batches))
+        states, m = step(states, next(batches), weights)
         collected.append({k: m[k] for k in HISTORY_KEYS if k in m})
       means = {k: np.mean(np.stack([np.asarray(c[k]) for c in collected]), axis=0)
                for k in collected[0]}

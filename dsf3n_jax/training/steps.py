@@ -107,14 +107,37 @@ def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
   and with ``config.loss.unimodal_weight > 0`` their unimodal form; a given
   ``loss_fn`` is used for both.
   """
-  unimodal_weight = max(float(config.loss.get("unimodal_weight", 0.0)), 0.0)
-  unimodal_loss_fn = None
-  if loss_fn is None:
-    loss_fn = losses.loss_from_config(config.loss)
-    if unimodal_weight > 0:
-      unimodal_loss_fn = losses.loss_from_config(config.loss, unimodal=True)
+  if loss_fn is None:  # the config's weights bound as constants
+    step, weights = per_device_weighted_step(config, model, tx)
+    return functools.partial(step, weights=weights)
   return functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                           unimodal_weight=unimodal_weight, unimodal_loss_fn=unimodal_loss_fn)
+                           unimodal_weight=_unimodal_weight(config))
+
+
+def per_device_weighted_step(config: ml_collections.ConfigDict, model: DSF3N,
+                             tx: optax.GradientTransformation,
+                             ) -> tuple[Callable, dict[str, dict[str, float]]]:
+  """``(state, batch, weights) -> (state, metrics)``: the config's loss terms with their
+  weights an argument, and the config's weights ``{"paired": ..., "unimodal": ...}``.
+
+  Passed as arrays, the weights are traced: configs that differ only in their
+  terms' weights (the paper's ablations) share one compiled step.
+  """
+  unimodal_weight = _unimodal_weight(config)
+
+  def step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, dict]:
+    return train_step(
+        state, batch, model=model, tx=tx,
+        loss_fn=losses.loss_from_config(config.loss, weights=weights["paired"]),
+        unimodal_weight=unimodal_weight,
+        unimodal_loss_fn=losses.loss_from_config(config.loss, weights=weights["unimodal"]))
+
+  return step, {"paired": losses.term_weights(config.loss),
+                "unimodal": losses.term_weights(config.loss, unimodal=True)}
+
+
+def _unimodal_weight(config: ml_collections.ConfigDict) -> float:
+  return max(float(config.loss.get("unimodal_weight", 0.0)), 0.0)
 
 
 def make_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
