@@ -166,9 +166,10 @@ class OriginalComposition(nn.Module):
     self.visual_fine_grained = fine_grained()
     self.audio_fine_grained = fine_grained()
     self.fusion = TwoStageFusion(2, "reference")
-    self.head = OutputHead(s["head_hidden"], s["embed_dim"], 0.5)
-    self.visual_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], 0.5)
-    self.audio_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], 0.5)
+    # The heads' dropout_rate is keyword-only (shared by both through heads.TwoLayerHead).
+    self.head = OutputHead(s["head_hidden"], s["embed_dim"], dropout_rate=0.5)
+    self.visual_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], dropout_rate=0.5)
+    self.audio_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], dropout_rate=0.5)
 
   def __call__(self, visual, audio, *, train=False):
     f_v = self.visual_fine_grained(self.visual_encoder(visual), train=train)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,38 @@ from flax import linen as nn
 from dsf3n_jax.models.layers import Dropout, dense
 
 
-class OutputHead(nn.Module):
+class TwoLayerHead(nn.Module):
+  """Flatten, Dense ``hidden`` -> ReLU -> Dropout -> Dense: what both heads compute.
+
+  A subclass gives ``hidden``, its output width (``out_features``), whether
+  the Dense layers have a bias and the output layer's name. The shared
+  settings are keyword-only, so a subclass's own fields come first.
+
+  Attributes:
+    dropout_rate: dropout after the hidden layer (0.5; 0 disables).
+  """
+
+  dropout_rate: float = dataclasses.field(default=0.5, kw_only=True)
+  dtype: Any = dataclasses.field(default=None, kw_only=True)
+  param_dtype: Any = dataclasses.field(default=jnp.float32, kw_only=True)
+  use_bias: ClassVar[bool] = True
+  out_name: ClassVar[str] = "out"
+
+  @property
+  def out_features(self) -> int:
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool,
+               example_ids: jax.Array | None = None) -> jax.Array:
+    x = x.reshape(x.shape[0], -1)
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.relu(dense(self.hidden, x.shape[-1], **kw, name="hidden")(x))
+    x = Dropout(self.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
+    return dense(self.out_features, self.hidden, **kw, name=self.out_name)(x)
+
+
+class OutputHead(TwoLayerHead):
   """Flatten tokens, Dense -> ReLU -> Dropout -> Dense: the retrieval embedding.
 
   One instance serves both modalities. Tokens are flattened token-major.
@@ -19,48 +51,29 @@ class OutputHead(nn.Module):
   Attributes:
     hidden: width of the hidden layer (512).
     features: embedding size (64).
-    dropout_rate: dropout after the hidden layer (0.5; 0 disables).
   """
 
   hidden: int = 512
   features: int = 64
-  dropout_rate: float = 0.5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, tokens: jax.Array, *, train: bool,
-               example_ids: jax.Array | None = None) -> jax.Array:
-    return _mlp(self, tokens.reshape(tokens.shape[0], -1), self.features, use_bias=True,
-                out_name="out", train=train, example_ids=example_ids)
+  @property
+  def out_features(self) -> int:
+    return self.features
 
 
-class Classifier(nn.Module):
-  """Dense (no bias) -> ReLU -> Dropout -> Dense (no bias) -> logits.
+class Classifier(TwoLayerHead):
+  """Dense (no bias) -> ReLU -> Dropout -> Dense (no bias) -> logits, on (batch, dim).
 
   Attributes:
     num_classes: number of classes.
     hidden: width of the hidden layer (32).
-    dropout_rate: dropout after the hidden layer (0.5; 0 disables).
   """
 
   num_classes: int
   hidden: int = 32
-  dropout_rate: float = 0.5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  use_bias: ClassVar[bool] = False
+  out_name: ClassVar[str] = "logits"
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool,
-               example_ids: jax.Array | None = None) -> jax.Array:
-    return _mlp(self, x, self.num_classes, use_bias=False, out_name="logits", train=train,
-                example_ids=example_ids)
-
-
-def _mlp(module: OutputHead | Classifier, x: jax.Array, features: int, *, use_bias: bool,
-         out_name: str, train: bool, example_ids: jax.Array | None) -> jax.Array:
-  """Dense ``hidden`` -> ReLU -> Dropout -> Dense ``out_name``, inside ``module``'s call."""
-  kw = dict(use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype)
-  x = nn.relu(dense(module.hidden, x.shape[-1], **kw, name="hidden")(x))
-  x = Dropout(module.dropout_rate)(x, deterministic=not train, example_ids=example_ids)
-  return dense(features, module.hidden, **kw, name=out_name)(x)
+  @property
+  def out_features(self) -> int:
+    return self.num_classes
