@@ -17,11 +17,14 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 SPLITS = ("train", "test")
-# key name per (split, field); the authors' HDF5 layout.
-KEYS = {
-    split: {"visual": f"visual_{split}", "audio": f"audio_{split}", "label": f"lab_{split}"}
-    for split in SPLITS
-}
+
+
+def split_keys(split: str) -> dict[str, str]:
+  """The key of each field of a split: the authors' HDF5 layout (``visual_<split>``, ...)."""
+  return {"visual": f"visual_{split}", "audio": f"audio_{split}", "label": f"lab_{split}"}
+
+
+KEYS = {split: split_keys(split) for split in SPLITS}
 ALL_KEYS = tuple(k for split in SPLITS for k in KEYS[split].values())
 SUFFIXES = (".h5", ".hdf5", ".npz")
 

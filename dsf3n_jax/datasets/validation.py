@@ -28,6 +28,7 @@ from dsf3n_jax.datasets.files import (  # noqa: F401 - re-exported: the readers'
     peek_shapes,
     read_npz,
     read_paired_file,
+    split_keys,
 )
 
 
@@ -47,7 +48,7 @@ def read_split(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndar
       that are).
     DataValidationError: the file or an array is not as expected.
   """
-  keys = {"visual": f"visual_{split}", "audio": f"audio_{split}", "label": f"lab_{split}"}
+  keys = split_keys(split)
   arrays = read_paired_file(path, keys.values())
   if len(arrays) < len(keys):
     found = sorted(file_keys(path))
@@ -57,10 +58,8 @@ def read_split(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndar
   out = [_features(arrays[keys[f]], source=source, key=keys[f], field=f, dim=None)
          for f in ("visual", "audio")]
   out.append(labels_to_ids(arrays[keys["label"]], source=source, key=keys["label"]))
-  counts = {k: len(a) for k, a in zip(keys.values(), out, strict=True)}
-  if len(set(counts.values())) != 1:
-    raise DataValidationError(
-        f"{source}: split {split!r} example counts differ: {counts}; expected equal counts")
+  _check_equal_counts({k: len(a) for k, a in zip(keys.values(), out, strict=True)},
+                      source=source, split=split)
   return out[0], out[1], out[2].astype(np.int64)
 
 def _check_finite(x: np.ndarray, *, source: str, key: str) -> None:
@@ -169,9 +168,7 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
     lkey = KEYS[split]["label"]
     lab = np.asarray(arrays[lkey])
     counts[lkey] = lab.shape[0] if lab.ndim else 0
-    if len(set(counts.values())) != 1:
-      raise DataValidationError(
-          f"{source}: split {split!r} example counts differ: {counts}; expected equal counts")
+    _check_equal_counts(counts, source=source, split=split)
     if counts[lkey] == 0:
       raise DataValidationError(
           f"{source}: split {split!r} is empty (keys {list(counts)} have 0 rows); expected at "
@@ -179,6 +176,13 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
     out[lkey] = _labels_to_ids(lab, source=source, key=lkey, num_classes=num_classes)
   _check_train_has_every_class(out, num_classes, source=source)
   return out
+
+
+def _check_equal_counts(counts: Mapping[str, int], *, source: str, split: str) -> None:
+  if len(set(counts.values())) != 1:
+    raise DataValidationError(
+        f"{source}: split {split!r} example counts differ: {dict(counts)}; expected equal "
+        "counts")
 
 
 def _one_hot_width(arrays: Mapping[str, np.ndarray], *, source: str) -> int | None:
