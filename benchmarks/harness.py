@@ -140,8 +140,7 @@ def jax_setup(params: Mapping[str, Any], *, batch_size: int, dtype: str = "float
   tx = train.build_optimizer(cfg, steps_per_epoch)
   key = repr(sorted(mcfg.items()))
   if key not in _STATES:  # one jitted init per model (op-by-op init compiles every op)
-    init = jax.jit(lambda: train.init_state(model, tx, seed=0, num_classes=NUM_CLASSES))
-    _STATES[key] = jax.device_get(init())
+    _STATES[key] = jax.device_get(train.make_init_fn(model, tx, num_classes=NUM_CLASSES)(0))
   return cfg, mcfg, model, tx, _STATES[key]
 
 

@@ -4,7 +4,7 @@ The public names of ``dsf3n_jax.training``, in one namespace:
 
 - ``training.state``: ``TrainState``, ``model_config``, ``build_model``,
   ``build_optimizer`` (``learning_rate_schedule``, ``scale_by_adam``),
-  ``init_state``.
+  ``init_state`` (``make_init_fn``: compiled once for every seed).
 - ``training.steps``: the per-device ``train_step`` and its mapped forms
   (``make_train_step``, ``make_train_epoch``), ``run_steps`` (a streamed
   epoch), ``make_embed_fn``,
@@ -31,6 +31,7 @@ from dsf3n_jax.training.state import (
     build_optimizer,
     init_state,
     learning_rate_schedule,
+    make_init_fn,
     model_config,
     scale_by_adam,
 )
@@ -50,8 +51,8 @@ from dsf3n_jax.training.workdir import format_results
 __all__ = [
     "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "SELECTION_METRICS", "TrainState", "build_model",
     "build_optimizer", "default_config", "embed_split", "evaluate", "format_results",
-    "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_mesh",
-    "make_train_epoch", "make_train_step", "model_config", "per_device_step", "resolve_on_device",
-    "restore_model", "run_steps",
-    "save_variables_as_run", "scale_by_adam", "train_and_evaluate", "train_step",
+    "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_init_fn",
+    "make_mesh", "make_train_epoch", "make_train_step", "model_config", "per_device_step",
+    "resolve_on_device", "restore_model", "run_steps", "save_variables_as_run", "scale_by_adam",
+    "train_and_evaluate", "train_step",
 ]

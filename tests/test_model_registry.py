@@ -62,7 +62,7 @@ def test_a_registered_fusion_trains_with_its_params_under_fusion():
       "dsf3n", "gated_sum", "mlp", "mlp")
   model = train.build_model(mcfg)
   tx = train.build_optimizer(config, 10)
-  state = jax.device_get(train.init_state(model, tx, seed=0, num_classes=NUM_CLASSES))
+  state = jax.device_get(train.make_init_fn(model, tx, num_classes=NUM_CLASSES)(0))
   assert jax.tree.map(np.shape, state.params["fusion"]) == {"gate": ()}
   assert {"visual_encoder", "head", "visual_classifier", "audio_classifier"} <= set(state.params)
 

@@ -10,7 +10,7 @@ from dsf3n_jax import input_pipeline
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import seeds as seeds_lib
 from dsf3n_jax.training import steps as steps_lib
-from dsf3n_jax.training.state import init_state
+from dsf3n_jax.training.state import make_init_fn
 from tests.test_train import tiny_config
 
 SEEDS = (0, 5)
@@ -19,9 +19,8 @@ SEEDS = (0, 5)
 def _one_by_one(config, seed):
   """The loop's streamed path for ``config.seed = seed``: init, loader, step."""
   run = run_lib.prepare_run(config)
-  state = jax.jit(lambda: init_state(run.model, run.tx, seed=seed,
-                                     num_classes=run.sources.num_classes),
-                  out_shardings=NamedSharding(run.mesh, P()))()
+  state = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
+                       sharding=NamedSharding(run.mesh, P()))(seed)
   step = steps_lib.make_train_step(steps_lib.per_device_step(config, run.model, run.tx),
                                    run.mesh)
   loader = input_pipeline.TrainLoader(run.sources.train, global_batch_size=config.batch_size,

@@ -40,7 +40,12 @@ from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
-from dsf3n_jax.training.state import init_state, learning_rate_schedule, new_meta
+from dsf3n_jax.training.state import (
+    init_state,
+    learning_rate_schedule,
+    make_init_fn,
+    new_meta,
+)
 from dsf3n_jax.training.workdir import log
 
 _EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
@@ -130,16 +135,24 @@ def _last_intact(checkpointer: Checkpointer) -> str:
 
 
 def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
-  """The initial state, or the latest intact checkpoint's (checked against the run)."""
+  """The initial state, or the latest intact checkpoint's (checked against the run).
+
+  A resume compiles no initialiser: the checkpoint is restored into the initial
+  state's shapes (``jax.eval_shape``), and a checkpoint without optimiser state
+  gets a fresh one of its parameters (the same as the initial state's: every
+  optimiser here starts from zeros and a count).
+  """
   config = run.config
-  state = jax.jit(functools.partial(init_state, run.model, run.tx, seed=config.seed,
-                                    num_classes=run.sources.num_classes,
-                                    loss_terms=config.loss.terms),
-                  out_shardings=NamedSharding(run.mesh, P()))()
+  replicated = NamedSharding(run.mesh, P())
   if checkpointer.latest_epoch() is None:
-    return state, new_meta(), False
-  fresh_opt_state = state.opt_state
-  state, meta = checkpointer.restore(abstract_like(state, run.mesh), model_config=run.mcfg,
+    init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
+                        loss_terms=config.loss.terms, sharding=replicated)
+    return init(config.seed), new_meta(), False
+  abstract = jax.eval_shape(functools.partial(
+      init_state, run.model, run.tx, seed=config.seed, num_classes=run.sources.num_classes,
+      loss_terms=config.loss.terms))
+  state, meta = checkpointer.restore(abstract_like(abstract, run.mesh),
+                                     model_config=run.mcfg,
                                      on_fallback=lambda msg: log("%s; falling back", msg),
                                      repair=True)
   if not config.get("allow_resume_mismatch", False):
@@ -148,7 +161,8 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
   if state.opt_state is None:
     log("checkpoint has no optimiser state (checkpoint_optimizer_state=False): the optimiser "
         "starts afresh")
-    state = state.replace(opt_state=fresh_opt_state)
+    state = state.replace(opt_state=jax.jit(run.tx.init, out_shardings=replicated)(
+        state.trainable))
   log("resumed from %s/%d (step %d)", checkpointer.directory, meta["epoch"], meta["step"])
   return state, meta, True
 

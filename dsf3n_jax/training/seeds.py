@@ -33,18 +33,21 @@ from dsf3n_jax import input_pipeline
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
-from dsf3n_jax.training.state import TrainState, init_state
+from dsf3n_jax.training.state import TrainState, make_init_fn
 
 # The train-step metrics averaged per epoch in ``train_seeds``' history.
 HISTORY_KEYS = ("loss", "id", "pair", "center")
 
 
 def init_states(run: run_lib.Run, seeds: Sequence[int]) -> TrainState:
-  """Each seed's initial state (as ``train_and_evaluate`` builds it), stacked over seeds."""
-  init = functools.partial(init_state, run.model, run.tx, num_classes=run.sources.num_classes,
-                           loss_terms=run.config.loss.terms)
-  return jax.jit(jax.vmap(lambda seed: init(seed=seed)),
-                 out_shardings=NamedSharding(run.mesh, P()))(jnp.asarray(seeds, jnp.int32))
+  """Each seed's initial state (as ``train_and_evaluate`` builds it, by the same compiled
+  initialiser), stacked over seeds."""
+  replicated = NamedSharding(run.mesh, P())
+  init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
+                      loss_terms=run.config.loss.terms, sharding=replicated)
+  stack = jax.jit(lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states),
+                  out_shardings=replicated)
+  return stack(*[init(int(seed)) for seed in seeds])
 
 
 def seed_state(states: TrainState, i: int) -> TrainState:

@@ -7,6 +7,7 @@ bucket (``gs://...``). Only process 0 writes these files.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -224,9 +225,25 @@ class _EpathEventFiles:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def _import_tensorboardx():
+  """tensorboardX, imported without PyTorch.
+
+  tensorboardX imports torch when it is installed (1.5-3 s at every start), only to accept
+  torch tensors; this writer gives it floats. Unless something imported torch already, the
+  import runs with ``import torch`` failing, as if torch were not installed; torch stays
+  importable afterwards.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    return importlib.import_module("tensorboardX")
+  sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    return importlib.import_module("tensorboardX")  # no TensorFlow import either
+  finally:
+    del sys.modules["torch"]
+
+
 def _register_tensorboard_scheme(scheme: str) -> None:
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-  record_writer.register_writer_factory(scheme, _EpathEventFiles())
+  _import_tensorboardx().record_writer.register_writer_factory(scheme, _EpathEventFiles())
 
 
 class MetricWriter:
@@ -248,11 +265,10 @@ class MetricWriter:
         self.lines = [line + "\n" for line in self.path.read_text().splitlines()
                       if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       atomic_write(self.path, "".join(self.lines))
-    from tensorboardX import SummaryWriter  # no TensorFlow import
     tensorboard = epath.Path(workdir) / "tensorboard"
     if not _is_local(tensorboard):
       _register_tensorboard_scheme(os.fspath(tensorboard).split("://", 1)[0])
-    self.tb = SummaryWriter(os.fspath(tensorboard))
+    self.tb = _import_tensorboardx().SummaryWriter(os.fspath(tensorboard))
 
   def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
     if not self.active:
