@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsf3n_jax import input_pipeline
+from dsf3n_jax import input_pipeline, losses
 from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
@@ -182,6 +182,8 @@ class _Trainer:
     self.step_fn = steps_lib.per_device_step(self.config, run.model, run.tx,
                                              loss_fn=run.loss_fn)
     self.embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
+    # One loss function for every evaluation: its compiled form is reused (steps.evaluate).
+    self.eval_loss_fn = run.loss_fn or losses.loss_from_config(self.config.loss)
     self.lr = learning_rate_schedule(self.config, run.steps_per_epoch)
     self.on_device = run_lib.resolve_on_device(self.config.data.on_device)
     self.train_time, self.trained_steps, self.eval_time, self.evals = 0.0, 0, 0.0, 0
@@ -256,7 +258,7 @@ class _Trainer:
       if source is None:
         continue
       values = steps_lib.evaluate(self.embed_fn, state, source, config=self.config,
-                                  mesh=self.run.mesh, split=split, loss_fn=self.run.loss_fn)
+                                  mesh=self.run.mesh, split=split, loss_fn=self.eval_loss_fn)
       bad = sorted(k for k, v in values.items() if not math.isfinite(v))
       if bad:
         raise FloatingPointError(

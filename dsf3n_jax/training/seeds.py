@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsf3n_jax import input_pipeline
+from dsf3n_jax import input_pipeline, losses
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
@@ -50,8 +50,10 @@ def init_states(run: run_lib.Run, seeds: Sequence[int]) -> TrainState:
   return stack(*[init(int(seed)) for seed in seeds])
 
 
+@jax.jit
 def seed_state(states: TrainState, i: int) -> TrainState:
-  """Seed ``i``'s state out of the stacked ones."""
+  """Seed ``i``'s state out of the stacked ones (one program for every ``i``, not an indexing
+  op per leaf)."""
   return jax.tree.map(lambda x: x[i], states)
 
 
@@ -135,9 +137,14 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
 
 def finite_seeds(states: TrainState) -> np.ndarray:
   """(K,) bool: whether each seed's parameters, statistics and centres are all finite."""
+  return np.asarray(_finite_seeds(states))
+
+
+@jax.jit
+def _finite_seeds(states: TrainState) -> jax.Array:
   leaves = jax.tree.leaves((states.params, states.batch_stats, states.aux))
   per_leaf = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
-  return np.asarray(functools.reduce(jnp.logical_and, per_leaf))
+  return functools.reduce(jnp.logical_and, per_leaf)
 
 
 def evaluate_seeds(run: run_lib.Run, states: TrainState, split: str) -> list[dict | None]:
@@ -146,8 +153,9 @@ def evaluate_seeds(run: run_lib.Run, states: TrainState, split: str) -> list[dic
   if source is None:
     raise ValueError(f"the data has no {split} split")
   embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
+  loss_fn = run.loss_fn or losses.loss_from_config(run.config.loss)  # compiled once
   finite = finite_seeds(states)
   return [steps_lib.evaluate(embed_fn, seed_state(states, i), source, config=run.config,
-                             mesh=run.mesh, split=split, loss_fn=run.loss_fn)
+                             mesh=run.mesh, split=split, loss_fn=loss_fn)
           if finite[i] else None
           for i in range(len(finite))]

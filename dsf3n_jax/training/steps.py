@@ -243,6 +243,14 @@ def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+@functools.lru_cache(maxsize=16)
+def _split_loss(loss_fn: losses.LossFn) -> Callable:
+  """``loss_fn`` on a whole split, compiled (once per function and split size): one program
+  instead of an op-by-op run that compiles each of its dozens of operations."""
+  return jax.jit(lambda outputs, labels, aux: loss_fn(outputs, {"label": labels, "mask": None},
+                                                      aux))
+
+
 def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
              mesh: Mesh, split: str = "test",
              loss_fn: losses.LossFn | None = None) -> dict[str, float]:
@@ -253,7 +261,8 @@ def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collec
   from its own modality alone (``DSF3N.embed_visual`` / ``embed_audio``).
   The loss (of the paired outputs) is computed on the whole split at once
   (centre-loss class counts over the split), with the current centres;
-  ``loss_fn`` None: the terms of ``config.loss``.
+  ``loss_fn`` None: the terms of ``config.loss`` (pass one function to every call: its
+  compiled form is reused).
   Every item counts, except on the test split with
   ``config.metric.original_test_batches = N > 0``: then only the items the
   original's evaluation saw (batches of N in file order, the last partial one
@@ -269,9 +278,8 @@ def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collec
                        f"{len(out['label'])} test items: the original would evaluate none")
     out = {k: v[:count] for k, v in out.items()}
   outputs = DSF3NOutput(*(jnp.asarray(out[k]) for k in DSF3NOutput._fields))
-  loss_fn = loss_fn or losses.loss_from_config(config.loss)
-  total, parts = loss_fn(outputs, {"label": jnp.asarray(out["label"]), "mask": None},
-                         jax.tree.map(jnp.asarray, state.aux))
+  total, parts = _split_loss(loss_fn or losses.loss_from_config(config.loss))(
+      outputs, jnp.asarray(out["label"]), jax.tree.map(jnp.asarray, state.aux))
   result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
             "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
             "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}
