@@ -243,12 +243,21 @@ def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-@functools.lru_cache(maxsize=16)
 def _split_loss(loss_fn: losses.LossFn) -> Callable:
   """``loss_fn`` on a whole split, compiled (once per function and split size): one program
   instead of an op-by-op run that compiles each of its dozens of operations."""
+  try:
+    return _split_loss_cached(loss_fn)
+  except TypeError:  # an unhashable callable (e.g. an instance of a dataclass): compiled anew
+    return _compile_split_loss(loss_fn)
+
+
+def _compile_split_loss(loss_fn: losses.LossFn) -> Callable:
   return jax.jit(lambda outputs, labels, aux: loss_fn(outputs, {"label": labels, "mask": None},
                                                       aux))
+
+
+_split_loss_cached = functools.lru_cache(maxsize=16)(_compile_split_loss)
 
 
 def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
