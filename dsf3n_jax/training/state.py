@@ -259,7 +259,9 @@ def make_init_fn(model: DSF3N, tx: optax.GradientTransformation, *, num_classes:
   share one executable, in memory and in the persistent compilation cache.
   The initialiser is the largest program a run compiles (one threefry draw
   per parameter), larger than the train step, and it runs once: on CPU it is
-  compiled for compile time (``INIT_COMPILER_OPTIONS``).
+  compiled for compile time (``INIT_COMPILER_OPTIONS``). Because of those
+  options it must be called at top level: JAX refuses them on a nested jit, so
+  under ``jax.eval_shape`` or another ``jit`` call ``init_state`` instead.
   """
   terms = tuple(loss_terms)
   compiled = jax.jit(lambda key: init_state(model, tx, seed=key, num_classes=num_classes,
