@@ -88,7 +88,7 @@ def test_update_is_independent_of_device_count_with_dropout():
   ref_state, ref_hist = run_steps(step_fn, state0, batches, 1)
   # The run moves the parameters far more than the tolerance.
   assert max_abs_diff(ref_state.params, state0.params) > 1e-3
-  for n in (4, 8):  # 4: the pmap test's program (cached); 8: every device
+  for n in (8,):  # every device (the pmap test runs the same program)
     state, hist = run_steps(step_fn, state0, batches, n)
     assert max_abs_diff(state.params, ref_state.params) < 1e-5, n
     assert max_abs_diff(state.batch_stats, ref_state.batch_stats) < 1e-5, n
@@ -114,8 +114,8 @@ def test_pmap_of_the_per_device_step_matches_shard_map():
   model, tx, state0 = tiny_setup(config)
   step_fn = train.per_device_step(config, model, tx)
   batches = random_batches(3, 16)
-  ref_state, _ = run_steps(step_fn, state0, batches, 4)
-  n = 4
+  n = 8  # the device-count test's program
+  ref_state, _ = run_steps(step_fn, state0, batches, n)
   pstate = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state0)
   pstep = jax.pmap(step_fn, axis_name="data", devices=jax.devices()[:n])
   for b in batches:
@@ -357,30 +357,31 @@ def _linear_cca_map(arrays):
 
 
 @pytest.mark.slow
-def test_synthetic_dsf3n_beats_linear_cca_in_float32_and_bfloat16(tmp_path):
+def test_synthetic_dsf3n_beats_linear_cca_in_bfloat16(tmp_path):
   """The reference structure, narrow (``:tiny``), 20 epochs of 3,000 synthetic pairs, through
-  the command line on 2 CPU devices, in float32 and with bfloat16 compute."""
+  the command line on 2 CPU devices, with bfloat16 compute.
+
+  Float32 learning is checked on real data by ``test_learns_real_audio_visual_digits_from_one_
+  modality`` (0.90 against linear CCA's 0.56); this run in float32 reached 0.654.
+  """
   from dsf3n_jax.datasets import generate_synthetic
 
-  maps = {}
-  for dtype in ("float32", "bfloat16"):
-    workdir = tmp_path / dtype
-    proc = subprocess.run([
-        sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:tiny",
-        f"--workdir={workdir}", "--config.data.synthetic.num_train=3000",
-        "--config.data.synthetic.num_test=600", "--config.data.validation_fraction=0.0",
-        "--config.num_epochs=20", "--config.eval_every_epochs=20",
-        "--config.checkpoint_every_epochs=20", f"--config.model.dtype={dtype}"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    maps[dtype] = json.load(open(workdir / "results.json"))["final"]["test"]["map_average"]
+  workdir = tmp_path / "bfloat16"
+  proc = subprocess.run([
+      sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:tiny",
+      f"--workdir={workdir}", "--config.data.synthetic.num_train=3000",
+      "--config.data.synthetic.num_test=600", "--config.data.validation_fraction=0.0",
+      "--config.num_epochs=20", "--config.eval_every_epochs=20",
+      "--config.checkpoint_every_epochs=20", "--config.model.dtype=bfloat16"],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.load(open(workdir / "config.json"))["config"]
+  assert saved["model"]["dtype"] == "bfloat16"
+  bf16 = json.load(open(workdir / "results.json"))["final"]["test"]["map_average"]
   cca = _linear_cca_map(generate_synthetic(num_train=3000, num_test=600))
-  # Measured (seed 0): 0.654 float32 and 0.718 bfloat16 on 2 devices, 0.917 float32 on 8;
-  # 0.67-0.93 over seeds (float32); linear CCA 0.34. Float32 and bf16 runs (and runs on other
-  # device counts) round differently and so end in different places of that spread: no
-  # closer comparison holds.
-  assert maps["float32"] > cca + 0.15, (maps, cca)
-  assert maps["bfloat16"] > cca + 0.15, (maps, cca)
+  # Measured (seed 0): 0.718 on 2 devices; linear CCA 0.34. Runs on other device counts round
+  # differently and end elsewhere in the spread over seeds (0.67-0.93 in float32).
+  assert bf16 > cca + 0.15, (bf16, cca)
 
 
 @pytest.mark.slow

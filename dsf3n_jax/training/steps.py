@@ -210,8 +210,17 @@ def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callabl
   """Eval-mode forward of a batch sharded over ``data`` (same sharding).
 
   Returns ``{EMBED_KEYS}``: the paired outputs and (``unimodal``) each
-  modality's embedding alone, in at least float32.
+  modality's embedding alone, in at least float32. Equal models (flax modules
+  compare by their fields) on the same mesh get the same jitted function, so a
+  grid of runs or repeated evaluations trace and compile it once.
   """
+  try:
+    return _embed_fn_cached(model, mesh, unimodal)
+  except TypeError:  # a model that cannot be hashed: its own function
+    return _embed_fn(model, mesh, unimodal)
+
+
+def _embed_fn(model: DSF3N, mesh: Mesh, unimodal: bool) -> Callable:
   def embed(variables, visual, audio):
     if not unimodal:
       out = model.apply(variables, visual, audio, train=False)
@@ -222,6 +231,9 @@ def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callabl
   mapped = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
                          check_vma=False)
   return jax.jit(mapped)
+
+
+_embed_fn_cached = functools.lru_cache(maxsize=16)(_embed_fn)
 
 
 def _gather(x: jax.Array) -> np.ndarray:
