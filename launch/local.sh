@@ -5,6 +5,7 @@
 #
 # Environment:
 #   DEVICES_PER_PROCESS  CPU devices per process (default 2)
+#   XLA_FLAGS            kept; the device count above is appended
 #   PORT                 coordinator port (default: a free one)
 #   PYTHON               interpreter (default: python)
 #   DRY_RUN=1            print the commands instead of running them
@@ -35,7 +36,7 @@ cleanup() {
 trap cleanup INT TERM
 
 for ((i = 0; i < n; i++)); do
-  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
        "$python" -m dsf3n_jax.main "--coordinator_address=127.0.0.1:$port"
        "--num_processes=$n" "--process_id=$i" "$@")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -3,8 +3,12 @@
 import os
 import pathlib
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before jax is imported anywhere. One thread per XLA CPU computation: the two
+# xdist workers share two cores, and Eigen's thread per core in each of them only competes
+# (measured: test_train.py and test_failures.py without their slow tests, warm cache, 2 workers:
+# 126 s against 148-151 s). The subprocesses the tests start keep it (``xla_flags``).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent compilation cache for the whole suite (workers and the subprocesses they
 # start inherit it): the many small runs of the same tiny model compile once. Results do not

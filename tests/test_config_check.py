@@ -9,6 +9,7 @@ import pytest
 from configs import default
 from dsf3n_jax import cli, config_check
 from dsf3n_jax.config_check import ConfigError
+from tests.test_train import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("synthetic", "vegas", "ave", "fsdd", "paired_features")
@@ -133,7 +134,7 @@ def test_errors_are_lines_with_an_exit_status(capsys):
 
 def test_cli_bad_config_is_one_error_line(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != cli.VERBOSE_ENV}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
   proc = subprocess.run(
       [sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:runlocal,tiny",
        "--config.batch_size=0", f"--workdir={tmp_path / 'run'}"],

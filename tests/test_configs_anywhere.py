@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from dsf3n_jax import cli
+from tests.test_train import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
@@ -22,7 +23,7 @@ CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "_
 def _env(devices=8):
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", cli.VERBOSE_ENV)}
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   return env
 
 

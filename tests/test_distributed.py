@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from dsf3n_jax import train
+from tests.test_train import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -35,7 +36,7 @@ def env(devices=None, *, peers=True):
     # on a busy machine. A single process keeps it.
     e["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   if devices:
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = xla_flags(devices)
     e["DEVICES_PER_PROCESS"] = str(devices)
   return e
 

@@ -20,7 +20,7 @@ from dsf3n_jax import checkpoints, config_check, train
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
-from tests.test_train import REPO, tiny_config
+from tests.test_train import REPO, tiny_config, xla_flags
 
 # A run that fails must end well inside this (a hang fails the test instead of the suite).
 EXIT_TIMEOUT_S = 240
@@ -35,7 +35,7 @@ def _argv(workdir, *extra):
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["PYTHONPATH"] = str(REPO)
   return env
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_train import REPO
+from tests.test_train import REPO, xla_flags
 
 
 def readme_examples() -> dict[str, str]:
@@ -23,7 +23,7 @@ def user_folder(tmp_path, devices: int) -> dict[str, str]:
   package installed, not on ``PYTHONPATH``) with ``devices`` CPU devices."""
   for name, code in readme_examples().items():
     (tmp_path / name).write_text(code)
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
   env.pop("PYTHONPATH", None)
   return env
 

@@ -24,6 +24,13 @@ from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def xla_flags(devices: int) -> str:
+  """The suite's ``XLA_FLAGS`` (tests/conftest.py) with ``devices`` host CPU devices."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count=")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
+
+
 def tiny_config(**overrides):
   config = default.get_config("runlocal,tiny")
   config.optim.lr = 1e-3
@@ -281,7 +288,7 @@ def _cli(workdir, *extra):
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = xla_flags(2)
   env["PYTHONPATH"] = str(REPO)
   return env
 
@@ -394,7 +401,7 @@ def test_learns_real_audio_visual_digits_from_one_modality(tmp_path, fsdd_path):
   0-2: 0.958-0.969 unimodal, 0.979-0.986 paired; linear CCA 0.56, MLP semantic matching 0.970.
   """
   workdir = tmp_path / "fsdd"
-  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(_env(), XLA_FLAGS=xla_flags(1))
   proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
                          "--config=configs/fsdd.py:unimodal,small", f"--workdir={workdir}",
                          f"--config.data.path={fsdd_path}", "--config.num_epochs=30",
