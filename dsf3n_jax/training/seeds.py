@@ -45,9 +45,12 @@ def init_states(run: run_lib.Run, seeds: Sequence[int]) -> TrainState:
   replicated = NamedSharding(run.mesh, P())
   init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
                       loss_terms=run.config.loss.terms, sharding=replicated)
-  stack = jax.jit(lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states),
-                  out_shardings=replicated)
-  return stack(*[init(int(seed)) for seed in seeds])
+  return jax.jit(_stack, out_shardings=replicated)(*[init(int(seed)) for seed in seeds])
+
+
+def _stack(*trees):
+  """The trees' leaves stacked on a new leading (seed) axis."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
 
 @jax.jit
@@ -80,8 +83,7 @@ class SeedBatches:
     self.loaders = [input_pipeline.TrainLoader(source, global_batch_size=global_batch_size,
                                                mesh=mesh, seed=int(s), shuffle=shuffle)
                     for s in seeds]
-    self._stack = jax.jit(lambda *b: jax.tree.map(lambda *x: jnp.stack(x), *b),
-                          out_shardings=NamedSharding(mesh, P(None, AXIS)))
+    self._stack = jax.jit(_stack, out_shardings=NamedSharding(mesh, P(None, AXIS)))
 
   def __iter__(self):
     return self

@@ -206,6 +206,22 @@ EMBED_KEYS = ("emb_visual", "emb_audio", "logits_visual", "logits_audio",
               "unimodal_emb_visual", "unimodal_emb_audio")
 
 
+def _memoized(build: Callable) -> Callable:
+  """``build`` remembered for its last 16 argument tuples (so equal arguments get the same
+  jitted function, traced and compiled once); unhashable arguments build anew."""
+  cached = functools.lru_cache(maxsize=16)(build)
+
+  @functools.wraps(build)
+  def get(*args):
+    try:
+      hash(args)
+    except TypeError:  # e.g. an instance of an unfrozen dataclass
+      return build(*args)
+    return cached(*args)
+
+  return get
+
+
 def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callable:
   """Eval-mode forward of a batch sharded over ``data`` (same sharding).
 
@@ -214,12 +230,10 @@ def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callabl
   compare by their fields) on the same mesh get the same jitted function, so a
   grid of runs or repeated evaluations trace and compile it once.
   """
-  try:
-    return _embed_fn_cached(model, mesh, unimodal)
-  except TypeError:  # a model that cannot be hashed: its own function
-    return _embed_fn(model, mesh, unimodal)
+  return _embed_fn(model, mesh, unimodal)
 
 
+@_memoized
 def _embed_fn(model: DSF3N, mesh: Mesh, unimodal: bool) -> Callable:
   def embed(variables, visual, audio):
     if not unimodal:
@@ -231,9 +245,6 @@ def _embed_fn(model: DSF3N, mesh: Mesh, unimodal: bool) -> Callable:
   mapped = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
                          check_vma=False)
   return jax.jit(mapped)
-
-
-_embed_fn_cached = functools.lru_cache(maxsize=16)(_embed_fn)
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -255,21 +266,12 @@ def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+@_memoized
 def _split_loss(loss_fn: losses.LossFn) -> Callable:
   """``loss_fn`` on a whole split, compiled (once per function and split size): one program
   instead of an op-by-op run that compiles each of its dozens of operations."""
-  try:
-    return _split_loss_cached(loss_fn)
-  except TypeError:  # an unhashable callable (e.g. an instance of a dataclass): compiled anew
-    return _compile_split_loss(loss_fn)
-
-
-def _compile_split_loss(loss_fn: losses.LossFn) -> Callable:
   return jax.jit(lambda outputs, labels, aux: loss_fn(outputs, {"label": labels, "mask": None},
                                                       aux))
-
-
-_split_loss_cached = functools.lru_cache(maxsize=16)(_compile_split_loss)
 
 
 def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
