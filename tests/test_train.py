@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from dsf3n_jax import config_check, input_pipeline, retrieve, train, visualize
+from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -365,18 +366,18 @@ def _linear_cca_map(arrays):
 
 @pytest.mark.slow
 def test_synthetic_dsf3n_beats_linear_cca_in_bfloat16(tmp_path):
-  """The reference structure, narrow (``:tiny``), 20 epochs of 3,000 synthetic pairs, through
+  """The reference structure, narrow (``:tiny``), 20 epochs of 1,500 synthetic pairs, through
   the command line on 2 CPU devices, with bfloat16 compute.
 
   Float32 learning is checked on real data by ``test_learns_real_audio_visual_digits_from_one_
-  modality`` (0.90 against linear CCA's 0.56); this run in float32 reached 0.654.
+  modality`` (0.90 against linear CCA's 0.56).
   """
   from dsf3n_jax.datasets import generate_synthetic
 
   workdir = tmp_path / "bfloat16"
   proc = subprocess.run([
       sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:tiny",
-      f"--workdir={workdir}", "--config.data.synthetic.num_train=3000",
+      f"--workdir={workdir}", "--config.data.synthetic.num_train=1500",
       "--config.data.synthetic.num_test=600", "--config.data.validation_fraction=0.0",
       "--config.num_epochs=20", "--config.eval_every_epochs=20",
       "--config.checkpoint_every_epochs=20", "--config.model.dtype=bfloat16"],
@@ -385,9 +386,9 @@ def test_synthetic_dsf3n_beats_linear_cca_in_bfloat16(tmp_path):
   saved = json.load(open(workdir / "config.json"))["config"]
   assert saved["model"]["dtype"] == "bfloat16"
   bf16 = json.load(open(workdir / "results.json"))["final"]["test"]["map_average"]
-  cca = _linear_cca_map(generate_synthetic(num_train=3000, num_test=600))
-  # Measured (seed 0): 0.718 on 2 devices; linear CCA 0.34. Runs on other device counts round
-  # differently and end elsewhere in the spread over seeds (0.67-0.93 in float32).
+  cca = _linear_cca_map(generate_synthetic(num_train=1500, num_test=600))
+  # Measured (seed 0): 0.680 on 2 devices; linear CCA 0.198 (with 3,000 pairs: 0.718 and
+  # 0.339). Runs on other device counts round differently and end elsewhere in the spread.
   assert bf16 > cca + 0.15, (bf16, cca)
 
 
@@ -418,10 +419,14 @@ def test_learns_real_audio_visual_digits_from_one_modality(tmp_path, fsdd_path):
   assert final["map_average"] >= 0.90, final
 
 
-def test_early_stopping_after_evaluations_without_a_lower_loss(tmp_path):
-  # Nothing learns (both learning rates 0), so the evaluation loss never gets lower.
-  config = tiny_config(**{"optim.lr": 0.0, "optim.center_lr": 0.0, "num_epochs": 6,
-                          "eval_every_epochs": 1, "early_stopping_patience": 2})
+def test_early_stopping_after_evaluations_without_a_lower_loss(tmp_path, monkeypatch):
+  # Every evaluation reports the same loss (a tie is no improvement), so after the first one
+  # it never gets lower. The model trains as tiny_config's does (its compiled step is shared).
+  real = steps_lib.evaluate
+  monkeypatch.setattr(steps_lib, "evaluate",
+                      lambda *args, **kwargs: {**real(*args, **kwargs), "loss": 1.0})
+  config = tiny_config(**{"num_epochs": 6, "eval_every_epochs": 1,
+                          "early_stopping_patience": 2})
   workdir = tmp_path / "run"
   results = train.train_and_evaluate(config, str(workdir))
   assert results["stopped_early"]

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import struct
 
@@ -257,18 +258,40 @@ def make_init_fn(model: DSF3N, tx: optax.GradientTransformation, *, num_classes:
   The seed enters the program as its key, not as a constant: runs of one
   model with different seeds (``training.seeds``, a sweep, a resumed grid)
   share one executable, in memory and in the persistent compilation cache.
-  The initialiser is the largest program a run compiles (one threefry draw
-  per parameter), larger than the train step, and it runs once: on CPU it is
-  compiled for compile time (``INIT_COMPILER_OPTIONS``). Because of those
-  options it must be called at top level: JAX refuses them on a nested jit, so
-  under ``jax.eval_shape`` or another ``jit`` call ``init_state`` instead.
+  The program runs on one device (this process's first) and its result is
+  then replicated to ``sharding`` (None: left there), so it is the same
+  program on any number of devices and hosts, and compiled once for all of
+  them. The initialiser is the largest program a run compiles (one threefry
+  draw per parameter), larger than the train step, and it runs once: on CPU
+  it is compiled for compile time (``INIT_COMPILER_OPTIONS``). Because of
+  those options it must be called at top level: JAX refuses them on a nested
+  jit, so under ``jax.eval_shape`` or another ``jit`` call ``init_state``
+  instead.
   """
   terms = tuple(loss_terms)
   compiled = jax.jit(lambda key: init_state(model, tx, seed=key, num_classes=num_classes,
                                             loss_terms=terms),
-                     out_shardings=sharding,
                      compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))
-  return lambda seed: compiled(jax.random.key(seed))
+  device = jax.local_devices()[0]
+
+  def init(seed):
+    state = compiled(jax.device_put(jax.random.key(seed), device))
+    return state if sharding is None else replicate(state, sharding)
+
+  return init
+
+
+def replicate(tree, sharding: jax.sharding.Sharding):
+  """Every leaf of ``tree`` (the same values on every process) placed on ``sharding``, a
+  replicated one; across processes each process supplies the copies of its own devices."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, tree)
 
 
 # LLVM at -O1 instead of XLA:CPU's -O2 compiled the initialiser in 25-50 % less time (5.5-6 s
