@@ -28,14 +28,16 @@ EXIT_TIMEOUT_S = 240
 
 def _argv(workdir, *extra):
   return ["--config=configs/synthetic.py:runlocal,tiny", f"--workdir={workdir}",
-          "--config.data.synthetic.num_train=96", "--config.data.synthetic.num_test=40",
+          "--config.data.synthetic.num_train=128", "--config.data.synthetic.num_test=40",
           "--config.batch_size=16", "--config.eval_batch_size=16", "--config.num_epochs=2",
           "--config.eval_every_epochs=1", "--config.checkpoint_every_epochs=1", *extra]
 
 
 def _env():
+  # Two devices and the model, data sizes and batches of test_train's command-line runs: the
+  # same programs, compiled once for both files (the compilation cache is per device count).
   env = dict(os.environ)
-  env["XLA_FLAGS"] = xla_flags(1)
+  env["XLA_FLAGS"] = xla_flags(2)
   env["PYTHONPATH"] = str(REPO)
   return env
 

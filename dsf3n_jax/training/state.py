@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -231,6 +231,13 @@ def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int | ja
   ``seed``: an int, or the key ``jax.random.key(seed)`` (the same state), which lets a
   compiled initialiser take the seed as an argument (``make_init_fn``).
   """
+  state = _init_without_optimizer(model, seed, num_classes, tuple(loss_terms))
+  return state.replace(opt_state=tx.init(state.trainable))
+
+
+def _init_without_optimizer(model: DSF3N, seed: int | jax.Array, num_classes: int,
+                            loss_terms: tuple[str, ...]) -> TrainState:
+  """``init_state`` with ``opt_state=None``: everything a seed draws."""
   key = seed if _is_key(seed) else jax.random.key(seed)
   init_key, aux_key, dropout_key = jax.random.split(key, 3)
   visual = jnp.zeros((2, model.visual_dim), model.param_dtype)
@@ -241,8 +248,7 @@ def init_state(model: DSF3N, tx: optax.GradientTransformation, *, seed: int | ja
   aux = losses.init_aux(loss_terms, aux_key, num_classes=num_classes,
                         embed_dim=model.embed_dim, dtype=model.param_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], aux=aux,
-                    opt_state=tx.init({"net": variables["params"], "aux": aux}),
+                    batch_stats=variables["batch_stats"], aux=aux, opt_state=None,
                     rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
@@ -258,27 +264,52 @@ def make_init_fn(model: DSF3N, tx: optax.GradientTransformation, *, num_classes:
   The seed enters the program as its key, not as a constant: runs of one
   model with different seeds (``training.seeds``, a sweep, a resumed grid)
   share one executable, in memory and in the persistent compilation cache.
-  The program runs on one device (this process's first) and its result is
-  then replicated to ``sharding`` (None: left there), so it is the same
-  program on any number of devices and hosts, and compiled once for all of
-  them. The initialiser is the largest program a run compiles (one threefry
-  draw per parameter), larger than the train step, and it runs once: on CPU
-  it is compiled for compile time (``INIT_COMPILER_OPTIONS``). Because of
-  those options it must be called at top level: JAX refuses them on a nested
-  jit, so under ``jax.eval_shape`` or another ``jit`` call ``init_state``
-  instead.
+  The program draws the parameters and centres on one device (this
+  process's first), and equal models (flax modules compare by their fields)
+  with the same classes and loss terms get the same jitted program: it is
+  traced once per process and compiled once for any number of devices and
+  hosts and any optimiser. The optimiser's state is then made from the
+  drawn parameters by its own small program, and the state replicated to
+  ``sharding`` (None: left on that device).
+
+  The initialiser is the largest program a run compiles (one threefry draw
+  per parameter), larger than the train step, and it runs once: on CPU it is
+  compiled for compile time (``INIT_COMPILER_OPTIONS``). Because of those
+  options it must be called at top level: JAX refuses them on a nested jit,
+  so under ``jax.eval_shape`` or another ``jit`` call ``init_state`` instead.
   """
-  terms = tuple(loss_terms)
-  compiled = jax.jit(lambda key: init_state(model, tx, seed=key, num_classes=num_classes,
-                                            loss_terms=terms),
-                     compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+  draw = _init_program(model, int(num_classes), tuple(loss_terms))
+  optimizer_init = jax.jit(tx.init)
   device = jax.local_devices()[0]
 
   def init(seed):
-    state = compiled(jax.device_put(jax.random.key(seed), device))
+    state = draw(jax.device_put(jax.random.key(seed), device))
+    state = state.replace(opt_state=optimizer_init(state.trainable))
     return state if sharding is None else replicate(state, sharding)
 
   return init
+
+
+def memoized(build: Callable) -> Callable:
+  """``build`` remembered for its last 16 argument tuples (so equal arguments get the same
+  jitted function, traced and compiled once); unhashable arguments build anew."""
+  cached = functools.lru_cache(maxsize=16)(build)
+
+  @functools.wraps(build)
+  def get(*args):
+    try:
+      hash(args)
+    except TypeError:  # e.g. an instance of an unfrozen dataclass
+      return build(*args)
+    return cached(*args)
+
+  return get
+
+
+@memoized
+def _init_program(model: DSF3N, num_classes: int, loss_terms: tuple[str, ...]) -> Callable:
+  return jax.jit(lambda key: _init_without_optimizer(model, key, num_classes, loss_terms),
+                 compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))
 
 
 def replicate(tree, sharding: jax.sharding.Sharding):

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from dsf3n_jax import input_pipeline, losses, metrics
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N, DSF3NOutput
-from dsf3n_jax.training.state import TrainState
+from dsf3n_jax.training.state import TrainState, memoized
 
 Batch = Mapping[str, jax.Array]
 
@@ -206,22 +206,6 @@ EMBED_KEYS = ("emb_visual", "emb_audio", "logits_visual", "logits_audio",
               "unimodal_emb_visual", "unimodal_emb_audio")
 
 
-def _memoized(build: Callable) -> Callable:
-  """``build`` remembered for its last 16 argument tuples (so equal arguments get the same
-  jitted function, traced and compiled once); unhashable arguments build anew."""
-  cached = functools.lru_cache(maxsize=16)(build)
-
-  @functools.wraps(build)
-  def get(*args):
-    try:
-      hash(args)
-    except TypeError:  # e.g. an instance of an unfrozen dataclass
-      return build(*args)
-    return cached(*args)
-
-  return get
-
-
 def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callable:
   """Eval-mode forward of a batch sharded over ``data`` (same sharding).
 
@@ -233,7 +217,7 @@ def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callabl
   return _embed_fn(model, mesh, unimodal)
 
 
-@_memoized
+@memoized
 def _embed_fn(model: DSF3N, mesh: Mesh, unimodal: bool) -> Callable:
   def embed(variables, visual, audio):
     if not unimodal:
@@ -266,7 +250,7 @@ def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-@_memoized
+@memoized
 def _split_loss(loss_fn: losses.LossFn) -> Callable:
   """``loss_fn`` on a whole split, compiled (once per function and split size): one program
   instead of an op-by-op run that compiles each of its dozens of operations."""
