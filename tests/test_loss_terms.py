@@ -107,8 +107,12 @@ def _old_layout(state, config):
   tx = optax.multi_transform({"net": net, "centers": optax.sgd(o.center_lr)}, lambda t: {
       "net": jax.tree.map(lambda _: "net", t["net"]), "centers": "centers"})
   trainable = {"net": state.params, "centers": state.centers}
-  opt_state = tx.init(trainable)
-  _, opt_state = tx.update(jax.tree.map(jnp.ones_like, trainable), opt_state, trainable)
+
+  @jax.jit  # one program, not an op-by-op run that compiles each of its ~200 operations
+  def after_one_update(trainable):
+    return tx.update(jax.tree.map(jnp.ones_like, trainable), tx.init(trainable), trainable)[1]
+
+  opt_state = after_one_update(trainable)
   return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
           "centers": state.centers, "opt_state": opt_state, "rng": state.rng}
 
