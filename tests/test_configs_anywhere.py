@@ -132,10 +132,11 @@ def test_a_users_configs_folder_adds_to_ours(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_run_with_an_absolute_config_path_from_another_directory(tmp_path):
   workdir = tmp_path / "run"
+  # The devices, sizes and batches of test_train's command-line runs (their compiled programs).
   proc = _main(tmp_path, f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal,tiny",
-               "--config.num_epochs=1", "--config.data.synthetic.num_train=64",
-               "--config.data.synthetic.num_test=32", f"--workdir={workdir}",
-               timeout=300, devices=1)
+               "--config.num_epochs=1", "--config.data.synthetic.num_train=128",
+               "--config.data.synthetic.num_test=40", "--config.batch_size=16",
+               "--config.eval_batch_size=16", f"--workdir={workdir}", timeout=300, devices=2)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "final test" in proc.stdout
   saved = json.loads((workdir / "config.json").read_text())["config"]
