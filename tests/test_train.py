@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from dsf3n_jax import config_check, input_pipeline, retrieve, train, visualize
+from dsf3n_jax.training import state as state_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
 
@@ -133,6 +134,20 @@ def test_pmap_of_the_per_device_step_matches_shard_map():
   for leaf in jax.tree.leaves(pstate.params):
     np.testing.assert_array_equal(leaf[0], leaf[-1])
   assert max_abs_diff(jax.tree.map(lambda x: x[0], pstate.params), ref_state.params) < 1e-5
+
+
+def test_the_initialiser_is_one_program_for_any_mesh_and_equal_models():
+  config = tiny_config()
+  model, tx, _ = tiny_setup(config)
+  states = {n: train.make_init_fn(model, tx, num_classes=5,
+                                  sharding=NamedSharding(mesh_of(n), P()))(3) for n in (1, 8)}
+  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(states[8]))
+  assert max_abs_diff(jax.device_get(states[1]), jax.device_get(states[8])) == 0
+  # Equal models (a clone) with the same classes and terms share the jitted draw.
+  assert state_lib._init_program(model, 5, DEFAULT_LOSS_TERMS) is state_lib._init_program(
+      model.clone(), 5, tuple(DEFAULT_LOSS_TERMS))
+  assert state_lib._init_program(model, 6, DEFAULT_LOSS_TERMS) is not state_lib._init_program(
+      model, 5, DEFAULT_LOSS_TERMS)
 
 
 def test_epoch_on_device_equals_streamed_epoch():
