@@ -148,8 +148,7 @@ def test_a_process_whose_peer_died_exits_within_the_heartbeat_timeout(tmp_path):
   """Process 1 is killed once process 0 has initialised its state and starts compiling the
   train step, whose first collective then has no peer: process 0 must exit, not wait."""
   port = free_port()
-  flags = ("--config.distributed.heartbeat_timeout=10", "--config.num_epochs=200",
-           "--config.checkpoint_every_epochs=1")
+  flags = ("--config.distributed.heartbeat_timeout=10", "--config.num_epochs=200")
   log = tmp_path / "process_0.log"
   with open(log, "w") as out:
     procs = [_start(i, 2, port, tmp_path / "run", *flags,
