@@ -132,7 +132,24 @@ def _schedule(config):
   # After epochs 5, 10, ... (1-based) and the last. The original evaluates after 1-based epochs
   # 6, 11, 16, ... (0-based epoch > 0 and epoch % 5 == 0; VEGAS: up to 36 of 40), not the last.
   config.eval_every_epochs = 5
+  # What is evaluated (dsf3n_jax.evaluators): name -> {type, split, every_steps | every_epochs
+  # (default eval_every_epochs; 0: only at the end), the evaluator's own settings}. Every
+  # evaluator also runs after the last step; one of the validation split is skipped when none
+  # is carved. A config adds its own, e.g. config.evals.recall = dict(type="precision_recall",
+  # split="test", ks=(1, 5)).
+  config.evals = ml_collections.ConfigDict()
+  config.evals.validation = dict(type="retrieval", split="validation")
+  config.evals.test = dict(type="retrieval", split="test")
   config.checkpoint_every_epochs = 5  # and at the end
+  # Also every N global steps (0: off): a preempted run loses at most N steps. A checkpoint
+  # holds the data position, so a resume from mid-epoch continues with the same batches.
+  config.checkpoint_every_steps = 0
+  # With the train split in device memory, at most this many steps per compiled call (0: up to
+  # the next action or epoch end); a preemption signal is acted on between calls.
+  config.steps_per_call = 0
+  # (start, stop): a jax.profiler trace of the steps after the start-th up to the stop-th into
+  # workdir/profile (TensorBoard's Profile tab, XProf). (): none.
+  config.profile_steps = ()
   config.keep_checkpoints = 2  # the latest ones; the best one is kept besides
   # False: checkpoints hold parameters, BatchNorm statistics, centres, step and key only (about
   # a third of the size); a resume then starts Adam afresh, so it is not bit for bit.
@@ -142,7 +159,8 @@ def _schedule(config):
   config.allow_resume_mismatch = False
   config.log_every_steps = 50
   config.selection_split = "validation"  # validation (if carved) | test: picks the best checkpoint
-  # map_average (the paper's protocol) | unimodal_map_average (each modality embedded alone)
+  # map_average (the paper's protocol) | unimodal_map_average (each modality embedded alone), of
+  # the evaluator named as selection_split; or "<eval name>/<metric>" of any of config.evals.
   config.selection_metric = "map_average"
   # Stop after this many evaluations in a row whose selection-split loss is not strictly lower
   # than the best so far (a tie counts as no improvement); 0 = off. The loss is one mean over

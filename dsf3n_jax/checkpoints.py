@@ -1,14 +1,17 @@
 """Orbax checkpoints of a training run: the latest ones and the best one, in one manager.
 
-``workdir/checkpoints/<epoch>`` is one orbax ``CheckpointManager`` whose
-preservation policy keeps the latest ``keep`` checkpoints and the best one
-(the newest save marked ``best``: a finite evaluation that improved the
-selection metric). The best checkpoint is an ordinary step of the manager, so
-when it is also a latest one the two are the same files.
+``workdir/checkpoints/<step>`` (the global step; runs written before step
+checkpoints existed are named by epoch, and still read) is one orbax
+``CheckpointManager`` whose preservation policy keeps the latest ``keep``
+checkpoints and the best one (the newest save marked ``best``: a finite
+evaluation that improved the selection metric; ``meta["best"]["checkpoint"]``
+names it). The best checkpoint is an ordinary step of the manager, so when it
+is also a latest one the two are the same files.
 
 Each checkpoint holds the ``TrainState`` (without the optimiser state when
 ``optimizer_state=False``) and a JSON ``meta`` item: the resolved model
-config, the data iterator's state, the global step, the run's bookkeeping
+config, the data position (epoch, step within it, the streaming loader's
+state), the sums of the current epoch's train metrics, the run's bookkeeping
 (best so far, early-stopping counter) and what the run was trained on
 (dataset fingerprint, loss config). Saves are asynchronous and atomic: a run
 killed during a save leaves the previous checkpoint as the latest complete
@@ -29,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax.cli import first_line
-from dsf3n_jax.training.workdir import resolve
+from dsf3n_jax.paths import resolve
 
 _policies = ocp.checkpoint_managers
 # 2: the loss terms' parameters under ``aux`` (1: the centres as ``centers``; still read).
@@ -98,36 +101,38 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          handler_registry=_handler_registry())
 
-  def latest_epoch(self) -> int | None:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def epochs(self) -> list[int]:
+  def steps(self) -> list[int]:
+    """The numbers of the checkpoints on disk (global steps; epochs for older runs)."""
     return sorted(self.manager.all_steps())
 
-  def save(self, epoch: int, state, meta: Mapping[str, Any], *, best: bool = False) -> None:
-    """Starts an asynchronous save; ``best`` marks it as the new best (``meta["best"]``)."""
+  def save(self, step: int, state, meta: Mapping[str, Any], *, best: bool = False) -> None:
+    """Starts an asynchronous save as ``checkpoints/<step>``; ``best`` marks it as the new best
+    (``meta["best"]``)."""
     if not self.optimizer_state:
       state = state.replace(opt_state=None)
     meta = {**meta, "optimizer_state": self.optimizer_state, "format": FORMAT}
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
     metrics = {"value": float(meta["best"]["value"])} if best else None
-    self.manager.save(epoch, args=args, metrics=metrics, force=True)
+    self.manager.save(step, args=args, metrics=metrics, force=True)
 
-  def read_meta(self, *, which: str = "latest", epoch: int | None = None) -> dict[str, Any]:
+  def read_meta(self, *, which: str = "latest", step: int | None = None) -> dict[str, Any]:
     """The ``meta`` item of one checkpoint (default: the newest readable one)."""
-    if epoch is None:
-      epoch = self._best_epoch() if which == "best" else self._newest()
-    return self._meta(epoch)
+    if step is None:
+      step = self.best_step() if which == "best" else self._newest()
+    return self._meta(step)
 
-  def restore(self, abstract_state, *, epoch: int | None = None, which: str = "latest",
+  def restore(self, abstract_state, *, step: int | None = None, which: str = "latest",
               model_config: Mapping[str, Any] | None = None,
               on_fallback: Callable[[str], None] | None = None, repair: bool = False):
     """Restores ``(state, meta)``; checks the model config when given.
 
-    Without ``epoch``, the newest checkpoint (or the best one) is read; one
+    Without ``step``, the newest checkpoint (or the best one) is read; one
     that cannot be read is reported through ``on_fallback`` and the previous
     one is tried (``repair``: the unreadable ones are deleted, so that the run
-    can save those epochs again). A checkpoint saved without optimiser state
+    can save those steps again). A checkpoint saved without optimiser state
     comes back with ``opt_state=None``.
 
     Raises:
@@ -135,75 +140,77 @@ class Checkpointer:
       CheckpointError: no readable checkpoint.
       FileNotFoundError: no checkpoint in the workdir.
     """
-    if epoch is not None or which == "best":
-      epoch = self._best_epoch() if epoch is None else epoch
-      return self._restore(epoch, abstract_state, model_config)
+    if step is not None or which == "best":
+      step = self.best_step() if step is None else step
+      return self._restore(step, abstract_state, model_config)
     candidates = sorted(self.manager.all_steps(), reverse=True)
     if not candidates:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     broken = []
-    for epoch in candidates:
+    for step in candidates:
       try:
-        restored = self._restore(epoch, abstract_state, model_config)
+        restored = self._restore(step, abstract_state, model_config)
       except (CheckpointMismatchError, KeyboardInterrupt):
         raise
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-        broken.append((epoch, first_line(e)))
+        broken.append((step, first_line(e)))
         if on_fallback is not None:
-          on_fallback(f"checkpoint {self.directory}/{epoch} is unreadable ({first_line(e)})")
+          on_fallback(f"checkpoint {self.directory}/{step} is unreadable ({first_line(e)})")
         continue
       if broken and repair:
         for bad, _ in broken:
           self.manager.delete(bad)
       return restored
     raise CheckpointError(f"no readable checkpoint under {self.directory}: " + "; ".join(
-        f"epoch {epoch}: {cause}" for epoch, cause in broken))
+        f"{number}: {cause}" for number, cause in broken))
 
   def _newest(self) -> int:
-    epoch = self.manager.latest_step()
-    if epoch is None:
+    step = self.manager.latest_step()
+    if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
-    return epoch
+    return step
 
-  def _best_epoch(self) -> int:
+  def best_step(self) -> int:
+    """The number of the best checkpoint (``best_checkpoint`` of the newest meta)."""
     best = self._meta(self._newest()).get("best")
     if not best:
       raise FileNotFoundError(f"no best checkpoint under {self.directory}: the run has not "
                               "evaluated yet")
-    if best["epoch"] not in self.manager.all_steps():
-      raise CheckpointError(f"the best checkpoint, {self.directory}/{best['epoch']}, is "
+    number = best_checkpoint(best)
+    if number not in self.manager.all_steps():
+      raise CheckpointError(f"the best checkpoint, {self.directory}/{number}, is "
                             "missing (a resume of the run saves it again)")
-    return best["epoch"]
+    return number
 
-  def _meta(self, epoch: int) -> dict[str, Any]:
+  def _meta(self, step: int) -> dict[str, Any]:
     try:
-      return self.manager.restore(epoch, args=ocp.args.Composite(
+      return self.manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"{self.directory}/{epoch}/meta: unreadable checkpoint metadata "
+      raise CheckpointError(f"{self.directory}/{step}/meta: unreadable checkpoint metadata "
                             f"({first_line(e)})") from e
 
-  def _restore(self, epoch: int, abstract_state, model_config):
-    meta = self._meta(epoch)
+  def _restore(self, step: int, abstract_state, model_config):
+    meta = self._meta(step)
     if model_config is not None:
-      check_model_config(meta["model"], model_config, where=f"{self.directory}/{epoch}")
+      check_model_config(meta["model"], model_config, where=f"{self.directory}/{step}")
     if not meta.get("optimizer_state", True):
       abstract_state = abstract_state.replace(opt_state=None)
     if meta.get("format", 1) < FORMAT:
-      return self._restore_format_1(epoch, abstract_state), meta
-    restored = self.manager.restore(epoch, args=ocp.args.Composite(
+      return self._restore_format_1(step, abstract_state), meta
+    restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(abstract_state, restore_args=(
             ocp.checkpoint_utils.construct_restore_args(abstract_state))),
         meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
-  def _restore_format_1(self, epoch: int, abstract_state):
+  def _restore_format_1(self, step: int, abstract_state):
     """A checkpoint from before ``TrainState.aux``: the centres at the top as ``centers``, the
     optimiser groups "net" and "centers". Read without a target, then leaf by leaf into
     today's tree (same leaves, same order: only names of leafless nodes changed)."""
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                            self.manager.item_metadata(epoch)["state"].tree)
-    raw = self.manager.restore(epoch, args=ocp.args.Composite(
+                            self.manager.item_metadata(step)["state"].tree)
+    raw = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=as_numpy)))["state"]
     raw = {**raw, "aux": {"center": raw.pop("centers")}}
     fields = {}
@@ -215,7 +222,7 @@ class Checkpointer:
       leaves, targets = jax.tree.leaves(raw.get(field)), jax.tree.leaves(target)
       if [np.shape(x) for x in leaves] != [t.shape for t in targets]:
         raise CheckpointMismatchError(
-            f"checkpoint {self.directory}/{epoch} (format 1): its {field} does not fit the "
+            f"checkpoint {self.directory}/{step} (format 1): its {field} does not fit the "
             f"model and loss terms of the config ({len(leaves)} arrays, {len(targets)} "
             "expected, or other shapes)")
       fields[field] = jax.tree.unflatten(jax.tree.structure(target), [
@@ -231,6 +238,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def best_checkpoint(best: Mapping[str, Any]) -> int:
+  """The checkpoint number of ``meta["best"]``: its step (older runs: its epoch)."""
+  return int(best.get("checkpoint", best["epoch"]))
 
 
 def _model_defaults() -> dict[str, Any]:

@@ -36,7 +36,7 @@ DTYPES = ("float32", "bfloat16", "float64")
 SCHEDULES = ("constant", "warmup_step", "cosine")  # train.learning_rate_schedule
 _MISSING = object()
 # Mappings whose keys are open (a user registers more loss terms), below the reference's own.
-OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms")
+OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms", "evals")
 # Fields that were renamed: an old config's field names its new place.
 RENAMED = {"loss.alpha": "loss.terms.pair", "loss.beta": "loss.terms.center",
            "loss.id_weight": "loss.terms.id", "loss.unimodal_alpha": "loss.unimodal_terms.pair",
@@ -98,6 +98,12 @@ def _ints(*, odd: bool = False) -> Rule:
 _BOOL: Rule = (lambda v: isinstance(v, bool)), "True or False"
 _STR: Rule = (lambda v: isinstance(v, str)), "a string"
 _PROBABILITY: Rule = _num(0, 1)
+_SELECTION: Rule = ((lambda v: isinstance(v, str) and (v in SELECTION_METRICS or (
+    "/" in v and all(v.split("/", 1))))),
+                    f"one of {', '.join(SELECTION_METRICS)}, or '<eval name>/<metric>'")
+_STEP_RANGE: Rule = ((lambda v: isinstance(v, (tuple, list)) and (len(v) == 0 or (
+    len(v) == 2 and all(_is_int(s) for s in v) and 0 <= v[0] < v[1]))),
+                     "() or (start, stop) with 0 <= start < stop")
 _RATE: Rule = _num(0, 1, hi_open=True)
 
 RULES: tuple[tuple[str, Rule], ...] = (
@@ -144,12 +150,15 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("num_epochs", _int(1)),
     ("eval_every_epochs", _int(0)),
     ("checkpoint_every_epochs", _int(0)),
+    ("checkpoint_every_steps", _int(0)),
+    ("steps_per_call", _int(0)),
+    ("profile_steps", _STEP_RANGE),
     ("keep_checkpoints", _int(1)),
     ("checkpoint_optimizer_state", _BOOL),
     ("allow_resume_mismatch", _BOOL),
     ("log_every_steps", _int(0)),
     ("selection_split", _choice(SELECTION_SPLITS)),
-    ("selection_metric", _choice(SELECTION_METRICS)),
+    ("selection_metric", _SELECTION),
     ("early_stopping_patience", _int(0)),
     ("metric.distance", _choice(get_args(metrics.Distance))),
     ("metric.k", _int(0)),
@@ -269,11 +278,42 @@ def _loss_term_problems(config) -> list[str]:
   return out
 
 
+def _eval_problems(config) -> list[str]:
+  """``evals``: each a mapping with a registered ``type``, a split, and schedules >= 0."""
+  from dsf3n_jax import evaluators  # pylint: disable=g-import-not-at-top
+  evals = lookup(config, "evals", _MISSING)
+  if evals is _MISSING:
+    return []
+  if not _is_node(evals) or not evals:
+    return [_problem("evals", evals, "a mapping of evaluator names to their settings (at "
+                     "least one)")]
+  out = []
+  for name, entry in evals.items():
+    where = f"evals.{name}"
+    if not _is_node(entry):
+      out.append(_problem(where, entry, "a mapping with type and split"))
+      continue
+    kind = entry.get("type", _MISSING)
+    try:
+      registry.lookup("evaluator", kind)
+    except (ValueError, TypeError):
+      out.append(_problem(f"{where}.type", None if kind is _MISSING else kind,
+                          f"a registered evaluator: {', '.join(registry.names('evaluator'))} "
+                          f"({registry.IMPORT_HINT})"))
+    split = entry.get("split", name)
+    if split not in evaluators.SPLITS:
+      out.append(_problem(f"{where}.split", split, "one of " + ", ".join(evaluators.SPLITS)))
+    for key in ("every_steps", "every_epochs"):
+      if key in entry and not (_is_int(entry[key]) and entry[key] >= 0):
+        out.append(_problem(f"{where}.{key}", entry[key], "an int >= 0"))
+  return out
+
+
 def _cross_field_problems(config, problems: list[str]) -> list[str]:
   """Checks between fields (or of open-ended fields) whose own values passed."""
   bad = {p.split("=", 1)[0].removeprefix("config.") for p in problems}
   out = _geometry_problems(config, bad) + _registry_problems(config, bad)
-  out += _loss_term_problems(config)
+  out += _loss_term_problems(config) + _eval_problems(config)
   if lookup(config, "data.name") == "paired_features" and not lookup(config, "data.path", ""):
     out.append(_problem("data.path", lookup(config, "data.path", ""),
                         "the paired-feature file (.npz/.h5) for data.name='paired_features'"))

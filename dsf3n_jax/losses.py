@@ -226,7 +226,7 @@ def register_loss_term(name: str, *, init=None, optimizer=None, options=None):
 
   See ``LossTerm`` for the signatures. Returns ``fn`` unchanged.
   """
-  from dsf3n_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax import registry  # pylint: disable=g-import-not-at-top
 
   def decorator(fn):
     term = LossTerm(fn, init=init, optimizer=optimizer, options=options)
@@ -239,7 +239,7 @@ def register_loss_term(name: str, *, init=None, optimizer=None, options=None):
 
 def lookup_term(name: str, *, where: str = "config.loss.terms") -> LossTerm:
   """The registered term ``name`` (``"module:name"`` imports ``module`` first)."""
-  from dsf3n_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax import registry  # pylint: disable=g-import-not-at-top
   return registry.lookup("loss_term", name, where=f"{where}.{name}")
 
 

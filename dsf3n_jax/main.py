@@ -168,18 +168,24 @@ def config_search_path(argv) -> list[str]:
 
 
 def run():
-  """Console entry point: an error is ``error: ...`` lines and exit status 2 or 1."""
+  """Console entry point: an error is ``error: ...`` lines and exit status 2 or 1; a run
+  stopped by SIGTERM / SIGINT or a preemption notice, with its checkpoint saved, is one
+  ``preempted: ...`` line and exit status 75 (``training.preemption.EXIT_STATUS``)."""
   config_search_path(sys.argv[1:])  # so any config can `from configs import default`
   try:
     app.run(main, flags_parser=_parse_flags)
   except Exception as e:  # noqa: BLE001 - reported in one line each; KeyboardInterrupt passes
-    status = cli.report(e, verbose=cli.verbose_requested(sys.argv[1:]))
+    from dsf3n_jax.training import preemption  # pylint: disable=g-import-not-at-top
+    if isinstance(e, preemption.Preempted):  # a checkpoint was saved: the status to requeue on
+      print(f"preempted: {e}", file=sys.stderr)
+      status = e.exit_status
+    else:
+      status = cli.report(e, verbose=cli.verbose_requested(sys.argv[1:]))
     sys.stdout.flush()
     sys.stderr.flush()
     # The run has closed what it could (train.train_and_evaluate); threads a failed save or
     # writer left behind must not keep the process alive (on a pod, the allocation).
     os._exit(status)
-
 
 if __name__ == "__main__":
   run()

@@ -48,10 +48,13 @@ for ((i = 0; i < n; i++)); do
   pids+=($!)
 done
 
+# The first failing process's status (75 when the run was preempted and saved: rerun to resume).
 status=0
 for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
-    status=1
+  code=0
+  wait "$pid" || code=$?
+  if [[ $status == 0 && $code != 0 ]]; then
+    status=$code
   fi
 done
 exit "$status"

@@ -15,6 +15,10 @@
 #   --config FILE     config (default configs/vegas.py)
 #   --repo DIR        checkout of this project on the workers (default ~/dsf3n_jax)
 #   --setup           first install the project on every worker (pip install -e .)
+#   --retries N       rerun the command up to N times while it exits with status 75
+#                     (preempted or told to stop by SIGTERM: a checkpoint was saved; the
+#                     same command resumes from it). A slice that was deleted must be
+#                     recreated first; then run this script again: it resumes too.
 #   --dry-run         print the gcloud command instead of running it
 set -euo pipefail
 
@@ -25,6 +29,7 @@ workdir=""
 config=configs/vegas.py
 repo=dsf3n_jax  # relative to the workers' home directory
 setup=0
+retries=0
 dry_run=0
 extra=()
 while [[ $# -gt 0 ]]; do
@@ -42,6 +47,8 @@ while [[ $# -gt 0 ]]; do
     --repo=*) repo=${1#*=} ;;
     --repo) repo=$2; shift ;;
     --setup) setup=1 ;;
+    --retries=*) retries=${1#*=} ;;
+    --retries) retries=$2; shift ;;
     --dry-run) dry_run=1 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "tpu_pod.sh: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
@@ -73,4 +80,13 @@ if [[ $dry_run == 1 ]]; then
   echo
   exit 0
 fi
-exec "${cmd[@]}"
+attempt=0
+while true; do
+  status=0
+  "${cmd[@]}" || status=$?
+  if [[ $status -ne 75 || $attempt -ge $retries ]]; then
+    exit "$status"
+  fi
+  attempt=$((attempt + 1))
+  echo "tpu_pod.sh: preempted (status 75); resuming, attempt $attempt of $retries" >&2
+done

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -238,3 +239,19 @@ def test_torch_weights_file_is_read_without_pickles(bad_npz_files, assert_refuse
   with pytest.raises(DataValidationError) as e:
     cases_torch.torch_model({"weights": str(path)}, einsum=False, device="cpu")
   assert_refused_npz(str(e.value), path)
+
+
+def test_the_accelerator_check_passes_shellcheck_and_names_its_usage():
+  script = os.path.join(REPO, "benchmarks", "accelerator_check.sh")
+  subprocess.run(["bash", "-n", script], check=True)
+  shellcheck = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable),
+                                                         "shellcheck")
+  proc = subprocess.run([shellcheck, script], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout
+  proc = subprocess.run(["bash", script], capture_output=True, text=True)
+  assert proc.returncode != 0 and "usage:" in proc.stderr, proc.stderr
+  pins = [line for line in open(os.path.join(REPO, "benchmarks", "accelerator_requirements.txt"))
+          if line.strip() and not line.startswith("#")]
+  names = {line.split("==")[0].lower().replace("_", "-") for line in pins}
+  assert all(len(line.strip().split("==")) == 2 for line in pins), pins
+  assert {"tensorflow-datasets", "ml-collections", "array-record", "tensorboardx"} <= names

@@ -49,7 +49,8 @@ def test_shipped_configs_are_valid(name, variants):
     ("optim.lr", float("nan"), "a number >= 0"),
     ("selection_split", "valid", "one of validation, test"),
     ("metric.distance", "cos", "one of cosine, euclidean"),
-    ("selection_metric", "map", "one of map_average, unimodal_map_average"),
+    ("selection_metric", "map", "one of map_average, unimodal_map_average, or "
+     "'<eval name>/<metric>'"),
     ("model.missing_partner", "zeros", "one of self, learned, mean"),
     ("model.partner_dropout", 1.5, "a number in [0, 1]"),
     ("model.kernel_sizes", (3, 4), "a non-empty sequence of odd positive ints"),

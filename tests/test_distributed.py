@@ -2,7 +2,9 @@
 
 import os
 import pathlib
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -127,6 +129,38 @@ def test_two_processes_match_one_process_and_checkpoints_cross_restore(tmp_path)
   assert_params_close(params(two), after_two_epochs)
   for workdir in (two, one):
     assert (workdir / "results.json").exists() and (workdir / "metrics.jsonl").exists()
+
+  # SIGTERM to process 1 alone (one preempted host) while the step compiles: JAX's preemption
+  # notice reaches both, both save the same step and exit with 75; the rerun resumes and ends
+  # bit for bit as the uninterrupted two-process run.
+  preempted = tmp_path / "preempted"
+  port = free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as out:
+      procs.append(_start(i, 2, port, preempted, output=out))
+  deadline = time.time() + 300
+  while time.time() < deadline and "compiling the train step" not in logs[0].read_text():
+    assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    try:
+      p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("a process did not stop within 120 s of the SIGTERM")
+  assert [p.returncode for p in procs] == [75, 75], logs[0].read_text()[-3000:]
+  line = [x for x in logs[0].read_text().splitlines() if x.startswith("preempted:")]
+  assert len(line) == 1, logs[0].read_text()[-3000:]
+  saved = int(re.search(r"checkpoints/(\d+) at step", line[0]).group(1))
+  assert 0 < saved < 16 and (preempted / "checkpoints" / str(saved)).is_dir()
+  local_run(2, 2, tiny_flags(preempted))
+  a, b = params(two), params(preempted)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
   # Each checkpoint resumes in the other topology; both continuations agree.
   single_run(4, tiny_flags(two, "--config.num_epochs=3"))

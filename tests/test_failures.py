@@ -91,14 +91,14 @@ def test_a_failing_checkpoint_save_ends_the_run(tmp_path, errno_name):
 
 
 def test_a_save_failing_after_a_good_checkpoint_names_it(tmp_path):
-  inject = _FAIL_MKDIR_UNDER.format(  # once checkpoint 1 is complete, the disk is full
+  inject = _FAIL_MKDIR_UNDER.format(  # once checkpoint 7 (epoch 1) is complete, the disk is full
       errno_=errno.ENOSPC,
-      after_first="os.path.isdir(path.split('/checkpoints/')[0] + '/checkpoints/1')")
+      after_first="os.path.isdir(path.split('/checkpoints/')[0] + '/checkpoints/7')")
   proc, _ = _main(tmp_path / "run", inject=inject)
   assert proc.returncode == 1, proc.stderr[-3000:]
   line = _error_line(proc)
   assert "No space left on device" in line, line
-  assert f"last intact checkpoint: {tmp_path / 'run' / 'checkpoints' / '1'}" in line, line
+  assert f"last intact checkpoint: {tmp_path / 'run' / 'checkpoints' / '7'}" in line, line
   assert not (tmp_path / "run" / "results.json").exists()
 
 
@@ -182,7 +182,7 @@ def _run(config, workdir):
   return train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
 
 
-def _epochs(workdir) -> list[int]:
+def _checkpoints(workdir) -> list[int]:
   return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
                 if p.name.isdigit())
 
@@ -202,9 +202,9 @@ def test_a_non_finite_evaluation_is_never_saved_or_best(tmp_path, monkeypatch):
 
   monkeypatch.setattr(steps_lib, "evaluate", evaluate)
   with pytest.raises(FloatingPointError, match=r"non-finite test evaluation after epoch 2 .*"
-                     r"not saved; last good checkpoint: .*checkpoints/1"):
+                     r"not saved; last good checkpoint: .*checkpoints/6"):
     _run(config, tmp_path / "run")
-  assert _epochs(tmp_path / "run") == [1]
+  assert _checkpoints(tmp_path / "run") == [6]  # named by step: 6 steps per epoch
   meta = checkpoints.Checkpointer(tmp_path / "run", read_only=True).read_meta()
   assert meta["best"]["epoch"] == 1 and np.isfinite(meta["best"]["value"])
   assert not (tmp_path / "run" / "results.json").exists()
@@ -216,7 +216,7 @@ def test_best_shares_the_latest_files_and_results_name_complete_checkpoints(tmp_
   results = _run(config, tmp_path / "run")
   best = results["best"]["epoch"]
   # One manager: the latest checkpoint and the best one; no copy when they coincide.
-  assert _epochs(tmp_path / "run") == sorted({3, best})
+  assert _checkpoints(tmp_path / "run") == sorted({18, 6 * best})
   assert not (tmp_path / "run" / "best").exists()
   _, variables, _ = train.restore_model(str(tmp_path / "run"), which="best")
   assert set(variables) == {"params", "batch_stats"}
@@ -235,12 +235,12 @@ def test_a_resume_repairs_a_missing_best_checkpoint(tmp_path, monkeypatch, capfd
   monkeypatch.setattr(steps_lib, "evaluate", evaluate)
   _run(config, workdir)
   monkeypatch.setattr(steps_lib, "evaluate", real)
-  assert _epochs(workdir) == [1, 2]
-  shutil.rmtree(workdir / "checkpoints" / "1")  # lost, as a kill during a best save used to
+  assert _checkpoints(workdir) == [6, 12]
+  shutil.rmtree(workdir / "checkpoints" / "6")  # lost, as a kill during a best save used to
   capfd.readouterr()
   results = _run(config, workdir)
   assert "the best checkpoint (epoch 1) is missing" in capfd.readouterr().err
-  assert results["best"]["epoch"] == 2 and _epochs(workdir) == [2]
+  assert results["best"]["epoch"] == 2 and _checkpoints(workdir) == [12]
   train.restore_model(str(workdir), which="best")
 
 
@@ -249,7 +249,7 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
   config = tiny_config(num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1,
                        keep_checkpoints=2)
   _run(config, workdir)
-  state_dir = workdir / "checkpoints" / "2" / "state"
+  state_dir = workdir / "checkpoints" / "12" / "state"
   for f in state_dir.rglob("*"):
     if f.is_file():
       f.write_bytes(b"\0garbage")
@@ -258,20 +258,20 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
   results = _run(config, workdir)
   err = capfd.readouterr().err
   fallback = [line for line in err.splitlines() if "is unreadable" in line]
-  assert len(fallback) == 1 and f"{workdir / 'checkpoints' / '2'}" in fallback[0], err
+  assert len(fallback) == 1 and f"{workdir / 'checkpoints' / '12'}" in fallback[0], err
   assert "falling back" in fallback[0] and "resumed from" in err
-  assert results["epochs"] == 3 and 3 in _epochs(workdir)
+  assert results["epochs"] == 3 and 18 in _checkpoints(workdir)
 
 
 def test_garbage_checkpoint_metadata_is_named(tmp_path):
   workdir = tmp_path / "run"
   _run(tiny_config(num_epochs=1), workdir)
-  meta_dir = workdir / "checkpoints" / "1" / "meta"
+  meta_dir = workdir / "checkpoints" / "6" / "meta"
   for f in meta_dir.iterdir():
     f.write_text("{not json")
-  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/1/meta: unreadable"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/6/meta: unreadable"):
     checkpoints.Checkpointer(workdir, read_only=True).read_meta()
-  with pytest.raises(checkpoints.CheckpointError, match=r"no readable checkpoint.*epoch 1"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"no readable checkpoint.*6: "):
     train.restore_model(str(workdir))
 
 
@@ -318,13 +318,13 @@ def test_checkpoints_without_optimizer_state_are_smaller_and_resume(tmp_path, ca
   _run(config, tmp_path / "full")
   config.checkpoint_optimizer_state = False
   _run(config, tmp_path / "lean")
-  full = _size(tmp_path / "full" / "checkpoints" / "1")
-  lean = _size(tmp_path / "lean" / "checkpoints" / "1")
+  full = _size(tmp_path / "full" / "checkpoints" / "6")
+  lean = _size(tmp_path / "lean" / "checkpoints" / "6")
   # Adam's two moments are twice the parameters. The bytes on disk are a noisy measure (OCDBT
   # appends data files; seen: lean/full 0.27 to 0.66 for the same runs), so the arrays saved
   # are counted from the checkpoint's tree as well.
   assert lean < full, (lean, full)
-  saved = {run: [k for k in json.loads((tmp_path / run / "checkpoints" / "1" / "state" /
+  saved = {run: [k for k in json.loads((tmp_path / run / "checkpoints" / "6" / "state" /
                                          "_METADATA").read_text())["tree_metadata"]]
            for run in ("full", "lean")}
   optimizer_arrays = {run: [k for k in keys if k.startswith("('opt_state', ")]

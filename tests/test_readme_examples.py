@@ -30,7 +30,41 @@ def user_folder(tmp_path, devices: int) -> dict[str, str]:
 
 def test_the_readme_has_its_examples():
   assert {"my_fusion.py", "my_config.py", "my_loss.py", "my_loss_config.py", "my_dataset.py",
-          "my_data_config.py"} <= set(readme_examples())
+          "my_data_config.py", "my_evaluator.py", "my_eval_config.py"} <= set(readme_examples())
+
+
+def train_example(tmp_path, config: str, *extra, devices: int = 1):
+  """``python -m dsf3n_jax.main --config=<config>:runlocal,tiny --workdir=run`` in the user's
+  folder on 64 synthetic train and 24 test items, batches of 16; must succeed."""
+  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
+                         f"--config={config}:runlocal,tiny", "--workdir=run",
+                         "--config.data.synthetic.num_train=64",
+                         "--config.data.synthetic.num_test=24", "--config.batch_size=16",
+                         "--config.eval_batch_size=16", *extra], cwd=tmp_path,
+                        env=user_folder(tmp_path, devices), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_a_users_evaluator_reaches_results_and_tensorboard_and_a_profile_is_written(tmp_path):
+  from tests.test_failures import _scalars
+
+  proc = train_example(tmp_path, "my_eval_config.py", "--config.num_epochs=2",
+                       "--config.profile_steps=(1, 3)")
+  run = tmp_path / "run"
+  final = json.loads((run / "results.json").read_text())["final"]
+  assert set(final) == {"first_hit", "recall", "test"}
+  assert 1 <= final["first_hit"]["median"] <= 24 and 1 <= final["first_hit"]["mean"] <= 24
+  for key in ("precision_at_1", "recall_at_5", "unimodal_precision_at_5_audio_to_visual"):
+    assert 0 <= final["recall"][key] <= 1, final["recall"]
+  scalars = _scalars(run / "tensorboard")
+  assert len(scalars["first_hit/median"]) == 2  # every_epochs: runlocal's 1, 2 epochs
+  assert len(scalars["recall/precision_at_1"]) == 2  # every 4 of the 8 steps
+  traces = list((run / "profile").rglob("*.xplane.pb"))
+  assert traces and all(t.stat().st_size > 0 for t in traces), list(run.rglob("*"))
+  assert "profile of steps 2-3 written to" in proc.stderr
 
 
 @pytest.mark.slow
@@ -78,14 +112,8 @@ def test_a_users_tfds_dataset_trains_by_name(tmp_path):
 
 @pytest.mark.slow
 def test_a_loss_term_with_a_learnable_temperature_trains_and_is_read_back(tmp_path):
+  train_example(tmp_path, "my_loss_config.py", "--config.num_epochs=1", devices=2)
   env = user_folder(tmp_path, 2)
-  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
-                         "--config=my_loss_config.py:runlocal,tiny", "--workdir=run",
-                         "--config.data.synthetic.num_train=64",
-                         "--config.data.synthetic.num_test=24", "--config.batch_size=16",
-                         "--config.eval_batch_size=16", "--config.num_epochs=1"],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["loss_terms"]["infonce"] == "my_loss:infonce"
   train_rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()

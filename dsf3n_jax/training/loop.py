@@ -1,21 +1,39 @@
-"""The training loop: epochs, evaluation and selection, checkpoints; every exit path closes.
+"""The training loop: train steps in chunks, periodic actions between them; every exit path closes.
 
-After every ``eval_every_epochs``-th epoch (1-based) and after the last, each
-split is evaluated on every item; its loss is one mean over the whole split
-with the trained centres. With ``early_stopping_patience`` = N > 0 the run
-stops after N evaluations in a row whose selection-split loss is not strictly
-below the best so far (a tie is no improvement). This is our own rule, not the
-original's: the original evaluates the test split after 1-based epochs 6, 11,
-16, ... (not the last), sums the per-batch losses of its ``drop_last`` test
-batches, draws fresh random centres for the centre term at every evaluation
-(which no run can reproduce), and counts an equal loss as an improvement.
+The body of the loop is the train step. It runs in chunks that end where
+some periodic action (``training.actions``) is due: a checkpoint
+(``checkpoint_every_steps``, ``checkpoint_every_epochs``), an evaluator of
+``config.evals``, a progress line, an epoch's end, a profile's start or stop.
+With the train split in device memory a chunk is one compiled call
+(``steps.make_train_chunk``, at most ``steps_per_call`` steps when > 0);
+streamed, one jitted step per batch. The global step (steps taken) is the
+clock: a checkpoint holds the data position (epoch, step within it, the
+streaming loader's state) and the sums of the current epoch's train metrics,
+so a run resumed from any checkpoint, mid-epoch too, continues with the same
+batches and ends bit for bit as an uninterrupted run on the same machine.
+
+Evaluation: every evaluator runs at its interval and after the last step; the
+selection metric (``selection_metric``, ``"<eval>/<metric>"`` or a metric of
+the ``selection_split`` evaluator) picks the best checkpoint. With
+``early_stopping_patience`` = N > 0 the run stops after N evaluations in a row
+whose selection evaluator's loss is not strictly below the best so far (a tie
+is no improvement). This is our own rule, not the original's: the original
+evaluates the test split after 1-based epochs 6, 11, 16, ... (not the last),
+sums the per-batch losses of its ``drop_last`` test batches, draws fresh
+random centres for the centre term at every evaluation (which no run can
+reproduce), and counts an equal loss as an improvement.
+
+Preemption (``training.preemption``): SIGTERM or SIGINT (several processes:
+JAX's preemption notice, agreed by all) makes the loop save a checkpoint at
+the next step boundary and stop with ``Preempted`` (exit status 75 from the
+command line); rerunning the same command resumes.
 
 A checkpoint is saved only when its state is finite and (when it was
 evaluated) its evaluation is finite; the best one is the best finite
 evaluation of the selection metric. ``results.json`` is written after the
-checkpoints it names are complete. Any failure closes the checkpointer, the
-metric writer and the workdir lock before it propagates, with the last
-intact checkpoint named.
+checkpoints it names are complete. Any failure closes the profiler, the
+checkpointer, the metric writer and the workdir lock before it propagates,
+with the last intact checkpoint named.
 """
 
 from __future__ import annotations
@@ -24,7 +42,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,11 +53,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsf3n_jax import input_pipeline, losses
-from dsf3n_jax.checkpoints import Checkpointer, abstract_like
+from dsf3n_jax import config_check, input_pipeline
+from dsf3n_jax import evaluators as evaluators_lib
+from dsf3n_jax.checkpoints import Checkpointer, abstract_like, best_checkpoint
+from dsf3n_jax.training import actions as actions_lib
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
+from dsf3n_jax.training.preemption import Preempted, PreemptionWatch
 from dsf3n_jax.training.state import (
     init_state,
     learning_rate_schedule,
@@ -48,12 +69,8 @@ from dsf3n_jax.training.state import (
 )
 from dsf3n_jax.training.workdir import log
 
-_EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
-              "unimodal_map_average")
-
-
-def _fmt(values: Mapping[str, Any], keys) -> str:
-  return " ".join(f"{k}={float(values[k]):.4f}" for k in keys if k in values)
+EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
+             "unimodal_map_average")
 
 
 @jax.jit
@@ -64,7 +81,8 @@ def _state_is_finite(state) -> jax.Array:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None,
-                       loss_fn=None) -> dict[str, Any]:
+                       loss_fn=None,
+                       actions: Sequence[actions_lib.PeriodicAction] = ()) -> dict[str, Any]:
   """Trains DSF3N as ``config`` says, checkpointing and evaluating into ``workdir``.
 
   Resumes from the latest intact checkpoint in ``workdir`` if there is one.
@@ -81,13 +99,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       instead of ``config.loss.terms`` (``losses.LossTerm`` says what each
       argument holds); ``aux`` still holds the parameters of the terms of
       ``config.loss.terms``.
+    actions: more ``training.actions.PeriodicAction``s, called after the
+      built-in ones at the steps where they are due.
 
   Returns:
     The ``results.json`` content: final and best metrics, epochs, timing.
+
+  Raises:
+    Preempted: SIGTERM / SIGINT (or JAX's preemption notice) arrived; a
+      checkpoint of the step named was saved, and a rerun resumes from it.
   """
   start_time = time.time()
   run = run_lib.prepare_run(config, workdir, model=model, loss_fn=loss_fn)
+  evaluations = _build_evaluations(run)  # a bad setting fails before anything compiles
   with contextlib.ExitStack() as stack:
+    watch = stack.enter_context(PreemptionWatch())  # first: it is closed last
     _hold_workdir(run, stack)
     checkpointer = Checkpointer(run.workdir, keep=config.keep_checkpoints,
                                 optimizer_state=config.get("checkpoint_optimizer_state", True))
@@ -99,12 +125,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       writer = workdir_lib.MetricWriter(run.workdir,
                                         resume_step=meta["step"] if resumed else None)
       stack.callback(workdir_lib.close_within, writer.close, "the metric writer")
-      results = _Trainer(run, checkpointer, writer).fit(state, meta, start_time)
+      loop = Loop(run, checkpointer, writer, watch, evaluations, extra_actions=actions)
+      stack.callback(loop.close_actions)
+      results = loop.fit(state, meta, start_time)
+    except Preempted:
+      raise
     except BaseException as e:
       if "checkpoint:" not in str(e):
         e.add_note(f"last intact checkpoint: {_last_intact(checkpointer)}")
       raise
   return results
+
+
+def _build_evaluations(run: run_lib.Run) -> list[actions_lib.Evaluate]:
+  """One ``Evaluate`` action per evaluator of ``config.evals`` whose split the run has."""
+  config, spe = run.config, run.steps_per_epoch
+  out, problems = [], []
+  for spec in evaluators_lib.specs(config):
+    if getattr(run.sources, spec.split) is None:  # no validation split carved
+      continue
+    try:
+      evaluator = evaluators_lib.build(spec, run)
+    except ValueError as e:
+      problems.append(str(e))
+      continue
+    every = spec.every_steps or evaluators_lib.every_epochs(config, spec.name) * spe
+    out.append(actions_lib.Evaluate(spec, evaluator, every_steps=every))
+  if problems:
+    raise config_check.ConfigError(problems)
+  if run.selection not in {e.name for e in out}:
+    raise config_check.ConfigError([
+        f"config.selection_metric={config.get('selection_metric')!r}: the evaluator "
+        f"{run.selection!r} is not run (evaluators: {', '.join(e.name for e in out)})"])
+  return out
 
 
 def _hold_workdir(run: run_lib.Run, stack: contextlib.ExitStack) -> None:
@@ -128,9 +181,9 @@ def _hold_workdir(run: run_lib.Run, stack: contextlib.ExitStack) -> None:
 def _last_intact(checkpointer: Checkpointer) -> str:
   """The newest finished checkpoint on disk (whatever the manager believes)."""
   with contextlib.suppress(Exception):
-    epochs = [int(p.name) for p in checkpointer.directory.iterdir() if p.name.isdigit()]
-    if epochs:
-      return f"{checkpointer.directory}/{max(epochs)}"
+    numbers = [int(p.name) for p in checkpointer.directory.iterdir() if p.name.isdigit()]
+    if numbers:
+      return f"{checkpointer.directory}/{max(numbers)}"
   return "none"
 
 
@@ -144,7 +197,7 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
   """
   config = run.config
   replicated = NamedSharding(run.mesh, P())
-  if checkpointer.latest_epoch() is None:
+  if checkpointer.latest_step() is None:
     init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
                         loss_terms=config.loss.terms, sharding=replicated)
     return init(config.seed), new_meta(), False
@@ -155,136 +208,224 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
                                      model_config=run.mcfg,
                                      on_fallback=lambda msg: log("%s; falling back", msg),
                                      repair=True)
+  where = f"{checkpointer.directory}/{meta.get('checkpoint', meta['epoch'])}"
   if not config.get("allow_resume_mismatch", False):
     run_lib.check_resume(meta, fingerprint=run.fingerprint, loss=config.loss.to_dict(),
-                         where=f"{checkpointer.directory}/{meta['epoch']}")
+                         where=where)
   if state.opt_state is None:
     log("checkpoint has no optimiser state (checkpoint_optimizer_state=False): the optimiser "
         "starts afresh")
     state = state.replace(opt_state=jax.jit(run.tx.init, out_shardings=replicated)(
         state.trainable))
-  log("resumed from %s/%d (step %d)", checkpointer.directory, meta["epoch"], meta["step"])
+  log("resumed from %s at %s", where, _where(meta["step"], run.steps_per_epoch))
   return state, meta, True
 
 
-def _scheduled(epoch: int, every: int, last: int) -> bool:
-  """Whether 1-based ``epoch`` is one of every ``every``-th, or the last."""
-  return epoch == last or bool(every and epoch % every == 0)
+def _where(step: int, steps_per_epoch: int) -> str:
+  """'epoch 2' at an epoch's end, else 'step 11 (epoch 2, step 3/8)'."""
+  epoch, within = divmod(step, steps_per_epoch)
+  if within == 0:
+    return f"epoch {epoch}"
+  return f"step {step} (epoch {epoch + 1}, step {within}/{steps_per_epoch})"
 
 
-class _Trainer:
-  """One run's epochs, evaluations, selection and checkpoints."""
+class Loop:
+  """One run's steps and periodic actions: evaluations, selection, checkpoints, progress.
+
+  What actions read: ``run``, ``config``, ``state`` (after the last step),
+  ``meta`` (the checkpoint's bookkeeping), ``writer``, ``last_evals`` (this
+  step's evaluations), ``last_step_metrics``.
+  """
 
   def __init__(self, run: run_lib.Run, checkpointer: Checkpointer,
-               writer: workdir_lib.MetricWriter):
+               writer: workdir_lib.MetricWriter, watch: PreemptionWatch,
+               evaluations: Sequence[actions_lib.Evaluate], *,
+               extra_actions: Sequence[actions_lib.PeriodicAction] = ()):
     self.run, self.config = run, run.config
-    self.checkpointer, self.writer = checkpointer, writer
-    self.step_fn = steps_lib.per_device_step(self.config, run.model, run.tx,
-                                             loss_fn=run.loss_fn)
+    self.checkpointer, self.writer, self.watch = checkpointer, writer, watch
+    config, spe = self.config, run.steps_per_epoch
+    self.total = config.num_epochs * spe
+    self.step_fn = steps_lib.per_device_step(config, run.model, run.tx, loss_fn=run.loss_fn)
     self.embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
-    # One loss function for every evaluation: its compiled form is reused (steps.evaluate).
-    self.eval_loss_fn = run.loss_fn or losses.loss_from_config(self.config.loss)
-    self.lr = learning_rate_schedule(self.config, run.steps_per_epoch)
-    self.on_device = run_lib.resolve_on_device(self.config.data.on_device)
-    self.train_time, self.trained_steps, self.eval_time, self.evals = 0.0, 0, 0.0, 0
+    self.lr = learning_rate_schedule(config, spe)
+    self.on_device = run_lib.resolve_on_device(config.data.on_device)
+    self.evaluations = list(evaluations)
+    self.actions: list[actions_lib.PeriodicAction] = [
+        actions_lib.ReportProgress(every_steps=config.log_every_steps),
+        actions_lib.EpochSummary(every_steps=spe, at_end=True),
+        *self.evaluations,
+        actions_lib.Checkpoint(every=(config.get("checkpoint_every_steps", 0),
+                                      config.checkpoint_every_epochs * spe)),
+        *_profile_actions(config, run.workdir),
+        *extra_actions,
+    ]
+    self.state, self.meta = None, None
+    self.train_time, self.trained_steps = 0.0, 0
+    self.last_step_metrics: dict[str, float] = {}
+    self.last_evals: dict[str, dict[str, float]] = {}
+    self.new_best = self.stopping = self.selecting = False
+    self.stopping_for: str | None = None
+    self.saved_at: int | None = None
+    self._output_cache: dict[str, dict[str, np.ndarray]] = {}
     self.compiled = False
 
-  # -- epochs ------------------------------------------------------------------------------
+  # -- data and steps ------------------------------------------------------------------------
 
-  def _start_data(self, meta) -> None:
+  def _start_data(self) -> None:
     config, run = self.config, self.run
     num_train = len(run.sources.train)
+    spe = run.steps_per_epoch
     if self.on_device:
       self.arrays = input_pipeline.to_device(
           input_pipeline.load_split_arrays(run.sources.train), run.mesh)
-      self.epoch_fn = steps_lib.make_train_epoch(
+      self.chunk_fn = steps_lib.make_train_chunk(
           self.step_fn, run.mesh, global_batch_size=config.batch_size, num_examples=num_train,
           seed=config.seed, shuffle=config.data.shuffle)
-    else:
-      self.loader = input_pipeline.TrainLoader(
-          run.sources.train, global_batch_size=config.batch_size, mesh=run.mesh,
-          seed=config.seed, shuffle=config.data.shuffle)
-      if meta["loader"] is not None:
-        self.loader.set_state(meta["loader"])
-      self.loader_iter = iter(self.loader)
-      self.step_jit = steps_lib.make_train_step(self.step_fn, run.mesh)
+      return
+    self.loader = input_pipeline.TrainLoader(
+        run.sources.train, global_batch_size=config.batch_size, mesh=run.mesh,
+        seed=config.seed, shuffle=config.data.shuffle)
+    position = self.meta.get("loader")
+    if position is None or int(position["epoch"]) * spe + int(position["step"]) != \
+        self.meta["step"]:  # a checkpoint of an on-device run: its position is its step
+      position = {"epoch": self.meta["step"] // spe, "step": self.meta["step"] % spe}
+    self.loader.set_state(position)
+    self.loader_iter = iter(self.loader)
+    self.step_jit = steps_lib.make_train_step(self.step_fn, run.mesh)
 
-  def _compiling(self) -> None:
-    if not self.compiled:
-      log("compiling the train %s", "epoch" if self.on_device else "step")
-      self.compiled = True
-
-  def _epoch(self, state, epoch: int):
-    """One epoch; returns the state and the per-step metrics (numpy)."""
-    t0 = time.time()
-    self._compiling()
-    if self.on_device:
-      state, step_metrics = self.epoch_fn(state, self.arrays, jnp.asarray(epoch, jnp.int32))
-      step_metrics = jax.tree.map(np.asarray, step_metrics)
-    else:
-      state, step_metrics = steps_lib.run_steps(
-          self.step_jit, state, self.loader_iter, steps=self.run.steps_per_epoch,
-          log_every=self.config.log_every_steps,
-          on_log=lambda i, m: self._log_step(epoch, i, m, time.time() - t0))
-    self.train_time += time.time() - t0
-    self.trained_steps += self.run.steps_per_epoch
-    return state, step_metrics
-
-  def _eta(self, steps_left: int, epochs_done: int, *, done: int = 0,
-           elapsed: float = 0.0) -> float:
-    """Seconds left: the steps at the rate of the finished ones (``done`` more of them,
-    ``elapsed`` more seconds, within this epoch), plus the evaluations still to come."""
-    rate = (self.trained_steps + done) / max(self.train_time + elapsed, 1e-9)
-    evals_left = sum(_scheduled(e, self.config.eval_every_epochs, self.config.num_epochs)
-                     for e in range(epochs_done + 1, self.config.num_epochs + 1))
-    per_eval = self.eval_time / self.evals if self.evals else 0.0
-    return steps_left / rate + evals_left * per_eval
-
-  def _log_step(self, epoch: int, i: int, m, elapsed: float) -> None:
+  def _next_boundary(self, step: int) -> int:
     spe = self.run.steps_per_epoch
-    rate = (self.trained_steps + i + 1) * self.config.batch_size / (self.train_time + elapsed)
-    eta = self._eta((self.config.num_epochs - epoch) * spe - i - 1, epoch, done=i + 1,
-                    elapsed=elapsed)
-    log("epoch %d step %d/%d %s %.1f samples/s ETA %.0fs", epoch + 1, i + 1, spe,
-        _fmt(m, ("loss", "id", "pair", "center")), rate, eta)
+    candidates = [(step // spe + 1) * spe, self.total]
+    candidates += [n for a in self.actions if (n := a.next_due(step)) is not None]
+    if self.on_device and self.config.get("steps_per_call", 0):
+      candidates.append(step + self.config.steps_per_call)
+    return min(c for c in candidates if c > step)
 
-  # -- evaluation and selection ------------------------------------------------------------
-
-  def _evaluate_all(self, state, epoch: int, global_step: int) -> dict[str, dict[str, float]]:
+  def _train(self, step: int, stop: int) -> int:
+    """Steps ``step..stop-1`` (fewer when a preemption is seen); returns the step reached."""
+    if not self.compiled:
+      log("compiling the train %s", "chunk" if self.on_device else "step")
+      self.compiled = True
     t0 = time.time()
-    results = {}
-    for split in ("validation", "test"):
-      source = getattr(self.run.sources, split)
-      if source is None:
-        continue
-      values = steps_lib.evaluate(self.embed_fn, state, source, config=self.config,
-                                  mesh=self.run.mesh, split=split, loss_fn=self.eval_loss_fn)
-      bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-      if bad:
-        raise FloatingPointError(
-            f"non-finite {split} evaluation after epoch {epoch} ({', '.join(bad[:4])}"
-            f"{' ...' if len(bad) > 4 else ''}: {values[bad[0]]}); this state is not saved; "
-            f"{self._last_good()}")
-      results[split] = values
-      self.writer.write(global_step, split, values, epoch=epoch)
-      log("epoch %d %s %s", epoch, split, _fmt(values, _EVAL_KEYS))
-    self.eval_time += time.time() - t0
-    self.evals += 1
-    return results
+    spe = self.run.steps_per_epoch
+    if self.on_device:
+      epoch, start = divmod(step, spe)
+      self.state, table = self.chunk_fn(self.state, self.arrays, jnp.int32(epoch),
+                                         jnp.int32(start), jnp.int32(start + stop - step))
+      rows = jax.tree.map(lambda t: np.asarray(t)[start:start + stop - step], table)
+    else:
+      collected = []
+      for _ in range(stop - step):
+        self.state, m = self.step_jit(self.state, next(self.loader_iter))
+        collected.append(m)
+        if self.watch.requested():
+          self.stopping_for = self.watch.signal_name
+          break
+      rows = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                          *jax.device_get(collected))
+    done = len(rows["loss"])
+    self.train_time += time.time() - t0
+    self.trained_steps += done
+    self._accumulate(step, rows)
+    return step + done
 
-  def _select(self, meta, evals, epoch: int) -> bool:
-    """Updates the best-so-far and the early-stopping count; True for a new best."""
-    chosen = evals[self.run.selection]
-    is_best = meta["best"] is None or chosen[self.run.metric] > meta["best"]["value"]
-    if is_best:
-      meta["best"] = {"epoch": epoch, "selected_on": self.run.selection,
-                      "metric": self.run.metric, "value": chosen[self.run.metric], **evals}
+  def _accumulate(self, step: int, rows: Mapping[str, np.ndarray]) -> None:
+    """Adds the steps' metrics to the epoch's sums (float64, in step order: resumable)."""
+    bad = np.flatnonzero(~np.isfinite(rows["loss"]))
+    if bad.size:
+      at = step + int(bad[0]) + 1
+      raise FloatingPointError(f"non-finite loss at step {at} (epoch "
+                               f"{math.ceil(at / self.run.steps_per_epoch)}); "
+                               f"{self._last_good()}")
+    sums = self.meta.setdefault("epoch_metrics", {"count": 0, "sums": {}})
+    for i in range(len(rows["loss"])):
+      for key, values in rows.items():
+        sums["sums"][key] = sums["sums"].get(key, 0.0) + float(values[i])
+      sums["count"] += 1
+    self.last_step_metrics = {k: float(v[-1]) for k, v in rows.items()}
+
+  def epoch_means(self) -> dict[str, float]:
+    sums = self.meta.get("epoch_metrics") or {"count": 0, "sums": {}}
+    return {k: v / max(sums["count"], 1) for k, v in sums["sums"].items()}
+
+  def reset_epoch_metrics(self) -> None:
+    self.meta["epoch_metrics"] = {"count": 0, "sums": {}}
+
+  def samples_per_second(self) -> float:
+    return self.trained_steps * self.config.batch_size / max(self.train_time, 1e-9)
+
+  def seconds_per_step(self) -> float:
+    return self.train_time / max(self.trained_steps, 1)
+
+  def eta(self, step: int) -> float:
+    """Seconds left: the steps at the rate so far, plus the evaluations still to come."""
+    if self.stopping:
+      return 0.0
+    evals = sum(e.firings(step, self.total) * (e.seconds / e.count)
+                for e in self.evaluations if e.count)
+    return (self.total - step) * self.seconds_per_step() + evals
+
+  # -- evaluation and selection ----------------------------------------------------------------
+
+  def evaluate(self, action: actions_lib.Evaluate, step: int) -> None:
+    """Runs one evaluator (the split's outputs shared at this step); selection if it is the
+    selection evaluator."""
+    spec = action.spec
+    ctx = evaluators_lib.EvalContext(run=self.run, state=self.state, step=step,
+                                     split=spec.split, _outputs=self._outputs)
+    values = action.evaluator(ctx)
+    try:
+      values = {k: float(v) for k, v in values.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+      raise TypeError(f"config.evals.{spec.name} (evaluator {spec.type!r}): expected a mapping "
+                      f"of metric names to numbers, got {type(values).__name__} ({e})") from e
+    where = _where(step, self.run.steps_per_epoch)
+    bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+    if bad:
+      raise FloatingPointError(
+          f"non-finite {spec.name} evaluation after {where} ({', '.join(bad[:4])}"
+          f"{' ...' if len(bad) > 4 else ''}: {values[bad[0]]}); this state is not saved; "
+          f"{self._last_good()}")
+    self.last_evals[spec.name] = values
+    epoch = math.ceil(step / self.run.steps_per_epoch)
+    self.writer.write(step, spec.name, values, epoch=epoch)
+    shown = [k for k in EVAL_KEYS if k in values] or list(values)[:6]
+    log("%s %s %s", where, spec.name, actions_lib.fmt(values, shown))
+    if spec.name == self.run.selection and self.selecting:
+      self._select(step)
+
+  def _outputs(self, split: str) -> dict[str, np.ndarray]:
+    cache = self._output_cache
+    if split not in cache:
+      cache[split] = steps_lib.embed_split(
+          self.embed_fn, self.state.variables, getattr(self.run.sources, split),
+          mesh=self.run.mesh, batch_size=self.config.eval_batch_size)
+    return cache[split]
+
+  def _select(self, step: int) -> None:
+    """Updates the best-so-far and the early-stopping count from this step's evaluations."""
+    meta, run = self.meta, self.run
+    chosen = self.last_evals[run.selection]
+    if run.metric not in chosen:
+      raise KeyError(f"config.selection_metric: evaluator {run.selection!r} reports no "
+                     f"{run.metric!r} (it reports {', '.join(sorted(chosen))})")
+    if meta["best"] is None or chosen[run.metric] > meta["best"]["value"]:
+      meta["best"] = {"epoch": step // run.steps_per_epoch, "step": step, "checkpoint": step,
+                      "selected_on": run.selection, "metric": run.metric,
+                      "value": chosen[run.metric], **self.last_evals}
+      self.new_best = True
+    patience = self.config.early_stopping_patience
+    if not patience:
+      return
+    if "loss" not in chosen:
+      raise KeyError(f"config.early_stopping_patience={patience}: evaluator {run.selection!r} "
+                     "reports no loss")
     if meta["best_eval_loss"] is None or chosen["loss"] < meta["best_eval_loss"]:
       meta["best_eval_loss"] = chosen["loss"]
       meta["evals_without_improvement"] = 0
     else:
       meta["evals_without_improvement"] += 1
-    return is_best
+    self.stopping = meta["evals_without_improvement"] >= patience
 
   # -- checkpoints ---------------------------------------------------------------------------
 
@@ -294,95 +435,116 @@ class _Trainer:
     last = _last_intact(self.checkpointer)
     return f"last good checkpoint: {last}{' (kept)' if last != 'none' else ''}"
 
-  def _save(self, state, meta, epoch: int, *, best: bool) -> None:
-    if not bool(_state_is_finite(state)):
-      raise FloatingPointError(f"non-finite parameters or optimiser state after epoch {epoch}; "
-                               f"this state is not saved; {self._last_good()}")
-    self.checkpointer.save(epoch, state, {**meta, "model": self.run.mcfg,
-                                          "data": self.run.fingerprint,
-                                          "loss": self.config.loss.to_dict()}, best=best)
+  def save(self, step: int) -> None:
+    """Saves ``checkpoints/<step>`` (marked best at a new best); the state must be finite."""
+    self.checkpointer.check_for_errors()
+    if not bool(_state_is_finite(self.state)):
+      raise FloatingPointError(
+          f"non-finite parameters or optimiser state after {_where(step, self.run.steps_per_epoch)}"
+          f"; this state is not saved; {self._last_good()}")
+    self.checkpointer.save(step, self.state, {
+        **self.meta, "checkpoint": step, "model": self.run.mcfg, "data": self.run.fingerprint,
+        "loss": self.config.loss.to_dict()}, best=self.new_best)
+    self.saved_at = step
 
-  def _repair_best(self, state, meta) -> None:
+  def _repair_best(self) -> None:
     """A resume whose best checkpoint is gone re-evaluates the restored state as the best."""
-    best = meta.get("best")
-    if not best or best["epoch"] in self.checkpointer.epochs():
+    best = self.meta.get("best")
+    if not best or best_checkpoint(best) in self.checkpointer.steps():
       return
-    epoch = meta["epoch"]
-    log("the best checkpoint (epoch %d) is missing: the restored epoch %d is evaluated and "
-        "becomes the best so far", best["epoch"], epoch)
-    meta["best"] = None
-    evals = self._evaluate_all(state, epoch, meta["step"])
-    self._select(meta, evals, epoch)
-    self.checkpointer.manager.delete(epoch)
-    self._save(state, meta, epoch, best=True)
+    step = self.meta["step"]
+    log("the best checkpoint (%s) is missing: the restored %s is evaluated and becomes the "
+        "best so far", _where(best["step"], self.run.steps_per_epoch) if "step" in best
+        else f"epoch {best['epoch']}", _where(step, self.run.steps_per_epoch))
+    self.meta["best"] = None
+    self._at_boundary(step, only=self.evaluations)
+    self.checkpointer.manager.delete(step)
+    self.save(step)
     self.checkpointer.wait()
 
   # -- the run -------------------------------------------------------------------------------
 
+  def _at_boundary(self, step: int, *, only=None, select: bool = True) -> None:
+    """Calls every action due at ``step`` (``only``: those, due or not), in order."""
+    self.last_evals, self.new_best, self._output_cache = {}, False, {}
+    self.saved_at, self.selecting = None, select
+    self.meta["step"], self.meta["epoch"] = step, step // self.run.steps_per_epoch
+    for action in (only if only is not None else self.actions):
+      if only is not None or action.due(step, self.total):
+        action(self, step)
+    self._output_cache = {}
+
   def fit(self, state, meta, start_time: float) -> dict[str, Any]:
     config, run = self.config, self.run
-    self._start_data(meta)
-    self._repair_best(state, meta)
+    self.state, self.meta = state, meta
+    self.meta.setdefault("epoch_metrics", {"count": 0, "sums": {}})
+    self._start_data()
+    self._repair_best()
     log("training %s on %d device(s) of %d process(es): %d examples, %d steps/epoch, %d epochs",
         run.sources.name, jax.device_count(), jax.process_count(), len(run.sources.train),
         run.steps_per_epoch, config.num_epochs)
-    final_eval, stopped_early = {}, False
-    for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):  # 1-based
-      state, stop, evals = self._one_epoch(state, meta, epoch)
-      final_eval = evals or final_eval
-      if stop:
-        stopped_early = True
-        log("early stopping after epoch %d: %d evaluations without a lower %s loss", epoch,
-            meta["evals_without_improvement"], run.selection)
-        break
+    step = meta["step"]
+    for action in self.actions:  # a profile that starts before the first step
+      if isinstance(action, actions_lib.Profile):
+        action.begin(self, step)
+    while step < self.total and not self.stopping:
+      step = self._train(step, self._next_boundary(step))
+      self.meta["step"] = step
+      if not self.on_device:
+        self.meta["loader"] = self.loader.get_state()
+      self._at_boundary(step)
+      if self.stopping_for is None and self.watch.requested():  # every process: same calls
+        self.stopping_for = self.watch.signal_name
+      if self.stopping_for is not None:
+        self._preempted(step)
+    if self.stopping:
+      log("early stopping after %s: %d evaluations without a lower %s loss",
+          _where(step, run.steps_per_epoch), meta["evals_without_improvement"], run.selection)
     self.checkpointer.wait()  # results.json names only complete checkpoints
-    if not final_eval:  # resumed a finished run: evaluate what is there
-      final_eval = self._evaluate_all(state, meta["epoch"], meta["step"])
-    results = self._results(state, meta, final_eval, stopped_early, start_time)
+    final_eval = dict(self.last_evals)
+    missing = [e for e in self.evaluations if e.name not in final_eval]
+    if missing:  # a finished run resumed, or an early stop between other evaluators' steps
+      self._at_boundary(step, only=missing, select=False)
+      final_eval.update(self.last_evals)
+    final_eval = {e.name: final_eval[e.name] for e in self.evaluations}
+    results = self._results(final_eval, start_time)
     if run.is_main:
       workdir_lib.write_results(run.workdir, results)
     return results
 
-  def _one_epoch(self, state, meta, epoch: int):
-    config, spe = self.config, self.run.steps_per_epoch
-    self.checkpointer.check_for_errors()  # a save that failed meanwhile ends the run now
-    state, step_metrics = self._epoch(state, epoch - 1)
-    global_step = epoch * spe
-    bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
-    if bad.size:
-      raise FloatingPointError(f"non-finite loss at step {(epoch - 1) * spe + int(bad[0]) + 1} "
-                               f"(epoch {epoch}); {self._last_good()}")
-    means = {k: float(np.mean(v)) for k, v in step_metrics.items()}
-    rate = self.trained_steps * config.batch_size / max(self.train_time, 1e-9)
-    self.writer.write(global_step, "train", means, epoch=epoch, samples_per_second=rate,
-                      learning_rate=float(self.lr(global_step - 1)))
-    evals, is_best, stop = None, False, False
-    if _scheduled(epoch, config.eval_every_epochs, config.num_epochs):
-      evals = self._evaluate_all(state, epoch, global_step)
-      is_best = self._select(meta, evals, epoch)
-      stop = bool(config.early_stopping_patience and
-                  meta["evals_without_improvement"] >= config.early_stopping_patience)
-    log("epoch %d/%d train %s %.1f samples/s ETA %.0fs", epoch, config.num_epochs,
-        _fmt(means, ("loss", "id", "pair", "center", "accuracy_visual", "accuracy_audio")),
-        rate, 0.0 if stop else self._eta((config.num_epochs - epoch) * spe, epoch))
-    meta["epoch"], meta["step"] = epoch, global_step
-    if not self.on_device:
-      meta["loader"] = self.loader.get_state()
-    if stop or is_best or _scheduled(epoch, config.checkpoint_every_epochs, config.num_epochs):
-      self.checkpointer.check_for_errors()
-      self._save(state, meta, epoch, best=is_best)
-    return state, stop, evals
+  def _preempted(self, step: int) -> None:
+    """Saves this step (unless just saved), waits for it, and stops the run."""
+    self.watch.saving = True
+    if self.saved_at != step:
+      self.save(step)
+    self.checkpointer.wait()
+    where = _where(step, self.run.steps_per_epoch)
+    raise Preempted(f"{self.stopping_for}: saved {self.checkpointer.directory}/{step} at "
+                    f"{where} of {self.total} steps; rerun the same command to resume",
+                    step=step)
 
-  def _results(self, state, meta, final_eval, stopped_early, start_time) -> dict[str, Any]:
-    config = self.config
+  def close_actions(self) -> None:
+    for action in self.actions:
+      with contextlib.suppress(Exception):  # the error that ended the run is what is raised
+        action.close(self)
+
+  def _results(self, final_eval, start_time) -> dict[str, Any]:
+    meta, config = self.meta, self.config
     return {
         "dataset": self.run.sources.name, "epochs": meta["epoch"], "steps": meta["step"],
         "final": final_eval, "best": meta["best"], "selected_on": self.run.selection,
-        "selection_metric": self.run.metric, "stopped_early": stopped_early,
+        "selection_metric": self.run.metric, "stopped_early": bool(self.stopping),
         "wall_time_s": time.time() - start_time, "train_time_s": self.train_time,
         "samples_per_second": (self.trained_steps * config.batch_size / self.train_time
                                if self.train_time else None),
         "device_count": jax.device_count(), "process_count": jax.process_count(),
-        "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(self.state.params))),
         "data": self.run.fingerprint,
     }
+
+
+def _profile_actions(config: ml_collections.ConfigDict, workdir) -> list[actions_lib.Profile]:
+  steps = tuple(config.get("profile_steps", ()) or ())
+  if not steps or workdir is None:
+    return []
+  return [actions_lib.Profile(steps[0], steps[1], workdir / "profile")]

@@ -39,8 +39,8 @@ class Run:
   tx: optax.GradientTransformation
   mesh: Mesh
   steps_per_epoch: int
-  selection: str  # the split the best checkpoint is selected on
-  metric: str  # the average it is selected by
+  selection: str  # the evaluator (config.evals) the best checkpoint is selected on
+  metric: str  # its metric the best checkpoint is selected by
   fingerprint: dict[str, Any]  # what it trains on (stored with every checkpoint)
   loss_fn: losses.LossFn | None = None  # None: the terms of config.loss
 
@@ -145,7 +145,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
   steps_per_epoch = num_train // config.batch_size
   mcfg = model_config(config, num_classes=sources.num_classes, visual_dim=sources.visual_dim,
                       audio_dim=sources.audio_dim)
-  selection = config.selection_split
+  selection, metric = selection_of(config)
   if selection == "validation" and sources.validation is None:
     selection = "test"
     if workdir is not None:  # a run that selects checkpoints
@@ -155,8 +155,22 @@ def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
              model=build_model(mcfg) if model is None else _mapped(model),
              tx=build_optimizer(config, steps_per_epoch),
              mesh=make_mesh(), steps_per_epoch=steps_per_epoch, selection=selection,
-             metric=config.get("selection_metric", "map_average"),
+             metric=metric,
              fingerprint=data_fingerprint(config, sources), loss_fn=loss_fn)
+
+
+def selection_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """``(evaluator, metric)`` the best checkpoint is selected by.
+
+  ``config.selection_metric`` is ``"<eval name>/<metric>"``, or a metric of the
+  evaluator named as ``config.selection_split`` (today's default:
+  ``map_average`` of ``validation``).
+  """
+  metric = config.get("selection_metric", "map_average")
+  if "/" in metric:
+    name, metric = metric.split("/", 1)
+    return name, metric
+  return config.get("selection_split", "validation"), metric
 
 
 def _mapped(model):

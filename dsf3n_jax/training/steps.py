@@ -147,6 +147,20 @@ def make_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
   return jax.jit(mapped, donate_argnums=(0,))
 
 
+def _device_batches(seed, epoch, *, num_examples: int, steps: int, n_dev: int, local: int,
+                    shuffle: bool) -> jax.Array:
+  """(steps, n_dev, local) rows of the epoch's global batches (the streaming loader's order)."""
+  if shuffle:
+    order = input_pipeline.epoch_permutation(seed, epoch, num_examples)
+  else:
+    order = jnp.arange(num_examples)
+  return order[:steps * n_dev * local].reshape(steps, n_dev, local)
+
+
+def _gather_batch(arrays, rows) -> dict[str, jax.Array]:
+  return {k: arrays[k][rows] for k in ("visual", "audio", "label")}
+
+
 def make_train_epoch(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
                      num_examples: int, seed: int, shuffle: bool,
                      unroll: int | bool = 1) -> Callable:
@@ -162,21 +176,50 @@ def make_train_epoch(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
   local = global_batch_size // n_dev
 
   def epoch_fn(state, arrays, epoch):
-    if shuffle:
-      order = input_pipeline.epoch_permutation(seed, epoch, num_examples)
-    else:
-      order = jnp.arange(num_examples)
-    order = order[:steps * global_batch_size].reshape(steps, n_dev, local)
+    order = _device_batches(seed, epoch, num_examples=num_examples, steps=steps, n_dev=n_dev,
+                            local=local, shuffle=shuffle)
     device = jax.lax.axis_index(AXIS)
 
     def body(state, idx):
-      rows = idx[device]
-      batch = {k: arrays[k][rows] for k in ("visual", "audio", "label")}
-      return step_fn(state, batch)
+      return step_fn(state, _gather_batch(arrays, idx[device]))
 
     return jax.lax.scan(body, state, order, unroll=unroll)
 
   mapped = jax.shard_map(epoch_fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_train_chunk(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
+                     num_examples: int, seed: int, shuffle: bool) -> Callable:
+  """``(state, arrays, epoch, start, stop) -> (state, metrics)``: steps ``start..stop-1`` of
+  0-based ``epoch``, one call, the train split in device memory (as ``make_train_epoch``).
+
+  ``start`` and ``stop`` are traced: one compiled program runs a chunk of any
+  length (a ``fori_loop`` of unknown trip count), so a run that stops inside an
+  epoch (a checkpoint, an evaluation, a preemption) and a run that does not
+  execute the same step program, bit for bit. ``metrics`` holds one row per
+  step of the epoch; rows ``start..stop-1`` are this chunk's, the rest zeros.
+  """
+  steps = num_examples // global_batch_size
+  n_dev = mesh.shape[AXIS]
+  local = global_batch_size // n_dev
+
+  def chunk_fn(state, arrays, epoch, start, stop):
+    order = _device_batches(seed, epoch, num_examples=num_examples, steps=steps, n_dev=n_dev,
+                            local=local, shuffle=shuffle)
+    device = jax.lax.axis_index(AXIS)
+    shapes = jax.eval_shape(step_fn, state, _gather_batch(arrays, order[0, 0]))[1]
+    table = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), shapes)
+
+    def body(i, carry):
+      state, table = carry
+      state, m = step_fn(state, _gather_batch(arrays, order[i, device]))
+      return state, jax.tree.map(lambda t, v: t.at[i].set(v), table, m)
+
+    return jax.lax.fori_loop(start, stop, body, (state, table))
+
+  mapped = jax.shard_map(chunk_fn, mesh=mesh, in_specs=(P(),) * 5, out_specs=(P(), P()),
                          check_vma=False)
   return jax.jit(mapped, donate_argnums=(0,))
 
@@ -258,9 +301,21 @@ def _split_loss(loss_fn: losses.LossFn) -> Callable:
                                                       aux))
 
 
-def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collections.ConfigDict,
-             mesh: Mesh, split: str = "test",
-             loss_fn: losses.LossFn | None = None) -> dict[str, float]:
+def loss_metrics(out: Mapping[str, np.ndarray], state: TrainState, *,
+                 loss_fn: losses.LossFn) -> dict[str, float]:
+  """The loss (and its parts) of the paired outputs on the whole split, and the accuracies."""
+  outputs = DSF3NOutput(*(jnp.asarray(out[k]) for k in DSF3NOutput._fields))
+  total, parts = _split_loss(loss_fn)(
+      outputs, jnp.asarray(out["label"]), jax.tree.map(jnp.asarray, state.aux))
+  return {"loss": float(total), **{k: float(v) for k, v in parts.items()},
+          "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
+          "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}
+
+
+def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
+             config: ml_collections.ConfigDict, mesh: Mesh, split: str = "test",
+             loss_fn: losses.LossFn | None = None,
+             outputs: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
   """Loss parts, accuracy and mAP (A->V, V->A, average) on every item of a split.
 
   Both retrieval protocols: ``map_*`` embeds each item with its paired item
@@ -269,14 +324,15 @@ def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collec
   The loss (of the paired outputs) is computed on the whole split at once
   (centre-loss class counts over the split), with the current centres;
   ``loss_fn`` None: the terms of ``config.loss`` (pass one function to every call: its
-  compiled form is reused).
+  compiled form is reused). ``outputs``: the split's ``embed_split`` outputs,
+  when computed already (``embed_fn`` is then not used).
   Every item counts, except on the test split with
   ``config.metric.original_test_batches = N > 0``: then only the items the
   original's evaluation saw (batches of N in file order, the last partial one
   dropped; ``metrics.original_protocol_count``).
   """
-  out = embed_split(embed_fn, state.variables, source, mesh=mesh,
-                    batch_size=config.eval_batch_size)
+  out = outputs if outputs is not None else embed_split(
+      embed_fn, state.variables, source, mesh=mesh, batch_size=config.eval_batch_size)
   test_batches = config.metric.get("original_test_batches", 0)
   if split == "test" and test_batches:
     count = metrics.original_protocol_count(len(out["label"]), test_batches)
@@ -284,12 +340,7 @@ def evaluate(embed_fn: Callable, state: TrainState, source, *, config: ml_collec
       raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
                        f"{len(out['label'])} test items: the original would evaluate none")
     out = {k: v[:count] for k, v in out.items()}
-  outputs = DSF3NOutput(*(jnp.asarray(out[k]) for k in DSF3NOutput._fields))
-  total, parts = _split_loss(loss_fn or losses.loss_from_config(config.loss))(
-      outputs, jnp.asarray(out["label"]), jax.tree.map(jnp.asarray, state.aux))
-  result = {"loss": float(total), **{k: float(v) for k, v in parts.items()},
-            "accuracy_visual": float(np.mean(out["logits_visual"].argmax(-1) == out["label"])),
-            "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}
+  result = loss_metrics(out, state, loss_fn=loss_fn or losses.loss_from_config(config.loss))
   for prefix in ("", "unimodal_"):
     maps = metrics.cross_modal_map(out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"],
                                    out["label"], distance=config.metric.distance,

@@ -23,6 +23,8 @@ import ml_collections
 from etils import epath
 
 from dsf3n_jax import cli
+from dsf3n_jax.paths import atomic_write, resolve  # noqa: F401 - part of this module's API
+from dsf3n_jax.paths import is_local as _is_local
 
 LOCK_NAME = "lock"
 RUN_FILE = "config.json"  # what every training run's workdir holds
@@ -37,28 +39,6 @@ def log(msg: str, *args) -> None:
   if jax.process_index() == 0:
     print(time.strftime("%H:%M:%S ") + (msg % args if args else msg), file=sys.stderr,
           flush=True)
-
-
-def _is_local(path) -> bool:
-  return "://" not in os.fspath(path)
-
-
-def atomic_write(path: epath.Path, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``."""
-  path = epath.Path(path)
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  with tmp.open("w") as f:
-    f.write(text)
-    f.flush()
-    with contextlib.suppress(AttributeError, OSError, ValueError):  # remote files have no fd
-      os.fsync(f.fileno())
-  tmp.replace(path)
-
-
-def resolve(workdir) -> epath.Path:
-  """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that)."""
-  text = os.fspath(workdir)
-  return epath.Path(text if not _is_local(text) else os.path.abspath(text))
 
 
 def prepare(workdir) -> epath.Path:
@@ -82,10 +62,20 @@ def _start_time(pid: int) -> str | None:
   return None
 
 
-def _alive(owner: Mapping[str, Any]) -> bool:
-  """Whether the lock's owner still runs (owners on other hosts are assumed alive)."""
+LEASE_S = 120.0  # a lock not renewed for this long belongs to a run that is gone
+RENEW_S = 20.0  # how often a live run renews it
+
+
+def _alive(owner: Mapping[str, Any], *, lease_s: float = LEASE_S) -> bool:
+  """Whether the lock's owner still runs.
+
+  On this host: its pid runs and is the same process (start time). On another
+  host: it renewed its lease (``renewed``, seconds since the epoch) within
+  ``lease_s``; a lock from before leases existed is assumed alive there.
+  """
   if owner.get("host") != socket.gethostname():
-    return True
+    renewed = owner.get("renewed")
+    return renewed is None or time.time() - float(renewed) < lease_s
   pid = int(owner.get("pid", -1))
   if pid <= 0:  # a lock file a killed run left half-written
     return False
@@ -102,22 +92,31 @@ def _alive(owner: Mapping[str, Any]) -> bool:
 class WorkdirLock:
   """``workdir/lock``: a run holds its workdir for its whole life (process 0 only).
 
-  A lock whose process is gone (same host, pid no longer running, or running
-  but started later, i.e. a reused pid) is stale and taken over, saying so. A
-  live one is refused with its pid and host.
+  The lock is a lease: the holder rewrites its ``renewed`` time every
+  ``RENEW_S`` seconds from a daemon thread, and releases it on every exit path
+  (an error, the end, SIGTERM/SIGINT through the training loop's preemption
+  handling). A lock whose owner is gone is stale and taken over, saying so: on
+  this host, its pid no longer runs (or runs but started later, a reused pid);
+  from any host, its lease was not renewed for ``LEASE_S`` seconds (a run
+  killed with SIGKILL, or a host that died), so a requeued job resumes on
+  whatever host it lands. A live one is refused with its pid and host.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, *, lease_s: float = LEASE_S, renew_s: float = RENEW_S):
     self.path = epath.Path(workdir) / LOCK_NAME
     self.held = False
+    self.lease_s, self.renew_s = lease_s, renew_s
+    self._stop = threading.Event()
+    self._renewer: threading.Thread | None = None
+    self._me: dict[str, Any] = {}
 
   def acquire(self) -> None:
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(
-        os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    self._me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(
+        os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "renewed": time.time()}
     for _ in range(2):
       owner = self._owner()
       if owner is not None:
-        if _alive(owner):
+        if _alive(owner, lease_s=self.lease_s):
           raise WorkdirError(
               f"--workdir={self.path.parent} is in use by pid {owner.get('pid')} on host "
               f"{owner.get('host')} (started {owner.get('started')}); wait for that run to "
@@ -125,11 +124,18 @@ class WorkdirLock:
         log("taking over the stale lock %s of pid %s on %s (that run is gone)", self.path,
             owner.get("pid"), owner.get("host"))
         self.path.unlink(missing_ok=True)
-      if self._create(json.dumps(me)):
+      if self._create(json.dumps(self._me)):
         self.held = True
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name="lock lease")
+        self._renewer.start()
         return
     raise WorkdirError(f"--workdir={self.path.parent}: could not take {self.path}: another run "
                        "took it at the same time")
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.renew_s):
+      with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+        atomic_write(self.path, json.dumps({**self._me, "renewed": time.time()}))
 
   def _owner(self) -> dict[str, Any] | None:
     try:
@@ -153,6 +159,9 @@ class WorkdirLock:
 
   def release(self) -> None:
     if self.held:
+      self._stop.set()
+      if self._renewer is not None:
+        self._renewer.join(timeout=5.0)
       with contextlib.suppress(OSError):
         self.path.unlink(missing_ok=True)
       self.held = False

@@ -1,0 +1,200 @@
+"""Evaluators: what a run measures, by name in ``config.evals`` (as big_vision's ``config.evals``).
+
+``config.evals`` maps a name to an evaluator's settings::
+
+  config.evals.test = dict(type="retrieval", split="test")          # every eval_every_epochs
+  config.evals.recall = dict(type="precision_recall", split="test", ks=(1, 5), every_steps=200)
+
+Each entry has ``type`` (a registered evaluator), ``split`` (train, validation
+or test) and optionally ``every_steps`` or ``every_epochs`` (default: the
+config's ``eval_every_epochs``; 0: only at the end); every evaluator also runs
+after the last step. Its other keys are the evaluator's own settings. An
+evaluator of the validation split is skipped when the run carves none.
+
+The values are written to ``metrics.jsonl`` (``split`` is the evaluator's
+name), to TensorBoard as ``<name>/<metric>`` and to ``results.json``
+(``final.<name>``). ``config.selection_metric = "<name>/<metric>"`` selects the
+best checkpoint by one of them.
+
+A user adds an evaluator in their own module, imported by their config file::
+
+  @evaluators.register_evaluator("median_rank")
+  class MedianRank:
+    def __init__(self, run, *, split, **settings): ...
+    def __call__(self, ctx: evaluators.EvalContext) -> dict[str, float]: ...
+
+``run`` is the run's ``training.run.Run`` (config, sources, model, mesh);
+``ctx.outputs()`` holds the eval-mode outputs of every item of the split
+(shared by the evaluators of one split at one step: one embedding pass), and
+``ctx.state`` the train state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from dsf3n_jax import losses, metrics, registry
+
+SPLITS = ("train", "validation", "test")
+SCHEDULE_KEYS = ("type", "split", "every_steps", "every_epochs")
+
+Evaluator = Callable[["EvalContext"], Mapping[str, float]]
+
+
+def register_evaluator(name: str) -> Callable[[Any], Any]:
+  """Decorator: registers ``factory(run, *, split, **settings) -> evaluator`` as ``name``.
+
+  A class whose ``__init__`` takes those arguments and whose ``__call__(ctx)``
+  returns ``{metric: float}`` is such a factory.
+  """
+  return registry.register("evaluator", name)
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What an evaluator sees: the run, the state, the step, and the split's outputs."""
+
+  run: Any  # training.run.Run
+  state: Any  # training.state.TrainState
+  step: int
+  split: str
+  _outputs: Callable[[str], dict[str, np.ndarray]]
+
+  @property
+  def source(self):
+    return getattr(self.run.sources, self.split)
+
+  def outputs(self) -> dict[str, np.ndarray]:
+    """Eval-mode outputs of every item (``steps.EMBED_KEYS``, ``label``, ``index``)."""
+    return self._outputs(self.split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One entry of ``config.evals``: its name, type, split, schedule and own settings."""
+
+  name: str
+  type: str
+  split: str
+  every_steps: int
+  settings: Mapping[str, Any]
+
+
+def specs(config) -> list[Spec]:
+  """``config.evals`` as ``Spec``s (checked by ``config_check``), in the config's order.
+
+  A config without ``evals`` (written before it existed) gets today's default:
+  ``retrieval`` on the validation and the test split.
+  """
+  evals = config.get("evals")
+  if evals is None:
+    evals = {"validation": {"type": "retrieval", "split": "validation"},
+             "test": {"type": "retrieval", "split": "test"}}
+  out = []
+  for name, entry in evals.items():
+    entry = dict(entry)
+    out.append(Spec(name=name, type=entry["type"], split=entry.get("split", name),
+                    every_steps=int(entry.get("every_steps", 0) or 0),
+                    settings={k: v for k, v in entry.items() if k not in SCHEDULE_KEYS}))
+  return out
+
+
+def every_epochs(config, name: str) -> int:
+  """The epoch interval of ``config.evals.<name>`` (its own, or ``eval_every_epochs``)."""
+  entry = (config.get("evals") or {}).get(name) or {}
+  value = entry.get("every_epochs")
+  return int(config.get("eval_every_epochs", 5) if value is None else value)
+
+
+def build(spec: Spec, run) -> Evaluator:
+  """The evaluator of ``spec`` for ``run``; a bad setting is a ``ValueError`` naming it."""
+  factory = registry.lookup("evaluator", spec.type, where=f"config.evals.{spec.name}.type")
+  try:
+    inspect.signature(factory).bind(run, split=spec.split, **spec.settings)
+  except TypeError as e:
+    raise ValueError(f"config.evals.{spec.name}: {e} (the settings of evaluator "
+                     f"{spec.type!r}: {_parameters(factory)})") from e
+  return factory(run, split=spec.split, **spec.settings)
+
+
+def _parameters(factory) -> str:
+  params = [p for p in inspect.signature(factory).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name != "split"]
+  return ", ".join(f"{p.name}={p.default!r}" for p in params) or "none"
+
+
+# -- built-in evaluators ---------------------------------------------------------------------
+
+class _WithLoss:
+  """An evaluator of one split that computes the run's loss (its terms, or its ``loss_fn``)."""
+
+  def __init__(self, run, *, split: str):
+    self.split = split
+    self.loss_fn = run.loss_fn or losses.loss_from_config(run.config.loss)
+
+
+@register_evaluator("retrieval")
+class Retrieval(_WithLoss):
+  """The paper's metrics: loss parts, accuracy, mAP under both protocols (``steps.evaluate``)."""
+
+  def __call__(self, ctx: EvalContext) -> dict[str, float]:
+    from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+    return steps.evaluate(None, ctx.state, ctx.source, config=ctx.run.config, mesh=ctx.run.mesh,
+                          split=self.split, loss_fn=self.loss_fn, outputs=ctx.outputs())
+
+
+@register_evaluator("loss")
+class Loss(_WithLoss):
+  """The loss parts and the classifiers' accuracy on the whole split (no ranking)."""
+
+  def __call__(self, ctx: EvalContext) -> dict[str, float]:
+    from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+    return steps.loss_metrics(ctx.outputs(), ctx.state, loss_fn=self.loss_fn)
+
+
+PROTOCOLS = {"paired": ("",), "unimodal": ("unimodal_",), "both": ("", "unimodal_")}
+
+
+@register_evaluator("precision_recall")
+class PrecisionRecall:
+  """Precision@K and recall@K of cross-modal retrieval, each direction and their average.
+
+  ``metrics.precision_at_k`` / ``recall_at_k`` (the metric's distance; ties
+  ranked by item index). Keys: ``precision_at_K_audio_to_visual``, ...,
+  ``precision_at_K`` (the two directions' mean), with ``unimodal_`` before
+  them for the unimodal protocol (no ``@``: TensorBoard's tags could not hold
+  it). ``protocol``: paired, unimodal or both.
+  """
+
+  def __init__(self, run, *, split: str, ks=(1, 5, 10), protocol: str = "both"):
+    ks = tuple(ks) if isinstance(ks, (list, tuple)) else (ks,)
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+      raise ValueError(f"ks={ks!r}: expected positive ints")
+    if protocol not in PROTOCOLS:
+      raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    self.split, self.ks, self.protocol = split, ks, protocol
+    self.distance = run.config.metric.distance
+
+  def __call__(self, ctx: EvalContext) -> dict[str, float]:
+    out = ctx.outputs()
+    labels = out["label"]
+    result = {}
+    for prefix in PROTOCOLS[self.protocol]:
+      visual, audio = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
+      for k in self.ks:
+        k_eff = min(k, len(labels))
+        for what, fn in (("precision", metrics.precision_at_k), ("recall", metrics.recall_at_k)):
+          both = []
+          for direction, queries, items in (("audio_to_visual", audio, visual),
+                                            ("visual_to_audio", visual, audio)):
+            value = float(np.mean(fn(queries, items, labels, labels, k=k_eff,
+                                     distance=self.distance)))
+            result[f"{prefix}{what}_at_{k}_{direction}"] = value
+            both.append(value)
+          result[f"{prefix}{what}_at_{k}"] = float(np.mean(both))
+    return result

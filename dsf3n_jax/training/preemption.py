@@ -1,0 +1,103 @@
+"""Preemption: SIGTERM / SIGINT (and JAX's preemption notice) become a save at a step boundary.
+
+Spot and preemptible VMs, SLURM's ``--signal`` and Kubernetes send SIGTERM,
+then SIGKILL a while later. ``PreemptionWatch`` turns the first signal into a
+request that the training loop sees at its next step boundary: it saves a
+checkpoint there, closes everything and ends with ``Preempted``, whose exit
+status (``EXIT_STATUS``, 75: sysexits' EX_TEMPFAIL, "try again") tells a
+scheduler to requeue the job. Rerunning the same command resumes.
+
+One process: Python handlers for SIGTERM and SIGINT set a flag. A further
+signal while the run saves is logged and ignored (orbax's saves are atomic, so
+even a SIGKILL then leaves the previous checkpoint intact).
+
+Several processes (``jax.distributed``): every process must stop at the same
+step. JAX's preemption service catches SIGTERM itself (its handler is
+installed by ``jax.distributed.initialize``) and tells every process through
+the coordination service; ``multihost_utils.reached_preemption_sync_point`` is
+then True on all of them at the same boundary. SIGINT is turned into a SIGTERM
+of this process, so it takes the same path. The boundaries are counted (0, 1,
+2, ...), not named by their training step: the protocol picks "the largest id
+seen + 1", which is a boundary only when consecutive boundaries have
+consecutive ids.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from jax.experimental import multihost_utils
+
+from dsf3n_jax.training.workdir import log
+
+EXIT_STATUS = 75  # EX_TEMPFAIL: the run was stopped with a checkpoint saved; rerun to resume
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as asked
+  """The run saved a checkpoint at a step boundary and stopped on a preemption signal."""
+
+  exit_status = EXIT_STATUS
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+def _distributed() -> bool:
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client is not None
+
+
+class PreemptionWatch:
+  """Context manager: installs the handlers; ``requested()`` at each step boundary.
+
+  Handlers can only be installed from the main thread; elsewhere (a run
+  started from a worker thread) the watch is inert and says so.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self.saving = False
+    self._previous: dict[int, object] = {}
+    self._boundary = 0
+    self._multiprocess = False
+
+  def __enter__(self) -> PreemptionWatch:
+    if threading.current_thread() is not threading.main_thread():
+      log("warning: training outside the main thread: SIGTERM/SIGINT are not handled")
+      return self
+    self._multiprocess = _distributed()
+    # Several processes: JAX's own SIGTERM handler must stay (it notifies every process).
+    for sig in (signal.SIGINT,) if self._multiprocess else _SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if self.saving:
+      log("%s: already saving the preemption checkpoint; it finishes first (a SIGKILL now "
+          "keeps the previous checkpoint intact)", name)
+      return
+    if self.signal_name is None:
+      self.signal_name = name
+      log("%s received: saving a checkpoint at the next step boundary, then stopping", name)
+    if self._multiprocess:  # every process agrees through JAX's preemption service
+      signal.raise_signal(signal.SIGTERM)
+
+  def requested(self) -> bool:
+    """Whether to stop at this step boundary (every process gets the same answer)."""
+    if not self._multiprocess:
+      return self.signal_name is not None
+    boundary, self._boundary = self._boundary, self._boundary + 1
+    if multihost_utils.reached_preemption_sync_point(boundary):
+      self.signal_name = self.signal_name or "SIGTERM"
+      return True
+    return False

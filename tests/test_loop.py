@@ -1,0 +1,110 @@
+"""The step-driven loop: mid-epoch checkpoints and resumes, preemption, actions, the lock lease."""
+
+import json
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from dsf3n_jax import checkpoints, train
+from dsf3n_jax.training import actions as actions_lib
+from dsf3n_jax.training import preemption
+from dsf3n_jax.training import run as run_lib
+from dsf3n_jax.training import workdir as workdir_lib
+from tests.test_train import mesh_of, tiny_config
+
+
+class _SignalAt(actions_lib.PeriodicAction):
+  """Sends ``sig`` to this process after step ``at`` (a user's action, as the loop runs it)."""
+
+  def __init__(self, at: int, sig=signal.SIGTERM):
+    super().__init__(every_steps=at)
+    self.at, self.sig, self.sent = at, sig, 0
+
+  def __call__(self, loop, step):
+    if step == self.at and not self.sent:
+      self.sent += 1
+      os.kill(os.getpid(), self.sig)
+
+
+def _params(workdir):
+  _, variables, _ = train.restore_model(str(workdir))
+  return traverse_util.flatten_dict(variables, sep="/")
+
+
+@pytest.mark.parametrize("devices,on_device", [(1, "false"), (8, "true")])
+def test_a_run_preempted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
+                                                                        devices, on_device):
+  """SIGTERM after step 4 of 6 per epoch: a checkpoint of step 4 (mid-epoch), ``Preempted``,
+  the lock released; the rerun continues with the same batches and ends bit for bit equal:
+  parameters, BatchNorm statistics, ``results.json``'s final and best metrics and the epoch's
+  train record."""
+  monkeypatch.setattr(run_lib, "make_mesh", lambda: mesh_of(devices))
+  config = tiny_config(**{"num_epochs": 2, "checkpoint_every_steps": 3,
+                          "data.on_device": on_device, "data.validation_fraction": 0.25})
+  spe = (96 - 24) // 16  # 4 steps per epoch once validation is carved
+  assert spe == 4
+  full = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "full"))
+
+  workdir = tmp_path / "preempted"
+  with pytest.raises(preemption.Preempted, match=r"SIGTERM: saved .*checkpoints/2 at step 2 "
+                     r"\(epoch 1, step 2/4\) of 8 steps") as stopped:
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
+                             actions=[_SignalAt(2)])
+  assert stopped.value.step == 2 and stopped.value.exit_status == 75
+  assert checkpoints.Checkpointer(workdir, read_only=True).steps() == [2]
+  assert not (workdir / "lock").exists() and not (workdir / "results.json").exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+  resumed = train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  for key in ("final", "best", "epochs", "steps"):
+    assert resumed[key] == full[key], key
+  a, b = _params(tmp_path / "full"), _params(workdir)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+  def train_records(run):
+    return [{k: v for k, v in json.loads(line).items()
+             if k not in ("samples_per_second", "seconds_per_step")}
+            for line in open(tmp_path / run / "metrics.jsonl")
+            if json.loads(line)["split"] == "train"]
+
+  assert train_records("preempted") == train_records("full")  # epoch 1's sums were saved
+
+
+def test_a_second_signal_while_saving_changes_nothing(monkeypatch):
+  logged = []
+  monkeypatch.setattr(preemption, "log", lambda msg, *a: logged.append(msg % a))
+  with preemption.PreemptionWatch() as watch:
+    assert not watch.requested()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the same path as SIGTERM
+    assert watch.requested() and watch.signal_name == "SIGINT"
+    watch.saving = True
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watch.signal_name == "SIGINT"
+  assert "SIGTERM: already saving the preemption checkpoint" in logged[-1]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_lock_is_a_lease_other_hosts_can_see_expire(tmp_path):
+  path = tmp_path / "lock"
+  owner = {"pid": 4242, "host": "other-host", "started": "then"}
+  path.write_text(json.dumps({**owner, "renewed": time.time()}))  # renewed just now: alive
+  with pytest.raises(workdir_lib.WorkdirError, match="in use by pid 4242 on host other-host"):
+    workdir_lib.WorkdirLock(tmp_path).acquire()
+  path.write_text(json.dumps({**owner, "renewed": time.time() - workdir_lib.LEASE_S - 1}))
+  lock = workdir_lib.WorkdirLock(tmp_path, renew_s=0.05)  # a requeued job on another host
+  lock.acquire()
+  first = json.loads(path.read_text())
+  assert first["host"] == socket.gethostname() and first["pid"] == os.getpid()
+  deadline = time.time() + 10
+  while json.loads(path.read_text())["renewed"] == first["renewed"] and time.time() < deadline:
+    time.sleep(0.05)
+  assert json.loads(path.read_text())["renewed"] > first["renewed"]  # the holder renews it
+  lock.release()
+  assert not path.exists()
