@@ -119,7 +119,10 @@ def build(spec: Spec, run) -> Evaluator:
   except TypeError as e:
     raise ValueError(f"config.evals.{spec.name}: {e} (the settings of evaluator "
                      f"{spec.type!r}: {_parameters(factory)})") from e
-  return factory(run, split=spec.split, **spec.settings)
+  try:
+    return factory(run, split=spec.split, **spec.settings)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.evals.{spec.name}: {e}") from e
 
 
 def _parameters(factory) -> str:

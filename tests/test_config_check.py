@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import default
-from dsf3n_jax import cli, config_check
+from dsf3n_jax import cli, config_check, train
 from dsf3n_jax.config_check import ConfigError
 from tests.test_train import xla_flags
 
@@ -75,6 +75,31 @@ def test_every_problem_is_reported_at_once():
       "config.num_epochs", "config.metric.distance", "config.batch_size",
       "config.model.encoder_features", "config.data.path"]
   assert "config.batch_size=0: expected an int >= 1" in err.value.problems
+
+
+def test_evaluators_are_checked_by_name_split_schedule_and_settings(tmp_path):
+  config = small_config()
+  config.evals.recall = {"type": "recal", "split": "dev", "every_steps": -1}
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(config, num_devices=8)
+  assert err.value.problems == [
+      "config.evals.recall.type='recal': expected a registered evaluator: loss, "
+      "precision_recall, retrieval (a module registering another must be imported first, e.g. "
+      "by the config file; or name it as 'module:name')",
+      "config.evals.recall.split='dev': expected one of train, validation, test",
+      "config.evals.recall.every_steps=-1: expected an int >= 0"]
+  # An evaluator's own settings: refused before anything compiles, naming the entry.
+  config = small_config(selection_metric="recall/precision_at_1")
+  config.evals.recall = {"type": "precision_recall", "split": "test", "k": 5}
+  with pytest.raises(ConfigError, match=r"config.evals.recall: .*'k'.*\(the settings of "
+                     r"evaluator 'precision_recall': ks=\(1, 5, 10\), protocol='both'\)"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.evals.recall = {"type": "precision_recall", "split": "test", "ks": 0}
+  with pytest.raises(ConfigError, match=r"config.evals.recall: ks=\(0,\): expected positive"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config = small_config(selection_metric="nothing/map_average")
+  with pytest.raises(ConfigError, match="the evaluator 'nothing' is not run"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_a_field_an_older_config_lacks_is_not_checked():

@@ -75,6 +75,8 @@ def test_a_run_preempted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path,
             if json.loads(line)["split"] == "train"]
 
   assert train_records("preempted") == train_records("full")  # epoch 1's sums were saved
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert all(r["seconds_per_step"] > 0 for r in records if r["split"] == "train")
 
 
 def test_a_second_signal_while_saving_changes_nothing(monkeypatch):

@@ -52,7 +52,8 @@ def test_a_users_evaluator_reaches_results_and_tensorboard_and_a_profile_is_writ
   from tests.test_failures import _scalars
 
   proc = train_example(tmp_path, "my_eval_config.py", "--config.num_epochs=2",
-                       "--config.profile_steps=(1, 3)")
+                       "--config.profile_steps=(1, 3)",
+                       "--config.selection_metric=recall/unimodal_precision_at_1")
   run = tmp_path / "run"
   final = json.loads((run / "results.json").read_text())["final"]
   assert set(final) == {"first_hit", "recall", "test"}
@@ -62,6 +63,9 @@ def test_a_users_evaluator_reaches_results_and_tensorboard_and_a_profile_is_writ
   scalars = _scalars(run / "tensorboard")
   assert len(scalars["first_hit/median"]) == 2  # every_epochs: runlocal's 1, 2 epochs
   assert len(scalars["recall/precision_at_1"]) == 2  # every 4 of the 8 steps
+  best = json.loads((run / "results.json").read_text())["best"]  # selected by that evaluator
+  assert (best["selected_on"], best["metric"]) == ("recall", "unimodal_precision_at_1")
+  assert best["value"] == pytest.approx(max(scalars["recall/unimodal_precision_at_1"]), rel=1e-6)
   traces = list((run / "profile").rglob("*.xplane.pb"))
   assert traces and all(t.stat().st_size > 0 for t in traces), list(run.rglob("*"))
   assert "profile of steps 2-3 written to" in proc.stderr
