@@ -59,13 +59,13 @@ def test_a_run_trains_resumes_and_is_restored_in_a_gs_workdir(bucket):
   workdir = "gs://my-bucket/runs/a"
   train.train_and_evaluate(config.copy_and_resolve_references(), workdir)
   config.num_epochs = 2
-  results = train.train_and_evaluate(config, workdir)  # resumes from gs://.../checkpoints/1
+  results = train.train_and_evaluate(config, workdir)  # resumes from gs://.../checkpoints/6
   assert results["epochs"] == 2
   run = bucket / "my-bucket" / "runs" / "a"
   assert {p.name for p in run.iterdir()} >= {"config.json", "results.json", "metrics.jsonl",
                                              "checkpoints", "tensorboard"}
   assert not (run / "lock").exists()  # released
-  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [6, 12]  # steps
   assert list((run / "tensorboard").glob("events.out.tfevents.*"))
   steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
   assert len(steps) == 4  # train and test, per epoch; the resumed run appended to the first

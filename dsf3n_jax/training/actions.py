@@ -11,8 +11,9 @@ of steps taken). Built from the config:
 * ``EpochSummary``: at each epoch's end, the epoch's mean train metrics,
   rate, step time, learning rate and (on accelerators) device memory, to
   ``metrics.jsonl``, TensorBoard and the console.
-* ``Evaluate``: one per entry of ``config.evals`` (``dsf3n_jax.evaluators``),
-  with checkpoint selection and early stopping on the selection metric.
+* ``Evaluate``: one per entry of ``config.evals`` (``dsf3n_jax.evaluators``).
+* ``SelectBest``: the best checkpoint and early stopping, from the selection
+  evaluator's metric and loss, once this step's evaluations are done.
 * ``Checkpoint``: every ``checkpoint_every_steps``, every
   ``checkpoint_every_epochs``, at the end, at a new best and at an early stop.
 * ``Profile``: a ``jax.profiler`` trace of steps ``profile_steps`` into
@@ -133,6 +134,21 @@ class Evaluate(PeriodicAction):
     loop.evaluate(self, step)
     self.seconds += time.time() - t0
     self.count += 1
+
+
+class SelectBest(PeriodicAction):
+  """After this step's evaluations: the best-so-far and early stopping (``loop.select``), when
+  the selection evaluator ran."""
+
+  name = "select_best"
+
+  def due(self, step: int, last: int) -> bool:
+    del step, last
+    return True
+
+  def __call__(self, loop: Loop, step: int) -> None:
+    if loop.run.selection in loop.last_evals:
+      loop.select(step)
 
 
 class Checkpoint(PeriodicAction):

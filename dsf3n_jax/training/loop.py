@@ -254,6 +254,7 @@ class Loop:
         actions_lib.ReportProgress(every_steps=config.log_every_steps),
         actions_lib.EpochSummary(every_steps=spe, at_end=True),
         *self.evaluations,
+        actions_lib.SelectBest(),
         actions_lib.Checkpoint(every=(config.get("checkpoint_every_steps", 0),
                                       config.checkpoint_every_epochs * spe)),
         *_profile_actions(config, run.workdir),
@@ -263,7 +264,7 @@ class Loop:
     self.train_time, self.trained_steps = 0.0, 0
     self.last_step_metrics: dict[str, float] = {}
     self.last_evals: dict[str, dict[str, float]] = {}
-    self.new_best = self.stopping = self.selecting = False
+    self.new_best = self.stopping = False
     self.stopping_for: str | None = None
     self.saved_at: int | None = None
     self._output_cache: dict[str, dict[str, np.ndarray]] = {}
@@ -368,8 +369,8 @@ class Loop:
   # -- evaluation and selection ----------------------------------------------------------------
 
   def evaluate(self, action: actions_lib.Evaluate, step: int) -> None:
-    """Runs one evaluator (the split's outputs shared at this step); selection if it is the
-    selection evaluator."""
+    """Runs one evaluator (the split's outputs shared at this step); its values are checked,
+    written and kept in ``last_evals``."""
     spec = action.spec
     ctx = evaluators_lib.EvalContext(run=self.run, state=self.state, step=step,
                                      split=spec.split, _outputs=self._outputs)
@@ -391,8 +392,6 @@ class Loop:
     self.writer.write(step, spec.name, values, epoch=epoch)
     shown = [k for k in EVAL_KEYS if k in values] or list(values)[:6]
     log("%s %s %s", where, spec.name, actions_lib.fmt(values, shown))
-    if spec.name == self.run.selection and self.selecting:
-      self._select(step)
 
   def _outputs(self, split: str) -> dict[str, np.ndarray]:
     cache = self._output_cache
@@ -402,7 +401,7 @@ class Loop:
           mesh=self.run.mesh, batch_size=self.config.eval_batch_size)
     return cache[split]
 
-  def _select(self, step: int) -> None:
+  def select(self, step: int) -> None:
     """Updates the best-so-far and the early-stopping count from this step's evaluations."""
     meta, run = self.meta, self.run
     chosen = self.last_evals[run.selection]
@@ -457,17 +456,17 @@ class Loop:
         "best so far", _where(best["step"], self.run.steps_per_epoch) if "step" in best
         else f"epoch {best['epoch']}", _where(step, self.run.steps_per_epoch))
     self.meta["best"] = None
-    self._at_boundary(step, only=self.evaluations)
+    self._at_boundary(step, only=[*self.evaluations, actions_lib.SelectBest()])
     self.checkpointer.manager.delete(step)
     self.save(step)
     self.checkpointer.wait()
 
   # -- the run -------------------------------------------------------------------------------
 
-  def _at_boundary(self, step: int, *, only=None, select: bool = True) -> None:
+  def _at_boundary(self, step: int, *, only=None) -> None:
     """Calls every action due at ``step`` (``only``: those, due or not), in order."""
     self.last_evals, self.new_best, self._output_cache = {}, False, {}
-    self.saved_at, self.selecting = None, select
+    self.saved_at = None
     self.meta["step"], self.meta["epoch"] = step, step // self.run.steps_per_epoch
     for action in (only if only is not None else self.actions):
       if only is not None or action.due(step, self.total):
@@ -504,7 +503,7 @@ class Loop:
     final_eval = dict(self.last_evals)
     missing = [e for e in self.evaluations if e.name not in final_eval]
     if missing:  # a finished run resumed, or an early stop between other evaluators' steps
-      self._at_boundary(step, only=missing, select=False)
+      self._at_boundary(step, only=missing)
       final_eval.update(self.last_evals)
     final_eval = {e.name: final_eval[e.name] for e in self.evaluations}
     results = self._results(final_eval, start_time)
