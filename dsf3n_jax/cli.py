@@ -77,6 +77,9 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = verbose_requested(argv)
+  if not verbose:  # libraries' notices (orbax opening a run read-only) are not the output
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.ERROR)
   try:
     return main([a for a in argv if a not in VERBOSE_FLAGS])
   except Exception as e:  # noqa: BLE001 - reported as error lines; KeyboardInterrupt passes

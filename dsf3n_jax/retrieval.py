@@ -18,7 +18,6 @@ Files:
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import input_pipeline, map_kernel, metrics
+from dsf3n_jax import input_pipeline, knn, metrics
 from dsf3n_jax.datasets import validation
 from dsf3n_jax.mesh import make_mesh
 
@@ -225,47 +224,30 @@ def load_embeddings(path, *, protocol: str | None = None) -> Embeddings:
   return Embeddings(emb_v, emb_a, labels, np.asarray(indices, np.int64), made)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "distance", "block_size"))
-def _top_k_blocks(queries, items, *, k, distance, block_size):
-  d = queries.shape[-1]
-
-  def one_block(q):
-    dist = metrics.pairwise_distances(q, items, distance=distance)
-    keys = map_kernel.ranking_keys(dist)  # pylint: disable=protected-access
-    _, pos = jax.lax.top_k(-keys, k)    # unique keys: (distance, index) order
-    return jnp.take_along_axis(dist, pos, axis=1), pos
-
-  dist, pos = jax.lax.map(one_block, queries.reshape(-1, block_size, d))
-  return dist.reshape(-1, k), pos.reshape(-1, k)
-
-
 def top_k(queries, items, *, k: int, distance: metrics.Distance = "cosine",
           block_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-  """The k nearest items of each query, blockwise (memory ``O(block_size * m)``).
+  """The k nearest items of each query: ``dsf3n_jax.knn``'s exact kernel (the index's search).
 
   Args:
     queries: (n, d) embeddings.
     items: (m, d) embeddings.
     k: items per query (clipped to m).
     distance: "cosine" or "euclidean".
-    block_size: queries per block.
+    block_size: queries per call.
 
   Returns:
-    ``(distances, indices)``, each (n, min(k, m)), nearest first; equal
-    distances are ordered by item index, as in ``metrics``.
+    ``(distances, indices)``, each (n, min(k, m)), nearest first (cosine
+    distance: 1 - similarity); equal distances are ordered by item index, as in
+    ``metrics``.
   """
   queries = np.asarray(queries, np.float32)
   items = np.asarray(items, np.float32)
   if k < 1:
     raise ValueError(f"k: expected a positive int, got {k}")
   k = min(k, len(items))
-  n = len(queries)
-  block_size = max(1, min(block_size, n))
-  padded = -(-n // block_size) * block_size
-  q = np.pad(queries, ((0, padded - n), (0, 0)))
-  with jax.enable_x64(True):
-    dist, pos = _top_k_blocks(q, items, k=k, distance=distance, block_size=block_size)
-    return np.asarray(dist)[:n], np.asarray(pos)[:n].astype(np.int64)
+  library = knn.Library.put(items, distance=distance, mesh=make_mesh(jax.local_devices()))
+  pos, dist = library.search(queries, k, query_block=block_size)
+  return dist, pos
 
 
 def retrieve(queries, items, query_labels, item_labels, *, k: int = 5,

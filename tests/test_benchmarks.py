@@ -255,3 +255,16 @@ def test_the_accelerator_check_passes_shellcheck_and_names_its_usage():
   names = {line.split("==")[0].lower().replace("_", "-") for line in pins}
   assert all(len(line.strip().split("==")) == 2 for line in pins), pins
   assert {"tensorflow-datasets", "ml-collections", "array-record", "tensorboardx"} <= names
+
+
+def test_the_search_benchmark_writes_every_row(tmp_path):
+  from benchmarks import search as search_bench
+  assert search_bench.main(["--sizes=300,1000", f"--out={tmp_path}"]) == 0
+  (doc_path,) = tmp_path.glob("search-*.json")
+  doc = json.loads(doc_path.read_text())
+  assert [r["items"] for r in doc["rows"]] == [300, 1000]
+  for row in doc["rows"]:
+    assert row["ids_equal_numpy_fraction"] == 1.0 and row["approximate_recall_at_k"] == 1.0
+    assert row["exact_s"] > 0 and 0 < row["roofline_fraction"] and row["speedup_over_numpy"] > 0
+  assert doc["build"]["build_from_embeddings_items_per_s"] > 0
+  assert "| 1,000 |" in (tmp_path / doc_path.name.replace(".json", ".md")).read_text()

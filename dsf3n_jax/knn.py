@@ -1,0 +1,162 @@
+"""Exact k-nearest-neighbour search of a library of embeddings, at the speed of a matmul.
+
+The library is sharded over the mesh's ``data`` axis (contiguous rows: device
+0 holds the lowest ids). On each device a ``lax.scan`` runs over blocks of
+its rows: one matrix product of the queries with the block, the block's
+top-k (``lax.top_k``), merged into a running top-k. The devices' top-k are
+then gathered and merged once more. No (queries x library) matrix is ever
+built, and no 64-bit key per item: ties are broken by the lower id because
+``lax.top_k`` puts the lower position first among equal values and every
+merge puts the lower ids first (the running top-k before the new block,
+device 0 before device 1).
+
+Distances are the metric's own (``map_kernel.pairwise_distances``: cosine
+``1 - q.x / |q| / |x|`` on the raw dot products, or euclidean), computed the
+same way in float32, so the ranking is exactly the one the mAP metric and a
+float32 brute force give; the library's norms are computed once. Matrix
+products run at
+``precision`` (default "highest": float32 on GPU/TPU too, so results equal a
+float32 brute force; "default" lets accelerators use faster, less exact
+passes). ``approximate=True`` takes each block's top-k with
+``jax.lax.approx_max_k`` (TPU-KNN: the accelerators' fast path; on CPU it is
+exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsf3n_jax import map_kernel
+from dsf3n_jax.mesh import DATA_AXIS as AXIS
+from dsf3n_jax.mesh import make_mesh
+
+Distance = Literal["cosine", "euclidean"]
+DISTANCES = ("cosine", "euclidean")
+_NO_ID = np.iinfo(np.int32).max
+
+
+@jax.jit
+def _norms(x):
+  """Per row: the clipped norm (cosine) and the squared norm (euclidean), as the metric has."""
+  return (jnp.maximum(jnp.linalg.norm(x, axis=-1), map_kernel._EPS),  # pylint: disable=protected-access
+          jnp.sum(x * x, -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+  """The library's rows on the mesh, ready to search (``Library.put``)."""
+
+  items: jax.Array  # (padded, d) float32, sharded over ``data``
+  norms: jax.Array  # (padded,) cosine: max(|x|, eps); euclidean: |x|^2
+  count: int  # real rows; the rest is padding, never returned
+  distance: str
+  block: int  # rows per scanned block on each device
+  mesh: Mesh
+
+  @property
+  def dim(self) -> int:
+    return int(self.items.shape[1])
+
+  @classmethod
+  def put(cls, items: np.ndarray, *, distance: Distance = "cosine", mesh: Mesh | None = None,
+          block: int = 16384) -> Library:
+    """Pads ``items`` (m, d) to whole blocks on every device and places them on ``mesh``."""
+    if distance not in DISTANCES:
+      raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCES)}")
+    mesh = make_mesh() if mesh is None else mesh
+    items = np.asarray(items, np.float32)
+    m, _ = items.shape
+    norm, sq = (np.asarray(v) for v in _norms(items))
+    sq = norm if distance == "cosine" else sq
+    n_dev = mesh.shape[AXIS]
+    per_device = -(-m // n_dev)
+    block = max(1, min(int(block), per_device))
+    per_device = -(-per_device // block) * block
+    padded = per_device * n_dev
+    sharding = NamedSharding(mesh, P(AXIS))
+    items = np.pad(items, ((0, padded - m), (0, 0)))
+    sq = np.pad(sq, (0, padded - m), constant_values=1)
+    return cls(jax.device_put(items, sharding), jax.device_put(sq, sharding), m, distance,
+               block, mesh)
+
+  def search(self, queries: np.ndarray, k: int, *, approximate: bool = False,
+             precision: str = "highest", query_block: int = 1024
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, distances)``, each (n, k), nearest first; ids are row numbers of the library.
+
+    ``k`` must be in ``1..count`` and the queries finite (``dsf3n_jax.search``
+    checks both and says which is wrong).
+    """
+    queries = np.asarray(queries, np.float32)
+    n = len(queries)
+    fn = _search_fn(self.mesh, k=int(k), block=self.block, count=self.count,
+                    distance=self.distance, approximate=bool(approximate), precision=precision)
+    qb = max(1, min(int(query_block), n))
+    replicated = NamedSharding(self.mesh, P())
+    outs = []
+    for lo in range(0, n, qb):  # dispatched ahead: the host pads the next block meanwhile
+      q = queries[lo:lo + qb]
+      q = np.pad(q, ((0, qb - len(q)), (0, 0)))
+      outs.append(fn(jax.device_put(q, replicated), self.items, self.norms))
+    ids = np.concatenate([np.asarray(i) for i, _ in outs])[:n].astype(np.int64)
+    dist = np.concatenate([np.asarray(s) for _, s in outs])[:n]
+    return ids, dist
+
+
+def _merge(values, ids, k: int):
+  """The k best of concatenated candidates; among equal values the earlier position wins."""
+  top, pos = jax.lax.top_k(values, k)
+  return top, jnp.take_along_axis(ids, pos, axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _search_fn(mesh: Mesh, *, k: int, block: int, count: int, distance: str,
+               approximate: bool, precision: str):
+  """``(queries, items, sq_norms) -> (ids, scores)``: one compiled program per shape."""
+  precision = jax.lax.Precision[precision.upper()] if isinstance(precision, str) else precision
+
+  def local(q, items, norms):
+    per_device = items.shape[0]
+    offset = jax.lax.axis_index(AXIS) * per_device
+    blocks = items.reshape(-1, block, items.shape[1])
+    norm_blocks = norms.reshape(-1, block)
+    q_norm, q_sq = _norms(q)
+    kb = min(k, block)
+
+    def body(carry, i):
+      dots = jnp.dot(q, blocks[i].T, precision=precision)
+      if distance == "cosine":  # as map_kernel.pairwise_distances, elementwise after the dots
+        dist = 1.0 - dots / q_norm[:, None] / norm_blocks[i][None, :]
+      else:
+        dist = jnp.sqrt(jnp.maximum(q_sq[:, None] + norm_blocks[i][None, :] - 2.0 * dots, 0.0))
+      ids = offset + i * block + jnp.arange(block, dtype=jnp.int32)
+      # Nearest = largest score; +0.0 for an exact 0 (never -0.0, which would sort apart).
+      scores = jnp.where(ids[None, :] < count, jnp.where(dist == 0, 0.0, -dist), -jnp.inf)
+      if approximate:
+        top, pos = jax.lax.approx_max_k(scores, kb)
+      else:
+        top, pos = jax.lax.top_k(scores, kb)
+      merged = _merge(jnp.concatenate([carry[0], top], axis=1),
+                      jnp.concatenate([carry[1], ids[pos]], axis=1), k)
+      return merged, None
+
+    init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype),
+            jnp.full((q.shape[0], k), _NO_ID, jnp.int32))
+    (top, ids), _ = jax.lax.scan(body, init, jnp.arange(blocks.shape[0]))
+    # Every device's k best, device 0 first (the lowest ids), then the global k best.
+    all_top = jax.lax.all_gather(top, AXIS, axis=1, tiled=True)
+    all_ids = jax.lax.all_gather(ids, AXIS, axis=1, tiled=True)
+    top, ids = _merge(all_top, all_ids, k)
+    return ids, jnp.where(top == 0, 0.0, -top)
+
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                         out_specs=(P(), P()), check_vma=False)
+  return jax.jit(mapped)

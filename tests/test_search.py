@@ -1,0 +1,197 @@
+"""Search a library: the exact kernel, building an index (and resuming it), searching it."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from dsf3n_jax import cli, knn, metrics, retrieval, train
+from dsf3n_jax import index as index_lib
+from dsf3n_jax import search as search_lib
+from tests.test_train import mesh_of, tiny_config
+
+
+def brute_force(queries, items, k, distance="cosine"):
+  """The float32 distances of the metric (all of them), nearest first, ties by the lower row."""
+  dist = np.asarray(metrics.pairwise_distances(queries, items, distance=distance))
+  order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+  return order, np.take_along_axis(dist, order, axis=1)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_kernel_gives_a_float32_brute_force_ties_included(devices):
+  rng = np.random.default_rng(0)
+  # Entries +-1 in 16 dimensions: every dot product is an exact integer and every norm 4, so
+  # each distance is exact whatever the summation order, and 17 values for 1,003 items: ties
+  # everywhere.
+  items = rng.choice([-1.0, 1.0], size=(1003, 16)).astype(np.float32)
+  queries = rng.choice([-1.0, 1.0], size=(37, 16)).astype(np.float32)
+  ref_rows, ref_scores = brute_force(queries, items, 10)
+  for block in (7, 64, 4096):  # many merges, some, one block per device
+    library = knn.Library.put(items, mesh=mesh_of(devices), block=block)
+    for approximate in (False, True):  # approx_max_k is exact on CPU
+      rows, scores = library.search(queries, 10, query_block=16, approximate=approximate)
+      np.testing.assert_array_equal(rows, ref_rows)
+      np.testing.assert_array_equal(scores, ref_scores)
+  gaussian = rng.normal(size=(500, 24)).astype(np.float32)
+  q = rng.normal(size=(9, 24)).astype(np.float32)
+  ref_rows, ref = brute_force(q, gaussian, 5, "euclidean")
+  rows, dist = knn.Library.put(gaussian, distance="euclidean", mesh=mesh_of(devices),
+                               block=32).search(q, 5)
+  np.testing.assert_array_equal(rows, ref_rows)
+  np.testing.assert_allclose(dist, ref, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A tiny trained run (1 epoch) and its test split."""
+  workdir = tmp_path_factory.mktemp("search") / "run"
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))
+  model, variables, config = train.restore_model(str(workdir))
+  return workdir, model, variables, retrieval.run_split(config, "test")
+
+
+def _index(*argv):
+  return index_lib.main([str(a) for a in argv])
+
+
+def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
+  workdir, model, variables, split = run
+  # The run's own test split (labels, row ids) in shards of 16 items.
+  assert _index(f"--workdir={workdir}", "--modality=visual", f"--out={tmp_path / 'a'}",
+                "--chunk_size=16") == 0
+  index = search_lib.Index.load(tmp_path / "a")
+  assert (index.count, index.modality, index.manifest["protocol"]) == (40, "visual", "unimodal")
+  assert len(index.manifest["shards"]) == 3 and index.labels is not None
+  # The library is embedded as evaluation embeds each modality alone.
+  alone = retrieval.embed_split(model, variables, split["visual"], split["audio"],
+                                protocol="unimodal")
+  np.testing.assert_allclose(index.embeddings, alone.emb_visual, rtol=1e-5, atol=1e-6)
+  # New audio queries, embedded by the same run: the ids of a brute force over the library.
+  np.save(tmp_path / "audio.npy", split["audio"][:5])
+  capsys.readouterr()
+  assert search_lib.main([f"--index={tmp_path / 'a'}", f"--queries={tmp_path / 'audio.npy'}",
+                          f"--workdir={workdir}", "--k=4", "--json"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  ref_rows, _ = brute_force(alone.emb_audio[:5], alone.emb_visual, 4)
+  assert [x["ids"] for x in lines] == split["index"][ref_rows].tolist()
+  assert lines[0]["labels"] == split["label"][ref_rows[0]].tolist()
+  assert search_lib.main([f"--index={tmp_path / 'a'}", "--rows=3,4", f"--workdir={workdir}",
+                          "--k=4", "--json"]) == 0  # rows of the run's own test split
+  assert [json.loads(x)["ids"] for x in capsys.readouterr().out.splitlines()] == split[
+      "index"][ref_rows[3:5]].tolist()
+
+  # A features-only file of one modality, no labels; ids given in the file.
+  ids = np.arange(100, 140)
+  np.savez(tmp_path / "visual.npz", features=split["visual"], ids=ids)
+  assert _index(f"--workdir={workdir}", "--modality=visual", f"--out={tmp_path / 'b'}",
+                f"--source={tmp_path / 'visual.npz'}") == 0
+  other = search_lib.Index.load(tmp_path / "b")
+  assert other.labels is None and other.manifest["fingerprint"] == index.manifest["fingerprint"]
+  hits = other.search(alone.emb_audio[:5], 4)
+  np.testing.assert_array_equal(hits.ids, ids[ref_rows])
+  capsys.readouterr()
+  assert search_lib.main([f"--index={tmp_path / 'b'}", f"--queries={tmp_path / 'audio.npy'}",
+                          f"--workdir={workdir}", "--k=2"]) == 0
+  table = capsys.readouterr().out
+  assert "query 4:" in table and f"id {ids[ref_rows[0, 0]]}" in table
+
+  # From embeddings computed elsewhere: no model, query embeddings only.
+  np.save(tmp_path / "emb.npy", alone.emb_visual)
+  assert _index("--modality=visual", f"--out={tmp_path / 'c'}",
+                f"--embeddings={tmp_path / 'emb.npy'}") == 0
+  given = search_lib.Index.load(tmp_path / "c")
+  assert given.manifest["fingerprint"] is None and given.manifest["protocol"] == "given"
+  np.testing.assert_array_equal(given.search(alone.emb_audio[:5], 4).rows, ref_rows)
+
+
+def test_a_killed_build_resumes_where_it_stopped(run, tmp_path, monkeypatch, capfd):
+  workdir = run[0]
+  argv = (f"--workdir={workdir}", "--modality=audio", f"--out={tmp_path / 'i'}",
+          "--chunk_size=16")
+  real, saved = index_lib._save_npy, []
+
+  def dies_on_the_third_shard(path, array):
+    if path.name.startswith("embeddings-00002"):
+      raise KeyboardInterrupt  # as a kill would stop it
+    saved.append(path.name)
+    real(path, array)
+
+  monkeypatch.setattr(index_lib, "_save_npy", dies_on_the_third_shard)
+  with pytest.raises(KeyboardInterrupt):
+    _index(*argv)
+  assert not (tmp_path / "i" / "manifest.json").exists()
+  with pytest.raises(search_lib.IndexError_, match="unfinished build: rerun the same"):
+    search_lib.Index.load(tmp_path / "i")
+  monkeypatch.setattr(index_lib, "_save_npy", real)
+  capfd.readouterr()
+  assert _index(*argv) == 0
+  err = capfd.readouterr().err
+  assert "resuming the build" in err and "2 of 3 shards done" in err, err
+  assert _index(f"--workdir={workdir}", "--modality=audio", f"--out={tmp_path / 'fresh'}",
+                "--chunk_size=16") == 0
+  a, b = search_lib.Index.load(tmp_path / "i"), search_lib.Index.load(tmp_path / "fresh")
+  np.testing.assert_array_equal(a.embeddings, b.embeddings)
+  np.testing.assert_array_equal(a.ids, b.ids)
+  assert not list((tmp_path / "i").glob("progress-*.json"))
+
+
+def _error(main, argv, capsys) -> str:
+  """The one ``error:`` line a command line prints for ``argv`` (exit status not 0)."""
+  capsys.readouterr()
+  status = cli.run(main, [str(a) for a in argv])
+  err = capsys.readouterr().err
+  lines = [x for x in err.splitlines() if x.startswith("error:")]
+  assert status != 0 and len(lines) == 1, err
+  return lines[0]
+
+
+def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path, capsys):
+  workdir, _, _, split = run
+  out = tmp_path / "idx"
+  assert _index(f"--workdir={workdir}", "--modality=visual", f"--out={out}") == 0
+  index = search_lib.Index.load(out)
+  emb = tmp_path / "q.npy"
+
+  np.save(emb, np.ones((2, 7), np.float32))  # a dimension mismatch
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
+  assert f"--query_embeddings={emb}" in line and "expected 16-d" in line and "found 7-d" in line
+  np.save(emb, np.array([[0.0] * 16, [np.nan] * 16], np.float32))  # NaN in the queries
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
+  assert "query 1 is not finite" in line
+  np.save(emb, np.ones((1, 16), np.float32))
+  for k in (0, 41):  # k < 1, k > items
+    line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}", f"--k={k}"],
+                  capsys)
+    assert f"--k={k}: expected an int from 1 to the index's 40 items" in line
+  audio = tmp_path / "audio.npy"
+  np.save(audio, split["audio"][:2])
+  manifest = json.loads((out / "manifest.json").read_text())  # made by another model
+  (out / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+  line = _error(search_lib.main, [f"--index={out}", f"--queries={audio}",
+                                  f"--workdir={workdir}"], capsys)
+  assert f"--workdir={workdir}: its model" in line and "is not the one that built" in line
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  shard = out / manifest["shards"][0]["embeddings"]  # a truncated shard
+  shard.write_bytes(shard.read_bytes()[:-100])
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
+  assert str(shard) in line and "truncated" in line and "expected 40 rows" in line
+
+  bad = tmp_path / "bad.npy"  # NaN in the library
+  rows = split["visual"].copy()
+  rows[7, 3] = np.inf
+  np.save(bad, rows)
+  line = _error(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                 f"--out={tmp_path / 'x'}", f"--source={bad}"], capsys)
+  assert f"--source={bad}" not in line and str(bad) in line and "row 7 is not finite" in line
+  width = split["visual"].shape[1]
+  np.save(bad, np.zeros((0, width), np.float32))  # an empty library
+  line = _error(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                 f"--out={tmp_path / 'y'}", f"--source={bad}"], capsys)
+  assert str(bad) in line and "the library is empty" in line
+  np.save(bad, np.zeros((3, 5), np.float32))  # features of another size than the model's
+  line = _error(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                 f"--out={tmp_path / 'z'}", f"--source={bad}"], capsys)
+  assert f"expected {width} features per item (the model's input), found 5" in line
+  assert index.count == 40 and pathlib.Path(out).is_dir()
