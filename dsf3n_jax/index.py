@@ -380,12 +380,19 @@ def _parser() -> argparse.ArgumentParser:
                  "(+ ids, labels); no model")
   p.add_argument("--chunk_size", type=int, default=65536, help="items per shard")
   p.add_argument("--batch_size", type=int, default=1024, help="items per forward pass")
+  p.add_argument("--coordinator_address", help="host:port of process 0 (several hosts; on TPU "
+                 "and under SLURM JAX finds it itself)")
+  p.add_argument("--num_processes", type=int, help="number of processes (several hosts)")
+  p.add_argument("--process_id", type=int, help="this process's index (several hosts)")
   return p
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   modality = check_modality(args.modality)
+  from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize({}, coordinator_address=args.coordinator_address,
+                         num_processes=args.num_processes, process_id=args.process_id)
   if args.embeddings:
     if args.workdir or args.source or args.tfds:
       raise cli.UsageError("--embeddings: give it alone (no --workdir, --source or --tfds)")

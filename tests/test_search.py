@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import pytest
 from dsf3n_jax import cli, knn, metrics, retrieval, train
 from dsf3n_jax import index as index_lib
 from dsf3n_jax import search as search_lib
-from tests.test_train import mesh_of, tiny_config
+from tests.test_distributed import env, free_port
+from tests.test_train import REPO, mesh_of, tiny_config
 
 
 def brute_force(queries, items, k, distance="cosine"):
@@ -195,3 +198,25 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
                                  f"--out={tmp_path / 'z'}", f"--source={bad}"], capsys)
   assert f"expected {width} features per item (the model's input), found 5" in line
   assert index.count == 40 and pathlib.Path(out).is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_index_one_process_builds(run, tmp_path):
+  """Each process embeds every other shard on its own devices; process 0 writes the manifest.
+  The same items, ids and embeddings as one process, and a dataset by name (--tfds)."""
+  workdir = run[0]
+  flags = [f"--workdir={workdir}", "--modality=visual", "--tfds=synthetic", "--chunk_size=16"]
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "dsf3n_jax.index", *flags, f"--out={tmp_path / 'two'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  assert _index(*flags, f"--out={tmp_path / 'one'}") == 0
+  two, one = search_lib.Index.load(tmp_path / "two"), search_lib.Index.load(tmp_path / "one")
+  assert two.manifest["source"]["tfds"] == "synthetic" and two.count == one.count
+  assert len(two.manifest["shards"]) == -(-one.count // 16)
+  np.testing.assert_array_equal(two.ids, one.ids)
+  np.testing.assert_allclose(two.embeddings, one.embeddings, rtol=1e-5, atol=1e-6)
