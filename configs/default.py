@@ -2,9 +2,8 @@
 
 Other configs import this and change a few fields. ``get_config(arg)`` takes
 comma-separated variant names, e.g. ``--config=configs/vegas.py:runlocal``.
+The fields themselves are declared in ``dsf3n_jax.config_schema``.
 """
-
-import ml_collections
 
 VARIANTS = ("runlocal", "tiny", "small", "unimodal")
 _TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -32,167 +31,18 @@ def parse_variants(arg):
 
 
 def get_config(arg=None):
-  """The base config; ``arg`` holds variants (``parse_variants``), e.g. 'runlocal,tiny'."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.data = _data()
-  config.model = _model()
-  config.loss = _loss()
-  config.optim = _optim()
-  _schedule(config)
-  config.metric = _metric()
-  config.distributed = _distributed()
+  """The base config; ``arg`` holds variants (``parse_variants``), e.g. 'runlocal,tiny'.
+
+  Every field, its default, what it accepts and what it does is declared once,
+  in ``dsf3n_jax.config_schema`` (``python -m dsf3n_jax.config_schema`` lists
+  them); the model's fields and defaults are ``DSF3N``'s own. Parts are chosen
+  by registered name (``config.model.fusion`` etc.: dsf3n_jax.models.registry;
+  a config file adds its own by importing the module that registers them).
+  """
+  from dsf3n_jax import config_schema  # pylint: disable=g-import-not-at-top
+  config = config_schema.defaults()
   apply_variants(config, arg)
   return config
-
-
-def _data():
-  """Data (dsf3n_jax.input_pipeline.load_sources)."""
-  c = ml_collections.ConfigDict()
-  c.name = "synthetic"  # synthetic | vegas | ave | paired_features
-  c.path = ""  # the file, for paired_features
-  c.data_dir = ""  # TFDS data_dir ('' = TFDS default)
-  c.num_classes = 0  # 0 = from the data; otherwise checked against it
-  c.validation_fraction = 0.0  # carved from train, stratified, with validation_seed
-  c.validation_seed = 0
-  c.shuffle = True  # False = file order, like the original
-  # "auto": the whole train split in device memory and one compiled call (lax.scan) per epoch
-  # on GPU/TPU; streamed batches on CPU, where XLA runs a step inside a loop several times
-  # slower than the same step on its own. True / False force either path.
-  c.on_device = "auto"
-  c.normalize = "none"  # none | standardize (per feature, train statistics)
-  c.synthetic = ml_collections.ConfigDict()  # generator kwargs for synthetic
-  return c
-
-
-def _model():
-  """Model: ``DSF3N``'s fields, its defaults (the original's; its docstring says what each is).
-
-  The model and its parts are chosen by registered name (dsf3n_jax.models.registry; a config
-  file adds its own by importing the module that registers them):
-  ``name`` dsf3n | dsf3n_paper; ``fusion`` "mfa" (from num_fusion_stages, mfa_variant,
-  use_mfa); ``head`` "mlp" (from head_hidden, embed_dim, dropout_rate); ``classifier`` "mlp"
-  (from classifier_hidden). ``missing_partner`` (self | learned | mean) is what the fusion
-  sees in place of the absent modality when one modality is embedded alone (the unimodal
-  protocol); ``partner_dropout`` the probability in train mode that an example's fusion sees
-  it instead of its partner.
-  """
-  from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
-
-  c = ml_collections.ConfigDict({k: v for k, v in registry.model_fields(DSF3N).items()
-                                 if k not in ("num_classes", "dtype", "param_dtype", "bn_momentum",
-                                              "bn_epsilon")})
-  c.name = "dsf3n"
-  c.visual_dim = 0  # 0: from the data
-  c.audio_dim = 0
-  c.dtype = "float32"  # bfloat16: bf16 compute, float32 params and optimiser state
-  return c
-
-
-def _loss():
-  """Loss: weighted terms by name (dsf3n_jax.losses)."""
-  c = ml_collections.ConfigDict()
-  # Loss: weighted terms by name (dsf3n_jax.losses; a user registers more with
-  # losses.register_loss_term). These three are the original's L_id + alpha L_pair + beta L_center.
-  c.terms = ml_collections.ConfigDict()
-  c.terms.id = 1.0  # identity (discriminative) loss; 0: the ablation without it
-  c.terms.pair = 1e-4  # alpha: pair loss
-  c.terms.center = 5e-4  # beta: centre loss
-  c.id_form = "ce"  # ce | paper
-  # > 0: the same terms on each modality's embedding alone, times this weight, are added.
-  c.unimodal_weight = 0.0
-  # Weights of that loss that differ from loss.terms (e.g. center). A pair weight of 1 there
-  # collapsed the unimodal embeddings to a point on fsdd_digits (mAP 0.12): the Euclidean pair
-  # distance is minimised by shrinking.
-  c.unimodal_terms = ml_collections.ConfigDict()
-  return c
-
-
-def _optim():
-  """Optimisers: Adam on the network, SGD on the centres."""
-  c = ml_collections.ConfigDict()
-  c.lr = 1e-4
-  c.b1 = 0.5
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.weight_decay = 0.0  # decoupled (AdamW) when > 0
-  c.grad_clip_norm = 0.0  # global-norm clipping when > 0
-  # constant: the original's runs (its call of adjust_learning_rate is commented out) |
-  # warmup_step: what adjust_learning_rate would give the network, 0.1 x its return value |
-  # cosine: to 0 over num_epochs
-  c.schedule = "constant"
-  c.center_lr = 0.05
-  return c
-
-
-def _schedule(config):
-  """Batch sizes, epochs, evaluation, checkpoints and selection (set on ``config``)."""
-  config.batch_size = 128  # global
-  config.num_epochs = 40
-  # After epochs 5, 10, ... (1-based) and the last. The original evaluates after 1-based epochs
-  # 6, 11, 16, ... (0-based epoch > 0 and epoch % 5 == 0; VEGAS: up to 36 of 40), not the last.
-  config.eval_every_epochs = 5
-  # What is evaluated (dsf3n_jax.evaluators): name -> {type, split, every_steps | every_epochs
-  # (default eval_every_epochs; 0: only at the end), the evaluator's own settings}. Every
-  # evaluator also runs after the last step; one of the validation split is skipped when none
-  # is carved. A config adds its own, e.g. config.evals.recall = dict(type="precision_recall",
-  # split="test", ks=(1, 5)).
-  config.evals = ml_collections.ConfigDict()
-  config.evals.validation = dict(type="retrieval", split="validation")
-  config.evals.test = dict(type="retrieval", split="test")
-  config.checkpoint_every_epochs = 5  # and at the end
-  # Also every N global steps (0: off): a preempted run loses at most N steps. A checkpoint
-  # holds the data position, so a resume from mid-epoch continues with the same batches.
-  config.checkpoint_every_steps = 0
-  # With the train split in device memory, at most this many steps per compiled call (0: up to
-  # the next action or epoch end); a preemption signal is acted on between calls.
-  config.steps_per_call = 0
-  # (start, stop): a jax.profiler trace of the steps after the start-th up to the stop-th into
-  # workdir/profile (TensorBoard's Profile tab, XProf). (): none.
-  config.profile_steps = ()
-  config.keep_checkpoints = 2  # the latest ones; the best one is kept besides
-  # False: checkpoints hold parameters, BatchNorm statistics, centres, step and key only (about
-  # a third of the size); a resume then starts Adam afresh, so it is not bit for bit.
-  config.checkpoint_optimizer_state = True
-  # A resume refuses a workdir whose checkpoints were trained on other data or another loss
-  # config (both named); True resumes anyway, e.g. to fine-tune on new data.
-  config.allow_resume_mismatch = False
-  config.log_every_steps = 50
-  config.selection_split = "validation"  # validation (if carved) | test: picks the best checkpoint
-  # map_average (the paper's protocol) | unimodal_map_average (each modality embedded alone), of
-  # the evaluator named as selection_split; or "<eval name>/<metric>" of any of config.evals.
-  config.selection_metric = "map_average"
-  # Stop after this many evaluations in a row whose selection-split loss is not strictly lower
-  # than the best so far (a tie counts as no improvement); 0 = off. The loss is one mean over
-  # the whole split with the trained centres. Not the original's signal, which cannot be
-  # reproduced: a sum of per-batch losses over its drop_last test batches, the centre term
-  # against freshly random (unseeded randn) centres at every evaluation, a tie counting as an
-  # improvement (4 evaluations without one stop it).
-  config.early_stopping_patience = 0
-  config.eval_batch_size = 1024
-
-
-def _metric():
-  """The retrieval metric (dsf3n_jax.metrics)."""
-  c = ml_collections.ConfigDict()
-  c.distance = "cosine"
-  c.k = 0  # 0 = all items (the paper's mAP)
-  # 0 = every test item (the default). N = the original's protocol: batches of N in file order,
-  # the last partial batch dropped, i.e. only the first metrics.original_protocol_count(n, N)
-  # items (the paper: N = 128 on VEGAS, 189 on AVE).
-  c.original_test_batches = 0
-  return c
-
-
-def _distributed():
-  """Multi-host (dsf3n_jax.distributed); empty = automatic or single process."""
-  c = ml_collections.ConfigDict()
-  c.coordinator_address = ""
-  c.num_processes = 0
-  c.process_id = -1
-  c.initialization_timeout = 300
-  c.heartbeat_timeout = 100
-  return c
 
 
 def original_recipe(name, *, num_epochs, pair, center, arg=None):

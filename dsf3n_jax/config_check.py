@@ -1,7 +1,8 @@
 """Config validation: every problem of a resolved run config, found before anything compiles.
 
 ``validate(config, num_devices=...)`` checks types, ranges and enumerations of
-every field ``train.train_and_evaluate`` reads and raises one ``ConfigError``
+every field ``train.train_and_evaluate`` reads (each field's rule is declared
+with it, in ``config_schema``) and raises one ``ConfigError``
 listing each problem on its own line, as ``config.<path>=<value>: expected
 <what is accepted>``. ``check_unknown_fields(config, reference)`` reports the
 fields a config has that ``configs/default.py`` does not, each with the
@@ -13,36 +14,23 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, get_args
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 
-from dsf3n_jax import losses, metrics
+from dsf3n_jax import config_schema, losses
+from dsf3n_jax.config_schema import Rule, is_int, is_real
 from dsf3n_jax.datasets import synthetic as synthetic_lib
-from dsf3n_jax.input_pipeline import DATASETS
 from dsf3n_jax.models import registry
-from dsf3n_jax.models.dsf3n import MISSING_PARTNERS
-from dsf3n_jax.models.fusion import Variant
 
-# The averages a run may select its best checkpoint on: the paper's protocol (each item
-# embedded with its partner) or the deployable one (each modality alone).
-SELECTION_METRICS = ("map_average", "unimodal_map_average")
-SELECTION_SPLITS = ("validation", "test")  # validation falls back to test when none is carved
-ID_FORMS = ("ce", "paper")  # losses.identity_loss
-DTYPES = ("float32", "bfloat16", "float64")
-SCHEDULES = ("constant", "warmup_step", "cosine")  # train.learning_rate_schedule
-_MISSING = object()
 # Mappings whose keys are open (a user registers more loss terms), below the reference's own.
 OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms", "evals")
 # Fields that were renamed: an old config's field names its new place.
 RENAMED = {"loss.alpha": "loss.terms.pair", "loss.beta": "loss.terms.center",
            "loss.id_weight": "loss.terms.id", "loss.unimodal_alpha": "loss.unimodal_terms.pair",
            "loss.unimodal_beta": "loss.unimodal_terms.center"}
-
-Rule = tuple[Callable[[Any], bool], str]
+_MISSING = object()
 
 
 class ConfigError(ValueError):
@@ -55,120 +43,8 @@ class ConfigError(ValueError):
     super().__init__("\n".join(self.problems))
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(lo: int | None = None) -> Rule:
-  return (lambda v: _is_int(v) and (lo is None or v >= lo),
-          "an int" if lo is None else f"an int >= {lo}")
-
-
-def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-         hi_open: bool = False) -> Rule:
-  """A finite number in the interval given (open or closed at either end)."""
-  def ok(v):
-    return (_is_real(v) and (lo is None or (v > lo if lo_open else v >= lo))
-            and (hi is None or (v < hi if hi_open else v <= hi)))
-  if lo is not None and hi is not None:
-    what = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-  elif lo is not None:
-    what = f"a number {'>' if lo_open else '>='} {lo}"
-  else:
-    what = "a finite number"
-  return ok, what
-
-
-def _choice(options: Iterable[str]) -> Rule:
-  options = tuple(options)
-  return (lambda v: isinstance(v, str) and v in options), "one of " + ", ".join(options)
-
-
-def _ints(*, odd: bool = False) -> Rule:
-  def ok(v):
-    return (isinstance(v, (tuple, list)) and len(v) > 0
-            and all(_is_int(k) and k > 0 and (k % 2 == 1 or not odd) for k in v))
-  return ok, f"a non-empty sequence of {'odd ' if odd else ''}positive ints"
-
-
-_BOOL: Rule = (lambda v: isinstance(v, bool)), "True or False"
-_STR: Rule = (lambda v: isinstance(v, str)), "a string"
-_PROBABILITY: Rule = _num(0, 1)
-_SELECTION: Rule = ((lambda v: isinstance(v, str) and (v in SELECTION_METRICS or (
-    "/" in v and all(v.split("/", 1))))),
-                    f"one of {', '.join(SELECTION_METRICS)}, or '<eval name>/<metric>'")
-_STEP_RANGE: Rule = ((lambda v: isinstance(v, (tuple, list)) and (len(v) == 0 or (
-    len(v) == 2 and all(_is_int(s) for s in v) and 0 <= v[0] < v[1]))),
-                     "() or (start, stop) with 0 <= start < stop")
-_RATE: Rule = _num(0, 1, hi_open=True)
-
-RULES: tuple[tuple[str, Rule], ...] = (
-    ("seed", _int()),
-    # One of DATASETS or any registered TFDS dataset (checked when the data loads).
-    ("data.name", ((lambda v: isinstance(v, str) and bool(v.strip())),
-                   f"a dataset name: {', '.join(DATASETS)} or a registered TFDS dataset")),
-    ("data.path", _STR),
-    ("data.data_dir", _STR),
-    ("data.num_classes", _int(0)),
-    ("data.validation_fraction", _RATE),
-    ("data.validation_seed", _int()),
-    ("data.shuffle", _BOOL),
-    ("data.on_device", ((lambda v: str(v).lower() in ("auto", "true", "false")),
-                        "one of auto, true, false")),
-    ("data.normalize", _choice(("none", "standardize"))),
-    ("model.name", _STR),
-    *((f"model.{part}", _STR) for part in registry.PARTS),
-    ("model.visual_dim", _int(0)),
-    ("model.audio_dim", _int(0)),
-    *((f"model.{k}", _int(1)) for k in (
-        "encoder_features", "stem_features", "stem_kernel", "stem_stride", "head_hidden",
-        "embed_dim", "classifier_hidden")),
-    ("model.stem_padding", _int(0)),
-    ("model.kernel_sizes", _ints(odd=True)),
-    ("model.branch_features", _ints()),
-    ("model.num_fusion_stages", _int(0)),
-    ("model.mfa_variant", _choice(get_args(Variant))),
-    ("model.use_mfa", _BOOL),
-    ("model.dropout_rate", _RATE),
-    ("model.missing_partner", _choice(MISSING_PARTNERS)),
-    ("model.partner_dropout", _PROBABILITY),
-    ("model.dtype", _choice(DTYPES)),
-    ("loss.id_form", _choice(ID_FORMS)),
-    ("loss.unimodal_weight", _num(0)),
-    ("optim.lr", _num(0)),
-    ("optim.b1", _RATE),
-    ("optim.b2", _RATE),
-    ("optim.eps", _num(0, lo_open=True)),
-    ("optim.weight_decay", _num(0)),
-    ("optim.grad_clip_norm", _num(0)),
-    ("optim.schedule", _choice(SCHEDULES)),
-    ("optim.center_lr", _num(0)),
-    ("num_epochs", _int(1)),
-    ("eval_every_epochs", _int(0)),
-    ("checkpoint_every_epochs", _int(0)),
-    ("checkpoint_every_steps", _int(0)),
-    ("steps_per_call", _int(0)),
-    ("profile_steps", _STEP_RANGE),
-    ("keep_checkpoints", _int(1)),
-    ("checkpoint_optimizer_state", _BOOL),
-    ("allow_resume_mismatch", _BOOL),
-    ("log_every_steps", _int(0)),
-    ("selection_split", _choice(SELECTION_SPLITS)),
-    ("selection_metric", _SELECTION),
-    ("early_stopping_patience", _int(0)),
-    ("metric.distance", _choice(get_args(metrics.Distance))),
-    ("metric.k", _int(0)),
-    ("metric.original_test_batches", _int(0)),
-    ("distributed.coordinator_address", _STR),
-    ("distributed.num_processes", _int(0)),
-    ("distributed.process_id", _int(-1)),
-    ("distributed.initialization_timeout", _int(1)),
-    ("distributed.heartbeat_timeout", _int(1)),
-)
+# Each field's own rule, declared with it (dsf3n_jax.config_schema).
+RULES: tuple[tuple[str, Rule], ...] = config_schema.rules()
 
 
 def _is_node(value) -> bool:
@@ -213,7 +89,7 @@ def _batch_problems(config, num_devices: int) -> list[str]:
     value = lookup(config, path)
     if value is _MISSING:
       continue
-    if not (_is_int(value) and value >= 1 and value % num_devices == 0):
+    if not (is_int(value) and value >= 1 and value % num_devices == 0):
       problems.append(_problem(path, value, what))
   return problems
 
@@ -267,7 +143,7 @@ def _loss_term_problems(config) -> list[str]:
       except ValueError:
         out.append(_problem(f"loss.{group}.{name}", weight, "a registered loss term: "
                             f"{', '.join(registry.names('loss_term'))} ({registry.IMPORT_HINT})"))
-      if not (_is_real(weight) and weight >= 0):
+      if not (is_real(weight) and weight >= 0):
         out.append(_problem(f"loss.{group}.{name}", weight, "a weight >= 0"))
     if group == "terms" and not terms:
       out.append(_problem("loss.terms", {}, "at least one loss term"))
@@ -304,7 +180,7 @@ def _eval_problems(config) -> list[str]:
     if split not in evaluators.SPLITS:
       out.append(_problem(f"{where}.split", split, "one of " + ", ".join(evaluators.SPLITS)))
     for key in ("every_steps", "every_epochs"):
-      if key in entry and not (_is_int(entry[key]) and entry[key] >= 0):
+      if key in entry and not (is_int(entry[key]) and entry[key] >= 0):
         out.append(_problem(f"{where}.{key}", entry[key], "an int >= 0"))
   return out
 

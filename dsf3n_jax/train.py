@@ -19,7 +19,7 @@ The public names of ``dsf3n_jax.training``, in one namespace:
   together as one vmapped program (``train_seeds``, ``evaluate_seeds``).
 """
 
-from dsf3n_jax.config_check import SELECTION_METRICS
+from dsf3n_jax.config_schema import SELECTION_METRICS
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.training.loop import train_and_evaluate
 from dsf3n_jax.training.restore import default_config, restore_model, save_variables_as_run

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import default
-from dsf3n_jax import cli, config_check, train
+from dsf3n_jax import cli, config_check, config_schema, train
 from dsf3n_jax.config_check import ConfigError
 from tests.test_train import xla_flags
 
@@ -100,6 +100,24 @@ def test_evaluators_are_checked_by_name_split_schedule_and_settings(tmp_path):
   config = small_config(selection_metric="nothing/map_average")
   with pytest.raises(ConfigError, match="the evaluator 'nothing' is not run"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_each_field_is_declared_once_with_help_and_a_default_its_rule_accepts():
+  fields = config_schema.fields()
+  paths = [f.path for f in fields]
+  assert len(set(paths)) == len(paths)
+  for field in fields:
+    assert field.help.strip(), field.path
+    if field.rule is not None:
+      assert field.rule[0](field.default), (field.path, field.default, field.rule[1])
+  # Every key of the base config is a declared field, a section above one, or inside one
+  # (evals.test.type, loss.terms.id): nothing is declared anywhere else.
+  declared = set(paths)
+  for key in config_check.key_paths(default.get_config()):
+    assert (key in declared or any(p.startswith(f"{key}.") for p in declared)
+            or any(key.startswith(f"{p}.") for p in declared)), key
+  assert "optim.lr = 0.0001: a number >= 0. Adam's learning rate" in config_schema.describe()
+  assert dict(config_check.RULES) == dict(config_schema.rules())
 
 
 def test_a_field_an_older_config_lacks_is_not_checked():
