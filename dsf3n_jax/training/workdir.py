@@ -330,8 +330,10 @@ def format_results(results: Mapping[str, Any]) -> str:
              for p in ("", "unimodal_") for k in directions]
     rows.append((label, *cells))
 
-  for split, values in results["final"].items():
-    row(f"final {split}", values)
+  final = results["final"]  # validation, test, then other evaluators that report mAP
+  for name in sorted(final, key=lambda n: ({"validation": 0, "test": 1}.get(n, 2), )):
+    if any(k.startswith(("map_", "unimodal_map_")) for k in final[name]):
+      row(f"final {name}", final[name])
   best = results.get("best")
   if best:
     metric = best.get("metric", "map_average")
