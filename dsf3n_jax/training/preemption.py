@@ -50,6 +50,11 @@ def _distributed() -> bool:
   return distributed.global_state.client is not None
 
 
+def _sync_manager():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.preemption_sync_manager
+
+
 class PreemptionWatch:
   """Context manager: installs the handlers; ``requested()`` at each step boundary.
 
@@ -62,13 +67,18 @@ class PreemptionWatch:
     self.saving = False
     self._previous: dict[int, object] = {}
     self._boundary = 0
-    self._multiprocess = False
+    self._multiprocess: bool | None = False  # None: several processes, no preemption service
 
   def __enter__(self) -> PreemptionWatch:
     if threading.current_thread() is not threading.main_thread():
       log("warning: training outside the main thread: SIGTERM/SIGINT are not handled")
       return self
     self._multiprocess = _distributed()
+    if self._multiprocess and _sync_manager() is None:  # jax_enable_preemption_service off
+      log("warning: JAX's preemption service is off (jax_enable_preemption_service): the "
+          "processes cannot agree on a step, so SIGTERM/SIGINT end the run without a save")
+      self._multiprocess = None
+      return self
     # Several processes: JAX's own SIGTERM handler must stay (it notifies every process).
     for sig in (signal.SIGINT,) if self._multiprocess else _SIGNALS:
       self._previous[sig] = signal.signal(sig, self._handle)
@@ -94,6 +104,8 @@ class PreemptionWatch:
 
   def requested(self) -> bool:
     """Whether to stop at this step boundary (every process gets the same answer)."""
+    if self._multiprocess is None:
+      return False
     if not self._multiprocess:
       return self.signal_name is not None
     boundary, self._boundary = self._boundary, self._boundary + 1
