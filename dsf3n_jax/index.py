@@ -151,16 +151,36 @@ class RunModel:
 
 @dataclasses.dataclass
 class Library:
-  """The items to index: features (or embeddings), their ids and optional labels."""
+  """The items to index: features (or embeddings), their ids and optional labels.
 
-  rows: Any  # (n, dim): an array or a read-only memory map, read chunk by chunk
-  ids: np.ndarray
+  Either arrays (``rows`` may be a read-only memory map) or a dataset source
+  (``source``, read through ``__getitems__`` one chunk at a time, its
+  ``modality`` field as rows, ``label`` and ``index``); both are read chunk by
+  chunk, so a library larger than host memory is never held whole.
+  """
+
+  rows: Any  # (n, dim) array or memory map; None with a source
+  ids: np.ndarray | None
   labels: np.ndarray | None
   origin: dict[str, Any]  # where it came from (the manifest's "source")
   where: str  # for messages: the file or flag
+  source: Any = None
+  modality: str | None = None
+
+  @property
+  def has_labels(self) -> bool:
+    return self.source is not None or self.labels is not None
 
   def __len__(self) -> int:
-    return int(self.rows.shape[0])
+    return len(self.source) if self.source is not None else int(self.rows.shape[0])
+
+  def chunk(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(rows, ids, labels)`` of items ``lo..hi-1``."""
+    if self.source is not None:
+      part = self.source.__getitems__(np.arange(lo, hi, dtype=np.int64))
+      return np.asarray(part[self.modality], np.float32), part["index"], part["label"]
+    labels = None if self.labels is None else np.asarray(self.labels[lo:hi])
+    return np.asarray(self.rows[lo:hi], np.float32), np.asarray(self.ids[lo:hi]), labels
 
 
 def _features_file(path: pathlib.Path, *, what: str) -> Library:
@@ -221,20 +241,23 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
   if tfds:
     from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     sources = input_pipeline.load_sources(tfds, data_dir=data_dir)
-    arrays = _split_arrays(sources, split, f"--tfds={tfds}")
-    return Library(arrays[modality], np.asarray(arrays["index"]), arrays["label"],
-                   {"tfds": tfds, "split": split, **sources.origin}, f"--tfds={tfds} ({split})")
-  arrays = retrieval.run_split(run.config, split)  # the run's own data, as it saw it
-  return Library(arrays[modality], np.asarray(arrays["index"]), arrays["label"],
-                 {"run": run.workdir, "split": split}, f"the run's {split} split")
+    return Library(None, None, None, {"tfds": tfds, "split": split, **sources.origin},
+                   f"--tfds={tfds} ({split})", _split(sources, split, f"--tfds={tfds}"),
+                   modality)
+  from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
+  sources = train.load_data(run.config)  # the run's own data, as it saw it (normalised)
+  return Library(None, None, None, {"run": run.workdir, "split": split},
+                 f"the run's {split} split", _split(sources, split, "the run's dataset"),
+                 modality)
 
 
-def _split_arrays(sources, split: str, where: str) -> dict[str, np.ndarray]:
-  from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  source = {"train": sources.train, "test": sources.test}.get(split)
+def _split(sources, split: str, where: str):
+  source = {"train": sources.train, "validation": sources.validation,
+            "test": sources.test}.get(split)
   if source is None:
-    raise cli.UsageError(f"--split={split}: {where} has train and test splits")
-  return input_pipeline.load_split_arrays(source)
+    raise cli.UsageError(f"--split={split}: {where} has no such split (train, test, and "
+                         "validation when the run carves one)")
+  return source
 
 
 def _is_paired(path: pathlib.Path) -> bool:
@@ -287,7 +310,7 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
     raise ValueError(f"{library.where}: the library is empty (0 items)")
   if chunk_size < 1:
     raise cli.UsageError(f"--chunk_size={chunk_size}: expected an int >= 1")
-  if len(np.unique(library.ids)) != n:
+  if library.ids is not None and len(np.unique(library.ids)) != n:
     raise ValueError(f"{library.where}: the ids are not unique")
   out.mkdir(parents=True, exist_ok=True)
   if (out / MANIFEST).exists():
@@ -306,7 +329,7 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
   dim = None
   for i in todo:
     lo, hi = i * chunk_size, min(n, (i + 1) * chunk_size)
-    rows = np.asarray(library.rows[lo:hi], np.float32)
+    rows, ids, labels = library.chunk(lo, hi)
     if embed is not None:
       _check_rows(rows, lo, library.where, input_dim)
       emb = embed(rows)
@@ -315,9 +338,9 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
       emb = rows
     dim = emb.shape[1]
     _save_npy(out / f"embeddings-{i:05d}.npy", np.ascontiguousarray(emb, np.float32))
-    _save_npy(out / f"ids-{i:05d}.npy", np.asarray(library.ids[lo:hi]))
-    if library.labels is not None:
-      _save_npy(out / f"labels-{i:05d}.npy", np.asarray(library.labels[lo:hi]))
+    _save_npy(out / f"ids-{i:05d}.npy", ids)
+    if labels is not None:
+      _save_npy(out / f"labels-{i:05d}.npy", labels)
     done[i] = {"rows": hi - lo, "dim": int(dim)}
     atomic_write(out / f"progress-{pid}.json",
                  json.dumps({"signature": signature,
@@ -330,21 +353,23 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
              min(n, (j + 1) * chunk_size) - j * chunk_size for j in mine), rate, left / rate)
   if count > 1:
     multihost_utils.sync_global_devices("dsf3n_jax.index: shards written")
-  done = _progress(out, signature)
-  shards = [{"embeddings": f"embeddings-{i:05d}.npy", "ids": f"ids-{i:05d}.npy",
-             "labels": f"labels-{i:05d}.npy" if library.labels is not None else None,
-             "rows": done[i]["rows"]} for i in range(-(-n // chunk_size))]
-  dims = {v["dim"] for v in done.values()}
-  manifest = {**signature, "dim": int(dims.pop()), "dtype": DTYPE, "shards": shards,
-              "model": dict(model or {}), "labels": library.labels is not None,
-              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-  if pid == 0:
+  if pid == 0:  # only process 0 reads every process's progress, writes the manifest, cleans up
+    done = _progress(out, signature)
+    shards = [{"embeddings": f"embeddings-{i:05d}.npy", "ids": f"ids-{i:05d}.npy",
+               "labels": f"labels-{i:05d}.npy" if library.has_labels else None,
+               "rows": done[i]["rows"]} for i in range(-(-n // chunk_size))]
+    dims = {v["dim"] for v in done.values()}
+    manifest = {**signature, "dim": int(dims.pop()), "dtype": DTYPE, "shards": shards,
+                "model": dict(model or {}), "labels": library.has_labels,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
     for p in out.glob("progress-*.json"):
       p.unlink(missing_ok=True)
     _log("index of %d %s items (%d-d, %s) written to %s in %.1f s", n, modality,
          manifest["dim"], protocol, out, time.time() - t0)
-  return manifest
+  if count > 1:
+    multihost_utils.sync_global_devices("dsf3n_jax.index: manifest written")
+  return json.loads((out / MANIFEST).read_text())
 
 
 def _progress(out: pathlib.Path, signature: Mapping[str, Any]) -> dict[int, dict[str, int]]:
