@@ -239,6 +239,13 @@ def fields() -> tuple[Field, ...]:
   return tuple(out)
 
 
+def default(path: str) -> Any:
+  """The declared default of the field at ``path`` (a mapping as a plain dict)."""
+  (field,) = [f for f in fields() if f.path == path]
+  value = field.default
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
 def rules() -> tuple[tuple[str, Rule], ...]:
   """``(path, rule)`` of every field checked on its own."""
   return tuple((f.path, f.rule) for f in fields() if f.rule is not None)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from dsf3n_jax import losses, metrics, registry
+from dsf3n_jax import config_schema, metrics, registry
 
 SPLITS = ("train", "validation", "test")
 SCHEDULE_KEYS = ("type", "split", "every_steps", "every_epochs")
@@ -81,34 +81,30 @@ class Spec:
   name: str
   type: str
   split: str
-  every_steps: int
+  every_steps: int  # 0: every_epochs applies
+  every_epochs: int  # its own, or the config's eval_every_epochs; 0: only at the end
   settings: Mapping[str, Any]
 
 
 def specs(config) -> list[Spec]:
   """``config.evals`` as ``Spec``s (checked by ``config_check``), in the config's order.
 
-  A config without ``evals`` (written before it existed) gets today's default:
-  ``retrieval`` on the validation and the test split.
+  A config without ``evals`` (written before it existed) gets the declared
+  default (``config_schema``): ``retrieval`` on the validation and the test split.
   """
   evals = config.get("evals")
   if evals is None:
-    evals = {"validation": {"type": "retrieval", "split": "validation"},
-             "test": {"type": "retrieval", "split": "test"}}
+    evals = config_schema.default("evals")
+  default_epochs = config.get("eval_every_epochs", config_schema.default("eval_every_epochs"))
   out = []
   for name, entry in evals.items():
     entry = dict(entry)
+    epochs = entry.get("every_epochs")
     out.append(Spec(name=name, type=entry["type"], split=entry.get("split", name),
                     every_steps=int(entry.get("every_steps", 0) or 0),
+                    every_epochs=int(default_epochs if epochs is None else epochs),
                     settings={k: v for k, v in entry.items() if k not in SCHEDULE_KEYS}))
   return out
-
-
-def every_epochs(config, name: str) -> int:
-  """The epoch interval of ``config.evals.<name>`` (its own, or ``eval_every_epochs``)."""
-  entry = (config.get("evals") or {}).get(name) or {}
-  value = entry.get("every_epochs")
-  return int(config.get("eval_every_epochs", 5) if value is None else value)
 
 
 def build(spec: Spec, run) -> Evaluator:
@@ -138,7 +134,7 @@ class _WithLoss:
 
   def __init__(self, run, *, split: str):
     self.split = split
-    self.loss_fn = run.loss_fn or losses.loss_from_config(run.config.loss)
+    self.loss_fn = run.eval_loss_fn
 
 
 @register_evaluator("retrieval")

@@ -50,6 +50,7 @@ import numpy as np
 
 from dsf3n_jax import cli
 from dsf3n_jax.paths import atomic_write
+from dsf3n_jax.training.workdir import log
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -183,7 +184,14 @@ class Library:
     return np.asarray(self.rows[lo:hi], np.float32), np.asarray(self.ids[lo:hi]), labels
 
 
-def _features_file(path: pathlib.Path, *, what: str) -> Library:
+def _file_origin(path: pathlib.Path, **extra) -> dict[str, Any]:
+  """A source file as the manifest records it (a changed file is a different library)."""
+  stat = path.stat()
+  return {"file": str(path.resolve()), **extra, "bytes": stat.st_size,
+          "modified_ns": stat.st_mtime_ns}
+
+
+def read_features(path: pathlib.Path, *, what: str) -> Library:
   """``.npy`` (memory-mapped), or ``.npz`` with one 2-D array and optional ids / labels."""
   from dsf3n_jax.datasets import validation  # pylint: disable=g-import-not-at-top
   expected = (f"{what}: an (n, dim) float array as .npy, or an .npz of one such array with "
@@ -210,11 +218,8 @@ def _features_file(path: pathlib.Path, *, what: str) -> Library:
     if extra is not None and np.shape(extra) != (n,):
       raise ValueError(f"{path}: '{name}' must have one entry per row ({n}), found shape "
                        f"{np.shape(extra)}")
-  stat = path.stat()
   return Library(rows, np.arange(n) if ids is None else np.asarray(ids),
-                 None if labels is None else np.asarray(labels), {
-                     "file": str(path.resolve()), "bytes": stat.st_size,
-                     "modified_ns": stat.st_mtime_ns}, str(path))
+                 None if labels is None else np.asarray(labels), _file_origin(path), str(path))
 
 
 def open_library(*, modality: str, run: RunModel | None, source: str | None = None,
@@ -231,11 +236,9 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
     if path.suffix in (".h5", ".hdf5") or (path.suffix == ".npz" and _is_paired(path)):
       visual, audio, labels = retrieval.load_split(path, split)
       rows = visual if modality == "visual" else audio
-      stat = path.stat()
-      return Library(rows, np.arange(len(rows)), labels, {
-          "file": str(path.resolve()), "split": split, "bytes": stat.st_size,
-          "modified_ns": stat.st_mtime_ns}, f"{path} ({split})")
-    return _features_file(path, what=f"--source={source}")
+      return Library(rows, np.arange(len(rows)), labels, _file_origin(path, split=split),
+                     f"{path} ({split})")
+    return read_features(path, what=f"--source={source}")
   if run is None:
     raise cli.UsageError("--workdir: needed to embed a source (or give --embeddings)")
   if tfds:
@@ -267,13 +270,6 @@ def _is_paired(path: pathlib.Path) -> bool:
 
 
 # -- building ----------------------------------------------------------------------------------
-
-def _log(msg: str, *args) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    print(time.strftime("%H:%M:%S ") + (msg % args if args else msg), file=sys.stderr,
-          flush=True)
-
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
   tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -324,7 +320,7 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
   mine = [i for i in range(-(-n // chunk_size)) if i % count == pid]
   todo = [i for i in mine if i not in done]
   if done:
-    _log("resuming the build in %s: %d of %d shards done", out, len(done), -(-n // chunk_size))
+    log("resuming the build in %s: %d of %d shards done", out, len(done), -(-n // chunk_size))
   t0, embedded = time.time(), 0
   dim = None
   for i in todo:
@@ -348,7 +344,7 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
     embedded += hi - lo
     rate = embedded / max(time.time() - t0, 1e-9)
     left = sum(min(n, (j + 1) * chunk_size) - j * chunk_size for j in todo if j > i)
-    _log("shard %d: %d/%d items of this process, %.0f items/s, ETA %.0fs", i,
+    log("shard %d: %d/%d items of this process, %.0f items/s, ETA %.0fs", i,
          sum(v["rows"] for k, v in done.items() if k in mine), sum(
              min(n, (j + 1) * chunk_size) - j * chunk_size for j in mine), rate, left / rate)
   if count > 1:
@@ -365,7 +361,7 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
     for p in out.glob("progress-*.json"):
       p.unlink(missing_ok=True)
-    _log("index of %d %s items (%d-d, %s) written to %s in %.1f s", n, modality,
+    log("index of %d %s items (%d-d, %s) written to %s in %.1f s", n, modality,
          manifest["dim"], protocol, out, time.time() - t0)
   if count > 1:
     multihost_utils.sync_global_devices("dsf3n_jax.index: manifest written")
@@ -424,7 +420,7 @@ def main(argv=None) -> int:
     path = pathlib.Path(args.embeddings)
     if not path.exists():
       raise cli.UsageError(f"--embeddings={args.embeddings}: no such file")
-    library = _features_file(path, what=f"--embeddings={args.embeddings}")
+    library = read_features(path, what=f"--embeddings={args.embeddings}")
     build(args.out, library, modality=modality, embed=None, input_dim=None, fingerprint=None,
           protocol="given", chunk_size=args.chunk_size)
     return 0

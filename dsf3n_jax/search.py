@@ -174,8 +174,7 @@ def _read_array(path, *, flag: str) -> np.ndarray:
   path = pathlib.Path(path)
   if not path.is_file():
     raise cli.UsageError(f"{flag}={path}: no such file")
-  library = index_lib._features_file(path, what=f"{flag}={path}")  # pylint: disable=protected-access
-  return np.asarray(library.rows)
+  return np.asarray(index_lib.read_features(path, what=f"{flag}={path}").rows)
 
 
 def _parser() -> argparse.ArgumentParser:

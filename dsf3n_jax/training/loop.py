@@ -149,7 +149,7 @@ def _build_evaluations(run: run_lib.Run) -> list[actions_lib.Evaluate]:
     except ValueError as e:
       problems.append(str(e))
       continue
-    every = spec.every_steps or evaluators_lib.every_epochs(config, spec.name) * spe
+    every = spec.every_steps or spec.every_epochs * spe
     out.append(actions_lib.Evaluate(spec, evaluator, every_steps=every))
   if problems:
     raise config_check.ConfigError(problems)
@@ -315,20 +315,19 @@ class Loop:
                                          jnp.int32(start), jnp.int32(start + stop - step))
       rows = jax.tree.map(lambda t: np.asarray(t)[start:start + stop - step], table)
     else:
-      collected = []
-      for _ in range(stop - step):
-        self.state, m = self.step_jit(self.state, next(self.loader_iter))
-        collected.append(m)
-        if self.watch.requested():
-          self.stopping_for = self.watch.signal_name
-          break
-      rows = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                          *jax.device_get(collected))
+      self.state, rows = steps_lib.run_steps(self.step_jit, self.state, self.loader_iter,
+                                             steps=stop - step, stop=self._preemption_seen)
     done = len(rows["loss"])
     self.train_time += time.time() - t0
     self.trained_steps += done
     self._accumulate(step, rows)
     return step + done
+
+  def _preemption_seen(self) -> bool:
+    """Asked at every step boundary, by every process alike (``PreemptionWatch.requested``)."""
+    if self.stopping_for is None and self.watch.requested():
+      self.stopping_for = self.watch.signal_name
+    return self.stopping_for is not None
 
   def _accumulate(self, step: int, rows: Mapping[str, np.ndarray]) -> None:
     """Adds the steps' metrics to the epoch's sums (float64, in step order: resumable)."""
@@ -492,9 +491,7 @@ class Loop:
       if not self.on_device:
         self.meta["loader"] = self.loader.get_state()
       self._at_boundary(step)
-      if self.stopping_for is None and self.watch.requested():  # every process: same calls
-        self.stopping_for = self.watch.signal_name
-      if self.stopping_for is not None:
+      if self._preemption_seen():
         self._preempted(step)
     if self.stopping:
       log("early stopping after %s: %d evaluations without a lower %s loss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,12 @@ class Run:
   metric: str  # its metric the best checkpoint is selected by
   fingerprint: dict[str, Any]  # what it trains on (stored with every checkpoint)
   loss_fn: losses.LossFn | None = None  # None: the terms of config.loss
+
+  @functools.cached_property
+  def eval_loss_fn(self) -> losses.LossFn:
+    """The loss every evaluation computes: one function per run, so its compiled form is
+    reused (``steps.loss_metrics``)."""
+    return self.loss_fn or losses.loss_from_config(self.config.loss)
 
   @property
   def is_main(self) -> bool:

@@ -225,14 +225,18 @@ def make_train_chunk(step_fn: Callable, mesh: Mesh, *, global_batch_size: int,
 
 
 def run_steps(step: Callable, state: TrainState, batches, *, steps: int, log_every: int = 0,
-              on_log: Callable[[int, dict], None] | None = None):
-  """``steps`` calls of a jitted ``step`` on ``next(batches)``: one streamed epoch.
+              on_log: Callable[[int, dict], None] | None = None,
+              stop: Callable[[], bool] | None = None):
+  """Up to ``steps`` calls of a jitted ``step`` on ``next(batches)``: streamed steps, as the
+  training loop runs them.
 
   Every ``log_every``-th step (1-based) its metrics are fetched to the host (a
   sync) and passed to ``on_log(i, metrics)`` with ``i`` the 0-based step.
+  ``stop()``, asked after each step (a host check, no sync), ends the run of
+  steps early when True (a preemption).
 
   Returns:
-    ``(state, per-step metrics)``, the metrics stacked over the steps as numpy.
+    ``(state, per-step metrics)``, the metrics of the steps taken stacked as numpy.
   """
   collected = []
   for i in range(steps):
@@ -242,6 +246,8 @@ def run_steps(step: Callable, state: TrainState, batches, *, steps: int, log_eve
       m = jax.device_get(m)
       if on_log is not None:
         on_log(i, m)
+    if stop is not None and stop():
+      break
   return state, jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *collected)
 
 

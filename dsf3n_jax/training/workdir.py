@@ -331,7 +331,7 @@ def format_results(results: Mapping[str, Any]) -> str:
     rows.append((label, *cells))
 
   final = results["final"]  # validation, test, then other evaluators that report mAP
-  for name in sorted(final, key=lambda n: ({"validation": 0, "test": 1}.get(n, 2), )):
+  for name in sorted(final, key=lambda n: {"validation": 0, "test": 1}.get(n, 2)):
     if any(k.startswith(("map_", "unimodal_map_")) for k in final[name]):
       row(f"final {name}", final[name])
   best = results.get("best")
