@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import time
+import types
 
 import numpy as np
 import pytest
@@ -110,3 +111,19 @@ def test_the_lock_is_a_lease_other_hosts_can_see_expire(tmp_path):
   assert json.loads(path.read_text())["renewed"] > first["renewed"]  # the holder renews it
   lock.release()
   assert not path.exists()
+
+
+def test_a_profile_past_the_last_step_ends_at_the_last_step(tmp_path, monkeypatch):
+  calls, logged = [], []
+  monkeypatch.setattr(actions_lib.jax.profiler, "start_trace", lambda d: calls.append("start"))
+  monkeypatch.setattr(actions_lib.jax.profiler, "stop_trace", lambda: calls.append("stop"))
+  monkeypatch.setattr(actions_lib, "log", lambda msg, *a: logged.append(msg % a))
+  loop = types.SimpleNamespace(state=None, total=14)
+  profile = actions_lib.Profile(10, 15, tmp_path)
+  assert not profile.due(14, 14)  # not tracing yet
+  profile(loop, 10)
+  assert profile.due(14, 14) and not profile.due(13, 14)
+  profile(loop, 14)
+  assert calls == ["start", "stop"] and not profile.tracing
+  assert logged[0].startswith("profiling steps 11-14 into")
+  assert logged[1].startswith(f"profile of steps 11-14 written to {tmp_path}")

@@ -179,7 +179,8 @@ class Checkpoint(PeriodicAction):
 class Profile(PeriodicAction):
   """A ``jax.profiler`` trace of the steps after ``start`` up to ``stop`` into ``directory``.
 
-  Only in a run that reaches ``start`` from before it (a resume past it traces nothing).
+  Only in a run that reaches ``start`` from before it (a resume past it traces nothing); a
+  ``stop`` past the run's last step ends the trace at the last step.
   """
 
   name = "profile"
@@ -190,8 +191,7 @@ class Profile(PeriodicAction):
     self.tracing = False
 
   def due(self, step: int, last: int) -> bool:
-    del last
-    return step == self.start or (self.tracing and step == self.stop)
+    return step == self.start or (self.tracing and step == min(self.stop, last))
 
   def next_due(self, step: int) -> int | None:
     for at in (self.start, self.stop):
@@ -204,7 +204,8 @@ class Profile(PeriodicAction):
       jax.block_until_ready(loop.state)
       jax.profiler.start_trace(str(self.directory))
       self.tracing = True
-      log("profiling steps %d-%d into %s", self.start + 1, self.stop, self.directory)
+      log("profiling steps %d-%d into %s", self.start + 1, min(self.stop, loop.total),
+          self.directory)
 
   def __call__(self, loop: Loop, step: int) -> None:
     if step == self.start:
@@ -212,7 +213,7 @@ class Profile(PeriodicAction):
     elif self.tracing:
       self.close(loop)
       log("profile of steps %d-%d written to %s (tensorboard --logdir %s, Profile tab)",
-          self.start + 1, self.stop, self.directory, self.directory)
+          self.start + 1, step, self.directory, self.directory)
 
   def close(self, loop: Loop) -> None:
     if self.tracing:
