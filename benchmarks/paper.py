@@ -15,7 +15,7 @@ benchmarks/results/) with:
   data's optimiser budget) and with its ``:unimodal`` recipe, both protocols.
 - Table III/IV, the ablations: every combination of the identity loss (J_dis,
   ``loss.terms.id``), the centre loss (J_intra, ``loss.terms.center``) and MFA
-  (``model.use_mfa``) except the one with none of them: seven rows. The pair
+  (``model.fusion_kw.num_stages=0``) except the one with none of them: seven rows. The pair
   term stays in every row, so the row with neither loss trains on the pair
   term alone (its centres get no gradient).
 - Fig. 3: t-SNE of the test split (raw features, and the full model's
@@ -148,7 +148,8 @@ def ablation_config(base, ablation: Ablation):
   config.loss.terms.id = 1.0 if ablation.dis else 0.0
   if not ablation.intra:
     config.loss.terms.center = 0.0
-  config.model.use_mfa = ablation.mfa
+  if not ablation.mfa:
+    config.model.fusion_kw.num_stages = 0  # fused = fine-grained
   return config
 
 

@@ -38,8 +38,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # A model small enough to compile in seconds: one branch of one stage, one fusion stage.
 SMOKE_MODEL = {"encoder_features": 128, "kernel_sizes": [3], "branch_features": [16],
-               "stem_features": 8, "num_fusion_stages": 1, "head_hidden": 16, "embed_dim": 8,
-               "classifier_hidden": 8}
+               "stem_features": 8, "fusion_kw": {"num_stages": 1}, "head_kw": {"hidden": 16},
+               "embed_dim": 8, "classifier_kw": {"hidden": 8}}
 
 # Everything that differs between the modes. Sizes of the full mode follow VEGAS: 22,000
 # training pairs, 5,621 test pairs, batch 128, 40 epochs.

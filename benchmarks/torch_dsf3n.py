@@ -18,7 +18,8 @@ The losses of the reference ``train_model.py`` are here too: ``CenterLoss``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,8 +162,12 @@ class CrossModalNN(nn.Module):
 
   ``forward(img, audio)`` returns ``(out_visual_feature, out_audio_feature,
   visual_predict, audio_predict)``. The keyword options mirror ``DSF3N``'s
-  fields (defaults are the reference model); ``einsum_bilinear`` switches the
-  bilinear map from ``nn.Bilinear`` to an einsum (same weights).
+  fields (defaults are the reference model): the stock parts' settings either
+  as ``DSF3N`` has them (``fusion_kw={"num_stages", "variant"}``, ``head_kw``
+  and ``classifier_kw`` ``{"hidden"}``) or flat (``num_fusion_stages``,
+  ``mfa_variant``, ``use_mfa``, ``head_hidden``, ``classifier_hidden``);
+  ``einsum_bilinear`` switches the bilinear map from ``nn.Bilinear`` to an
+  einsum (same weights).
   """
 
   def __init__(self, num_classes: int = 10, *, visual_dim: int = 1024, audio_dim: int = 128,
@@ -171,8 +176,17 @@ class CrossModalNN(nn.Module):
                stem_padding: int = 12, branch_features: Sequence[int] = (64, 128, 256),
                num_fusion_stages: int = 2, mfa_variant: str = "reference", use_mfa: bool = True,
                head_hidden: int = 512, embed_dim: int = 64, classifier_hidden: int = 32,
-               dropout_rate: float = 0.5, einsum_bilinear: bool = False):
+               dropout_rate: float = 0.5, einsum_bilinear: bool = False,
+               fusion_kw: Mapping[str, Any] | None = None,
+               head_kw: Mapping[str, Any] | None = None,
+               classifier_kw: Mapping[str, Any] | None = None):
     super().__init__()
+    fusion_kw = dict(fusion_kw or {})
+    num_fusion_stages = fusion_kw.get("num_stages", num_fusion_stages)
+    mfa_variant = fusion_kw.get("variant", mfa_variant)
+    use_mfa = use_mfa and num_fusion_stages > 0
+    head_hidden = dict(head_kw or {}).get("hidden", head_hidden)
+    classifier_hidden = dict(classifier_kw or {}).get("hidden", classifier_hidden)
     dim = branch_features[-1]
     self.num_fusion_stages = num_fusion_stages if use_mfa else 0
     self.visual_layer = ImgNN(visual_dim, encoder_features)

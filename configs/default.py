@@ -105,9 +105,9 @@ def apply_tiny(config):
   config.model.stem_stride = 2
   config.model.stem_padding = 3
   config.model.branch_features = (16, 16, 32)
-  config.model.head_hidden = 32
+  config.model.head_kw.hidden = 32
   config.model.embed_dim = 16
-  config.model.classifier_hidden = 16
+  config.model.classifier_kw.hidden = 16
   return config
 
 
@@ -121,8 +121,8 @@ def apply_small(config):
   """
   apply_tiny(config)
   config.model.embed_dim = 64
-  config.model.head_hidden = 128
-  config.model.classifier_hidden = 32
+  config.model.head_kw.hidden = 128
+  config.model.classifier_kw.hidden = 32
   return config
 
 

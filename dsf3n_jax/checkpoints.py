@@ -256,8 +256,19 @@ def check_model_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, 
   """Raises ``CheckpointMismatchError`` listing every field that differs.
 
   A field the checkpoint does not record (written before the field existed)
-  counts as ``DSF3N``'s default for it.
+  counts as ``DSF3N``'s default for it; fields of older versions are read as
+  their successors (``models.dsf3n.upgrade_fields``).
   """
+  from dsf3n_jax.models.dsf3n import resolved_fields  # pylint: disable=g-import-not-at-top
+  def flat(fields):  # a part's settings one by one: model.fusion_kw.variant
+    out = {}
+    for key, value in resolved_fields(fields).items():
+      if isinstance(value, Mapping):
+        out.update({f"{key}.{k}": v for k, v in value.items()})
+      else:
+        out[key] = value
+    return out
+  saved, current = flat(saved), flat(current)
   diffs = []
   defaults = _model_defaults()
   for key in sorted(set(saved) | set(current)):

@@ -25,7 +25,8 @@ from dsf3n_jax.datasets import synthetic as synthetic_lib
 from dsf3n_jax.models import registry
 
 # Mappings whose keys are open (a user registers more loss terms), below the reference's own.
-OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms", "evals")
+OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms", "evals",
+                 *(f"model.{kind}_kw" for kind in registry.PARTS))
 # Fields that were renamed: an old config's field names its new place.
 RENAMED = {"loss.alpha": "loss.terms.pair", "loss.beta": "loss.terms.center",
            "loss.id_weight": "loss.terms.id", "loss.unimodal_alpha": "loss.unimodal_terms.pair",
@@ -71,11 +72,7 @@ def _rule_problems(config) -> list[str]:
     value = lookup(config, path)
     if value is _MISSING:
       continue
-    try:
-      good = ok(value)
-    except (TypeError, ValueError):
-      good = False
-    if not good:
+    if not _accepts((ok, expected), value):
       problems.append(_problem(path, value, expected))
   return problems
 
@@ -127,6 +124,36 @@ def _registry_problems(config, bad: set[str]) -> list[str]:
       out.append(_problem(path, value, f"a registered {kind}: "
                           f"{', '.join(registry.names(kind))} ({registry.IMPORT_HINT})"))
   return out
+
+
+def _part_problems(config, bad: set[str]) -> list[str]:
+  """``model.<kind>_kw``: the settings of the part chosen, each by its rule (a part's own
+  fields: ``config_schema.part_fields``)."""
+  out = []
+  for kind in registry.PARTS:
+    name, kw = lookup(config, f"model.{kind}"), lookup(config, f"model.{kind}_kw", {})
+    if name is _MISSING or f"model.{kind}" in bad or not isinstance(name, str):
+      continue
+    if not _is_node(kw):
+      out.append(_problem(f"model.{kind}_kw", kw, f"a mapping of the {kind}'s settings"))
+      continue
+    try:
+      settings = registry.part_settings(kind, name)
+    except ValueError:
+      continue  # not registered: _registry_problems says so
+    out += registry.settings_problems(kind, name, settings, kw)
+    for field in config_schema.part_fields(kind, name):
+      key = field.path.rsplit(".", 1)[1]
+      if key in kw and field.rule is not None and not _accepts(field.rule, kw[key]):
+        out.append(_problem(field.path, kw[key], field.rule[1]))
+  return out
+
+
+def _accepts(rule: Rule, value: Any) -> bool:
+  try:
+    return bool(rule[0](value))
+  except (TypeError, ValueError):
+    return False
 
 
 def _loss_term_problems(config) -> list[str]:
@@ -189,6 +216,7 @@ def _cross_field_problems(config, problems: list[str]) -> list[str]:
   """Checks between fields (or of open-ended fields) whose own values passed."""
   bad = {p.split("=", 1)[0].removeprefix("config.") for p in problems}
   out = _geometry_problems(config, bad) + _registry_problems(config, bad)
+  out += _part_problems(config, bad)
   out += _loss_term_problems(config) + _eval_problems(config)
   if lookup(config, "data.name") == "paired_features" and not lookup(config, "data.path", ""):
     out.append(_problem("data.path", lookup(config, "data.path", ""),

@@ -17,8 +17,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterable
-from typing import Any, get_args
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import ml_collections
 
@@ -99,7 +99,6 @@ def _model_fields() -> list[Field]:
   """``config.model``: ``DSF3N``'s fields and defaults, the name, input sizes and dtype."""
   from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
   from dsf3n_jax.models.dsf3n import MISSING_PARTNERS  # pylint: disable=g-import-not-at-top
-  from dsf3n_jax.models.fusion import Variant  # pylint: disable=g-import-not-at-top
   defaults = registry.model_fields(DSF3N)
   width = integer(1)
   declared = {
@@ -110,18 +109,12 @@ def _model_fields() -> list[Field]:
       "stem_stride": (width, "stride of the stem convolution"),
       "stem_padding": (integer(0), "padding of the stem convolution"),
       "branch_features": (positive_ints(), "channels of each branch stage"),
-      "fusion": (STRING, "a registered fusion (models.registry); 'mfa' reads num_fusion_stages, "
-                 "mfa_variant and use_mfa"),
-      "head": (STRING, "a registered head; 'mlp' reads head_hidden, embed_dim, dropout_rate"),
-      "classifier": (STRING, "a registered classifier; 'mlp' reads classifier_hidden"),
-      "num_fusion_stages": (integer(0), "MFA stages"),
-      "mfa_variant": (choice(get_args(Variant)), "reference: the authors' code; paper: Eq. 3-4 "
-                      "as printed"),
-      "use_mfa": (BOOL, "False: the ablation without the fusion"),
-      "head_hidden": (width, "hidden width of the output head"),
-      "embed_dim": (width, "the retrieval embedding's size"),
-      "classifier_hidden": (width, "hidden width of the classifiers"),
-      "dropout_rate": (RATE, "dropout of the head and classifiers"),
+      "fusion": (STRING, "a registered fusion (models.registry), set up by fusion_kw"),
+      "head": (STRING, "a registered head, set up by head_kw"),
+      "classifier": (STRING, "a registered classifier, set up by classifier_kw"),
+      "embed_dim": (width, "the retrieval embedding's size (the head's features)"),
+      "dropout_rate": (RATE, "dropout of every part with a dropout_rate field (the stock head "
+                       "and classifiers)"),
       "missing_partner": (choice(MISSING_PARTNERS), "what the fusion sees in place of the absent "
                           "modality when one is embedded alone (the unimodal protocol)"),
       "partner_dropout": (PROBABILITY, "in train mode, the share of examples whose fusion sees "
@@ -129,12 +122,21 @@ def _model_fields() -> list[Field]:
   }
   skip = ("num_classes", "dtype", "param_dtype", "bn_momentum", "bn_epsilon", "visual_dim",
           "audio_dim")
-  missing = sorted(set(defaults) - set(declared) - set(skip))
+  missing = sorted(k for k in set(defaults) - set(declared) - set(skip) if not k.endswith("_kw"))
   if missing:  # a new DSF3N field must say what it accepts
     raise TypeError(f"config_schema: DSF3N fields without a declaration: {missing}")
   fields = [Field("model.name", "dsf3n", STRING, "a registered model: dsf3n | dsf3n_paper "
                   "(the paper's Eq. 3-4)")]
-  fields += [Field(f"model.{k}", defaults[k], *declared[k]) for k in defaults if k in declared]
+  for k in defaults:
+    if k in declared:
+      fields.append(Field(f"model.{k}", defaults[k], *declared[k]))
+    elif k.endswith("_kw"):  # a part's settings: checked against the part chosen (part_fields)
+      kind = k[:-3]
+      stock = {f.path.rsplit(".", 1)[1]: f.default for f in part_fields(kind, defaults[kind])}
+      fields.append(Field(f"model.{k}", ml_collections.ConfigDict(stock), None,
+                          f"the {kind}'s settings: its own fields (for {defaults[kind]!r}: "
+                          f"{', '.join(stock) or 'none'}); a config that changes model.{kind} "
+                          "sets these to that part's"))
   fields += [
       Field("model.visual_dim", 0, integer(0), "visual feature size; 0: from the data"),
       Field("model.audio_dim", 0, integer(0), "audio feature size; 0: from the data"),
@@ -142,6 +144,50 @@ def _model_fields() -> list[Field]:
             "float32 parameters and optimiser state; float64 needs 64-bit JAX"),
   ]
   return fields
+
+
+def _setting_rule(hint: Any, default: Any, least: float | None) -> Rule | None:
+  """A part setting's rule from its type hint (or its default's type) and least value."""
+  if get_origin(hint) is Literal:
+    return choice(get_args(hint))
+  kind = hint if isinstance(hint, type) else type(default)
+  if kind is bool:
+    return BOOL
+  if kind is int:
+    return integer(None if least is None else int(least))
+  if kind is float:
+    return number(least)
+  if kind is str:
+    return STRING
+  if get_origin(hint) in (tuple, list, Sequence) or isinstance(default, (tuple, list)):
+    return positive_ints()
+  return None
+
+
+def part_fields(kind: str, part: str) -> tuple[Field, ...]:
+  """The fields ``model.<kind>_kw.<setting>`` of a registered part (none for a factory).
+
+  Each is one of the part's dataclass fields (``models.registry.part_settings``):
+  its default, a rule from its type hint and the part's ``settings_min``, and
+  its help from the part's ``settings_help``, both optional class attributes.
+  """
+  from dsf3n_jax.models import registry  # pylint: disable=g-import-not-at-top
+  settings = registry.part_settings(kind, part)
+  if not settings:
+    return ()
+  cls = registry.lookup(kind, part)
+  while isinstance(cls, functools.partial):
+    cls = cls.func
+  try:
+    hints = get_type_hints(cls)
+  except (NameError, TypeError):  # an annotation that does not resolve: the default's type
+    hints = {}
+  least = getattr(cls, "settings_min", {})
+  helps = getattr(cls, "settings_help", {})
+  return tuple(Field(f"model.{kind}_kw.{name}", default,
+                     _setting_rule(hints.get(name), default, least.get(name)),
+                     helps.get(name, f"{cls.__name__}.{name}"))
+               for name, default in settings.items())
 
 
 @functools.cache
@@ -246,6 +292,11 @@ def default(path: str) -> Any:
   return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
+def default_part(kind: str) -> str:
+  """The part ``config.model.<kind>`` names by default."""
+  return default(f"model.{kind}")
+
+
 def rules() -> tuple[tuple[str, Rule], ...]:
   """``(path, rule)`` of every field checked on its own."""
   return tuple((f.path, f.rule) for f in fields() if f.rule is not None)
@@ -276,6 +327,11 @@ def describe() -> str:
         f.default)
     accepts = f.rule[1] if f.rule else "(checked with the fields it depends on)"
     lines.append(f"{f.path} = {default!r}: {accepts}. {f.help}")
+    if f.path.endswith("_kw") and f.path.startswith("model."):
+      kind = f.path[len("model."):-3]
+      for s in part_fields(kind, default_part(kind)):
+        lines.append(f"  {s.path} = {s.default!r}: {s.rule[1] if s.rule else 'any value'}. "
+                     f"{s.help}")
   return "\n".join(lines)
 
 

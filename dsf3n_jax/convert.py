@@ -134,11 +134,10 @@ WRITERS: dict[str, Callable[..., pathlib.Path]] = {
 }
 
 
-def _model_from_args(args: argparse.Namespace, num_classes: int):
-  from dsf3n_jax.models import DSF3N
-
-  return DSF3N(num_classes, kernel_sizes=tuple(args.kernel_sizes), mfa_variant=args.mfa_variant,
-               use_mfa=not args.no_mfa)
+def _fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  """The ``DSF3N`` fields the flags describe (``--no_mfa``: MFA applied 0 times)."""
+  return dict(kernel_sizes=list(args.kernel_sizes),
+              fusion_kw=dict(num_stages=0 if args.no_mfa else 2, variant=args.mfa_variant))
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
@@ -182,11 +181,12 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
   state_dict = load_torch_checkpoint(src)
   num_classes = args.num_classes or num_classes_of(state_dict)
-  model = _model_from_args(args, num_classes)
+  from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
+  fields = _fields_from_args(args)
+  model = DSF3N(num_classes, kernel_sizes=tuple(fields["kernel_sizes"]),
+                fusion_kw=fields["fusion_kw"])
   variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
   dst.mkdir(parents=True, exist_ok=True)
-  fields = dict(kernel_sizes=list(args.kernel_sizes), mfa_variant=args.mfa_variant,
-                use_mfa=not args.no_mfa)
   path = WRITERS[args.format](variables, dst, fields)
   (dst / "model_config.json").write_text(
       json.dumps(dict(num_classes=num_classes, **fields), indent=2) + "\n")

@@ -303,6 +303,7 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   if embeddings:
     return load_embeddings(embeddings, protocol=protocol)
   from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax.models.dsf3n import upgrade_fields  # pylint: disable=g-import-not-at-top
   if workdir:
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
     model, model_vars, config = train.restore_model(workdir)  # names a missing run
@@ -320,7 +321,7 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     if "num_classes" not in kwargs:
       raise ValueError(f"variables file {variables}: no stored model arguments; pass the "
                        "model's arguments (at least num_classes) with --model_kwargs")
-    model = DSF3N(**kwargs)
+    model = DSF3N(**upgrade_fields(kwargs))  # a file of an older version too
     source = f"--variables={variables}"
   check_missing_partner(model, model_vars, source=source)
   visual, audio, labels = load_split(data, split)

@@ -4,11 +4,17 @@ import os
 import subprocess
 import sys
 
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import linen as nn
 
 from configs import default
 from dsf3n_jax import cli, config_check, config_schema, train
 from dsf3n_jax.config_check import ConfigError
+from dsf3n_jax.models import registry
 from tests.test_train import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +64,10 @@ def test_shipped_configs_are_valid(name, variants):
      "a dataset name: synthetic, vegas, ave, paired_features or a registered TFDS dataset"),
     ("data.on_device", "maybe", "one of auto, true, false"),
     ("optim.schedule", "linear", "one of constant, warmup_step, cosine"),
+    ("model.fusion_kw.num_stages", -1, "an int >= 0"),  # a part's settings, from its fields
+    ("model.fusion_kw.variant", "printed", "one of reference, paper"),
+    ("model.head_kw.hidden", 0, "an int >= 1"),
+    ("model.classifier_kw.hidden", -4, "an int >= 1"),
 ])
 def test_each_bad_value_is_named_with_what_is_accepted(path, value, expected):
   with pytest.raises(ConfigError) as err:
@@ -100,6 +110,53 @@ def test_evaluators_are_checked_by_name_split_schedule_and_settings(tmp_path):
   config = small_config(selection_metric="nothing/map_average")
   with pytest.raises(ConfigError, match="the evaluator 'nothing' is not run"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+class Widen(nn.Module):
+  """A custom head whose settings are its own fields (checked from their type hints)."""
+
+  scale: float = 2.0
+  mode: Literal["wide", "narrow"] = "wide"
+  features: int = 64
+  dropout_rate: float = 0.5
+  dtype: object = None
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train=False, example_ids=None):
+    return nn.Dense(self.features)(x.reshape(x.shape[0], -1) * self.scale)
+
+
+registry.register_head("test_widen")(Widen)
+
+
+def test_a_parts_settings_are_its_own_fields_checked_like_any_field():
+  # Another part with the stock part's settings left over: refused, naming what it takes.
+  config = small_config(**{"model.head": "test_widen"})
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(config, num_devices=8)
+  assert err.value.problems == [
+      "config.model.head_kw.hidden: not a setting of head 'test_widen' (it takes: scale, mode); "
+      "a config that changes model.head sets model.head_kw to that part's settings"]
+  config.model.head_kw = {"scale": "3", "mode": "tall", "dropout_rate": 0.1}
+  with pytest.raises(ConfigError) as err:
+    config_check.validate(config, num_devices=8)
+  assert err.value.problems == [
+      "config.model.head_kw.dropout_rate: given by config.model.dropout_rate, not a setting of "
+      "the head",
+      "config.model.head_kw.scale='3': expected a finite number",
+      "config.model.head_kw.mode='tall': expected one of wide, narrow"]
+  config.model.head_kw = {"scale": 0.5}
+  config_check.validate(config, num_devices=8)
+  mcfg = train.model_config(config, num_classes=3, visual_dim=4, audio_dim=2)
+  assert mcfg["head_kw"] == {"mode": "wide", "scale": 0.5}  # complete, as it is saved
+  model = train.build_model(mcfg, axis_name=None)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4)),
+                                                jnp.zeros((1, 2))))
+  assert variables["params"]["head"]["Dense_0"]["kernel"].shape[-1] == mcfg["embed_dim"]
+  lines = config_schema.describe().splitlines()
+  assert ("  model.fusion_kw.num_stages = 2: an int >= 0. MFA applications sharing one set of "
+          "weights; 0: the ablation without MFA") in lines
 
 
 def test_each_field_is_declared_once_with_help_and_a_default_its_rule_accepts():

@@ -18,8 +18,8 @@ from dsf3n_jax import convert  # noqa: E402
 from dsf3n_jax.models import DSF3N  # noqa: E402
 
 SMALL = dict(encoder_features=256, stem_features=16, stem_kernel=8, stem_stride=2,
-             stem_padding=3, branch_features=(16, 32, 64), head_hidden=64, embed_dim=16,
-             classifier_hidden=8)
+             stem_padding=3, branch_features=(16, 32, 64), head_kw={"hidden": 64},
+             embed_dim=16, classifier_kw={"hidden": 8})
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_round_trip_torch_flax_torch_is_exact(torch_state):
 
 
 @pytest.mark.parametrize("variant", [
-    dict(mfa_variant="paper"), dict(use_mfa=False), dict(kernel_sizes=(3, 5, 7, 9)),
+    dict(fusion_kw={"variant": "paper"}), dict(fusion_kw={"num_stages": 0}),
+    dict(kernel_sizes=(3, 5, 7, 9)),
     dict(branch_features=(16, 32, 48, 64))], ids=["paper", "no_mfa", "four_kernels",
                                                  "four_stages"])
 def test_round_trip_of_other_configurations(variant):
@@ -237,7 +238,7 @@ def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_
   ckpt = convert.main([str(pth), str(tmp_path / "run")])  # orbax is the default
   assert ckpt == tmp_path / "run" / "checkpoints" / "0"
   model, variables, config = train.restore_model(str(tmp_path / "run"))
-  assert model.num_classes == 10 and config.model.mfa_variant == "reference"
+  assert model.num_classes == 10 and config.model.fusion_kw.variant == "reference"
   expected = convert.from_torch_state_dict(torch_state)
   jax.tree.map(np.testing.assert_array_equal, variables, expected)
 

@@ -156,7 +156,7 @@ def test_train_and_evaluate_takes_a_model_and_a_loss(tmp_path):
   data = train.load_data(config)
   wide = train.build_model(train.model_config(
       config, num_classes=data.num_classes, visual_dim=data.visual_dim,
-      audio_dim=data.audio_dim)).clone(head_hidden=24, axis_name=None)
+      audio_dim=data.audio_dim)).clone(head_kw={"hidden": 24}, axis_name=None)
   results = train.train_and_evaluate(config, str(tmp_path / "run"), model=wide,
                                      loss_fn=pair_only)
   assert {"data", None} <= set(called)  # the step (mapped) and the evaluation (whole split)
@@ -164,6 +164,6 @@ def test_train_and_evaluate_takes_a_model_and_a_loss(tmp_path):
   assert "id" not in results["final"]["test"]
   state = checkpoints.Checkpointer(tmp_path / "run", read_only=True)
   try:
-    assert state.read_meta()["model"]["head_hidden"] != 24  # config.model is what is recorded
+    assert state.read_meta()["model"]["head_kw"]["hidden"] != 24  # config.model is what is recorded
   finally:
     state.close()

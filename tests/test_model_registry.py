@@ -43,7 +43,7 @@ class GatedSum(nn.Module):
 
 
 # A preset whose head width a config may not contradict.
-registry.register_model("test_wide_head")(functools.partial(DSF3N, head_hidden=64))
+registry.register_model("test_wide_head")(functools.partial(DSF3N, head_kw={"hidden": 64}))
 
 
 def tiny_config(**overrides):
@@ -56,7 +56,7 @@ def tiny_mcfg(config):
 
 
 def test_a_registered_fusion_trains_with_its_params_under_fusion():
-  config = tiny_config(**{"model.fusion": "gated_sum"})
+  config = tiny_config(**{"model.fusion": "gated_sum", "model.fusion_kw": {}})
   mcfg = tiny_mcfg(config)
   assert (mcfg["name"], mcfg["fusion"], mcfg["head"], mcfg["classifier"]) == (
       "dsf3n", "gated_sum", "mlp", "mlp")
@@ -81,13 +81,20 @@ def test_a_registered_fusion_trains_with_its_params_under_fusion():
 
 
 def test_names_are_saved_and_rebuild_the_model():
-  config = tiny_config(**{"model.fusion": "gated_sum", "model.name": "dsf3n_paper"})
+  config = tiny_config(**{"model.name": "dsf3n_paper"})
   mcfg = json.loads(json.dumps(tiny_mcfg(config)))  # as config.json / a checkpoint holds it
-  assert mcfg["name"] == "dsf3n_paper" and mcfg["mfa_variant"] == "paper"  # the preset's
+  assert mcfg["name"] == "dsf3n_paper"
+  assert mcfg["fusion_kw"] == {"num_stages": 2, "variant": "paper"}  # the preset's
   model = train.build_model(mcfg)
   assert type(model) is DSF3N
-  assert (model.fusion, model.head, model.classifier, model.mfa_variant) == (
-      "gated_sum", "mlp", "mlp", "paper")
+  assert (model.fusion, model.head, model.classifier, dict(model.fusion_kw)) == (
+      "mfa", "mlp", "mlp", {"num_stages": 2, "variant": "paper"})
+  assert tiny_mcfg(config) == mcfg
+  config = tiny_config(**{"model.fusion": "gated_sum", "model.fusion_kw": {}})
+  mcfg = json.loads(json.dumps(tiny_mcfg(config)))
+  assert mcfg["fusion_kw"] == {}  # MFA's settings do not linger with another fusion
+  model = train.build_model(mcfg)
+  assert (model.fusion, model.head, model.classifier) == ("gated_sum", "mlp", "mlp")
   assert tiny_mcfg(config) == mcfg
   # A run written before models had names rebuilds the stock model; the absent part names
   # count as the stock ones when a resume compares model configs.
@@ -100,13 +107,24 @@ def test_names_are_saved_and_rebuild_the_model():
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match="model.fusion: checkpoint has 'mfa', config has 'gated_sum'"):
     checkpoints.check_model_config(old, {**current, "fusion": "gated_sum"}, where="old")
+  # A run written before the parts had their own settings: its flat fields are read as them.
+  legacy = {k: v for k, v in old.items() if not k.endswith("_kw")}
+  legacy.update(num_fusion_stages=2, mfa_variant="reference", use_mfa=True, head_hidden=32,
+                classifier_hidden=16)
+  checkpoints.check_model_config(legacy, current, where="legacy")
+  model = train.build_model(legacy)
+  assert (dict(model.fusion_kw), dict(model.head_kw), dict(model.classifier_kw)) == (
+      {"num_stages": 2, "variant": "reference"}, {"hidden": 32}, {"hidden": 16})
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="model.fusion_kw.num_stages: checkpoint has 0, config has 2"):
+    checkpoints.check_model_config({**legacy, "use_mfa": False}, current, where="legacy")
 
 
 def test_a_preset_refuses_a_config_that_contradicts_it():
-  mcfg = tiny_mcfg(tiny_config(**{"model.name": "test_wide_head", "model.head_hidden": 512}))
-  assert mcfg["head_hidden"] == 64  # the config's value is the default: the preset's applies
-  with pytest.raises(ValueError, match=r"^config.model.head_hidden=32 conflicts with "
-                     r"config.model.name='test_wide_head', which sets head_hidden=64$"):
+  mcfg = tiny_mcfg(tiny_config(**{"model.name": "test_wide_head", "model.head_kw.hidden": 512}))
+  assert mcfg["head_kw"] == {"hidden": 64}  # the config's is the default: the preset's applies
+  with pytest.raises(ValueError, match=r"^config.model.head_kw.hidden=32 conflicts with "
+                     r"config.model.name='test_wide_head', which sets head_kw.hidden=64$"):
     tiny_mcfg(tiny_config(**{"model.name": "test_wide_head"}))  # :tiny sets 32
 
 
@@ -147,8 +165,8 @@ def test_registering_a_taken_name_or_an_unknown_kind_is_an_error():
 
 
 SMALL = dict(encoder_features=128, stem_features=16, stem_kernel=8, stem_stride=2,
-             stem_padding=3, branch_features=(16, 16, 32), head_hidden=32, embed_dim=16,
-             classifier_hidden=8)
+             stem_padding=3, branch_features=(16, 16, 32), head_kw={"hidden": 32},
+             embed_dim=16, classifier_kw={"hidden": 8})
 
 
 class OriginalComposition(nn.Module):
@@ -167,9 +185,10 @@ class OriginalComposition(nn.Module):
     self.audio_fine_grained = fine_grained()
     self.fusion = TwoStageFusion(2, "reference")
     # The heads' dropout_rate is keyword-only (shared by both through heads.TwoLayerHead).
-    self.head = OutputHead(s["head_hidden"], s["embed_dim"], dropout_rate=0.5)
-    self.visual_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], dropout_rate=0.5)
-    self.audio_classifier = Classifier(NUM_CLASSES, s["classifier_hidden"], dropout_rate=0.5)
+    self.head = OutputHead(s["head_kw"]["hidden"], s["embed_dim"], dropout_rate=0.5)
+    self.visual_classifier = Classifier(NUM_CLASSES, s["classifier_kw"]["hidden"], dropout_rate=0.5)
+    self.audio_classifier = Classifier(NUM_CLASSES, s["classifier_kw"]["hidden"],
+                                       dropout_rate=0.5)
 
   def __call__(self, visual, audio, *, train=False):
     f_v = self.visual_fine_grained(self.visual_encoder(visual), train=train)
@@ -184,8 +203,8 @@ def test_the_default_composition_is_the_original_model_bit_for_bit():
   stock = DSF3N(NUM_CLASSES, visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, **SMALL)
   as_module_defs = stock.clone(  # the same parts given as ModuleDefs instead of names
       fusion=functools.partial(TwoStageFusion, num_stages=2, variant="reference"),
-      head=functools.partial(OutputHead, hidden=SMALL["head_hidden"], dropout_rate=0.5),
-      classifier=functools.partial(Classifier, hidden=SMALL["classifier_hidden"],
+      head=functools.partial(OutputHead, hidden=SMALL["head_kw"]["hidden"], dropout_rate=0.5),
+      classifier=functools.partial(Classifier, hidden=SMALL["classifier_kw"]["hidden"],
                                    dropout_rate=0.5))
   visual = jax.random.normal(jax.random.key(1), (4, VISUAL_DIM))
   audio = jax.random.normal(jax.random.key(2), (4, AUDIO_DIM))
@@ -233,13 +252,16 @@ def test_a_part_breaking_its_interface_is_named():
   with pytest.raises(ValueError, match=r"fusion <class .*FirstToken'>: expected outputs of the "
                      r"input shapes \(2, 3, 32\) and \(2, 3, 32\), got \(2, 1, 32\)"):
     init(model.clone(fusion=FirstToken))
+  with pytest.raises(ValueError, match=r"^model.head_kw.hidden: not a setting of head "
+                     r"'EightWide' \(it takes: no settings\)"):
+    init(model.clone(head=EightWide))  # with the stock head's settings
   with pytest.raises(ValueError, match=r"head <class .*EightWide'>: expected an output of shape "
                      r"\(2, 16\), got \(2, 8\)"):
-    init(model.clone(head=EightWide))
+    init(model.clone(head=EightWide, head_kw={}))
 
 
 def test_convert_refuses_another_composition_naming_the_part():
-  convert.check_reference_model(DSF3N(3, mfa_variant="paper", use_mfa=True))  # converts
+  convert.check_reference_model(DSF3N(3, fusion_kw={"variant": "paper", "num_stages": 0}))  # converts
   for kwargs, message in (
       (dict(fusion="gated_sum"), "model.fusion='gated_sum' has no counterpart"),
       (dict(head=OutputHead), "model.head='OutputHead' has no counterpart"),
@@ -261,7 +283,7 @@ def test_convert_refuses_another_composition_naming_the_part():
 
 
 def test_a_run_with_a_registered_fusion_restores_it(tmp_path):
-  config = tiny_config(num_epochs=1, **{"model.fusion": "gated_sum"})
+  config = tiny_config(num_epochs=1, **{"model.fusion": "gated_sum", "model.fusion_kw": {}})
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   model, variables, saved = train.restore_model(workdir)

@@ -23,8 +23,8 @@ from dsf3n_jax.models import (
 )
 
 SMALL = dict(encoder_features=256, stem_features=16, stem_kernel=8, stem_stride=2,
-             stem_padding=3, branch_features=(16, 32, 64), head_hidden=64, embed_dim=16,
-             classifier_hidden=8)
+             stem_padding=3, branch_features=(16, 32, 64), head_kw={"hidden": 64},
+             embed_dim=16, classifier_kw={"hidden": 8})
 
 
 def _shapes(module, *args, **kwargs):
@@ -71,10 +71,10 @@ def test_module_shapes_and_dtypes(dtype):
 def test_configuration_changes_the_structure():
   x, a = jnp.zeros((2, 1024)), jnp.zeros((2, 128))
   _, ref = _shapes(DSF3N(5), x, a)
-  _, paper = _shapes(DSF3N(5, mfa_variant="paper"), x, a)
+  _, paper = _shapes(DSF3N(5, fusion_kw={"variant": "paper"}), x, a)
   mfa_ref, mfa_paper = ref["params"]["fusion"]["mfa"], paper["params"]["fusion"]["mfa"]
   assert set(mfa_ref) - set(mfa_paper) == {"w_2", "w_4", "t_c"}
-  _, no_mfa = _shapes(DSF3N(5, use_mfa=False), x, a)
+  _, no_mfa = _shapes(DSF3N(5, fusion_kw={"num_stages": 0}), x, a)
   assert "fusion" not in no_mfa["params"]
   out, two = _shapes(DSF3N(5, kernel_sizes=(3, 5), branch_features=(8, 16)), x, a)
   assert "conv7_1" not in two["params"]["visual_fine_grained"]
@@ -85,7 +85,7 @@ def test_configuration_changes_the_structure():
   with pytest.raises(ValueError, match="visual: expected shape"):
     _shapes(DSF3N(5), jnp.zeros((2, 1000)), a)
   with pytest.raises(ValueError, match="variant"):
-    _shapes(DSF3N(5, mfa_variant="nope"), x, a)
+    _shapes(DSF3N(5, fusion_kw={"variant": "nope"}), x, a)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_flags_change_what_they_should(small_setup):
     mfa.pop(name)
   paper_vars = {"params": {**variables["params"], "fusion": {"mfa": mfa}},
                 "batch_stats": variables["batch_stats"]}
-  paper = _apply({"mfa_variant": "paper"}, paper_vars, visual, audio)
+  paper = _apply({"fusion_kw": {"variant": "paper"}}, paper_vars, visual, audio)
   assert _differ(paper.emb_visual, ref.emb_visual)
 
   # t_c scales the visual side of the gate (reference only).
@@ -248,13 +248,13 @@ def test_flags_change_what_they_should(small_setup):
   assert _differ(_apply({}, tc_vars, visual, audio).emb_visual, ref.emb_visual)
 
   # One fusion stage instead of two.
-  one = _apply({"num_fusion_stages": 1}, variables, visual, audio)
+  one = _apply({"fusion_kw": {"num_stages": 1}}, variables, visual, audio)
   assert _differ(one.emb_visual, ref.emb_visual)
 
   # Without MFA the head sees the fine-grained tokens themselves.
   no_params = {k: v for k, v in variables["params"].items() if k != "fusion"}
-  no_mfa = _apply({"use_mfa": False}, {"params": no_params,
-                                        "batch_stats": variables["batch_stats"]}, visual, audio)
+  no_mfa = _apply({"fusion_kw": {"num_stages": 0}},
+                  {"params": no_params, "batch_stats": variables["batch_stats"]}, visual, audio)
   assert _differ(no_mfa.emb_visual, ref.emb_visual)
   fine = FineGrainedNet(**{k: SMALL[k] for k in ("stem_features", "stem_kernel", "stem_stride",
                                                  "stem_padding", "branch_features")})
@@ -263,7 +263,7 @@ def test_flags_change_what_they_should(small_setup):
   tokens = fine.apply({"params": variables["params"]["visual_fine_grained"],
                        "batch_stats": variables["batch_stats"]["visual_fine_grained"]}, h,
                       train=False)
-  head = OutputHead(SMALL["head_hidden"], SMALL["embed_dim"])
+  head = OutputHead(SMALL["head_kw"]["hidden"], SMALL["embed_dim"])
   expected = head.apply({"params": variables["params"]["head"]}, tokens, train=False)
   np.testing.assert_allclose(no_mfa.emb_visual, expected, rtol=1e-5, atol=1e-6)
 

@@ -34,7 +34,7 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
   # The ablation switches reached the configs.
   assert rows["no_dis"]["config"]["loss"]["terms"]["id"] == 0.0
   assert rows["no_intra"]["config"]["loss"]["terms"]["center"] == 0.0
-  assert rows["no_mfa"]["config"]["model"]["use_mfa"] is False
+  assert rows["no_mfa"]["config"]["model"]["fusion_kw"]["num_stages"] == 0
   assert rows["full"]["config"]["loss"]["terms"]["id"] == 1.0
   for p in ("paired", "unimodal"):  # the paper's ordering, checked whichever way it comes out
     check = on_disk["ordering"][p]
@@ -78,8 +78,8 @@ def test_a_changed_config_or_seed_list_changes_a_rows_fingerprint():
 
 
 def test_set_values_are_parsed_and_unknown_fields_refused():
-  assert paper.parse_set(["optim.lr=3e-4", "model.use_mfa=False", "data.name=vegas"]) == {
-      "optim.lr": 3e-4, "model.use_mfa": False, "data.name": "vegas"}
+  assert paper.parse_set(["optim.lr=3e-4", "model.fusion_kw.num_stages=0", "data.name=vegas"]) == {
+      "optim.lr": 3e-4, "model.fusion_kw.num_stages": 0, "data.name": "vegas"}
   with pytest.raises(SystemExit, match="FIELD=VALUE"):
     paper.parse_set(["optim.lr"])
   with pytest.raises(SystemExit, match="no field 'learning_rate'"):
@@ -92,7 +92,7 @@ def test_ablation_configs_switch_exactly_one_thing_each():
   assert base.num_epochs == 3
   for a in paper.ABLATIONS:
     c = paper.ablation_config(base, a)
-    assert (c.loss.terms.id > 0, c.loss.terms.center > 0, c.model.use_mfa) == (
+    assert (c.loss.terms.id > 0, c.loss.terms.center > 0, c.model.fusion_kw.num_stages > 0) == (
         a.dis, a.intra, a.mfa)
     assert c.loss.terms.pair == base.loss.terms.pair  # the pair term stays in every row
   assert len({(a.dis, a.intra, a.mfa) for a in paper.ABLATIONS}) == 7

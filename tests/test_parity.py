@@ -56,8 +56,8 @@ SCALES = {
 }
 SMALL_SCALES = {**SCALES, "visual_layer.": 4.0, "audio_layer.": 4.0}
 SMALL = dict(encoder_features=256, stem_features=16, stem_kernel=8, stem_stride=2,
-             stem_padding=3, branch_features=(16, 32, 64), head_hidden=64, embed_dim=16,
-             classifier_hidden=8)
+             stem_padding=3, branch_features=(16, 32, 64), head_kw={"hidden": 64},
+             embed_dim=16, classifier_kw={"hidden": 8})
 KEY_BIASES = ("MmFA.k_v.bias", "MmFA.k_a.bias")
 
 
@@ -254,16 +254,17 @@ def test_parity_full_float64():
 
 # The reference variant at reduced width is covered by the full-width tests.
 @pytest.mark.parametrize("variant", [
-    dict(mfa_variant="paper"),
-    dict(use_mfa=False),
-    dict(kernel_sizes=(3, 5), num_fusion_stages=3),
+    dict(fusion_kw={"variant": "paper"}),
+    dict(fusion_kw={"num_stages": 0}),
+    dict(kernel_sizes=(3, 5), fusion_kw={"num_stages": 3}),
 ], ids=["paper", "no_mfa", "two_kernels_three_stages"])
 def test_parity_small_float64(variant):
   with jax.enable_x64(True):
     errs = check_parity({**SMALL, **variant}, np.float64, scales=SMALL_SCALES)
-  has_mfa = variant.get("use_mfa", True)
+  fusion = variant.get("fusion_kw", {})
+  has_mfa = fusion.get("num_stages", 2) > 0
   assert any(k.startswith("grad/MmFA.") for k in errs) == has_mfa
-  assert ("grad/MmFA.w_2.weight" in errs) == (has_mfa and variant.get("mfa_variant") != "paper")
+  assert ("grad/MmFA.w_2.weight" in errs) == (has_mfa and fusion.get("variant") != "paper")
 
 
 def test_torch_einsum_bilinear_matches_nn_bilinear():

@@ -83,10 +83,13 @@ def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
                            *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
 
+  bad = main("--config.num_epochs=1", "--config.model.fusion_kw.gate_init=open")
+  assert bad.returncode == 2 and "config.model.fusion_kw.gate_init" in bad.stderr, bad.stderr
   first = main("--config.num_epochs=1")
   assert first.returncode == 0, first.stderr[-3000:]
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["model"]["fusion"] == "my_fusion:gated_sum"
+  assert saved["model"]["fusion_kw"] == {"gate_init": 0.5}  # MFA's settings gone
   resumed = main("--config.num_epochs=2")  # resumes the same workdir
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr

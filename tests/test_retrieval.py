@@ -9,7 +9,7 @@ from dsf3n_jax import metrics, retrieval, retrieve
 from dsf3n_jax.models import DSF3N
 
 TINY = dict(num_classes=4, encoder_features=64, stem_kernel=8, stem_stride=2, stem_padding=3,
-            branch_features=(8, 16, 32), head_hidden=32, embed_dim=16)
+            branch_features=(8, 16, 32), head_kw={"hidden": 32}, embed_dim=16)
 
 
 @pytest.fixture(scope="module")

@@ -263,11 +263,11 @@ def test_checkpoint_of_another_model_is_rejected_naming_fields(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   config.model.embed_dim = 8
-  config.model.mfa_variant = "paper"
+  config.model.fusion_kw.variant = "paper"
   with pytest.raises(ValueError) as err:
     train.train_and_evaluate(config, workdir)
   assert "model.embed_dim: checkpoint has 16, config has 8" in str(err.value)
-  assert "model.mfa_variant: checkpoint has 'reference', config has 'paper'" in str(err.value)
+  assert "model.fusion_kw.variant: checkpoint has 'reference', config has 'paper'" in str(err.value)
 
 
 def test_guards_fail_before_compiling(tmp_path):

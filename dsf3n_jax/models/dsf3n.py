@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import FrozenDict
 
 from dsf3n_jax.models import registry
 from dsf3n_jax.models.encoder import ModalityEncoder
 from dsf3n_jax.models.fine_grained import FineGrainedNet
-from dsf3n_jax.models.fusion import TwoStageFusion, Variant
+from dsf3n_jax.models.fusion import TwoStageFusion
 from dsf3n_jax.models.heads import Classifier, OutputHead
 from dsf3n_jax.models.layers import example_keys
 from dsf3n_jax.models.registry import ModuleDef
@@ -62,6 +63,11 @@ class DSF3N(nn.Module):
   original model. Each is constructed and called as follows (``train``: train
   mode; ``example_ids``: (batch,) global example indices or None):
 
+  Each is built with its settings, ``fusion_kw`` / ``head_kw`` /
+  ``classifier_kw`` (the part's own dataclass fields: ``registry.part_settings``;
+  MFA's ``num_stages`` and ``variant``, the head's and classifiers' ``hidden``),
+  and with ``dropout_rate`` when it has that field, plus:
+
   * ``fusion(dtype=, param_dtype=)``, variables under ``fusion``; called as
     ``fusion(f_v, f_a, *, train, example_ids) -> (m_v, m_a)`` with visual and
     audio tokens of shape (batch, tokens, dim), returning the same shapes. It
@@ -78,11 +84,10 @@ class DSF3N(nn.Module):
   make its masks a function of ``example_ids`` (``layers.Dropout`` does), so
   that an update does not depend on the device count. A part needing the
   model's settings (e.g. ``axis_name`` for a BatchNorm synchronised over
-  devices) is registered as a factory ``model -> ModuleDef``, as the stock
-  ones are: fusion ``"mfa"`` (``TwoStageFusion`` of ``num_fusion_stages``,
-  ``mfa_variant``, ``use_mfa``), head ``"mlp"`` (``OutputHead`` of
-  ``head_hidden``, ``dropout_rate``), classifier ``"mlp"`` (``Classifier`` of
-  ``classifier_hidden``, ``dropout_rate``).
+  devices) is registered as a factory ``model -> ModuleDef``. The stock parts
+  are fusion ``"mfa"`` (``TwoStageFusion``; ``num_stages=0`` is the ablation
+  without MFA), head ``"mlp"`` (``OutputHead``) and classifier ``"mlp"``
+  (``Classifier``).
 
   Attributes:
     num_classes: number of classes of the classifiers.
@@ -93,15 +98,16 @@ class DSF3N(nn.Module):
     stem_features, stem_kernel, stem_stride, stem_padding: the stem conv.
     branch_features: channels per branch stage; the last is the token dim.
     fusion: the fusion part, a name or ModuleDef ("mfa", the paper's MFA).
+    fusion_kw: the fusion's settings ("mfa": ``num_stages``, 2, MFA
+      applications sharing one set of weights, 0 the ablation without MFA;
+      ``variant``, "reference" (the code) or "paper" (Eq. 3-4 as printed)).
     head: the shared output head, a name or ModuleDef ("mlp").
+    head_kw: the head's settings ("mlp": ``hidden``, 512).
     classifier: the classifiers' part, a name or ModuleDef ("mlp").
-    num_fusion_stages: MFA applications sharing one set of weights (2).
-    mfa_variant: "reference" (the code) or "paper" (Eq. 3-4 as printed).
-    use_mfa: False is the ablation without MFA (fused = fine-grained).
-    head_hidden: hidden width of the stock output head (512).
-    embed_dim: retrieval embedding size (64).
-    classifier_hidden: hidden width of the stock classifiers (32).
-    dropout_rate: dropout in the stock head and classifiers (0.5; 0 disables).
+    classifier_kw: the classifiers' settings ("mlp": ``hidden``, 32).
+    embed_dim: retrieval embedding size (64), the head's ``features``.
+    dropout_rate: dropout of every part with a ``dropout_rate`` field (the
+      stock head and classifiers; 0.5; 0 disables).
     missing_partner: what stands in for the absent modality when one
       modality is embedded alone: "self", "learned" or "mean".
     partner_dropout: in train mode, the probability that an example's
@@ -126,14 +132,12 @@ class DSF3N(nn.Module):
   stem_padding: int = FineGrainedNet.stem_padding
   branch_features: Sequence[int] = FineGrainedNet.branch_features
   fusion: str | ModuleDef = "mfa"
+  fusion_kw: Mapping[str, Any] = FrozenDict()
   head: str | ModuleDef = "mlp"
+  head_kw: Mapping[str, Any] = FrozenDict()
   classifier: str | ModuleDef = "mlp"
-  num_fusion_stages: int = TwoStageFusion.num_stages
-  mfa_variant: Variant = TwoStageFusion.variant
-  use_mfa: bool = True
-  head_hidden: int = OutputHead.hidden
+  classifier_kw: Mapping[str, Any] = FrozenDict()
   embed_dim: int = OutputHead.features
-  classifier_hidden: int = Classifier.hidden
   dropout_rate: float = OutputHead.dropout_rate
   missing_partner: MissingPartner = "self"
   partner_dropout: float = 0.0
@@ -307,27 +311,54 @@ class DSF3N(nn.Module):
     return paired, self._outputs(alone_v, alone_a, train=train, example_ids=example_ids)
 
 
-# The stock parts: factories of the model's settings, giving exactly the original's modules.
-@registry.register_fusion("mfa")
-def mfa_fusion(model: DSF3N) -> ModuleDef:
-  """Two-stage MFA (paper Eq. 3-5); no fusion (identity) when ``use_mfa`` is False."""
-  return functools.partial(TwoStageFusion, num_stages=model.num_fusion_stages if model.use_mfa
-                           else 0, variant=model.mfa_variant)
-
-
-@registry.register_head("mlp")
-def mlp_head(model: DSF3N) -> ModuleDef:
-  """The original's shared output layer (``OutputHead``)."""
-  return functools.partial(OutputHead, hidden=model.head_hidden, dropout_rate=model.dropout_rate)
-
-
-@registry.register_classifier("mlp")
-def mlp_classifier(model: DSF3N) -> ModuleDef:
-  """The original's per-modality classifier (``Classifier``)."""
-  return functools.partial(Classifier, hidden=model.classifier_hidden,
-                           dropout_rate=model.dropout_rate)
-
+# The stock parts, exactly the original's modules: two-stage MFA (paper Eq. 3-5), the shared
+# output layer and the per-modality classifier.
+registry.register_fusion("mfa")(TwoStageFusion)
+registry.register_head("mlp")(OutputHead)
+registry.register_classifier("mlp")(Classifier)
 
 # Eq. 3-4 as printed instead of as the original code computes them.
 DSF3N_PAPER = registry.register_model("dsf3n_paper")(
-    functools.partial(DSF3N, mfa_variant="paper"))
+    functools.partial(DSF3N, fusion_kw=FrozenDict(variant="paper")))
+
+# Fields of models saved before the parts had their own settings: (field, part kind, setting).
+_LEGACY_FIELDS = (("num_fusion_stages", "fusion", "num_stages"),
+                  ("mfa_variant", "fusion", "variant"),
+                  ("head_hidden", "head", "hidden"),
+                  ("classifier_hidden", "classifier", "hidden"))
+
+
+def upgrade_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved model config with the fields of older versions moved into the part settings.
+
+  ``num_fusion_stages``, ``mfa_variant`` and ``use_mfa`` become ``fusion_kw``'s
+  ``num_stages`` and ``variant`` (``use_mfa=False``: ``num_stages=0``),
+  ``head_hidden`` and ``classifier_hidden`` the ``hidden`` of ``head_kw`` and
+  ``classifier_kw``; a config without them is returned as it is.
+  """
+  out = dict(kwargs)
+  use_mfa = out.pop("use_mfa", True)
+  for old, kind, new in _LEGACY_FIELDS:
+    if old in out:
+      value = out.pop(old)
+      out[f"{kind}_kw"] = {**dict(out.get(f"{kind}_kw") or {}), new: value}
+  if not use_mfa:
+    out["fusion_kw"] = {**dict(out.get("fusion_kw") or {}), "num_stages": 0}
+  return out
+
+
+def resolved_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """A model config as saved: older fields upgraded (``upgrade_fields``) and the settings
+  of each part given by name complete, with its defaults, as a plain dict in key order."""
+  out = upgrade_fields(kwargs)
+  defaults = {f.name: f.default for f in dataclasses.fields(DSF3N)}
+  for kind in registry.PARTS:
+    kw = out.get(f"{kind}_kw") or {}
+    kw = dict(kw.to_dict() if hasattr(kw, "to_dict") else kw)
+    part = out.get(kind, defaults[kind])
+    settings = registry.part_settings(kind, part) if isinstance(part, str) else None
+    for key, value in (settings or {}).items():
+      if value is not dataclasses.MISSING:
+        kw.setdefault(key, value)
+    out[f"{kind}_kw"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(kw.items())}
+  return out

@@ -7,7 +7,7 @@ One ``MultiModalFusionAttention`` instance is reused by every fusion stage
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,11 @@ class TwoStageFusion(nn.Module):
   variant: Variant = "reference"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  # Help and least value of the settings (config.model.fusion_kw).
+  settings_help: ClassVar[dict[str, str]] = {
+      "num_stages": "MFA applications sharing one set of weights; 0: the ablation without MFA",
+      "variant": "reference: the authors' code; paper: Eq. 3-4 as printed"}
+  settings_min: ClassVar[dict[str, int]] = {"num_stages": 0}
 
   @nn.compact
   def __call__(self, f_v: jax.Array, f_a: jax.Array, *, train: bool = False,

@@ -28,6 +28,9 @@ class TwoLayerHead(nn.Module):
   param_dtype: Any = dataclasses.field(default=jnp.float32, kw_only=True)
   use_bias: ClassVar[bool] = True
   out_name: ClassVar[str] = "out"
+  # Help and least value of the settings (config.model.head_kw / classifier_kw).
+  settings_help: ClassVar[dict[str, str]] = {"hidden": "width of the hidden layer"}
+  settings_min: ClassVar[dict[str, int]] = {"hidden": 1}
 
   @property
   def out_features(self) -> int:

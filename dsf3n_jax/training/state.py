@@ -13,10 +13,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from flax.core import FrozenDict
 
 from dsf3n_jax import losses
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N, registry
+from dsf3n_jax.models.dsf3n import resolved_fields, upgrade_fields
 
 DEFAULT_LOSS_TERMS = ("id", "pair", "center")  # the original's objective
 DEFAULT_MODEL = "dsf3n"  # config.model.name of runs (and checkpoints) that do not name one
@@ -65,8 +67,9 @@ def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_
 
   ``name`` is the registered model (``config.model.name``, default "dsf3n");
   the rest are its fields taken from ``config.model``, with the part names
-  (``fusion``, ``head``, ``classifier``) always present and a preset's
-  settings (e.g. "dsf3n_paper": ``mfa_variant="paper"``) applied.
+  (``fusion``, ``head``, ``classifier``) and their complete settings
+  (``fusion_kw`` etc.) always present and a preset's settings (e.g.
+  "dsf3n_paper": ``fusion_kw.variant="paper"``) applied.
 
   Raises:
     ValueError: an unregistered name, or a field set against the preset.
@@ -75,7 +78,8 @@ def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_
   name = m.get("name", DEFAULT_MODEL)
   model_def = registry.lookup("model", name, where="config.model.name")
   fields = registry.model_fields(model_def)
-  kwargs = {k: m[k] for k in m.keys() if k in fields}
+  kwargs = {k: m[k].to_dict() if isinstance(m[k], ml_collections.ConfigDict) else m[k]
+            for k in m.keys() if k in fields}
   _apply_preset(model_def, name, kwargs, fields)
   kwargs.update(num_classes=int(num_classes), visual_dim=int(visual_dim),
                 audio_dim=int(audio_dim))
@@ -85,7 +89,7 @@ def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_
     kwargs.setdefault(part, fields[part])
     registry.lookup(part, kwargs[part], where=f"config.model.{part}")
   kwargs["dtype"] = str(m.dtype)
-  return {"name": name, **kwargs}
+  return {"name": name, **resolved_fields(kwargs)}
 
 
 def _apply_preset(model_def, name: str, kwargs: dict[str, Any],
@@ -98,6 +102,17 @@ def _apply_preset(model_def, name: str, kwargs: dict[str, Any],
   if not isinstance(model_def, functools.partial):
     return
   for key, value in model_def.keywords.items():
+    if key.endswith("_kw") and key[:-3] in registry.PARTS:  # a part's settings, one by one
+      kind = key[:-3]
+      part_defaults = registry.part_settings(kind, kwargs.get(kind, defaults.get(kind))) or {}
+      merged = dict(kwargs.get(key) or {})
+      for k, v in value.items():
+        if k in merged and merged[k] not in (v, part_defaults.get(k)):
+          raise ValueError(f"config.model.{key}.{k}={merged[k]!r} conflicts with "
+                           f"config.model.name={name!r}, which sets {key}.{k}={v!r}")
+        merged[k] = v
+      kwargs[key] = merged
+      continue
     if key in kwargs and kwargs[key] not in (value, defaults.get(key)):
       raise ValueError(f"config.model.{key}={kwargs[key]!r} conflicts with "
                        f"config.model.name={name!r}, which sets {key}={value!r}")
@@ -114,8 +129,11 @@ def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> D
   float64 for a float64 model: a float64 run is float64 end to end, which needs
   64-bit JAX (``JAX_ENABLE_X64=1``; ``python -m dsf3n_jax.main`` turns it on).
   """
-  kw = dict(kwargs)
+  kw = upgrade_fields(kwargs)
   model_def = registry.lookup("model", kw.pop("name", DEFAULT_MODEL), where="model.name")
+  for kind in registry.PARTS:
+    if f"{kind}_kw" in kw:
+      kw[f"{kind}_kw"] = FrozenDict(kw[f"{kind}_kw"] or {})
   for part in registry.PARTS:
     if isinstance(kw.get(part), str):  # else a ModuleDef, from Python
       registry.lookup(part, kw[part], where=f"model.{part}")
