@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsf3n_jax.mesh import psum
+
 Array = jax.Array
 
 
@@ -70,7 +72,7 @@ def _mean(values: Array, weights: Array, axis_name: str | None) -> Array:
   if axis_name is None:
     return local / jnp.maximum(total, 1)
   n_dev = jax.lax.psum(1, axis_name)
-  return n_dev * local / jnp.maximum(jax.lax.psum(total, axis_name), 1)
+  return n_dev * local / jnp.maximum(psum(total, axis_name), 1)
 
 
 def cross_entropy(logits: Array, labels: Array, *, mask: Array | None = None,
@@ -111,7 +113,7 @@ def identity_loss(logits_visual: Array, logits_audio: Array, labels: Array, *,
     sq = jnp.sum(w * jnp.sum(jnp.square(logits - onehot), axis=-1))
     count = jnp.sum(w)
     if axis_name is not None:
-      sq, count = jax.lax.psum(sq, axis_name), jax.lax.psum(count, axis_name)
+      sq, count = psum(sq, axis_name), psum(count, axis_name)
     return jnp.sqrt(sq) / jnp.maximum(count, 1)
 
   return frobenius(logits_visual) + frobenius(logits_audio)
@@ -149,7 +151,7 @@ def center_loss(features: Array, labels: Array, centers: Array, *, mask: Array |
   w = _weights(mask, features.shape[0], f_hat.dtype)
   counts = jnp.zeros((num_classes,), f_hat.dtype).at[ids].add(w)
   if axis_name is not None:
-    counts = jax.lax.psum(counts, axis_name)
+    counts = psum(counts, axis_name)
   dist = jnp.sum(jnp.square(f_hat - centers[ids].astype(f_hat.dtype)), axis=-1)
   local = 0.5 * jnp.sum(w * dist / jnp.maximum(counts[ids], 1))
   if axis_name is not None:
@@ -267,7 +269,9 @@ def all_gather(x: Array, axis_name: str | None) -> Array:
   term on the gathered arrays, which every device then holds, and return it
   as is (each device's share is the whole value; the mean over devices is it).
   """
-  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
+    return x
+  return jax.lax.all_gather(x, axis_name, tiled=True)
 
 
 @register_loss_term("id", options=lambda c: {"form": c.get("id_form", "ce")})

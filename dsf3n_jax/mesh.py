@@ -13,3 +13,18 @@ def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def pmean(x, axis_name: str | None):
+  """``lax.pmean`` of a pytree over ``axis_name``; ``x`` itself (no collective) when the axis
+  is None or has one device, where the mean is the identity."""
+  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
+    return x
+  return jax.lax.pmean(x, axis_name)
+
+
+def psum(x, axis_name: str | None):
+  """``lax.psum`` of a pytree over ``axis_name``; ``x`` itself over one device or none."""
+  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
+    return x
+  return jax.lax.psum(x, axis_name)

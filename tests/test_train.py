@@ -112,6 +112,22 @@ def test_update_is_independent_of_device_count_with_dropout():
   np.testing.assert_allclose(hist[-1]["loss"], ref_hist[-1]["loss"], rtol=1e-5)
 
 
+def test_a_one_device_mesh_has_no_collectives():
+  config = tiny_config()
+  model, tx, state0 = tiny_setup(config)
+  step_fn = train.per_device_step(config, model, tx)
+  batch = random_batches(1, 16)[0]
+
+  def hlo(n):
+    mesh = mesh_of(n)
+    step = train.make_train_step(step_fn, mesh)
+    return step.lower(jax.device_put(state0, NamedSharding(mesh, P())),
+                      jax.device_put(batch, NamedSharding(mesh, P("data")))).as_text()
+
+  assert "all_reduce" not in hlo(1)  # gradients, metrics, BatchNorm statistics, loss sums
+  assert "all_reduce" in hlo(2)
+
+
 def test_dropout_masks_depend_on_step_and_example():
   config = tiny_config()
   model, tx, state0 = tiny_setup(config)

@@ -22,6 +22,7 @@ from dsf3n_jax.models.encoder import ModalityEncoder
 from dsf3n_jax.models.fine_grained import FineGrainedNet
 from dsf3n_jax.models.fusion import TwoStageFusion
 from dsf3n_jax.models.heads import Classifier, OutputHead
+from dsf3n_jax.mesh import pmean
 from dsf3n_jax.models.layers import example_keys
 from dsf3n_jax.models.registry import ModuleDef
 
@@ -228,8 +229,7 @@ class DSF3N(nn.Module):
     stat = getattr(self, f"token_mean_{missing}")
     if train and partner is not None:
       mean = jnp.mean(jax.lax.stop_gradient(partner), axis=0)
-      if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
+      mean = pmean(mean, self.axis_name)
       if not self.is_initializing():
         stat.value = (self.bn_momentum * stat.value
                       + (1 - self.bn_momentum) * mean.astype(stat.value.dtype))

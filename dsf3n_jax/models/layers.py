@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dsf3n_jax.mesh import pmean
+
 Array = jax.Array
 Dtype = Any
 
@@ -103,12 +105,10 @@ class BatchNorm(nn.Module):
     if train:
       count = math.prod(x.shape[:-1])
       mean = xf.mean(reduce_axes)
+      mean = pmean(mean, self.axis_name)
+      var = pmean(jnp.square(xf - mean).mean(reduce_axes), self.axis_name)  # biased, 2nd pass
       if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
-      var = jnp.square(xf - mean).mean(reduce_axes)  # biased, second pass
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
-        count = count * jax.lax.psum(1, self.axis_name)
+        count = count * jax.lax.axis_size(self.axis_name)
       if not self.is_initializing():
         unbiased = var * (count / jnp.maximum(count - 1, 1))
         m = self.momentum

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax import input_pipeline, losses, metrics
+from dsf3n_jax import mesh as mesh_lib
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N, DSF3NOutput
 from dsf3n_jax.training.state import TrainState, memoized
@@ -83,7 +84,7 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
 
   (total, (parts, batch_stats, outputs)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.trainable)
-  grads = jax.lax.pmean(grads, axis_name)
+  grads = mesh_lib.pmean(grads, axis_name)  # no collective on a 1-device mesh
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   _, _, logits_v, logits_a = outputs
@@ -92,7 +93,7 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
       "accuracy_visual": jnp.mean(jnp.argmax(logits_v, -1) == labels),
       "accuracy_audio": jnp.mean(jnp.argmax(logits_a, -1) == labels),
   }
-  step_metrics = jax.lax.pmean(step_metrics, axis_name)
+  step_metrics = mesh_lib.pmean(step_metrics, axis_name)
   new_state = state.replace(step=state.step + 1, params=trainable["net"],
                             batch_stats=batch_stats, aux=trainable["aux"], opt_state=opt_state)
   return new_state, step_metrics
