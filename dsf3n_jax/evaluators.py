@@ -24,9 +24,16 @@ A user adds an evaluator in their own module, imported by their config file::
     def __call__(self, ctx: evaluators.EvalContext) -> dict[str, float]: ...
 
 ``run`` is the run's ``training.run.Run`` (config, sources, model, mesh);
-``ctx.outputs()`` holds the eval-mode outputs of every item of the split
-(shared by the evaluators of one split at one step: one embedding pass), and
+``ctx.outputs(protocol)`` holds the eval-mode outputs of every item of the
+split for the protocol(s) asked (paired, unimodal or both; shared by the
+evaluators of one split at one step, each protocol embedded once), and
 ``ctx.state`` the train state.
+
+An evaluation computes only what it reports. The built-in evaluators'
+``protocol`` defaults to ``"auto"``: both protocols at the run's last
+evaluation; before it, the protocol of the selection metric (paired for
+``map_average``, unimodal for ``unimodal_map_average``), plus the paired
+outputs when early stopping needs the selection loss.
 """
 
 from __future__ import annotations
@@ -63,15 +70,31 @@ class EvalContext:
   state: Any  # training.state.TrainState
   step: int
   split: str
-  _outputs: Callable[[str], dict[str, np.ndarray]]
+  _outputs: Callable[[str, str], dict[str, np.ndarray]]
+  final: bool = True  # the run's last evaluation (the one results.json reports)
 
   @property
   def source(self):
     return getattr(self.run.sources, self.split)
 
-  def outputs(self) -> dict[str, np.ndarray]:
-    """Eval-mode outputs of every item (``steps.EMBED_KEYS``, ``label``, ``index``)."""
-    return self._outputs(self.split)
+  def outputs(self, protocol: str = "both") -> dict[str, np.ndarray]:
+    """Eval-mode outputs of every item: ``label``, ``index`` and the keys of
+    ``protocol`` (``steps.PROTOCOL_KEYS``: paired, unimodal or both)."""
+    return self._outputs(self.split, protocol)
+
+
+def resolve_protocol(protocol: str, ctx: EvalContext) -> str:
+  """An evaluator's ``protocol`` setting at this evaluation: ``"auto"`` is both at the last
+  evaluation and what selection needs before it (module docstring); others as they are."""
+  if protocol != "auto":
+    return protocol
+  config = ctx.run.config
+  if ctx.final:
+    return "both"
+  selected = "unimodal" if ctx.run.metric.startswith("unimodal_") else "paired"
+  if selected == "unimodal" and config.get("early_stopping_patience", 0):
+    return "both"  # early stopping compares the selection evaluator's (paired) loss
+  return selected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +160,31 @@ class _WithLoss:
     self.loss_fn = run.eval_loss_fn
 
 
+PROTOCOLS = {"paired": ("",), "unimodal": ("unimodal_",), "both": ("", "unimodal_"),
+             "auto": None}
+
+
+def _check_protocol(protocol: str) -> str:
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+  return protocol
+
+
 @register_evaluator("retrieval")
 class Retrieval(_WithLoss):
-  """The paper's metrics: loss parts, accuracy, mAP under both protocols (``steps.evaluate``)."""
+  """The paper's metrics (``steps.evaluate``): mAP of ``protocol`` (paired, unimodal, both or
+  auto), with the loss parts and accuracy of the paired outputs when they are computed."""
+
+  def __init__(self, run, *, split: str, protocol: str = "auto"):
+    super().__init__(run, split=split)
+    self.protocol = _check_protocol(protocol)
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+    protocol = resolve_protocol(self.protocol, ctx)
     return steps.evaluate(None, ctx.state, ctx.source, config=ctx.run.config, mesh=ctx.run.mesh,
-                          split=self.split, loss_fn=self.loss_fn, outputs=ctx.outputs())
+                          split=self.split, loss_fn=self.loss_fn,
+                          outputs=ctx.outputs(protocol), protocol=protocol)
 
 
 @register_evaluator("loss")
@@ -153,10 +193,7 @@ class Loss(_WithLoss):
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
-    return steps.loss_metrics(ctx.outputs(), ctx.state, loss_fn=self.loss_fn)
-
-
-PROTOCOLS = {"paired": ("",), "unimodal": ("unimodal_",), "both": ("", "unimodal_")}
+    return steps.loss_metrics(ctx.outputs("paired"), ctx.state, loss_fn=self.loss_fn)
 
 
 @register_evaluator("precision_recall")
@@ -167,23 +204,22 @@ class PrecisionRecall:
   ranked by item index). Keys: ``precision_at_K_audio_to_visual``, ...,
   ``precision_at_K`` (the two directions' mean), with ``unimodal_`` before
   them for the unimodal protocol (no ``@``: TensorBoard's tags could not hold
-  it). ``protocol``: paired, unimodal or both.
+  it). ``protocol``: paired, unimodal, both or auto.
   """
 
-  def __init__(self, run, *, split: str, ks=(1, 5, 10), protocol: str = "both"):
+  def __init__(self, run, *, split: str, ks=(1, 5, 10), protocol: str = "auto"):
     ks = tuple(ks) if isinstance(ks, (list, tuple)) else (ks,)
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
       raise ValueError(f"ks={ks!r}: expected positive ints")
-    if protocol not in PROTOCOLS:
-      raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-    self.split, self.ks, self.protocol = split, ks, protocol
+    self.split, self.ks, self.protocol = split, ks, _check_protocol(protocol)
     self.distance = run.config.metric.distance
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
-    out = ctx.outputs()
+    protocol = resolve_protocol(self.protocol, ctx)
+    out = ctx.outputs(protocol)
     labels = out["label"]
     result = {}
-    for prefix in PROTOCOLS[self.protocol]:
+    for prefix in PROTOCOLS[protocol]:
       visual, audio = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
       for k in self.ks:
         k_eff = min(k, len(labels))

@@ -176,7 +176,7 @@ def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int
   if n:
     mesh = make_mesh(jax.local_devices())
     out = steps.embed_split(
-        steps.make_embed_fn(model, mesh, unimodal=protocol == "unimodal"), variables,
+        steps.make_embed_fn(model, mesh, protocol=protocol), variables,
         input_pipeline.ArraySource(visual, audio, labels, indices), mesh=mesh,
         batch_size=-(-batch_size // mesh.size) * mesh.size)
     prefix = "unimodal_" if protocol == "unimodal" else ""

@@ -37,6 +37,7 @@ from dsf3n_jax.training.state import (
 )
 from dsf3n_jax.training.steps import (
     EMBED_KEYS,
+    PROTOCOL_KEYS,
     embed_split,
     evaluate,
     make_embed_fn,
@@ -49,7 +50,7 @@ from dsf3n_jax.training.steps import (
 from dsf3n_jax.training.workdir import format_results
 
 __all__ = [
-    "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "SELECTION_METRICS", "TrainState", "build_model",
+    "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "PROTOCOL_KEYS", "SELECTION_METRICS", "TrainState", "build_model",
     "build_optimizer", "default_config", "embed_split", "evaluate", "format_results",
     "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_init_fn",
     "make_mesh", "make_train_epoch", "make_train_step", "model_config", "per_device_step",

@@ -102,7 +102,7 @@ def test_evaluators_are_checked_by_name_split_schedule_and_settings(tmp_path):
   config = small_config(selection_metric="recall/precision_at_1")
   config.evals.recall = {"type": "precision_recall", "split": "test", "k": 5}
   with pytest.raises(ConfigError, match=r"config.evals.recall: .*'k'.*\(the settings of "
-                     r"evaluator 'precision_recall': ks=\(1, 5, 10\), protocol='both'\)"):
+                     r"evaluator 'precision_recall': ks=\(1, 5, 10\), protocol='auto'\)"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   config.evals.recall = {"type": "precision_recall", "split": "test", "ks": 0}
   with pytest.raises(ConfigError, match=r"config.evals.recall: ks=\(0,\): expected positive"):

@@ -62,7 +62,9 @@ def test_a_users_evaluator_reaches_results_and_tensorboard_and_a_profile_is_writ
     assert 0 <= final["recall"][key] <= 1, final["recall"]
   scalars = _scalars(run / "tensorboard")
   assert len(scalars["first_hit/median"]) == 2  # every_epochs: runlocal's 1, 2 epochs
-  assert len(scalars["recall/precision_at_1"]) == 2  # every 4 of the 8 steps
+  assert len(scalars["recall/unimodal_precision_at_1"]) == 2  # every 4 of the 8 steps
+  # Before the last evaluation only the selection metric's protocol (unimodal) is computed.
+  assert len(scalars["recall/precision_at_1"]) == 1
   best = json.loads((run / "results.json").read_text())["best"]  # selected by that evaluator
   assert (best["selected_on"], best["metric"]) == ("recall", "unimodal_precision_at_1")
   assert best["value"] == pytest.approx(max(scalars["recall/unimodal_precision_at_1"]), rel=1e-6)

@@ -489,9 +489,13 @@ def test_early_stopping_after_evaluations_without_a_lower_loss(tmp_path, monkeyp
   results = train.train_and_evaluate(config, str(workdir))
   assert results["stopped_early"]
   assert results["epochs"] == 3  # stopped after two evaluations without a lower loss
-  evaluated = [json.loads(line)["epoch"] for line in open(workdir / "metrics.jsonl")
-               if json.loads(line)["split"] == "test"]
-  assert evaluated == [1, 2, 3]
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  evaluated = [r for r in records if r["split"] == "test"]
+  # Epochs 1-3 computed what selection needs (the paired protocol); the run's final evaluation,
+  # at epoch 3 too, computes both (the early stop made epoch 3 the last).
+  assert [r["epoch"] for r in evaluated] == [1, 2, 3, 3]
+  assert ["unimodal_map_average" in r for r in evaluated] == [False, False, False, True]
+  assert results["final"]["test"]["unimodal_map_average"] == evaluated[-1]["unimodal_map_average"]
 
 
 @pytest.mark.parametrize("missing_partner", ["self", "mean"])
@@ -511,6 +515,30 @@ def test_unimodal_embeddings_are_the_same_on_one_and_eight_devices(missing_partn
       emb[n, name] = np.asarray(out["unimodal_emb_visual"])
   for key in emb:  # bitwise: independent of the audio and of the device count
     np.testing.assert_array_equal(emb[key], emb[1, "audio"])
+
+
+def test_each_protocol_is_embedded_alone_and_equals_the_combined_pass():
+  config = tiny_config()
+  model, _, state = tiny_setup(config)
+  batch = random_batches(1, 16)[0]
+  source = input_pipeline.ArraySource(batch["visual"], batch["audio"], batch["label"],
+                                      np.arange(16))
+  mesh = mesh_of(2)
+  out, programs = {}, {}
+  for protocol in ("paired", "unimodal", "both"):
+    embed = train.make_embed_fn(model, mesh, protocol=protocol)
+    out[protocol] = train.embed_split(embed, state.variables, source, mesh=mesh, batch_size=8)
+    sharding = NamedSharding(mesh, P("data"))
+    programs[protocol] = embed.lower(state.variables, jax.device_put(batch["visual"], sharding),
+                                     jax.device_put(batch["audio"], sharding)).as_text()
+  assert set(out["paired"]) == {*train.PROTOCOL_KEYS["paired"], "label", "index"}
+  assert set(out["unimodal"]) == {*train.PROTOCOL_KEYS["unimodal"], "label", "index"}
+  for protocol in ("paired", "unimodal"):
+    for key, value in out[protocol].items():
+      np.testing.assert_allclose(value, out["both"][key], rtol=1e-5, atol=1e-6, err_msg=key)
+  # Each program computes only its protocol's outputs: fewer products than the combined pass.
+  dots = {p: programs[p].count("stablehlo.dot_general") for p in programs}
+  assert dots["unimodal"] < dots["both"] and dots["paired"] < dots["both"], dots
 
 
 def test_unimodal_recipe_is_independent_of_device_count():
@@ -541,7 +569,10 @@ def test_both_protocols_are_reported_and_selection_follows_the_metric(tmp_path):
   assert results["final"]["validation"]["num_examples"] == 25  # other splits: every item
   evals = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   chosen = [r for r in evals if r["split"] == "validation"]
-  assert all(k in r for r in chosen for k in keys)
+  # Each evaluation computes the selection's protocol (unimodal); the last one both.
+  assert all(k in r for r in chosen for k in keys if k.startswith("unimodal_"))
+  assert [all(k in r for k in keys) for r in chosen] == [False] * (len(chosen) - 1) + [True]
+  assert ["loss" in r for r in chosen] == [False] * (len(chosen) - 1) + [True]  # paired only
   best = max(chosen, key=lambda r: r["unimodal_map_average"])
   assert results["best"]["epoch"] == best["epoch"]
   assert results["best"]["metric"] == results["selection_metric"] == "unimodal_map_average"

@@ -246,7 +246,8 @@ class Loop:
     config, spe = self.config, run.steps_per_epoch
     self.total = config.num_epochs * spe
     self.step_fn = steps_lib.per_device_step(config, run.model, run.tx, loss_fn=run.loss_fn)
-    self.embed_fn = steps_lib.make_embed_fn(run.model, run.mesh)
+    self.embed_fns = {protocol: steps_lib.make_embed_fn(run.model, run.mesh, protocol=protocol)
+                      for protocol in steps_lib.PROTOCOLS}
     self.lr = learning_rate_schedule(config, spe)
     self.on_device = run_lib.resolve_on_device(config.data.on_device)
     self.evaluations = list(evaluations)
@@ -267,7 +268,9 @@ class Loop:
     self.new_best = self.stopping = False
     self.stopping_for: str | None = None
     self.saved_at: int | None = None
-    self._output_cache: dict[str, dict[str, np.ndarray]] = {}
+    self._output_cache: dict[str, tuple[set[str], dict[str, np.ndarray]]] = {}
+    self.final = False  # the boundary being run is the run's last evaluation
+    self.evaluated_final: set[str] = set()  # evaluators run with final=True at the last one
     self.compiled = False
 
   # -- data and steps ------------------------------------------------------------------------
@@ -372,7 +375,9 @@ class Loop:
     written and kept in ``last_evals``."""
     spec = action.spec
     ctx = evaluators_lib.EvalContext(run=self.run, state=self.state, step=step,
-                                     split=spec.split, _outputs=self._outputs)
+                                     split=spec.split, _outputs=self._outputs, final=self.final)
+    if self.final:
+      self.evaluated_final.add(spec.name)
     values = action.evaluator(ctx)
     try:
       values = {k: float(v) for k, v in values.items()}
@@ -392,13 +397,17 @@ class Loop:
     shown = [k for k in EVAL_KEYS if k in values] or list(values)[:6]
     log("%s %s %s", where, spec.name, actions_lib.fmt(values, shown))
 
-  def _outputs(self, split: str) -> dict[str, np.ndarray]:
-    cache = self._output_cache
-    if split not in cache:
-      cache[split] = steps_lib.embed_split(
-          self.embed_fn, self.state.variables, getattr(self.run.sources, split),
-          mesh=self.run.mesh, batch_size=self.config.eval_batch_size)
-    return cache[split]
+  def _outputs(self, split: str, protocol: str = "both") -> dict[str, np.ndarray]:
+    """The split's eval-mode outputs of ``protocol``, each protocol embedded once per step."""
+    done, out = self._output_cache.setdefault(split, (set(), {}))
+    missing = [p for p in steps_lib.protocols_of(protocol) if p not in done]
+    if missing:
+      out.update(steps_lib.embed_split(
+          self.embed_fns["both" if len(missing) == 2 else missing[0]], self.state.variables,
+          getattr(self.run.sources, split), mesh=self.run.mesh,
+          batch_size=self.config.eval_batch_size))
+      done.update(missing)
+    return out
 
   def select(self, step: int) -> None:
     """Updates the best-so-far and the early-stopping count from this step's evaluations."""
@@ -462,9 +471,14 @@ class Loop:
 
   # -- the run -------------------------------------------------------------------------------
 
-  def _at_boundary(self, step: int, *, only=None) -> None:
-    """Calls every action due at ``step`` (``only``: those, due or not), in order."""
+  def _at_boundary(self, step: int, *, only=None, final: bool | None = None) -> None:
+    """Calls every action due at ``step`` (``only``: those, due or not), in order.
+
+    ``final``: the evaluations are the run's last (default: at its last step).
+    """
     self.last_evals, self.new_best, self._output_cache = {}, False, {}
+    self.final = step >= self.total if final is None else final
+    self.evaluated_final = set()
     self.saved_at = None
     self.meta["step"], self.meta["epoch"] = step, step // self.run.steps_per_epoch
     for action in (only if only is not None else self.actions):
@@ -497,10 +511,11 @@ class Loop:
       log("early stopping after %s: %d evaluations without a lower %s loss",
           _where(step, run.steps_per_epoch), meta["evals_without_improvement"], run.selection)
     self.checkpointer.wait()  # results.json names only complete checkpoints
-    final_eval = dict(self.last_evals)
+    final_eval = {k: v for k, v in self.last_evals.items() if k in self.evaluated_final}
     missing = [e for e in self.evaluations if e.name not in final_eval]
-    if missing:  # a finished run resumed, or an early stop between other evaluators' steps
-      self._at_boundary(step, only=missing)
+    if missing:  # a finished run resumed, an early stop (its evaluations computed what
+      # selection needs; the final one computes everything), or between other evaluators' steps
+      self._at_boundary(step, only=missing, final=True)
       final_eval.update(self.last_evals)
     final_eval = {e.name: final_eval[e.name] for e in self.evaluations}
     results = self._results(final_eval, start_time)

@@ -252,30 +252,53 @@ def run_steps(step: Callable, state: TrainState, batches, *, steps: int, log_eve
   return state, jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *collected)
 
 
-EMBED_KEYS = ("emb_visual", "emb_audio", "logits_visual", "logits_audio",
-              "unimodal_emb_visual", "unimodal_emb_audio")
+# The outputs of each retrieval protocol: the paired pass (the paper's: each item with its
+# partner; the loss and the classifiers' accuracy need it too) and each modality alone.
+PROTOCOL_KEYS = {"paired": ("emb_visual", "emb_audio", "logits_visual", "logits_audio"),
+                 "unimodal": ("unimodal_emb_visual", "unimodal_emb_audio")}
+PROTOCOLS = ("paired", "unimodal", "both")
+EMBED_KEYS = PROTOCOL_KEYS["paired"] + PROTOCOL_KEYS["unimodal"]
 
 
-def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True) -> Callable:
+def protocols_of(protocol: str) -> tuple[str, ...]:
+  """``"both"`` -> ``("paired", "unimodal")``; one protocol -> itself."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+  return ("paired", "unimodal") if protocol == "both" else (protocol,)
+
+
+def make_embed_fn(model: DSF3N, mesh: Mesh, *, unimodal: bool = True,
+                  protocol: str | None = None) -> Callable:
   """Eval-mode forward of a batch sharded over ``data`` (same sharding).
 
-  Returns ``{EMBED_KEYS}``: the paired outputs and (``unimodal``) each
-  modality's embedding alone, in at least float32. Equal models (flax modules
-  compare by their fields) on the same mesh get the same jitted function, so a
-  grid of runs or repeated evaluations trace and compile it once.
+  Returns the outputs of ``protocol`` (``PROTOCOL_KEYS``), in at least float32:
+  ``"paired"`` one fusion pass per pair (``DSF3N.__call__``); ``"unimodal"``
+  each modality's embedding alone (``embed_visual`` / ``embed_audio``: one
+  fusion pass per item, no paired outputs); ``"both"`` the two from one pass of
+  the encoders. ``protocol`` None: ``"both"``, or ``"paired"`` with
+  ``unimodal=False``. Equal models (flax modules compare by their fields) on
+  the same mesh get the same jitted function, so a grid of runs or repeated
+  evaluations trace and compile it once.
   """
-  return _embed_fn(model, mesh, unimodal)
+  if protocol is None:
+    protocol = "both" if unimodal else "paired"
+  protocols_of(protocol)
+  return _embed_fn(model, mesh, protocol)
 
 
 @memoized
-def _embed_fn(model: DSF3N, mesh: Mesh, unimodal: bool) -> Callable:
+def _embed_fn(model: DSF3N, mesh: Mesh, protocol: str) -> Callable:
   def embed(variables, visual, audio):
-    if not unimodal:
+    if protocol == "paired":
       out = model.apply(variables, visual, audio, train=False)
+    elif protocol == "unimodal":
+      out = (model.apply(variables, visual, train=False, method="embed_visual"),
+             model.apply(variables, audio, train=False, method="embed_audio"))
     else:
       paired, alone = model.apply(variables, visual, audio, train=False, unimodal=True)
       out = (*paired, alone.emb_visual, alone.emb_audio)
-    return {k: _loss_precision(x) for k, x in zip(EMBED_KEYS, out)}
+    keys = sum((PROTOCOL_KEYS[p] for p in protocols_of(protocol)), ())
+    return {k: _loss_precision(x) for k, x in zip(keys, out)}
   mapped = jax.shard_map(embed, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS),
                          check_vma=False)
   return jax.jit(mapped)
@@ -290,13 +313,30 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 def embed_split(embed_fn: Callable, variables, source, *, mesh: Mesh,
                 batch_size: int) -> dict[str, np.ndarray]:
-  """Eval-mode outputs for every item of ``source``, in order, padding removed."""
+  """Eval-mode outputs for every item of ``source``, in order, padding removed.
+
+  Overlapped: batch i+1 is put on the devices and its forward dispatched
+  while batch i's outputs travel to the host (``copy_to_host_async``).
+  """
   parts: dict[str, list[np.ndarray]] = {}
-  for batch in input_pipeline.eval_batches(source, global_batch_size=batch_size, mesh=mesh):
-    out = embed_fn(variables, batch["visual"], batch["audio"])
-    keep = _gather(batch["mask"]) > 0
-    for key, value in (*out.items(), ("label", batch["label"]), ("index", batch["index"])):
+
+  def collect(out):
+    keep = _gather(out.pop("mask")) > 0
+    for key, value in out.items():
       parts.setdefault(key, []).append(_gather(value)[keep])
+
+  pending = None
+  for batch in input_pipeline.eval_batches(source, global_batch_size=batch_size, mesh=mesh):
+    out = {**embed_fn(variables, batch["visual"], batch["audio"]),
+           **{k: batch[k] for k in ("label", "index", "mask")}}
+    for value in out.values():
+      if value.is_fully_addressable:
+        value.copy_to_host_async()
+    if pending is not None:
+      collect(pending)
+    pending = out
+  if pending is not None:
+    collect(pending)
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -322,12 +362,15 @@ def loss_metrics(out: Mapping[str, np.ndarray], state: TrainState, *,
 def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
              config: ml_collections.ConfigDict, mesh: Mesh, split: str = "test",
              loss_fn: losses.LossFn | None = None,
-             outputs: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+             outputs: Mapping[str, np.ndarray] | None = None,
+             protocol: str = "both") -> dict[str, float]:
   """Loss parts, accuracy and mAP (A->V, V->A, average) on every item of a split.
 
-  Both retrieval protocols: ``map_*`` embeds each item with its paired item
-  of the other modality (the paper's); ``unimodal_map_*`` embeds each item
-  from its own modality alone (``DSF3N.embed_visual`` / ``embed_audio``).
+  The retrieval protocols of ``protocol`` (paired, unimodal or both):
+  ``map_*`` embeds each item with its paired item of the other modality (the
+  paper's), with the loss parts and accuracies of those outputs;
+  ``unimodal_map_*`` embeds each item from its own modality alone
+  (``DSF3N.embed_visual`` / ``embed_audio``).
   The loss (of the paired outputs) is computed on the whole split at once
   (centre-loss class counts over the split), with the current centres;
   ``loss_fn`` None: the terms of ``config.loss`` (pass one function to every call: its
@@ -347,8 +390,11 @@ def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
       raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
                        f"{len(out['label'])} test items: the original would evaluate none")
     out = {k: v[:count] for k, v in out.items()}
-  result = loss_metrics(out, state, loss_fn=loss_fn or losses.loss_from_config(config.loss))
-  for prefix in ("", "unimodal_"):
+  wanted = protocols_of(protocol)
+  result = {}
+  if "paired" in wanted:
+    result = loss_metrics(out, state, loss_fn=loss_fn or losses.loss_from_config(config.loss))
+  for prefix in ({"paired": "", "unimodal": "unimodal_"}[p] for p in wanted):
     maps = metrics.cross_modal_map(out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"],
                                    out["label"], distance=config.metric.distance,
                                    k=config.metric.k or None)
