@@ -129,7 +129,7 @@ def jax_setup(params: Mapping[str, Any], *, batch_size: int, dtype: str = "float
   import jax
 
   from dsf3n_jax import train
-  cfg = import_config().get_config()
+  cfg = import_config().get_config(params.get("variants"))  # e.g. "unimodal": that recipe
   cfg.batch_size = batch_size
   cfg.model.dtype = dtype
   for key, value in (params.get("model") or {}).items():

@@ -17,7 +17,7 @@ EPOCH_NAMES = {"scan": "JAX on-device epoch (lax.scan), 1 device",
                "streaming": "JAX streamed epoch (TrainLoader + jitted step), 1 device"}
 PROFILE_TOP = 15
 # The targets for the 2-core CPU (batch 128, float32).
-TARGETS = {"jax_samples_per_s": 180.0, "fraction_of_matmul_peak": 0.8,
+TARGETS = {"jax_samples_per_s": 180.0, "fraction_of_matmul_peak": 0.75,
            "speedup_vs_original": 25.0, "speedup_vs_best_pytorch": 1.4,
            "map_speedup_vs_original": 100.0}
 
@@ -36,6 +36,7 @@ def _train_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
   labels = {
       ("jax_train", "float32", "one"): "JAX jit, 1 device",
       ("jax_train", "bfloat16", "one"): "JAX jit, 1 device, bf16 compute",
+      ("jax_train", "unimodal_recipe", "one"): "JAX jit, 1 device, the :unimodal recipe's step",
       ("jax_train", "float32", "all"): "JAX data-parallel, all local devices",
       ("torch_train", "bilinear", "eager"): "PyTorch eager, nn.Bilinear (original code path)",
       ("torch_train", "einsum", "eager"): "PyTorch eager, einsum bilinear",
@@ -53,7 +54,8 @@ def _train_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
               + (" (one CPU split into forced host devices)" if forced else ""))
     rows.append({"id": job_id, "name": name, "framework": parts[0].split("_")[0],
                  "batch": int(parts[3]),
-                 "dtype": parts[1] if parts[0] == "jax_train" else "float32",
+                 "dtype": r.get("dtype", "float32"),
+                 "flops_per_sample": r.get("flops_per_sample"),
                  "samples_per_s": r.get("samples_per_s"),
                  "compile_s": r.get("compile_s", r.get("first_call_s")),
                  "host_peak_mib": _mib(r.get("host_peak_bytes")),
@@ -85,9 +87,10 @@ def _flops(doc, rows) -> dict[str, Any]:
          "peak_bfloat16_gflops": peak.get("peak_bfloat16_gflops"), "rows": []}
   for r in rows:
     rate = _median(r["samples_per_s"])
-    if rate is None or out["flops_per_sample"] is None:
+    flops = r.get("flops_per_sample") or out["flops_per_sample"]  # PyTorch: the same model's
+    if rate is None or flops is None:
       continue
-    gflops = rate * out["flops_per_sample"] / 1e9
+    gflops = rate * flops / 1e9
     peak_key = "peak_bfloat16_gflops" if r["dtype"] == "bfloat16" else "peak_float32_gflops"
     r["achieved_gflops"] = gflops
     r["fraction_of_peak"] = gflops / out[peak_key] if out[peak_key] else None
@@ -171,6 +174,7 @@ def _epoch(doc, rows) -> dict[str, Any]:
                  device_put_s=e.get("device_put_s"), evaluation_s=ev.get("evaluate_s"),
                  evaluation_first_call_s=ev.get("first_call_s"), embed_s=ev.get("embed_s"),
                  evaluation_examples=ev.get("examples"), evaluation_error=ev.get("error"),
+                 evaluation_protocols=ev.get("protocols"),
                  recipe=e["recipe"])
       out["recipe_epochs"] = e["recipe"]["epochs"]
     out["rows"].append(row)

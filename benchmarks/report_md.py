@@ -75,6 +75,21 @@ def _epoch_markdown(e: Mapping[str, Any]) -> list[str]:
                   if r.get("loader_epoch_s") is not None)
         + " PyTorch rows: the recipe's samples over the PyTorch step rate (no evaluation).")
     lines.append("")
+    pr = next((r["evaluation_protocols"] for r in e["rows"] if r.get("evaluation_protocols")),
+              None)
+    if pr:
+      lines += _table(("evaluation of the test split", "s", "x one paired pass"), [
+          ("paired embedding pass", _f(pr["embed_paired_s"]), "1"),
+          ("unimodal embedding pass (each modality alone)", _f(pr["embed_unimodal_s"]),
+           _f(pr["embed_unimodal_over_paired_pass"])),
+          ("both protocols, one pass", _f(pr["embed_both_s"]),
+           _f(pr["embed_both_over_paired_pass"])),
+          ("intermediate evaluation, paper's recipe (paired: loss, mAP)",
+           _f(pr["selection_evaluation_s"]), _f(pr["selection_evaluation_over_paired_pass"])),
+          ("intermediate evaluation, :unimodal recipe (mAP alone)",
+           _f(pr["unimodal_evaluation_s"]), _f(pr["unimodal_evaluation_over_paired_pass"])),
+          ("last evaluation (both protocols)", _f(pr["final_evaluation_s"]),
+           _f(pr["final_evaluation_over_paired_pass"]))])
   return lines
 
 

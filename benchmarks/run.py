@@ -98,6 +98,10 @@ def _training_jobs(add, p, *, common, slow, allocator: str, dp_devices, weights:
     if p["bf16"]:
       add(f"jax_train/bfloat16/one/{b}", "jax_train",
           {**common, "batch_size": b, "dtype": "bfloat16", "devices": "one"})
+    if b == p["train_batches"][0]:  # what users of the deployable protocol train
+      add(f"jax_train/unimodal_recipe/one/{b}", "jax_train",
+          {**common, "batch_size": b, "dtype": "float32", "devices": "one",
+           "variants": "unimodal"})
     if p["data_parallel"]:
       add(f"jax_train/float32/all/{b}", "jax_train",
           {**common, "batch_size": b, "dtype": "float32", "devices": "all"},

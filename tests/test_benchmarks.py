@@ -34,7 +34,8 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert "torch.get_num_threads" in sec["machine"]["threads"]
   rows = {r["id"]: r for r in sec["train_step"]}
   for prefix in ("jax_train/float32/one/", "jax_train/float32/all/",
-                 "torch_train/bilinear/eager/", "torch_train/einsum/eager/", "epoch"):
+                 "jax_train/unimodal_recipe/one/", "torch_train/bilinear/eager/",
+                 "torch_train/einsum/eager/", "epoch"):
     row = next(r for k, r in rows.items() if k.startswith(prefix))
     st = row["samples_per_s"]
     assert st["n"] >= 1 and 0 < st["min"] <= st["median"] <= st["max"], (prefix, st)
@@ -47,6 +48,15 @@ def test_smoke_run_writes_every_section(tmp_path):
   for row in epochs.values():
     assert row["steps"] >= 1 and row["compile_s"] > 0 and row["evaluation_s"] > 0, row
     assert 0 < row["recipe"]["train_s"] < row["recipe"]["total_s"], row["recipe"]
+    protocols = row["evaluation_protocols"]  # each protocol's pass and the runs' evaluations
+    for key in ("embed_paired_s", "embed_unimodal_s", "embed_both_s", "selection_evaluation_s",
+                "unimodal_evaluation_s", "final_evaluation_s"):
+      assert protocols[key] > 0, (key, protocols)
+    assert protocols["embed_both_over_paired_pass"] == pytest.approx(
+        protocols["embed_both_s"] / protocols["embed_paired_s"])
+  uni = next(r for k, r in rows.items() if k.startswith("jax_train/unimodal_recipe/"))
+  default_step = next(r for k, r in rows.items() if k.startswith("jax_train/float32/one/"))
+  assert uni["flops_per_sample"] > default_step["flops_per_sample"]  # its own FLOPs
   prof = sec["profile"]
   assert "error" not in prof, prof
   assert prof["wall_s"]["median"] > 0 and prof["op_flops_per_step"] > 0
