@@ -128,6 +128,32 @@ def test_a_one_device_mesh_has_no_collectives():
   assert "all_reduce" in hlo(2)
 
 
+def test_bf16_compute_casts_each_weight_matrix_once_per_step_and_accumulates_in_f32():
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  model, tx, state0 = tiny_setup(config)
+  cast = steps_lib.cast_for_compute(state0.params, model.dtype)
+  kernel = cast["fusion"]["mfa"]["bilinear"]["kernel"]
+  assert kernel.dtype == jnp.bfloat16 and kernel.ndim == 3
+  assert cast["visual_fine_grained"]["bn"]["bias"].dtype == jnp.float32  # vectors stay
+  assert steps_lib.cast_for_compute(state0.params, jnp.float32) is state0.params
+  step_fn = train.per_device_step(config, model, tx)
+  mesh = mesh_of(1)
+  batch = random_batches(1, 16)[0]
+  text = train.make_train_step(step_fn, mesh).lower(
+      jax.device_put(state0, NamedSharding(mesh, P())),
+      jax.device_put(batch, NamedSharding(mesh, P("data")))).as_text()
+  shape = "x".join(map(str, kernel.shape))
+  casts = re.findall(rf"stablehlo.convert %\S+ : \(tensor<{shape}xf32>\) -> "
+                     rf"tensor<{shape}xbf16>", text)
+  assert len(casts) == 1, casts  # the shared MFA's kernel, used by both stages
+  # The products take bf16 operands and accumulate in float32.
+  assert re.search(r"dot_general.*: \(tensor<[0-9x]+xbf16>, tensor<[0-9x]+xbf16>\) -> "
+                   r"tensor<[0-9x]+xf32>", text)
+  state, hist = run_steps(step_fn, state0, [batch], 1)
+  assert np.isfinite(hist[0]["loss"]) and state.params["fusion"]["mfa"]["bilinear"][
+      "kernel"].dtype == jnp.float32
+
+
 def test_dropout_masks_depend_on_step_and_example():
   config = tiny_config()
   model, tx, state0 = tiny_setup(config)

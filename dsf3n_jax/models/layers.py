@@ -58,12 +58,30 @@ def torch_bias_init(fan_in: int):
   return uniform_init(1.0 / math.sqrt(fan_in))
 
 
+def _accumulating(op):
+  """``op`` (``lax.dot_general`` / ``conv_general_dilated``) accumulating in at least float32,
+  its result in the operands' dtype: with bf16 operands, the native bf16 x bf16 -> f32
+  product of accelerators and of CPUs with AMX/AVX512-BF16, instead of an emulated bf16
+  output; float32 and float64 products are unchanged."""
+  @functools.wraps(op)
+  def accumulate(lhs, rhs, *args, preferred_element_type=None, **kwargs):
+    del preferred_element_type
+    out = op(lhs, rhs, *args, preferred_element_type=jnp.promote_types(lhs.dtype, jnp.float32),
+             **kwargs)
+    return out.astype(lhs.dtype)
+  return accumulate
+
+
+dot_general = _accumulating(jax.lax.dot_general)
+conv_general_dilated = _accumulating(jax.lax.conv_general_dilated)
+
+
 def dense(features: int, fan_in: int, *, use_bias: bool = True, dtype=None,
           param_dtype=jnp.float32, name: str | None = None) -> nn.Dense:
-  """``nn.Dense`` initialised like ``torch.nn.Linear``."""
+  """``nn.Dense`` initialised like ``torch.nn.Linear`` (products accumulated in float32)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in),
-                  name=name)
+                  dot_general=dot_general, name=name)
 
 
 class BatchNorm(nn.Module):
@@ -146,7 +164,12 @@ def bilinear(x: Array, z: Array, kernel: Array, precision: Any = None) -> Array:
   """
   (in1, in2, out), batch = kernel.shape, x.shape[0]
   outer = (x[:, :, None] * z[:, None, :]).reshape(batch, in1 * in2)
-  return jnp.dot(outer, kernel.reshape(in1 * in2, out), precision=precision)
+  return _dot(outer, kernel.reshape(in1 * in2, out), precision)
+
+
+def _dot(a: Array, b: Array, precision: Any) -> Array:
+  """``a @ b`` accumulated in at least float32 (``dot_general``), in the operands' dtype."""
+  return dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
 def _bilinear_fwd(x, z, kernel, precision):
@@ -157,8 +180,8 @@ def _bilinear_bwd(precision, residuals, dy):
   x, z, kernel = residuals
   (in1, in2, out), batch = kernel.shape, x.shape[0]
   outer_t = (x.T[:, None, :] * z.T[None, :, :]).reshape(in1 * in2, batch)
-  dkernel = jnp.dot(outer_t, dy, precision=precision).reshape(in1, in2, out)
-  douter = jnp.dot(dy, kernel.reshape(in1 * in2, out).T, precision=precision)
+  dkernel = _dot(outer_t, dy, precision).reshape(in1, in2, out)
+  douter = _dot(dy, kernel.reshape(in1 * in2, out).T, precision)
   douter = douter.reshape(batch, in1, in2)
   dx = jnp.einsum("bij,bj->bi", douter, z, precision=precision)
   dz = jnp.einsum("bij,bi->bj", douter, x, precision=precision)
@@ -250,5 +273,6 @@ def conv1d(features: int, kernel_size: int, in_features: int, *, stride: int = 1
   if isinstance(padding, int):
     padding = [(padding, padding)]
   return nn.Conv(features, (kernel_size,), strides=(stride,), padding=padding, dtype=dtype,
-                 param_dtype=param_dtype, kernel_init=torch_kernel_init(),
+                 param_dtype=param_dtype, conv_general_dilated=conv_general_dilated,
+                 kernel_init=torch_kernel_init(),
                  bias_init=torch_bias_init(in_features * kernel_size), name=name)

@@ -43,6 +43,17 @@ def _loss_precision(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def cast_for_compute(params, dtype):
+  """The weight matrices (and convolution kernels) of ``params`` in a compute ``dtype``
+  narrower than float32, once per step: a module casts its kernel at every use (the shared
+  MFA's bilinear kernel, 16.8 M values, several times a step), and the cast of one copy is
+  what the gradient flows back through. Vectors (biases, BatchNorm's scale and bias) and
+  float32/float64 compute stay as they are."""
+  if dtype is None or jnp.dtype(dtype).itemsize >= 4:
+    return params
+  return jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 else p, params)
+
+
 def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
                tx: optax.GradientTransformation, loss_fn: losses.LossFn,
                unimodal_weight: float = 0.0, unimodal_loss_fn: losses.LossFn | None = None,
@@ -68,7 +79,8 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
 
   def objective(trainable):
     outputs, mutated = model.apply(
-        {"params": trainable["net"], "batch_stats": state.batch_stats},
+        {"params": cast_for_compute(trainable["net"], getattr(model, "dtype", None)),
+         "batch_stats": state.batch_stats},
         batch["visual"], batch["audio"], train=True, example_ids=example_ids,
         rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal)
     outputs = jax.tree.map(_loss_precision, outputs)
