@@ -13,7 +13,6 @@ from typing import Any
 from benchmarks import sysinfo
 from benchmarks.cases_train import compiled_step
 from benchmarks.harness import (
-  flops_of,
   host_peak_bytes,
   rates,
   repeat,
@@ -56,7 +55,7 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
 
   batch_size, dtype = int(params["batch_size"]), params.get("dtype", "float32")
   steps = int(params.get("steps", 5))
-  compiled, state, batch, compile_s, devices = compiled_step(params, devices="one")
+  compiled, state, batch, compile_s, devices, flops = compiled_step(params, devices="one")
   text = compiled.as_text()
   module = re.match(r"HloModule\s+([\w.\-]+)", text).group(1)
   instrs, computations = parse_hlo(text)
@@ -95,7 +94,7 @@ def case_jax_profile(params: Mapping[str, Any]) -> dict[str, Any]:
   cores = sysinfo.usable_cores()
   return {"batch_size": batch_size, "dtype": dtype, "device_kind": devices[0].device_kind,
           "module": module, "compile_s": compile_s, "steps_traced": n, "cores": cores,
-          "threads": len(threads), "flops_per_step": flops_of(compiled),
+          "threads": len(threads), "flops_per_step": flops,
           "op_flops_per_step": sum(o["flops"] for o in ops),
           "wall_s": stats(wall), "traced_wall_s": stats(traced), "span_s": stats(span_s),
           "busy_s": stats(busy_s), "cpu_s": stats(cpu_s),
