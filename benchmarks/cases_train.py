@@ -163,19 +163,20 @@ def _recipe_evaluations(num_epochs: int, eval_every: int) -> int:
 
 def _time_evaluation(cfg, model, state, mesh, params: Mapping[str, Any]) -> dict[str, Any]:
   """``train.evaluate`` (embed, loss, both mAPs) on a VEGAS-sized synthetic test split."""
-  from dsf3n_jax import input_pipeline, train
+  from dsf3n_jax import input_pipeline, losses, train
   n = int(params["eval_examples"])
   test = synthetic_batch(n, seed=2)
   source = input_pipeline.ArraySource(test["visual"], test["audio"], test["label"])
   cfg.eval_batch_size = int(params.get("eval_batch_size", cfg.eval_batch_size))
   embed_fn = train.make_embed_fn(model, mesh)
+  loss_fn = losses.loss_from_config(cfg.loss)  # one per run, as training has (Run.eval_loss_fn)
   out: dict[str, Any] = {"examples": n, "batch_size": cfg.eval_batch_size}
   try:
     t0 = time.perf_counter()
-    train.evaluate(embed_fn, state, source, config=cfg, mesh=mesh)
+    train.evaluate(embed_fn, state, source, config=cfg, mesh=mesh, loss_fn=loss_fn)
     out["first_call_s"] = time.perf_counter() - t0  # compiles the embedding and the mAP
     t0 = time.perf_counter()
-    result = train.evaluate(embed_fn, state, source, config=cfg, mesh=mesh)
+    result = train.evaluate(embed_fn, state, source, config=cfg, mesh=mesh, loss_fn=loss_fn)
     out["evaluate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     train.embed_split(embed_fn, state.variables, source, mesh=mesh,
@@ -196,7 +197,8 @@ def _time_protocols(cfg, model, state, mesh, source) -> dict[str, Any]:
   under the :unimodal recipe's (each modality alone, its mAP); ``final_evaluation_s``: both
   protocols (the last evaluation). Ratios are to the paired embedding pass.
   """
-  from dsf3n_jax import train
+  from dsf3n_jax import losses, train
+  loss_fn = losses.loss_from_config(cfg.loss)  # one function: its compiled form is reused
   out: dict[str, Any] = {}
   for protocol in ("paired", "unimodal", "both"):
     embed_fn = train.make_embed_fn(model, mesh, protocol=protocol)
@@ -210,12 +212,12 @@ def _time_protocols(cfg, model, state, mesh, source) -> dict[str, Any]:
       if evaluated != protocol:
         continue
       train.evaluate(None, state, source, config=cfg, mesh=mesh, outputs=outputs,
-                     protocol=protocol)  # compiles the split's loss and mAP
+                     protocol=protocol, loss_fn=loss_fn)  # compiles the split's loss and mAP
       t0 = time.perf_counter()
       outputs = train.embed_split(embed_fn, state.variables, source, mesh=mesh,
                                   batch_size=cfg.eval_batch_size)
       train.evaluate(None, state, source, config=cfg, mesh=mesh, outputs=outputs,
-                     protocol=protocol)
+                     protocol=protocol, loss_fn=loss_fn)
       out[f"{name}_evaluation_s"] = time.perf_counter() - t0
   paired = out["embed_paired_s"]
   for key in [k for k in out if k.endswith("_s") and k != "embed_paired_s"]:
