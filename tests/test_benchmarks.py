@@ -278,3 +278,10 @@ def test_the_search_benchmark_writes_every_row(tmp_path):
     assert row["exact_s"] > 0 and 0 < row["roofline_fraction"] and row["speedup_over_numpy"] > 0
   assert doc["build"]["build_from_embeddings_items_per_s"] > 0
   assert "| 1,000 |" in (tmp_path / doc_path.name.replace(".json", ".md")).read_text()
+
+
+def test_the_bilinear_benchmark_times_each_block_size(tmp_path):
+  from benchmarks import bilinear
+  rows = bilinear.measure(8, [0, 4], dim=8, repeats=1)
+  assert [r["block"] for r in rows] == [0, 4]
+  assert all(r["forward_ms"] > 0 and r["forward_backward_gflops"] > 0 for r in rows)
