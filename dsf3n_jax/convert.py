@@ -18,7 +18,12 @@ Command line::
 
   python -m dsf3n_jax.convert in.pth out_dir               # torch -> a run in out_dir (orbax)
   python -m dsf3n_jax.convert in.pth out_dir --format npz  # torch -> out_dir/variables.npz
+  python -m dsf3n_jax.convert --to_torch RUN_DIR out.pth [--checkpoint best|latest]  # a run
   python -m dsf3n_jax.convert --to_torch in.npz out.pth [--num_batches_tracked STEPS]  # back
+
+``--to_torch RUN_DIR`` exports a training run (its best checkpoint by default) as a
+``.pth`` that the original's ``CrossModal_NN`` loads with ``strict=True``, every
+BatchNorm's ``num_batches_tracked`` the checkpoint's step.
 
 The default writes ``out_dir`` as a training workdir: ``config.json`` and the
 weights as the orbax checkpoint ``out_dir/checkpoints/0`` (``train.restore_model``,
@@ -86,9 +91,17 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Also accepts a dict holding the state dict under ``state_dict`` or
   ``model_state_dict``. Needs torch.
   """
+  import pickle
+  import zipfile
+
   import torch
 
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path}: not a PyTorch state dict file (.pth) that torch.load reads with "
+                     f"weights_only=True: {first}") from None
   if isinstance(obj, Mapping):
     for name in ("state_dict", "model_state_dict"):
       if isinstance(obj.get(name), Mapping):
@@ -104,8 +117,16 @@ def save_torch_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike
 
   import torch
 
-  torch.save(collections.OrderedDict(
-      (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items()), path)
+  # np.array(order="C") keeps a scalar a scalar (np.ascontiguousarray makes it shape (1,)).
+  tensors = collections.OrderedDict(
+      (k, torch.from_numpy(np.array(v, order="C"))) for k, v in state_dict.items())
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # complete or absent, never half
+  try:
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 def _write_npz(variables: Mapping[str, Any], out_dir: pathlib.Path,
@@ -140,6 +161,21 @@ def _fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
               fusion_kw=dict(num_stages=0 if args.no_mfa else 2, variant=args.mfa_variant))
 
 
+def _run_variables(workdir: pathlib.Path, which: str) -> tuple[dict[str, Any], int]:
+  """The variables of a training run's ``which`` checkpoint and its step; the run's model
+  must be the reference composition (``check_reference_model``)."""
+  from dsf3n_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  model, variables, _ = train.restore_model(str(workdir), which=which)
+  check_reference_model(model)
+  state = checkpoints.Checkpointer(workdir, read_only=True)
+  try:
+    number = state.best_step() if which == "best" else state.latest_step()
+    step = state.read_meta(step=number).get("step", 0)  # older runs' checkpoints: epochs
+  finally:
+    state.close()
+  return variables, int(step)
+
+
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   """Command-line entry point; returns the path written.
 
@@ -151,12 +187,17 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   """
   parser = argparse.ArgumentParser(prog="python -m dsf3n_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help="a .pth state dict (or, with --to_torch, an .npz)")
+  parser.add_argument("src", help="a .pth state dict (or, with --to_torch, a training run's "
+                      "folder or a variables .npz)")
   parser.add_argument("dst", help="output folder (or, with --to_torch, the .pth file)")
-  parser.add_argument("--to_torch", action="store_true", help="npz -> .pth instead")
-  parser.add_argument("--num_batches_tracked", type=int, default=0,
+  parser.add_argument("--to_torch", action="store_true",
+                      help="a run (or .npz) -> .pth instead")
+  parser.add_argument("--checkpoint", default="best", choices=("best", "latest"),
+                      help="with --to_torch of a run: which of its checkpoints (default best)")
+  parser.add_argument("--num_batches_tracked", type=int, default=None,
                       help="with --to_torch: every BatchNorm's num_batches_tracked, i.e. the "
-                      "number of training steps of the run the weights come from (default 0)")
+                      "number of training steps of the run the weights come from (default: "
+                      "the checkpoint's step for a run, 0 for an .npz)")
   parser.add_argument("--format", default="orbax", choices=sorted(WRITERS),
                       help="torch -> flax output: orbax (a workdir that training resumes and "
                       "retrieve/visualize read) or npz")
@@ -170,13 +211,21 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   args = parser.parse_args(argv)
 
   src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
+  if args.to_torch and src.is_dir():
+    variables, step = _run_variables(src, args.checkpoint)
+    tracked = step if args.num_batches_tracked is None else args.num_batches_tracked
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_checkpoint(to_torch_state_dict(variables, num_batches_tracked=tracked), dst)
+    return dst
   if not src.is_file():
-    parser.error(f"src: no such file {src}")
+    parser.error(f"src: no such file {src}" + (" (a training run's folder, or a variables "
+                                                 ".npz, with --to_torch)" if args.to_torch
+                                                 else ""))
   if args.to_torch:
     variables = load_npz(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_torch_checkpoint(
-        to_torch_state_dict(variables, num_batches_tracked=args.num_batches_tracked), dst)
+        to_torch_state_dict(variables, num_batches_tracked=args.num_batches_tracked or 0), dst)
     return dst
 
   state_dict = load_torch_checkpoint(src)

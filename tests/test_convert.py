@@ -1,5 +1,6 @@
 """dsf3n_jax.convert: key names, layouts, round trips, errors, and the command line."""
 
+import json
 import pathlib
 import sys
 
@@ -270,3 +271,48 @@ def test_command_line_refuses_a_pickle_in_one_error_line(bad_npz_files, tmp_path
     assert len(lines) == 1 and lines[0].startswith(f"error: {src}: "), lines
     assert "expected a variables .npz of arrays" in lines[0] and "allow_pickle" not in lines[0]
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_trained_run_exports_to_pytorch_scalars_as_scalars_and_converts_back(tmp_path):
+  """Run -> .pth (the original's CrossModal_NN loads it strictly) -> flax: shapes compared
+  exactly (torch accepts (1,) for a scalar and numpy broadcasts; neither hides it here)."""
+  from dsf3n_jax import train
+  from tests.test_train import tiny_config
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(**{"num_epochs": 1, "eval_every_epochs": 1}), str(run))
+  pth = convert.main(["--to_torch", str(run), str(tmp_path / "run.pth")])
+  saved = torch.load(pth, weights_only=True)
+  _, variables, config = train.restore_model(str(run), which="best")
+  expected = convert.to_torch_state_dict(variables, num_batches_tracked=6)
+  assert set(saved) == set(expected)
+  for k, v in expected.items():
+    assert tuple(saved[k].shape) == tuple(np.shape(v)), k
+  assert tuple(saved["MmFA.t_c"].shape) == ()
+  assert int(saved["visual_fine_grained_feature.BN.num_batches_tracked"]) == 6  # the step
+  del config
+  fields = json.loads((run / "config.json").read_text())["model"]  # as the run recorded it
+  torch_fields = ("visual_dim", "audio_dim", "encoder_features", "kernel_sizes",
+                  "stem_features", "stem_kernel", "stem_stride", "stem_padding",
+                  "branch_features", "fusion_kw", "head_kw", "classifier_kw", "embed_dim")
+  net = torch_dsf3n.CrossModalNN(fields["num_classes"],
+                                 **{k: fields[k] for k in torch_fields})
+  net.load_state_dict(saved, strict=True)
+  back = convert.from_torch_state_dict(convert.load_torch_checkpoint(pth),
+                                       model=train.build_model(fields, axis_name=None))
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
+    assert np.shape(a) == np.shape(b)
+    np.testing.assert_array_equal(a, b)
+  latest = convert.main(["--to_torch", str(run), str(tmp_path / "latest.pth"), "--checkpoint",
+                         "latest"])
+  assert latest.exists()
+
+
+def test_a_file_that_is_not_a_pth_is_one_error_line(tmp_path):
+  bad = tmp_path / "features.npz"
+  np.savez(bad, x=np.zeros(3))
+  with pytest.raises(ValueError,
+                     match=r"features.npz: not a PyTorch state dict file \(.pth\)") as e:
+    convert.load_torch_checkpoint(bad)
+  assert "\n" not in str(e.value)
+  with pytest.raises(SystemExit):  # a missing run folder or file: argparse's one line
+    convert.main(["--to_torch", str(tmp_path / "absent"), str(tmp_path / "x.pth")])
