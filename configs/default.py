@@ -6,6 +6,7 @@ The fields themselves are declared in ``dsf3n_jax.config_schema``.
 """
 
 VARIANTS = ("runlocal", "tiny", "small", "unimodal")
+EXCLUSIVE = (("tiny", "small"),)  # variants that set the same fields to other values
 _TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -13,7 +14,8 @@ def parse_variants(arg):
   """'a,b=false' -> {'a': True, 'b': False}: each variant is a boolean switch.
 
   A bare name or ``name=true|1|yes|on`` turns it on, ``name=false|0|no|off``
-  off; an unknown name or any other value is a ``ValueError``.
+  off; an unknown name, any other value, a variant given twice or two exclusive
+  ones (``EXCLUSIVE``) is a ``ValueError``.
   """
   out = {}
   for item in (arg or "").split(","):
@@ -26,7 +28,14 @@ def parse_variants(arg):
       raise ValueError(f"--config variant {key!r} unknown; known: {', '.join(VARIANTS)}")
     if value not in _TRUE + _FALSE:
       raise ValueError(f"--config variant {key}={value!r}: expected true or false")
+    if key in out:
+      raise ValueError(f"--config variant {key!r} given twice in {arg!r}: give it once")
     out[key] = value in _TRUE
+  for group in EXCLUSIVE:
+    on = [k for k in group if out.get(k)]
+    if len(on) > 1:
+      raise ValueError(f"--config variants {' and '.join(on)} exclude each other (each sets "
+                       f"the model's sizes): choose one")
   return out
 
 

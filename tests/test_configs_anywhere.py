@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 
+from configs import default
 from dsf3n_jax import cli
 from tests.test_train import xla_flags
 
@@ -143,3 +144,15 @@ def test_a_tiny_run_with_an_absolute_config_path_from_another_directory(tmp_path
   assert (saved["num_epochs"], saved["data"]["name"], saved["model"]["embed_dim"]) == (
       1, "synthetic", 16)
   assert (workdir / "results.json").exists()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("tiny,small", "--config variants tiny and small exclude each other"),
+    ("runlocal=False,runlocal", "--config variant 'runlocal' given twice"),
+    ("tiny,tiny", "--config variant 'tiny' given twice"),
+])
+def test_contradictory_variants_are_refused(arg, message):
+  with pytest.raises(ValueError, match=message):
+    default.get_config(arg)
+  assert default.parse_variants("tiny,small=false,runlocal") == {
+      "tiny": True, "small": False, "runlocal": True}
