@@ -316,12 +316,11 @@ def markdown(doc: dict[str, Any]) -> str:
 def write_files(out_dir: pathlib.Path, stem: str, doc: dict[str, Any],
                 text: str) -> list[pathlib.Path]:
   """``<stem>.json`` (``doc``) and ``<stem>.md`` (``text``), each replaced atomically."""
+  from dsf3n_jax.paths import atomic_write  # unique temporary names: writers never collide
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
   for path, content in zip(paths, (json.dumps(doc, indent=1, default=str), text)):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(content)
-    tmp.replace(path)
+    atomic_write(path, content)
   return paths
 
 

@@ -83,10 +83,9 @@ def main(argv=None) -> pathlib.Path:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"bilinear-{args.rows}.json"
-  tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
-  tmp.write_text(json.dumps({"rows": args.rows, "device": jax.devices()[0].device_kind,
-                             "results": rows}, indent=2) + "\n")
-  tmp.replace(path)
+  from dsf3n_jax.paths import atomic_write
+  atomic_write(path, json.dumps({"rows": args.rows, "device": jax.devices()[0].device_kind,
+                                 "results": rows}, indent=2) + "\n")
   print(f"wrote {path}")
   return path
 

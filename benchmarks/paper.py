@@ -54,6 +54,7 @@ from benchmarks.paper_report import (
     ordering,
     write,
 )
+from dsf3n_jax.training.workdir import WorkdirLock
 
 RESULTS = accuracy.RESULTS
 DIRECTIONS = accuracy.DIRECTIONS
@@ -338,6 +339,18 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
                      f"{', '.join(r.key for r in planned)}")
   stem = f"paper-{name}" + ("-quick" if quick else "")
   out_dir.mkdir(parents=True, exist_ok=True)
+  # One writer per report: a second run into the same folder and report is refused.
+  lock = WorkdirLock(out_dir, name=f".{stem}.lock", flag="--out")
+  lock.acquire()
+  try:
+    return _run_rows(data, name, stem, planned, rows, seeds=seeds, quick=quick,
+                     out_dir=out_dir, budget=budget, figures=figures, command=command, log=log)
+  finally:
+    lock.release()
+
+
+def _run_rows(data, name, stem, planned, rows, *, seeds, quick, out_dir, budget, figures,
+              command, log) -> dict[str, Any]:
   earlier = load_previous(out_dir / f"{stem}.json")
   previous = {r["key"]: r for r in earlier.get("rows", []) if not r.get("error")}
   base = base_config(data, unimodal=False, **budget)

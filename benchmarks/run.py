@@ -309,11 +309,10 @@ def _resolve_allocator(allocator: str, *, in_process: bool) -> str:
 def _write(document: Mapping[str, Any], out_dir: pathlib.Path, slug: str) -> list[str]:
   """``<slug>.json`` and ``<slug>.md``, each written whole (a temporary file renamed)."""
   json_path, md_path = out_dir / f"{slug}.json", out_dir / f"{slug}.md"
+  from dsf3n_jax.paths import atomic_write
   for path, text in ((json_path, json.dumps(document, indent=1, default=str)),
                      (md_path, report_md.markdown(document))):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text)
   return [str(json_path), str(md_path)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 
 from etils import epath
 
@@ -13,9 +14,14 @@ def is_local(path) -> bool:
 
 
 def atomic_write(path: epath.Path, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``."""
+  """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``.
+
+  The temporary name is unique to this call (process id and a random token), so two
+  writers of one file never rename each other's half-written file: the last rename wins,
+  and the file is always one whole version.
+  """
   path = epath.Path(path)
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  tmp = path.parent / f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}"
   with tmp.open("w") as f:
     f.write(text)
     f.flush()

@@ -1,6 +1,7 @@
 """benchmarks.paper: the paper's tables on synthetic data in quick mode, end to end."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -96,3 +97,43 @@ def test_ablation_configs_switch_exactly_one_thing_each():
         a.dis, a.intra, a.mfa)
     assert c.loss.terms.pair == base.loss.terms.pair  # the pair term stays in every row
   assert len({(a.dis, a.intra, a.mfa) for a in paper.ABLATIONS}) == 7
+
+
+_WRITER = """
+import pathlib, sys
+from benchmarks import accuracy
+out, who = pathlib.Path(sys.argv[1]), sys.argv[2]
+for i in range(150):
+  accuracy.write_files(out, "paper-x", {"writer": who, "i": i}, f"{who} {i}\\n")
+"""
+
+
+def test_two_processes_writing_one_report_never_collide(tmp_path):
+  """Each write has its own temporary name: no rename of another writer's file fails, and
+  the report is always one writer's whole version (before: a fixed NAME.json.tmp, 25 of 600
+  writes failed with FileNotFoundError)."""
+  import json
+  import subprocess
+  import sys
+  procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), who],
+                            cwd=pathlib.Path(__file__).resolve().parents[1],
+                            stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+  doc = json.loads((tmp_path / "paper-x.json").read_text())
+  assert doc["writer"] in ("a", "b") and doc["i"] == 149
+  assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_a_second_run_into_the_same_report_is_refused(tmp_path):
+  from dsf3n_jax.training.workdir import WorkdirError, WorkdirLock
+  held = WorkdirLock(tmp_path, name=".paper-synthetic-quick.lock", flag="--out")
+  held.acquire()
+  try:
+    with pytest.raises(WorkdirError, match=r"^--out=.* is in use by pid \d+ on host"):
+      paper.run("synthetic", seeds=[0], quick=True, out_dir=tmp_path, epochs=1,
+                only=["full"], figures=False)
+  finally:
+    held.release()
+  assert not (tmp_path / "paper-synthetic-quick.json").exists()  # refused before any row

@@ -102,8 +102,10 @@ class WorkdirLock:
   whatever host it lands. A live one is refused with its pid and host.
   """
 
-  def __init__(self, workdir, *, lease_s: float = LEASE_S, renew_s: float = RENEW_S):
-    self.path = epath.Path(workdir) / LOCK_NAME
+  def __init__(self, workdir, *, lease_s: float = LEASE_S, renew_s: float = RENEW_S,
+               name: str = LOCK_NAME, flag: str = "--workdir"):
+    self.path = epath.Path(workdir) / name
+    self.flag = flag
     self.held = False
     self.lease_s, self.renew_s = lease_s, renew_s
     self._stop = threading.Event()
@@ -118,9 +120,9 @@ class WorkdirLock:
       if owner is not None:
         if _alive(owner, lease_s=self.lease_s):
           raise WorkdirError(
-              f"--workdir={self.path.parent} is in use by pid {owner.get('pid')} on host "
+              f"{self.flag}={self.path.parent} is in use by pid {owner.get('pid')} on host "
               f"{owner.get('host')} (started {owner.get('started')}); wait for that run to "
-              f"end, pick another --workdir, or delete {self.path} if that run is gone")
+              f"end, pick another {self.flag}, or delete {self.path} if that run is gone")
         log("taking over the stale lock %s of pid %s on %s (that run is gone)", self.path,
             owner.get("pid"), owner.get("host"))
         self.path.unlink(missing_ok=True)
@@ -129,8 +131,8 @@ class WorkdirLock:
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="lock lease")
         self._renewer.start()
         return
-    raise WorkdirError(f"--workdir={self.path.parent}: could not take {self.path}: another run "
-                       "took it at the same time")
+    raise WorkdirError(f"{self.flag}={self.path.parent}: could not take {self.path}: another "
+                       "run took it at the same time")
 
   def _renew(self) -> None:
     while not self._stop.wait(self.renew_s):
