@@ -128,3 +128,20 @@ def test_a_profile_past_the_last_step_ends_at_the_last_step(tmp_path, monkeypatc
   assert calls == ["start", "stop"] and not profile.tracing
   assert logged[0].startswith("profiling steps 11-14 into")
   assert logged[1].startswith(f"profile of steps 11-14 written to {tmp_path}")
+
+
+def test_a_resume_with_another_batch_size_is_refused_and_other_schedule_changes_are_said(
+    tmp_path, monkeypatch):
+  from dsf3n_jax.training import loop as loop_lib
+  from dsf3n_jax.training.run import ResumeMismatchError
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(**{"num_epochs": 1}), workdir)
+  with pytest.raises(ResumeMismatchError, match=r"batch_size: checkpoint was trained with "
+                     r"batches of 16, the config has 8 \(the steps per epoch"):
+    train.train_and_evaluate(tiny_config(**{"num_epochs": 1, "batch_size": 8}), workdir)
+  said = []
+  monkeypatch.setattr(loop_lib, "log", lambda msg, *a: said.append(msg % a))
+  train.train_and_evaluate(tiny_config(**{"num_epochs": 2, "optim.schedule": "cosine"}),
+                           workdir)
+  (line,) = [m for m in said if "changed schedule" in m]
+  assert "num_epochs 1 -> 2" in line and "optim.schedule 'constant' -> 'cosine'" in line

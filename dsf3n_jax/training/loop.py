@@ -212,6 +212,9 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
   if not config.get("allow_resume_mismatch", False):
     run_lib.check_resume(meta, fingerprint=run.fingerprint, loss=config.loss.to_dict(),
                          where=where)
+  changed = run_lib.check_schedule(meta.get("schedule"), config, where=where)
+  if changed:
+    log("resuming %s with a changed schedule: %s", where, "; ".join(changed))
   if state.opt_state is None:
     log("checkpoint has no optimiser state (checkpoint_optimizer_state=False): the optimiser "
         "starts afresh")
@@ -451,7 +454,8 @@ class Loop:
           f"; this state is not saved; {self._last_good()}")
     self.checkpointer.save(step, self.state, {
         **self.meta, "checkpoint": step, "model": self.run.mcfg, "data": self.run.fingerprint,
-        "loss": self.config.loss.to_dict()}, best=self.new_best)
+        "loss": self.config.loss.to_dict(), "schedule": run_lib.schedule_record(self.config)},
+        best=self.new_best)
     self.saved_at = step
 
   def _repair_best(self) -> None:

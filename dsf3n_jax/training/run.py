@@ -125,6 +125,35 @@ def check_resume(saved: Mapping[str, Any], *, fingerprint: Mapping[str, Any],
         "--config.allow_resume_mismatch=True resumes anyway, e.g. to fine-tune)")
 
 
+def schedule_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint records of the run's schedule: batch size, epochs, optimiser."""
+  return {"batch_size": int(config.batch_size), "num_epochs": int(config.num_epochs),
+          **{f"optim.{k}": v for k, v in config.optim.to_dict().items()}}
+
+
+def check_schedule(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict, *,
+                   where: str) -> list[str]:
+  """The schedule changes of a resume (``schedule_record`` of the checkpoint and the config).
+
+  A changed batch size is refused (``ResumeMismatchError``, naming both; the steps per
+  epoch and so the data position would change) unless ``allow_resume_mismatch``; the other
+  changes (more epochs, another learning rate or schedule) are returned, to be said.
+  A checkpoint from before the record existed: no changes known.
+  """
+  if not saved:
+    return []
+  now = schedule_record(config)
+  changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+  if ("batch_size" in saved and saved["batch_size"] != now["batch_size"]
+      and not config.get("allow_resume_mismatch", False)):
+    raise ResumeMismatchError(
+        f"cannot resume {where}: batch_size: checkpoint was trained with batches of "
+        f"{saved['batch_size']}, the config has {now['batch_size']} (the steps per epoch and "
+        "the data position would change; a new --workdir starts afresh; "
+        "--config.allow_resume_mismatch=True resumes anyway)")
+  return changed
+
+
 def resolve_on_device(value) -> bool:
   """``config.data.on_device``: "auto" (on device except on CPU), "true" or "false"."""
   v = str(value).lower()
