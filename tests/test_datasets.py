@@ -77,6 +77,8 @@ def _bad_cases():
   bad_onehot[4] = 0.5
   no_class = base["lab_train"].copy()
   no_class[no_class == 9] = 0
+  huge = base["audio_test"].copy()
+  huge[5, 2] = 3e38  # finite, but it overflows float32 in the first layers
   return {
       "missing": (edit(audio_test=None), {}, r"missing key.*audio_test"),
       "rank": (edit(visual_train=base["visual_train"][:, :, None]), {}, r"visual_train.*rank 3"),
@@ -91,6 +93,11 @@ def _bad_cases():
                      lab_test=base["lab_test"][:0]), {}, r"'test' is empty"),
       "absent_class": (edit(lab_train=no_class), dict(num_classes=10),
                        r"lab_train.*no example of class.*\[9\]"),
+      "overflowing": (edit(audio_test=huge), {},
+                      r"key 'audio_test' row 5 has a value of 3e\+38 .*overflow float32"),
+      "one_class": (edit(lab_train=np.zeros_like(base["lab_train"]),
+                         lab_test=np.zeros_like(base["lab_test"])), {},
+                    r"'lab_train' has only class 0 .*expected at least 2 classes"),
   }
 
 
@@ -289,3 +296,13 @@ def test_a_bad_test_label_through_load_sources(data_dirs, num_classes):
   message = str(e.value)
   assert message.startswith(f"{path}: key 'lab_test' row 7 has label 4"), message
   assert "\n" not in message
+
+
+def test_a_split_smaller_than_its_class_count_is_a_loud_warning():
+  from dsf3n_jax.datasets.validation import DegenerateDataWarning
+  base = generate_synthetic(**SMALL)
+  one = {**base, "visual_test": base["visual_test"][:1], "audio_test": base["audio_test"][:1],
+         "lab_test": base["lab_test"][:1]}
+  with pytest.warns(DegenerateDataWarning, match=r"/d/x.npz: split 'test' has 1 item\(s\) for "
+                    r"10 classes .*mAP 1.0 for any model"):
+    validate_arrays(one, source="/d/x.npz", num_classes=10)

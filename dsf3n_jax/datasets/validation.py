@@ -9,6 +9,7 @@ reaches training silently. Reading the files is ``dsf3n_jax.datasets.files``
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -175,7 +176,32 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
           "least one example")
     out[lkey] = _labels_to_ids(lab, source=source, key=lkey, num_classes=num_classes)
   _check_train_has_every_class(out, num_classes, source=source)
+  _check_enough_classes_and_items(out, source=source)
   return out
+
+
+class DegenerateDataWarning(UserWarning):
+  """Data a run can train on whose retrieval scores say little (e.g. a test split smaller
+  than its class count)."""
+
+
+def _check_enough_classes_and_items(out: Mapping[str, np.ndarray], *, source: str) -> None:
+  """At least 2 classes in train (else every item is relevant to every query: mAP 1.0 for
+  any model); a warning for a split with fewer items than classes."""
+  present = np.unique(out["lab_train"])
+  if present.size < 2:
+    raise DataValidationError(
+        f"{source}: key 'lab_train' has only class {int(present[0])} ({len(out['lab_train'])} "
+        "rows); expected at least 2 classes: with one, every item is relevant to every query "
+        "and the mAP is 1.0 for any model")
+  classes = int(max(out[KEYS[s]["label"]].max() for s in SPLITS)) + 1
+  for split in SPLITS:
+    n = len(out[KEYS[split]["label"]])
+    if n < classes:
+      warnings.warn(
+          f"{source}: split {split!r} has {n} item(s) for {classes} classes (key "
+          f"{KEYS[split]['label']!r}): its retrieval scores say little (one item: mAP 1.0 "
+          "for any model)", DegenerateDataWarning, stacklevel=3)
 
 
 def _check_equal_counts(counts: Mapping[str, int], *, source: str, split: str) -> None:
@@ -210,7 +236,24 @@ def _features(x, *, source: str, key: str, field: str, dim: int | None) -> np.nd
     raise DataValidationError(f"{source}: key {key!r} has dtype {x.dtype}; expected float")
   x = x.astype(np.float32, copy=False)
   _check_finite(x, source=source, key=key)
+  _check_magnitude(x, source=source, key=key)
   return x
+
+
+# Features above this overflow float32 in the first layers: the encoder's sums reach
+# sqrt(features) times them and BatchNorm squares those (float32 ends at 3.4e38).
+MAX_FEATURE_MAGNITUDE = 1e15
+
+
+def _check_magnitude(x: np.ndarray, *, source: str, key: str) -> None:
+  big = np.abs(x) > MAX_FEATURE_MAGNITUDE
+  if big.any():
+    rows = np.nonzero(big.any(axis=1))[0]
+    value = float(np.abs(x[rows[0]]).max())
+    raise DataValidationError(
+        f"{source}: key {key!r} row {int(rows[0])} has a value of {value:.3g} ({len(rows)} "
+        f"rows above {MAX_FEATURE_MAGNITUDE:.0e}); features this large overflow "
+        "float32 arithmetic in the model's first layers; rescale them")
 
 
 def _check_train_has_every_class(out: Mapping[str, np.ndarray], num_classes: int | None, *,
