@@ -22,6 +22,7 @@ falls back to the previous one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +36,19 @@ from dsf3n_jax.cli import first_line
 from dsf3n_jax.paths import resolve
 
 _policies = ocp.checkpoint_managers
+
+
+class _ReadOnlyNotices(logging.Filter):
+  """Drops orbax's notices that a read-only manager is read-only (``retrieve``, ``visualize``
+  and ``convert`` read runs that way, and printed them at every call)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Given directory is read only")
+                or "read_only=True, setting save_interval_steps=0" in message)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 # 2: the loss terms' parameters under ``aux`` (1: the centres as ``centers``; still read).
 FORMAT = 2
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -276,7 +276,8 @@ def retrieve(queries, items, query_labels, item_labels, *, k: int = 5,
 def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=None,
                          split: str = "test", batch_size: int = 256,
                          model_kwargs: Mapping[str, Any] | None = None,
-                         protocol: str = "unimodal") -> Embeddings:
+                         protocol: str = "unimodal",
+                         check_rows: Callable[[int], None] | None = None) -> Embeddings:
   """Embeddings from one of the three inputs the CLIs accept.
 
   Args:
@@ -290,6 +291,8 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     model_kwargs: ``DSF3N`` arguments overriding those stored with ``variables``.
     protocol: "unimodal" or "paired" (see ``embed_split``); an embeddings file
       made under the other protocol is refused.
+    check_rows: called with the split's item count before anything is embedded
+      (e.g. to check requested rows; it raises to stop).
 
   Returns:
     ``Embeddings``.
@@ -300,8 +303,11 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   if len(given) != 1:
     raise ValueError(f"expected exactly one of --workdir, --embeddings, --variables; got "
                      f"{given or 'none'}")
+  check_rows = check_rows or (lambda n: None)
   if embeddings:
-    return load_embeddings(embeddings, protocol=protocol)
+    emb = load_embeddings(embeddings, protocol=protocol)
+    check_rows(len(emb.labels))
+    return emb
   from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
   from dsf3n_jax.models.dsf3n import upgrade_fields  # pylint: disable=g-import-not-at-top
   if workdir:
@@ -310,6 +316,7 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     source = f"--workdir={workdir}"
     if data is None:  # the run's own dataset, with its normalisation
       arrays = run_split(config, split)
+      check_rows(len(arrays["label"]))
       return embed_split(model, model_vars, arrays["visual"], arrays["audio"], arrays["label"],
                          batch_size=batch_size, indices=arrays["index"], protocol=protocol)
   else:
@@ -325,17 +332,19 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     source = f"--variables={variables}"
   check_missing_partner(model, model_vars, source=source)
   visual, audio, labels = load_split(data, split)
+  check_rows(len(labels))
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size,
                      protocol=protocol)
 
 
-def embeddings_from_flags(args) -> Embeddings:
+def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = None
+                          ) -> Embeddings:
   """``embeddings_from_args`` from the flags the retrieve and visualize CLIs share."""
   model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   return embeddings_from_args(
       workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
       data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs,
-      protocol=args.protocol)
+      protocol=args.protocol, check_rows=check_rows)
 
 
 def run_split(config, split: str = "test") -> dict[str, np.ndarray]:

@@ -66,18 +66,21 @@ def main(argv=None) -> int:
   ``argv``: the arguments without the program name (default ``sys.argv[1:]``).
   """
   args = _parser().parse_args(argv)
-  emb = retrieval.embeddings_from_flags(args)
+  try:
+    rows = [int(r) for r in args.queries.split(",") if r.strip()]
+  except ValueError:
+    raise ValueError(f"--queries: expected comma-separated ints, got {args.queries!r}") from None
+
+  def check_rows(n: int) -> None:  # before the split is embedded
+    bad = [r for r in rows if not 0 <= r < n]
+    if bad:
+      raise ValueError(f"--queries: rows {bad} out of range [0, {n}) of the --split={args.split}")
+
+  emb = retrieval.embeddings_from_flags(args, check_rows=check_rows)
   if args.save_embeddings:
     retrieval.save_embeddings(args.save_embeddings, emb)
     print(f"wrote {len(emb.labels)} embeddings to {args.save_embeddings}")
   n = len(emb.labels)
-  try:
-    rows = [int(r) for r in args.queries.split(",") if r.strip()]
-  except ValueError as e:
-    raise SystemExit(f"--queries: expected comma-separated ints, got {args.queries!r}") from e
-  bad = [r for r in rows if not 0 <= r < n]
-  if bad:
-    raise SystemExit(f"--queries: rows {bad} out of range [0, {n})")
   queries, items = ((emb.emb_audio, emb.emb_visual) if args.query_modality == "audio"
                     else (emb.emb_visual, emb.emb_audio))
   if rows:

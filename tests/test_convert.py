@@ -1,6 +1,7 @@
 """dsf3n_jax.convert: key names, layouts, round trips, errors, and the command line."""
 
 import json
+import logging
 import pathlib
 import sys
 
@@ -273,14 +274,18 @@ def test_command_line_refuses_a_pickle_in_one_error_line(bad_npz_files, tmp_path
     assert not (tmp_path / "out.pth").exists()
 
 
-def test_a_trained_run_exports_to_pytorch_scalars_as_scalars_and_converts_back(tmp_path):
+def test_a_trained_run_exports_to_pytorch_scalars_as_scalars_and_converts_back(tmp_path,
+                                                                              caplog):
   """Run -> .pth (the original's CrossModal_NN loads it strictly) -> flax: shapes compared
   exactly (torch accepts (1,) for a scalar and numpy broadcasts; neither hides it here)."""
   from dsf3n_jax import train
   from tests.test_train import tiny_config
   run = tmp_path / "run"
   train.train_and_evaluate(tiny_config(**{"num_epochs": 1, "eval_every_epochs": 1}), str(run))
-  pth = convert.main(["--to_torch", str(run), str(tmp_path / "run.pth")])
+  with caplog.at_level(logging.WARNING):
+    pth = convert.main(["--to_torch", str(run), str(tmp_path / "run.pth")])
+  assert not [r for r in caplog.records if "read only" in r.getMessage()
+              or "read_only" in r.getMessage()]  # orbax's notices of a read-only manager
   saved = torch.load(pth, weights_only=True)
   _, variables, config = train.restore_model(str(run), which="best")
   expected = convert.to_torch_state_dict(variables, num_batches_tracked=6)

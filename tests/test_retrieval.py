@@ -120,7 +120,7 @@ def test_embeddings_file_round_trip_and_errors(tmp_path):
     retrieval.embeddings_from_args(embeddings="a.npz", variables="b.npz")
 
 
-def test_cli_variables_and_embeddings(tiny, capsys):
+def test_cli_variables_and_embeddings(tiny, capsys, monkeypatch):
   tmp, _, _, _ = tiny
   out = tmp / "emb.npz"
   assert retrieve.main([f"--variables={tmp / 'vars.npz'}", f"--data={tmp / 'data.npz'}",
@@ -135,8 +135,15 @@ def test_cli_variables_and_embeddings(tiny, capsys):
                         "--k=2"]) == 0
   text = capsys.readouterr().out
   assert "query visual row 1" in text and "-> audio" in text
-  with pytest.raises(SystemExit, match="out of range"):
+  with pytest.raises(ValueError, match=r"--queries: rows \[99\] out of range \[0, \d+\)"):
     retrieve.main([f"--embeddings={out}", "--queries=99"])
+  # Checked before the split is embedded: the model is never called.
+  monkeypatch.setattr(retrieval, "embed_split", lambda *a, **k: pytest.fail("embedded"))
+  with pytest.raises(ValueError, match=r"--queries: rows \[999\] out of range"):
+    retrieve.main([f"--variables={tmp / 'vars.npz'}", f"--data={tmp / 'data.npz'}",
+                   "--split=test", "--queries=999"])
+  with pytest.raises(ValueError, match="--queries: expected comma-separated ints"):
+    retrieve.main([f"--embeddings={out}", "--queries=a"])
 
 
 def test_cli_on_real_data(fsdd_path, tmp_path, capsys):
