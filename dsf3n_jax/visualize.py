@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import time
 
 import numpy as np
 
@@ -129,8 +130,13 @@ def main(argv=None) -> int:
   ``argv`` are the arguments without the program name (default ``sys.argv[1:]``); returns
   the exit status.
   """
+  from dsf3n_jax.training.workdir import log  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
+  t0 = time.perf_counter()
+  log("%s the %s split's embeddings (%s protocol) ...",
+      "reading" if args.embeddings else "computing", args.split, args.protocol)
   emb = retrieval.embeddings_from_flags(args)
+  log("%d items' embeddings in %.1f s", len(emb.labels), time.perf_counter() - t0)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rows = subsample(emb.labels, max_points=args.max_points, seed=args.seed)
@@ -150,17 +156,23 @@ def main(argv=None) -> int:
     raw, src = (arrays["visual"], arrays["audio"], arrays["label"]), rows
   if raw is not None:
     visual, audio, raw_labels = raw
+    t0 = time.perf_counter()
+    log("t-SNE of %d raw feature pairs ...", len(src))
     xy_v, xy_a = joint_tsne(visual[src], audio[src], seed=args.seed,
                             perplexity=args.perplexity, kind="raw")
     path = out / "raw_features.png"
     plot_plane(xy_v, xy_a, raw_labels[src], title=f"raw input features ({args.split})",
                path=path)
     written.append(path)
+    log("raw features' t-SNE in %.1f s", time.perf_counter() - t0)
+  t0 = time.perf_counter()
+  log("t-SNE of %d embedding pairs ...", len(rows))
   xy_v, xy_a = joint_tsne(emb.emb_visual[rows], emb.emb_audio[rows], seed=args.seed,
                           perplexity=args.perplexity, kind="embedding")
   path = out / "embeddings.png"
   plot_plane(xy_v, xy_a, labels, title=f"learned embeddings ({args.split})", path=path)
   written.append(path)
+  log("embeddings' t-SNE in %.1f s", time.perf_counter() - t0)
   for p in written:
     print(f"wrote {p}")
   return 0

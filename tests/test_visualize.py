@@ -22,7 +22,7 @@ def test_joint_tsne_shapes_and_kinds():
     visualize.joint_tsne(v, a, kind="pca")
 
 
-def test_cli_writes_both_figures(tmp_path):
+def test_cli_writes_both_figures_saying_what_it_does(tmp_path, capfd):
   rng = np.random.default_rng(1)
   n = 30
   labels = rng.integers(0, 3, n)
@@ -36,3 +36,8 @@ def test_cli_writes_both_figures(tmp_path):
   for name in ("raw_features.png", "embeddings.png"):
     png = (tmp_path / "figs" / name).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  err = capfd.readouterr().err  # progress while it works (it took 50 s in silence)
+  for said in ("reading the test split's embeddings", "30 items' embeddings in",
+               "t-SNE of 30 raw feature "
+               "pairs", "t-SNE of 30 embedding pairs", "embeddings' t-SNE in"):
+    assert said in err, err
