@@ -306,3 +306,27 @@ def test_a_split_smaller_than_its_class_count_is_a_loud_warning():
   with pytest.warns(DegenerateDataWarning, match=r"/d/x.npz: split 'test' has 1 item\(s\) for "
                     r"10 classes .*mAP 1.0 for any model"):
     validate_arrays(one, source="/d/x.npz", num_classes=10)
+
+
+_BUILD = """
+import sys
+from dsf3n_jax import input_pipeline
+src = input_pipeline.load_sources("paired_features", data_dir=sys.argv[1], path=sys.argv[2])
+print(src.num_classes, len(src.train))
+"""
+
+
+def test_processes_building_one_dataset_wait_for_each_other(data_dirs):
+  """Before: the second died with a FileExistsError traceback on TFDS's rename of the first's
+  ``incomplete.*`` folder. Now one builds while the other waits, then reads it."""
+  data_dir, manual = data_dirs
+  path = _write(manual / "shared.npz", generate_synthetic(**SMALL, num_classes=4,
+                                                          visual_dim=20, audio_dim=6))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(data_dir), str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for _ in range(3)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for proc, (out, err) in zip(procs, outs):
+    assert proc.returncode == 0, err[-3000:]
+    assert out.splitlines()[-1].split() == ["4", "60"], out

@@ -16,6 +16,7 @@ TFDS dataset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -268,7 +269,9 @@ def _tfds_builder(name: str, *, data_dir, path, num_classes):
     except Exception:  # noqa: BLE001 - tfds.builder below says what is wrong
       pass
     try:
-      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+      make = functools.partial(tfds.builder, name, data_dir=data_dir,
+                               file_format="array_record")
+      builder = make()
     except Exception as e:  # noqa: BLE001 - tfds raises DatasetNotFoundError and friends
       raise DataValidationError(
           f"config.data.name={name!r}: not 'synthetic' and not a TFDS dataset this process "
@@ -276,27 +279,54 @@ def _tfds_builder(name: str, *, data_dir, path, num_classes):
           f" the project's: {', '.join(DATASETS)}; a builder of "
           "your own registers when its module is imported (by the config file, or name it "
           "'module:name')") from e
-    if not builder.is_prepared():
-      builder.download_and_prepare()
-    return builder
+    return _prepared(builder, make)
 
   manual_dir = None
   if name == "paired_features":
     config = (builders.paired_features_config(path, num_classes=num_classes) if path
               else "manual")
-    builder = tfds.builder(name, config=config, data_dir=data_dir)
+    make = functools.partial(tfds.builder, name, config=config, data_dir=data_dir)
   else:
-    builder = tfds.builder(name, data_dir=data_dir)
+    make = functools.partial(tfds.builder, name, data_dir=data_dir)
     if path is not None:
       manual_dir = os.fspath(path)
       manual_dir = manual_dir if os.path.isdir(manual_dir) else os.path.dirname(manual_dir)
+  builder = make()
   if not builder.is_prepared():
     if name == "paired_features" and not path:
       raise DataValidationError(
           "paired_features: no `path` given and no prepared `manual` config in data_dir "
           f"{data_dir}; pass path=FILE (flag --config.data.path)")
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=config)
+  return _prepared(builder, make,
+                   download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def _prepared(builder, make, **kwargs):
+  """``builder`` prepared: built unless it is; one process at a time builds a dataset.
+
+  A second process building the same dataset (same ``data_dir``, name, config and
+  version) waits for the first, under an exclusive lock on a file beside the version's
+  folder, then reads what the first built (``make()`` builds the builder anew) instead of
+  failing on TFDS's rename of the first's ``incomplete.*`` folder. A remote ``data_dir``
+  (a bucket) has no such lock.
+  """
+  if builder.is_prepared():
+    return builder
+  folder = os.fspath(builder.data_dir)
+  if "://" in folder:
+    builder.download_and_prepare(**kwargs)
+    return builder
+  import fcntl  # pylint: disable=g-import-not-at-top
+  parent, version = os.path.split(folder)
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.join(parent, f".{version}.build.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process builds it
+    try:
+      builder = make()
+      if not builder.is_prepared():
+        builder.download_and_prepare(**kwargs)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
 
 
