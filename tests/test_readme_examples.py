@@ -136,3 +136,22 @@ def test_a_loss_term_with_a_learnable_temperature_trains_and_is_read_back(tmp_pa
       capture_output=True, text=True, timeout=600)
   assert shown.returncode == 0, shown.stderr[-3000:]
   assert json.loads(shown.stdout.strip().splitlines()[-1])["infonce"] == 0.1
+
+
+def test_every_documented_command_line_uses_flags_its_tool_has():
+  """Each ``python -m dsf3n_jax.<tool> --flag`` line of the README and docs names flags that
+  the tool's parser has (the README once passed visualize ``--out=`` for ``--out_dir``)."""
+  import importlib
+  repo = REPO
+  checked = 0
+  for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+    for n, line in enumerate(doc.read_text().splitlines(), 1):
+      for tool, rest in re.findall(r"python -m dsf3n_jax\.(\w+)((?: +[^ #|&;]+)*)", line):
+        module = importlib.import_module(f"dsf3n_jax.{tool}")
+        if not hasattr(module, "_parser"):
+          continue
+        known = {o for a in module._parser()._actions for o in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--[a-z_]+)", rest):
+          assert flag in known, f"{doc.name}:{n}: dsf3n_jax.{tool} has no {flag} ({line.strip()})"
+          checked += 1
+  assert checked >= 10, checked
