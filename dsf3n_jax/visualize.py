@@ -133,10 +133,13 @@ def main(argv=None) -> int:
   from dsf3n_jax.training.workdir import log  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
   t0 = time.perf_counter()
-  log("%s the %s split's embeddings (%s protocol) ...",
-      "reading" if args.embeddings else "computing", args.split, args.protocol)
-  emb = retrieval.embeddings_from_flags(args)
-  log("%d items' embeddings in %.1f s", len(emb.labels), time.perf_counter() - t0)
+
+  def say_start(n: int) -> None:  # once the inputs are read and checked, before embedding
+    if not args.embeddings:
+      log("embedding the %s split: %d items (%s protocol) ...", args.split, n, args.protocol)
+
+  emb = retrieval.embeddings_from_flags(args, check_rows=say_start)
+  log("%d items' embeddings ready in %.1f s", len(emb.labels), time.perf_counter() - t0)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rows = subsample(emb.labels, max_points=args.max_points, seed=args.seed)

@@ -37,7 +37,6 @@ def test_cli_writes_both_figures_saying_what_it_does(tmp_path, capfd):
     png = (tmp_path / "figs" / name).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   err = capfd.readouterr().err  # progress while it works (it took 50 s in silence)
-  for said in ("reading the test split's embeddings", "30 items' embeddings in",
-               "t-SNE of 30 raw feature "
+  for said in ("30 items' embeddings ready in", "t-SNE of 30 raw feature "
                "pairs", "t-SNE of 30 embedding pairs", "embeddings' t-SNE in"):
     assert said in err, err
