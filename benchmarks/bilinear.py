@@ -17,22 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import time
 
 import numpy as np
+
+from benchmarks.harness import repeat
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
   import jax
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times) * 1e3)
+  times = repeat(lambda: jax.block_until_ready(fn(*args)), warmup=1, repeats=repeats)
+  return float(np.median(times) * 1e3)  # the warm-up compiles
 
 
 def measure(rows: int, blocks, *, dim: int = 256, repeats: int = 5) -> list[dict]:

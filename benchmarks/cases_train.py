@@ -183,13 +183,18 @@ def _time_evaluation(cfg, model, state, mesh, params: Mapping[str, Any]) -> dict
                       batch_size=cfg.eval_batch_size)
     out["embed_s"] = time.perf_counter() - t0
     out["map_average"] = result["map_average"]
-    out["protocols"] = _time_protocols(cfg, model, state, mesh, source)
+    out["protocols"] = _time_protocols(cfg, model, state, mesh, source, loss_fn)
   except Exception as e:  # the epoch figures stand without it
     out["error"] = f"{type(e).__name__}: {e}"
   return out
 
 
-def _time_protocols(cfg, model, state, mesh, source) -> dict[str, Any]:
+# The evaluation a run does with only each protocol: an intermediate one under the paper's
+# recipe (paired), one under the :unimodal recipe's, and the last one (both).
+_EVALUATION_OF = {"paired": "selection", "unimodal": "unimodal", "both": "final"}
+
+
+def _time_protocols(cfg, model, state, mesh, source, loss_fn) -> dict[str, Any]:
   """Seconds of one warm embedding pass per protocol, and of the evaluations a run does.
 
   ``selection_evaluation_s``: an intermediate evaluation under the paper's recipe (selection
@@ -197,28 +202,22 @@ def _time_protocols(cfg, model, state, mesh, source) -> dict[str, Any]:
   under the :unimodal recipe's (each modality alone, its mAP); ``final_evaluation_s``: both
   protocols (the last evaluation). Ratios are to the paired embedding pass.
   """
-  from dsf3n_jax import losses, train
-  loss_fn = losses.loss_from_config(cfg.loss)  # one function: its compiled form is reused
+  from dsf3n_jax import train
   out: dict[str, Any] = {}
-  for protocol in ("paired", "unimodal", "both"):
+  for protocol, name in _EVALUATION_OF.items():
     embed_fn = train.make_embed_fn(model, mesh, protocol=protocol)
-    for _ in range(2):  # the first compiles
-      t0 = time.perf_counter()
-      outputs = train.embed_split(embed_fn, state.variables, source, mesh=mesh,
-                                  batch_size=cfg.eval_batch_size)
-      out[f"embed_{protocol}_s"] = time.perf_counter() - t0  # the warm one stays
-    for name, evaluated in (("selection", "paired"), ("unimodal", "unimodal"),
-                            ("final", "both")):
-      if evaluated != protocol:
-        continue
-      train.evaluate(None, state, source, config=cfg, mesh=mesh, outputs=outputs,
-                     protocol=protocol, loss_fn=loss_fn)  # compiles the split's loss and mAP
-      t0 = time.perf_counter()
+
+    def evaluation(embed_fn=embed_fn, protocol=protocol):
       outputs = train.embed_split(embed_fn, state.variables, source, mesh=mesh,
                                   batch_size=cfg.eval_batch_size)
       train.evaluate(None, state, source, config=cfg, mesh=mesh, outputs=outputs,
                      protocol=protocol, loss_fn=loss_fn)
-      out[f"{name}_evaluation_s"] = time.perf_counter() - t0
+
+    (out[f"embed_{protocol}_s"],) = repeat(  # the warm-up compiles
+        lambda embed_fn=embed_fn: train.embed_split(embed_fn, state.variables, source,
+                                                    mesh=mesh, batch_size=cfg.eval_batch_size),
+        warmup=1, repeats=1)
+    (out[f"{name}_evaluation_s"],) = repeat(evaluation, warmup=1, repeats=1)
   paired = out["embed_paired_s"]
   for key in [k for k in out if k.endswith("_s") and k != "embed_paired_s"]:
     out[key.removesuffix("_s") + "_over_paired_pass"] = out[key] / paired

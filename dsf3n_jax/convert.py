@@ -211,21 +211,16 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   args = parser.parse_args(argv)
 
   src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
-  if args.to_torch and src.is_dir():
-    variables, step = _run_variables(src, args.checkpoint)
-    tracked = step if args.num_batches_tracked is None else args.num_batches_tracked
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_torch_checkpoint(to_torch_state_dict(variables, num_batches_tracked=tracked), dst)
-    return dst
-  if not src.is_file():
+  if not (src.is_file() or (args.to_torch and src.is_dir())):
     parser.error(f"src: no such file {src}" + (" (a training run's folder, or a variables "
                                                  ".npz, with --to_torch)" if args.to_torch
                                                  else ""))
-  if args.to_torch:
-    variables = load_npz(src)
+  if args.to_torch:  # a run's checkpoint (its step) or a variables .npz (0)
+    variables, step = (_run_variables(src, args.checkpoint) if src.is_dir()
+                       else (load_npz(src), 0))
+    tracked = step if args.num_batches_tracked is None else args.num_batches_tracked
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_torch_checkpoint(
-        to_torch_state_dict(variables, num_batches_tracked=args.num_batches_tracked or 0), dst)
+    save_torch_checkpoint(to_torch_state_dict(variables, num_batches_tracked=tracked), dst)
     return dst
 
   state_dict = load_torch_checkpoint(src)

@@ -160,13 +160,12 @@ class _WithLoss:
     self.loss_fn = run.eval_loss_fn
 
 
-PROTOCOLS = {"paired": ("",), "unimodal": ("unimodal_",), "both": ("", "unimodal_"),
-             "auto": None}
-
-
 def _check_protocol(protocol: str) -> str:
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+  """An evaluator's ``protocol`` setting: one of ``steps.PROTOCOLS``, or ``"auto"``."""
+  from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+  if protocol != "auto" and protocol not in steps.PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}: expected one of "
+                     f"{', '.join((*steps.PROTOCOLS, 'auto'))}")
   return protocol
 
 
@@ -215,11 +214,12 @@ class PrecisionRecall:
     self.distance = run.config.metric.distance
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
+    from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
     protocol = resolve_protocol(self.protocol, ctx)
     out = ctx.outputs(protocol)
     labels = out["label"]
     result = {}
-    for prefix in PROTOCOLS[protocol]:
+    for prefix in (steps.PREFIXES[p] for p in steps.protocols_of(protocol)):
       visual, audio = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
       for k in self.ks:
         k_eff = min(k, len(labels))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsf3n_jax.mesh import psum
+from dsf3n_jax.mesh import psum, single
 
 Array = jax.Array
 
@@ -269,9 +269,7 @@ def all_gather(x: Array, axis_name: str | None) -> Array:
   term on the gathered arrays, which every device then holds, and return it
   as is (each device's share is the whole value; the mean over devices is it).
   """
-  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
-    return x
-  return jax.lax.all_gather(x, axis_name, tiled=True)
+  return x if single(axis_name) else jax.lax.all_gather(x, axis_name, tiled=True)
 
 
 @register_loss_term("id", options=lambda c: {"form": c.get("id_form", "ce")})

@@ -15,16 +15,17 @@ def make_mesh(devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def single(axis_name: str | None) -> bool:
+  """No mapped axis, or one of one device: every collective over it is the identity."""
+  return axis_name is None or jax.lax.axis_size(axis_name) == 1
+
+
 def pmean(x, axis_name: str | None):
-  """``lax.pmean`` of a pytree over ``axis_name``; ``x`` itself (no collective) when the axis
-  is None or has one device, where the mean is the identity."""
-  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
-    return x
-  return jax.lax.pmean(x, axis_name)
+  """``lax.pmean`` of a pytree over ``axis_name``; ``x`` itself (no collective) where the
+  axis is ``single``."""
+  return x if single(axis_name) else jax.lax.pmean(x, axis_name)
 
 
 def psum(x, axis_name: str | None):
-  """``lax.psum`` of a pytree over ``axis_name``; ``x`` itself over one device or none."""
-  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
-    return x
-  return jax.lax.psum(x, axis_name)
+  """``lax.psum`` of a pytree over ``axis_name``; ``x`` itself where the axis is ``single``."""
+  return x if single(axis_name) else jax.lax.psum(x, axis_name)

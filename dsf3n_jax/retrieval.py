@@ -179,7 +179,7 @@ def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int
         steps.make_embed_fn(model, mesh, protocol=protocol), variables,
         input_pipeline.ArraySource(visual, audio, labels, indices), mesh=mesh,
         batch_size=-(-batch_size // mesh.size) * mesh.size)
-    prefix = "unimodal_" if protocol == "unimodal" else ""
+    prefix = steps.PREFIXES[protocol]
     emb_v, emb_a = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
   for name, emb in (("visual", emb_v), ("audio", emb_a)):
     bad = np.flatnonzero(~np.isfinite(np.asarray(emb)).all(axis=-1))

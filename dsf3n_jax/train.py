@@ -50,8 +50,8 @@ from dsf3n_jax.training.steps import (
 from dsf3n_jax.training.workdir import format_results
 
 __all__ = [
-    "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "PROTOCOL_KEYS", "SELECTION_METRICS", "TrainState", "build_model",
-    "build_optimizer", "default_config", "embed_split", "evaluate", "format_results",
+    "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "PROTOCOL_KEYS", "SELECTION_METRICS", "TrainState",
+    "build_model", "build_optimizer", "default_config", "embed_split", "evaluate", "format_results",
     "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_init_fn",
     "make_mesh", "make_train_epoch", "make_train_step", "model_config", "per_device_step",
     "resolve_on_device", "restore_model", "run_steps", "save_variables_as_run", "scale_by_adam",

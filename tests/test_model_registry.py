@@ -261,7 +261,8 @@ def test_a_part_breaking_its_interface_is_named():
 
 
 def test_convert_refuses_another_composition_naming_the_part():
-  convert.check_reference_model(DSF3N(3, fusion_kw={"variant": "paper", "num_stages": 0}))  # converts
+  # Other settings of the stock parts convert.
+  convert.check_reference_model(DSF3N(3, fusion_kw={"variant": "paper", "num_stages": 0}))
   for kwargs, message in (
       (dict(fusion="gated_sum"), "model.fusion='gated_sum' has no counterpart"),
       (dict(head=OutputHead), "model.head='OutputHead' has no counterpart"),

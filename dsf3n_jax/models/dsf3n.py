@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
 
+from dsf3n_jax.mesh import pmean
 from dsf3n_jax.models import registry
 from dsf3n_jax.models.encoder import ModalityEncoder
 from dsf3n_jax.models.fine_grained import FineGrainedNet
 from dsf3n_jax.models.fusion import TwoStageFusion
 from dsf3n_jax.models.heads import Classifier, OutputHead
-from dsf3n_jax.mesh import pmean
 from dsf3n_jax.models.layers import example_keys
 from dsf3n_jax.models.registry import ModuleDef
 
@@ -353,8 +353,7 @@ def resolved_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
   out = upgrade_fields(kwargs)
   defaults = {f.name: f.default for f in dataclasses.fields(DSF3N)}
   for kind in registry.PARTS:
-    kw = out.get(f"{kind}_kw") or {}
-    kw = dict(kw.to_dict() if hasattr(kw, "to_dict") else kw)
+    kw = dict(out.get(f"{kind}_kw") or {})
     part = out.get(kind, defaults[kind])
     settings = registry.part_settings(kind, part) if isinstance(part, str) else None
     for key, value in (settings or {}).items():

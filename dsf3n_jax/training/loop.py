@@ -272,8 +272,7 @@ class Loop:
     self.stopping_for: str | None = None
     self.saved_at: int | None = None
     self._output_cache: dict[str, tuple[set[str], dict[str, np.ndarray]]] = {}
-    self.final = False  # the boundary being run is the run's last evaluation
-    self.evaluated_final: set[str] = set()  # evaluators run with final=True at the last one
+    self.final = False  # the boundary being run (or last run) is the run's last evaluation
     self.compiled = False
 
   # -- data and steps ------------------------------------------------------------------------
@@ -379,8 +378,6 @@ class Loop:
     spec = action.spec
     ctx = evaluators_lib.EvalContext(run=self.run, state=self.state, step=step,
                                      split=spec.split, _outputs=self._outputs, final=self.final)
-    if self.final:
-      self.evaluated_final.add(spec.name)
     values = action.evaluator(ctx)
     try:
       values = {k: float(v) for k, v in values.items()}
@@ -482,7 +479,6 @@ class Loop:
     """
     self.last_evals, self.new_best, self._output_cache = {}, False, {}
     self.final = step >= self.total if final is None else final
-    self.evaluated_final = set()
     self.saved_at = None
     self.meta["step"], self.meta["epoch"] = step, step // self.run.steps_per_epoch
     for action in (only if only is not None else self.actions):
@@ -515,7 +511,7 @@ class Loop:
       log("early stopping after %s: %d evaluations without a lower %s loss",
           _where(step, run.steps_per_epoch), meta["evals_without_improvement"], run.selection)
     self.checkpointer.wait()  # results.json names only complete checkpoints
-    final_eval = {k: v for k, v in self.last_evals.items() if k in self.evaluated_final}
+    final_eval = dict(self.last_evals) if self.final else {}  # an early stop's: not final
     missing = [e for e in self.evaluations if e.name not in final_eval]
     if missing:  # a finished run resumed, an early stop (its evaluations computed what
       # selection needs; the final one computes everything), or between other evaluators' steps

@@ -269,6 +269,7 @@ def run_steps(step: Callable, state: TrainState, batches, *, steps: int, log_eve
 PROTOCOL_KEYS = {"paired": ("emb_visual", "emb_audio", "logits_visual", "logits_audio"),
                  "unimodal": ("unimodal_emb_visual", "unimodal_emb_audio")}
 PROTOCOLS = ("paired", "unimodal", "both")
+PREFIXES = {"paired": "", "unimodal": "unimodal_"}  # of each protocol's keys and metrics
 EMBED_KEYS = PROTOCOL_KEYS["paired"] + PROTOCOL_KEYS["unimodal"]
 
 
@@ -406,7 +407,7 @@ def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
   result = {}
   if "paired" in wanted:
     result = loss_metrics(out, state, loss_fn=loss_fn or losses.loss_from_config(config.loss))
-  for prefix in ({"paired": "", "unimodal": "unimodal_"}[p] for p in wanted):
+  for prefix in (PREFIXES[p] for p in wanted):
     maps = metrics.cross_modal_map(out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"],
                                    out["label"], distance=config.metric.distance,
                                    k=config.metric.k or None)
