@@ -40,13 +40,14 @@ class Progress:
   """One line per event: a bar over the rows' work, the row and seed, and an ETA.
 
   A DSF3N row weighs its epochs (twice for the ``:unimodal`` recipe: its step also embeds
-  each modality alone); the ETA runs each kind of row (baselines, DSF3N) at its own
-  measured rate.
+  each modality alone; times its configurations for a swept row); the ETA runs each kind
+  of row (baselines, DSF3N) at its own measured rate.
   """
 
   def __init__(self, rows: list, log: Callable[[str], None]):
     self.rows = {r.key: r for r in rows}
     self.weight = {k: (r.config.num_epochs * (2 if r.config.loss.unimodal_weight else 1)
+                       * len(getattr(r, "sweep", None) or [1])
                        if r.kind == "dsf3n" else 1.0) for k, r in self.rows.items()}
     self.left = {kind: sum(self.weight[k] for k, r in self.rows.items() if r.kind == kind)
                  for kind in ("baseline", "dsf3n")}
@@ -161,6 +162,14 @@ def markdown(doc: dict[str, Any]) -> str:
   for r in comparison:
     paired = cell(r, "paired") if r["kind"] == "dsf3n" else "(unimodal only)"
     lines.append(f"| {r['name']} | {cell(r, 'unimodal')} | {paired}{pub(r['key'])} |")
+  swept = by_key.get("swept_recipe")
+  if swept and swept.get("chosen"):
+    chosen = ", ".join(f"{k}={v}" for k, v in swept["chosen"]["overrides"].items())
+    lines += ["", f"The swept row: {len(swept.get('sweep', []))} configurations of "
+              f"`python -m dsf3n_jax.sweep --sweep=default` on top of "
+              f"`configs/paired_features.py:unimodal` (the data's own data section); each "
+              f"seed's best state on validation (epochs {swept['chosen']['epochs']}), the "
+              f"configuration chosen by {swept['chosen']['selected_on']}: {chosen}."]
   lines += ["", "## Table III/IV: ablations (the pair term in every row)", "",
             f"| J_dis | J_intra | MFA | paired | unimodal{pub_head} |",
             "|---|---|---|---|---|" + ("---|" if published else "")]

@@ -1,14 +1,21 @@
-"""Throughput of K seeds trained together (one vmapped program) against K separate runs.
+"""Throughput of K seeds, or K configurations, trained together (one vmapped program)
+against K separate runs.
 
   python -m benchmarks.seeds                      # K = 1, 2, 4; the tiny and the full model
   python -m benchmarks.seeds --k=2 --k=4 --model=tiny --steps=20 --out=DIR
+  python -m benchmarks.seeds --members=configs    # K configurations (a sweep's group)
 
 Each case times ``steps`` train steps on synthetic data of VEGAS's input sizes
-after a warm-up step (compile excluded; the compile time is reported apart):
-"together" is ``training.seeds.make_seeds_step`` on K stacked states, "one by
-one" is K states each stepped by ``steps.make_train_step`` in turn, the way K
-separate runs of one process would share the machine. Writes
-``seeds-<machine>.json`` and ``.md`` (default benchmarks/results/).
+after a warm-up step (compile excluded; the compile time is reported apart).
+``--members=seeds``: "together" is ``training.seeds.make_seeds_step`` on K stacked
+states, "one by one" is K states each stepped by ``steps.make_train_step`` in turn,
+the way K separate runs of one process would share the machine.
+``--members=configs``: K configurations of the ``:unimodal`` recipe that differ in
+learning rate, partner dropout and a loss weight; "together" is a sweep's group
+(``steps.per_device_hyper_step``, the values stacked and traced), "one by one" is
+each configuration's own step (its values constants: one compile per
+configuration, all counted). Writes ``seeds-<machine>.json`` and ``.md`` (default
+benchmarks/results/; ``sweep-<machine>`` for configurations).
 """
 
 from __future__ import annotations
@@ -25,73 +32,127 @@ from benchmarks import accuracy, sysinfo
 MODELS = {"tiny": "runlocal,tiny", "full": "runlocal"}
 
 
-def _config(model: str, batch_size: int):
-  config = accuracy.load_config("synthetic", MODELS[model])
+def _config(model: str, batch_size: int, *, unimodal: bool = False):
+  config = accuracy.load_config("synthetic", MODELS[model] + (",unimodal" if unimodal else ""))
   config.batch_size = batch_size
   config.data.synthetic.num_train = max(4 * batch_size, 256)
   config.data.validation_fraction = 0.0
   return config
 
 
-def measure(model: str, k: int, *, steps: int, batch_size: int) -> dict:
-  """Samples/s (over all seeds) of K seeds together and one by one, and compile seconds."""
+def member_configs(model: str, k: int, batch_size: int):
+  """K configurations of one program: the ``:unimodal`` recipe with learning rate, partner
+  dropout and the unimodal centre weight varied (a sweep's group)."""
+  configs = []
+  for i in range(k):
+    config = _config(model, batch_size, unimodal=True)
+    config.optim.lr = 1e-3 * (i + 1)
+    config.model.partner_dropout = 0.5 + 0.1 * (i % 4)
+    config.loss.unimodal_terms.center = 0.3 * (i + 1)
+    configs.append(config)
+  return configs
+
+
+def _timed(fn, steps: int):
+  """(seconds of the first call, seconds of ``steps`` more): compile, then throughput."""
   import jax
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return first, time.perf_counter() - t0
+
+
+def measure(model: str, k: int, *, steps: int, batch_size: int,
+            members: str = "seeds") -> dict:
+  """Samples/s (over all members) of K members together and one by one, and compile
+  seconds; members are seeds of one config, or configurations (``member_configs``)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from dsf3n_jax import input_pipeline
   from dsf3n_jax.training import run as run_lib
   from dsf3n_jax.training import seeds as seeds_lib
   from dsf3n_jax.training import steps as steps_lib
 
-  config = _config(model, batch_size)
-  run = run_lib.prepare_run(config)
-  seeds = list(range(k))
-  step_fn = steps_lib.per_device_step(config, run.model, run.tx)
+  configs = (member_configs(model, k, batch_size) if members == "configs"
+             else [_config(model, batch_size)] * k)
+  seeds = list(range(k)) if members == "seeds" else [0] * k
+  run = run_lib.prepare_run(configs[0])
   batches = seeds_lib.SeedBatches(run.sources.train, seeds=seeds, global_batch_size=batch_size,
                                   mesh=run.mesh)
-  together = seeds_lib.make_seeds_step(step_fn, run.mesh)
-  states = seeds_lib.init_states(run, seeds)
-  t0 = time.perf_counter()
-  states, m = together(states, next(batches))
-  jax.block_until_ready(m)
-  compile_together = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    states, m = together(states, next(batches))
-  jax.block_until_ready(m)
-  together_s = time.perf_counter() - t0
+  states = {"s": seeds_lib.init_states(run, seeds)}
+  if members == "configs":
+    step_fn, _ = steps_lib.per_device_hyper_step(configs[0], run.model,
+                                                 steps_per_epoch=run.steps_per_epoch)
+    together = seeds_lib.make_seeds_step(step_fn, run.mesh, num_stacked=1)
+    hyper = jax.device_put(seeds_lib._stack(*[jax.tree.map(  # pylint: disable=protected-access
+        jnp.asarray, steps_lib.hyper_params(c)) for c in configs]), NamedSharding(run.mesh, P()))
+    extra = (hyper,)
+  else:
+    together = seeds_lib.make_seeds_step(
+        steps_lib.per_device_step(configs[0], run.model, run.tx), run.mesh)
+    extra = ()
+
+  def step_together():
+    states["s"], m = together(states["s"], next(batches), *extra)
+    return m
+
+  compile_together, together_s = _timed(step_together, steps)
   batches.close()
 
-  single = steps_lib.make_train_step(step_fn, run.mesh)
-  alone = [seeds_lib.seed_state(seeds_lib.init_states(run, [s]), 0) for s in seeds]
+  singles, alone, compile_single = [], [], 0.0
+  for config, seed in zip(configs, seeds):
+    if members == "configs" or not singles:  # one compiled step per configuration
+      prepared = run_lib.prepare_run(config) if members == "configs" else run
+      singles.append(steps_lib.make_train_step(
+          steps_lib.per_device_step(config, prepared.model, prepared.tx), run.mesh))
+    alone.append(seeds_lib.seed_state(seeds_lib.init_states(run, [seed]), 0))
   loaders = [input_pipeline.TrainLoader(run.sources.train, global_batch_size=batch_size,
                                         mesh=run.mesh, seed=s) for s in seeds]
-  t0 = time.perf_counter()
-  alone[0], m = single(alone[0], next(loaders[0]))
-  jax.block_until_ready(m)
-  compile_single = time.perf_counter() - t0
+
+  def step_alone(i):
+    alone[i], m = singles[min(i, len(singles) - 1)](alone[i], next(loaders[i]))
+    return m
+
+  for i in range(len(singles)):  # each compiled program's first call
+    first, _ = _timed(lambda i=i: step_alone(i), 0)
+    compile_single += first
   t0 = time.perf_counter()
   for _ in range(steps):
     for i in range(k):
-      alone[i], m = single(alone[i], next(loaders[i]))
+      m = step_alone(i)
   jax.block_until_ready(m)
   separate_s = time.perf_counter() - t0
   for loader in loaders:
     loader.close()
   samples = steps * k * batch_size
-  return {"model": model, "k": k, "steps": steps, "batch_size": batch_size,
+  return {"model": model, "members": members, "k": k, "steps": steps,
+          "batch_size": batch_size,
           "together_samples_per_s": samples / together_s,
           "one_by_one_samples_per_s": samples / separate_s,
           "speedup": separate_s / together_s,
-          "compile_s": {"together": compile_together, "single": compile_single}}
+          "compile_s": {"together": compile_together, "single": compile_single,
+                        "single_programs": len(singles)}}
 
 
 def markdown(doc: dict) -> str:
   m, acc = doc["machine"], doc["accelerator"]
-  lines = ["## K seeds together (one vmapped program) vs one by one", "",
+  what = "configurations" if doc.get("members") == "configs" else "seeds"
+  lines = [f"## K {what} together (one vmapped program) vs one by one", "",
            f"- Machine: {m['cpu_model']}, {m['cores']} cores; JAX backend {acc['jax_backend']} "
            f"({acc['jax_devices']} x {acc['jax_device_kind']}); date {doc['started']}",
            f"- Command: `{doc['command']}`",
-           "- Samples/s over all seeds, compile excluded; batch per seed as given", "",
+           f"- Samples/s over all {what}, compile excluded; batch per member as given; "
+           "compile: the first call of each compiled program (one by one: "
+           + ("one program per configuration, summed)" if what == "configurations" else
+              "one program)"), "",
            "| model | K | batch | together (samples/s) | one by one (samples/s) | speed-up | "
            "compile together / single (s) |", "|---|---|---|---|---|---|---|"]
   for r in doc["rows"]:
@@ -109,16 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--model", action="append", default=[], choices=tuple(MODELS))
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--members", default="seeds", choices=("seeds", "configs"),
+                      help="K seeds of one config, or K configurations (a sweep's group)")
   parser.add_argument("--out", default=None)
   raw = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(raw)
   rows = []
   for model in args.model or list(MODELS):
     for k in args.k or [1, 2, 4]:
-      rows.append(measure(model, k, steps=args.steps, batch_size=args.batch_size))
+      rows.append(measure(model, k, steps=args.steps, batch_size=args.batch_size,
+                          members=args.members))
       print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   machine = sysinfo.machine_info()
-  doc = {"benchmark": "seeds", "command": " ".join(["python -m benchmarks.seeds", *raw]),
+  doc = {"benchmark": "seeds", "members": args.members,
+         "command": " ".join(["python -m benchmarks.seeds", *raw]),
          "started": machine["date"], "machine": machine,
          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
          "rows": rows}
@@ -126,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   tag = ("gpu-" + str(acc["jax_device_kind"]).lower().replace(" ", "-")
          if acc["jax_backend"] == "gpu" else f"cpu-{machine['cores']}c")
   for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
-                                   f"seeds-{tag}", doc, markdown(doc)):
+                                   f"{'sweep' if args.members == 'configs' else 'seeds'}-{tag}",
+                                   doc, markdown(doc)):
     print(f"wrote {path}", file=sys.stderr)
   print(markdown(doc))
   return 0

@@ -119,6 +119,8 @@ def _model_fields() -> list[Field]:
                           "modality when one is embedded alone (the unimodal protocol)"),
       "partner_dropout": (PROBABILITY, "in train mode, the share of examples whose fusion sees "
                           "the stand-in instead of the partner"),
+      "input_noise": (number(0), "in train mode, the standard deviation of Gaussian noise "
+                      "added to every (standardised) input feature"),
   }
   skip = ("num_classes", "dtype", "param_dtype", "bn_momentum", "bn_epsilon", "visual_dim",
           "audio_dim")

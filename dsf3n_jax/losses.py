@@ -297,6 +297,56 @@ def _center_term(outputs, batch, centers, *, axis_name=None):
           + center_loss(outputs[1], batch["label"], centers, **kw))
 
 
+def _unit(x: Array) -> Array:
+  return x / jnp.maximum(_norm(x, keepdims=True), 1e-12)
+
+
+def distill_loss(emb_visual: Array, emb_audio: Array, teacher_visual: Array,
+                 teacher_audio: Array, labels: Array, *, num_classes: int,
+                 target: Literal["pair", "class"] = "pair", mask: Array | None = None,
+                 axis_name: str | None = None) -> Array:
+  """Each modality's embedding alone pulled toward what the paired embeddings know.
+
+  The teacher of pair i is ``t_i = unit(unit(p_v,i) + unit(p_a,i))``: the direction
+  of its two paired embeddings (constants: no gradient flows into them).
+  ``target="pair"``: both alone embeddings of pair i toward ``t_i``;
+  ``"class"``: toward the unit mean of ``t`` over the (global) batch's items of the
+  pair's class, the class centre in the paired space. The loss is the mean over
+  the batch of ``(1 - cos(a_v, target)) + (1 - cos(a_a, target))``.
+  """
+  t = jax.lax.stop_gradient(_unit(_unit(teacher_visual) + _unit(teacher_audio)))
+  weights = _weights(mask, t.shape[0], t.dtype)
+  if target == "class":
+    onehot = jax.nn.one_hot(_class_ids(labels, num_classes), num_classes, dtype=t.dtype)
+    sums = psum(jnp.einsum("bk,bd->kd", onehot * weights[:, None], t), axis_name)
+    t = onehot @ jax.lax.stop_gradient(_unit(sums))
+  elif target != "pair":
+    raise ValueError(f"target: expected 'pair' or 'class', got {target!r}")
+  cos = jnp.sum(_unit(emb_visual) * t, axis=-1) + jnp.sum(_unit(emb_audio) * t, axis=-1)
+  return _mean(2.0 - cos, weights, axis_name)
+
+
+def _distill_term(target):
+  def term(outputs, batch, params, *, axis_name=None):
+    """0 without a teacher (the paired loss); the unimodal loss's batch holds the paired
+    outputs as ``"teacher"`` (``steps.train_step``)."""
+    del params
+    teacher = batch.get("teacher")
+    if teacher is None:
+      return jnp.zeros((), outputs[0].dtype)
+    return distill_loss(outputs[0], outputs[1], teacher[0], teacher[1], batch["label"],
+                        num_classes=outputs[2].shape[-1], target=target,
+                        mask=batch.get("mask"), axis_name=axis_name)
+  term.__name__ = term.__qualname__ = f"distill_{target}"
+  return term
+
+
+# The alone embeddings toward their pair's paired embedding, or toward its class centre in
+# the paired space (weights in ``config.loss.unimodal_terms``; 0 in ``loss.terms``).
+register_loss_term("distill_pair")(_distill_term("pair"))
+register_loss_term("distill_class")(_distill_term("class"))
+
+
 def make_loss(weights: Mapping[str, float], *,
               options: Mapping[str, Mapping[str, Any]] | None = None) -> LossFn:
   """``loss(outputs, batch, aux, *, axis_name=None) -> (total, parts)`` of weighted terms.
@@ -330,7 +380,7 @@ def loss_from_config(loss_config: Mapping[str, Any], *, unimodal: bool = False,
   """The loss ``config.loss`` describes (``unimodal``: its unimodal form).
 
   ``weights`` replace the config's weights of the same terms; they may be
-  traced arrays (``steps.per_device_weighted_step``).
+  traced arrays (``steps.per_device_hyper_step``).
   """
   weights = weights if weights is not None else term_weights(loss_config, unimodal=unimodal)
   terms = {name: lookup_term(name) for name in weights}

@@ -167,13 +167,14 @@ def config_search_path(argv) -> list[str]:
   return sys.path
 
 
-def run():
-  """Console entry point: an error is ``error: ...`` lines and exit status 2 or 1; a run
+def run(entry=None):
+  """Console entry point of ``main`` (or ``entry``, a command with these flags and more:
+  ``dsf3n_jax.sweep``): an error is ``error: ...`` lines and exit status 2 or 1; a run
   stopped by SIGTERM / SIGINT or a preemption notice, with its checkpoint saved, is one
   ``preempted: ...`` line and exit status 75 (``training.preemption.EXIT_STATUS``)."""
   config_search_path(sys.argv[1:])  # so any config can `from configs import default`
   try:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(entry or main, flags_parser=_parse_flags)
   except Exception as e:  # noqa: BLE001 - reported in one line each; KeyboardInterrupt passes
     from dsf3n_jax.training import preemption  # pylint: disable=g-import-not-at-top
     if isinstance(e, preemption.Preempted):  # a checkpoint was saved: the status to requeue on

@@ -285,3 +285,14 @@ def test_the_bilinear_benchmark_times_each_block_size(tmp_path):
   rows = bilinear.measure(8, [0, 4], dim=8, repeats=1)
   assert [r["block"] for r in rows] == [0, 4]
   assert all(r["forward_ms"] > 0 and r["forward_backward_gflops"] > 0 for r in rows)
+
+
+def test_the_sweep_throughput_benchmark_times_k_configurations_both_ways(tmp_path):
+  from benchmarks import seeds as seeds_bench
+  assert seeds_bench.main(["--members=configs", "--model=tiny", "--k=2", "--steps=1",
+                           "--batch_size=8", f"--out={tmp_path}"]) == 0
+  (doc_path,) = tmp_path.glob("sweep-*.json")
+  (row,) = json.loads(doc_path.read_text())["rows"]
+  assert row["members"] == "configs" and row["compile_s"]["single_programs"] == 2
+  assert row["together_samples_per_s"] > 0 and row["one_by_one_samples_per_s"] > 0
+  assert "K configurations together" in doc_path.with_suffix(".md").read_text()

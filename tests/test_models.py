@@ -337,3 +337,33 @@ def test_partner_dropout_mixes_paired_and_alone_outputs():
   assert np.all(from_alone | from_paired) and 0 < from_alone.sum() < 16
   with pytest.raises(ValueError, match="missing_partner: expected one of self, learned, mean"):
     DSF3N(5, **SMALL, missing_partner="zeros").init(jax.random.key(0), visual, audio)
+
+
+def test_input_noise_is_drawn_per_example_and_only_in_training():
+  rng = np.random.default_rng(0)
+  visual = rng.normal(size=(8, 1024)).astype(np.float32)
+  audio = rng.normal(size=(8, 128)).astype(np.float32)
+  variables = DSF3N(5, **SMALL).init(jax.random.key(0), visual, audio)
+  model = DSF3N(5, **SMALL, input_noise=0.5)
+
+  def noisy(x, salt, ids, scale=None):
+    return model.apply(variables, x, salt, train=True, example_ids=ids, scale=scale,
+                       method="_noisy", rngs={"dropout": jax.random.key(7)})
+
+  ids = jnp.arange(8) + 100
+  whole = noisy(visual, 0, ids)
+  # An example's noise is a function of its global index: a shard of the batch gets the same.
+  np.testing.assert_array_equal(noisy(visual[4:], 0, ids[4:]), whole[4:])
+  delta = np.asarray(whole) - visual
+  assert 0.45 < delta.std() < 0.55 and abs(delta.mean()) < 0.05
+  assert not np.allclose(noisy(audio, 1, ids) - audio, delta[:, :128])  # modalities differ
+  np.testing.assert_allclose(np.asarray(noisy(visual, 0, ids, scale=1.0)) - visual, 2 * delta,
+                             rtol=1e-5, atol=1e-5)  # a traced scale in place of the field
+  # Evaluation, and the default (0), see the features as they are.
+  np.testing.assert_array_equal(
+      model.apply(variables, visual, 0, train=False, example_ids=ids, method="_noisy"), visual)
+  np.testing.assert_array_equal(
+      DSF3N(5, **SMALL).apply(variables, visual, 0, train=True, example_ids=ids,
+                              method="_noisy", rngs={"dropout": jax.random.key(7)}), visual)
+  with pytest.raises(ValueError, match="input_noise: expected a standard deviation >= 0"):
+    DSF3N(5, **SMALL, input_noise=-1.0).init(jax.random.key(0), visual, audio)

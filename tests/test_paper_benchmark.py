@@ -17,7 +17,8 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
   on_disk = json.loads((tmp_path / "paper-synthetic-quick.json").read_text())
   assert on_disk["rows"] == json.loads(json.dumps(doc["rows"], default=str))
   rows = {r["key"]: r for r in on_disk["rows"]}
-  expected = {*paper.BASELINES, *(a.key for a in paper.ABLATIONS), "unimodal_recipe"}
+  expected = {*paper.BASELINES, *(a.key for a in paper.ABLATIONS), "unimodal_recipe",
+              "swept_recipe"}
   assert set(rows) == expected, set(rows) ^ expected
   for key, row in rows.items():
     assert row["error"] is None, (key, row["error"])
@@ -37,6 +38,11 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
   assert rows["no_intra"]["config"]["loss"]["terms"]["center"] == 0.0
   assert rows["no_mfa"]["config"]["model"]["fusion_kw"]["num_stages"] == 0
   assert rows["full"]["config"]["loss"]["terms"]["id"] == 1.0
+  # The swept row: the sweep's configurations, the chosen one's test numbers.
+  swept = rows["swept_recipe"]
+  assert [c["overrides"] for c in swept["sweep"]] == paper.swept_configurations(True)
+  assert swept["chosen"]["overrides"] in paper.swept_configurations(True)
+  assert "validation" in swept["chosen"]["selected_on"]
   for p in ("paired", "unimodal"):  # the paper's ordering, checked whichever way it comes out
     check = on_disk["ordering"][p]
     assert isinstance(check["full_is_best"], bool) and check["best"] in rows

@@ -115,6 +115,10 @@ class DSF3N(nn.Module):
       embedding of each modality is computed with ``missing_partner`` in place
       of its partner (per example and modality, drawn from the ``dropout``
       rng keyed by the example's global index; 0 = the original).
+    input_noise: in train mode, the standard deviation of Gaussian noise added
+      to every input feature (features are standardised; per example, drawn
+      from the ``dropout`` rng keyed by the example's global index; 0 = the
+      original). A regulariser for each modality's path alone.
     bn_momentum, bn_epsilon: BatchNorm settings (Flax momentum convention).
     axis_name: mapped axis over which BatchNorm statistics are synchronised.
     dtype: computation dtype (None: that of inputs and parameters).
@@ -142,6 +146,7 @@ class DSF3N(nn.Module):
   dropout_rate: float = OutputHead.dropout_rate
   missing_partner: MissingPartner = "self"
   partner_dropout: float = 0.0
+  input_noise: float = 0.0
   bn_momentum: float = FineGrainedNet.bn_momentum
   bn_epsilon: float = FineGrainedNet.bn_epsilon
   axis_name: str | None = None
@@ -152,6 +157,9 @@ class DSF3N(nn.Module):
     if self.missing_partner not in MISSING_PARTNERS:
       raise ValueError(f"missing_partner: expected one of {', '.join(MISSING_PARTNERS)}, got "
                        f"{self.missing_partner!r}")
+    if not self.input_noise >= 0.0:
+      raise ValueError(f"input_noise: expected a standard deviation >= 0, got "
+                       f"{self.input_noise!r}")
     if not 0.0 <= self.partner_dropout <= 1.0:
       raise ValueError(f"partner_dropout: expected a probability in [0, 1], got "
                        f"{self.partner_dropout!r}")
@@ -189,15 +197,30 @@ class DSF3N(nn.Module):
     if x.ndim != 2 or x.shape[-1] != dim:
       raise ValueError(f"{name}: expected shape (batch, {dim}), got {x.shape}")
 
-  def visual_tokens(self, visual: jax.Array, *, train: bool = False) -> jax.Array:
+  def visual_tokens(self, visual: jax.Array, *, train: bool = False,
+                    example_ids: jax.Array | None = None, input_noise=None) -> jax.Array:
     """Encoder and fine-grained net: (batch, visual_dim) -> (batch, tokens, dim)."""
     self._check("visual", visual, self.visual_dim)
+    visual = self._noisy(visual, 0, train=train, example_ids=example_ids, scale=input_noise)
     return self.visual_fine_grained(self.visual_encoder(visual), train=train)
 
-  def audio_tokens(self, audio: jax.Array, *, train: bool = False) -> jax.Array:
+  def audio_tokens(self, audio: jax.Array, *, train: bool = False,
+                   example_ids: jax.Array | None = None, input_noise=None) -> jax.Array:
     """Encoder and fine-grained net: (batch, audio_dim) -> (batch, tokens, dim)."""
     self._check("audio", audio, self.audio_dim)
+    audio = self._noisy(audio, 1, train=train, example_ids=example_ids, scale=input_noise)
     return self.audio_fine_grained(self.audio_encoder(audio), train=train)
+
+  def _noisy(self, x: jax.Array, salt: int, *, train: bool, example_ids: jax.Array | None,
+             scale=None) -> jax.Array:
+    """``x`` plus ``input_noise`` (or ``scale``, a traced rate) times standard normal noise
+    in train mode; each example's draw keyed by its global index."""
+    if not train or self.input_noise <= 0 or self.is_initializing():
+      return x
+    ids = jnp.arange(x.shape[0]) if example_ids is None else example_ids
+    keys = example_keys(jax.random.fold_in(self.make_rng("dropout"), 2 + salt), ids)
+    noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
+    return x + (self.input_noise if scale is None else scale) * noise
 
   def _fuse(self, f_v: jax.Array, f_a: jax.Array, *, train: bool,
             example_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -262,15 +285,17 @@ class DSF3N(nn.Module):
     return DSF3NOutput(o_v, o_a, logits_v, logits_a)
 
   def _drop_partner(self, paired: jax.Array, alone: jax.Array, example_ids: jax.Array,
-                    salt: int) -> jax.Array:
-    """Per example, ``alone`` with probability ``partner_dropout``, else ``paired``."""
+                    salt: int, rate) -> jax.Array:
+    """Per example, ``alone`` with probability ``rate``, else ``paired``."""
     key = jax.random.fold_in(self.make_rng("dropout"), salt)
     keys = example_keys(key, example_ids)
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, self.partner_dropout))(keys)
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)
     return jnp.where(drop.reshape(-1, *([1] * (paired.ndim - 1))), alone, paired)
 
   def __call__(self, visual: jax.Array, audio: jax.Array, *, train: bool = False,
-               example_ids: jax.Array | None = None, unimodal: bool = False):
+               example_ids: jax.Array | None = None, unimodal: bool = False,
+               partner_dropout: float | jax.Array | None = None,
+               input_noise: float | jax.Array | None = None):
     """Runs the model on pairs.
 
     Args:
@@ -280,6 +305,10 @@ class DSF3N(nn.Module):
       example_ids: (batch,) global indices of the examples; dropout masks are a
         function of them (default: positions in the batch).
       unimodal: also return the outputs of each modality embedded alone.
+      partner_dropout: the rate in place of the field's (a traced array in a
+        sweep, ``training.sweep``); whether partners are dropped at all is the
+        field's ``partner_dropout > 0``.
+      input_noise: likewise, the noise's scale in place of the field's.
 
     Returns:
       ``DSF3NOutput(emb_visual, emb_audio, logits_visual, logits_audio)`` of
@@ -290,8 +319,9 @@ class DSF3N(nn.Module):
     if visual.shape[0] != audio.shape[0]:
       raise ValueError(f"visual and audio batch sizes differ: {visual.shape[0]} vs "
                        f"{audio.shape[0]}")
-    f_v = self.visual_tokens(visual, train=train)
-    f_a = self.audio_tokens(audio, train=train)
+    tokens = dict(train=train, example_ids=example_ids, input_noise=input_noise)
+    f_v = self.visual_tokens(visual, **tokens)
+    f_a = self.audio_tokens(audio, **tokens)
     fuse = functools.partial(self._fuse, train=train, example_ids=example_ids)
     m_v, m_a = fuse(f_v, f_a)
     need_alone = unimodal or (train and self.partner_dropout > 0)
@@ -303,8 +333,9 @@ class DSF3N(nn.Module):
       _, alone_a = fuse(s_v, f_a)
     if train and self.partner_dropout > 0:
       ids = jnp.arange(visual.shape[0]) if example_ids is None else example_ids
-      m_v = self._drop_partner(m_v, alone_v, ids, 0)
-      m_a = self._drop_partner(m_a, alone_a, ids, 1)
+      rate = self.partner_dropout if partner_dropout is None else partner_dropout
+      m_v = self._drop_partner(m_v, alone_v, ids, 0, rate)
+      m_a = self._drop_partner(m_a, alone_a, ids, 1, rate)
     paired = self._outputs(m_v, m_a, train=train, example_ids=example_ids)
     if not unimodal:
       return paired

@@ -18,6 +18,7 @@ not for runs that need checkpoints.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,17 +61,20 @@ def seed_state(states: TrainState, i: int) -> TrainState:
   return jax.tree.map(lambda x: x[i], states)
 
 
-def make_seeds_step(step_fn: Callable, mesh: Mesh, *, num_shared: int = 0) -> Callable:
-  """``(stacked states, stacked global batches, *shared) -> (states, per-seed metrics)``.
+def make_seeds_step(step_fn: Callable, mesh: Mesh, *, num_shared: int = 0,
+                    num_stacked: int = 0) -> Callable:
+  """``(stacked states, stacked global batches, *stacked, *shared) -> (states, metrics)``.
 
   ``step_fn`` is a per-device step (``steps.per_device_step``); it is
   vmapped over the seed axis inside the ``data`` ``shard_map``, so its
-  collectives still reduce over devices, per seed. Its ``num_shared`` further
-  arguments are the same for every seed and device (e.g. the loss weights of
-  ``steps.per_device_weighted_step``).
+  collectives still reduce over devices, per seed. Its ``num_stacked`` further
+  arguments have the seed axis too (each member's hyper-parameters,
+  ``steps.per_device_hyper_step``); the ``num_shared`` after them are the same for
+  every seed and device.
   """
-  mapped = jax.shard_map(jax.vmap(step_fn, in_axes=(0, 0) + (None,) * num_shared), mesh=mesh,
-                         in_specs=(P(), P(None, AXIS)) + (P(),) * num_shared,
+  in_axes = (0, 0) + (0,) * num_stacked + (None,) * num_shared
+  mapped = jax.shard_map(jax.vmap(step_fn, in_axes=in_axes), mesh=mesh,
+                         in_specs=(P(), P(None, AXIS)) + (P(),) * (num_stacked + num_shared),
                          out_specs=(P(), P()), check_vma=False)
   return jax.jit(mapped, donate_argnums=(0,))
 
@@ -110,11 +114,61 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
   """
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds: expected distinct integers, got {list(seeds)}")
-  run = run_lib.prepare_run(config)
-  # The loss weights traced: a grid of configs differing only in them compiles one step.
-  step_fn, weights = steps_lib.per_device_weighted_step(config, run.model, run.tx)
-  step = make_seeds_step(step_fn, run.mesh, num_shared=1)
-  weights = jax.tree.map(jnp.asarray, weights)
+  return train_group([config] * len(seeds), seeds, on_epoch=on_epoch)
+
+
+def program_key(config: ml_collections.ConfigDict) -> str:
+  """What must be equal for configs to train as one program (``train_group``): the config
+  without its hyper-parameters' values (``steps.hyper_params``) and seed, but with
+  whether each is on (weight decay, a unimodal loss, partner dropout)."""
+  c = json.loads(config.to_json_best_effort())
+  c.pop("seed", None)
+  for section, key in HYPER_FIELDS:
+    value = c[section].pop(key, 0.0)
+    if key != "lr":
+      c[section][f"{key} > 0"] = bool(value and value > 0)
+  c["loss"]["terms"] = sorted(c["loss"].get("terms", {}))
+  c["loss"].pop("unimodal_terms", None)  # weights of some of loss.terms (config_check)
+  return json.dumps(c, sort_keys=True)
+
+
+# The (section, key) of the config values ``steps.hyper_params`` traces, besides the loss
+# terms' weights (``loss.terms`` and ``loss.unimodal_terms``).
+HYPER_FIELDS = (("optim", "lr"), ("optim", "weight_decay"), ("model", "partner_dropout"),
+                ("model", "input_noise"), ("loss", "unimodal_weight"))
+
+
+def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[int], *,
+                on_epoch: Callable[[int, dict[str, np.ndarray], float], None] | None = None,
+                on_states: Callable[[int, TrainState], None] | None = None,
+                run: run_lib.Run | None = None,
+                ) -> tuple[run_lib.Run, TrainState, list[dict[str, Any]]]:
+  """Trains member i, ``configs[i]`` with seed ``seeds[i]``, every member at once.
+
+  The configs must differ only in their hyper-parameters (``steps.hyper_params``:
+  learning rate, weight decay, partner dropout, input noise, the loss weights) and seed:
+  ``program_key`` equal. Each member's values are stacked and traced, so one
+  compiled step trains all of them, and member i ends as ``train_and_evaluate``
+  would train ``configs[i]`` with ``config.seed = seeds[i]`` (streamed batches).
+  Returns as ``train_seeds``; ``on_states(epoch, states)`` is called after each epoch
+  with the stacked states (for evaluations). ``run``: ``run.prepare_run(configs[0])``
+  when the caller has it already.
+  """
+  if not configs or len(configs) != len(seeds):
+    raise ValueError(f"train_group: expected one seed per config, got {len(configs)} "
+                     f"configs and {len(seeds)} seeds")
+  keys = [program_key(c) for c in configs]
+  if any(k != keys[0] for k in keys):
+    bad = next(i for i, k in enumerate(keys) if k != keys[0])
+    raise ValueError(f"train_group: config {bad} differs from config 0 in more than the "
+                     f"hyper-parameters a sweep traces ({', '.join(HYPER_NAMES)})")
+  config = configs[0]
+  run = run or run_lib.prepare_run(config)
+  step_fn, _ = steps_lib.per_device_hyper_step(config, run.model,
+                                               steps_per_epoch=run.steps_per_epoch)
+  step = make_seeds_step(step_fn, run.mesh, num_stacked=1)
+  hyper = jax.device_put(_stack(*[jax.tree.map(jnp.asarray, steps_lib.hyper_params(c))
+                                  for c in configs]), NamedSharding(run.mesh, P()))
   states = init_states(run, seeds)
   batches = SeedBatches(run.sources.train, seeds=seeds, global_batch_size=config.batch_size,
                         mesh=run.mesh, shuffle=config.data.shuffle)
@@ -123,7 +177,7 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
     for epoch in range(1, config.num_epochs + 1):
       t0, collected = time.perf_counter(), []
       for _ in range(run.steps_per_epoch):
-        states, m = step(states, next(batches), weights)
+        states, m = step(states, next(batches), hyper)
         collected.append({k: m[k] for k in HISTORY_KEYS if k in m})
       means = {k: np.mean(np.stack([np.asarray(c[k]) for c in collected]), axis=0)
                for k in collected[0]}
@@ -132,9 +186,15 @@ def train_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int], *,
                       **{k: v.tolist() for k, v in means.items()}})
       if on_epoch is not None:
         on_epoch(epoch, means, seconds)
+      if on_states is not None:
+        on_states(epoch, states)
   finally:
     batches.close()
   return run, states, history
+
+
+HYPER_NAMES = tuple(f"{s}.{k}" for s, k in HYPER_FIELDS) + ("loss.terms.*",
+                                                               "loss.unimodal_terms.*")
 
 
 def finite_seeds(states: TrainState) -> np.ndarray:

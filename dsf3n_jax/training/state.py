@@ -147,9 +147,11 @@ def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> D
   return model_def(**kw, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
+                           lr=None) -> optax.Schedule:
   """The network's learning rate as a function of the step.
+
+  ``lr``: the base rate in place of ``optim.lr`` (a traced array in a sweep).
 
   ``constant``: ``optim.lr`` (what the original trained with: its
   ``train_model.py`` has the call of ``adjust_learning_rate`` commented out,
@@ -163,7 +165,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   epochs 9-19. The centres' SGD is a separate optimiser it never touches.
   ``cosine``: from lr down to 0 over ``config.num_epochs``.
   """
-  lr = config.optim.lr
+  lr = config.optim.lr if lr is None else lr
   if config.optim.schedule == "constant":
     return optax.constant_schedule(lr)
   if config.optim.schedule == "warmup_step":
@@ -179,24 +181,29 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
                    f"got {config.optim.schedule!r}")
 
 
-def build_optimizer(config: ml_collections.ConfigDict,
-                    steps_per_epoch: int) -> optax.GradientTransformation:
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
+                    lr=None, weight_decay=None) -> optax.GradientTransformation:
   """Adam (b1 0.5, b2 0.999) on the network; each loss term's parameters by its own rule.
 
   One ``optax.multi_transform`` over ``TrainState.trainable``: the group
   ``"net"``, and one group per term of ``config.loss.terms`` that has
   parameters, named after it (the centres: plain SGD at ``optim.center_lr``;
   a term without its own rule: the network's).
+
+  ``lr`` and ``weight_decay`` replace ``optim.lr`` and ``optim.weight_decay``'s value;
+  they may be traced arrays (a sweep, ``training.sweep``). Whether there is weight decay
+  at all (the optimiser state's structure) is ``optim.weight_decay > 0``.
   """
   o = config.optim
   net = []
   if o.grad_clip_norm > 0:
     net.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  schedule = learning_rate_schedule(config, steps_per_epoch)
+  schedule = learning_rate_schedule(config, steps_per_epoch, lr=lr)
   # optax.adam / adamw, with the bias corrections computed as PyTorch's Adam does.
   adam = [scale_by_adam(o.b1, o.b2, o.eps)]
   if o.weight_decay > 0:
-    adam.append(optax.add_decayed_weights(o.weight_decay))
+    adam.append(optax.add_decayed_weights(o.weight_decay if weight_decay is None
+                                          else weight_decay))
   net.append(optax.chain(*adam, optax.scale_by_learning_rate(schedule)))
   groups = {"net": optax.chain(*net)}
   for name in config.loss.terms:

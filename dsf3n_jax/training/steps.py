@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ from dsf3n_jax import input_pipeline, losses, metrics
 from dsf3n_jax import mesh as mesh_lib
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N, DSF3NOutput
-from dsf3n_jax.training.state import TrainState, memoized
+from dsf3n_jax.training.state import TrainState, build_optimizer, memoized
 
 Batch = Mapping[str, jax.Array]
 
@@ -56,7 +57,9 @@ def cast_for_compute(params, dtype):
 
 def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
                tx: optax.GradientTransformation, loss_fn: losses.LossFn,
-               unimodal_weight: float = 0.0, unimodal_loss_fn: losses.LossFn | None = None,
+               unimodal_weight: float | jax.Array = 0.0,
+               unimodal_loss_fn: losses.LossFn | None = None, unimodal: bool | None = None,
+               model_kw: Mapping[str, jax.Array] | None = None,
                axis_name: str = AXIS) -> tuple[TrainState, dict]:
   """One optimiser step on this device's shard of the global batch.
 
@@ -69,27 +72,33 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
   loss; ``aux`` is ``state.aux``. ``unimodal_weight > 0`` adds that weight
   times ``unimodal_loss_fn`` (None: ``loss_fn``) of the outputs of each
   modality embedded alone (``DSF3N.embed_visual`` / ``embed_audio``); its
-  parts are reported as ``unimodal_<part>``.
+  parts are reported as ``unimodal_<part>``. ``unimodal``: whether that term is
+  there, when ``unimodal_weight`` is a traced array (a sweep); ``model_kw``: rates of
+  the model's call in place of its fields' (``partner_dropout``, ``input_noise``: traced
+  arrays in a sweep).
   """
   labels = batch["label"]
   local = labels.shape[0]
   example_ids = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  unimodal = unimodal_weight > 0
+  if unimodal is None:
+    unimodal = unimodal_weight > 0
+  rate = dict(model_kw or {})
 
   def objective(trainable):
     outputs, mutated = model.apply(
         {"params": cast_for_compute(trainable["net"], getattr(model, "dtype", None)),
          "batch_stats": state.batch_stats},
         batch["visual"], batch["audio"], train=True, example_ids=example_ids,
-        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal)
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal, **rate)
     outputs = jax.tree.map(_loss_precision, outputs)
     paired = outputs[0] if unimodal else outputs
     loss_batch = {"label": labels, "mask": None}
     total, parts = loss_fn(paired, loss_batch, trainable["aux"], axis_name=axis_name)
-    if unimodal:
+    if unimodal:  # the paired outputs are the teacher of distillation terms
       alone_total, alone_parts = (unimodal_loss_fn or loss_fn)(
-          outputs[1], loss_batch, trainable["aux"], axis_name=axis_name)
+          outputs[1], {**loss_batch, "teacher": jax.lax.stop_gradient(paired)},
+          trainable["aux"], axis_name=axis_name)
       total = total + unimodal_weight * alone_total
       parts = {**parts, **{f"unimodal_{k}": v for k, v in alone_parts.items()}}
     return total, (parts, mutated["batch_stats"], paired)
@@ -120,33 +129,52 @@ def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
   and with ``config.loss.unimodal_weight > 0`` their unimodal form; a given
   ``loss_fn`` is used for both.
   """
+  unimodal_loss_fn = loss_fn
   if loss_fn is None:  # the config's weights bound as constants
-    step, weights = per_device_weighted_step(config, model, tx)
-    return functools.partial(step, weights=weights)
+    loss_fn = losses.loss_from_config(config.loss)
+    unimodal_loss_fn = losses.loss_from_config(config.loss, unimodal=True)
   return functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                           unimodal_weight=_unimodal_weight(config))
+                           unimodal_weight=_unimodal_weight(config),
+                           unimodal_loss_fn=unimodal_loss_fn)
 
 
-def per_device_weighted_step(config: ml_collections.ConfigDict, model: DSF3N,
-                             tx: optax.GradientTransformation,
-                             ) -> tuple[Callable, dict[str, dict[str, float]]]:
-  """``(state, batch, weights) -> (state, metrics)``: the config's loss terms with their
-  weights an argument, and the config's weights ``{"paired": ..., "unimodal": ...}``.
+def hyper_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The values of ``config`` that ``per_device_hyper_step`` takes as (traced) arguments:
+  the network's learning rate and weight decay, the partner-dropout rate, the input
+  noise, the unimodal loss's weight and every term's weight of both losses."""
+  return {"lr": float(config.optim.lr), "weight_decay": float(config.optim.weight_decay),
+          "partner_dropout": float(config.model.get("partner_dropout", 0.0)),
+          "input_noise": float(config.model.get("input_noise", 0.0)),
+          "unimodal_weight": _unimodal_weight(config),
+          "weights": {"paired": losses.term_weights(config.loss),
+                      "unimodal": losses.term_weights(config.loss, unimodal=True)}}
 
-  Passed as arrays, the weights are traced: configs that differ only in their
-  terms' weights (the paper's ablations) share one compiled step.
+
+def per_device_hyper_step(config: ml_collections.ConfigDict, model: DSF3N, *,
+                          steps_per_epoch: int) -> tuple[Callable, dict[str, Any]]:
+  """``(state, batch, hyper) -> (state, metrics)`` with ``hyper_params`` an argument, and
+  the config's ``hyper_params``.
+
+  Passed as arrays, the hyper-parameters are traced: configs that differ only in
+  their values share one compiled step, and a sweep stacks them (``training.seeds``).
+  What shapes the program stays the config's: whether there is weight decay, a unimodal
+  loss, partner dropout, input noise, and which loss terms.
   """
-  unimodal_weight = _unimodal_weight(config)
+  unimodal = _unimodal_weight(config) > 0
+  rates = [k for k in ("partner_dropout", "input_noise") if float(getattr(model, k, 0.0)) > 0]
 
-  def step(state: TrainState, batch: Batch, weights) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch: Batch, hyper) -> tuple[TrainState, dict]:
+    tx = build_optimizer(config, steps_per_epoch, lr=hyper["lr"],
+                         weight_decay=hyper["weight_decay"])
     return train_step(
         state, batch, model=model, tx=tx,
-        loss_fn=losses.loss_from_config(config.loss, weights=weights["paired"]),
-        unimodal_weight=unimodal_weight,
-        unimodal_loss_fn=losses.loss_from_config(config.loss, weights=weights["unimodal"]))
+        loss_fn=losses.loss_from_config(config.loss, weights=hyper["weights"]["paired"]),
+        unimodal_weight=hyper["unimodal_weight"], unimodal=unimodal,
+        unimodal_loss_fn=losses.loss_from_config(config.loss,
+                                                 weights=hyper["weights"]["unimodal"]),
+        model_kw={k: hyper[k] for k in rates})
 
-  return step, {"paired": losses.term_weights(config.loss),
-                "unimodal": losses.term_weights(config.loss, unimodal=True)}
+  return step, hyper_params(config)
 
 
 def _unimodal_weight(config: ml_collections.ConfigDict) -> float:

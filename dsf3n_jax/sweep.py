@@ -1,0 +1,529 @@
+"""Hyper-parameter sweeps, chosen on validation, many configurations trained as one program.
+
+  python -m dsf3n_jax.sweep --config=configs/paired_features.py:unimodal,small \
+      --config.data.path=FILE.npz --sweep=default --seeds=0,1,2 --workdir=DIR
+
+``--sweep`` is ``default`` (``DEFAULT_SWEEP``, the search space documented in the
+README), a spec ``PATH=V1,V2;PATH=V1,V2`` (the grid of every combination), or a
+``.json`` file holding such a grid (``{"optim.lr": [1e-3, 3e-3], ...}``) or a list
+of configurations (``[{"optim.lr": 1e-3}, {"optim.lr": 3e-3, ...}]``). Each path
+is a field of the ``--config`` config, set on top of it (``loss.terms.<name>`` and
+``loss.unimodal_terms.<name>`` may add a term).
+
+Every configuration trains once per seed. Configurations that differ only in the
+hyper-parameters ``training.seeds`` traces (the learning rate, weight decay,
+partner dropout, the unimodal weight and every loss term's weight) form one
+group: its members (configuration x seed) are stacked and trained by one
+compiled, vmapped step (``seeds.train_group``); each member ends exactly as
+``python -m dsf3n_jax.main`` trains its configuration with that seed. Other
+differences (widths, epochs, data settings) make separate groups, run one after
+the other.
+
+Each member keeps its best state on the validation split by its config's
+``selection_metric`` (as ``main`` selects its checkpoint, at the same epochs).
+Each configuration is scored by the mean over its seeds of the validation
+``--metric`` (default ``unimodal_map_average``); the best is chosen on
+validation only, and the test split is reported beside it, never used to choose.
+The workdir gets:
+
+- ``sweep.json`` and ``sweep.md``: every configuration, validation and test,
+  both protocols, mean and standard deviation over the seeds, and which was chosen;
+- ``chosen_config.py``: the chosen configuration, seed included:
+  ``python -m dsf3n_jax.main --config=DIR/chosen_config.py --workdir=...`` trains it
+  again;
+- ``chosen/``: a run directory with the chosen configuration's best seed, for
+  ``retrieve``, ``visualize`` and ``convert`` (``--workdir=DIR/chosen``).
+
+A finished group is saved at once; a rerun into the same workdir skips the
+groups whose configurations, seeds and metric are unchanged (a killed sweep
+resumes at its first unfinished group).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import flags
+
+from dsf3n_jax import main as main_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("sweep", None, "default, PATH=V1,V2;PATH=V1,V2 (a grid) or a .json file.")
+flags.DEFINE_string("seeds", "0", "Comma-separated seeds each configuration trains with.")
+flags.DEFINE_string("metric", "unimodal_map_average",
+                    "Validation metric the configuration is chosen by (mean over seeds).")
+
+# The default search space on top of ``configs/paired_features.py:unimodal`` (README,
+# "Sweeps"): 6 configurations in two programs (without and with input noise). Measured on
+# fsdd_digits and synthetic (docs/evaluation.md, "Sweeps"): the learning rate and the input
+# noise moved the unimodal test mAP most, and in opposite directions on the two sets (input
+# noise 1.0: +0.04 on synthetic, -0.07 on fsdd_digits), which is what the choice on
+# validation is for.
+DEFAULT_SWEEP: dict[str, list[Any]] = {
+    "model.input_noise": [0.0, 0.5, 1.0],
+    "optim.lr": [1e-3, 3e-3],
+}
+METRICS = ("map_average", "unimodal_map_average")
+REPORTED = ("map_average", "unimodal_map_average", "map_audio_to_visual",
+            "map_visual_to_audio", "unimodal_map_audio_to_visual",
+            "unimodal_map_visual_to_audio")
+ADDABLE = ("loss.terms", "loss.unimodal_terms")  # paths whose keys may be new
+
+
+# -- the configurations -------------------------------------------------------------------------
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    return text.strip()
+
+
+def _grid(grid: Mapping[str, Sequence[Any]], where: str) -> list[dict[str, Any]]:
+  for path, values in grid.items():
+    if not isinstance(values, (list, tuple)) or not values:
+      raise ValueError(f"{where}: {path!r}: expected a non-empty list of values, got "
+                       f"{values!r}")
+  paths = list(grid)
+  return [dict(zip(paths, combo)) for combo in itertools.product(*(grid[p] for p in paths))]
+
+
+def parse_sweep(text: str) -> list[dict[str, Any]]:
+  """``--sweep``'s configurations, each as ``{config path: value}`` overrides."""
+  text = (text or "").strip()
+  if not text:
+    raise ValueError("--sweep: expected default, PATH=V1,V2;... or a .json file, got nothing")
+  if text == "default":
+    return _grid(DEFAULT_SWEEP, "DEFAULT_SWEEP")
+  if text.endswith(".json"):
+    if not os.path.isfile(text):
+      raise ValueError(f"--sweep={text}: no such file")
+    try:
+      with open(text) as f:
+        spec = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--sweep={text}: not JSON ({e})") from e
+    if isinstance(spec, dict):
+      return _grid(spec, f"--sweep={text}")
+    if isinstance(spec, list) and spec and all(isinstance(c, dict) for c in spec):
+      return [dict(c) for c in spec]
+    raise ValueError(f"--sweep={text}: expected an object {{path: [values]}} (a grid) or a "
+                     f"non-empty list of {{path: value}} objects, got {type(spec).__name__}")
+  grid = {}
+  for item in (i for i in text.split(";") if i.strip()):
+    path, sep, values = item.partition("=")
+    if not sep or not path.strip() or not values.strip():
+      raise ValueError(f"--sweep: {item!r}: expected PATH=V1,V2 (e.g. optim.lr=1e-3,3e-3)")
+    grid[path.strip()] = [_literal(v) for v in values.split(",")]
+  return _grid(grid, "--sweep")
+
+
+def apply_overrides(base: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``base`` with each ``path: value`` set; an unknown path is an error."""
+  config = base.copy_and_resolve_references()
+  config.unlock()  # main's --config is locked; loss.terms may gain a term
+  for path, value in overrides.items():
+    *parents, last = path.split(".")
+    node = config
+    for i, p in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise ValueError(f"--sweep: {path}: the config has no field "
+                         f"{'.'.join(parents[:i + 1])!r}")
+      node = node[p]
+    parent = ".".join(parents)
+    if not isinstance(node, ml_collections.ConfigDict) or (
+        last not in node and parent not in ADDABLE):
+      raise ValueError(f"--sweep: {path}: the config has no field {path!r}")
+    try:
+      node[last] = value
+    except TypeError as e:
+      raise ValueError(f"--sweep: {path}={value!r}: {e}") from e
+  return config
+
+
+@dataclasses.dataclass
+class Group:
+  """Configurations that train as one program, each with every seed."""
+  configs: list[int]  # indices into the sweep's configurations
+  key: str  # seeds.program_key
+  fingerprint: str = ""
+
+
+def plan_groups(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[int],
+                metric: str) -> list[Group]:
+  """The configurations grouped by program, in order of first appearance."""
+  from dsf3n_jax.training import seeds as seeds_lib
+  groups: dict[str, Group] = {}
+  for i, config in enumerate(configs):
+    key = seeds_lib.program_key(config)
+    groups.setdefault(key, Group([], key)).configs.append(i)
+  for group in groups.values():
+    what = {"key": group.key, "seeds": list(seeds), "metric": metric,
+            "configs": [json.loads(configs[i].to_json_best_effort()) for i in group.configs]}
+    group.fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+  return list(groups.values())
+
+
+# -- training a group ---------------------------------------------------------------------------
+
+
+def _protocol(metric: str) -> str:
+  if metric not in METRICS:
+    raise ValueError(f"selection metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+  return "unimodal" if metric.startswith("unimodal_") else "paired"
+
+
+def _summary(values: Sequence[float | None]) -> dict[str, float | None]:
+  good = [v for v in values if v is not None and np.isfinite(v)]
+  return {"mean": float(np.mean(good)) if good else None,
+          "std": float(np.std(good)) if good else None, "n": len(good)}
+
+
+def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[int], *,
+                metric: str, log: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
+  """Trains one group's configurations x seeds together; evaluates each member's best state.
+
+  Returns the group's results (per configuration: each seed's selected epoch and its
+  validation and test metrics, both protocols) and ``(config index within the group,
+  seed, variables, config)`` of the best seed of the group's best configuration.
+  """
+  import jax
+
+  from dsf3n_jax import losses
+  from dsf3n_jax.training import seeds as seeds_lib
+  from dsf3n_jax.training import steps as steps_lib
+  members = [(c, s) for c in range(len(configs)) for s in seeds]
+  member_configs = [configs[c] for c, _ in members]
+  select_split = "validation"
+  best: list[dict[str, Any] | None] = [None] * len(members)
+  loss_fns = [losses.loss_from_config(c.loss) for c in configs]  # compiled once each
+  holder: dict[str, Any] = {}
+
+  def evaluate(run, state, c, split, protocol):
+    embed_fn = steps_lib.make_embed_fn(run.model, run.mesh, protocol=protocol)
+    return steps_lib.evaluate(embed_fn, state, getattr(run.sources, split), config=configs[c],
+                              mesh=run.mesh, split=split, loss_fn=loss_fns[c],
+                              protocol=protocol)
+
+  def on_states(epoch, states):
+    run = holder["run"]
+    config = configs[0]
+    if epoch % max(int(config.eval_every_epochs), 1) and epoch != config.num_epochs:
+      return
+    finite = seeds_lib.finite_seeds(states)
+    for i, (c, _) in enumerate(members):
+      if not finite[i]:
+        continue
+      state = seeds_lib.seed_state(states, i)
+      value = evaluate(run, state, c, holder["split"], _protocol(holder["metric"]))[
+          holder["metric"]]
+      if np.isfinite(value) and (best[i] is None or value > best[i]["value"]):
+        best[i] = {"epoch": epoch, "value": float(value),
+                   "state": jax.device_get(state.replace(opt_state=None))}
+    values = [b["value"] for b in best if b is not None]
+    log(f"epoch {epoch}: best {holder['split']} {holder['metric']} so far, per member: "
+        + (f"{min(values):.4f} .. {max(values):.4f}" if values else "none finite"))
+
+  def on_epoch(epoch, means, seconds):
+    loss = np.asarray(means["loss"])
+    log(f"epoch {epoch}/{configs[0].num_epochs} of {len(members)} members together "
+        f"({seconds:.1f} s), train loss {np.nanmin(loss):.3f} .. {np.nanmax(loss):.3f}")
+
+  from dsf3n_jax.training import run as run_lib
+  run = run_lib.prepare_run(configs[0])
+  holder["run"] = run
+  _, select_metric = run_lib.selection_of(configs[0])
+  if select_metric not in METRICS:
+    raise ValueError(f"config.selection_metric={configs[0].selection_metric!r}: a sweep selects "
+                     f"each member's state by one of {', '.join(METRICS)}")
+  holder["metric"] = select_metric
+  if run.sources.validation is None:
+    select_split = "test"
+    log("warning: no validation split (config.data.validation_fraction=0): each member's "
+        "best state and the choice are made on the test split")
+  holder["split"] = select_split
+  run, states, history = seeds_lib.train_group(member_configs, [s for _, s in members],
+                                               on_epoch=on_epoch, on_states=on_states,
+                                               run=run)
+  del states
+  per_config: list[dict[str, Any]] = [{"seeds": []} for _ in configs]
+  for i, (c, seed) in enumerate(members):
+    entry: dict[str, Any] = {"seed": seed, "epoch": None, "validation": None, "test": None}
+    if best[i] is not None:
+      state = best[i]["state"]
+      entry["epoch"] = best[i]["epoch"]
+      for split in ("validation", "test"):
+        if getattr(run.sources, split) is not None:
+          m = evaluate(run, state, c, split, "both")
+          entry[split] = {k: float(m[k]) for k in REPORTED}
+    per_config[c]["seeds"].append(entry)
+  for result in per_config:
+    result["summary"] = {
+        split: {k: _summary([(s[split] or {}).get(k) for s in result["seeds"]])
+                for k in REPORTED}
+        for split in ("validation", "test")}
+  score_split = "validation" if run.sources.validation is not None else "test"
+  scores = [r["summary"][score_split][metric]["mean"] for r in per_config]
+  top = _argmax(scores)
+  chosen = None
+  if top is not None:
+    seed_scores = [(s[score_split] or {}).get(metric) for s in per_config[top]["seeds"]]
+    k = _argmax(seed_scores)
+    i = members.index((top, seeds[k]))
+    chosen = (top, seeds[k], {"params": best[i]["state"].params,
+                              "batch_stats": best[i]["state"].batch_stats})
+  result = {"configs": per_config, "score_split": score_split,
+            "seconds": float(sum(h["seconds"] for h in history)),
+            "members": len(members), "epochs": int(configs[0].num_epochs)}
+  return result, chosen
+
+
+def _argmax(values: Sequence[float | None]) -> int | None:
+  good = [(v, -i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+  return -max(good)[1] if good else None
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+
+
+def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, Any]],
+              seeds: Sequence[int], workdir: str, *, metric: str = "unimodal_map_average",
+              command: str = "", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Trains every configuration x seed, group by group; writes the workdir's outputs.
+
+  Returns the report written to ``sweep.json``.
+  """
+  from dsf3n_jax import config_check, paths
+  from dsf3n_jax.training import restore
+  from dsf3n_jax.training import workdir as workdir_lib
+  log = log or workdir_lib.log
+  _protocol(metric)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds: expected distinct integers, got {list(seeds)}")
+  if not overrides:
+    raise ValueError("--sweep: no configurations")
+  configs = [apply_overrides(base, o) for o in overrides]
+  import jax
+  for i, config in enumerate(configs):
+    try:
+      config_check.validate(config, num_devices=jax.device_count())
+    except ValueError as e:
+      raise ValueError(f"--sweep configuration {i} ({_label(overrides[i])}): {e}") from e
+  groups = plan_groups(configs, seeds, metric)
+  root = workdir_lib.prepare(workdir)
+  report_path = root / "sweep.json"
+  lock = workdir_lib.WorkdirLock(root, name="sweep.lock")
+  lock.acquire()
+  try:
+    previous = _load(report_path)
+    done = previous.get("groups", {}) if isinstance(previous.get("groups"), dict) else {}
+    report = {"command": command, "metric": metric, "seeds": list(seeds),
+              "overrides": [dict(o) for o in overrides], "groups": {}, "machine": _machine()}
+    t0 = time.perf_counter()
+    for g, group in enumerate(groups):
+      name = f"group {g + 1}/{len(groups)}"
+      saved = done.get(group.fingerprint)
+      if saved is not None and (root / "groups" / group.fingerprint).is_dir():
+        log(f"{name}: {len(group.configs)} configurations x {len(seeds)} seeds: finished "
+            f"earlier, kept")
+        # The same configurations (the fingerprint says so), wherever they sit in this sweep.
+        report["groups"][group.fingerprint] = {**saved, "config_indices": list(group.configs)}
+        if saved.get("chosen"):
+          local = saved["config_indices"].index(saved["chosen"]["config"])
+          report["groups"][group.fingerprint]["chosen"] = {**saved["chosen"],
+                                                           "config": group.configs[local]}
+        continue
+      log(f"{name}: {len(group.configs)} configurations x {len(seeds)} seeds = "
+          f"{len(group.configs) * len(seeds)} members, one program")
+      result, chosen = train_group([configs[i] for i in group.configs], seeds, metric=metric,
+                                   log=lambda m, name=name: log(f"{name}: {m}"))
+      result["config_indices"] = list(group.configs)
+      if chosen is not None:
+        c, seed, variables = chosen
+        chosen_config = configs[group.configs[c]].copy_and_resolve_references()
+        chosen_config.seed = int(seed)
+        tmp = root / "groups" / f".{group.fingerprint}.tmp"
+        if tmp.exists():
+          shutil.rmtree(tmp)
+        restore.save_variables_as_run(tmp, variables, config=chosen_config)
+        if (root / "groups" / group.fingerprint).exists():  # left by a sweep killed here
+          shutil.rmtree(root / "groups" / group.fingerprint)
+        tmp.rename(root / "groups" / group.fingerprint)
+        result["chosen"] = {"config": group.configs[c], "seed": int(seed)}
+      report["groups"][group.fingerprint] = result
+      paths.atomic_write(report_path, json.dumps(report, indent=1))
+    report["seconds"] = time.perf_counter() - t0
+    finish(report, configs, root)
+    paths.atomic_write(report_path, json.dumps(report, indent=1))
+    paths.atomic_write(root / "sweep.md", markdown(report))
+  finally:
+    lock.release()
+  return report
+
+
+def finish(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict],
+           root) -> None:
+  """Adds every configuration's results and the choice; writes ``chosen_config.py`` and
+  ``chosen/``."""
+  from dsf3n_jax import paths
+  rows: list[dict[str, Any] | None] = [None] * len(configs)
+  for fp, group in report["groups"].items():
+    for local, index in enumerate(group["config_indices"]):
+      rows[index] = {"group": fp, **group["configs"][local],
+                     "score_split": group["score_split"]}
+  report["configs"] = rows
+  metric = report["metric"]
+  scores = [None if r is None else r["summary"][r["score_split"]][metric]["mean"] for r in rows]
+  top = _argmax(scores)
+  if top is None:
+    report["chosen"] = None
+    return
+  group = report["groups"][rows[top]["group"]]
+  if group["chosen"]["config"] != top:  # a group's run is its best configuration's
+    raise RuntimeError(f"sweep: the best configuration {top} is not its group's saved run "
+                       f"({group['chosen']['config']})")
+  seed = group["chosen"]["seed"]
+  report["chosen"] = {"config": top, "overrides": report["overrides"][top], "seed": seed,
+                      "selected_on": f"{rows[top]['score_split']} {metric}, mean over seeds",
+                      "run": "chosen", "config_file": "chosen_config.py"}
+  config = configs[top].copy_and_resolve_references()
+  config.seed = int(seed)
+  paths.atomic_write(root / "chosen_config.py", config_file(config, report, top))
+  target = root / "chosen"
+  tmp = root / ".chosen.tmp"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  shutil.copytree(root / "groups" / rows[top]["group"], tmp)
+  if target.exists():
+    shutil.rmtree(target)
+  tmp.rename(target)
+
+
+def config_file(config: ml_collections.ConfigDict, report: dict[str, Any], index: int) -> str:
+  """A config file ``main`` trains: the chosen configuration, every field, as JSON."""
+  text = json.dumps(json.loads(config.to_json_best_effort()), indent=1, sort_keys=True)
+  return (f'"""The configuration `python -m dsf3n_jax.sweep` chose: configuration {index} '
+          f'({_label(report["overrides"][index])}),\nseed {int(config.seed)}, on '
+          f'{report["chosen"]["selected_on"]}.\n\nCommand: {report["command"]}\n'
+          f'Train it again: python -m dsf3n_jax.main --config=<this file> --workdir=DIR\n"""\n\n'
+          "import json\n\nimport ml_collections\n\n"
+          f'CONFIG = json.loads(r"""{text}""")\n\n\n'
+          "def get_config(arg=None):\n"
+          "  if arg:\n"
+          "    raise ValueError(f\"this config takes no variants, got {arg!r}\")\n"
+          "  config = ml_collections.ConfigDict(CONFIG)\n"
+          "  for key in ('kernel_sizes', 'branch_features'):  # tuples in the defaults\n"
+          "    config.model[key] = tuple(config.model[key])\n"
+          "  return config\n")
+
+
+def _label(overrides: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the config as given"
+
+
+def _load(path) -> dict[str, Any]:
+  try:
+    return json.loads(path.read_text()) if path.exists() else {}
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def _machine() -> str:
+  import jax
+  d = jax.devices()[0]
+  return f"{len(jax.devices())} x {d.device_kind} ({jax.default_backend()}), {os.cpu_count()} cpus"
+
+
+def _cell(summary: Mapping[str, Any] | None) -> str:
+  if not summary or summary.get("mean") is None:
+    return "-"
+  return f"{summary['mean']:.4f} ± {summary['std']:.4f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+  """``sweep.md``: every configuration, validation and test, both protocols."""
+  metric = report["metric"]
+  chosen = report.get("chosen") or {}
+  lines = ["# Sweep", "",
+           f"- Command: `{report['command']}`",
+           f"- Seeds {report['seeds']}; each member's state: the best of its evaluations on "
+           f"validation by its config's selection metric; the configuration chosen by "
+           f"validation `{metric}`, mean over seeds. Test is reported, not used to choose.",
+           f"- Machine: {report.get('machine', '?')}; {report.get('seconds', 0) / 60:.1f} min "
+           "of training and evaluation in this process (groups kept from earlier runs not "
+           "counted)",
+           f"- Chosen: configuration {chosen.get('config', '-')}, seed {chosen.get('seed', '-')}"
+           f" (`chosen_config.py`, run `chosen/`)" if chosen else "- Chosen: none finished",
+           "",
+           "| # | configuration | validation unimodal | validation paired | test unimodal | "
+           "test paired | epochs selected |",
+           "|---|---|---|---|---|---|---|"]
+  for i, row in enumerate(report.get("configs") or []):
+    label = _label(report["overrides"][i])
+    if row is None:
+      lines.append(f"| {i} | {label} | - | - | - | - | - |")
+      continue
+    s = row["summary"]
+    mark = " **(chosen)**" if chosen.get("config") == i else ""
+    epochs = ", ".join(str(x["epoch"]) for x in row["seeds"])
+    lines.append(f"| {i} | {label}{mark} | {_cell(s['validation']['unimodal_map_average'])} | "
+                 f"{_cell(s['validation']['map_average'])} | "
+                 f"{_cell(s['test']['unimodal_map_average'])} | {_cell(s['test']['map_average'])}"
+                 f" | {epochs} |")
+  lines += ["", "mAP, cosine, average of both directions; mean ± standard deviation over the "
+            "seeds that finished finite."]
+  return "\n".join(lines) + "\n"
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise main_lib.cli.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from absl import logging
+
+  from dsf3n_jax import config_check, train
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if not FLAGS.sweep:
+    raise main_lib.cli.UsageError("--sweep: required (default, PATH=V1,V2;... or a .json file)")
+  try:
+    overrides = parse_sweep(FLAGS.sweep)
+    seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+  except ValueError as e:
+    raise main_lib.cli.UsageError(str(e) if "--" in str(e) else f"--seeds: {e}") from e
+  config = FLAGS.config
+  config_check.check_unknown_fields(config, train.default_config())
+  if str(config.model.dtype) == "float64":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+  command = "python -m dsf3n_jax.sweep " + " ".join(sys.argv[1:])
+  try:
+    report = run_sweep(config, overrides, seeds, FLAGS.workdir, metric=FLAGS.metric,
+                       command=command)
+  except ValueError as e:
+    if str(e).startswith("--"):
+      raise main_lib.cli.UsageError(str(e)) from e
+    raise
+  print(markdown(report))
+  print(f"sweep: {os.path.join(FLAGS.workdir, 'sweep.json')}")
+
+
+if __name__ == "__main__":
+  main_lib.run(main)

@@ -1,0 +1,189 @@
+"""Sweeps (dsf3n_jax.sweep): configurations differing in traced hyper-parameters train as one
+program, each member as its configuration alone; the choice is made on validation; the
+outputs (table, config file, run) are usable; a rerun resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsf3n_jax import losses, sweep
+from dsf3n_jax.training import restore
+from dsf3n_jax.training import seeds as seeds_lib
+from tests.test_seeds import _one_by_one
+from tests.test_train import REPO, tiny_config
+
+SPEC = ("optim.lr=1e-3,3e-3;model.partner_dropout=0.3;loss.unimodal_weight=1.0;"
+        "loss.terms.distill_class=0.0;loss.unimodal_terms.distill_class=0.0,0.5")
+
+
+def _base(**overrides):
+  config = tiny_config(**{"data.validation_fraction": 0.25, "num_epochs": 2,
+                          "selection_metric": "unimodal_map_average", **overrides})
+  config.unlock()
+  return config
+
+
+def test_each_member_of_a_group_trains_as_its_configuration_alone():
+  # Two configurations that differ in every traced kind of value: learning rate, weight
+  # decay, partner dropout, input noise, the unimodal weight and a loss term's weight. In
+  # float64: in
+  # float32, Adam turns the rounding of gradients that are ~0 (the attention keys' biases)
+  # into steps of +-lr, which a vmapped product (another summation order) flips.
+  with jax.enable_x64(True):
+    base = _base(num_epochs=1, **{"optim.weight_decay": 1e-3, "model.partner_dropout": 0.5,
+                                  "model.input_noise": 0.5, "loss.unimodal_weight": 1.0,
+                                  "model.dtype": "float64"})
+    configs = [sweep.apply_overrides(base, o) for o in (
+        {}, {"optim.lr": 3e-3, "optim.weight_decay": 1e-2, "model.partner_dropout": 0.2,
+             "model.input_noise": 1.0,
+             "loss.unimodal_weight": 0.5, "loss.terms.center": 0.1,
+             "loss.unimodal_terms.center": 0.7})]
+    assert len(sweep.plan_groups(configs, [3], "unimodal_map_average")) == 1
+    _, states, history = seeds_lib.train_group(configs, [3, 3])
+    for i, config in enumerate(configs):
+      alone, step_losses, _ = _one_by_one(config, 3)
+      together = jax.device_get(seeds_lib.seed_state(states, i))
+      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(alone),
+                              jax.tree.leaves(together)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-9,
+                                   err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_allclose(history[0]["loss"][i], np.mean(step_losses), rtol=1e-9)
+    # The two really trained differently.
+    assert not np.allclose(jax.device_get(states.centers[0]), jax.device_get(states.centers[1]))
+
+
+def test_configurations_that_need_another_program_are_separate_groups():
+  base = _base(**{"model.partner_dropout": 0.5})
+  configs = [sweep.apply_overrides(base, o) for o in (
+      {"optim.lr": 1e-3}, {"optim.lr": 3e-3, "loss.terms.pair": 0.5},  # traced: one group
+      {"num_epochs": 3},  # another loop
+      {"model.partner_dropout": 0.0},  # no partner dropout at all: another program
+      {"model.input_noise": 0.5},  # input noise: another program
+      {"model.embed_dim": 8})]  # another width
+  groups = sweep.plan_groups(configs, [0], "unimodal_map_average")
+  assert [g.configs for g in groups] == [[0, 1], [2], [3], [4], [5]]
+  with pytest.raises(ValueError, match="config 1 differs"):
+    seeds_lib.train_group([configs[0], configs[2]], [0, 0])
+
+
+def test_sweep_specs_and_their_errors(tmp_path):
+  assert sweep.parse_sweep("optim.lr=1e-3,3e-3;loss.terms.pair=0.1") == [
+      {"optim.lr": 1e-3, "loss.terms.pair": 0.1}, {"optim.lr": 3e-3, "loss.terms.pair": 0.1}]
+  assert len(sweep.parse_sweep("default")) == int(np.prod(
+      [len(v) for v in sweep.DEFAULT_SWEEP.values()]))
+  listed = tmp_path / "s.json"
+  listed.write_text(json.dumps([{"optim.lr": 1e-3}, {"model.partner_dropout": 0.8}]))
+  assert sweep.parse_sweep(str(listed)) == [{"optim.lr": 1e-3}, {"model.partner_dropout": 0.8}]
+  for bad, match in (("optim.lr", "PATH=V1,V2"), ("", "expected default"),
+                     (str(tmp_path / "none.json"), "no such file")):
+    with pytest.raises(ValueError, match=match):
+      sweep.parse_sweep(bad)
+  with pytest.raises(ValueError, match="optim.lrr"):
+    sweep.apply_overrides(_base(), {"optim.lrr": 1.0})
+  # A loss term may be added; any other new key is refused.
+  assert sweep.apply_overrides(_base(), {"loss.terms.distill_pair": 0.0}).loss.terms[
+      "distill_pair"] == 0.0
+
+
+def test_distillation_pulls_the_alone_embeddings_and_not_the_teacher():
+  rng = np.random.default_rng(0)
+  alone = [jnp.asarray(rng.normal(size=(6, 4)), jnp.float32) for _ in range(2)]
+  teacher = [jnp.asarray(rng.normal(size=(6, 4)), jnp.float32) for _ in range(2)]
+  labels = jnp.asarray([0, 1, 0, 2, 1, 0])
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  t = unit(unit(np.asarray(teacher[0])) + unit(np.asarray(teacher[1])))
+  centres = unit(np.stack([t[np.asarray(labels) == k].sum(0) for k in range(3)]))
+  for target, goal in (("pair", t), ("class", centres[np.asarray(labels)])):
+    expected = np.mean(sum(1 - np.sum(unit(np.asarray(a)) * goal, -1) for a in alone))
+    got = losses.distill_loss(*alone, *teacher, labels, num_classes=3, target=target)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    grads = jax.grad(lambda a, t, target=target: losses.distill_loss(
+        *a, *t, labels, num_classes=3, target=target), argnums=(0, 1))(alone, teacher)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in grads[0])
+    assert all(float(jnp.abs(g).sum()) == 0 for g in grads[1])
+  # In the paired loss (no teacher) the term is 0.
+  term = losses.lookup_term("distill_class")
+  outputs = (alone[0], alone[1], jnp.zeros((6, 3)), jnp.zeros((6, 3)))
+  assert float(term(outputs, {"label": labels}, None)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("sweep")
+  overrides = sweep.parse_sweep(SPEC)
+  report = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
+                           log=lambda m: None)
+  return workdir, overrides, report
+
+
+def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swept):
+  workdir, overrides, report = swept
+  rows = report["configs"]
+  assert len(rows) == len(overrides) == 4
+  for row in rows:
+    assert [s["seed"] for s in row["seeds"]] == [0, 1]
+    for split in ("validation", "test"):
+      for key in ("map_average", "unimodal_map_average"):
+        assert 0 < row["summary"][split][key]["mean"] <= 1
+  scores = [r["summary"]["validation"]["unimodal_map_average"]["mean"] for r in rows]
+  chosen = report["chosen"]
+  assert chosen["config"] == int(np.argmax(scores))
+  assert chosen["overrides"] == overrides[chosen["config"]]
+  seeds_val = [s["validation"]["unimodal_map_average"] for s in rows[chosen["config"]]["seeds"]]
+  assert chosen["seed"] == [0, 1][int(np.argmax(seeds_val))]
+  table = (workdir / "sweep.md").read_text()
+  assert "**(chosen)**" in table and table.count("\n| ") == 1 + 4
+  assert json.loads((workdir / "sweep.json").read_text())["chosen"] == chosen
+  # The config file is the chosen configuration, seed included, and passes main's checks.
+  from dsf3n_jax import config_check
+  sys.path.insert(0, str(workdir))
+  try:
+    import chosen_config  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(workdir))
+  config = chosen_config.get_config()
+  config_check.validate(config, num_devices=jax.device_count())
+  expected = sweep.apply_overrides(_base(), overrides[chosen["config"]])
+  expected.seed = chosen["seed"]
+  assert json.loads(config.to_json_best_effort()) == json.loads(expected.to_json_best_effort())
+  # The run holds that member's selected state: its validation metric is the table's.
+  model, variables, run_config = restore.restore_model(workdir / "chosen")
+  assert run_config.seed == chosen["seed"]
+  from dsf3n_jax.training import run as run_lib
+  from dsf3n_jax.training import steps as steps_lib
+  run = run_lib.prepare_run(config)
+  state = seeds_lib.init_states(run, [0])
+  state = seeds_lib.seed_state(state, 0).replace(params=variables["params"],
+                                                 batch_stats=variables["batch_stats"])
+  got = steps_lib.evaluate(steps_lib.make_embed_fn(run.model, run.mesh, protocol="unimodal"),
+                           state, run.sources.validation, config=config, mesh=run.mesh,
+                           split="validation", protocol="unimodal")
+  np.testing.assert_allclose(got["unimodal_map_average"], max(seeds_val), atol=1e-4)
+
+
+def test_a_rerun_keeps_the_finished_groups(swept):
+  workdir, overrides, report = swept
+  lines = []
+  again = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
+                          log=lines.append)
+  assert any("finished earlier, kept" in line for line in lines)
+  assert not any("epoch" in line for line in lines)
+  assert again["configs"] == report["configs"] and again["chosen"] == report["chosen"]
+
+
+def test_the_command_line_reports_a_bad_sweep_in_one_line(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  proc = subprocess.run(
+      [sys.executable, "-m", "dsf3n_jax.sweep", "--config=configs/synthetic.py:runlocal,tiny",
+       f"--workdir={tmp_path}", "--sweep=optim.nope=1,2"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert errors == ["error: --sweep: optim.nope: the config has no field 'optim.nope'"], \
+      proc.stderr
