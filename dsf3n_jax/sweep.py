@@ -199,7 +199,8 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
 
   Returns the group's results (per configuration: each seed's selected epoch and its
   validation and test metrics, both protocols) and ``(config index within the group,
-  seed, variables, config)`` of the best seed of the group's best configuration.
+  seed, variables, best)`` of the best seed of the group's best configuration (``best``: its
+  evaluation, the run's "best" record).
   """
   import jax
 
@@ -285,7 +286,9 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
     k = _argmax(seed_scores)
     i = members.index((top, seeds[k]))
     chosen = (top, seeds[k], {"params": best[i]["state"].params,
-                              "batch_stats": best[i]["state"].batch_stats})
+                              "batch_stats": best[i]["state"].batch_stats},
+              {"selected_on": score_split, "metric": metric, "value": seed_scores[k],
+               "sweep_epoch": best[i]["epoch"]})
   result = {"configs": per_config, "score_split": score_split,
             "seconds": float(sum(h["seconds"] for h in history)),
             "members": len(members), "epochs": int(configs[0].num_epochs)}
@@ -353,13 +356,13 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
                                    log=lambda m, name=name: log(f"{name}: {m}"))
       result["config_indices"] = list(group.configs)
       if chosen is not None:
-        c, seed, variables = chosen
+        c, seed, variables, best_meta = chosen
         chosen_config = configs[group.configs[c]].copy_and_resolve_references()
         chosen_config.seed = int(seed)
         tmp = root / "groups" / f".{group.fingerprint}.tmp"
         if tmp.exists():
           shutil.rmtree(tmp)
-        restore.save_variables_as_run(tmp, variables, config=chosen_config)
+        restore.save_variables_as_run(tmp, variables, config=chosen_config, best=best_meta)
         if (root / "groups" / group.fingerprint).exists():  # left by a sweep killed here
           shutil.rmtree(root / "groups" / group.fingerprint)
         tmp.rename(root / "groups" / group.fingerprint)
@@ -503,6 +506,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if not FLAGS.sweep:
     raise main_lib.cli.UsageError("--sweep: required (default, PATH=V1,V2;... or a .json file)")
+  if FLAGS.metric not in METRICS:
+    raise main_lib.cli.UsageError(f"--metric={FLAGS.metric}: expected one of "
+                                  f"{', '.join(METRICS)}")
   try:
     overrides = parse_sweep(FLAGS.sweep)
     seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]

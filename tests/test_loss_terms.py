@@ -66,7 +66,7 @@ def test_unknown_terms_and_bad_weights_are_config_errors():
     config_check.validate(config, num_devices=1)
   problems = e.value.problems
   assert any(p.startswith("config.loss.terms.nope=1.0: expected a registered loss term: ")
-             and "center, id, pair" in p for p in problems), problems
+             and "center, distill_class, distill_pair, id, pair" in p for p in problems), problems
   assert "config.loss.terms.pair=-1.0: expected a weight >= 0" in problems
   assert any(p.startswith("config.loss.unimodal_terms.infonce=0.5: expected a term of "
                           "loss.terms") for p in problems), problems

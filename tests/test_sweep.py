@@ -152,8 +152,9 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   expected = sweep.apply_overrides(_base(), overrides[chosen["config"]])
   expected.seed = chosen["seed"]
   assert json.loads(config.to_json_best_effort()) == json.loads(expected.to_json_best_effort())
-  # The run holds that member's selected state: its validation metric is the table's.
-  model, variables, run_config = restore.restore_model(workdir / "chosen")
+  # The run holds that member's selected state, as its best checkpoint: its validation metric
+  # is the table's.
+  model, variables, run_config = restore.restore_model(workdir / "chosen", which="best")
   assert run_config.seed == chosen["seed"]
   from dsf3n_jax.training import run as run_lib
   from dsf3n_jax.training import steps as steps_lib

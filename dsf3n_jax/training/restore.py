@@ -57,7 +57,8 @@ def restore_model(workdir, *, which: str = "latest"):
 
 
 def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
-                          config: ml_collections.ConfigDict) -> str:
+                          config: ml_collections.ConfigDict,
+                          best: Mapping[str, Any] | None = None) -> str:
   """Writes ``variables`` as epoch 0 of a run in ``workdir`` (e.g. converted weights).
 
   Input sizes and the class count are read off the variables. The result is a
@@ -65,6 +66,9 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
   ``train_and_evaluate`` resumes from, i.e. fine-tunes; the optimiser state is
   fresh and the loss terms' parameters (the centres) are drawn as at
   initialisation.
+
+  ``best`` (``{"selected_on": split, "metric": name, "value": v, ...}``, the variables'
+  evaluation): the checkpoint is also the run's best (``--checkpoint=best`` reads it).
 
   Returns:
     The checkpoint directory written.
@@ -89,7 +93,10 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
   workdir_lib.write_run_config(workdir, config, mcfg, {})
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
-    checkpointer.save(0, state, {**new_meta(), "model": mcfg})
+    meta = {**new_meta(), "model": mcfg}
+    if best is not None:
+      meta["best"] = {"epoch": 0, "step": 0, "checkpoint": 0, **best}
+    checkpointer.save(0, state, meta, best=best is not None)
     checkpointer.wait()
   finally:
     checkpointer.close()
