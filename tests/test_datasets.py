@@ -1,5 +1,6 @@
 """Tests of the dataset builders, the validation and the synthetic generator."""
 
+import functools
 import os
 import re
 import subprocess
@@ -330,3 +331,21 @@ def test_processes_building_one_dataset_wait_for_each_other(data_dirs):
   for proc, (out, err) in zip(procs, outs):
     assert proc.returncode == 0, err[-3000:]
     assert out.splitlines()[-1].split() == ["4", "60"], out
+
+
+def test_a_builder_made_before_another_process_built_the_dataset_is_made_anew(data_dirs):
+  """The race behind a rare failure of the test above: the second process made its builder
+  (empty dataset info) before the first finished, then found the dataset prepared."""
+  import tensorflow_datasets as tfds
+
+  from dsf3n_jax.datasets import builders, sources
+  data_dir, manual = data_dirs
+  path = _write(manual / "race.npz", generate_synthetic(**SMALL, num_classes=4, visual_dim=20,
+                                                        audio_dim=6))
+  make = functools.partial(tfds.builder, "paired_features", data_dir=str(data_dir),
+                           config=builders.paired_features_config(str(path)))
+  stale = make()  # made before the dataset exists: its info has no splits
+  assert not stale.is_prepared() and not stale.info.splits
+  sources._prepared(make(), make)  # "the other process" builds it
+  got = sources._prepared(stale, make)
+  assert got is not stale and got.info.splits["train"].num_examples == 60

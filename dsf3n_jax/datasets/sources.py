@@ -308,10 +308,12 @@ def _prepared(builder, make, **kwargs):
   version) waits for the first, under an exclusive lock on a file beside the version's
   folder, then reads what the first built (``make()`` builds the builder anew) instead of
   failing on TFDS's rename of the first's ``incomplete.*`` folder. A remote ``data_dir``
-  (a bucket) has no such lock.
+  (a bucket) has no such lock. A builder made while another process was still building
+  holds that moment's empty dataset info: it is made anew once the dataset is there.
   """
   if builder.is_prepared():
-    return builder
+    # Prepared by another process after ``builder`` read its (then empty) info: read it anew.
+    return builder if builder.info.splits else make()
   folder = os.fspath(builder.data_dir)
   if "://" in folder:
     builder.download_and_prepare(**kwargs)
