@@ -134,21 +134,16 @@ def base_config(data: str, *, unimodal: bool, quick: bool, epochs: int | None,
   ``:small`` model for ``CPU_EPOCHS`` epochs. ``unimodal`` adds ``:unimodal``.
   ``recipe``: another config module's recipe with the data's own data section.
   """
-  if recipe is not None:
-    config = base_config(data, unimodal=unimodal, quick=quick, epochs=epochs,
-                         overrides=overrides, full_model=full_model)
-    other = base_config(str(accuracy.FSDD_PATH) if recipe == "paired_features" else recipe,
-                        unimodal=unimodal, quick=quick, epochs=epochs, overrides=overrides,
-                        full_model=full_model)
-    other.data = config.data
-    return other
   path = pathlib.Path(data)
-  module = data if data in ("synthetic", "fsdd", *TFDS_DATA) else "paired_features"
+  module = recipe or (data if data in ("synthetic", "fsdd", *TFDS_DATA) else "paired_features")
   small = not quick and not full_model and module not in TFDS_DATA
   variants = [*(["unimodal"] if unimodal else []), *(accuracy.QUICK_VARIANTS if quick else []),
               *(["small"] if small else [])]
   config = accuracy.load_config(module, ",".join(variants))
-  if module == "paired_features":
+  if recipe is not None:  # the data's own data section under the other recipe
+    config.data = base_config(data, unimodal=unimodal, quick=quick, epochs=epochs,
+                              overrides=overrides, full_model=full_model).data
+  elif module == "paired_features":
     config.data.path = str(path.resolve())
   if small:
     config.num_epochs = CPU_EPOCHS

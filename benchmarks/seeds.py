@@ -72,9 +72,6 @@ def measure(model: str, k: int, *, steps: int, batch_size: int,
   """Samples/s (over all members) of K members together and one by one, and compile
   seconds; members are seeds of one config, or configurations (``member_configs``)."""
   import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   from dsf3n_jax import input_pipeline
   from dsf3n_jax.training import run as run_lib
@@ -89,12 +86,10 @@ def measure(model: str, k: int, *, steps: int, batch_size: int,
                                   mesh=run.mesh)
   states = {"s": seeds_lib.init_states(run, seeds)}
   if members == "configs":
-    step_fn, _ = steps_lib.per_device_hyper_step(configs[0], run.model,
-                                                 steps_per_epoch=run.steps_per_epoch)
+    step_fn = steps_lib.per_device_hyper_step(configs[0], run.model,
+                                              steps_per_epoch=run.steps_per_epoch)
     together = seeds_lib.make_seeds_step(step_fn, run.mesh, num_stacked=1)
-    hyper = jax.device_put(seeds_lib._stack(*[jax.tree.map(  # pylint: disable=protected-access
-        jnp.asarray, steps_lib.hyper_params(c)) for c in configs]), NamedSharding(run.mesh, P()))
-    extra = (hyper,)
+    extra = (seeds_lib.stacked_hyper_params(configs, run.mesh),)
   else:
     together = seeds_lib.make_seeds_step(
         steps_lib.per_device_step(configs[0], run.model, run.tx), run.mesh)

@@ -205,23 +205,31 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
   import jax
 
   from dsf3n_jax import losses
+  from dsf3n_jax.training import run as run_lib
   from dsf3n_jax.training import seeds as seeds_lib
   from dsf3n_jax.training import steps as steps_lib
   members = [(c, s) for c in range(len(configs)) for s in seeds]
   member_configs = [configs[c] for c, _ in members]
-  select_split = "validation"
   best: list[dict[str, Any] | None] = [None] * len(members)
   loss_fns = [losses.loss_from_config(c.loss) for c in configs]  # compiled once each
-  holder: dict[str, Any] = {}
+  run = run_lib.prepare_run(configs[0])
+  select_metric = run.metric  # each member's state is selected as main selects it
+  if select_metric not in METRICS:
+    raise ValueError(f"config.selection_metric={configs[0].selection_metric!r}: a sweep selects "
+                     f"each member's state by one of {', '.join(METRICS)}")
+  select_split = "validation"
+  if run.sources.validation is None:
+    select_split = "test"
+    log("warning: no validation split (config.data.validation_fraction=0): each member's "
+        "best state and the choice are made on the test split")
 
-  def evaluate(run, state, c, split, protocol):
+  def evaluate(state, c, split, protocol):
     embed_fn = steps_lib.make_embed_fn(run.model, run.mesh, protocol=protocol)
     return steps_lib.evaluate(embed_fn, state, getattr(run.sources, split), config=configs[c],
                               mesh=run.mesh, split=split, loss_fn=loss_fns[c],
                               protocol=protocol)
 
   def on_states(epoch, states):
-    run = holder["run"]
     config = configs[0]
     if epoch % max(int(config.eval_every_epochs), 1) and epoch != config.num_epochs:
       return
@@ -230,13 +238,12 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
       if not finite[i]:
         continue
       state = seeds_lib.seed_state(states, i)
-      value = evaluate(run, state, c, holder["split"], _protocol(holder["metric"]))[
-          holder["metric"]]
+      value = evaluate(state, c, select_split, _protocol(select_metric))[select_metric]
       if np.isfinite(value) and (best[i] is None or value > best[i]["value"]):
         best[i] = {"epoch": epoch, "value": float(value),
                    "state": jax.device_get(state.replace(opt_state=None))}
     values = [b["value"] for b in best if b is not None]
-    log(f"epoch {epoch}: best {holder['split']} {holder['metric']} so far, per member: "
+    log(f"epoch {epoch}: best {select_split} {select_metric} so far, per member: "
         + (f"{min(values):.4f} .. {max(values):.4f}" if values else "none finite"))
 
   def on_epoch(epoch, means, seconds):
@@ -244,19 +251,6 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
     log(f"epoch {epoch}/{configs[0].num_epochs} of {len(members)} members together "
         f"({seconds:.1f} s), train loss {np.nanmin(loss):.3f} .. {np.nanmax(loss):.3f}")
 
-  from dsf3n_jax.training import run as run_lib
-  run = run_lib.prepare_run(configs[0])
-  holder["run"] = run
-  _, select_metric = run_lib.selection_of(configs[0])
-  if select_metric not in METRICS:
-    raise ValueError(f"config.selection_metric={configs[0].selection_metric!r}: a sweep selects "
-                     f"each member's state by one of {', '.join(METRICS)}")
-  holder["metric"] = select_metric
-  if run.sources.validation is None:
-    select_split = "test"
-    log("warning: no validation split (config.data.validation_fraction=0): each member's "
-        "best state and the choice are made on the test split")
-  holder["split"] = select_split
   run, states, history = seeds_lib.train_group(member_configs, [s for _, s in members],
                                                on_epoch=on_epoch, on_states=on_states,
                                                run=run)
@@ -269,7 +263,7 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
       entry["epoch"] = best[i]["epoch"]
       for split in ("validation", "test"):
         if getattr(run.sources, split) is not None:
-          m = evaluate(run, state, c, split, "both")
+          m = evaluate(state, c, split, "both")
           entry[split] = {k: float(m[k]) for k in REPORTED}
     per_config[c]["seeds"].append(entry)
   for result in per_config:

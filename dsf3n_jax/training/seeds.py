@@ -123,7 +123,7 @@ def program_key(config: ml_collections.ConfigDict) -> str:
   whether each is on (weight decay, a unimodal loss, partner dropout)."""
   c = json.loads(config.to_json_best_effort())
   c.pop("seed", None)
-  for section, key in HYPER_FIELDS:
+  for section, key in steps_lib.HYPER_FIELDS:
     value = c[section].pop(key, 0.0)
     if key != "lr":
       c[section][f"{key} > 0"] = bool(value and value > 0)
@@ -132,10 +132,16 @@ def program_key(config: ml_collections.ConfigDict) -> str:
   return json.dumps(c, sort_keys=True)
 
 
-# The (section, key) of the config values ``steps.hyper_params`` traces, besides the loss
-# terms' weights (``loss.terms`` and ``loss.unimodal_terms``).
-HYPER_FIELDS = (("optim", "lr"), ("optim", "weight_decay"), ("model", "partner_dropout"),
-                ("model", "input_noise"), ("loss", "unimodal_weight"))
+def stacked_hyper_params(configs: Sequence[ml_collections.ConfigDict], mesh: Mesh):
+  """Each config's ``steps.hyper_params`` as arrays stacked over the configs, replicated:
+  the stacked argument of ``per_device_hyper_step`` under ``make_seeds_step``."""
+  return jax.device_put(_stack(*[jax.tree.map(jnp.asarray, steps_lib.hyper_params(c))
+                                 for c in configs]), NamedSharding(mesh, P()))
+
+
+# What ``train_group``'s error names as the values a sweep traces.
+HYPER_NAMES = tuple(f"{s}.{k}" for s, k in steps_lib.HYPER_FIELDS) + ("loss.terms.*",
+                                                                         "loss.unimodal_terms.*")
 
 
 def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[int], *,
@@ -164,11 +170,10 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
                      f"hyper-parameters a sweep traces ({', '.join(HYPER_NAMES)})")
   config = configs[0]
   run = run or run_lib.prepare_run(config)
-  step_fn, _ = steps_lib.per_device_hyper_step(config, run.model,
-                                               steps_per_epoch=run.steps_per_epoch)
+  step_fn = steps_lib.per_device_hyper_step(config, run.model,
+                                            steps_per_epoch=run.steps_per_epoch)
   step = make_seeds_step(step_fn, run.mesh, num_stacked=1)
-  hyper = jax.device_put(_stack(*[jax.tree.map(jnp.asarray, steps_lib.hyper_params(c))
-                                  for c in configs]), NamedSharding(run.mesh, P()))
+  hyper = stacked_hyper_params(configs, run.mesh)
   states = init_states(run, seeds)
   batches = SeedBatches(run.sources.train, seeds=seeds, global_batch_size=config.batch_size,
                         mesh=run.mesh, shuffle=config.data.shuffle)
@@ -191,10 +196,6 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
   finally:
     batches.close()
   return run, states, history
-
-
-HYPER_NAMES = tuple(f"{s}.{k}" for s, k in HYPER_FIELDS) + ("loss.terms.*",
-                                                               "loss.unimodal_terms.*")
 
 
 def finite_seeds(states: TrainState) -> np.ndarray:

@@ -83,14 +83,14 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
   dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   if unimodal is None:
     unimodal = unimodal_weight > 0
-  rate = dict(model_kw or {})
 
   def objective(trainable):
     outputs, mutated = model.apply(
         {"params": cast_for_compute(trainable["net"], getattr(model, "dtype", None)),
          "batch_stats": state.batch_stats},
         batch["visual"], batch["audio"], train=True, example_ids=example_ids,
-        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal, **rate)
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal,
+        **(model_kw or {}))
     outputs = jax.tree.map(_loss_precision, outputs)
     paired = outputs[0] if unimodal else outputs
     loss_batch = {"label": labels, "mask": None}
@@ -138,22 +138,26 @@ def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
                            unimodal_loss_fn=unimodal_loss_fn)
 
 
+# The (section, key) of the config values ``per_device_hyper_step`` traces, besides every loss
+# term's weight (``loss.terms``, ``loss.unimodal_terms``); ``hyper_params`` keys them by ``key``.
+HYPER_FIELDS = (("optim", "lr"), ("optim", "weight_decay"), ("model", "partner_dropout"),
+                ("model", "input_noise"), ("loss", "unimodal_weight"))
+
+
 def hyper_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The values of ``config`` that ``per_device_hyper_step`` takes as (traced) arguments:
   the network's learning rate and weight decay, the partner-dropout rate, the input
-  noise, the unimodal loss's weight and every term's weight of both losses."""
-  return {"lr": float(config.optim.lr), "weight_decay": float(config.optim.weight_decay),
-          "partner_dropout": float(config.model.get("partner_dropout", 0.0)),
-          "input_noise": float(config.model.get("input_noise", 0.0)),
-          "unimodal_weight": _unimodal_weight(config),
-          "weights": {"paired": losses.term_weights(config.loss),
-                      "unimodal": losses.term_weights(config.loss, unimodal=True)}}
+  noise, the unimodal loss's weight (``HYPER_FIELDS``) and every term's weight of both
+  losses."""
+  values = {key: float(config[section].get(key, 0.0)) for section, key in HYPER_FIELDS}
+  values["unimodal_weight"] = _unimodal_weight(config)
+  return {**values, "weights": {"paired": losses.term_weights(config.loss),
+                                "unimodal": losses.term_weights(config.loss, unimodal=True)}}
 
 
 def per_device_hyper_step(config: ml_collections.ConfigDict, model: DSF3N, *,
-                          steps_per_epoch: int) -> tuple[Callable, dict[str, Any]]:
-  """``(state, batch, hyper) -> (state, metrics)`` with ``hyper_params`` an argument, and
-  the config's ``hyper_params``.
+                          steps_per_epoch: int) -> Callable:
+  """``(state, batch, hyper) -> (state, metrics)`` with ``hyper_params`` an argument.
 
   Passed as arrays, the hyper-parameters are traced: configs that differ only in
   their values share one compiled step, and a sweep stacks them (``training.seeds``).
@@ -174,7 +178,7 @@ def per_device_hyper_step(config: ml_collections.ConfigDict, model: DSF3N, *,
                                                  weights=hyper["weights"]["unimodal"]),
         model_kw={k: hyper[k] for k in rates})
 
-  return step, hyper_params(config)
+  return step
 
 
 def _unimodal_weight(config: ml_collections.ConfigDict) -> float:
