@@ -3,6 +3,8 @@
   python -m benchmarks.paper --data=fsdd                 # ../shared/data/fsdd_digits.npz
   python -m benchmarks.paper --data=synthetic --quick --seeds=2
   python -m benchmarks.paper --data=FILE.npz --seeds=5 --epochs=10 --set=optim.lr=3e-4
+  python -m benchmarks.paper --data=fsdd --seeds=1 --only=swept_recipe --out=DIR \
+      --sweep='model.input_noise=0.0,0.5;optim.lr=1e-3,3e-3'   # another search space
 
 ``--data``: synthetic, fsdd, vegas, ave (TFDS, prepared as in the README) or a
 paired-feature file. Writes ``paper-<data>[-quick].json`` and ``.md`` (default
@@ -16,7 +18,7 @@ benchmarks/results/) with:
   ``configs/paired_features.py:unimodal`` (the recipe for new data) swept
   (``python -m dsf3n_jax.sweep --sweep=default`` on top of it, with the data's
   own data section: the configuration chosen on validation; quick mode: the
-  sweep's first two), both protocols.
+  sweep's first two; ``--sweep``: another search space), both protocols.
 - Table III/IV, the ablations: every combination of the identity loss (J_dis,
   ``loss.terms.id``), the centre loss (J_intra, ``loss.terms.center``) and MFA
   (``model.fusion_kw.num_stages=0``) except the one with none of them: seven rows. The pair
@@ -165,29 +167,35 @@ def ablation_config(base, ablation: Ablation):
   return config
 
 
-def plan_rows(data: str, **budget) -> list[Row]:
-  """Every row of the run, in order (the full model first of the DSF3N rows)."""
+def plan_rows(data: str, *, sweep: str = "default", **budget) -> list[Row]:
+  """Every row of the run, in order (the full model first of the DSF3N rows); ``sweep``: the
+  swept row's ``--sweep`` (``dsf3n_jax.sweep.parse_sweep``)."""
   base = base_config(data, unimodal=False, **budget)
   rows = [Row(k, "comparison", name, "baseline", None) for k, (name, _) in BASELINES.items()]
   rows += [Row(a.key, "ablation", a.name, "dsf3n", ablation_config(base, a)) for a in ABLATIONS]
   rows.append(Row("unimodal_recipe", "comparison", "DSF3N, :unimodal recipe", "dsf3n",
                   base_config(data, unimodal=True, **budget)))
   rows.append(Row("swept_recipe", "comparison",
-                  "DSF3N, paired_features :unimodal recipe swept (default sweep, chosen on "
+                  "DSF3N, paired_features :unimodal recipe swept "
+                  f"({'default sweep' if sweep == 'default' else 'sweep ' + sweep}, chosen on "
                   "validation)", "dsf3n",
                   # paired_features: the recipe for data it was not tuned on (vegas and ave
                   # keep their own; a file's is paired_features already)
                   base_config(data, unimodal=True, **budget,
                               recipe=None if data in TFDS_DATA else "paired_features"),
-                  sweep=swept_configurations(budget["quick"])))
+                  sweep=swept_configurations(budget["quick"], budget["epochs"], sweep)))
   return rows
 
 
-def swept_configurations(quick: bool) -> list[dict[str, Any]]:
-  """The swept row's configurations: ``dsf3n_jax.sweep``'s default sweep (quick: its first
-  two)."""
+def swept_configurations(quick: bool, epochs: int | None = None,
+                         spec: str = "default") -> list[dict[str, Any]]:
+  """The swept row's configurations: those of ``dsf3n_jax.sweep --sweep=SPEC`` (quick: the
+  first two). Quick mode and ``--epochs`` keep the row at the grid's epochs: the sweep's
+  ``num_epochs`` is left out."""
   from dsf3n_jax import sweep
-  configs = sweep.parse_sweep("default")
+  configs = sweep.parse_sweep(spec)
+  if quick or epochs is not None:
+    configs = [{k: v for k, v in c.items() if k != "num_epochs"} for c in configs]
   return configs[:2] if quick else configs
 
 
@@ -381,7 +389,7 @@ def _run_row(row: Row, fp: str, arrays, seeds, quick: bool, progress, doc, *, fi
 def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
         epochs: int | None = None, overrides: dict[str, Any] | None = None,
         full_model: bool = False, only: Sequence[str] = (), figures: bool = True,
-        command: str = "",
+        command: str = "", sweep: str = "default",
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or reuses) every row; writes the JSON and Markdown after each one."""
   if len(seeds) < 1:
@@ -389,7 +397,7 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
   named = data in ("synthetic", "fsdd", *TFDS_DATA)
   name = data if named else pathlib.Path(data).stem
   budget = dict(quick=quick, epochs=epochs, overrides=overrides or {}, full_model=full_model)
-  planned = plan_rows(data, **budget)
+  planned = plan_rows(data, sweep=sweep, **budget)
   rows = [r for r in planned if not only or r.key in only or r.table in only]
   if not rows:
     raise SystemExit(f"--only={list(only)}: no such row or table; rows: "
@@ -463,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="a config field of every DSF3N row (repeatable)")
   parser.add_argument("--only", action="append", default=[],
                       help="rows (keys) or tables (comparison, ablation) to run")
+  parser.add_argument("--sweep", default="default",
+                      help="the swept row's configurations, as dsf3n_jax.sweep's --sweep")
   parser.add_argument("--no_figures", action="store_true", help="skip Fig. 3's t-SNE")
   parser.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
   raw = sys.argv[1:] if argv is None else list(argv)
@@ -472,11 +482,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f"--data={data}: not synthetic, fsdd, vegas or ave, and no such file")
   if data == "fsdd" and not accuracy.FSDD_PATH.exists():
     raise SystemExit(f"--data=fsdd: {accuracy.FSDD_PATH} is absent (shared/data/README.md)")
+  try:
+    swept_configurations(args.quick, args.epochs, args.sweep)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   log = lambda s: print(time.strftime("%H:%M:%S "), s, file=sys.stderr, flush=True)
   out_dir = pathlib.Path(args.out) if args.out else RESULTS
   doc = run(data, seeds=list(range(args.seeds)), quick=args.quick, out_dir=out_dir,
             epochs=args.epochs, overrides=parse_set(args.set), full_model=args.full_model,
-            only=args.only,
+            only=args.only, sweep=args.sweep,
             figures=not args.no_figures, log=log,
             command=" ".join(["python -m benchmarks.paper", *raw]))
   print(markdown(doc))

@@ -166,7 +166,7 @@ def markdown(doc: dict[str, Any]) -> str:
   if swept and swept.get("chosen"):
     chosen = ", ".join(f"{k}={v}" for k, v in swept["chosen"]["overrides"].items())
     lines += ["", f"The swept row: {len(swept.get('sweep', []))} configurations of "
-              f"`python -m dsf3n_jax.sweep --sweep=default` on top of "
+              f"`python -m dsf3n_jax.sweep` (the JSON's `sweep`) on top of "
               f"`configs/paired_features.py:unimodal` (the data's own data section); each "
               f"seed's best state on validation (epochs {swept['chosen']['epochs']}), the "
               f"configuration chosen by {swept['chosen']['selected_on']}: {chosen}."]

@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from benchmarks import paper
+from dsf3n_jax import sweep
 
 
 @pytest.mark.slow
@@ -82,6 +83,24 @@ def test_a_changed_config_or_seed_list_changes_a_rows_fingerprint():
                                  [0, 1], True)
   assert fp != paper.fingerprint(changed[len(paper.BASELINES)], [0, 1], True)
   assert fp != paper.fingerprint(row, [0, 1, 2], True)
+
+
+def test_the_swept_row_takes_another_search_space_and_keeps_the_grids_epochs():
+  budget = dict(quick=False, epochs=None, overrides={})
+  swept = paper.plan_rows("synthetic", **budget)[-1]
+  assert swept.key == "swept_recipe" and "default sweep" in swept.name
+  assert swept.sweep == sweep.parse_sweep("default")  # the default sweep sets its own epochs
+  assert {c["num_epochs"] for c in swept.sweep} == {60}
+  other = paper.plan_rows("synthetic", sweep="optim.lr=1e-3,2e-3;num_epochs=9", **budget)[-1]
+  assert "sweep optim.lr=1e-3,2e-3;num_epochs=9" in other.name
+  assert other.sweep == [{"optim.lr": 1e-3, "num_epochs": 9}, {"optim.lr": 2e-3, "num_epochs": 9}]
+  assert paper.fingerprint(other, [0], False) != paper.fingerprint(swept, [0], False)
+  # --epochs (and quick mode) hold every row at the grid's epochs, the swept one too.
+  held = paper.plan_rows("synthetic", sweep="optim.lr=1e-3;num_epochs=9",
+                         **{**budget, "epochs": 4})[-1]
+  assert held.sweep == [{"optim.lr": 1e-3}] and held.config.num_epochs == 4
+  with pytest.raises(SystemExit, match="PATH=V1,V2"):
+    paper.main(["--data=synthetic", "--sweep=optim.lr", "--only=swept_recipe"])
 
 
 def test_set_values_are_parsed_and_unknown_fields_refused():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import paired_features
 from dsf3n_jax import losses, sweep
 from dsf3n_jax.training import restore
 from dsf3n_jax.training import seeds as seeds_lib
@@ -75,8 +76,16 @@ def test_configurations_that_need_another_program_are_separate_groups():
 def test_sweep_specs_and_their_errors(tmp_path):
   assert sweep.parse_sweep("optim.lr=1e-3,3e-3;loss.terms.pair=0.1") == [
       {"optim.lr": 1e-3, "loss.terms.pair": 0.1}, {"optim.lr": 3e-3, "loss.terms.pair": 0.1}]
-  assert len(sweep.parse_sweep("default")) == int(np.prod(
-      [len(v) for v in sweep.DEFAULT_SWEEP.values()]))
+  # The default sweep sets fields of the recipe it is documented on, in two programs (without
+  # and with input noise).
+  default = sweep.parse_sweep("default")
+  assert [c["model.input_noise"] for c in default] == [0.0, 0.5, 1.0]
+  assert all(c["num_epochs"] == 60 for c in default)
+  recipe = paired_features.get_config("unimodal")
+  recipe.data.path = "x.npz"
+  groups = sweep.plan_groups([sweep.apply_overrides(recipe, c) for c in default], [0],
+                             "unimodal_map_average")
+  assert [g.configs for g in groups] == [[0], [1, 2]]
   listed = tmp_path / "s.json"
   listed.write_text(json.dumps([{"optim.lr": 1e-3}, {"model.partner_dropout": 0.8}]))
   assert sweep.parse_sweep(str(listed)) == [{"optim.lr": 1e-3}, {"model.partner_dropout": 0.8}]
