@@ -84,7 +84,7 @@ def measure(model: str, k: int, *, steps: int, batch_size: int,
   run = run_lib.prepare_run(configs[0])
   batches = seeds_lib.SeedBatches(run.sources.train, seeds=seeds, global_batch_size=batch_size,
                                   mesh=run.mesh)
-  states = {"s": seeds_lib.init_states(run, seeds)}
+  states = seeds_lib.init_states(run, seeds)
   if members == "configs":
     step_fn = steps_lib.per_device_hyper_step(configs[0], run.model,
                                               steps_per_epoch=run.steps_per_epoch)
@@ -96,7 +96,8 @@ def measure(model: str, k: int, *, steps: int, batch_size: int,
     extra = ()
 
   def step_together():
-    states["s"], m = together(states["s"], next(batches), *extra)
+    nonlocal states
+    states, m = together(states, next(batches), *extra)
     return m
 
   compile_together, together_s = _timed(step_together, steps)

@@ -277,7 +277,7 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
         split: {k: _summary([(s[split] or {}).get(k) for s in result["seeds"]])
                 for k in REPORTED}
         for split in ("validation", "test")}
-  score_split = "validation" if run.sources.validation is not None else "test"
+  score_split = select_split  # the configurations are scored where the states were selected
   scores = [r["summary"][score_split][metric]["mean"] for r in per_config]
   top = _argmax(scores)
   chosen = None
@@ -359,13 +359,9 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
         c, seed, variables, best_meta = chosen
         chosen_config = configs[group.configs[c]].copy_and_resolve_references()
         chosen_config.seed = int(seed)
-        tmp = root / "groups" / f".{group.fingerprint}.tmp"
-        if tmp.exists():
-          shutil.rmtree(tmp)
-        restore.save_variables_as_run(tmp, variables, config=chosen_config, best=best_meta)
-        if (root / "groups" / group.fingerprint).exists():  # left by a sweep killed here
-          shutil.rmtree(root / "groups" / group.fingerprint)
-        tmp.rename(root / "groups" / group.fingerprint)
+        _publish(root / "groups" / group.fingerprint,
+                 lambda tmp: restore.save_variables_as_run(tmp, variables, config=chosen_config,
+                                                           best=best_meta))
         result["chosen"] = {"config": group.configs[c], "seed": int(seed)}
       report["groups"][group.fingerprint] = result
       paths.atomic_write(report_path, json.dumps(report, indent=1))
@@ -406,11 +402,18 @@ def finish(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict],
   config = configs[top].copy_and_resolve_references()
   config.seed = int(seed)
   paths.atomic_write(root / "chosen_config.py", config_file(config, report, top))
-  target = root / "chosen"
-  tmp = root / ".chosen.tmp"
+  _publish(root / "chosen", lambda tmp: shutil.copytree(root / "groups" / rows[top]["group"],
+                                                        tmp))
+
+
+def _publish(target, fill: Callable[[Any], Any]) -> None:
+  """``fill(tmp)`` writes a folder beside ``target`` that is then renamed into its place: a
+  sweep killed meanwhile leaves the old ``target`` (or none) and a stale ``tmp``, which the
+  next call removes."""
+  tmp = target.parent / f".{target.name}.tmp"
   if tmp.exists():
     shutil.rmtree(tmp)
-  shutil.copytree(root / "groups" / rows[top]["group"], tmp)
+  fill(tmp)
   if target.exists():
     shutil.rmtree(target)
   tmp.rename(target)

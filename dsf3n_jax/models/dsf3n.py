@@ -306,7 +306,7 @@ class DSF3N(nn.Module):
         function of them (default: positions in the batch).
       unimodal: also return the outputs of each modality embedded alone.
       partner_dropout: the rate in place of the field's (a traced array in a
-        sweep, ``training.sweep``); whether partners are dropped at all is the
+        sweep, ``dsf3n_jax.sweep``); whether partners are dropped at all is the
         field's ``partner_dropout > 0``.
       input_noise: likewise, the noise's scale in place of the field's.
 

@@ -191,7 +191,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
   a term without its own rule: the network's).
 
   ``lr`` and ``weight_decay`` replace ``optim.lr`` and ``optim.weight_decay``'s value;
-  they may be traced arrays (a sweep, ``training.sweep``). Whether there is weight decay
+  they may be traced arrays (a sweep, ``dsf3n_jax.sweep``). Whether there is weight decay
   at all (the optimiser state's structure) is ``optim.weight_decay > 0``.
   """
   o = config.optim
