@@ -268,7 +268,7 @@ def run_swept(row: Row, seeds, progress) -> dict[str, Any]:
                          for p in PROTOCOLS},
           "train_s": time.perf_counter() - t0,
           "chosen": {"overrides": chosen["overrides"], "selected_on": chosen["selected_on"],
-                     "epochs": [s["epoch"] for s in per_seed]},
+                     "epochs": [s["epoch"] for s in per_seed], "margin": chosen["margin"]},
           "sweep": [{"overrides": report["overrides"][i],
                      "validation_unimodal": (r or {}).get("summary", {}).get(
                          "validation", {}).get("unimodal_map_average"),

@@ -164,12 +164,15 @@ def markdown(doc: dict[str, Any]) -> str:
     lines.append(f"| {r['name']} | {cell(r, 'unimodal')} | {paired}{pub(r['key'])} |")
   swept = by_key.get("swept_recipe")
   if swept and swept.get("chosen"):
+    from dsf3n_jax.sweep import margin_text
     chosen = ", ".join(f"{k}={v}" for k, v in swept["chosen"]["overrides"].items())
     lines += ["", f"The swept row: {len(swept.get('sweep', []))} configurations of "
               f"`python -m dsf3n_jax.sweep` (the JSON's `sweep`) on top of "
               f"`configs/paired_features.py:unimodal` (the data's own data section); each "
               f"seed's best state on validation (epochs {swept['chosen']['epochs']}), the "
-              f"configuration chosen by {swept['chosen']['selected_on']}: {chosen}."]
+              f"configuration chosen by {swept['chosen']['selected_on']}: {chosen}"
+              + (f", {margin_text(swept['chosen']['margin'])}."
+                 if "margin" in swept["chosen"] else ".")]
   lines += ["", "## Table III/IV: ablations (the pair term in every row)", "",
             f"| J_dis | J_intra | MFA | paired | unimodal{pub_head} |",
             "|---|---|---|---|---|" + ("---|" if published else "")]

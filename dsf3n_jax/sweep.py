@@ -27,7 +27,8 @@ validation only, and the test split is reported beside it, never used to choose.
 The workdir gets:
 
 - ``sweep.json`` and ``sweep.md``: every configuration, validation and test,
-  both protocols, mean and standard deviation over the seeds, and which was chosen;
+  both protocols, mean and standard deviation over the seeds, which was chosen and
+  how clearly (``margin``: over the runner-up, seed by seed);
 - ``chosen_config.py``: the chosen configuration, seed included:
   ``python -m dsf3n_jax.main --config=DIR/chosen_config.py --workdir=...`` trains it
   again;
@@ -367,6 +368,10 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
       paths.atomic_write(report_path, json.dumps(report, indent=1))
     report["seconds"] = time.perf_counter() - t0
     finish(report, configs, root)
+    if report["chosen"] is not None:
+      log(f"chosen: configuration {report['chosen']['config']} "
+          f"({_label(report['chosen']['overrides'])}), "
+          f"{margin_text(report['chosen']['margin'])}")
     paths.atomic_write(report_path, json.dumps(report, indent=1))
     paths.atomic_write(root / "sweep.md", markdown(report))
   finally:
@@ -398,12 +403,55 @@ def finish(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict],
   seed = group["chosen"]["seed"]
   report["chosen"] = {"config": top, "overrides": report["overrides"][top], "seed": seed,
                       "selected_on": f"{rows[top]['score_split']} {metric}, mean over seeds",
-                      "run": "chosen", "config_file": "chosen_config.py"}
+                      "run": "chosen", "config_file": "chosen_config.py",
+                      "margin": margin(rows, scores, top, metric, report["overrides"])}
   config = configs[top].copy_and_resolve_references()
   config.seed = int(seed)
   paths.atomic_write(root / "chosen_config.py", config_file(config, report, top))
   _publish(root / "chosen", lambda tmp: shutil.copytree(root / "groups" / rows[top]["group"],
                                                         tmp))
+
+
+def margin(rows: Sequence[Mapping[str, Any] | None], scores: Sequence[float | None], top: int,
+           metric: str, overrides: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+  """How clearly the validation split chose configuration ``top``: the runner-up (the next
+  best mean score; ``runner_up_differs``: its values where they differ from the chosen
+  one's), and seed by seed the chosen configuration's score minus the runner-up's (members of
+  one seed start from the same weights, so the per-seed difference is the paired
+  comparison). ``preferred_by`` counts the seeds whose difference is positive: when it is not
+  every seed, the split did not separate the two and the choice between them is a toss-up.
+  None with a single configuration."""
+  runner = _argmax([None if i == top else v for i, v in enumerate(scores)])
+  if runner is None:
+    return None
+  differs = {k: v for k, v in overrides[runner].items()
+             if k not in overrides[top] or overrides[top][k] != v}
+
+  def per_seed(row):
+    return {s["seed"]: (s[row["score_split"]] or {}).get(metric) for s in row["seeds"]}
+
+  a, b = per_seed(rows[top]), per_seed(rows[runner])
+  diffs = {seed: a[seed] - b[seed] for seed in a
+           if a[seed] is not None and b.get(seed) is not None and np.isfinite(a[seed] - b[seed])}
+  return {"runner_up": runner, "runner_up_differs": differs,
+          "mean": float(scores[top] - scores[runner]),
+          "per_seed": {str(k): float(v) for k, v in diffs.items()},
+          "preferred_by": sum(v > 0 for v in diffs.values()), "seeds": len(diffs)}
+
+
+def margin_text(m: Mapping[str, Any] | None) -> str:
+  """``margin``'s result in words (one line)."""
+  if not m:
+    return "the only configuration"
+  if not m["seeds"]:
+    detail = "no seed finished both"
+  else:
+    verdict = ("every seed prefers it" if m["preferred_by"] == m["seeds"] else
+               f"{m['preferred_by']} of {m['seeds']} seeds prefer it: within the seeds' noise")
+    detail = ("per seed " + ", ".join(f"{v:+.4f}" for v in m["per_seed"].values())
+              + f"; {verdict}")
+  return (f"over configuration {m['runner_up']} ({_label(m['runner_up_differs'])}) by "
+          f"{m['mean']:+.4f} ({detail})")
 
 
 def _publish(target, fill: Callable[[Any], Any]) -> None:
@@ -473,7 +521,8 @@ def markdown(report: dict[str, Any]) -> str:
            "of training and evaluation in this process (groups kept from earlier runs not "
            "counted)",
            f"- Chosen: configuration {chosen.get('config', '-')}, seed {chosen.get('seed', '-')}"
-           f" (`chosen_config.py`, run `chosen/`)" if chosen else "- Chosen: none finished",
+           f" (`chosen_config.py`, run `chosen/`), {margin_text(chosen.get('margin'))}"
+           if chosen else "- Chosen: none finished",
            "",
            "| # | configuration | validation unimodal | validation paired | test unimodal | "
            "test paired | epochs selected |",

@@ -44,6 +44,11 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
   assert [c["overrides"] for c in swept["sweep"]] == paper.swept_configurations(True)
   assert swept["chosen"]["overrides"] in paper.swept_configurations(True)
   assert "validation" in swept["chosen"]["selected_on"]
+  margin = swept["chosen"]["margin"]  # over the runner-up, in the report's words
+  assert margin["seeds"] == 2 and 0 <= margin["preferred_by"] <= 2
+  assert swept["sweep"][margin["runner_up"]]["overrides"] != swept["chosen"]["overrides"]
+  assert f"by {margin['mean']:+.4f} (per seed" in (tmp_path / "paper-synthetic-quick.md"
+                                                   ).read_text()
   for p in ("paired", "unimodal"):  # the paper's ordering, checked whichever way it comes out
     check = on_disk["ordering"][p]
     assert isinstance(check["full_is_best"], bool) and check["best"] in rows

@@ -148,6 +148,18 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   assert chosen["seed"] == [0, 1][int(np.argmax(seeds_val))]
   table = (workdir / "sweep.md").read_text()
   assert "**(chosen)**" in table and table.count("\n| ") == 1 + 4
+  # The margin of the choice: over the next best configuration, seed by seed.
+  m, top = chosen["margin"], chosen["config"]
+  assert m["runner_up"] == int(np.argmax([-np.inf if i == top else v
+                                          for i, v in enumerate(scores)]))
+  runner_val = [s["validation"]["unimodal_map_average"] for s in rows[m["runner_up"]]["seeds"]]
+  assert m["per_seed"] == pytest.approx({"0": seeds_val[0] - runner_val[0],
+                                         "1": seeds_val[1] - runner_val[1]})
+  assert m["mean"] == pytest.approx(scores[top] - scores[m["runner_up"]])
+  assert m["preferred_by"] == sum(v > 0 for v in m["per_seed"].values()) and m["seeds"] == 2
+  assert m["runner_up_differs"] == {k: v for k, v in overrides[m["runner_up"]].items()
+                                    if overrides[top][k] != v}
+  assert sweep.margin_text(m) in table
   assert json.loads((workdir / "sweep.json").read_text())["chosen"] == chosen
   # The config file is the chosen configuration, seed included, and passes main's checks.
   from dsf3n_jax import config_check
@@ -175,6 +187,35 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
                            state, run.sources.validation, config=config, mesh=run.mesh,
                            split="validation", protocol="unimodal")
   np.testing.assert_allclose(got["unimodal_map_average"], max(seeds_val), atol=1e-4)
+
+
+def test_the_margin_says_whether_every_seed_prefers_the_chosen_configuration():
+  def row(values):  # one configuration's validation scores, seed by seed (None: failed)
+    return {"score_split": "validation", "seeds": [
+        {"seed": seed, "validation": None if v is None else {"m": v}}
+        for seed, v in enumerate(values)]}
+
+  overrides = [{"a": 1, "b": 0}, {"a": 2, "b": 0}, {"a": 3, "b": 1}]
+  rows = [row([0.90, 0.92, 0.91]), row([0.91, 0.90, 0.93]), row([0.5, 0.5, None])]
+  scores = [sweep._summary([s["validation"]["m"] for s in r["seeds"] if s["validation"]])[
+      "mean"] for r in rows]
+  m = sweep.margin(rows, scores, 1, "m", overrides)
+  assert m["runner_up"] == 0 and m["runner_up_differs"] == {"a": 1}
+  assert m["per_seed"] == pytest.approx({"0": 0.01, "1": -0.02, "2": 0.02})
+  assert (m["preferred_by"], m["seeds"]) == (2, 3) and m["mean"] == pytest.approx(0.01 / 3)
+  text = sweep.margin_text(m)
+  assert text == ("over configuration 0 (a=1) by +0.0033 (per seed +0.0100, -0.0200, +0.0200; "
+                  "2 of 3 seeds prefer it: within the seeds' noise)")
+  # Against a configuration with a failed seed: only the seeds both finished count.
+  m = sweep.margin(rows, [None, scores[1], 0.5], 1, "m", overrides)
+  assert m["runner_up"] == 2 and m["runner_up_differs"] == {"a": 3, "b": 1}
+  assert (m["preferred_by"], m["seeds"]) == (2, 2)
+  assert sweep.margin_text(m).endswith("every seed prefers it)")
+  rows[2]["seeds"] = [{"seed": 0, "validation": {"m": float("nan")}}]
+  assert sweep.margin_text(sweep.margin(rows, [None, scores[1], 0.5], 1, "m", overrides)
+                           ).endswith("by +0.4133 (no seed finished both)")
+  assert sweep.margin(rows, [None, scores[1], None], 1, "m", overrides) is None
+  assert sweep.margin_text(None) == "the only configuration"
 
 
 def test_a_rerun_keeps_the_finished_groups(swept):
