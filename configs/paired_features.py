@@ -8,8 +8,9 @@ train statistics, lr 1e-3 with a cosine decay, the pair term at 1e-2, 10 epochs,
 and the best checkpoint selected on a validation split of 10 % carved from train.
 The paper's VEGAS recipe on such a file: ``configs/default.py`` with
 ``--config.data.name=paired_features``. ``:unimodal`` trains for retrieval from one
-modality alone; on new data, ``python -m dsf3n_jax.sweep --config=configs/paired_features.py:unimodal
---config.data.path=FILE --sweep=default --workdir=DIR`` trains it for 60 epochs (lr 3e-3,
+modality alone; on new data, ``python -m dsf3n_jax.sweep
+--config=configs/paired_features.py:unimodal --config.data.path=FILE --sweep=default
+--workdir=DIR`` trains it for 60 epochs (lr 3e-3,
 partner dropout 0.75, the alone centre weight 0.1) at three levels of input noise and
 picks one on the validation split (README, "Sweeps").
 """

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -361,8 +362,8 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
         chosen_config = configs[group.configs[c]].copy_and_resolve_references()
         chosen_config.seed = int(seed)
         _publish(root / "groups" / group.fingerprint,
-                 lambda tmp: restore.save_variables_as_run(tmp, variables, config=chosen_config,
-                                                           best=best_meta))
+                 functools.partial(restore.save_variables_as_run, variables=variables,
+                                   config=chosen_config, best=best_meta))
         result["chosen"] = {"config": group.configs[c], "seed": int(seed)}
       report["groups"][group.fingerprint] = result
       paths.atomic_write(report_path, json.dumps(report, indent=1))
