@@ -420,8 +420,8 @@ def margin(rows: Sequence[Mapping[str, Any] | None], scores: Sequence[float | No
   one's), and seed by seed the chosen configuration's score minus the runner-up's (members of
   one seed start from the same weights, so the per-seed difference is the paired
   comparison). ``preferred_by`` counts the seeds whose difference is positive: when it is not
-  every seed, the split did not separate the two and the choice between them is a toss-up.
-  None with a single configuration."""
+  every seed, the split did not separate the two and the choice between them is a toss-up
+  (with one seed, nothing tells). None with a single configuration."""
   runner = _argmax([None if i == top else v for i, v in enumerate(scores)])
   if runner is None:
     return None
@@ -446,6 +446,9 @@ def margin_text(m: Mapping[str, Any] | None) -> str:
     return "the only configuration"
   if not m["seeds"]:
     detail = "no seed finished both"
+  elif m["seeds"] == 1:
+    detail = (f"one seed, {next(iter(m['per_seed'].values())):+.4f}: more seeds would tell "
+              "whether the choice holds")
   else:
     verdict = ("every seed prefers it" if m["preferred_by"] == m["seeds"] else
                f"{m['preferred_by']} of {m['seeds']} seeds prefer it: within the seeds' noise")

@@ -211,6 +211,10 @@ def test_the_margin_says_whether_every_seed_prefers_the_chosen_configuration():
   assert m["runner_up"] == 2 and m["runner_up_differs"] == {"a": 3, "b": 1}
   assert (m["preferred_by"], m["seeds"]) == (2, 2)
   assert sweep.margin_text(m).endswith("every seed prefers it)")
+  rows[2]["seeds"] = rows[2]["seeds"][:1]  # one seed in common
+  assert sweep.margin_text(sweep.margin(rows, [None, scores[1], 0.5], 1, "m", overrides)
+                           ).endswith("(one seed, +0.4100: more seeds would tell whether the "
+                                      "choice holds)")
   rows[2]["seeds"] = [{"seed": 0, "validation": {"m": float("nan")}}]
   assert sweep.margin_text(sweep.margin(rows, [None, scores[1], 0.5], 1, "m", overrides)
                            ).endswith("by +0.4133 (no seed finished both)")
