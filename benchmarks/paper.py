@@ -398,10 +398,11 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
   name = data if named else pathlib.Path(data).stem
   budget = dict(quick=quick, epochs=epochs, overrides=overrides or {}, full_model=full_model)
   planned = plan_rows(data, sweep=sweep, **budget)
+  unknown = [o for o in only if all(o not in (r.key, r.table) for r in planned)]
+  if unknown:
+    raise SystemExit(f"--only={','.join(unknown)}: no such row or table; rows: "
+                     f"{', '.join(r.key for r in planned)}; tables: comparison, ablation")
   rows = [r for r in planned if not only or r.key in only or r.table in only]
-  if not rows:
-    raise SystemExit(f"--only={list(only)}: no such row or table; rows: "
-                     f"{', '.join(r.key for r in planned)}")
   stem = f"paper-{name}" + ("-quick" if quick else "")
   out_dir.mkdir(parents=True, exist_ok=True)
   # One writer per report: a second run into the same folder and report is refused.

@@ -259,6 +259,10 @@ def run_benchmarks(*, mode: str, out_dir: pathlib.Path, allocator: str = "auto",
     jobs = plan_jobs(mode, accelerator=info["accelerator"], allocator=allocator,
                      cores=info["machine"]["usable_cores"], weights=weights)
     if only:
+      unknown = [o for o in only if not any(j["id"].startswith(o) for j in jobs)]
+      if unknown:
+        raise ValueError(f"--only={','.join(unknown)}: no job id starts with it; the "
+                         f"{mode} jobs: {', '.join(j['id'] for j in jobs)}")
       jobs = [j for j in jobs if j["id"] in ("info", "weights")
               or any(j["id"].startswith(o) for o in only)]
     results: dict[str, Any] = {"info": info}
@@ -349,8 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   mode = "smoke" if args.smoke else "quick" if args.quick else "full"
   out_dir = pathlib.Path(args.out) if args.out else RESULTS
   log = lambda *a, **k: print(*a, file=sys.stderr, **k)
-  document = run_benchmarks(mode=mode, out_dir=out_dir, allocator=args.allocator,
-                            only=args.only, name=args.name, log=log)
+  try:
+    document = run_benchmarks(mode=mode, out_dir=out_dir, allocator=args.allocator,
+                              only=args.only, name=args.name, log=log)
+  except ValueError as e:
+    if str(e).startswith("--only"):
+      parser.error(str(e))
+    raise
   print(report_md.markdown(document))
   log("wrote " + " and ".join(document["paths"]))
   return 0

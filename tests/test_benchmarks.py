@@ -15,6 +15,15 @@ from dsf3n_jax import metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_only_refuses_a_prefix_no_job_has(tmp_path):
+  from benchmarks import run
+  with pytest.raises(ValueError, match=r"--only=jax_trian: no job id starts with it; the smoke "
+                                       r"jobs: .*jax_train/float32/one/"):
+    run.run_benchmarks(mode="smoke", out_dir=tmp_path, only=["jax_train", "jax_trian"],
+                       log=lambda *a, **k: None)
+  assert not list(tmp_path.glob("*.json"))
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_every_section(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

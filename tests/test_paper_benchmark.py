@@ -108,6 +108,14 @@ def test_the_swept_row_takes_another_search_space_and_keeps_the_grids_epochs():
     paper.main(["--data=synthetic", "--sweep=optim.lr", "--only=swept_recipe"])
 
 
+def test_only_names_every_unknown_row_before_anything_runs(tmp_path):
+  with pytest.raises(SystemExit, match=r"--only=semantic_mpl: no such row or table; rows: "
+                                       r"linear_cca, .*semantic_mlp.*; tables: comparison"):
+    paper.run("synthetic", seeds=[0], quick=True, epochs=1, out_dir=tmp_path,
+              only=["swept_recipe", "semantic_mpl", "ablation"])
+  assert not list(tmp_path.iterdir())
+
+
 def test_set_values_are_parsed_and_unknown_fields_refused():
   assert paper.parse_set(["optim.lr=3e-4", "model.fusion_kw.num_stages=0", "data.name=vegas"]) == {
       "optim.lr": 3e-4, "model.fusion_kw.num_stages": 0, "data.name": "vegas"}
