@@ -195,6 +195,12 @@ def _protocol(metric: str) -> str:
   return "unimodal" if metric.startswith("unimodal_") else "paired"
 
 
+def _seed_scores(seeds: Sequence[Mapping[str, Any]], split: str,
+                 metric: str) -> dict[int, float | None]:
+  """``{seed: its metric on split}`` of a configuration's per-seed results (None: failed)."""
+  return {s["seed"]: (s[split] or {}).get(metric) for s in seeds}
+
+
 def _summary(values: Sequence[float | None]) -> dict[str, float | None]:
   good = [v for v in values if v is not None and np.isfinite(v)]
   return {"mean": float(np.mean(good)) if good else None,
@@ -284,7 +290,7 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
   top = _argmax(scores)
   chosen = None
   if top is not None:
-    seed_scores = [(s[score_split] or {}).get(metric) for s in per_config[top]["seeds"]]
+    seed_scores = list(_seed_scores(per_config[top]["seeds"], score_split, metric).values())
     k = _argmax(seed_scores)
     i = members.index((top, seeds[k]))
     chosen = (top, seeds[k], {"params": best[i]["state"].params,
@@ -427,11 +433,7 @@ def margin(rows: Sequence[Mapping[str, Any] | None], scores: Sequence[float | No
     return None
   differs = {k: v for k, v in overrides[runner].items()
              if k not in overrides[top] or overrides[top][k] != v}
-
-  def per_seed(row):
-    return {s["seed"]: (s[row["score_split"]] or {}).get(metric) for s in row["seeds"]}
-
-  a, b = per_seed(rows[top]), per_seed(rows[runner])
+  a, b = (_seed_scores(rows[i]["seeds"], rows[i]["score_split"], metric) for i in (top, runner))
   diffs = {seed: a[seed] - b[seed] for seed in a
            if a[seed] is not None and b.get(seed) is not None and np.isfinite(a[seed] - b[seed])}
   return {"runner_up": runner, "runner_up_differs": differs,
