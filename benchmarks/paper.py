@@ -470,8 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f":small for {CPU_EPOCHS} epochs; vegas and ave: always their config)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="a config field of every DSF3N row (repeatable)")
-  parser.add_argument("--only", action="append", default=[],
-                      help="rows (keys) or tables (comparison, ablation) to run")
+  parser.add_argument("--only", action="extend", default=[],
+                      type=lambda v: [o for o in v.split(",") if o],
+                      help="rows (keys) or tables (comparison, ablation) to run (repeatable, "
+                      "or comma-separated)")
   parser.add_argument("--sweep", default="default",
                       help="the swept row's configurations, as dsf3n_jax.sweep's --sweep")
   parser.add_argument("--no_figures", action="store_true", help="skip Fig. 3's t-SNE")

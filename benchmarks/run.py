@@ -340,8 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--allocator", default="auto",
                       choices=("auto", *sysinfo.ALLOCATORS),
                       help="memory allocator of the measuring subprocesses")
-  parser.add_argument("--only", action="append", default=[],
-                      help="run only jobs whose id starts with this (repeatable)")
+  parser.add_argument("--only", action="extend", default=[],
+                      type=lambda v: [o for o in v.split(",") if o],
+                      help="run only jobs whose id starts with this (repeatable, or "
+                      "comma-separated)")
   parser.add_argument("--name", default=None, help="output file stem instead of the machine's")
   parser.add_argument("--case", help=argparse.SUPPRESS)
   parser.add_argument("--params", help=argparse.SUPPRESS)

@@ -15,12 +15,17 @@ from dsf3n_jax import metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_only_refuses_a_prefix_no_job_has(tmp_path):
+def test_only_refuses_a_prefix_no_job_has(tmp_path, capsys):
   from benchmarks import run
   with pytest.raises(ValueError, match=r"--only=jax_trian: no job id starts with it; the smoke "
                                        r"jobs: .*jax_train/float32/one/"):
     run.run_benchmarks(mode="smoke", out_dir=tmp_path, only=["jax_train", "jax_trian"],
                        log=lambda *a, **k: None)
+  assert not list(tmp_path.glob("*.json"))
+  # On the command line, --only takes comma-separated prefixes as well as repeats.
+  with pytest.raises(SystemExit):
+    run.main(["--smoke", f"--out={tmp_path}", "--only=jax_train,jax_trian,", "--only=info"])
+  assert "--only=jax_trian: no job id starts with it" in capsys.readouterr().err
   assert not list(tmp_path.glob("*.json"))
 
 

@@ -114,6 +114,11 @@ def test_only_names_every_unknown_row_before_anything_runs(tmp_path):
     paper.run("synthetic", seeds=[0], quick=True, epochs=1, out_dir=tmp_path,
               only=["swept_recipe", "semantic_mpl", "ablation"])
   assert not list(tmp_path.iterdir())
+  # On the command line, --only takes comma-separated names as well as repeats.
+  with pytest.raises(SystemExit, match=r"--only=semantic_mpl,deep: no such row or table"):
+    paper.main(["--data=synthetic", "--quick", f"--out={tmp_path}",
+                "--only=swept_recipe,semantic_mpl", "--only=ablation,deep,"])
+  assert not list(tmp_path.iterdir())
 
 
 def test_set_values_are_parsed_and_unknown_fields_refused():
