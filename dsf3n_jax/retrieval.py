@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import input_pipeline, knn, metrics
+from dsf3n_jax import input_pipeline, knn, metrics, paths
 from dsf3n_jax.datasets import validation
 from dsf3n_jax.mesh import make_mesh
 
@@ -83,7 +83,7 @@ class Retrieved(NamedTuple):
 
 def save_variables(path, variables: Mapping[str, Any], *,
                    model_kwargs: Mapping[str, Any] | None = None) -> None:
-  """Writes a variables pytree as a flat ``.npz`` ('/'-joined keys).
+  """Writes a variables pytree as a flat ``.npz`` ('/'-joined keys), whole or not at all.
 
   Args:
     path: output file.
@@ -94,7 +94,7 @@ def save_variables(path, variables: Mapping[str, Any], *,
   arrays = {k: np.asarray(v) for k, v in flat.items()}
   if model_kwargs is not None:
     arrays[_MODEL_KEY] = np.asarray(json.dumps(dict(model_kwargs)))
-  np.savez(path, **arrays)
+  paths.atomic_savez(path, arrays)
 
 
 def load_variables(path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -191,8 +191,9 @@ def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int
 
 
 def save_embeddings(path, embeddings: Embeddings) -> None:
-  """Writes embeddings, labels, source indices and the protocol to ``.npz``."""
-  np.savez(path, **embeddings._asdict())
+  """Writes embeddings, labels, source indices and the protocol to ``.npz`` (whole or not at
+  all)."""
+  paths.atomic_savez(path, embeddings._asdict())
 
 
 def load_embeddings(path, *, protocol: str | None = None) -> Embeddings:

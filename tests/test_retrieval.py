@@ -111,6 +111,16 @@ def test_embeddings_file_round_trip_and_errors(tmp_path):
   back = retrieval.load_embeddings(tmp_path / "e.npz")
   for a, b in zip(back, emb, strict=True):
     np.testing.assert_array_equal(a, b)
+  # A write that fails part-way leaves the earlier file whole and no temporary file behind.
+  class Unsaveable:
+    def __array__(self, *args, **kwargs):
+      raise RuntimeError("disk full")
+  with pytest.raises(RuntimeError, match="disk full"):
+    retrieval.save_embeddings(tmp_path / "e.npz", emb._replace(labels=Unsaveable()))
+  np.testing.assert_array_equal(retrieval.load_embeddings(tmp_path / "e.npz").labels, emb.labels)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz"]
+  retrieval.save_embeddings(tmp_path / "f", emb)  # like np.savez: .npz added
+  assert (tmp_path / "f.npz").is_file()
   np.savez(tmp_path / "bad.npz", emb_visual=np.ones((3, 2)))
   with pytest.raises(KeyError, match="emb_audio"):
     retrieval.load_embeddings(tmp_path / "bad.npz")
