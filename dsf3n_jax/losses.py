@@ -212,18 +212,24 @@ class LossTerm:
       parameters; None: the network's optimiser (same rule and schedule).
     options: ``options(loss_config) -> dict`` of keyword arguments of ``fn``
       taken from ``config.loss`` (e.g. ``"id"``'s ``form``), or None.
+    teacher: whether ``fn`` reads ``batch["teacher"]``: in the unimodal loss, the
+      paired outputs of the same items as each modality would have them without
+      partner dropout (``DSF3N.__call__(..., teacher=True)``); the training step only
+      computes them when a term of the unimodal loss asks.
   """
 
   fn: Callable[..., Array]
   init: Callable[..., Any] | None = None
   optimizer: Callable[..., Any] | None = None
   options: Callable[[Mapping[str, Any]], dict] | None = None
+  teacher: bool = False
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
 
 
-def register_loss_term(name: str, *, init=None, optimizer=None, options=None):
+def register_loss_term(name: str, *, init=None, optimizer=None, options=None,
+                       teacher: bool = False):
   """Decorator registering ``fn`` as the loss term ``name`` (``config.loss.terms.<name>``).
 
   See ``LossTerm`` for the signatures. Returns ``fn`` unchanged.
@@ -231,7 +237,7 @@ def register_loss_term(name: str, *, init=None, optimizer=None, options=None):
   from dsf3n_jax import registry  # pylint: disable=g-import-not-at-top
 
   def decorator(fn):
-    term = LossTerm(fn, init=init, optimizer=optimizer, options=options)
+    term = LossTerm(fn, init=init, optimizer=optimizer, options=options, teacher=teacher)
     functools.update_wrapper(term, fn)  # its origin, for re-registration of a reloaded module
     registry.register("loss_term", name)(term)
     return fn
@@ -308,7 +314,8 @@ def distill_loss(emb_visual: Array, emb_audio: Array, teacher_visual: Array,
   """Each modality's embedding alone pulled toward what the paired embeddings know.
 
   The teacher of pair i is ``t_i = unit(unit(p_v,i) + unit(p_a,i))``: the direction
-  of its two paired embeddings (constants: no gradient flows into them).
+  of its two paired embeddings (constants: no gradient flows into them), each with its
+  real partner (the step's ``batch["teacher"]``: not the partner-dropped outputs).
   ``target="pair"``: both alone embeddings of pair i toward ``t_i``;
   ``"class"``: toward the unit mean of ``t`` over the (global) batch's items of the
   pair's class, the class centre in the paired space. The loss is the mean over
@@ -329,7 +336,7 @@ def distill_loss(emb_visual: Array, emb_audio: Array, teacher_visual: Array,
 def _distill_term(target):
   def term(outputs, batch, params, *, axis_name=None):
     """0 without a teacher (the paired loss); the unimodal loss's batch holds the paired
-    outputs as ``"teacher"`` (``steps.train_step``)."""
+    outputs, each modality with its real partner, as ``"teacher"`` (``steps.train_step``)."""
     del params
     teacher = batch.get("teacher")
     if teacher is None:
@@ -343,8 +350,15 @@ def _distill_term(target):
 
 # The alone embeddings toward their pair's paired embedding, or toward its class centre in
 # the paired space (weights in ``config.loss.unimodal_terms``; 0 in ``loss.terms``).
-register_loss_term("distill_pair")(_distill_term("pair"))
-register_loss_term("distill_class")(_distill_term("class"))
+register_loss_term("distill_pair", teacher=True)(_distill_term("pair"))
+register_loss_term("distill_class", teacher=True)(_distill_term("class"))
+
+
+def uses_teacher(loss_config: Mapping[str, Any]) -> bool:
+  """Whether a term of the unimodal loss of ``config.loss`` reads the teacher outputs."""
+  if float(loss_config.get("unimodal_weight", 0.0)) <= 0:
+    return False
+  return any(lookup_term(name).teacher for name in term_weights(loss_config, unimodal=True))
 
 
 def make_loss(weights: Mapping[str, float], *,

@@ -339,6 +339,33 @@ def test_partner_dropout_mixes_paired_and_alone_outputs():
     DSF3N(5, **SMALL, missing_partner="zeros").init(jax.random.key(0), visual, audio)
 
 
+def test_the_teacher_is_the_paired_output_with_every_real_partner():
+  rng = np.random.default_rng(0)
+  visual = rng.normal(size=(16, 1024)).astype(np.float32)
+  audio = rng.normal(size=(16, 128)).astype(np.float32)
+  variables = DSF3N(5, **SMALL).init(jax.random.key(0), visual, audio)
+
+  def train_out(p, dropout_rate=0.0, **kw):
+    out, _ = DSF3N(5, **SMALL, dropout_rate=dropout_rate, partner_dropout=p).apply(
+        variables, visual, audio, train=True, unimodal=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(3)}, **kw)
+    return out
+
+  def same(a, b, atol=0.0):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol), a, b)
+
+  paired, alone, teacher = train_out(0.75, teacher=True)
+  with_partner, _ = train_out(0.0)
+  same(teacher, with_partner, atol=1e-6)
+  dropped = ~np.all(np.isclose(paired.emb_visual, teacher.emb_visual, atol=1e-6), axis=1)
+  assert 0 < dropped.sum() < 16  # the loss's paired outputs have the stand-in for some
+  # Asking for the teacher changes no other output, head dropout included.
+  same((paired, alone), train_out(0.75))
+  same(train_out(0.75, 0.5, teacher=True)[:2], train_out(0.75, 0.5))
+  # Without partner dropout the paired outputs are the teacher.
+  same(train_out(0.0, teacher=True)[2], with_partner)
+
+
 def test_input_noise_is_drawn_per_example_and_only_in_training():
   rng = np.random.default_rng(0)
   visual = rng.normal(size=(8, 1024)).astype(np.float32)

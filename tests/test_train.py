@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from dsf3n_jax import config_check, input_pipeline, retrieve, train, visualize
+from dsf3n_jax import config_check, input_pipeline, losses, retrieve, train, visualize
 from dsf3n_jax.training import state as state_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
@@ -164,6 +164,29 @@ def test_dropout_masks_depend_on_step_and_example():
   model0, tx0, _ = tiny_setup(config)
   without, _ = run_steps(train.per_device_step(config, model0, tx0), state0, batch, 1)
   assert max_abs_diff(with_dropout.params, without.params) > 1e-4
+
+
+def test_distillation_learns_from_the_paired_outputs_with_every_real_partner():
+  config = tiny_config(**{"model.partner_dropout": 0.75, "loss.unimodal_weight": 1.0})
+  assert not losses.uses_teacher(config.loss)
+  config.loss.terms.distill_pair = 0.0
+  config.loss.unimodal_terms.distill_pair = 1.0
+  assert losses.uses_teacher(config.loss)
+  model, tx, state0 = tiny_setup(config)
+  (batch,) = random_batches(1, 16)
+  _, (step_metrics,) = run_steps(train.per_device_step(config, model, tx), state0, [batch], 1)
+  # The same forward pass by hand: the step's dropout key, the alone outputs against the
+  # paired outputs with every real partner, and against those the loss's paired outputs are.
+  (paired, alone, teacher), _ = model.clone(axis_name=None).apply(
+      {"params": state0.params, "batch_stats": state0.batch_stats}, batch["visual"],
+      batch["audio"], train=True, example_ids=jnp.arange(16), unimodal=True, teacher=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.fold_in(jax.random.wrap_key_data(state0.rng), 0)})
+  expected, dropped = (float(losses.distill_loss(
+      alone.emb_visual, alone.emb_audio, t.emb_visual, t.emb_audio, batch["label"],
+      num_classes=5, target="pair")) for t in (teacher, paired))
+  np.testing.assert_allclose(step_metrics["unimodal_distill_pair"], expected, rtol=1e-5)
+  assert abs(dropped - expected) > 1e-3
 
 
 def test_pmap_of_the_per_device_step_matches_shard_map():

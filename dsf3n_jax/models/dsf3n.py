@@ -295,7 +295,7 @@ class DSF3N(nn.Module):
   def __call__(self, visual: jax.Array, audio: jax.Array, *, train: bool = False,
                example_ids: jax.Array | None = None, unimodal: bool = False,
                partner_dropout: float | jax.Array | None = None,
-               input_noise: float | jax.Array | None = None):
+               input_noise: float | jax.Array | None = None, teacher: bool = False):
     """Runs the model on pairs.
 
     Args:
@@ -309,10 +309,14 @@ class DSF3N(nn.Module):
         sweep, ``dsf3n_jax.sweep``); whether partners are dropped at all is the
         field's ``partner_dropout > 0``.
       input_noise: likewise, the noise's scale in place of the field's.
+      teacher: with ``unimodal``, also return the paired outputs with every
+      modality's real partner (what distillation terms learn from: in train mode
+      with partner dropout, ``paired`` has the stand-in for some examples).
 
     Returns:
       ``DSF3NOutput(emb_visual, emb_audio, logits_visual, logits_audio)`` of
-      the pairs; with ``unimodal``, ``(paired, alone)``, two ``DSF3NOutput``.
+      the pairs; with ``unimodal``, ``(paired, alone)``, two ``DSF3NOutput``;
+      with ``teacher`` too, ``(paired, alone, teacher)``.
       In train mode with ``partner_dropout > 0`` the paired outputs have each
       modality's fusion see the stand-in for a random subset of the examples.
     """
@@ -324,6 +328,7 @@ class DSF3N(nn.Module):
     f_a = self.audio_tokens(audio, **tokens)
     fuse = functools.partial(self._fuse, train=train, example_ids=example_ids)
     m_v, m_a = fuse(f_v, f_a)
+    with_partner = (m_v, m_a)
     need_alone = unimodal or (train and self.partner_dropout > 0)
     if need_alone or (train and self.missing_partner == "mean"):  # "mean" tracks in training
       s_a = self._stand_in(f_v, "audio", partner=f_a, train=train)
@@ -339,7 +344,12 @@ class DSF3N(nn.Module):
     paired = self._outputs(m_v, m_a, train=train, example_ids=example_ids)
     if not unimodal:
       return paired
-    return paired, self._outputs(alone_v, alone_a, train=train, example_ids=example_ids)
+    alone = self._outputs(alone_v, alone_a, train=train, example_ids=example_ids)
+    if not teacher:
+      return paired, alone
+    # Last, so that every other output draws the dropout masks it draws without a teacher.
+    return paired, alone, (self._outputs(*with_partner, train=train, example_ids=example_ids)
+                           if train and self.partner_dropout > 0 else paired)
 
 
 # The stock parts, exactly the original's modules: two-stage MFA (paper Eq. 3-5), the shared

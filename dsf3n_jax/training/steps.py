@@ -59,7 +59,7 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
                tx: optax.GradientTransformation, loss_fn: losses.LossFn,
                unimodal_weight: float | jax.Array = 0.0,
                unimodal_loss_fn: losses.LossFn | None = None, unimodal: bool | None = None,
-               model_kw: Mapping[str, jax.Array] | None = None,
+               model_kw: Mapping[str, jax.Array] | None = None, teacher: bool = False,
                axis_name: str = AXIS) -> tuple[TrainState, dict]:
   """One optimiser step on this device's shard of the global batch.
 
@@ -75,7 +75,10 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
   parts are reported as ``unimodal_<part>``. ``unimodal``: whether that term is
   there, when ``unimodal_weight`` is a traced array (a sweep); ``model_kw``: rates of
   the model's call in place of its fields' (``partner_dropout``, ``input_noise``: traced
-  arrays in a sweep).
+  arrays in a sweep). ``teacher``: the unimodal loss reads ``batch["teacher"]``
+  (``losses.uses_teacher``): the paired outputs with every real partner, from the same
+  forward pass (``DSF3N.__call__(..., teacher=True)``); otherwise that key holds the
+  paired outputs as the loss sees them.
   """
   labels = batch["label"]
   local = labels.shape[0]
@@ -90,14 +93,15 @@ def train_step(state: TrainState, batch: Batch, *, model: DSF3N,
          "batch_stats": state.batch_stats},
         batch["visual"], batch["audio"], train=True, example_ids=example_ids,
         rngs={"dropout": dropout_key}, mutable=["batch_stats"], unimodal=unimodal,
-        **(model_kw or {}))
+        **({"teacher": True} if unimodal and teacher else {}), **(model_kw or {}))
     outputs = jax.tree.map(_loss_precision, outputs)
     paired = outputs[0] if unimodal else outputs
     loss_batch = {"label": labels, "mask": None}
     total, parts = loss_fn(paired, loss_batch, trainable["aux"], axis_name=axis_name)
     if unimodal:  # the paired outputs are the teacher of distillation terms
+      taught = outputs[2] if teacher else paired
       alone_total, alone_parts = (unimodal_loss_fn or loss_fn)(
-          outputs[1], {**loss_batch, "teacher": jax.lax.stop_gradient(paired)},
+          outputs[1], {**loss_batch, "teacher": jax.lax.stop_gradient(taught)},
           trainable["aux"], axis_name=axis_name)
       total = total + unimodal_weight * alone_total
       parts = {**parts, **{f"unimodal_{k}": v for k, v in alone_parts.items()}}
@@ -135,7 +139,8 @@ def per_device_step(config: ml_collections.ConfigDict, model: DSF3N,
     unimodal_loss_fn = losses.loss_from_config(config.loss, unimodal=True)
   return functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
                            unimodal_weight=_unimodal_weight(config),
-                           unimodal_loss_fn=unimodal_loss_fn)
+                           unimodal_loss_fn=unimodal_loss_fn,
+                           teacher=losses.uses_teacher(config.loss))
 
 
 # The (section, key) of the config values ``per_device_hyper_step`` traces, besides every loss
@@ -165,6 +170,7 @@ def per_device_hyper_step(config: ml_collections.ConfigDict, model: DSF3N, *,
   loss, partner dropout, input noise, and which loss terms.
   """
   unimodal = _unimodal_weight(config) > 0
+  teacher = losses.uses_teacher(config.loss)
   rates = [k for k in ("partner_dropout", "input_noise") if float(getattr(model, k, 0.0)) > 0]
 
   def step(state: TrainState, batch: Batch, hyper) -> tuple[TrainState, dict]:
@@ -176,7 +182,7 @@ def per_device_hyper_step(config: ml_collections.ConfigDict, model: DSF3N, *,
         unimodal_weight=hyper["unimodal_weight"], unimodal=unimodal,
         unimodal_loss_fn=losses.loss_from_config(config.loss,
                                                  weights=hyper["weights"]["unimodal"]),
-        model_kw={k: hyper[k] for k in rates})
+        model_kw={k: hyper[k] for k in rates}, teacher=teacher)
 
   return step
 
