@@ -150,15 +150,16 @@ def markdown(doc: dict[str, Any]) -> str:
            f"{doc.get('wall_s', 0) / 60:.1f} min, rows kept from earlier runs not counted)",
            f"- Command: `{doc['command']}`",
            "- The paper's published numbers: " + ("beside ours" if published else
-                                                 "not held by this project for this data"), "",
-           "## Table I/II: comparison methods", "",
-           f"| method | unimodal | paired{pub_head} |", "|---|---|---|" + ("---|" if published
-                                                                      else "")]
+                                                 "not held by this project for this data")]
   by_key = {r["key"]: r for r in doc["rows"]}
   comparison = [r for r in doc["rows"] if r["table"] == "comparison"]
   if "full" in by_key:
     comparison.insert(len([r for r in comparison if r["kind"] == "baseline"]),
                       {**by_key["full"], "name": "DSF3N, the data's config (full model)"})
+  if comparison:  # a table without rows (a run --only of the other) is left out
+    lines += ["", "## Table I/II: comparison methods", "",
+              f"| method | unimodal | paired{pub_head} |",
+              "|---|---|---|" + ("---|" if published else "")]
   for r in comparison:
     paired = cell(r, "paired") if r["kind"] == "dsf3n" else "(unimodal only)"
     lines.append(f"| {r['name']} | {cell(r, 'unimodal')} | {paired}{pub(r['key'])} |")
@@ -173,9 +174,10 @@ def markdown(doc: dict[str, Any]) -> str:
               f"configuration chosen by {swept['chosen']['selected_on']}: {chosen}"
               + (f", {margin_text(swept['chosen']['margin'])}."
                  if "margin" in swept["chosen"] else ".")]
-  lines += ["", "## Table III/IV: ablations (the pair term in every row)", "",
-            f"| J_dis | J_intra | MFA | paired | unimodal{pub_head} |",
-            "|---|---|---|---|---|" + ("---|" if published else "")]
+  if any(a.key in by_key for a in ABLATIONS):
+    lines += ["", "## Table III/IV: ablations (the pair term in every row)", "",
+              f"| J_dis | J_intra | MFA | paired | unimodal{pub_head} |",
+              "|---|---|---|---|---|" + ("---|" if published else "")]
   for a in ABLATIONS:
     r = by_key.get(a.key)
     if r is None:

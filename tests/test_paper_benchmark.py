@@ -121,6 +121,20 @@ def test_only_names_every_unknown_row_before_anything_runs(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_a_report_of_some_rows_leaves_out_the_tables_it_has_no_rows_of():
+  from benchmarks import paper_report
+  doc = json.loads((paper.RESULTS / "paper-split_digits.json").read_text())
+  assert {r["table"] for r in doc["rows"]} == {"comparison"}
+  md = paper_report.markdown(doc)
+  assert "## Table I/II" in md and "| semantic matching, MLP | 0.899 ± 0.006 |" in md
+  assert "Table III/IV" not in md
+  assert md == (paper.RESULTS / "paper-split_digits.md").read_text()  # the committed report
+  swept = next(r for r in doc["rows"] if r["key"] == "swept_recipe")
+  ablation_only = {**doc, "rows": [{**swept, "key": "no_mfa", "table": "ablation"}]}
+  md = paper_report.markdown(ablation_only)
+  assert "## Table III/IV" in md and "Table I/II" not in md
+
+
 def test_set_values_are_parsed_and_unknown_fields_refused():
   assert paper.parse_set(["optim.lr=3e-4", "model.fusion_kw.num_stages=0", "data.name=vegas"]) == {
       "optim.lr": 3e-4, "model.fusion_kw.num_stages": 0, "data.name": "vegas"}
