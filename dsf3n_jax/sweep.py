@@ -4,7 +4,8 @@
       --config.data.path=FILE.npz --sweep=default --seeds=0,1,2 --workdir=DIR
 
 ``--sweep`` is ``default`` (``DEFAULT_SWEEP``, the search space documented in the
-README), a spec ``PATH=V1,V2;PATH=V1,V2`` (the grid of every combination), or a
+README), a spec ``PATH=V1,V2;PATH=V1,V2`` (the grid of every combination; values are
+split at the commas outside brackets, so ``(32,32,64),(16,16,32)`` is two tuples), or a
 ``.json`` file holding such a grid (``{"optim.lr": [1e-3, 3e-3], ...}``) or a list
 of configurations (``[{"optim.lr": 1e-3}, {"optim.lr": 3e-3, ...}]``). Each path
 is a field of the ``--config`` config, set on top of it (``loss.terms.<name>`` and
@@ -100,6 +101,18 @@ def _literal(text: str) -> Any:
     return text.strip()
 
 
+def _values(text: str) -> list[Any]:
+  """``V1,V2`` -> values, split at the commas outside brackets: ``(32,32,64),(16,16,32)`` is
+  two tuples."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += (ch in "([{") - (ch in ")]}")
+    if ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return [_literal(p) for p in [*parts, text[start:]]]
+
+
 def _grid(grid: Mapping[str, Sequence[Any]], where: str) -> list[dict[str, Any]]:
   for path, values in grid.items():
     if not isinstance(values, (list, tuple)) or not values:
@@ -135,7 +148,7 @@ def parse_sweep(text: str) -> list[dict[str, Any]]:
     path, sep, values = item.partition("=")
     if not sep or not path.strip() or not values.strip():
       raise ValueError(f"--sweep: {item!r}: expected PATH=V1,V2 (e.g. optim.lr=1e-3,3e-3)")
-    grid[path.strip()] = [_literal(v) for v in values.split(",")]
+    grid[path.strip()] = _values(values)
   return _grid(grid, "--sweep")
 
 

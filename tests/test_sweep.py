@@ -76,6 +76,10 @@ def test_configurations_that_need_another_program_are_separate_groups():
 def test_sweep_specs_and_their_errors(tmp_path):
   assert sweep.parse_sweep("optim.lr=1e-3,3e-3;loss.terms.pair=0.1") == [
       {"optim.lr": 1e-3, "loss.terms.pair": 0.1}, {"optim.lr": 3e-3, "loss.terms.pair": 0.1}]
+  # Values are split at the commas outside brackets: a width is a tuple.
+  assert sweep.parse_sweep("model.branch_features=(32,32,64),(16, 16, 32);model.name=dsf3n") == [
+      {"model.branch_features": (32, 32, 64), "model.name": "dsf3n"},
+      {"model.branch_features": (16, 16, 32), "model.name": "dsf3n"}]
   # The default sweep sets fields of the recipe it is documented on, in two programs (without
   # and with input noise).
   default = sweep.parse_sweep("default")
