@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from dsf3n_jax import cli
+from dsf3n_jax import cli, paths
 from dsf3n_jax.torch_keys import (  # noqa: F401  (the public names of convert)
   _as_variables,
   _flatten,
@@ -120,13 +120,7 @@ def save_torch_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike
   # np.array(order="C") keeps a scalar a scalar (np.ascontiguousarray makes it shape (1,)).
   tensors = collections.OrderedDict(
       (k, torch.from_numpy(np.array(v, order="C"))) for k, v in state_dict.items())
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # complete or absent, never half
-  try:
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  paths.atomic_file(path, lambda f: torch.save(tensors, f))  # complete or absent, never half
 
 
 def _write_npz(variables: Mapping[str, Any], out_dir: pathlib.Path,

@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import sys
 import time
@@ -49,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from dsf3n_jax import cli
-from dsf3n_jax.paths import atomic_write
+from dsf3n_jax.paths import atomic_file, atomic_write
 from dsf3n_jax.training.workdir import log
 
 MANIFEST = "manifest.json"
@@ -272,10 +271,7 @@ def _is_paired(path: pathlib.Path) -> bool:
 # -- building ----------------------------------------------------------------------------------
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  tmp.replace(path)
+  atomic_file(path, lambda f: np.save(f, array))
 
 
 def _check_rows(x: np.ndarray, lo: int, where: str, dim: int) -> None:

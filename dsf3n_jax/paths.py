@@ -16,7 +16,11 @@ def is_local(path) -> bool:
   return "://" not in os.fspath(path)
 
 
-def _atomic(path, mode: str, write: Callable[[Any], None]) -> None:
+def atomic_file(path, write: Callable[[Any], None], *, mode: str = "wb") -> None:
+  """``write(f)`` into a temporary file beside ``path``, then renamed over ``path``: the file
+  is always one whole version, the earlier one if ``write`` fails (its temporary file is
+  removed). The temporary name is unique to the call (process id and a random token), so
+  two writers of one file never rename each other's half-written file."""
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}"
   try:
@@ -33,25 +37,20 @@ def _atomic(path, mode: str, write: Callable[[Any], None]) -> None:
 
 
 def atomic_write(path: epath.Path, text: str) -> None:
-  """Writes ``text`` to a temporary file beside ``path`` and renames it over ``path``.
-
-  The temporary name is unique to this call (process id and a random token), so two
-  writers of one file never rename each other's half-written file: the last rename wins,
-  and the file is always one whole version. A write that fails leaves ``path`` as it was
-  and removes its temporary file.
-  """
-  _atomic(path, "w", lambda f: f.write(text))
+  """Writes ``text`` to ``path`` whole or not at all (``atomic_file``): the last of two
+  writers' renames wins."""
+  atomic_file(path, lambda f: f.write(text), mode="w")
 
 
 def atomic_savez(path, arrays: Mapping[str, Any]) -> str:
-  """``np.savez(path, **arrays)``, written whole or not at all (as ``atomic_write``).
+  """``np.savez(path, **arrays)``, written whole or not at all (``atomic_file``).
 
   Like ``np.savez``, adds ``.npz`` to a ``path`` without it. Returns the path written.
   """
   path = os.fspath(path)
   if not path.endswith(".npz"):
     path += ".npz"
-  _atomic(path, "wb", lambda f: np.savez(f, **arrays))
+  atomic_file(path, lambda f: np.savez(f, **arrays))
   return path
 
 
