@@ -173,7 +173,13 @@ def markdown(doc: dict[str, Any]) -> str:
               f"seed's best state on validation (epochs {swept['chosen']['epochs']}), the "
               f"configuration chosen by {swept['chosen']['selected_on']}: {chosen}"
               + (f", {margin_text(swept['chosen']['margin'])}."
-                 if "margin" in swept["chosen"] else ".")]
+                 if "margin" in swept["chosen"] else ".")
+              + (" Then each seed trained that configuration again on train + validation "
+                 "(the split that chose it goes back into training); the row is the final "
+                 "states' test. The selected states' own test, unimodal "
+                 f"{cell({'protocols': swept['selection_test']}, 'unimodal')}, paired "
+                 f"{cell({'protocols': swept['selection_test']}, 'paired')}."
+                 if swept.get("selection_test") else "")]
   if any(a.key in by_key for a in ABLATIONS):
     lines += ["", "## Table III/IV: ablations (the pair term in every row)", "",
               f"| J_dis | J_intra | MFA | paired | unimodal{pub_head} |",

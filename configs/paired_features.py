@@ -11,8 +11,9 @@ The paper's VEGAS recipe on such a file: ``configs/default.py`` with
 modality alone; on new data, ``python -m dsf3n_jax.sweep
 --config=configs/paired_features.py:unimodal --config.data.path=FILE --sweep=default
 --workdir=DIR`` trains it for 60 epochs (lr 3e-3,
-partner dropout 0.75, the alone centre weight 0.1) at three levels of input noise and
-picks one on the validation split (README, "Sweeps").
+partner dropout 0.75, the alone centre weight 0.1) at three levels of input noise,
+picks one on the validation split and trains it again on train + validation
+(README, "Sweeps").
 """
 
 from configs import default

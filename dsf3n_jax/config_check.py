@@ -218,6 +218,12 @@ def _cross_field_problems(config, problems: list[str]) -> list[str]:
   out = _geometry_problems(config, bad) + _registry_problems(config, bad)
   out += _part_problems(config, bad)
   out += _loss_term_problems(config) + _eval_problems(config)
+  patience = lookup(config, "early_stopping_patience", 0)
+  if lookup(config, "selection_split", "") == "last" and patience and "early_stopping_patience" \
+      not in bad:
+    out.append(_problem("early_stopping_patience", patience, "0 with selection_split='last' "
+                        "(early stopping compares a selection evaluator's losses; 'last' has "
+                        "none)"))
   if lookup(config, "data.name") == "paired_features" and not lookup(config, "data.path", ""):
     out.append(_problem("data.path", lookup(config, "data.path", ""),
                         "the paired-feature file (.npz/.h5) for data.name='paired_features'"))

@@ -27,7 +27,8 @@ Rule = tuple[Callable[[Any], bool], str]  # (accepts(value), what is accepted)
 # The averages a run may select its best checkpoint on: the paper's protocol (each item
 # embedded with its partner) or the deployable one (each modality alone).
 SELECTION_METRICS = ("map_average", "unimodal_map_average")
-SELECTION_SPLITS = ("validation", "test")  # validation falls back to test when none is carved
+SELECTION_SPLITS = ("validation", "test", "last")  # validation falls back to test when none is
+# carved; last: no selection, the final state is the best (a refit on train + validation)
 ID_FORMS = ("ce", "paper")  # losses.identity_loss
 DTYPES = ("float32", "bfloat16", "float64")
 SCHEDULES = ("constant", "warmup_step", "cosine")  # train.learning_rate_schedule
@@ -263,7 +264,8 @@ def fields() -> tuple[Field, ...]:
             "with another loss config (e.g. to fine-tune)"),
       Field("log_every_steps", 50, integer(0), "a progress line every N steps"),
       Field("selection_split", "validation", choice(SELECTION_SPLITS), "the evaluator the best "
-            "checkpoint is selected on (validation falls back to test when none is carved)"),
+            "checkpoint is selected on (validation falls back to test when none is carved); "
+            "last: none, the final state is the best (a refit on train + validation)"),
       Field("selection_metric", "map_average", SELECTION, "map_average (paired) | "
             "unimodal_map_average (each modality alone) | '<eval name>/<metric>'"),
       Field("early_stopping_patience", 0, integer(0), "stop after N evaluations in a row "

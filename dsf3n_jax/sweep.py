@@ -25,20 +25,30 @@ Each member keeps its best state on the validation split by its config's
 Each configuration is scored by the mean over its seeds of the validation
 ``--metric`` (default ``unimodal_map_average``); the best is chosen on
 validation only, and the test split is reported beside it, never used to choose.
+
+Then (``--refit``, the default) the chosen configuration trains again, each seed,
+on train and validation together (``data.validation_fraction=0``: the split that
+chose it goes back into training, as scikit-learn's ``refit``), for its epochs, and
+keeps its final state (``selection_split="last"``: nothing is left to select on).
+Its test numbers are the sweep's answer; the selection's are kept beside them.
+``--norefit`` keeps the selected states instead.
+
 The workdir gets:
 
 - ``sweep.json`` and ``sweep.md``: every configuration, validation and test,
   both protocols, mean and standard deviation over the seeds, which was chosen and
-  how clearly (``margin``: over the runner-up, seed by seed);
-- ``chosen_config.py``: the chosen configuration, seed included:
+  how clearly (``margin``: over the runner-up, seed by seed), and the refit's test;
+- ``chosen_config.py``: the chosen configuration, seed included (refit: on train +
+  validation, the final state kept):
   ``python -m dsf3n_jax.main --config=DIR/chosen_config.py --workdir=...`` trains it
   again;
-- ``chosen/``: a run directory with the chosen configuration's best seed, for
-  ``retrieve``, ``visualize`` and ``convert`` (``--workdir=DIR/chosen``).
+- ``chosen/``: a run directory with the chosen configuration's best seed (by
+  validation; refit: that seed's refit), for ``retrieve``, ``visualize`` and
+  ``convert`` (``--workdir=DIR/chosen``).
 
-A finished group is saved at once; a rerun into the same workdir skips the
-groups whose configurations, seeds and metric are unchanged (a killed sweep
-resumes at its first unfinished group).
+A finished group (and the refit) is saved at once; a rerun into the same workdir
+skips the groups whose configurations, seeds and metric are unchanged (a killed
+sweep resumes at its first unfinished group).
 """
 
 from __future__ import annotations
@@ -67,6 +77,8 @@ flags.DEFINE_string("sweep", None, "default, PATH=V1,V2;PATH=V1,V2 (a grid) or a
 flags.DEFINE_string("seeds", "0", "Comma-separated seeds each configuration trains with.")
 flags.DEFINE_string("metric", "unimodal_map_average",
                     "Validation metric the configuration is chosen by (mean over seeds).")
+flags.DEFINE_bool("refit", True, "Train the chosen configuration again on train + validation "
+                  "(each seed, its final state) for the reported test numbers and chosen/.")
 
 # The default search space on top of ``configs/paired_features.py:unimodal`` (README,
 # "Sweeps"): 3 configurations in two programs (without and with input noise), each trained for
@@ -273,14 +285,9 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
     log(f"epoch {epoch}: best {select_split} {select_metric} so far, per member: "
         + (f"{min(values):.4f} .. {max(values):.4f}" if values else "none finite"))
 
-  def on_epoch(epoch, means, seconds):
-    loss = np.asarray(means["loss"])
-    log(f"epoch {epoch}/{configs[0].num_epochs} of {len(members)} members together "
-        f"({seconds:.1f} s), train loss {np.nanmin(loss):.3f} .. {np.nanmax(loss):.3f}")
-
-  run, states, history = seeds_lib.train_group(member_configs, [s for _, s in members],
-                                               on_epoch=on_epoch, on_states=on_states,
-                                               run=run)
+  run, states, history = seeds_lib.train_group(
+      member_configs, [s for _, s in members], on_states=on_states, run=run,
+      on_epoch=_epoch_logger(log, configs[0].num_epochs, f"{len(members)} members"))
   del states
   per_config: list[dict[str, Any]] = [{"seeds": []} for _ in configs]
   for i, (c, seed) in enumerate(members):
@@ -316,6 +323,15 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
   return result, chosen
 
 
+def _epoch_logger(log: Callable[[str], None], epochs: int, what: str):
+  """``train_group``'s ``on_epoch``: one line per epoch (``what``: who trains together)."""
+  def on_epoch(epoch, means, seconds):
+    loss = np.asarray(means["loss"])
+    log(f"epoch {epoch}/{epochs} of {what} together ({seconds:.1f} s), train loss "
+        f"{np.nanmin(loss):.3f} .. {np.nanmax(loss):.3f}")
+  return on_epoch
+
+
 def _argmax(values: Sequence[float | None]) -> int | None:
   good = [(v, -i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
   return -max(good)[1] if good else None
@@ -326,8 +342,10 @@ def _argmax(values: Sequence[float | None]) -> int | None:
 
 def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, Any]],
               seeds: Sequence[int], workdir: str, *, metric: str = "unimodal_map_average",
-              command: str = "", log: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Trains every configuration x seed, group by group; writes the workdir's outputs.
+              refit: bool = True, command: str = "",
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Trains every configuration x seed, group by group, chooses on validation, then (``refit``)
+  trains the chosen configuration again on train + validation; writes the workdir's outputs.
 
   Returns the report written to ``sweep.json``.
   """
@@ -386,12 +404,31 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
         result["chosen"] = {"config": group.configs[c], "seed": int(seed)}
       report["groups"][group.fingerprint] = result
       paths.atomic_write(report_path, json.dumps(report, indent=1))
+    choose(report, configs)
+    chosen = report["chosen"]
+    if chosen is not None:
+      log(f"chosen: configuration {chosen['config']} ({_label(chosen['overrides'])}), "
+          f"{margin_text(chosen['margin'])}")
+      config = configs[chosen["config"]].copy_and_resolve_references()
+      config.seed = int(chosen["seed"])
+      run_dir = root / "groups" / report["configs"][chosen["config"]]["group"]
+      if refit and report["configs"][chosen["config"]]["score_split"] == "validation":
+        config = refit_config(config)
+        fingerprint = plan_groups([config], seeds, metric)[0].fingerprint
+        saved = (previous.get("refit") or {})
+        run_dir = root / "groups" / fingerprint
+        if saved.get("fingerprint") == fingerprint and run_dir.is_dir():
+          log("refit: finished earlier, kept")
+          report["refit"] = saved
+        else:
+          report["refit"] = train_refit(config, seeds, run_dir,
+                                        log=lambda m: log(f"refit: {m}"))
+          report["refit"]["fingerprint"] = fingerprint
+        log(f"refit on train + validation: test {_refit_text(report['refit'])}")
+      elif refit:
+        log("refit: skipped, the data has no validation split to add to train")
+      publish_chosen(config, report, root, run_dir)
     report["seconds"] = time.perf_counter() - t0
-    finish(report, configs, root)
-    if report["chosen"] is not None:
-      log(f"chosen: configuration {report['chosen']['config']} "
-          f"({_label(report['chosen']['overrides'])}), "
-          f"{margin_text(report['chosen']['margin'])}")
     paths.atomic_write(report_path, json.dumps(report, indent=1))
     paths.atomic_write(root / "sweep.md", markdown(report))
   finally:
@@ -399,11 +436,8 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
   return report
 
 
-def finish(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict],
-           root) -> None:
-  """Adds every configuration's results and the choice; writes ``chosen_config.py`` and
-  ``chosen/``."""
-  from dsf3n_jax import paths
+def choose(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict]) -> None:
+  """Adds every configuration's results (``configs``) and the choice (``chosen``)."""
   rows: list[dict[str, Any] | None] = [None] * len(configs)
   for fp, group in report["groups"].items():
     for local, index in enumerate(group["config_indices"]):
@@ -420,16 +454,73 @@ def finish(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict],
   if group["chosen"]["config"] != top:  # a group's run is its best configuration's
     raise RuntimeError(f"sweep: the best configuration {top} is not its group's saved run "
                        f"({group['chosen']['config']})")
-  seed = group["chosen"]["seed"]
-  report["chosen"] = {"config": top, "overrides": report["overrides"][top], "seed": seed,
+  report["chosen"] = {"config": top, "overrides": report["overrides"][top],
+                      "seed": group["chosen"]["seed"],
                       "selected_on": f"{rows[top]['score_split']} {metric}, mean over seeds",
                       "run": "chosen", "config_file": "chosen_config.py",
                       "margin": margin(rows, scores, top, metric, report["overrides"])}
-  config = configs[top].copy_and_resolve_references()
-  config.seed = int(seed)
-  paths.atomic_write(root / "chosen_config.py", config_file(config, report, top))
-  _publish(root / "chosen", lambda tmp: shutil.copytree(root / "groups" / rows[top]["group"],
-                                                        tmp))
+
+
+def publish_chosen(config: ml_collections.ConfigDict, report: dict[str, Any], root,
+                   run_dir) -> None:
+  """Writes ``chosen_config.py`` (``config``) and ``chosen/`` (a copy of ``run_dir``)."""
+  from dsf3n_jax import paths
+  paths.atomic_write(root / "chosen_config.py", config_file(config, report))
+  _publish(root / "chosen", lambda tmp: shutil.copytree(run_dir, tmp))
+
+
+# -- the refit ----------------------------------------------------------------------------------
+
+
+def refit_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` trained on train + validation: no split carved, the final state kept."""
+  config = config.copy_and_resolve_references()
+  config.data.validation_fraction = 0.0
+  config.selection_split = "last"  # its validation evaluators are skipped: no split to run on
+  return config
+
+
+def train_refit(config: ml_collections.ConfigDict, seeds: Sequence[int], run_dir, *,
+                log: Callable[[str], None]) -> dict[str, Any]:
+  """Trains ``config`` (``refit_config``'s) once per seed, all seeds as one program, and
+  evaluates each final state on test; ``run_dir`` gets ``config.seed``'s as a run.
+
+  Returns ``{"seeds": [{"seed", "test"}], "summary": {"test": ...}, "seconds", "epochs"}``.
+  """
+  import jax
+
+  from dsf3n_jax.training import restore
+  from dsf3n_jax.training import seeds as seeds_lib
+  seeds = list(seeds)
+  run, states, history = seeds_lib.train_group(
+      [config] * len(seeds), seeds,
+      on_epoch=_epoch_logger(log, config.num_epochs, f"{len(seeds)} seeds"))
+  test = seeds_lib.evaluate_seeds(run, states, "test")
+  entries = [{"seed": seed, "epoch": int(config.num_epochs),
+              "test": None if m is None else {k: float(m[k]) for k in REPORTED}}
+             for seed, m in zip(seeds, test)]
+  i = seeds.index(int(config.seed))
+  if test[i] is None:
+    raise FloatingPointError(f"refit: seed {config.seed}, the chosen seed, ended non-finite on "
+                             "train + validation; its selected state is kept by --norefit")
+  state = jax.device_get(seeds_lib.seed_state(states, i))
+  steps = int(config.num_epochs) * run.steps_per_epoch
+  _publish(run_dir, functools.partial(
+      restore.save_variables_as_run, variables={"params": state.params,
+                                                "batch_stats": state.batch_stats},
+      config=config, best={"selected_on": "last", "metric": "step", "value": float(steps),
+                           "refit_epoch": int(config.num_epochs),
+                           "test": {k: float(test[i][k]) for k in REPORTED}}))
+  return {"seeds": entries, "epochs": int(config.num_epochs),
+          "seconds": float(sum(h["seconds"] for h in history)),
+          "summary": {"test": {k: _summary([(s["test"] or {}).get(k) for s in entries])
+                               for k in REPORTED}}}
+
+
+def _refit_text(refit: Mapping[str, Any]) -> str:
+  test = refit["summary"]["test"]
+  return (f"unimodal {_cell(test['unimodal_map_average'])}, paired "
+          f"{_cell(test['map_average'])} (mean over seeds)")
 
 
 def margin(rows: Sequence[Mapping[str, Any] | None], scores: Sequence[float | None], top: int,
@@ -486,12 +577,16 @@ def _publish(target, fill: Callable[[Any], Any]) -> None:
   tmp.rename(target)
 
 
-def config_file(config: ml_collections.ConfigDict, report: dict[str, Any], index: int) -> str:
+def config_file(config: ml_collections.ConfigDict, report: dict[str, Any]) -> str:
   """A config file ``main`` trains: the chosen configuration, every field, as JSON."""
   text = json.dumps(json.loads(config.to_json_best_effort()), indent=1, sort_keys=True)
+  index = report["chosen"]["config"]
+  refit = ("\nRefit: trained on train + validation (data.validation_fraction=0), the final "
+           "state kept\n(selection_split='last'), as chosen/ was.\n" if report.get("refit")
+           else "")
   return (f'"""The configuration `python -m dsf3n_jax.sweep` chose: configuration {index} '
           f'({_label(report["overrides"][index])}),\nseed {int(config.seed)}, on '
-          f'{report["chosen"]["selected_on"]}.\n\nCommand: {report["command"]}\n'
+          f'{report["chosen"]["selected_on"]}.\n{refit}\nCommand: {report["command"]}\n'
           f'Train it again: python -m dsf3n_jax.main --config=<this file> --workdir=DIR\n"""\n\n'
           "import json\n\nimport ml_collections\n\n"
           f'CONFIG = json.loads(r"""{text}""")\n\n\n'
@@ -542,6 +637,13 @@ def markdown(report: dict[str, Any]) -> str:
            f"- Chosen: configuration {chosen.get('config', '-')}, seed {chosen.get('seed', '-')}"
            f" (`chosen_config.py`, run `chosen/`), {margin_text(chosen.get('margin'))}"
            if chosen else "- Chosen: none finished",
+           *([f"- Refit of the chosen configuration on train + validation, "
+              f"{report['refit']['epochs']} epochs, the final state of each seed: test "
+              f"{_refit_text(report['refit'])}; per seed, unimodal "
+              + ", ".join("-" if s["test"] is None else f"{s['test']['unimodal_map_average']:.4f}"
+                          for s in report["refit"]["seeds"])
+              + f". `chosen/` is seed {chosen.get('seed', '-')}'s refit."]
+             if report.get("refit") else []),
            "",
            "| # | configuration | validation unimodal | validation paired | test unimodal | "
            "test paired | epochs selected |",
@@ -593,7 +695,7 @@ def main(argv):
   command = "python -m dsf3n_jax.sweep " + " ".join(sys.argv[1:])
   try:
     report = run_sweep(config, overrides, seeds, FLAGS.workdir, metric=FLAGS.metric,
-                       command=command)
+                       refit=FLAGS.refit, command=command)
   except ValueError as e:
     if str(e).startswith("--"):
       raise main_lib.cli.UsageError(str(e)) from e

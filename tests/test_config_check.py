@@ -52,7 +52,7 @@ def test_shipped_configs_are_valid(name, variants):
     ("model.dropout_rate", 2.0, "a number in [0, 1)"),
     ("optim.lr", -1.0, "a number >= 0"),
     ("optim.lr", float("nan"), "a number >= 0"),
-    ("selection_split", "valid", "one of validation, test"),
+    ("selection_split", "valid", "one of validation, test, last"),
     ("metric.distance", "cos", "one of cosine, euclidean"),
     ("selection_metric", "map", "one of map_average, unimodal_map_average, or "
      "'<eval name>/<metric>'"),

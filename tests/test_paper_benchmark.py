@@ -49,6 +49,13 @@ def test_quick_tables_on_synthetic_have_every_row_and_a_rerun_keeps_them(tmp_pat
   assert swept["sweep"][margin["runner_up"]]["overrides"] != swept["chosen"]["overrides"]
   assert f"by {margin['mean']:+.4f} (per seed" in (tmp_path / "paper-synthetic-quick.md"
                                                    ).read_text()
+  # Its test numbers are the refit's (train + validation, final states); the selected
+  # states' test is kept beside them.
+  assert swept["chosen"]["refit"] is True
+  assert sorted(swept["selection_test"]) == ["paired", "unimodal"]
+  assert swept["selection_test"]["unimodal"]["seeds_used"] == 2
+  assert "trained that configuration again on train + validation" in (
+      tmp_path / "paper-synthetic-quick.md").read_text()
   for p in ("paired", "unimodal"):  # the paper's ordering, checked whichever way it comes out
     check = on_disk["ordering"][p]
     assert isinstance(check["full_is_best"], bool) and check["best"] in rows

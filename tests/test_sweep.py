@@ -15,7 +15,9 @@ import pytest
 from configs import paired_features
 from dsf3n_jax import losses, sweep
 from dsf3n_jax.training import restore
+from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import seeds as seeds_lib
+from dsf3n_jax.training import steps as steps_lib
 from tests.test_seeds import _one_by_one
 from tests.test_train import REPO, tiny_config
 
@@ -135,6 +137,19 @@ def swept(tmp_path_factory):
   return workdir, overrides, report
 
 
+def _chosen_run(workdir, config, split):
+  """The sweep's ``chosen/`` run: its saved config, ``config``'s run parts, and the best
+  checkpoint's ``unimodal_map_average`` on ``split``."""
+  _, variables, run_config = restore.restore_model(workdir / "chosen", which="best")
+  run = run_lib.prepare_run(config)
+  state = seeds_lib.seed_state(seeds_lib.init_states(run, [0]), 0).replace(
+      params=variables["params"], batch_stats=variables["batch_stats"])
+  got = steps_lib.evaluate(steps_lib.make_embed_fn(run.model, run.mesh, protocol="unimodal"),
+                           state, getattr(run.sources, split), config=config, mesh=run.mesh,
+                           split=split, protocol="unimodal")
+  return run_config, run, got["unimodal_map_average"]
+
+
 def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swept):
   workdir, overrides, report = swept
   rows = report["configs"]
@@ -165,7 +180,8 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
                                     if overrides[top][k] != v}
   assert sweep.margin_text(m) in table
   assert json.loads((workdir / "sweep.json").read_text())["chosen"] == chosen
-  # The config file is the chosen configuration, seed included, and passes main's checks.
+  # The config file is the chosen configuration, seed included, refit on train + validation
+  # (no split carved, the final state kept), and passes main's checks.
   from dsf3n_jax import config_check
   sys.path.insert(0, str(workdir))
   try:
@@ -176,21 +192,24 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   config_check.validate(config, num_devices=jax.device_count())
   expected = sweep.apply_overrides(_base(), overrides[chosen["config"]])
   expected.seed = chosen["seed"]
+  assert (config.data.validation_fraction, config.selection_split) == (0.0, "last")
+  expected.data.validation_fraction, expected.selection_split = 0.0, "last"
   assert json.loads(config.to_json_best_effort()) == json.loads(expected.to_json_best_effort())
-  # The run holds that member's selected state, as its best checkpoint: its validation metric
-  # is the table's.
-  model, variables, run_config = restore.restore_model(workdir / "chosen", which="best")
-  assert run_config.seed == chosen["seed"]
-  from dsf3n_jax.training import run as run_lib
-  from dsf3n_jax.training import steps as steps_lib
-  run = run_lib.prepare_run(config)
-  state = seeds_lib.init_states(run, [0])
-  state = seeds_lib.seed_state(state, 0).replace(params=variables["params"],
-                                                 batch_stats=variables["batch_stats"])
-  got = steps_lib.evaluate(steps_lib.make_embed_fn(run.model, run.mesh, protocol="unimodal"),
-                           state, run.sources.validation, config=config, mesh=run.mesh,
-                           split="validation", protocol="unimodal")
-  np.testing.assert_allclose(got["unimodal_map_average"], max(seeds_val), atol=1e-4)
+  # The refit: every seed trained again on train + validation, its final state on test.
+  refit = report["refit"]
+  assert [s["seed"] for s in refit["seeds"]] == [0, 1] and refit["epochs"] == 2
+  refit_test = [s["test"]["unimodal_map_average"] for s in refit["seeds"]]
+  assert refit["summary"]["test"]["unimodal_map_average"]["mean"] == pytest.approx(
+      np.mean(refit_test))
+  assert "Refit of the chosen configuration on train + validation, 2 epochs" in table
+  # The run holds the chosen seed's refit as its best checkpoint: its test metric is the
+  # table's, and it trained on every train item (the validation carve included).
+  run_config, run, got = _chosen_run(workdir, config, "test")
+  assert run_config.seed == chosen["seed"] and run_config.data.validation_fraction == 0.0
+  carved = run_lib.prepare_run(_base()).sources
+  assert run.sources.validation is None
+  assert len(run.sources.train) == len(carved.train) + len(carved.validation)
+  np.testing.assert_allclose(got, refit_test[[0, 1].index(chosen["seed"])], atol=1e-6)
 
 
 def test_the_margin_says_whether_every_seed_prefers_the_chosen_configuration():
@@ -232,8 +251,31 @@ def test_a_rerun_keeps_the_finished_groups(swept):
   again = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
                           log=lines.append)
   assert any("finished earlier, kept" in line for line in lines)
+  assert "refit: finished earlier, kept" in lines
   assert not any("epoch" in line for line in lines)
   assert again["configs"] == report["configs"] and again["chosen"] == report["chosen"]
+  assert again["refit"] == report["refit"]
+  # Without the refit (nothing trains again), chosen/ holds the chosen seed's selected state
+  # as its best checkpoint: its validation metric is the table's.
+  lines.clear()
+  kept = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
+                         refit=False, log=lines.append)
+  assert not any("epoch" in line for line in lines) and "refit" not in kept
+  assert "Refit" not in (workdir / "sweep.md").read_text()
+  chosen = kept["chosen"]
+  seeds_val = [s["validation"]["unimodal_map_average"]
+               for s in kept["configs"][chosen["config"]]["seeds"]]
+  sys.path.insert(0, str(workdir))
+  try:
+    sys.modules.pop("chosen_config", None)
+    import chosen_config  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(workdir))
+  config = chosen_config.get_config()
+  assert config.data.validation_fraction == 0.25 and config.selection_split == "validation"
+  run_config, _, got = _chosen_run(workdir, config, "validation")
+  assert run_config.seed == chosen["seed"]
+  np.testing.assert_allclose(got, max(seeds_val), atol=1e-4)
 
 
 def test_the_command_line_reports_a_bad_sweep_in_one_line(tmp_path):

@@ -632,6 +632,36 @@ def test_both_protocols_are_reported_and_selection_follows_the_metric(tmp_path):
     train.train_and_evaluate(tiny_config(selection_metric="map"), str(tmp_path / "bad"))
 
 
+def test_selection_split_last_makes_the_final_state_the_best(tmp_path):
+  # A refit on train + validation (the sweep's) has nothing to select on: the best checkpoint
+  # is the final state, whatever the evaluations before it said.
+  config = tiny_config(**{"selection_split": "last", "eval_every_epochs": 1, "num_epochs": 3,
+                          "selection_metric": "unimodal_map_average"})
+  workdir = tmp_path / "run"
+  results = train.train_and_evaluate(config, str(workdir))
+  steps = results["steps"]
+  assert results["epochs"] == 3 and results["selected_on"] == "last"
+  assert results["best"]["step"] == results["best"]["checkpoint"] == steps
+  assert (results["best"]["metric"], results["best"]["value"]) == ("step", float(steps))
+  assert results["best"]["test"] == results["final"]["test"]
+  evaluated = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  evaluated = [r for r in evaluated if r["split"] == "test"]
+  assert [r["epoch"] for r in evaluated] == [1, 2, 3]  # evaluated, but not selected on
+  # Intermediate evaluations compute the configured metric's protocol; the last both.
+  assert ["map_average" in r for r in evaluated] == [False, False, True]
+  from dsf3n_jax.checkpoints import Checkpointer
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    assert checkpointer.best_step() == steps
+  finally:
+    checkpointer.close()
+  assert "the final state: selection_split='last'" in train.format_results(results)
+  with pytest.raises(ValueError, match=r"config.early_stopping_patience=2: expected 0 with "
+                     r"selection_split='last'"):
+    config_check.validate(tiny_config(**{"selection_split": "last",
+                                         "early_stopping_patience": 2}), num_devices=1)
+
+
 def test_a_float64_run_is_float64_end_to_end():
   with pytest.raises(ValueError, match="config.model.dtype='float64' needs 64-bit JAX"):
     tiny_setup(tiny_config(**{"model.dtype": "float64"}))

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from dsf3n_jax import evaluators as evaluators_lib
+from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training.workdir import log
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ class Evaluate(PeriodicAction):
 
 class SelectBest(PeriodicAction):
   """After this step's evaluations: the best-so-far and early stopping (``loop.select``), when
-  the selection evaluator ran."""
+  the selection evaluator ran (``selection_split="last"``: at the run's last evaluations)."""
 
   name = "select_best"
 
@@ -147,7 +148,8 @@ class SelectBest(PeriodicAction):
     return True
 
   def __call__(self, loop: Loop, step: int) -> None:
-    if loop.run.selection in loop.last_evals:
+    if (loop.final if loop.run.selection == run_lib.LAST
+        else loop.run.selection in loop.last_evals):
       loop.select(step)
 
 

@@ -14,7 +14,8 @@ batches and ends bit for bit as an uninterrupted run on the same machine.
 
 Evaluation: every evaluator runs at its interval and after the last step; the
 selection metric (``selection_metric``, ``"<eval>/<metric>"`` or a metric of
-the ``selection_split`` evaluator) picks the best checkpoint. With
+the ``selection_split`` evaluator) picks the best checkpoint; ``selection_split="last"``
+makes the final state the best (a refit on train + validation has nothing to select on). With
 ``early_stopping_patience`` = N > 0 the run stops after N evaluations in a row
 whose selection evaluator's loss is not strictly below the best so far (a tie
 is no improvement). This is our own rule, not the original's: the original
@@ -153,7 +154,7 @@ def _build_evaluations(run: run_lib.Run) -> list[actions_lib.Evaluate]:
     out.append(actions_lib.Evaluate(spec, evaluator, every_steps=every))
   if problems:
     raise config_check.ConfigError(problems)
-  if run.selection not in {e.name for e in out}:
+  if run.selection != run_lib.LAST and run.selection not in {e.name for e in out}:
     raise config_check.ConfigError([
         f"config.selection_metric={config.get('selection_metric')!r}: the evaluator "
         f"{run.selection!r} is not run (evaluators: {', '.join(e.name for e in out)})"])
@@ -412,6 +413,12 @@ class Loop:
   def select(self, step: int) -> None:
     """Updates the best-so-far and the early-stopping count from this step's evaluations."""
     meta, run = self.meta, self.run
+    if run.selection == run_lib.LAST:  # nothing to select on: the latest state is the best
+      meta["best"] = {"epoch": step // run.steps_per_epoch, "step": step, "checkpoint": step,
+                      "selected_on": run_lib.LAST, "metric": "step", "value": float(step),
+                      **self.last_evals}
+      self.new_best = True
+      return
     chosen = self.last_evals[run.selection]
     if run.metric not in chosen:
       raise KeyError(f"config.selection_metric: evaluator {run.selection!r} reports no "

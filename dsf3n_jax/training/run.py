@@ -195,14 +195,21 @@ def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
              fingerprint=data_fingerprint(config, sources), loss_fn=loss_fn)
 
 
+LAST = "last"  # config.selection_split: the final state is the best, nothing is selected
+
+
 def selection_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """``(evaluator, metric)`` the best checkpoint is selected by.
 
   ``config.selection_metric`` is ``"<eval name>/<metric>"``, or a metric of the
   evaluator named as ``config.selection_split`` (today's default:
-  ``map_average`` of ``validation``).
+  ``map_average`` of ``validation``). ``selection_split="last"``: ``("last", metric)``,
+  no evaluator selects (the final state is the best; the metric only tells intermediate
+  evaluations which protocol to compute).
   """
   metric = config.get("selection_metric", "map_average")
+  if config.get("selection_split") == LAST:
+    return LAST, metric.rsplit("/", 1)[-1]
   if "/" in metric:
     name, metric = metric.split("/", 1)
     return name, metric

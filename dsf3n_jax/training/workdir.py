@@ -341,8 +341,9 @@ def format_results(results: Mapping[str, Any]) -> str:
     metric = best.get("metric", "map_average")
     for split in ("validation", "test"):
       if split in best:
-        row(f"best {split} (epoch {best['epoch']}, {metric} on {best['selected_on']})",
-            best[split])
+        how = ("the final state: selection_split='last'" if best["selected_on"] == "last"
+               else f"{metric} on {best['selected_on']}")
+        row(f"best {split} (epoch {best['epoch']}, {how})", best[split])
   width = max(len(r[0]) for r in rows)
   lines = [f"{'':<{width}}  {'paired (paper)':^23}   {'unimodal (deployable)':^23}"]
   lines += [f"{r[0]:<{width}}  " + " ".join(f"{c:>7}" for c in r[1:4]) + "   "
