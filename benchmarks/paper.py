@@ -207,7 +207,9 @@ def fingerprint(row: Row, seeds: Sequence[int], quick: bool) -> str:
   """What a saved row must match to be reused: its config (or method), seeds and budget."""
   what = {"key": row.key, "seeds": list(seeds), "quick": quick,
           "config": None if row.config is None else json.loads(row.config.to_json_best_effort()),
-          **({"sweep": row.sweep, "refit": REFIT} if row.sweep is not None else {})}
+          # the refit's rule by name: rows of an earlier rule (unguarded) run again
+          **({"sweep": row.sweep, "refit": "guarded" if REFIT else None}
+             if row.sweep is not None else {})}
   return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -277,7 +279,8 @@ def run_swept(row: Row, seeds, progress) -> dict[str, Any]:
           "train_s": time.perf_counter() - t0,
           "chosen": {"overrides": chosen["overrides"], "selected_on": chosen["selected_on"],
                      "epochs": [s["epoch"] for s in per_seed], "margin": chosen["margin"],
-                     "refit": refit is not None},
+                     "refit": refit is not None,
+                     **({"refit_seeds": refit["refit_seeds"]} if refit else {})},
           "sweep": [{"overrides": report["overrides"][i],
                      "validation_unimodal": (r or {}).get("summary", {}).get(
                          "validation", {}).get("unimodal_map_average"),

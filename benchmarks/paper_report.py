@@ -40,14 +40,14 @@ class Progress:
   """One line per event: a bar over the rows' work, the row and seed, and an ETA.
 
   A DSF3N row weighs its epochs (twice for the ``:unimodal`` recipe: its step also embeds
-  each modality alone; times its configurations for a swept row); the ETA runs each kind
-  of row (baselines, DSF3N) at its own measured rate.
+  each modality alone; times its configurations and the refit for a swept row); the ETA
+  runs each kind of row (baselines, DSF3N) at its own measured rate.
   """
 
   def __init__(self, rows: list, log: Callable[[str], None]):
     self.rows = {r.key: r for r in rows}
     self.weight = {k: (r.config.num_epochs * (2 if r.config.loss.unimodal_weight else 1)
-                       * len(getattr(r, "sweep", None) or [1])
+                       * (len(r.sweep) + 1 if getattr(r, "sweep", None) else 1)
                        if r.kind == "dsf3n" else 1.0) for k, r in self.rows.items()}
     self.left = {kind: sum(self.weight[k] for k, r in self.rows.items() if r.kind == kind)
                  for kind in ("baseline", "dsf3n")}
@@ -176,7 +176,12 @@ def markdown(doc: dict[str, Any]) -> str:
                  if "margin" in swept["chosen"] else ".")
               + (" Then each seed trained that configuration again on train + validation "
                  "(the split that chose it goes back into training); the row is the final "
-                 "states' test. The selected states' own test, unimodal "
+                 "states' test"
+                 + ("" if swept["chosen"].get("refit_seeds", len(seeds)) == len(seeds) else
+                    f" ({swept['chosen']['refit_seeds']} of {len(seeds)} seeds; the others "
+                    "fit their validation pairs worse than their selected state scored on them "
+                    "held out, and keep that state)")
+                 + ". The selected states' own test, unimodal "
                  f"{cell({'protocols': swept['selection_test']}, 'unimodal')}, paired "
                  f"{cell({'protocols': swept['selection_test']}, 'paired')}."
                  if swept.get("selection_test") else "")]

@@ -30,8 +30,11 @@ Then (``--refit``, the default) the chosen configuration trains again, each seed
 on train and validation together (``data.validation_fraction=0``: the split that
 chose it goes back into training, as scikit-learn's ``refit``), for its epochs, and
 keeps its final state (``selection_split="last"``: nothing is left to select on).
-Its test numbers are the sweep's answer; the selection's are kept beside them.
-``--norefit`` keeps the selected states instead.
+A seed whose refit fits the validation pairs it trained on worse than its selected
+state scored on them held out has not fit its data (a run that degraded late, which
+no split is left to catch) and keeps its selected state. The refit's test numbers
+are the sweep's answer; the selection's are kept beside them. ``--norefit`` keeps
+the selected states instead.
 
 The workdir gets:
 
@@ -43,8 +46,8 @@ The workdir gets:
   ``python -m dsf3n_jax.main --config=DIR/chosen_config.py --workdir=...`` trains it
   again;
 - ``chosen/``: a run directory with the chosen configuration's best seed (by
-  validation; refit: that seed's refit), for ``retrieve``, ``visualize`` and
-  ``convert`` (``--workdir=DIR/chosen``).
+  validation; refit: that seed's refit, unless it kept its selected state), for
+  ``retrieve``, ``visualize`` and ``convert`` (``--workdir=DIR/chosen``).
 
 A finished group (and the refit) is saved at once; a rerun into the same workdir
 skips the groups whose configurations, seeds and metric are unchanged (a killed
@@ -411,20 +414,24 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
           f"{margin_text(chosen['margin'])}")
       config = configs[chosen["config"]].copy_and_resolve_references()
       config.seed = int(chosen["seed"])
-      run_dir = root / "groups" / report["configs"][chosen["config"]]["group"]
-      if refit and report["configs"][chosen["config"]]["score_split"] == "validation":
-        config = refit_config(config)
-        fingerprint = plan_groups([config], seeds, metric)[0].fingerprint
+      row = report["configs"][chosen["config"]]
+      run_dir = root / "groups" / row["group"]
+      if refit and row["score_split"] == "validation":
+        refit_cfg = refit_config(config)
+        fingerprint = plan_groups([refit_cfg], seeds, metric)[0].fingerprint
         saved = (previous.get("refit") or {})
-        run_dir = root / "groups" / fingerprint
-        if saved.get("fingerprint") == fingerprint and run_dir.is_dir():
+        refit_dir = root / "groups" / fingerprint
+        if saved.get("fingerprint") == fingerprint and (refit_dir.is_dir()
+                                                        or not saved.get("chosen_refit")):
           log("refit: finished earlier, kept")
           report["refit"] = saved
         else:
-          report["refit"] = train_refit(config, seeds, run_dir,
-                                        log=lambda m: log(f"refit: {m}"))
+          report["refit"] = train_refit(refit_cfg, row["seeds"], refit_dir, metric=metric,
+                                        carve=config.data, log=lambda m: log(f"refit: {m}"))
           report["refit"]["fingerprint"] = fingerprint
         log(f"refit on train + validation: test {_refit_text(report['refit'])}")
+        if report["refit"]["chosen_refit"]:
+          config, run_dir = refit_cfg, refit_dir
       elif refit:
         log("refit: skipped, the data has no validation split to add to train")
       publish_chosen(config, report, root, run_dir)
@@ -480,47 +487,75 @@ def refit_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return config
 
 
-def train_refit(config: ml_collections.ConfigDict, seeds: Sequence[int], run_dir, *,
+def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[str, Any]],
+                run_dir, *, metric: str, carve: ml_collections.ConfigDict,
                 log: Callable[[str], None]) -> dict[str, Any]:
-  """Trains ``config`` (``refit_config``'s) once per seed, all seeds as one program, and
-  evaluates each final state on test; ``run_dir`` gets ``config.seed``'s as a run.
+  """Trains ``config`` (``refit_config``'s) once per seed of ``selected`` (the chosen
+  configuration's per-seed results), all seeds as one program, and evaluates each final state.
 
-  Returns ``{"seeds": [{"seed", "test"}], "summary": {"test": ...}, "seconds", "epochs"}``.
+  A refit that fits the validation pairs it trained on (``carve``: the data section that
+  carved them) worse, by ``metric``, than the seed's selected state scored on them held out
+  has not fit its data (a run that degraded late, which no split is left to catch): that seed
+  keeps its selected state. ``run_dir`` gets ``config.seed``'s refit as a run when it is kept.
+
+  Returns ``{"seeds": [{"seed", "epoch", "test", "kept", "fit", "selected_validation"}],
+  "summary": {"test": ...}, "refit_seeds", "chosen_refit", "seconds", "epochs"}``.
   """
+  import dataclasses
+
   import jax
 
+  from dsf3n_jax import input_pipeline
   from dsf3n_jax.training import restore
   from dsf3n_jax.training import seeds as seeds_lib
-  seeds = list(seeds)
+  seeds = [int(s["seed"]) for s in selected]
   run, states, history = seeds_lib.train_group(
       [config] * len(seeds), seeds,
       on_epoch=_epoch_logger(log, config.num_epochs, f"{len(seeds)} seeds"))
   test = seeds_lib.evaluate_seeds(run, states, "test")
-  entries = [{"seed": seed, "epoch": int(config.num_epochs),
-              "test": None if m is None else {k: float(m[k]) for k in REPORTED}}
-             for seed, m in zip(seeds, test)]
+  labels = input_pipeline.load_split_arrays(run.sources.train)["label"]
+  _, rows = input_pipeline.stratified_split(labels, fraction=carve.validation_fraction,
+                                            seed=carve.validation_seed)
+  held = dataclasses.replace(run, sources=dataclasses.replace(
+      run.sources, validation=input_pipeline.SubsetSource(run.sources.train, rows)))
+  fits = seeds_lib.evaluate_seeds(held, states, "validation")
+  entries = []
+  for seed, chosen, m, fit in zip(seeds, selected, test, fits):
+    before = (chosen.get("validation") or {}).get(metric)
+    fit = None if fit is None else float(fit[metric])
+    kept = "refit" if fit is not None and (before is None or fit >= before) else "selected"
+    if kept == "selected":
+      log(f"seed {seed}: the refit fits its validation pairs at {fit} {metric}, below the "
+          f"selected state's {before} on them held out: it keeps the selected state")
+    entries.append({"seed": seed, "kept": kept, "fit": fit, "selected_validation": before,
+                    "epoch": int(config.num_epochs) if kept == "refit" else chosen.get("epoch"),
+                    "test": ({k: float(m[k]) for k in REPORTED} if kept == "refit" and m
+                             else chosen.get("test"))})
   i = seeds.index(int(config.seed))
-  if test[i] is None:
-    raise FloatingPointError(f"refit: seed {config.seed}, the chosen seed, ended non-finite on "
-                             "train + validation; its selected state is kept by --norefit")
-  state = jax.device_get(seeds_lib.seed_state(states, i))
-  steps = int(config.num_epochs) * run.steps_per_epoch
-  _publish(run_dir, functools.partial(
-      restore.save_variables_as_run, variables={"params": state.params,
-                                                "batch_stats": state.batch_stats},
-      config=config, best={"selected_on": "last", "metric": "step", "value": float(steps),
-                           "refit_epoch": int(config.num_epochs),
-                           "test": {k: float(test[i][k]) for k in REPORTED}}))
-  return {"seeds": entries, "epochs": int(config.num_epochs),
+  chosen_refit = entries[i]["kept"] == "refit"
+  if chosen_refit:
+    state = jax.device_get(seeds_lib.seed_state(states, i))
+    steps = int(config.num_epochs) * run.steps_per_epoch
+    _publish(run_dir, functools.partial(
+        restore.save_variables_as_run, variables={"params": state.params,
+                                                  "batch_stats": state.batch_stats},
+        config=config, best={"selected_on": "last", "metric": "step", "value": float(steps),
+                             "refit_epoch": int(config.num_epochs),
+                             "test": entries[i]["test"]}))
+  return {"seeds": entries, "epochs": int(config.num_epochs), "chosen_refit": chosen_refit,
+          "refit_seeds": sum(e["kept"] == "refit" for e in entries),
           "seconds": float(sum(h["seconds"] for h in history)),
-          "summary": {"test": {k: _summary([(s["test"] or {}).get(k) for s in entries])
+          "summary": {"test": {k: _summary([(e["test"] or {}).get(k) for e in entries])
                                for k in REPORTED}}}
 
 
 def _refit_text(refit: Mapping[str, Any]) -> str:
   test = refit["summary"]["test"]
+  n = len(refit["seeds"])
+  kept = ("every seed its refit" if refit["refit_seeds"] == n else
+          f"{refit['refit_seeds']} of {n} seeds their refit, the others their selected state")
   return (f"unimodal {_cell(test['unimodal_map_average'])}, paired "
-          f"{_cell(test['map_average'])} (mean over seeds)")
+          f"{_cell(test['map_average'])} (mean over seeds; {kept})")
 
 
 def margin(rows: Sequence[Mapping[str, Any] | None], scores: Sequence[float | None], top: int,
@@ -582,8 +617,8 @@ def config_file(config: ml_collections.ConfigDict, report: dict[str, Any]) -> st
   text = json.dumps(json.loads(config.to_json_best_effort()), indent=1, sort_keys=True)
   index = report["chosen"]["config"]
   refit = ("\nRefit: trained on train + validation (data.validation_fraction=0), the final "
-           "state kept\n(selection_split='last'), as chosen/ was.\n" if report.get("refit")
-           else "")
+           "state kept\n(selection_split='last'), as chosen/ was.\n"
+           if (report.get("refit") or {}).get("chosen_refit") else "")
   return (f'"""The configuration `python -m dsf3n_jax.sweep` chose: configuration {index} '
           f'({_label(report["overrides"][index])}),\nseed {int(config.seed)}, on '
           f'{report["chosen"]["selected_on"]}.\n{refit}\nCommand: {report["command"]}\n'
@@ -638,11 +673,15 @@ def markdown(report: dict[str, Any]) -> str:
            f" (`chosen_config.py`, run `chosen/`), {margin_text(chosen.get('margin'))}"
            if chosen else "- Chosen: none finished",
            *([f"- Refit of the chosen configuration on train + validation, "
-              f"{report['refit']['epochs']} epochs, the final state of each seed: test "
-              f"{_refit_text(report['refit'])}; per seed, unimodal "
-              + ", ".join("-" if s["test"] is None else f"{s['test']['unimodal_map_average']:.4f}"
+              f"{report['refit']['epochs']} epochs, the final state of each seed (a seed whose "
+              "refit fits its validation pairs worse than its selected state scored on them "
+              f"held out keeps the selected state): test {_refit_text(report['refit'])}; per "
+              "seed, unimodal "
+              + ", ".join(("-" if s["test"] is None else f"{s['test']['unimodal_map_average']:.4f}")
+                          + ("" if s["kept"] == "refit" else " (selected)")
                           for s in report["refit"]["seeds"])
-              + f". `chosen/` is seed {chosen.get('seed', '-')}'s refit."]
+              + f". `chosen/` is seed {chosen.get('seed', '-')}'s "
+              + ("refit." if report["refit"]["chosen_refit"] else "selected state.")]
              if report.get("refit") else []),
            "",
            "| # | configuration | validation unimodal | validation paired | test unimodal | "

@@ -195,21 +195,56 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   assert (config.data.validation_fraction, config.selection_split) == (0.0, "last")
   expected.data.validation_fraction, expected.selection_split = 0.0, "last"
   assert json.loads(config.to_json_best_effort()) == json.loads(expected.to_json_best_effort())
-  # The refit: every seed trained again on train + validation, its final state on test.
-  refit = report["refit"]
+  # The refit: every seed trained again on train + validation, its final state on test,
+  # unless it fits its validation pairs worse than its selected state scored on them held out.
+  refit, selected = report["refit"], rows[chosen["config"]]["seeds"]
   assert [s["seed"] for s in refit["seeds"]] == [0, 1] and refit["epochs"] == 2
+  for entry, before in zip(refit["seeds"], selected):
+    assert entry["selected_validation"] == before["validation"]["unimodal_map_average"]
+    assert entry["kept"] == ("refit" if entry["fit"] >= entry["selected_validation"]
+                             else "selected")
+    if entry["kept"] == "selected":
+      assert entry["test"] == before["test"]
+  assert refit["refit_seeds"] == sum(e["kept"] == "refit" for e in refit["seeds"])
   refit_test = [s["test"]["unimodal_map_average"] for s in refit["seeds"]]
   assert refit["summary"]["test"]["unimodal_map_average"]["mean"] == pytest.approx(
       np.mean(refit_test))
   assert "Refit of the chosen configuration on train + validation, 2 epochs" in table
   # The run holds the chosen seed's refit as its best checkpoint: its test metric is the
   # table's, and it trained on every train item (the validation carve included).
+  i = [0, 1].index(chosen["seed"])
+  assert refit["chosen_refit"] and refit["seeds"][i]["kept"] == "refit"  # (else: the next test)
   run_config, run, got = _chosen_run(workdir, config, "test")
   assert run_config.seed == chosen["seed"] and run_config.data.validation_fraction == 0.0
   carved = run_lib.prepare_run(_base()).sources
   assert run.sources.validation is None
   assert len(run.sources.train) == len(carved.train) + len(carved.validation)
-  np.testing.assert_allclose(got, refit_test[[0, 1].index(chosen["seed"])], atol=1e-6)
+  np.testing.assert_allclose(got, refit_test[i], atol=1e-6)
+
+
+def test_a_refit_that_fits_its_validation_pairs_worse_keeps_the_selected_state(tmp_path):
+  # Seed 0's selected state "scored" 2.0 on its validation pairs held out: no refit fits them
+  # that well, so it keeps its selected state (and chosen/, its seed, is not the refit);
+  # seed 1's "scored" -1: its refit is kept.
+  base = _base()
+  config = sweep.refit_config(base)
+  config.seed = 0
+  fake = {k: 0.5 for k in sweep.REPORTED}
+  selected = [{"seed": 0, "epoch": 1, "validation": {"unimodal_map_average": 2.0},
+               "test": fake},
+              {"seed": 1, "epoch": 2, "validation": {"unimodal_map_average": -1.0},
+               "test": fake}]
+  lines = []
+  refit = sweep.train_refit(config, selected, tmp_path / "run", metric="unimodal_map_average",
+                            carve=base.data, log=lines.append)
+  first, second = refit["seeds"]
+  assert (first["kept"], first["test"], first["epoch"]) == ("selected", fake, 1)
+  assert second["kept"] == "refit" and second["epoch"] == 2 and second["test"] != fake
+  assert 0 < first["fit"] <= 1 and 0 < second["fit"] <= 1
+  assert (refit["refit_seeds"], refit["chosen_refit"]) == (1, False)
+  assert not (tmp_path / "run").exists()
+  assert any("seed 0: the refit fits its validation pairs" in line for line in lines)
+  assert "1 of 2 seeds their refit, the others their selected state" in sweep._refit_text(refit)
 
 
 def test_the_margin_says_whether_every_seed_prefers_the_chosen_configuration():
