@@ -525,8 +525,9 @@ def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[st
     fit = None if fit is None else float(fit[metric])
     kept = "refit" if fit is not None and (before is None or fit >= before) else "selected"
     if kept == "selected":
-      log(f"seed {seed}: the refit fits its validation pairs at {fit} {metric}, below the "
-          f"selected state's {before} on them held out: it keeps the selected state")
+      show = lambda v: "non-finite" if v is None else f"{v:.4f}"
+      log(f"seed {seed}: the refit fits its validation pairs at {show(fit)} {metric}, below "
+          f"the selected state's {show(before)} on them held out: it keeps the selected state")
     entries.append({"seed": seed, "kept": kept, "fit": fit, "selected_validation": before,
                     "epoch": int(config.num_epochs) if kept == "refit" else chosen.get("epoch"),
                     "test": ({k: float(m[k]) for k in REPORTED} if kept == "refit" and m
