@@ -222,8 +222,9 @@ def check_parity(config, dtype, *, scales=None):
   rec_j = jax_run(model, variables, centers, visual, audio, labels)
   errs, grad_scale = compare(rec_j, rec_t)
   tol = TOL[dtype]
-  bad = {k: e for k, e in errs.items() if not e <= tol}
-  assert not bad, f"relative errors above {tol}: {bad}"
+  tols = tol if isinstance(tol, dict) else dict.fromkeys(errs, tol)
+  bad = {k: (e, tols[k]) for k, e in errs.items() if not e <= tols[k]}
+  assert not bad, f"(relative error, tolerance) above the tolerance: {bad}"
   # The key biases' gradient is zero up to rounding in both implementations.
   for k in KEY_BIASES:
     if k in rec_t["grads"]:
@@ -371,6 +372,12 @@ def jax_train(config, variables, centers, batches, *, num_classes=NUM_CLASSES, d
   return sd, np.asarray(state.centers), losses
 
 
+def torch_net_kwargs(mcfg):
+  """The baseline network's arguments among a model config's (``train.model_config``)."""
+  fields = inspect.signature(torch_dsf3n.CrossModalNN).parameters
+  return {k: v for k, v in mcfg.items() if k in fields and k not in ("num_classes", "dropout_rate")}
+
+
 def check_training_parity(dtype):
   """Both runs for ``TRAIN_STEPS`` steps from the same weights on the same batches.
 
@@ -381,9 +388,7 @@ def check_training_parity(dtype):
   """
   config = _train_config(dtype)
   mcfg = train.model_config(config, num_classes=NUM_CLASSES, **TRAIN_DIMS)
-  torch_fields = inspect.signature(torch_dsf3n.CrossModalNN).parameters
-  torch_kwargs = {k: v for k, v in mcfg.items()
-                  if k in torch_fields and k not in ("num_classes", "dropout_rate")}
+  torch_kwargs = torch_net_kwargs(mcfg)
   net, center = make_torch(torch_kwargs, dtype, scales=TINY_SCALES)
   variables = convert.from_torch_state_dict(
       net.state_dict(), model=train.build_model(mcfg, axis_name=None))
@@ -417,8 +422,9 @@ def _report(dtype, errs, tol):
   WORST[f"training {np.dtype(dtype).name}"] = errs[worst]
   print(f"\n{np.dtype(dtype).name}, {TRAIN_STEPS} Adam steps: worst relative error "
         f"{errs[worst]:.3g} ({worst})")
-  bad = {k: e for k, e in errs.items() if not e <= tol}
-  assert not bad, f"relative errors above {tol}: {bad}"
+  tols = tol if isinstance(tol, dict) else dict.fromkeys(errs, tol)
+  bad = {k: (e, tols[k]) for k, e in errs.items() if not e <= tols[k]}
+  assert not bad, f"(relative error, tolerance) above the tolerance: {bad}"
 
 
 def test_training_50_adam_steps_float64():
@@ -432,14 +438,33 @@ def test_training_50_adam_steps_float64():
   assert all(moved[k] > 1e6 * tol for k in moved if not k.startswith(KEY_BIASES)), moved
 
 
-# Tolerance of the float32 run, from measurements of this test's 50 steps: PyTorch's own float32
-# run is 7.6e-6 (relative, worst tensor) from its float64 run. Ours, with an Adam whose bias
-# corrections 1 - b**t are exact to float32 rounding, is 3.0e-5 from PyTorch's float64 run and
-# 3.7e-5 from its float32 run (centres 6e-7, loss curve 2e-6); 2e-4 leaves a factor of 5. The
-# key biases are excluded: their gradient is rounding noise (~1e-7 of the gradient scale, above
-# Adam's eps), so in float32 both implementations take noise-driven steps (PyTorch float32 vs
-# float64: 0.26 lr apart after 50 steps); they must stay within 2 lr of each other.
+# Tolerance of the float32 run, from measurements of this test's 50 steps on a 2-core Intel
+# Xeon: PyTorch's own float32 run is 7.6e-6 (relative, worst tensor) from its float64 run. Ours,
+# with an Adam whose bias corrections 1 - b**t are exact to float32 rounding, is 3.0e-5 from
+# PyTorch's float64 run and 3.7e-5 from its float32 run (centres 6e-7, loss curve 2e-6); 2e-4
+# leaves a factor of 5. On a 2-core AMD EPYC the same PyTorch float32 run is 2.7 (audio BN bias)
+# and 3 % (loss curve) from its float64 run: both float32 runs take another trajectory there
+# (ours is 0.024 and 4e-4 from PyTorch's float32 run, and as far as it from float64). So a tensor
+# may also be 5x PyTorch float32's own distance from float64 for it, measured in the same run.
+# The key biases are excluded: their gradient is rounding noise (~1e-7 of the gradient scale,
+# above Adam's eps), so in float32 both implementations take noise-driven steps (PyTorch
+# float32 vs float64: 0.26 lr apart after 50 steps); they must stay within 2 lr of each other.
 F32_TOL = 2e-4
+
+
+def torch_float32_drift() -> dict[str, float]:
+  """PyTorch's float32 run of ``check_training_parity`` against its float64 run from the same
+  weights: the relative distance of every tensor, the centres and the loss curve."""
+  config = _train_config(np.float32)
+  mcfg = train.model_config(config, num_classes=NUM_CLASSES, **TRAIN_DIMS)
+  kwargs = torch_net_kwargs(mcfg)
+  runs = {}
+  for dtype in (np.float32, np.float64):
+    net, center = make_torch(kwargs, dtype, scales=TINY_SCALES)
+    runs[dtype] = torch_train(net, center, _train_data(dtype), config)
+  (sd32, c32, l32), (sd64, c64, l64) = runs[np.float32], runs[np.float64]
+  drift = {k: rel_err(sd32[k], v) for k, v in sd64.items() if not k.endswith("num_batches_tracked")}
+  return {**drift, "centers": rel_err(c32, c64), "loss curve": rel_err(l32, l64)}
 
 
 def test_training_50_adam_steps_float32():
@@ -447,7 +472,8 @@ def test_training_50_adam_steps_float32():
   for k in KEY_BIASES:
     del errs[k]
   assert max(key_gaps.values()) < 2.0, key_gaps
-  _report(np.float32, errs, F32_TOL)
+  drift = torch_float32_drift()
+  _report(np.float32, errs, {k: max(F32_TOL, 5 * drift[k]) for k in errs})
 
 
 # Real data: the float32 trajectory against PyTorch's own float32 distance from float64.
@@ -470,9 +496,7 @@ def fsdd_trajectories(path, steps):
     config.model.dtype = np.dtype(dtype).name
     config.batch_size = FSDD_BATCH
     mcfg = train.model_config(config, num_classes=num_classes, **dims)
-    fields = inspect.signature(torch_dsf3n.CrossModalNN).parameters
-    net, center = make_torch({k: v for k, v in mcfg.items()
-                              if k in fields and k not in ("num_classes", "dropout_rate")},
+    net, center = make_torch(torch_net_kwargs(mcfg),
                              dtype, scales={}, num_classes=num_classes)
     batches = [{"visual": visual[i:i + FSDD_BATCH].astype(dtype),
                 "audio": audio[i:i + FSDD_BATCH].astype(dtype),

@@ -562,8 +562,11 @@ def test_unimodal_embeddings_are_the_same_on_one_and_eight_devices(missing_partn
       out = embed(variables, jax.device_put(batch["visual"], sharding),
                   jax.device_put(audio, sharding))
       emb[n, name] = np.asarray(out["unimodal_emb_visual"])
-  for key in emb:  # bitwise: independent of the audio and of the device count
-    np.testing.assert_array_equal(emb[key], emb[1, "audio"])
+  for n in (1, 8):  # bitwise independent of the audio
+    np.testing.assert_array_equal(emb[n, "zeros"], emb[n, "audio"], err_msg=f"{n} devices")
+  # and of the device count, to float32 rounding: a CPU's product kernels may sum a shard of
+  # 2 rows in another order than a batch of 16 (seen on AMD EPYC: 1 ulp)
+  np.testing.assert_allclose(emb[8, "audio"], emb[1, "audio"], rtol=1e-6, atol=1e-7)
 
 
 def test_each_protocol_is_embedded_alone_and_equals_the_combined_pass():
