@@ -205,6 +205,13 @@ def compare(rec_j, rec_t):
   return errs, grad_scale
 
 
+def assert_within(errs, tol):
+  """Every relative error of ``errs`` within ``tol`` (one number, or one per key)."""
+  tols = tol if isinstance(tol, dict) else dict.fromkeys(errs, tol)
+  bad = {k: (e, tols[k]) for k, e in errs.items() if not e <= tols[k]}
+  assert not bad, f"(relative error, tolerance) above the tolerance: {bad}"
+
+
 def check_parity(config, dtype, *, scales=None):
   visual, audio, labels = _inputs(dtype)
   net, center = make_torch(config, dtype, scales=scales)
@@ -222,9 +229,7 @@ def check_parity(config, dtype, *, scales=None):
   rec_j = jax_run(model, variables, centers, visual, audio, labels)
   errs, grad_scale = compare(rec_j, rec_t)
   tol = TOL[dtype]
-  tols = tol if isinstance(tol, dict) else dict.fromkeys(errs, tol)
-  bad = {k: (e, tols[k]) for k, e in errs.items() if not e <= tols[k]}
-  assert not bad, f"(relative error, tolerance) above the tolerance: {bad}"
+  assert_within(errs, tol)
   # The key biases' gradient is zero up to rounding in both implementations.
   for k in KEY_BIASES:
     if k in rec_t["grads"]:
@@ -422,9 +427,7 @@ def _report(dtype, errs, tol):
   WORST[f"training {np.dtype(dtype).name}"] = errs[worst]
   print(f"\n{np.dtype(dtype).name}, {TRAIN_STEPS} Adam steps: worst relative error "
         f"{errs[worst]:.3g} ({worst})")
-  tols = tol if isinstance(tol, dict) else dict.fromkeys(errs, tol)
-  bad = {k: (e, tols[k]) for k, e in errs.items() if not e <= tols[k]}
-  assert not bad, f"(relative error, tolerance) above the tolerance: {bad}"
+  assert_within(errs, tol)
 
 
 def test_training_50_adam_steps_float64():
