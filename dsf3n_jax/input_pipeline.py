@@ -31,6 +31,7 @@ from dsf3n_jax.datasets.sources import (
   StandardizedSource,
   SubsetSource,
   TfdsSource,
+  carve_validation,
   load_sources,
   load_split_arrays,
   standardize,
@@ -290,7 +291,8 @@ def to_device(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arr
 
 __all__ = [
     "DATASETS", "FIELDS", "ArraySource", "DataValidationError", "Source", "Sources",
-    "StandardizedSource", "SubsetSource", "TfdsSource", "TrainLoader", "epoch_permutation",
+    "StandardizedSource", "SubsetSource", "TfdsSource", "TrainLoader", "carve_validation",
+    "epoch_permutation",
     "eval_batches", "load_sources", "load_split_arrays", "process_rows", "standardize",
     "stratified_split", "to_device",
 ]

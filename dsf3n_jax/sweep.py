@@ -514,10 +514,10 @@ def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[st
       on_epoch=_epoch_logger(log, config.num_epochs, f"{len(seeds)} seeds"))
   test = seeds_lib.evaluate_seeds(run, states, "test")
   labels = input_pipeline.load_split_arrays(run.sources.train)["label"]
-  _, rows = input_pipeline.stratified_split(labels, fraction=carve.validation_fraction,
-                                            seed=carve.validation_seed)
-  held = dataclasses.replace(run, sources=dataclasses.replace(
-      run.sources, validation=input_pipeline.SubsetSource(run.sources.train, rows)))
+  _, carved = input_pipeline.carve_validation(run.sources.train, labels,
+                                              fraction=carve.validation_fraction,
+                                              seed=carve.validation_seed)
+  held = dataclasses.replace(run, sources=dataclasses.replace(run.sources, validation=carved))
   fits = seeds_lib.evaluate_seeds(held, states, "validation")
   entries = []
   for seed, chosen, m, fit in zip(seeds, selected, test, fits):

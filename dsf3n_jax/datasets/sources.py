@@ -205,6 +205,14 @@ def stratified_split(labels: np.ndarray, *, fraction: float,
   return train.astype(np.int64), val.astype(np.int64)
 
 
+def carve_validation(train: Source, labels: np.ndarray, *, fraction: float,
+                     seed: int) -> tuple[SubsetSource, SubsetSource]:
+  """``(train, validation)``: the rows of ``train`` that ``stratified_split`` of its ``labels``
+  keeps in train, and those it moves to validation (``load_sources``'s carve)."""
+  train_rows, val_rows = stratified_split(labels, fraction=fraction, seed=seed)
+  return SubsetSource(train, train_rows), SubsetSource(train, val_rows)
+
+
 def _check_dims(name: str, *, found: Mapping[str, int], expected: Mapping[str, int | None]):
   for k, want in expected.items():
     if want is not None and int(want) != int(found[k]):
@@ -386,10 +394,8 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
                                                audio_dim=audio_dim))
   val = None
   if validation_fraction:
-    train_rows, val_rows = stratified_split(train_labels, fraction=validation_fraction,
-                                            seed=validation_seed)
-    val = SubsetSource(train, val_rows)
-    train = SubsetSource(train, train_rows)
+    train, val = carve_validation(train, train_labels, fraction=validation_fraction,
+                                  seed=validation_seed)
   return Sources(train=train, test=test, validation=val, name=name, origin=origin, **found)
 
 
