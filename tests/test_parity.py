@@ -387,9 +387,10 @@ def check_training_parity(dtype):
   """Both runs for ``TRAIN_STEPS`` steps from the same weights on the same batches.
 
   Returns:
-    ``(errs, moved, key_gaps)``: the relative error of every tensor of the final state dict,
-    the centres and the loss curve; how far (relatively) PyTorch moved each tensor from the
-    start; and ``max |jax - torch| / lr`` of the key biases.
+    ``(errs, moved, key_gaps, torch_run)``: the relative error of every tensor of the final
+    state dict, the centres and the loss curve; how far (relatively) PyTorch moved each tensor
+    from the start; ``max |jax - torch| / lr`` of the key biases; and PyTorch's run
+    (``torch_train``'s state dict, centres and losses).
   """
   config = _train_config(dtype)
   mcfg = train.model_config(config, num_classes=NUM_CLASSES, **TRAIN_DIMS)
@@ -419,7 +420,7 @@ def check_training_parity(dtype):
   key_gaps = {k: float(np.max(np.abs(sd_j[k] - sd_t[k]))) / config.optim.lr
               for k in KEY_BIASES if k in sd_t}
   assert losses_t[-1] < 0.7 * losses_t[0], losses_t  # the runs learn
-  return errs, moved, key_gaps
+  return errs, moved, key_gaps, (sd_t, centers_t, losses_t)
 
 
 def _report(dtype, errs, tol):
@@ -434,7 +435,7 @@ def test_training_50_adam_steps_float64():
   """Every parameter, BatchNorm statistic and centre to 1e-9 (measured: 1.2e-11)."""
   tol = 1e-9
   with jax.enable_x64(True):
-    errs, moved, _ = check_training_parity(np.float64)
+    errs, moved, _, _ = check_training_parity(np.float64)
   _report(np.float64, errs, tol)
   # The key biases' gradient is rounding noise (~1e-17), far below Adam's eps: they stay put
   # in both runs. Everything else moved by far more than the tolerance.
@@ -455,27 +456,25 @@ def test_training_50_adam_steps_float64():
 F32_TOL = 2e-4
 
 
-def torch_float32_drift() -> dict[str, float]:
-  """PyTorch's float32 run of ``check_training_parity`` against its float64 run from the same
-  weights: the relative distance of every tensor, the centres and the loss curve."""
+def torch_float32_drift(torch32) -> dict[str, float]:
+  """PyTorch's float32 run of ``check_training_parity`` (``torch32``: its state dict, centres
+  and losses) against its float64 run from the same weights: the relative distance of every
+  tensor, the centres and the loss curve."""
   config = _train_config(np.float32)
   mcfg = train.model_config(config, num_classes=NUM_CLASSES, **TRAIN_DIMS)
-  kwargs = torch_net_kwargs(mcfg)
-  runs = {}
-  for dtype in (np.float32, np.float64):
-    net, center = make_torch(kwargs, dtype, scales=TINY_SCALES)
-    runs[dtype] = torch_train(net, center, _train_data(dtype), config)
-  (sd32, c32, l32), (sd64, c64, l64) = runs[np.float32], runs[np.float64]
+  net, center = make_torch(torch_net_kwargs(mcfg), np.float64, scales=TINY_SCALES)
+  sd32, c32, l32 = torch32
+  sd64, c64, l64 = torch_train(net, center, _train_data(np.float64), config)
   drift = {k: rel_err(sd32[k], v) for k, v in sd64.items() if not k.endswith("num_batches_tracked")}
   return {**drift, "centers": rel_err(c32, c64), "loss curve": rel_err(l32, l64)}
 
 
 def test_training_50_adam_steps_float32():
-  errs, _, key_gaps = check_training_parity(np.float32)
+  errs, _, key_gaps, torch32 = check_training_parity(np.float32)
   for k in KEY_BIASES:
     del errs[k]
   assert max(key_gaps.values()) < 2.0, key_gaps
-  drift = torch_float32_drift()
+  drift = torch_float32_drift(torch32)
   _report(np.float32, errs, {k: max(F32_TOL, 5 * drift[k]) for k in errs})
 
 
