@@ -123,20 +123,29 @@ def _sorted_members(keys: jax.Array, members: jax.Array, pad_value) -> jax.Array
   return jnp.pad(picked, ((0, 0), (0, width - members.shape[1])), constant_values=pad_value)
 
 
-def _block_stats_count(dist, query_classes, class_table, cutoff):
-  """Ranks of the relevant items only: sort their keys, place every item by binary search."""
-  members = class_table[query_classes]                          # (b, M), -1 = padding
+def _block_stats_count(dist, query_labels, item_labels, class_table, cutoff):
+  """Ranks of the relevant items only: sort their keys, place every other item among them.
+
+  The r-th relevant item (1-based) is ranked after the r - 1 relevant items before it and
+  after every other item placed before it, so its position is ``r`` plus the number of other
+  items with fewer than ``r`` relevant items before them. A relevant item is never placed
+  against its own key: XLA may compute a key in two fusions (the sorted members' and the
+  placed items'), and a rounding difference between the two would otherwise move an item
+  against itself (a position of 0, an AP of inf).
+  """
+  members = class_table[query_labels]                           # (b, M), -1 = padding
   num_relevant = jnp.sum(members >= 0, axis=1)
   keys = ranking_keys(dist)
   # slot[l] = number of relevant items ranked before item l (keys are unique).
   slot = _lower_bound(_sorted_members(keys, members, _INT64_MAX), keys)
-  # hist[r] = items with exactly r relevant items before them; the r-th relevant item
-  # (1-based) is ranked after every item with slot <= r - 1, itself included.
+  other = (item_labels[None, :] != query_labels[:, None]).astype(jnp.int32)
+  # hist[s] = other items with exactly s relevant items before them.
   big, rows = members.shape[1], dist.shape[0]
   flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * (big + 1) + slot).reshape(-1)
-  hist = jnp.zeros((rows * (big + 1),), jnp.int32).at[flat].add(1, mode="promise_in_bounds")
-  positions = jnp.cumsum(hist.reshape(rows, big + 1), axis=1)[:, :big].astype(jnp.float64)
+  hist = jnp.zeros((rows * (big + 1),), jnp.int32).at[flat].add(other.reshape(-1),
+                                                               mode="promise_in_bounds")
   r = jnp.arange(1, big + 1, dtype=jnp.float64)
+  positions = r + jnp.cumsum(hist.reshape(rows, big + 1), axis=1)[:, :big].astype(jnp.float64)
   valid = (r[None, :] <= num_relevant[:, None]) & (positions <= cutoff)
   hits = valid.sum(-1).astype(jnp.float64)
   ap = _row_sum(jnp.where(valid, r / positions, 0.0)) / jnp.maximum(hits, 1.0)
@@ -156,7 +165,7 @@ def ranking_stats_kernel(queries, items, query_labels, item_labels, query_classe
       dist = pairwise_distances(q, items, distance=distance)
       if strategy == "sort":
         return _block_stats_sort(dist, ql, item_labels, cutoff)
-      return _block_stats_count(dist, qc, class_table, cutoff)
+      return _block_stats_count(dist, qc, item_labels, class_table, cutoff)
 
     blocks = (q.reshape(-1, block_size, d), ql.reshape(-1, block_size),
               qc.reshape(-1, block_size))

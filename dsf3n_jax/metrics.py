@@ -32,7 +32,7 @@ float64 rounding, ~1e-16):
     keys of the query's relevant items (its class: a tenth of the items on
     VEGAS), place every item among them (a 16-way comparison pass, then a
     branchless binary search) and histogram the result: the position of the
-    r-th relevant item is the number of items placed at or before it.
+    r-th relevant item is r plus the number of other items placed before it.
 ``strategy="auto"`` is ``"count"`` on CPU (about 4x faster than "sort" there)
 and ``"sort"`` on GPU/TPU. See the README for timings.
 AP sums are accumulated in float64.

@@ -1,6 +1,7 @@
 """Tests of dsf3n_jax.metrics against a transcription of the original mAP loop."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.spatial
@@ -204,6 +205,23 @@ def test_lower_bound_equals_searchsorted(members):
     for fanout in (1, 2, 16):
       got = map_kernel._lower_bound(table, keys, fanout=fanout)
       np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("ulps", [-1, 1])
+def test_count_places_no_relevant_item_against_its_own_key(monkeypatch, ulps):
+  """XLA may compute a key twice, in the sorted members' fusion and in the placed items' one,
+  and round the two differently (seen at --xla_backend_optimization_level=0: APs of inf). The
+  members' keys are moved by an ulp of their distance here: the ranks stay exact."""
+  q, x, ql, il = _data(7, 12, 40, classes=4)
+  table, qc, ic, _ = metrics._class_table(ql, il)
+  sorted_members = map_kernel._sorted_members
+  monkeypatch.setattr(map_kernel, "_sorted_members", lambda keys, members, pad: sorted_members(
+      keys + jnp.int64(ulps) * (1 << 32), members, pad))
+  with jax.enable_x64(True):
+    dist = metrics.pairwise_distances(q, x)
+    ap, hits, num_relevant = map_kernel._block_stats_count(dist, qc, ic, table, 40)
+  np.testing.assert_allclose(np.asarray(ap), _ref(q, x, ql, il, per_query=True), atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(hits), np.asarray(num_relevant))
 
 
 def test_original_protocol_count():
