@@ -4,6 +4,8 @@ outputs (table, config file, run) are usable; a rerun resumes."""
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +187,7 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   from dsf3n_jax import config_check
   sys.path.insert(0, str(workdir))
   try:
+    sys.modules.pop("chosen_config", None)
     import chosen_config  # noqa: PLC0415
   finally:
     sys.path.remove(str(workdir))
@@ -280,8 +283,10 @@ def test_the_margin_says_whether_every_seed_prefers_the_chosen_configuration():
   assert sweep.margin_text(None) == "the only configuration"
 
 
-def test_a_rerun_keeps_the_finished_groups(swept):
+def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
+  # On a copy: the module's sweep stays as it ended for the other tests, in any order.
   workdir, overrides, report = swept
+  workdir = pathlib.Path(shutil.copytree(workdir, tmp_path / "sweep"))
   lines = []
   again = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
                           log=lines.append)
