@@ -36,6 +36,10 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache: a "
+                    "rerun loads its compiled programs instead of compiling them ('': off; "
+                    "default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/dsf3n_jax/jax; "
+                    "dsf3n_jax.compilation_cache says more).")
 flags.DEFINE_bool("verbose", False, f"On an error, print the traceback too (or set "
                   f"{cli.VERBOSE_ENV}=1).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -130,11 +134,22 @@ def main(argv):
     jax.config.update("jax_enable_x64", True)
   distributed.initialize(config.distributed, coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  use_compilation_cache()
   results = train.train_and_evaluate(config, FLAGS.workdir)
   if distributed.is_main_process():
     print(train.format_results(results))
     print(f"results: {os.path.join(FLAGS.workdir, 'results.json')}")
   logging.flush()
+
+
+def use_compilation_cache() -> str | None:
+  """``compilation_cache.setup`` with ``--compilation_cache_dir``; a directory it cannot
+  create is a usage error."""
+  from dsf3n_jax import compilation_cache  # pylint: disable=g-import-not-at-top
+  try:
+    return compilation_cache.setup(FLAGS.compilation_cache_dir)
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from e
 
 
 def source_root() -> pathlib.Path | None:

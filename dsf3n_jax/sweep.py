@@ -732,6 +732,7 @@ def main(argv):
   if str(config.model.dtype) == "float64":
     import jax
     jax.config.update("jax_enable_x64", True)
+  main_lib.use_compilation_cache()
   command = "python -m dsf3n_jax.sweep " + " ".join(sys.argv[1:])
   try:
     report = run_sweep(config, overrides, seeds, FLAGS.workdir, metric=FLAGS.metric,
