@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,27 @@ def case_info(params: Mapping[str, Any]) -> dict[str, Any]:
           "allocator": sysinfo.active_allocator()}
 
 
+def _matmul_forms(params: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+  """The products the peak is the best of: a square one and the model's bilinear product."""
+  n = int(params["n"])
+  rows, inner, cols = params["bilinear_shape"]
+  return {"square": (n, n, n), "bilinear": (rows, inner, cols)}
+
+
+def _matmul_call(shape: tuple[int, int, int], dtype: str) -> Callable[[], Any]:
+  """A blocking call of the jitted (m, k) x (k, n) product in ``dtype``, accumulated in
+  float32, compiled and run once."""
+  import jax
+  import jax.numpy as jnp
+  m_, k_, n_ = shape
+  key = jax.random.key(0)
+  a = jax.random.normal(key, (m_, k_), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (k_, n_), jnp.float32).astype(dtype)
+  f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
+  return lambda: f(a, b).block_until_ready()
+
+
 def case_matmul_peak(params: Mapping[str, Any]) -> dict[str, Any]:
   """Matrix-multiply throughput of the JAX device, the ceiling the model is compared with.
 
@@ -43,27 +64,46 @@ def case_matmul_peak(params: Mapping[str, Any]) -> dict[str, Any]:
   x 256) in float32, and both with bfloat16 operands and float32 accumulation.
   """
   import jax
-  import jax.numpy as jnp
 
-  n = int(params["n"])
-  rows, inner, cols = params["bilinear_shape"]
   out: dict[str, Any] = {"device": jax.devices()[0].device_kind,
                          "precision": str(jax.config.jax_default_matmul_precision)}
-  key = jax.random.key(0)
-  forms = {"square": (n, n, n), "bilinear": (rows, inner, cols)}
-  for name, (m_, k_, n_) in forms.items():
+  forms = _matmul_forms(params)
+  for name, shape in forms.items():
     for dtype in ("float32", "bfloat16"):
-      a = jax.random.normal(key, (m_, k_), jnp.float32).astype(dtype)
-      b = jax.random.normal(jax.random.fold_in(key, 1), (k_, n_), jnp.float32).astype(dtype)
-      f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
-      f(a, b).block_until_ready()
-      times = repeat(lambda f=f, a=a, b=b: f(a, b).block_until_ready(),
-                     warmup=params["warmup"], repeats=params["repeats"])
-      out[f"{name}_{dtype}"] = {"shape": [m_, k_, n_],
-                                "gflops": rates(2.0 * m_ * k_ * n_ / 1e9, times)}
+      times = repeat(_matmul_call(shape, dtype), warmup=params["warmup"],
+                     repeats=params["repeats"])
+      out[f"{name}_{dtype}"] = {"shape": list(shape),
+                                "gflops": rates(2.0 * np.prod(shape) / 1e9, times)}
   out["peak_float32_gflops"] = max(out[f"{f}_float32"]["gflops"]["median"] for f in forms)
   out["peak_bfloat16_gflops"] = max(out[f"{f}_bfloat16"]["gflops"]["median"] for f in forms)
   return out
+
+
+def _interleaved_peak(run: Callable[[], None], flops_per_run: float, params: Mapping[str, Any],
+                      dtype: str) -> dict[str, Any]:
+  """``run`` and the peak's products timed in turn, ``params["rounds"]`` times, in this process.
+
+  Each round's fraction divides the round's rate by the best product of the same round, so a
+  machine whose speed drifts between the peak job and this one (shared hosts move by a tenth
+  within an hour) does not move the fraction.
+  """
+  calls = {name: (_matmul_call(shape, dtype), 2.0 * np.prod(shape) / 1e9)
+           for name, shape in _matmul_forms(params).items()}
+  gflops, peaks, fractions = [], [], []
+  for _ in range(int(params["rounds"])):
+    t0 = time.perf_counter()
+    run()
+    rate = flops_per_run / 1e9 / (time.perf_counter() - t0)
+    best = 0.0
+    for call, work in calls.values():
+      t0 = time.perf_counter()
+      call()
+      best = max(best, work / (time.perf_counter() - t0))
+    gflops.append(rate)
+    peaks.append(best)
+    fractions.append(rate / best)
+  return {"rounds": len(fractions), "gflops": stats(gflops), "peak_gflops": stats(peaks),
+          "fraction_of_peak": stats(fractions)}
 
 
 def case_weights(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,12 +184,17 @@ def case_jax_train(params: Mapping[str, Any]) -> dict[str, Any]:
   times = repeat(run, warmup=0, repeats=params["repeats"],
                  budget_s=params.get("budget_s", float("inf")))
   faults = (minor_faults() - faults0) / (len(times) * steps)
+  interleaved = None
+  if params.get("interleaved_peak") and flops:
+    interleaved = _interleaved_peak(run, flops * steps, params["interleaved_peak"],
+                                    "bfloat16" if dtype == "bfloat16" else "float32")
   loss = float(jax.device_get(compiled(holder["state"], batch)[1]["loss"]))
   return {"batch_size": batch_size, "dtype": dtype, "devices": len(devices),
           "device_kind": devices[0].device_kind, "compile_s": compile_s,
           "samples_per_s": rates(batch_size * steps, times),
           "flops_per_step": flops,
           "flops_per_sample": flops * len(devices) / batch_size if flops else None,
+          "interleaved_peak": interleaved,
           "minor_faults_per_step": faults, "page_bytes_per_step": faults * resource.getpagesize(),
           "host_peak_bytes": host_peak_bytes(), "device_peak_bytes": device_peak_bytes(devices),
           "loss_finite": bool(np.isfinite(loss)), "allocator": sysinfo.active_allocator()}

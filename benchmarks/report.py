@@ -18,6 +18,7 @@ EPOCH_NAMES = {"scan": "JAX on-device epoch (lax.scan), 1 device",
 PROFILE_TOP = 15
 # The targets for the 2-core CPU (batch 128, float32).
 TARGETS = {"jax_samples_per_s": 180.0, "fraction_of_matmul_peak": 0.75,
+           "fraction_of_matmul_peak_interleaved": 0.75,
            "speedup_vs_original": 25.0, "speedup_vs_best_pytorch": 1.4,
            "map_speedup_vs_original": 100.0}
 
@@ -61,6 +62,7 @@ def _train_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                  "host_peak_mib": _mib(r.get("host_peak_bytes")),
                  "device_peak_mib": _mib(r.get("device_peak_bytes")),
                  "minor_faults_per_step": r.get("minor_faults_per_step"),
+                 "interleaved_peak": r.get("interleaved_peak"),
                  "error": r.get("error")})
   for job_id, epoch in _epoch_jobs(doc):
     rows.append({"id": job_id, "name": _epoch_name(job_id, epoch),
@@ -94,8 +96,13 @@ def _flops(doc, rows) -> dict[str, Any]:
     peak_key = "peak_bfloat16_gflops" if r["dtype"] == "bfloat16" else "peak_float32_gflops"
     r["achieved_gflops"] = gflops
     r["fraction_of_peak"] = gflops / out[peak_key] if out[peak_key] else None
+    # The same step and products timed in turn in the row's own process (cases_train).
+    r["fraction_of_peak_interleaved"] = _median((r.get("interleaved_peak") or {}).get(
+        "fraction_of_peak"))
     out["rows"].append({"id": r["id"], "achieved_gflops": gflops,
-                        "fraction_of_peak": r["fraction_of_peak"], "peak": peak_key})
+                        "fraction_of_peak": r["fraction_of_peak"],
+                        "fraction_of_peak_interleaved": r["fraction_of_peak_interleaved"],
+                        "peak": peak_key})
   return out
 
 
@@ -228,6 +235,8 @@ def _targets(doc, rows, flops, map_rows) -> list[dict[str, Any]]:
   measured = {
       "jax_samples_per_s": jax_rate,
       "fraction_of_matmul_peak": jax_row.get("fraction_of_peak") if jax_row else None,
+      "fraction_of_matmul_peak_interleaved": (jax_row.get("fraction_of_peak_interleaved")
+                                              if jax_row else None),
       "speedup_vs_original": (jax_rate / _median(orig["samples_per_s"])
                               if jax_rate and orig and _median(orig["samples_per_s"]) else None),
       "speedup_vs_best_pytorch": jax_rate / best_torch if jax_rate and best_torch else None,
@@ -236,6 +245,8 @@ def _targets(doc, rows, flops, map_rows) -> list[dict[str, Any]]:
   text = {
       "jax_samples_per_s": "JAX float32 training, batch 128, samples/s",
       "fraction_of_matmul_peak": "achieved FLOP/s / measured float32 matmul peak",
+      "fraction_of_matmul_peak_interleaved": ("the same, the step and the peak's products "
+                                              "timed in turn in one process (median of rounds)"),
       "speedup_vs_original": "JAX / PyTorch eager nn.Bilinear (original), batch 128",
       "speedup_vs_best_pytorch": "JAX / best PyTorch variant, batch 128",
       "map_speedup_vs_original": (f"mAP: ours / original loop at "

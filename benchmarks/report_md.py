@@ -186,6 +186,10 @@ def _header_markdown(doc: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _percent(x: float | None) -> str:
+  return _f(100 * x) + " %" if x else "-"
+
+
 def _train_markdown(sec: Mapping[str, Any]) -> list[str]:
   """The training-step table and the FLOP counts it is read against."""
   lines = []
@@ -193,21 +197,25 @@ def _train_markdown(sec: Mapping[str, Any]) -> list[str]:
   body = []
   for r in sec["train_step"]:
     if r.get("error"):
-      body.append((r["name"], r["batch"], r["dtype"], "failed", "", "", "", "", "", "",
+      body.append((r["name"], r["batch"], r["dtype"], "failed", "", "", "", "", "", "", "",
                    r["error"].splitlines()[0][:80]))
       continue
     body.append((r["name"], r["batch"], r["dtype"], *_s(r["samples_per_s"]),
-                 _f(r.get("achieved_gflops")),
-                 _f(100 * r["fraction_of_peak"]) + " %" if r.get("fraction_of_peak") else "-",
+                 _f(r.get("achieved_gflops")), _percent(r.get("fraction_of_peak")),
+                 _percent(r.get("fraction_of_peak_interleaved")),
                  _f(r["compile_s"]), _f(r["host_peak_mib"])))
   lines += _table(("implementation", "batch", "dtype", "median", "min", "max", "n",
-                   "GFLOP/s", "of peak", "compile / 1st call s", "peak host MiB"), body)
+                   "GFLOP/s", "of peak", "of peak, interleaved", "compile / 1st call s",
+                   "peak host MiB"), body)
   fl = sec["flops"]
   lines.append(f"FLOPs per sample (XLA cost analysis, training step): "
                f"{_f((fl['flops_per_sample'] or 0) / 1e9)} GFLOP. Measured matmul peak: "
                f"{_f(fl['peak_float32_gflops'])} GFLOP/s float32, "
                f"{_f(fl['peak_bfloat16_gflops'])} GFLOP/s bf16 operands (f32 accumulation). "
-               "\"of peak\" divides by the peak of the row's dtype.")
+               "\"of peak\" divides by the peak of the row's dtype; \"interleaved\": the "
+               "row's step and the peak's products timed in turn in the row's own process, the "
+               "median of the rounds' ratios (a host whose speed drifts between jobs does not "
+               "move it).")
   lines.append("")
   return lines
 

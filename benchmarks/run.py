@@ -90,18 +90,23 @@ PLANS: dict[str, dict[str, Any]] = {
 }
 
 
-def _training_jobs(add, p, *, common, slow, allocator: str, dp_devices, weights: str) -> None:
-  """The train-step jobs: JAX (float32, bf16, data-parallel), PyTorch, other allocators."""
+def _training_jobs(add, p, *, common, slow, allocator: str, dp_devices, weights: str,
+                   peak: dict[str, Any]) -> None:
+  """The train-step jobs: JAX (float32, bf16, data-parallel), PyTorch, other allocators.
+
+  ``peak``: the matmul peak job's products; the one-device JAX rows time them again in turn
+  with their step (``interleaved_peak``).
+  """
+  one = {**common, "devices": "one",
+         "interleaved_peak": {**peak, "rounds": max(int(common["repeats"]), 3)}}
   for b in p["train_batches"]:
-    add(f"jax_train/float32/one/{b}", "jax_train",
-        {**common, "batch_size": b, "dtype": "float32", "devices": "one"})
+    add(f"jax_train/float32/one/{b}", "jax_train", {**one, "batch_size": b, "dtype": "float32"})
     if p["bf16"]:
       add(f"jax_train/bfloat16/one/{b}", "jax_train",
-          {**common, "batch_size": b, "dtype": "bfloat16", "devices": "one"})
+          {**one, "batch_size": b, "dtype": "bfloat16"})
     if b == p["train_batches"][0]:  # what users of the deployable protocol train
       add(f"jax_train/unimodal_recipe/one/{b}", "jax_train",
-          {**common, "batch_size": b, "dtype": "float32", "devices": "one",
-           "variants": "unimodal"})
+          {**one, "batch_size": b, "dtype": "float32", "variants": "unimodal"})
     if p["data_parallel"]:
       add(f"jax_train/float32/all/{b}", "jax_train",
           {**common, "batch_size": b, "dtype": "float32", "devices": "all"},
@@ -153,12 +158,13 @@ def plan_jobs(mode: str, *, accelerator: Mapping[str, Any], allocator: str,
 
   add("info", "info", {})
   bilinear_rows = 3 * p["train_batches"][0]
-  add("matmul_peak", "matmul_peak", {
-      "n": p["matmul"]["n"] if on_cpu else 8192, "warmup": 2, "repeats": p["repeats"],
-      "bilinear_shape": p["matmul"].get("bilinear_shape", [bilinear_rows, 65536, 256])})
+  peak = {"n": p["matmul"]["n"] if on_cpu else 8192,
+          "bilinear_shape": p["matmul"].get("bilinear_shape", [bilinear_rows, 65536, 256])}
+  add("matmul_peak", "matmul_peak", {**peak, "warmup": 2, "repeats": p["repeats"]})
   add("weights", "weights", {"model": p["model"], "path": weights})
   _training_jobs(add, p, common=common, slow=slow, allocator=allocator,
-                 dp_devices=max(min(cores, 8), 2) if on_cpu else None, weights=weights)
+                 dp_devices=max(min(cores, 8), 2) if on_cpu else None, weights=weights,
+                 peak=peak)
   add("embed", "embed", {**common, "batch_size": p["embed_batch"], "weights": weights,
                          "steps_per_repeat": 1})
   # The epoch as training runs it here (config.data.on_device="auto": lax.scan on GPU/TPU,

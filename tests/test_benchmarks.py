@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,7 +166,8 @@ def _fake_document():
   jobs = {
       "info": {}, "matmul_peak": {"peak_float32_gflops": 200.0, "peak_bfloat16_gflops": 600.0},
       "jax_train/float32/one/128": {"samples_per_s": st(150.0), "compile_s": 5.0,
-                                    "flops_per_sample": 0.83e9, "host_peak_bytes": 2**30},
+                                    "flops_per_sample": 0.83e9, "host_peak_bytes": 2**30,
+                                    "interleaved_peak": {"fraction_of_peak": st(0.7)}},
       "torch_train/bilinear/eager/128": {"samples_per_s": st(5.0), "first_call_s": 30.0},
       "torch_train/einsum/eager/128": {"samples_per_s": st(100.0), "first_call_s": 2.0},
       "torch_train/einsum/compile/128": {"error": "RuntimeError: no compiler"},
@@ -227,11 +229,30 @@ def test_report_targets_ratios_and_failed_rows():
   assert targets["speedup_vs_best_pytorch"]["met"] is True
   assert targets["map_speedup_vs_original"]["measured"] == pytest.approx(90.0)
   assert targets["fraction_of_matmul_peak"]["measured"] == pytest.approx(150 * 0.83 / 200)
+  interleaved = targets["fraction_of_matmul_peak_interleaved"]
+  assert interleaved["measured"] == pytest.approx(0.7) and interleaved["met"] is False
   assert sorted(r["ratio"] for r in sec["ratios"]) == pytest.approx([1.5, 30.0])
   text = report_md.markdown(doc)
   assert "RuntimeError: no compiler" in text  # a failed variant is a row, not a gap
   assert "missed by" in text and "17 %" in text
   assert np.isclose(sec["flops"]["flops_per_sample"], 0.83e9)
+
+
+def test_the_interleaved_peak_divides_each_rounds_rate_by_that_rounds_best_product():
+  from benchmarks import cases_train
+  slept = []
+
+  def run():  # a "step" of 0.01 GFLOP that takes at least 20 ms
+    time.sleep(0.02)
+    slept.append(1)
+
+  out = cases_train._interleaved_peak(run, 0.01e9, {"n": 16, "bilinear_shape": [8, 32, 4],
+                                                     "rounds": 3}, "float32")
+  assert out["rounds"] == 3 and len(slept) == 3
+  assert 0 < out["gflops"]["max"] <= 0.5  # 0.01 GFLOP in >= 20 ms
+  assert out["peak_gflops"]["min"] > 0
+  ratios = [g / p for g, p in zip(out["gflops"]["values"], out["peak_gflops"]["values"])]
+  np.testing.assert_allclose(out["fraction_of_peak"]["values"], ratios, rtol=1e-12)
 
 
 def test_scan_profile_names_the_costliest_ops():
