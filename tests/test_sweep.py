@@ -139,6 +139,17 @@ def swept(tmp_path_factory):
   return workdir, overrides, report
 
 
+def _chosen_config(workdir):
+  """The config of the sweep's ``chosen_config.py`` in ``workdir``, imported afresh."""
+  sys.path.insert(0, str(workdir))
+  try:
+    sys.modules.pop("chosen_config", None)
+    import chosen_config  # noqa: PLC0415
+  finally:
+    sys.path.remove(str(workdir))
+  return chosen_config.get_config()
+
+
 def _chosen_run(workdir, config, split):
   """The sweep's ``chosen/`` run: its saved config, ``config``'s run parts, and the best
   checkpoint's ``unimodal_map_average`` on ``split``."""
@@ -185,13 +196,7 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   # The config file is the chosen configuration, seed included, refit on train + validation
   # (no split carved, the final state kept), and passes main's checks.
   from dsf3n_jax import config_check
-  sys.path.insert(0, str(workdir))
-  try:
-    sys.modules.pop("chosen_config", None)
-    import chosen_config  # noqa: PLC0415
-  finally:
-    sys.path.remove(str(workdir))
-  config = chosen_config.get_config()
+  config = _chosen_config(workdir)
   config_check.validate(config, num_devices=jax.device_count())
   expected = sweep.apply_overrides(_base(), overrides[chosen["config"]])
   expected.seed = chosen["seed"]
@@ -305,13 +310,7 @@ def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
   chosen = kept["chosen"]
   seeds_val = [s["validation"]["unimodal_map_average"]
                for s in kept["configs"][chosen["config"]]["seeds"]]
-  sys.path.insert(0, str(workdir))
-  try:
-    sys.modules.pop("chosen_config", None)
-    import chosen_config  # noqa: PLC0415
-  finally:
-    sys.path.remove(str(workdir))
-  config = chosen_config.get_config()
+  config = _chosen_config(workdir)
   assert config.data.validation_fraction == 0.25 and config.selection_split == "validation"
   run_config, _, got = _chosen_run(workdir, config, "validation")
   assert run_config.seed == chosen["seed"]

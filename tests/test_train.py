@@ -390,9 +390,13 @@ def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   # An uninterrupted run of the real command line, its programs cached in a folder of its own
   # (the flag wins over the suite's JAX_COMPILATION_CACHE_DIR).
   cache = tmp_path / "compilation_cache"
+
+  def cli(workdir):
+    return _cli(workdir, f"--compilation_cache_dir={cache}")
+
   full = tmp_path / "full"
-  proc = subprocess.run(_cli(full, f"--compilation_cache_dir={cache}"), cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cli(full), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "A->V" in proc.stdout and "final test" in proc.stdout
   results = json.load(open(full / "results.json"))
@@ -403,8 +407,8 @@ def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   # SIGTERM while the step compiles (as a scheduler sends it): a checkpoint of the first step
   # boundary, the lock released, one line naming the step, status 75, well within 60 s.
   run = tmp_path / "preempted"
-  p = subprocess.Popen(_cli(run, f"--compilation_cache_dir={cache}"), cwd=REPO, env=_env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen(cli(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
   seen = []
   for line in p.stderr:
     seen.append(line)
@@ -422,8 +426,8 @@ def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   assert not (run / "lock").exists() and not (run / "results.json").exists()
 
   # The rerun, killed with SIGKILL once it has saved a later checkpoint, then run to the end.
-  p = subprocess.Popen(_cli(run, f"--compilation_cache_dir={cache}"), cwd=REPO, env=_env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  p = subprocess.Popen(cli(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   ckpt = run / "checkpoints"
   while time.time() < deadline and p.poll() is None:
@@ -434,8 +438,8 @@ def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert not (run / "results.json").exists()
-  proc = subprocess.run(_cli(run, f"--compilation_cache_dir={cache}"), cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cli(run), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "taking over the stale lock" in proc.stderr and "resumed from" in proc.stderr
   # The three reruns loaded the train step the first run compiled: no other key, no rewrite.
