@@ -57,9 +57,9 @@ def setup(flag: str | None) -> str | None:
   """
   import jax  # pylint: disable=g-import-not-at-top
 
+  env = os.environ.get(ENV) or None
   cpu_processes = jax.process_count() if jax.default_backend() == "cpu" else 1
-  path = choose(flag, env=os.environ.get(ENV) or None,
-                enabled=bool(jax.config.jax_enable_compilation_cache),
+  path = choose(flag, env=env, enabled=bool(jax.config.jax_enable_compilation_cache),
                 cpu_processes=cpu_processes)
   if path is None:
     jax.config.update("jax_enable_compilation_cache", False)
@@ -69,8 +69,8 @@ def setup(flag: str | None) -> str | None:
     try:
       os.makedirs(path, exist_ok=True)
     except OSError as e:
-      source = "--compilation_cache_dir" if flag else (ENV if os.environ.get(ENV) else
-                                                         "the default compilation cache")
+      source = ("--compilation_cache_dir" if flag else ENV if env else
+                "the default compilation cache")
       raise ValueError(f"{source}={path}: expected a directory it can create, got "
                        f"{type(e).__name__}: {e.strerror or e} ('' turns the cache off)") from e
   jax.config.update("jax_compilation_cache_dir", path)
