@@ -16,11 +16,14 @@ other settings (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``, one second by
 default; ``JAX_COMPILATION_CACHE_MAX_SIZE``, unbounded by default) apply as usual.
 
 On several CPU processes (gloo) the cache is off unless the flag names a
-directory: JAX writes entries from process 0 only, and on CPU a program's key
-names its devices, so a process-local program (the initialiser) would load on
-process 0 while its peer compiles it. That peer then reaches the first
-collective late, and gloo waits only 30 s. On GPU and TPU collectives wait
-longer; a pod's hosts may share a ``gs://`` directory.
+directory. JAX writes entries from process 0 only, and a CPU program's key
+holds the topology fingerprint of its devices, which differs between processes
+(jax 0.10.2: every program of a two-process run, the global train step
+included). So process 0 would load the programs its peers compile: no process
+gains, and process 0 reaches the first collective ahead of peers still
+compiling, where gloo waits only 30 s. On GPU (JAX strips the device
+assignment from the key) and TPU collectives wait longer; a pod's hosts may
+share a ``gs://`` directory.
 """
 
 from __future__ import annotations
