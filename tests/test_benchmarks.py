@@ -331,3 +331,34 @@ def test_the_sweep_throughput_benchmark_times_k_configurations_both_ways(tmp_pat
   assert row["members"] == "configs" and row["compile_s"]["single_programs"] == 2
   assert row["together_samples_per_s"] > 0 and row["one_by_one_samples_per_s"] > 0
   assert "K configurations together" in doc_path.with_suffix(".md").read_text()
+
+
+_TWO_TESTS = '''
+def test_compiles():
+  import jax
+  import jax.numpy as jnp
+  jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+
+
+def test_compiles_nothing():
+  assert sum([1, 1]) == 2
+'''
+
+
+def test_suite_time_puts_each_compile_with_its_test_and_its_program(tmp_path):
+  from benchmarks import suite_time
+
+  (tmp_path / "test_two.py").write_text(_TWO_TESTS)
+  out = tmp_path / "out"
+  assert suite_time.main(["--workers=0", f"--out={out}", "--", str(tmp_path / "test_two.py"),
+                          "-p", "no:cacheprovider"]) == 0
+  (doc_path,) = out.glob("suite-*.json")
+  doc = json.loads(doc_path.read_text())
+  tests = {k.rsplit("::", 1)[-1]: v for k, v in doc["tests"].items()}
+  compiles, nothing = tests["test_compiles"], tests["test_compiles_nothing"]
+  assert compiles["compiles"] >= 1 and compiles["compile_s"] > 0 and compiles["trace_s"] > 0
+  assert nothing.get("compiles", 0) == 0 and nothing["duration_s"] >= 0
+  assert compiles["duration_s"] >= compiles["compile_s"]
+  assert any("<lambda>" in name for name in doc["programs"]), doc["programs"]
+  assert doc["summary"]["tests"] == 2 and doc["returncode"] == 0
+  assert "| test | duration (s) | compile (s)" in doc_path.with_suffix(".md").read_text()
