@@ -171,13 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", default=None)
   raw = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(raw)
+  machine = sysinfo.machine_info()  # before the runs: its date is the start
   rows = []
   for model in args.model or list(MODELS):
     for k in args.k or [1, 2, 4]:
       rows.append(measure(model, k, steps=args.steps, batch_size=args.batch_size,
                           members=args.members))
       print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  machine = sysinfo.machine_info()
   doc = {"benchmark": "seeds", "members": args.members,
          "command": " ".join(["python -m benchmarks.seeds", *raw]),
          "started": machine["date"], "machine": machine,
@@ -186,11 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   acc = doc["accelerator"]
   tag = ("gpu-" + str(acc["jax_device_kind"]).lower().replace(" ", "-")
          if acc["jax_backend"] == "gpu" else f"cpu-{machine['cores']}c")
+  text = markdown(doc)
   for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
                                    f"{'sweep' if args.members == 'configs' else 'seeds'}-{tag}",
-                                   doc, markdown(doc)):
+                                   doc, text):
     print(f"wrote {path}", file=sys.stderr)
-  print(markdown(doc))
+  print(text)
   return 0
 
 

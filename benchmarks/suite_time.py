@@ -159,11 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(raw)
   cmd = [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_time", "-q",
          *(["-n", str(args.workers)] if args.workers else []), *(args.pytest_args or ["tests"])]
+  machine = sysinfo.machine_info()  # before the run: its date is the start, its load the host's
   with tempfile.TemporaryDirectory() as sums:
     t0 = time.perf_counter()
     # The plugin is imported from this checkout whatever folder pytest runs from.
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    returncode = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=path, **{ENV: sums})
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    returncode = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=pythonpath, **{ENV: sums})
                                 ).returncode
     wall = time.perf_counter() - t0
     parts = sorted(pathlib.Path(sums).glob("*.json"))
@@ -172,17 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr)
       return 1
     merged = merge(parts)
-  machine = sysinfo.machine_info()
   doc = {"benchmark": "suite_time",
          "command": " ".join(["python -m benchmarks.suite_time", *raw]),
          "pytest": " ".join(cmd[1:]), "returncode": returncode, "wall_s": wall,
          "started": machine["date"], "machine": machine, "versions": sysinfo.versions(),
          "summary": summary(merged), **merged}
   name = sysinfo.machine_slug(machine, sysinfo.accelerator_info())
+  text = markdown(doc)
   for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
-                                   f"suite-{name}", doc, markdown(doc)):
+                                   f"suite-{name}", doc, text):
     print(f"wrote {path}", file=sys.stderr)
-  print(markdown(doc))
+  print(text)
   return returncode
 
 
