@@ -56,6 +56,11 @@ def test_the_kernel_gives_a_float32_brute_force_ties_included(devices):
   np.testing.assert_allclose(dist, ref, rtol=1e-5)
 
 
+# The tests that take ``run`` run on one xdist worker (``--dist loadgroup``, pyproject.toml):
+# spread over two, each worker would build it.
+SHARES_RUN = pytest.mark.xdist_group("search_run")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A tiny trained run (1 epoch) and its test split."""
@@ -69,6 +74,7 @@ def _index(*argv):
   return index_lib.main([str(a) for a in argv])
 
 
+@SHARES_RUN
 def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
   workdir, model, variables, split = run
   # The run's own test split (labels, row ids) in shards of 16 items.
@@ -119,6 +125,7 @@ def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
   np.testing.assert_array_equal(given.search(alone.emb_audio[:5], 4).rows, ref_rows)
 
 
+@SHARES_RUN
 def test_a_killed_build_resumes_where_it_stopped(run, tmp_path, monkeypatch, capfd):
   workdir = run[0]
   argv = (f"--workdir={workdir}", "--modality=audio", f"--out={tmp_path / 'i'}",
@@ -160,6 +167,7 @@ def _error(main, argv, capsys) -> str:
   return lines[0]
 
 
+@SHARES_RUN
 def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path, capsys):
   workdir, _, _, split = run
   out = tmp_path / "idx"
@@ -211,6 +219,7 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
 
 
 @pytest.mark.slow
+@SHARES_RUN
 def test_two_processes_build_the_index_one_process_builds(run, tmp_path):
   """Each process embeds every other shard on its own devices; process 0 writes the manifest.
   The same items, ids and embeddings as one process, and a dataset by name (--tfds)."""

@@ -35,6 +35,11 @@ def _one_by_one(config, seed):
   return jax.device_get(state), losses, test
 
 
+# The tests that take ``trained`` run on one xdist worker (``--dist loadgroup``, pyproject.toml):
+# spread over two, each worker would build it.
+SHARES_TRAINED = pytest.mark.xdist_group("seeds_trained")
+
+
 @pytest.fixture(scope="module")
 def trained():
   config = tiny_config(num_epochs=2)
@@ -42,6 +47,7 @@ def trained():
   return config, run, states, history
 
 
+@SHARES_TRAINED
 def test_seeds_together_equal_seeds_one_by_one(trained):
   config, run, states, history = trained
   tests = seeds_lib.evaluate_seeds(run, states, "test")
@@ -64,6 +70,7 @@ def test_seeds_together_equal_seeds_one_by_one(trained):
   assert not np.allclose(jax.device_get(states.centers[0]), jax.device_get(states.centers[1]))
 
 
+@SHARES_TRAINED
 def test_a_diverged_seed_is_reported_and_not_evaluated(trained):
   _, run, states, _ = trained
   broken = states.replace(aux={**states.aux, "center": states.centers.at[1, 0, 0].set(np.nan)})

@@ -130,6 +130,11 @@ def test_distillation_pulls_the_alone_embeddings_and_not_the_teacher():
   assert float(term(outputs, {"label": labels}, None)) == 0.0
 
 
+# The tests that take ``swept`` run on one xdist worker (``--dist loadgroup``, pyproject.toml):
+# spread over two, each worker would build it.
+SHARES_SWEPT = pytest.mark.xdist_group("sweep_swept")
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sweep")
@@ -163,6 +168,7 @@ def _chosen_run(workdir, config, split):
   return run_config, run, got["unimodal_map_average"]
 
 
+@SHARES_SWEPT
 def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swept):
   workdir, overrides, report = swept
   rows = report["configs"]
@@ -288,6 +294,7 @@ def test_the_margin_says_whether_every_seed_prefers_the_chosen_configuration():
   assert sweep.margin_text(None) == "the only configuration"
 
 
+@SHARES_SWEPT
 def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
   # On a copy: the module's sweep stays as it ended for the other tests, in any order.
   workdir, overrides, report = swept
