@@ -315,6 +315,21 @@ def test_the_search_benchmark_writes_every_row(tmp_path):
   assert "| 1,000 |" in (tmp_path / doc_path.name.replace(".json", ".md")).read_text()
 
 
+def test_the_init_compile_benchmark_compiles_both_initialisers_and_checks_their_bits(tmp_path):
+  import jax
+
+  from benchmarks import init_compile
+  before = jax.config.jax_enable_compilation_cache
+  assert init_compile.main(["--model=tiny", "--rounds=1", f"--out={tmp_path}"]) == 0
+  assert jax.config.jax_enable_compilation_cache == before  # put back for the other tests
+  (doc_path,) = tmp_path.glob("init-compile-*.json")
+  (row,) = json.loads(doc_path.read_text())["rows"]
+  assert (row["model"], row["parameters"]) == ("tiny", 74)  # its bits were compared
+  for name in ("one_hash_each", "fused"):
+    assert row[name]["compile_s"]["median"] > 0 and row[name]["run_s"]["median"] > 0
+  assert "| tiny | 74 |" in doc_path.with_suffix(".md").read_text()
+
+
 def test_the_bilinear_benchmark_times_each_block_size(tmp_path):
   from benchmarks import bilinear
   rows = bilinear.measure(8, [0, 4], dim=8, repeats=1)

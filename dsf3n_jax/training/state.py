@@ -16,6 +16,7 @@ from flax import struct
 from flax.core import FrozenDict
 
 from dsf3n_jax import losses
+from dsf3n_jax.fused_draws import fused_draws
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.models import DSF3N, registry
 from dsf3n_jax.models.dsf3n import resolved_fields, upgrade_fields
@@ -297,9 +298,10 @@ def make_init_fn(model: DSF3N, tx: optax.GradientTransformation, *, num_classes:
   drawn parameters by its own small program, and the state replicated to
   ``sharding`` (None: left on that device).
 
-  The initialiser is the largest program a run compiles (one threefry draw
-  per parameter), larger than the train step, and it runs once: on CPU it is
-  compiled for compile time (``INIT_COMPILER_OPTIONS``). Because of those
+  The initialiser folds a key and draws an array for every parameter; its
+  threefry hashes are made together (``fused_draws``: the same bits, without
+  a hash kernel per parameter to compile). It runs once: on CPU it is compiled
+  for compile time (``INIT_COMPILER_OPTIONS``). Because of those
   options it must be called at top level: JAX refuses them on a nested jit,
   so under ``jax.eval_shape`` or another ``jit`` call ``init_state`` instead.
   """
@@ -333,7 +335,8 @@ def memoized(build: Callable) -> Callable:
 
 @memoized
 def _init_program(model: DSF3N, num_classes: int, loss_terms: tuple[str, ...]) -> Callable:
-  return jax.jit(lambda key: _init_without_optimizer(model, key, num_classes, loss_terms),
+  return jax.jit(fused_draws(lambda key: _init_without_optimizer(model, key, num_classes,
+                                                                 loss_terms)),
                  compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))
 
 
@@ -351,9 +354,10 @@ def replicate(tree, sharding: jax.sharding.Sharding):
 
 
 # LLVM at -O1 instead of XLA:CPU's -O2 compiled the initialiser in 25-50 % less time (5.5-6 s
-# against 8-11.6 s for the models of configs/ on 8 host devices of 2 cores) and gave the same
-# bits in float32, bfloat16 and float64 (jax 0.10.2): its arithmetic is integer hashing and
-# exact conversions. Not for the train step: -O1 changes its float32 rounding.
+# against 8-11.6 s for the models of configs/ on 8 host devices of 2 cores, before its hashes
+# were fused) and gave the same bits in float32, bfloat16 and float64 (jax 0.10.2): its
+# arithmetic is integer hashing and exact conversions. Not for the train step: -O1 changes
+# its float32 rounding.
 INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
