@@ -20,8 +20,7 @@ import time
 from collections.abc import Sequence
 
 from benchmarks import accuracy, sysinfo
-
-MODELS = {"tiny": "runlocal,tiny", "full": "runlocal"}
+from benchmarks.seeds import MODELS
 
 
 def measure(model: str, rounds: int) -> dict:

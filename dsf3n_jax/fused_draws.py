@@ -6,15 +6,16 @@ Flax model's initialiser folds a key and draws an array for every parameter: the
 the full DSF3N initialisers each hash 141 times (70 fold-ins, 70 draws and a split), and
 compiling those kernels is most of their compile time.
 
-``fused_draws(fn)`` traces ``fn`` to a jaxpr and evaluates it in passes (inside nested jits,
-such as ``jax.random``'s helpers, too). Each pass collects the fold-ins and draws of single
-threefry keys whose inputs are known, and they are hashed together before the next pass:
-the fold-ins in one evaluation, the draws in one per size class (sizes within a factor of
-two, as the rows of one array). The last pass, which collects nothing, gives the result; XLA
-removes the earlier passes' other work, which nothing reads. The initialisers above hash 11
-and 15 times instead of 141 and compile in 2.2 and 2.5 s instead of 4.8 and 4.7 s (XLA:CPU
-at -O1, one device of a 2-core AMD EPYC, jax 0.10.2; ``python -m benchmarks.init_compile``);
-the full one runs in 0.55 s instead of 0.23 s (its 20 M draws hashed as rows, then copied).
+``fused_draws(fn)`` traces ``fn`` to a jaxpr and evaluates it in passes, nested jits (such
+as ``jax.random``'s helpers) inlined, without their shardings. Each pass collects the
+fold-ins and draws of single threefry keys whose inputs are known, and they are hashed
+together before the next pass: the fold-ins in one evaluation, the draws in one per size
+class (sizes within a factor of two, as the rows of one array). The last pass, which
+collects nothing, gives the result; XLA removes the earlier passes' other work, which
+nothing reads. The initialisers above hash 11 and 15 times instead of 141 and compile in 2.2
+and 2.5 s instead of 4.8 and 4.7 s (XLA:CPU at -O1, one device of a 2-core AMD EPYC, jax
+0.10.2; ``python -m benchmarks.init_compile``); the full one runs in 0.55 s instead of
+0.23 s (its 20 M draws hashed as rows, then copied).
 
 With JAX's partitionable threefry (``jax_threefry_partitionable``, the default) the bits of
 element ``i`` of a draw depend only on the key and ``i``, and a fold-in is the hash of one
@@ -135,8 +136,8 @@ def _stand_in(kind: str, ins, params):
 
 
 def _hash_together(asked: dict[int, tuple]) -> dict[int, Any]:
-  """The values of the hashes in ``asked``: every fold-in in one threefry evaluation, every
-  draw of up to 32 bits in another and every 64-bit draw in a third."""
+  """The values of the hashes in ``asked``: every fold-in in one threefry evaluation, the
+  draws in one per width (64 bits, or fewer) and size class (``_threefry_bits``)."""
   out = {}
   folds = [(i, ins) for i, (kind, ins, _) in asked.items() if kind == "fold_in"]
   if folds:

@@ -92,7 +92,8 @@ def assert_refused_npz():
 
 
 # Longest first: the tests marked slow (end-to-end runs, several minutes each) start before
-# the quick ones, so that on two workers no single long test runs alone at the end.
+# the quick ones, so that on two workers no single long test runs alone at the end. (Under
+# --dist loadgroup xdist hands out the xdist_group groups first, then the rest in this order.)
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=lambda item: (item.get_closest_marker("slow") is None,

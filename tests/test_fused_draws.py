@@ -1,4 +1,4 @@
-"""fused_draws: a function's threefry draws made by one hash evaluation, bit for bit the same."""
+"""fused_draws: a function's threefry hashes made together, bit for bit the same."""
 
 import collections
 
@@ -56,7 +56,7 @@ def _assert_same_bits(a, b):
     assert x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
 
 
-def test_every_kind_of_draw_is_bit_for_bit_and_the_joined_ones_hash_once():
+def test_every_kind_of_draw_is_bit_for_bit_and_those_that_join_hash_together():
   key = jax.random.key(3)
   _assert_same_bits(jax.jit(_draws)(key), jax.jit(fused_draws(_draws))(key))
   # Made together: the three top-level fold-ins (one hash), the draws from the split's keys
