@@ -324,6 +324,14 @@ def write_files(out_dir: pathlib.Path, stem: str, doc: dict[str, Any],
   return paths
 
 
+def publish(out: str | None, stem: str, doc: dict[str, Any], text: str) -> None:
+  """A command's report: ``write_files`` into ``out`` (None: benchmarks/results/), the paths
+  written on stderr, the Markdown on stdout."""
+  for path in write_files(pathlib.Path(out) if out else RESULTS, stem, doc, text):
+    print(f"wrote {path}", file=sys.stderr)
+  print(text)
+
+
 def write(doc: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
   """Writes ``accuracy-<data>[-quick].json`` and ``.md`` atomically."""
   stem = f"accuracy-{doc['data']}" + ("-quick" if doc["quick"] else "")

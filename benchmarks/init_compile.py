@@ -13,7 +13,6 @@ once; it checks that both draw the same bits. Writes ``init-compile-<machine>.js
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
 import sys
 import time
@@ -108,12 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
          "compiler_options": state_lib.INIT_COMPILER_OPTIONS.get(jax.default_backend()),
          "rows": rows}
-  text = markdown(doc)
   name = "init-compile-" + sysinfo.machine_slug(machine, doc["accelerator"])
-  for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
-                                   name, doc, text):
-    print(f"wrote {path}", file=sys.stderr)
-  print(text)
+  accuracy.publish(args.out, name, doc, markdown(doc))
   return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -186,12 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   acc = doc["accelerator"]
   tag = ("gpu-" + str(acc["jax_device_kind"]).lower().replace(" ", "-")
          if acc["jax_backend"] == "gpu" else f"cpu-{machine['cores']}c")
-  text = markdown(doc)
-  for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
-                                   f"{'sweep' if args.members == 'configs' else 'seeds'}-{tag}",
-                                   doc, text):
-    print(f"wrote {path}", file=sys.stderr)
-  print(text)
+  accuracy.publish(args.out, f"{'sweep' if args.members == 'configs' else 'seeds'}-{tag}",
+                   doc, markdown(doc))
   return 0
 
 

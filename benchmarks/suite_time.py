@@ -179,11 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          "started": machine["date"], "machine": machine, "versions": sysinfo.versions(),
          "summary": summary(merged), **merged}
   name = sysinfo.machine_slug(machine, sysinfo.accelerator_info())
-  text = markdown(doc)
-  for path in accuracy.write_files(pathlib.Path(args.out) if args.out else accuracy.RESULTS,
-                                   f"suite-{name}", doc, text):
-    print(f"wrote {path}", file=sys.stderr)
-  print(text)
+  accuracy.publish(args.out, f"suite-{name}", doc, markdown(doc))
   return returncode
 
 
