@@ -11,9 +11,9 @@ pytest process (each xdist worker) JAX's monitoring events are summed by the tes
 that is running (``/jax/core/compile/jaxpr_trace_duration``,
 ``jaxpr_to_mlir_module_duration``, ``backend_compile_duration``, which includes
 loading from the persistent compilation cache, and the cache's hits and misses),
-and by compiled program. Compiles in the subprocesses a test starts (command-line
-runs, several processes) are not seen: they are in the test's duration alone.
-Writes ``benchmarks/results/suite-<machine>.json`` and ``.md``.
+and by compiled program, and each test's CPU time: its own process's, and that of the
+subprocesses it started and waited for (command-line runs, several processes), whose
+compiles are not seen otherwise. Writes ``benchmarks/results/suite-<machine>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import collections
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ CACHE = {"/jax/compilation_cache/cache_hits": "cache_hits",
 
 _tests: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _programs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+# {test: {program: compile seconds}}: which programs each test compiled (or loaded).
+_test_programs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
 def _current() -> str:
@@ -59,7 +62,9 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
   _tests[_current()][TIMES[event]] += duration
   if TIMES[event] == "compile_s":
     _tests[_current()]["compiles"] += 1
-    program = _programs[str(kwargs.get("fun_name", "?"))]
+    name = str(kwargs.get("fun_name", "?"))
+    _test_programs[_current()][name] += duration
+    program = _programs[name]
     program["compile_s"] += duration
     program["compiles"] += 1
 
@@ -79,14 +84,25 @@ def pytest_configure(config) -> None:
     monitoring.register_event_listener(_on_event)
 
 
+def _cpu_s(who: int) -> float:
+  usage = resource.getrusage(who)
+  return usage.ru_utime + usage.ru_stime
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-  """The test's duration (setup, call and teardown), in the process that runs it."""
+  """The test's duration (setup, call and teardown) and CPU time, in the process that runs
+  it; ``children_cpu_s``: the CPU time of the subprocesses it waited for."""
   del nextitem
   t0 = time.perf_counter()
+  cpu0 = _cpu_s(resource.RUSAGE_SELF)
+  children0 = _cpu_s(resource.RUSAGE_CHILDREN)
   yield
   if os.environ.get(ENV):
-    _tests[item.nodeid]["duration_s"] += time.perf_counter() - t0
+    sums = _tests[item.nodeid]
+    sums["duration_s"] += time.perf_counter() - t0
+    sums["cpu_s"] += _cpu_s(resource.RUSAGE_SELF) - cpu0
+    sums["children_cpu_s"] += _cpu_s(resource.RUSAGE_CHILDREN) - children0
 
 
 def pytest_unconfigure(config) -> None:
@@ -94,20 +110,23 @@ def pytest_unconfigure(config) -> None:
   out = os.environ.get(ENV)
   if out and (_tests or _programs):
     path = pathlib.Path(out) / f"{os.getpid()}.json"
-    path.write_text(json.dumps({"tests": _tests, "programs": _programs}))
+    path.write_text(json.dumps({"tests": _tests, "programs": _programs,
+                                "test_programs": _test_programs}))
 
 
 # -- the command ---------------------------------------------------------------------------------
 
 
 def merge(paths: Sequence[pathlib.Path]) -> dict[str, dict[str, dict[str, float]]]:
-  """The processes' sums added up: ``{"tests": {id: sums}, "programs": {name: sums}}``."""
+  """The processes' sums added up: ``{"tests": {id: sums}, "programs": {name: sums},
+  "test_programs": {id: {program: compile seconds}}}``."""
   merged = {"tests": collections.defaultdict(collections.Counter),
-            "programs": collections.defaultdict(collections.Counter)}
+            "programs": collections.defaultdict(collections.Counter),
+            "test_programs": collections.defaultdict(collections.Counter)}
   for path in paths:
     part = json.loads(path.read_text())
     for kind in merged:
-      for key, sums in part[kind].items():
+      for key, sums in part.get(kind, {}).items():
         merged[kind][key].update(sums)
   return {kind: {k: dict(v) for k, v in rows.items()} for kind, rows in merged.items()}
 
@@ -115,8 +134,8 @@ def merge(paths: Sequence[pathlib.Path]) -> dict[str, dict[str, dict[str, float]
 def summary(merged: dict[str, Any]) -> dict[str, float]:
   tests = [v for k, v in merged["tests"].items() if k != OUTSIDE]
   total = {key: sum(t.get(key, 0.0) for t in tests)
-           for key in ("duration_s", "trace_s", "lower_s", "compile_s", "compiles",
-                       "cache_hits", "cache_misses")}
+           for key in ("duration_s", "cpu_s", "children_cpu_s", "trace_s", "lower_s",
+                       "compile_s", "compiles", "cache_hits", "cache_misses")}
   total["tests"] = sum(1 for t in tests if "duration_s" in t)
   return total
 
@@ -127,18 +146,26 @@ def markdown(doc: dict[str, Any], top: int = 25) -> str:
       f"# Where the suite's time goes ({doc['machine']['cpu_model']}, {doc['started']})", "",
       f"`{doc['command']}`: exit {doc['returncode']}, {doc['wall_s']:.0f} s of wall time; "
       f"{int(t['tests'])} tests, {t['duration_s']:.0f} s of test time summed over the "
-      f"workers. In the pytest processes: {t['compile_s']:.0f} s compiling "
+      f"workers; {t['cpu_s']:.0f} s of CPU time in the pytest processes and "
+      f"{t['children_cpu_s']:.0f} s in the subprocesses tests started. In the pytest "
+      f"processes: {t['compile_s']:.0f} s compiling "
       f"({int(t['compiles'])} compiles; the persistent cache: {int(t['cache_hits'])} loaded, "
       f"{int(t['cache_misses'])} misses), {t['trace_s']:.0f} s tracing, {t['lower_s']:.0f} s "
-      f"lowering. Compiles in the subprocesses tests start are in their duration only.", "",
-      "| test | duration (s) | compile (s) | trace + lower (s) | compiles | misses |",
-      "|---|---|---|---|---|---|"]
+      f"lowering. Compiles in the subprocesses tests start are in their CPU time only.", "",
+      "| test | duration (s) | CPU (s) | subprocess CPU (s) | compile (s) | trace + lower (s) "
+      "| compiles | misses | costliest programs (compile s) |",
+      "|---|---|---|---|---|---|---|---|---|"]
   tests = sorted(((k, v) for k, v in doc["tests"].items() if "duration_s" in v),
                  key=lambda kv: -kv[1]["duration_s"])
   for name, v in tests[:top]:
-    lines.append(f"| `{name}` | {v['duration_s']:.1f} | {v.get('compile_s', 0.0):.1f} | "
+    programs = doc.get("test_programs", {}).get(name, {})
+    costliest = ", ".join(f"`{p}` {s:.0f}" for p, s in sorted(
+        programs.items(), key=lambda ps: -ps[1])[:3])
+    lines.append(f"| `{name}` | {v['duration_s']:.1f} | {v.get('cpu_s', 0.0):.1f} | "
+                 f"{v.get('children_cpu_s', 0.0):.1f} | {v.get('compile_s', 0.0):.1f} | "
                  f"{v.get('trace_s', 0.0) + v.get('lower_s', 0.0):.1f} | "
-                 f"{int(v.get('compiles', 0))} | {int(v.get('cache_misses', 0))} |")
+                 f"{int(v.get('compiles', 0))} | {int(v.get('cache_misses', 0))} | "
+                 f"{costliest} |")
   lines += ["", "| program | compile (s) | compiles |", "|---|---|---|"]
   for name, v in sorted(doc["programs"].items(), key=lambda kv: -kv[1]["compile_s"])[:top]:
     lines.append(f"| `{name}` | {v['compile_s']:.1f} | {int(v['compiles'])} |")

@@ -357,6 +357,12 @@ def test_compiles():
 
 def test_compiles_nothing():
   assert sum([1, 1]) == 2
+
+
+def test_starts_a_subprocess():
+  import subprocess
+  import sys
+  subprocess.run([sys.executable, "-c", "sum(range(2 * 10**7))"], check=True)
 '''
 
 
@@ -371,9 +377,16 @@ def test_suite_time_puts_each_compile_with_its_test_and_its_program(tmp_path):
   doc = json.loads(doc_path.read_text())
   tests = {k.rsplit("::", 1)[-1]: v for k, v in doc["tests"].items()}
   compiles, nothing = tests["test_compiles"], tests["test_compiles_nothing"]
+  started = tests["test_starts_a_subprocess"]
   assert compiles["compiles"] >= 1 and compiles["compile_s"] > 0 and compiles["trace_s"] > 0
   assert nothing.get("compiles", 0) == 0 and nothing["duration_s"] >= 0
-  assert compiles["duration_s"] >= compiles["compile_s"]
+  assert compiles["duration_s"] >= compiles["compile_s"] and compiles["cpu_s"] > 0
   assert any("<lambda>" in name for name in doc["programs"]), doc["programs"]
-  assert doc["summary"]["tests"] == 2 and doc["returncode"] == 0
-  assert "| test | duration (s) | compile (s)" in doc_path.with_suffix(".md").read_text()
+  # The subprocess's CPU time is its test's alone.
+  assert started["children_cpu_s"] > 0.1, started
+  assert compiles["children_cpu_s"] < 0.05 and nothing["children_cpu_s"] < 0.05
+  (compiled_by,) = [k for k in doc["test_programs"] if k.endswith("::test_compiles")]
+  assert any("<lambda>" in name for name in doc["test_programs"][compiled_by])
+  assert doc["summary"]["tests"] == 3 and doc["returncode"] == 0
+  assert "| test | duration (s) | CPU (s) | subprocess CPU (s)" in doc_path.with_suffix(
+      ".md").read_text()
