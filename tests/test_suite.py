@@ -1,8 +1,13 @@
-"""The suite's own setup: the tests that share an expensive module fixture run on one worker."""
+"""The suite's own setup: the tests that share an expensive module fixture run on one worker;
+most of XLA's optimisation is off except in the tests marked ``xla_optimized``."""
 
+import os
 import re
 import subprocess
 import sys
+
+import jax
+import pytest
 
 
 def test_the_tests_of_one_xdist_group_run_on_one_worker(tmp_path):
@@ -21,3 +26,17 @@ def test_the_tests_of_one_xdist_group_run_on_one_worker(tmp_path):
   ran = re.findall(r"\[(gw\d)\].* PASSED \S*::(test_in_\d)(@shared)?", proc.stdout)
   assert len(ran) == 4 and all(group for _, _, group in ran), proc.stdout[-3000:]
   assert len({worker for worker, _, _ in ran}) == 1, proc.stdout[-3000:]
+
+
+def _off_by_default() -> bool:
+  """What JAX_DISABLE_MOST_OPTIMIZATIONS says (tests/conftest.py sets it when it is unset)."""
+  return os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "yes", "on")
+
+
+def test_an_unmarked_test_compiles_as_the_environment_says():
+  assert jax.config.values["jax_disable_most_optimizations"] is _off_by_default()
+
+
+@pytest.mark.xla_optimized
+def test_a_test_marked_xla_optimized_compiles_at_xlas_default():
+  assert jax.config.values["jax_disable_most_optimizations"] is False

@@ -20,6 +20,7 @@ from dsf3n_jax.training.state import (
     build_model,
     build_optimizer,
     init_state,
+    make_init_fn,
     model_config,
     new_meta,
 )
@@ -80,8 +81,10 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
                       audio_dim=np.shape(params["audio_encoder"]["dense"]["kernel"])[0])
   model = build_model(mcfg)
   tx = build_optimizer(config, 1)
-  state = init_state(model, tx, seed=config.seed, num_classes=mcfg["num_classes"],
-                     loss_terms=config.loss.terms)
+  # The compiled initialiser training uses (the same draws): op by op, each parameter's draw
+  # would compile on its own.
+  state = make_init_fn(model, tx, num_classes=mcfg["num_classes"],
+                       loss_terms=config.loss.terms)(config.seed)
   template = jax.tree.structure(state.variables)
   given = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   if jax.tree.structure(given) != template:
