@@ -21,10 +21,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Most of XLA's optimisation off (LLVM at -O0; JAX's switch for programs that run for less
 # time than they take to compile): the suite's tiny models compile a train step in about 3.5 s
-# instead of 6 on a 2-core host, and the suite ran in 18 min instead of 22 there. The
-# subprocesses inherit it. Tests that compare float32 rounding with PyTorch, or time or
-# train for long, run at XLA's default (``pytest.mark.xla_optimized``, or "0" in a
-# subprocess's environment); JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite at it.
+# instead of 6 on a 2-core host, and the suite ran in 18.5 min instead of 22 there. The
+# subprocesses inherit it. The tests that compare float32 rounding with PyTorch
+# (``pytest.mark.xla_optimized``) and the 30-epoch real-data run ("0" in its subprocess's
+# environment) compile at XLA's default; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite
+# at it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
@@ -39,7 +40,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _xla_optimization(request):
   """XLA's default optimisation for a test marked ``xla_optimized`` (see the top of this file)
-  while it runs; the programs it compiles are its own (and cached under their own keys)."""
+  while it runs: what it jits compiles at the default (the persistent cache keys the two
+  apart); a function this worker jitted and compiled before keeps its executable."""
   if request.node.get_closest_marker("xla_optimized") is None:
     yield
     return
