@@ -126,7 +126,7 @@ def merge(paths: Sequence[pathlib.Path]) -> dict[str, dict[str, dict[str, float]
   for path in paths:
     part = json.loads(path.read_text())
     for kind in merged:
-      for key, sums in part.get(kind, {}).items():
+      for key, sums in part[kind].items():
         merged[kind][key].update(sums)
   return {kind: {k: dict(v) for k, v in rows.items()} for kind, rows in merged.items()}
 

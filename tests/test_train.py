@@ -477,10 +477,10 @@ def _linear_cca_map(arrays):
   components; scikit-learn's iterative CCA took 20 s of CPU for about the same 0.20)."""
   from benchmarks import baselines
   from dsf3n_jax import metrics
+  from dsf3n_jax.datasets.files import split_keys
 
   def split(name):
-    return {"visual": arrays[f"visual_{name}"], "audio": arrays[f"audio_{name}"],
-            "label": arrays[f"lab_{name}"]}
+    return {field: arrays[key] for field, key in split_keys(name).items()}
 
   v, a, _ = baselines.fit_linear_cca(split("train"), split("test"), num_classes=10)
   return metrics.cross_modal_map(v, a, arrays["lab_test"])["average"]
