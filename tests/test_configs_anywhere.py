@@ -1,7 +1,9 @@
 """Config files load by absolute or relative path from any working directory.
 
 Every subprocess here runs in a temporary directory with no ``PYTHONPATH``: only
-``dsf3n_jax.main`` itself can make ``from configs import default`` work there.
+``dsf3n_jax.main`` itself can make ``from configs import default`` work there. A whole run
+that way (our config by its absolute path, from another directory): test_train.py's
+command-line test.
 """
 
 import json
@@ -128,22 +130,6 @@ def test_a_users_configs_folder_adds_to_ours(tmp_path):
   """))
   config = _parse_as_main(tmp_path, "configs/mine.py:runlocal")
   assert (config["seed"], config["data"]["name"], config["num_epochs"]) == (7, "synthetic", 2)
-
-
-@pytest.mark.slow
-def test_a_tiny_run_with_an_absolute_config_path_from_another_directory(tmp_path):
-  workdir = tmp_path / "run"
-  # The devices, sizes and batches of test_train's command-line runs (their compiled programs).
-  proc = _main(tmp_path, f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal,tiny",
-               "--config.num_epochs=1", "--config.data.synthetic.num_train=128",
-               "--config.data.synthetic.num_test=40", "--config.batch_size=16",
-               "--config.eval_batch_size=16", f"--workdir={workdir}", timeout=300, devices=2)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "final test" in proc.stdout
-  saved = json.loads((workdir / "config.json").read_text())["config"]
-  assert (saved["num_epochs"], saved["data"]["name"], saved["model"]["embed_dim"]) == (
-      1, "synthetic", 16)
-  assert (workdir / "results.json").exists()
 
 
 @pytest.mark.parametrize("arg, message", [

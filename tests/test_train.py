@@ -366,7 +366,9 @@ def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path, monkey
 
 
 def _cli(workdir, *extra):
-  return [sys.executable, "-m", "dsf3n_jax.main", "--config=configs/synthetic.py:runlocal,tiny",
+  # Our config by its absolute path: the command runs from another directory (``_user_env``).
+  return [sys.executable, "-m", "dsf3n_jax.main",
+          f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal,tiny",
           f"--workdir={workdir}", "--config.data.synthetic.num_train=128",
           "--config.data.synthetic.num_test=40", "--config.batch_size=16",
           "--config.eval_batch_size=16", "--config.num_epochs=4",
@@ -380,6 +382,14 @@ def _env():
   return env
 
 
+def _user_env():
+  """``_env`` without ``PYTHONPATH``: a user's, with the package installed; only
+  ``dsf3n_jax.main`` itself can then make a config's ``from configs import default`` work."""
+  env = _env()
+  del env["PYTHONPATH"]
+  return env
+
+
 def _params(workdir):
   _, variables, _ = train.restore_model(str(workdir))
   return traverse_util.flatten_dict(variables["params"], sep="/")
@@ -388,26 +398,32 @@ def _params(workdir):
 @pytest.mark.slow
 def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   # An uninterrupted run of the real command line, its programs cached in a folder of its own
-  # (the flag wins over the suite's JAX_COMPILATION_CACHE_DIR).
+  # (the flag wins over the suite's JAX_COMPILATION_CACHE_DIR). Every run starts in a directory
+  # other than the repository's, with the config's absolute path and no PYTHONPATH.
   cache = tmp_path / "compilation_cache"
+  cwd = tmp_path / "elsewhere"
+  cwd.mkdir()
 
   def cli(workdir):
     return _cli(workdir, f"--compilation_cache_dir={cache}")
 
   full = tmp_path / "full"
-  proc = subprocess.run(cli(full), cwd=REPO, env=_env(), capture_output=True, text=True,
+  proc = subprocess.run(cli(full), cwd=cwd, env=_user_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "A->V" in proc.stdout and "final test" in proc.stdout
   results = json.load(open(full / "results.json"))
   assert results["device_count"] == 2 and results["epochs"] == 4
+  saved = json.loads((full / "config.json").read_text())["config"]
+  assert (saved["num_epochs"], saved["data"]["name"], saved["model"]["embed_dim"]) == (
+      4, "synthetic", 16)
   cached = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
   (train_step,) = [name for name in cached if name.startswith("jit_train_step-")]
 
   # SIGTERM while the step compiles (as a scheduler sends it): a checkpoint of the first step
   # boundary, the lock released, one line naming the step, status 75, well within 60 s.
   run = tmp_path / "preempted"
-  p = subprocess.Popen(cli(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+  p = subprocess.Popen(cli(run), cwd=cwd, env=_user_env(), stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
   seen = []
   for line in p.stderr:
@@ -426,7 +442,7 @@ def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   assert not (run / "lock").exists() and not (run / "results.json").exists()
 
   # The rerun, killed with SIGKILL once it has saved a later checkpoint, then run to the end.
-  p = subprocess.Popen(cli(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+  p = subprocess.Popen(cli(run), cwd=cwd, env=_user_env(), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   ckpt = run / "checkpoints"
@@ -438,7 +454,7 @@ def test_cli_end_to_end_and_sigterm_then_sigkill_resume_is_exact(tmp_path):
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert not (run / "results.json").exists()
-  proc = subprocess.run(cli(run), cwd=REPO, env=_env(), capture_output=True, text=True,
+  proc = subprocess.run(cli(run), cwd=cwd, env=_user_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "taking over the stale lock" in proc.stderr and "resumed from" in proc.stderr
