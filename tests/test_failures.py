@@ -20,26 +20,19 @@ from dsf3n_jax import checkpoints, config_check, train
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
-from tests.test_train import REPO, tiny_config, xla_flags
+from tests.test_train import REPO, _env, tiny_config
 
 # A run that fails must end well inside this (a hang fails the test instead of the suite).
 EXIT_TIMEOUT_S = 240
 
 
 def _argv(workdir, *extra):
+  # Run in test_train's command-line environment (``_env``: two devices); the runs of this file
+  # share their programs through the suite's compilation cache.
   return ["--config=configs/synthetic.py:runlocal,tiny", f"--workdir={workdir}",
           "--config.data.synthetic.num_train=128", "--config.data.synthetic.num_test=40",
           "--config.batch_size=16", "--config.eval_batch_size=16", "--config.num_epochs=2",
           "--config.eval_every_epochs=1", "--config.checkpoint_every_epochs=1", *extra]
-
-
-def _env():
-  # Two devices and the model, data sizes and batches of test_train's command-line runs: the
-  # same programs, compiled once for both files (the compilation cache is per device count).
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = xla_flags(2)
-  env["PYTHONPATH"] = str(REPO)
-  return env
 
 
 def _main(workdir, *extra, inject: str = "", timeout: float = EXIT_TIMEOUT_S):
