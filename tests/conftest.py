@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Most of XLA's optimisation off (LLVM at -O0; JAX's switch for programs that run for less
 # time than they take to compile): the suite's tiny models compile a train step in about 3.5 s
-# instead of 6 on a 2-core host, and the suite ran in 15.5-17.5 min instead of 22 there. The
+# instead of 6 on a 2-core host, and the suite ran in 15.5-18 min instead of 22 there. The
 # subprocesses inherit it. The tests that compare float32 rounding with PyTorch
 # (``pytest.mark.xla_optimized``) and the 30-epoch real-data run ("0" in its subprocess's
 # environment) compile at XLA's default; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite
