@@ -23,16 +23,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
 
 
-def _env(devices=8):
+def _env():
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", cli.VERBOSE_ENV)}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=xla_flags(devices))
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags(8))
   return env
 
 
-def _main(cwd, *flags, timeout=120, devices=8):
+def _main(cwd, *flags):
   return subprocess.run([sys.executable, "-m", "dsf3n_jax.main", *flags], cwd=cwd,
-                        env=_env(devices), capture_output=True, text=True, timeout=timeout)
+                        env=_env(), capture_output=True, text=True, timeout=120)
 
 
 def _parse_as_main(cwd, spec):
