@@ -16,22 +16,15 @@ import textwrap
 import pytest
 
 from configs import default
-from dsf3n_jax import cli
-from tests.test_train import xla_flags
+from tests.test_train import _user_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
 
 
-def _env():
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", cli.VERBOSE_ENV)}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags(8))
-  return env
-
-
 def _main(cwd, *flags):
   return subprocess.run([sys.executable, "-m", "dsf3n_jax.main", *flags], cwd=cwd,
-                        env=_env(), capture_output=True, text=True, timeout=120)
+                        env=_user_env(8), capture_output=True, text=True, timeout=120)
 
 
 def _parse_as_main(cwd, spec):
@@ -44,8 +37,8 @@ def _parse_as_main(cwd, spec):
       config = ConfigFileFlagParser("config").parse({spec!r})
       print(json.dumps(config.to_dict(), default=str))
   """)
-  proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(), capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_user_env(8),
+                        capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.splitlines()[-1])
 

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from dsf3n_jax import config_check, input_pipeline, losses, retrieve, train, visualize
+from dsf3n_jax import cli, config_check, input_pipeline, losses, retrieve, train, visualize
 from dsf3n_jax.training import state as state_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
@@ -382,11 +382,12 @@ def _env():
   return env
 
 
-def _user_env():
-  """``_env`` without ``PYTHONPATH``: a user's, with the package installed; only
-  ``dsf3n_jax.main`` itself can then make a config's ``from configs import default`` work."""
-  env = _env()
-  del env["PYTHONPATH"]
+def _user_env(devices: int = 2) -> dict[str, str]:
+  """The environment of a user with the package installed, on ``devices`` CPU devices: no
+  ``PYTHONPATH`` (only ``dsf3n_jax.main`` itself can then make a config's ``from configs import
+  default`` work) and errors as users see them (``cli.VERBOSE_ENV`` unset)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", cli.VERBOSE_ENV)}
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags(devices))
   return env
 
 
