@@ -3,12 +3,9 @@
 import os
 import pathlib
 
-# Must happen before jax is imported anywhere. One thread per XLA CPU computation: the two
-# xdist workers share two cores, and Eigen's thread per core in each of them only competes
-# (measured: test_train.py and test_failures.py without their slow tests, warm cache, 2 workers:
-# 126 s against 148-151 s). The subprocesses the tests start keep it (``xla_flags``).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_cpu_multi_thread_eigen=false")
+from tests import suite_xla
+
+# Must happen before jax is imported anywhere.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent compilation cache for the whole suite (workers and the subprocesses they
 # start inherit it): the many small runs of the same tiny model compile once. Results do not
@@ -27,9 +24,19 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # environment) compile at XLA's default; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite
 # at it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Eight host CPU devices. One thread per XLA CPU computation: the two xdist workers share two
+# cores, and Eigen's thread per core in each of them only competes (measured: test_train.py and
+# test_failures.py without their slow tests, warm cache, 2 workers: 126 s against 148-151 s).
+# With optimisation off, XLA:CPU's faster-compiling codegen too (tests/suite_xla.py: 20-25 %
+# less time and CPU on the tests measured there). The subprocesses the tests start keep these
+# (``xla_flags``).
+os.environ.setdefault("XLA_FLAGS", " ".join([
+    "--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false",
+    *(suite_xla.fast_compile_flags() if suite_xla.optimizations_off(os.environ) else [])]))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from jax._src import compiler as jax_compiler  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -37,14 +44,33 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def _with_xla_default_codegen(get_compile_options):
+  """``jax._src.compiler.get_compile_options`` that sets ``suite_xla.XLA_DEFAULTS`` (undoing
+  ``XLA_FLAGS``' ``FAST_COMPILE``) where the program's own compiler options leave them."""
+
+  def get(*args, **kwargs):
+    options = get_compile_options(*args, **kwargs)
+    own = dict(options.env_option_overrides)
+    options.env_option_overrides = [*own.items(), *((k, v) for k, v in
+                                                    suite_xla.XLA_DEFAULTS.items()
+                                                    if k not in own)]
+    return options
+
+  return get
+
+
 @pytest.fixture(autouse=True)
-def _xla_optimization(request):
+def _xla_optimization(request, monkeypatch):
   """XLA's default optimisation for a test marked ``xla_optimized`` (see the top of this file)
-  while it runs: what it jits compiles at the default (the persistent cache keys the two
-  apart); a function this worker jitted and compiled before keeps its executable."""
+  while it runs: what it jits compiles at the default, with XLA's own codegen options (the
+  persistent cache keys the two apart); a function this worker jitted and compiled before
+  keeps its executable. JAX has no public setting for compile options of every program, so
+  this wraps its private ``get_compile_options`` (jax 0.10)."""
   if request.node.get_closest_marker("xla_optimized") is None:
     yield
     return
+  monkeypatch.setattr(jax_compiler, "get_compile_options",
+                      _with_xla_default_codegen(jax_compiler.get_compile_options))
   before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", False)
   try:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import accuracy, baselines
+from tests import suite_xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {("cca", "unimodal"), ("semantic_linear", "unimodal"), ("semantic_mlp", "unimodal"),
@@ -27,7 +28,8 @@ def _variant_error(module: str, variants: str) -> str | None:
 
 @pytest.mark.slow
 def test_quick_run_on_synthetic_writes_every_row(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+  # One CPU device, and the suite's codegen (tests/suite_xla.py).
+  env = dict(os.environ, XLA_FLAGS=suite_xla.fast_compile_only(os.environ["XLA_FLAGS"]))
   proc = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--data=synthetic",
                          "--quick", f"--out={tmp_path}"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)

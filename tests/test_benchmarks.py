@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import cases_torch, harness, hlo, op_trace, original_map, report, report_md, sysinfo
 from dsf3n_jax import metrics
+from tests import suite_xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,8 @@ def test_only_refuses_a_prefix_no_job_has(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_run_writes_every_section(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Its own devices and threads, and the suite's codegen (tests/suite_xla.py).
+  env = dict(os.environ, XLA_FLAGS=suite_xla.fast_compile_only(os.environ["XLA_FLAGS"]))
   proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out",
                          str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)

@@ -8,6 +8,10 @@ import sys
 
 import jax
 import pytest
+from jax._src import compiler as jax_compiler
+
+from tests import suite_xla
+from tests.test_train import xla_flags
 
 
 def test_the_tests_of_one_xdist_group_run_on_one_worker(tmp_path):
@@ -28,16 +32,38 @@ def test_the_tests_of_one_xdist_group_run_on_one_worker(tmp_path):
   assert len({worker for worker, _, _ in ran}) == 1, proc.stdout[-3000:]
 
 
-def _off_by_default() -> bool:
-  """What JAX_DISABLE_MOST_OPTIMIZATIONS says (tests/conftest.py sets it when it is unset)."""
-  return os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("y", "yes", "t", "true", "on",
-                                                                  "1")
+def _overrides(**own):
+  """The compile options JAX would give a program with ``own`` compiler options."""
+  return dict(jax_compiler.get_compile_options(1, 1, env_options_overrides=own or None)
+              .env_option_overrides)
 
 
 def test_an_unmarked_test_compiles_as_the_environment_says():
-  assert jax.config.values["jax_disable_most_optimizations"] is _off_by_default()
+  # JAX_DISABLE_MOST_OPTIMIZATIONS: tests/conftest.py sets it when it is unset.
+  off = suite_xla.optimizations_off(os.environ)
+  assert jax.config.values["jax_disable_most_optimizations"] is off
+  assert _overrides() == {}  # XLA_FLAGS alone: with optimisation off, the fast codegen
+  assert _overrides(xla_cpu_use_fusion_emitters=True) == {"xla_cpu_use_fusion_emitters": True}
+
+
+def test_the_fast_codegen_flags_go_with_optimisation_off_and_not_to_an_optimized_process():
+  flags = suite_xla.fast_compile_flags()
+  assert flags == ["--xla_cpu_use_fusion_emitters=false"]
+  assert suite_xla.optimizations_off({"JAX_DISABLE_MOST_OPTIMIZATIONS": "True"})
+  assert not suite_xla.optimizations_off({"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
+  assert not suite_xla.optimizations_off({})
+  if suite_xla.optimizations_off(os.environ):
+    assert all(f in xla_flags(2).split() for f in flags), xla_flags(2)
+  optimized = xla_flags(1, optimized=True).split()
+  assert "--xla_force_host_platform_device_count=1" in optimized
+  assert not any(suite_xla.is_fast_compile_flag(f) for f in optimized), optimized
 
 
 @pytest.mark.xla_optimized
 def test_a_test_marked_xla_optimized_compiles_at_xlas_default():
   assert jax.config.values["jax_disable_most_optimizations"] is False
+  # XLA's own codegen options, whatever XLA_FLAGS say; a program's own options stay.
+  assert _overrides() == suite_xla.XLA_DEFAULTS
+  assert _overrides(xla_cpu_use_fusion_emitters=False, xla_backend_optimization_level=1) == {
+      **suite_xla.XLA_DEFAULTS, "xla_cpu_use_fusion_emitters": False,
+      "xla_backend_optimization_level": 1}

@@ -23,14 +23,18 @@ from dsf3n_jax import cli, config_check, input_pipeline, losses, retrieve, train
 from dsf3n_jax.training import state as state_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
+from tests import suite_xla
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def xla_flags(devices: int) -> str:
-  """The suite's ``XLA_FLAGS`` (tests/conftest.py) with ``devices`` host CPU devices."""
+def xla_flags(devices: int, *, optimized: bool = False) -> str:
+  """The suite's ``XLA_FLAGS`` (tests/conftest.py) with ``devices`` host CPU devices; with
+  ``optimized``, for a process at XLA's default optimisation (without the codegen options of
+  tests/suite_xla.py)."""
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not f.startswith("--xla_force_host_platform_device_count=")]
+          if not f.startswith("--xla_force_host_platform_device_count=")
+          and not (optimized and suite_xla.is_fast_compile_flag(f))]
   return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
@@ -544,7 +548,7 @@ def test_learns_real_audio_visual_digits_from_one_modality(tmp_path, fsdd_path):
   """
   workdir = tmp_path / "fsdd"
   # At XLA's default optimisation (tests/conftest.py): 30 epochs run longer than they compile.
-  env = dict(_env(), XLA_FLAGS=xla_flags(1), JAX_DISABLE_MOST_OPTIMIZATIONS="0")
+  env = dict(_env(), XLA_FLAGS=xla_flags(1, optimized=True), JAX_DISABLE_MOST_OPTIMIZATIONS="0")
   proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
                          "--config=configs/fsdd.py:unimodal,small", f"--workdir={workdir}",
                          f"--config.data.path={fsdd_path}", "--config.num_epochs=30",
