@@ -102,3 +102,17 @@ def test_the_initialiser_folds_and_draws_with_few_hashes_and_the_same_bits(dtype
   assert plain["random_bits"] >= 60 and plain["random_fold_in"] >= 60
   assert fused["random_bits"] == fused["random_fold_in"] == 0
   assert 0 < fused["threefry2x32"] <= 2 + len(classes) < 20
+
+
+@pytest.mark.xla_optimized
+def test_the_initialisers_compile_options_draw_the_bits_of_xlas_defaults():
+  # INIT_COMPILER_OPTIONS (LLVM at -O1, XLA:CPU's loop emitters) only compile the initialiser
+  # faster on CPU; it draws what XLA's default options draw (the benchmark: the full model).
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  model = state_lib.build_model(state_lib.model_config(config, num_classes=5, visual_dim=24,
+                                                       audio_dim=12))
+  terms = tuple(config.loss.terms)
+  key = jax.random.key(11)
+  at_default = jax.jit(fused_draws(lambda k: state_lib._init_without_optimizer(
+      model, k, 5, terms)))(key)
+  _assert_same_bits(at_default, state_lib._init_program(model, 5, terms)(key))

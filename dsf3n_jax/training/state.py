@@ -356,9 +356,13 @@ def replicate(tree, sharding: jax.sharding.Sharding):
 # LLVM at -O1 instead of XLA:CPU's -O2 compiled the initialiser in 25-50 % less time (5.5-6 s
 # against 8-11.6 s for the models of configs/ on 8 host devices of 2 cores, before its hashes
 # were fused) and gave the same bits in float32, bfloat16 and float64 (jax 0.10.2): its
-# arithmetic is integer hashing and exact conversions. Not for the train step: -O1 changes
-# its float32 rounding.
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+# arithmetic is integer hashing and exact conversions. XLA:CPU's loop emitters for its fusions
+# instead of the MLIR fusion emitters halved that again in CPU time (1.8-2.4 s against 3.5-5.1 s
+# for the tiny and the full model, fused hashes, 2 cores; 1.1-1.5 s against 2.0-2.7 s of wall
+# time), again with the same bits in the three dtypes (two seeds each). Not for the train step:
+# -O1 changes its float32 rounding, and the loop emitters compile it slower at -O2.
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1,
+                                 "xla_cpu_use_fusion_emitters": False}}
 
 
 def new_meta() -> dict[str, Any]:
