@@ -3,24 +3,27 @@ processes (tests/test_train.py::xla_flags).
 
 With most of XLA's optimisation off (``JAX_DISABLE_MOST_OPTIMIZATIONS``, tests/conftest.py),
 the suite also compiles fusions with XLA:CPU's loop emitters instead of its MLIR fusion
-emitters (``FAST_COMPILE``), which compile on a thread pool and set up a compiler for each of
-its threads. Measured on a 2-core AMD EPYC, jax 0.10.2, with optimisation off: the tiny train
-step on 8 host devices compiles in 3.0-3.5 s of CPU instead of 5.4-6.3 s (2.6-3.0 s of wall
-time instead of 3.7-4.3 s); ``test_train.py``, ``test_loop.py``, ``test_failures.py``,
-``test_models.py`` and ``test_retrieval.py`` without their slow tests (85 tests, ``-n 2``, cold
-compilation cache) ran in 218 s of wall time and 386 s of user CPU instead of 268 s and 485 s.
-Tanh and log1p round differently at -O0 with them; the suite's comparisons are between runs
-with the same options. At XLA's default optimisation the loop emitters compile slower (the
-tiny step: 13.4 s of CPU against 10.5 s) and round the step differently, so a test marked
-``xla_optimized`` compiles with XLA's defaults (``XLA_DEFAULTS``), and so does a process a test
-starts at the default.
+emitters, which compile on a thread pool and set up a compiler for each of its threads, and
+each program's LLVM module in one piece (``FAST_COMPILE``). Measured on a 2-core AMD EPYC,
+jax 0.10.2, with optimisation off: the tiny train step on 8 host devices compiles in 3.0-4.0 s
+of CPU instead of 5.3-6.3 s, with the same bits after 3 steps; ``test_train.py``,
+``test_loop.py``, ``test_failures.py``, ``test_models.py`` and ``test_retrieval.py`` without
+their slow tests (85 tests, ``-n 2``, cold compilation cache) ran in 209 s of wall time and
+368 s of user CPU instead of 268 s and 485 s. The module in one piece matters for the bits:
+with the loop emitters alone, the seeds trained together (``test_seeds.py``) drift 1e-4 from
+the same seeds trained one by one after two epochs (the two agree to 1e-5 with XLA's
+emitters, and again with both options). Tanh and log1p still round differently at -O0; the
+suite's comparisons are between runs with the same options. At XLA's default optimisation
+the loop emitters compile slower (the tiny step: 13 s of CPU against 10.5 s) and round the
+step differently, so a test marked ``xla_optimized`` compiles with XLA's defaults
+(``XLA_DEFAULTS``), and so does a process a test starts at the default.
 """
 
 from __future__ import annotations
 
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
 # XLA's own values of those options (xla/debug_options_flags.cc).
-XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True}
+XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True, "xla_cpu_parallel_codegen_split_count": 32}
 
 TRUE_STRINGS = ("y", "yes", "t", "true", "on", "1")  # how JAX reads a boolean variable
 

@@ -48,7 +48,8 @@ def test_an_unmarked_test_compiles_as_the_environment_says():
 
 def test_the_fast_codegen_flags_go_with_optimisation_off_and_not_to_an_optimized_process():
   flags = suite_xla.fast_compile_flags()
-  assert flags == ["--xla_cpu_use_fusion_emitters=false"]
+  assert flags == ["--xla_cpu_use_fusion_emitters=false",
+                   "--xla_cpu_parallel_codegen_split_count=1"]
   assert suite_xla.optimizations_off({"JAX_DISABLE_MOST_OPTIMIZATIONS": "True"})
   assert not suite_xla.optimizations_off({"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
   assert not suite_xla.optimizations_off({})
