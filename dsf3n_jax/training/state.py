@@ -358,7 +358,7 @@ def replicate(tree, sharding: jax.sharding.Sharding):
 # were fused) and gave the same bits in float32, bfloat16 and float64 (jax 0.10.2): its
 # arithmetic is integer hashing and exact conversions. XLA:CPU's loop emitters for its fusions
 # instead of the MLIR fusion emitters halved that again in CPU time (1.8-2.4 s against 3.5-5.1 s
-# for the tiny and the full model, fused hashes, 2 cores; 1.1-1.5 s against 2.0-2.7 s of wall
+# for the tiny and the full model, fused hashes, 2 cores; 1.1-1.5 s against 2.0-3.0 s of wall
 # time), again with the same bits in the three dtypes (two seeds each). Not for the train step:
 # -O1 changes its float32 rounding, and the loop emitters compile it slower at -O2.
 INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1,
