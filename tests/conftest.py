@@ -27,12 +27,15 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Eight host CPU devices. One thread per XLA CPU computation: the two xdist workers share two
 # cores, and Eigen's thread per core in each of them only competes (measured: test_train.py and
 # test_failures.py without their slow tests, warm cache, 2 workers: 126 s against 148-151 s).
-# With optimisation off, XLA:CPU's faster-compiling codegen too (tests/suite_xla.py: 20-25 %
-# less time and CPU on the tests measured there). The subprocesses the tests start keep these
-# (``xla_flags``).
-os.environ.setdefault("XLA_FLAGS", " ".join([
-    "--xla_force_host_platform_device_count=8", "--xla_cpu_multi_thread_eigen=false",
-    *(suite_xla.fast_compile_flags() if suite_xla.optimizations_off(os.environ) else [])]))
+# With optimisation off, XLA:CPU's faster-compiling codegen too, where this jaxlib has it
+# (tests/suite_xla.py: 20-25 % less time and CPU on the tests measured there). The xdist
+# workers and the subprocesses the tests start keep these (``xla_flags``).
+if "XLA_FLAGS" not in os.environ:
+  _fast = suite_xla.fast_compile_flags()
+  if not (suite_xla.optimizations_off(os.environ) and suite_xla.xla_accepts(_fast)):
+    _fast = []
+  os.environ["XLA_FLAGS"] = " ".join(["--xla_force_host_platform_device_count=8",
+                                      "--xla_cpu_multi_thread_eigen=false", *_fast])
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -45,15 +48,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _with_xla_default_codegen(get_compile_options):
-  """``jax._src.compiler.get_compile_options`` that sets ``suite_xla.XLA_DEFAULTS`` (undoing
-  ``XLA_FLAGS``' ``FAST_COMPILE``) where the program's own compiler options leave them."""
+  """``jax._src.compiler.get_compile_options`` that undoes ``XLA_FLAGS``' ``FAST_COMPILE``
+  options (``suite_xla.XLA_DEFAULTS``) where the program's own compiler options leave them."""
+  defaults = suite_xla.defaults_undoing(os.environ.get("XLA_FLAGS", ""))
 
   def get(*args, **kwargs):
     options = get_compile_options(*args, **kwargs)
     own = dict(options.env_option_overrides)
-    options.env_option_overrides = [*own.items(), *((k, v) for k, v in
-                                                    suite_xla.XLA_DEFAULTS.items()
-                                                    if k not in own)]
+    options.env_option_overrides = [*own.items(),
+                                    *((k, v) for k, v in defaults.items() if k not in own)]
     return options
 
   return get

@@ -21,6 +21,11 @@ step differently, so a test marked ``xla_optimized`` compiles with XLA's default
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
 # XLA's own values of those options (xla/debug_options_flags.cc).
 XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True, "xla_cpu_parallel_codegen_split_count": 32}
@@ -40,6 +45,22 @@ def fast_compile_flags() -> list[str]:
 
 def is_fast_compile_flag(flag: str) -> bool:
   return flag.split("=", 1)[0].removeprefix("--") in FAST_COMPILE
+
+
+def xla_accepts(flags: Sequence[str]) -> bool:
+  """Whether this jaxlib's XLA takes ``flags`` in ``XLA_FLAGS``. XLA ends the process on a flag
+  it does not know (a newer one may drop an option), so a child process tries (about 2 s)."""
+  probe = "from jax._src.lib import xla_client; xla_client.CompileOptions()"
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                        timeout=300).returncode == 0
+
+
+def defaults_undoing(xla_flags: str) -> dict[str, object]:
+  """XLA's defaults of the ``FAST_COMPILE`` options that ``xla_flags`` sets."""
+  names = [f.split("=", 1)[0].removeprefix("--") for f in xla_flags.split()
+           if is_fast_compile_flag(f)]
+  return {name: XLA_DEFAULTS[name] for name in names}
 
 
 def fast_compile_only(xla_flags: str) -> str:

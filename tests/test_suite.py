@@ -53,8 +53,12 @@ def test_the_fast_codegen_flags_go_with_optimisation_off_and_not_to_an_optimized
   assert suite_xla.optimizations_off({"JAX_DISABLE_MOST_OPTIMIZATIONS": "True"})
   assert not suite_xla.optimizations_off({"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
   assert not suite_xla.optimizations_off({})
-  if suite_xla.optimizations_off(os.environ):
+  if suite_xla.optimizations_off(os.environ) and suite_xla.xla_accepts(flags):
     assert all(f in xla_flags(2).split() for f in flags), xla_flags(2)
+  assert not suite_xla.xla_accepts(["--xla_cpu_no_such_option=true"])
+  assert suite_xla.defaults_undoing(" ".join(["--xla_cpu_multi_thread_eigen=false", *flags])
+                                    ) == suite_xla.XLA_DEFAULTS
+  assert suite_xla.defaults_undoing("--xla_force_host_platform_device_count=8") == {}
   optimized = xla_flags(1, optimized=True).split()
   assert "--xla_force_host_platform_device_count=1" in optimized
   assert not any(suite_xla.is_fast_compile_flag(f) for f in optimized), optimized
@@ -64,7 +68,7 @@ def test_the_fast_codegen_flags_go_with_optimisation_off_and_not_to_an_optimized
 def test_a_test_marked_xla_optimized_compiles_at_xlas_default():
   assert jax.config.values["jax_disable_most_optimizations"] is False
   # XLA's own codegen options, whatever XLA_FLAGS say; a program's own options stay.
-  assert _overrides() == suite_xla.XLA_DEFAULTS
+  undone = suite_xla.defaults_undoing(os.environ["XLA_FLAGS"])
+  assert _overrides() == undone
   assert _overrides(xla_cpu_use_fusion_emitters=False, xla_backend_optimization_level=1) == {
-      **suite_xla.XLA_DEFAULTS, "xla_cpu_use_fusion_emitters": False,
-      "xla_backend_optimization_level": 1}
+      **undone, "xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
