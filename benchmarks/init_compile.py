@@ -5,7 +5,7 @@
   python -m benchmarks.init_compile --model=tiny --rounds=1 --out=DIR
 
 Each round compiles both programs afresh (no compilation cache), one after the other, with
-the training's compiler options (``training.state.INIT_COMPILER_OPTIONS``), and runs each
+the training's compiler options (``training.state.init_compiler_options``), and runs each
 once; it checks that both draw the same bits. Compile time is given in wall and in CPU
 seconds (XLA:CPU compiles on a thread pool). Writes ``init-compile-<machine>.json`` and
 ``.md`` (default benchmarks/results/).
@@ -39,7 +39,7 @@ def measure(model: str, rounds: int) -> dict:
   def initialiser():  # a new function: jit remembers a function's lowering and executable
     return lambda key: state_lib._init_without_optimizer(net, key, 10, terms)
 
-  options = state_lib.INIT_COMPILER_OPTIONS.get(jax.default_backend())
+  options = state_lib.init_compiler_options(jax.default_backend())
   key = jax.random.key(0)
   times = {name: {"compile_s": [], "compile_cpu_s": [], "run_s": []}
            for name in ("one_hash_each", "fused")}
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          "command": " ".join(["python -m benchmarks.init_compile", *raw]),
          "started": machine["date"], "machine": machine,
          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
-         "compiler_options": state_lib.INIT_COMPILER_OPTIONS.get(jax.default_backend()),
+         "compiler_options": state_lib.init_compiler_options(jax.default_backend()),
          "rows": rows}
   name = "init-compile-" + sysinfo.machine_slug(machine, doc["accelerator"])
   accuracy.publish(args.out, name, doc, markdown(doc))

@@ -90,7 +90,7 @@ def test_the_initialiser_folds_and_draws_with_few_hashes_and_the_same_bits(dtype
       return state_lib._init_without_optimizer(model, k, 5, terms)
 
     if dtype == "float64":
-      options = state_lib.INIT_COMPILER_OPTIONS.get(jax.default_backend())
+      options = state_lib.init_compiler_options(jax.default_backend())
       drawn = state_lib._init_program(model, 5, terms)(key)
       assert {x.dtype for x in jax.tree.leaves(drawn.params)} == {np.dtype(dtype)}
       _assert_same_bits(jax.jit(plain, compiler_options=options)(key), drawn)
@@ -116,3 +116,15 @@ def test_the_initialisers_compile_options_draw_the_bits_of_xlas_defaults():
   at_default = jax.jit(fused_draws(lambda k: state_lib._init_without_optimizer(
       model, k, 5, terms)))(key)
   _assert_same_bits(at_default, state_lib._init_program(model, 5, terms)(key))
+
+
+def test_an_initialiser_option_this_xla_lacks_is_left_out(monkeypatch):
+  backend = jax.default_backend()
+  known = state_lib.INIT_COMPILER_OPTIONS.get(backend, {})
+  monkeypatch.setitem(state_lib.INIT_COMPILER_OPTIONS, backend,
+                      {**known, "xla_no_such_option_of_any_xla": True})
+  state_lib.init_compiler_options.cache_clear()
+  try:
+    assert state_lib.init_compiler_options(backend) == (known or None)
+  finally:
+    state_lib.init_compiler_options.cache_clear()

@@ -301,7 +301,7 @@ def make_init_fn(model: DSF3N, tx: optax.GradientTransformation, *, num_classes:
   The initialiser folds a key and draws an array for every parameter; its
   threefry hashes are made together (``fused_draws``: the same bits, without
   a hash kernel per parameter to compile). It runs once: on CPU it is compiled
-  for compile time (``INIT_COMPILER_OPTIONS``). Because of those
+  for compile time (``init_compiler_options``). Because of those
   options it must be called at top level: JAX refuses them on a nested jit,
   so under ``jax.eval_shape`` or another ``jit`` call ``init_state`` instead.
   """
@@ -337,7 +337,7 @@ def memoized(build: Callable) -> Callable:
 def _init_program(model: DSF3N, num_classes: int, loss_terms: tuple[str, ...]) -> Callable:
   return jax.jit(fused_draws(lambda key: _init_without_optimizer(model, key, num_classes,
                                                                  loss_terms)),
-                 compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+                 compiler_options=init_compiler_options(jax.default_backend()))
 
 
 def replicate(tree, sharding: jax.sharding.Sharding):
@@ -363,6 +363,23 @@ def replicate(tree, sharding: jax.sharding.Sharding):
 # -O1 changes its float32 rounding, and the loop emitters compile it slower at -O2.
 INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1,
                                  "xla_cpu_use_fusion_emitters": False}}
+
+
+@functools.cache
+def init_compiler_options(backend: str) -> dict[str, Any] | None:
+  """``INIT_COMPILER_OPTIONS`` of ``backend`` (JAX's default backend) that this XLA has (None:
+  none). An option only makes the initialiser compile faster: one a later XLA drops ("No such
+  compile option") is left out rather than failing the run. Tried on an empty program once
+  per process."""
+  options = dict(INIT_COMPILER_OPTIONS.get(backend, {}))
+  for name, value in list(options.items()):
+    try:
+      jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "No such compile option" not in str(e):
+        raise
+      del options[name]
+  return options or None
 
 
 def new_meta() -> dict[str, Any]:
