@@ -43,8 +43,13 @@ def fast_compile_flags() -> list[str]:
   return [f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items()]
 
 
+def _option(flag: str) -> str:
+  """The option an ``XLA_FLAGS`` entry sets: ``--name=value`` -> ``name``."""
+  return flag.split("=", 1)[0].removeprefix("--")
+
+
 def is_fast_compile_flag(flag: str) -> bool:
-  return flag.split("=", 1)[0].removeprefix("--") in FAST_COMPILE
+  return _option(flag) in FAST_COMPILE
 
 
 def xla_accepts(flags: Sequence[str]) -> bool:
@@ -58,9 +63,8 @@ def xla_accepts(flags: Sequence[str]) -> bool:
 
 def defaults_undoing(xla_flags: str) -> dict[str, object]:
   """XLA's defaults of the ``FAST_COMPILE`` options that ``xla_flags`` sets."""
-  names = [f.split("=", 1)[0].removeprefix("--") for f in xla_flags.split()
-           if is_fast_compile_flag(f)]
-  return {name: XLA_DEFAULTS[name] for name in names}
+  return {_option(f): XLA_DEFAULTS[_option(f)] for f in xla_flags.split()
+          if is_fast_compile_flag(f)}
 
 
 def fast_compile_only(xla_flags: str) -> str:
