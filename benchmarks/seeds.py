@@ -182,9 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          "started": machine["date"], "machine": machine,
          "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
          "rows": rows}
-  acc = doc["accelerator"]
-  tag = ("gpu-" + str(acc["jax_device_kind"]).lower().replace(" ", "-")
-         if acc["jax_backend"] == "gpu" else f"cpu-{machine['cores']}c")
+  tag = sysinfo.machine_slug(machine, doc["accelerator"])
   accuracy.publish(args.out, f"{'sweep' if args.members == 'configs' else 'seeds'}-{tag}",
                    doc, markdown(doc))
   return 0

@@ -43,10 +43,8 @@ def _main(workdir, *extra, inject: str = "", timeout: float = EXIT_TIMEOUT_S):
       sys.argv = ["dsf3n_jax.main"] + sys.argv[1:]
       main.run()
       """)
-  t0 = time.time()
-  proc = subprocess.run([sys.executable, "-c", code, *_argv(workdir, *extra)], cwd=REPO,
+  return subprocess.run([sys.executable, "-c", code, *_argv(workdir, *extra)], cwd=REPO,
                         env=_env(), capture_output=True, text=True, timeout=timeout)
-  return proc, time.time() - t0
 
 
 def _error_line(proc) -> str:
@@ -71,12 +69,13 @@ _FAIL_MKDIR_UNDER = """
 
 
 def test_a_failing_checkpoint_save_ends_the_run(tmp_path):
-  """checkpoints/ refuses writes: exit 1 in seconds, no checkpoint to name. (A full disk takes
-  the same path: after a good checkpoint in test_a_save_failing_after_a_good_checkpoint_names_it,
-  a real one in test_a_full_disk_ends_the_run.)"""
+  """checkpoints/ refuses writes: exit 1 (within _main's timeout), no checkpoint to name. (A full
+  disk takes the same path: after a good checkpoint in
+  test_a_save_failing_after_a_good_checkpoint_names_it, a real one in
+  test_a_full_disk_ends_the_run.)"""
   code = errno.EACCES
   inject = _FAIL_MKDIR_UNDER.format(errno_=code, after_first="True")
-  proc, elapsed = _main(tmp_path / "run", inject=inject)
+  proc = _main(tmp_path / "run", inject=inject)
   assert proc.returncode == 1, proc.stderr[-3000:]
   line = _error_line(proc)
   assert os.strerror(code) in line and "last intact checkpoint: none" in line, line
@@ -88,7 +87,7 @@ def test_a_save_failing_after_a_good_checkpoint_names_it(tmp_path):
   inject = _FAIL_MKDIR_UNDER.format(  # once checkpoint 7 (epoch 1) is complete, the disk is full
       errno_=errno.ENOSPC,
       after_first="os.path.isdir(path.split('/checkpoints/')[0] + '/checkpoints/7')")
-  proc, _ = _main(tmp_path / "run", inject=inject)
+  proc = _main(tmp_path / "run", inject=inject)
   assert proc.returncode == 1, proc.stderr[-3000:]
   line = _error_line(proc)
   assert "No space left on device" in line, line
@@ -100,7 +99,7 @@ def test_an_unwritable_tensorboard_dir_ends_the_run(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "tensorboard").write_text("a file where the folder should be")
-  proc, _ = _main(workdir)
+  proc = _main(workdir)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "tensorboard" in _error_line(proc)
 
@@ -114,7 +113,7 @@ def test_a_full_disk_ends_the_run(tmp_path):
     pytest.skip("cannot mount a tmpfs here; an injected ENOSPC covers this path "
                 "(test_a_save_failing_after_a_good_checkpoint_names_it)")
   try:
-    proc, _ = _main(mount / "run")
+    proc = _main(mount / "run")
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = _error_line(proc)
     assert "No space left on device" in line or "ENOSPC" in line or "space" in line, line
@@ -135,7 +134,7 @@ def test_a_second_run_into_a_live_workdir_is_refused_and_a_stale_lock_taken_over
     while not (workdir / "lock").exists() and time.time() < deadline and first.poll() is None:
       time.sleep(0.2)
     assert first.poll() is None, first.stderr.read()[-3000:]
-    second, elapsed = _main(workdir)
+    second = _main(workdir)
     assert second.returncode == 1, second.stderr[-3000:]
     line = _error_line(second)
     assert f"in use by pid {first.pid} on host {socket.gethostname()}" in line, line
@@ -144,7 +143,7 @@ def test_a_second_run_into_a_live_workdir_is_refused_and_a_stale_lock_taken_over
     first.wait()
   # The killed run's lock is stale now: the next run takes it over and finishes.
   assert json.loads((workdir / "lock").read_text())["pid"] == first.pid
-  third, _ = _main(os.path.relpath(workdir, REPO), "--config.num_epochs=1")  # relative
+  third = _main(os.path.relpath(workdir, REPO), "--config.num_epochs=1")  # relative
   assert third.returncode == 0, third.stderr[-3000:]
   assert f"taking over the stale lock {workdir / 'lock'} of pid {first.pid}" in third.stderr
   assert not (workdir / "lock").exists()
