@@ -51,7 +51,10 @@ The workdir gets:
 
 A finished group (and the refit) is saved at once; a rerun into the same workdir
 skips the groups whose configurations, seeds and metric are unchanged (a killed
-sweep resumes at its first unfinished group).
+sweep resumes at its first unfinished group), and the refit too. A ``--norefit``
+rerun publishes the selected state and keeps an earlier refit's record aside
+(``refit_unpublished`` in ``sweep.json``); a ``--refit`` rerun after it publishes
+that refit again without training.
 """
 
 from __future__ import annotations
@@ -416,13 +419,20 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
       config.seed = int(chosen["seed"])
       row = report["configs"][chosen["config"]]
       run_dir = root / "groups" / row["group"]
+      refit_cfg = refit_config(config)
+      fingerprint = plan_groups([refit_cfg], seeds, metric)[0].fingerprint
+      refit_dir = root / "groups" / fingerprint
+      # An earlier refit of this choice, published or kept aside by a --norefit rerun.
+      saved = previous.get("refit") or previous.get("refit_unpublished") or {}
+      earlier = (row["score_split"] == "validation" and saved.get("fingerprint") == fingerprint
+                 and (refit_dir.is_dir() or not saved.get("chosen_refit")))
+      if not refit and earlier:  # --norefit: chosen/ is the selected state; the refit stays
+        report["refit_unpublished"] = saved
+        where = f" in {refit_dir}" if saved.get("chosen_refit") else ""
+        log(f"refit: an earlier refit of this choice is kept{where}, unpublished (--norefit); "
+            "--refit publishes it without training again")
       if refit and row["score_split"] == "validation":
-        refit_cfg = refit_config(config)
-        fingerprint = plan_groups([refit_cfg], seeds, metric)[0].fingerprint
-        saved = (previous.get("refit") or {})
-        refit_dir = root / "groups" / fingerprint
-        if saved.get("fingerprint") == fingerprint and (refit_dir.is_dir()
-                                                        or not saved.get("chosen_refit")):
+        if earlier:
           log("refit: finished earlier, kept")
           report["refit"] = saved
         else:

@@ -299,6 +299,7 @@ def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
   # On a copy: the module's sweep stays as it ended for the other tests, in any order.
   workdir, overrides, report = swept
   workdir = pathlib.Path(shutil.copytree(workdir, tmp_path / "sweep"))
+  shutil.copy(workdir / "chosen_config.py", tmp_path / "first_chosen_config.py")
   lines = []
   again = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
                           log=lines.append)
@@ -313,6 +314,7 @@ def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
   kept = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
                          refit=False, log=lines.append)
   assert not any("epoch" in line for line in lines) and "refit" not in kept
+  assert kept["refit_unpublished"] == report["refit"]  # the refit's record is kept aside
   assert "Refit" not in (workdir / "sweep.md").read_text()
   chosen = kept["chosen"]
   seeds_val = [s["validation"]["unimodal_map_average"]
@@ -322,6 +324,15 @@ def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
   run_config, _, got = _chosen_run(workdir, config, "validation")
   assert run_config.seed == chosen["seed"]
   np.testing.assert_allclose(got, max(seeds_val), atol=1e-4)
+  # --refit after --norefit: the earlier refit is published again, nothing trains.
+  lines.clear()
+  back = sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
+                         log=lines.append)
+  assert "refit: finished earlier, kept" in lines
+  assert not any("epoch" in line for line in lines)
+  assert back["refit"] == report["refit"] and "refit_unpublished" not in back
+  assert (workdir / "chosen_config.py").read_text() == (
+      tmp_path / "first_chosen_config.py").read_text()
 
 
 def test_the_command_line_reports_a_bad_sweep_in_one_line(tmp_path):
