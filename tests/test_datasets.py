@@ -80,6 +80,8 @@ def _bad_cases():
   no_class[no_class == 9] = 0
   huge = base["audio_test"].copy()
   huge[5, 2] = 3e38  # finite, but it overflows float32 in the first layers
+  past_float32 = base["audio_test"].astype(np.float64)
+  past_float32[5, 2] = 1e300
   return {
       "missing": (edit(audio_test=None), {}, r"missing key.*audio_test"),
       "rank": (edit(visual_train=base["visual_train"][:, :, None]), {}, r"visual_train.*rank 3"),
@@ -96,6 +98,16 @@ def _bad_cases():
                        r"lab_train.*no example of class.*\[9\]"),
       "overflowing": (edit(audio_test=huge), {},
                       r"key 'audio_test' row 5 has a value of 3e\+38 .*overflow float32"),
+      # One stray label far past the classes: one line, not an array of a billion counts.
+      "stray_label": (edit(lab_train=np.where(np.arange(len(base["lab_train"])) == 3, 10**9,
+                                              base["lab_train"])), {},
+                      r"lab_train.*row 3 has label 1000000000, which makes 1000000001 classes"),
+      "no_features": (edit(visual_train=base["visual_train"][:, :0],
+                           visual_test=base["visual_test"][:, :0]), {},
+                      r"visual_train.*shape \(\d+, 0\), no visual features"),
+      # Finite in float64, past float32: too large, not "non-finite".
+      "past_float32": (edit(audio_test=past_float32), {},
+                       r"key 'audio_test' row 5 has a value of 1e\+300 .*rescale"),
       "one_class": (edit(lab_train=np.zeros_like(base["lab_train"]),
                          lab_test=np.zeros_like(base["lab_test"])), {},
                     r"'lab_train' has only class 0 .*expected at least 2 classes"),
@@ -271,7 +283,21 @@ LAB_TEST_ROW_7 = {  # label value at row 7 of lab_test -> the rest of the messag
     "fraction": (2.5, {}, r"label 2\.5 is not an integer class id"),
     "nan": (np.nan, {}, "non-finite .*first bad row 7"),
     "one_hot": ([0, 1, 1, 0], dict(one_hot=True), "is not one-hot"),
+    # Past int32: reported as stored, never wrapped into a class (2**32 + 2 would be 2).
+    "past_int32": (2**32 + 2, {}, r"has label 4294967298, outside 0\.\.2147483647"),
+    "uint64_max": (np.uint64(2**64 - 1), {}, r"has label 18446744073709551615, outside"),
+    "huge_float": (1e19, {}, r"has label 1e\+19, outside"),
 }
+
+
+def test_a_column_of_class_ids_is_read_as_class_ids():
+  """(N, 1) labels are ids, not one-hot rows of a single class."""
+  arrays = generate_synthetic(**SMALL)
+  column = {**arrays, "lab_train": arrays["lab_train"][:, None],
+            "lab_test": arrays["lab_test"][:, None]}
+  got = validate_arrays(column, source="x.npz")
+  for key in ("lab_train", "lab_test"):
+    np.testing.assert_array_equal(got[key], arrays[key])
 
 
 @pytest.mark.parametrize("case", sorted(LAB_TEST_ROW_7))

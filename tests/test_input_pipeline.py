@@ -153,6 +153,11 @@ def test_synthetic_sources_and_validation_split():
   again = ip.load_sources("synthetic", synthetic=dict(num_train=200, num_test=50, seed=1),
                           validation_fraction=0.2, validation_seed=4)
   np.testing.assert_array_equal(ip.load_split_arrays(again.validation)["index"], va["index"])
+  # 20 rows a class: 0.02 of each rounds to none. An empty split is refused, naming the flag.
+  with pytest.raises(ip.DataValidationError,
+                     match=r"validation_fraction=0\.02 carves no validation row.*above 0\.025"):
+    ip.load_sources("synthetic", synthetic=dict(num_train=200, num_test=50, seed=1),
+                    validation_fraction=0.02)
   with pytest.raises(ip.DataValidationError, match="num_classes is 10.*expected 7|outside"):
     ip.load_sources("synthetic", synthetic=dict(num_train=50, num_test=10, num_classes=10),
                     num_classes=7)

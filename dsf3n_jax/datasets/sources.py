@@ -191,6 +191,9 @@ def stratified_split(labels: np.ndarray, *, fraction: float,
   Returns:
     ``(train_rows, validation_rows)``, each sorted (file order), disjoint and
     together ``arange(N)``. Each class keeps at least one train row.
+
+  Raises:
+    DataValidationError: a positive ``fraction`` that carves no row.
   """
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
@@ -201,6 +204,15 @@ def stratified_split(labels: np.ndarray, *, fraction: float,
     k = min(int(round(fraction * len(rows))), len(rows) - 1)
     val.append(rng.permutation(rows)[:k])
   val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
+  if fraction and not val.size:  # an empty split would fail every evaluation on it
+    sizes = np.unique(labels, return_counts=True)[1] if len(labels) else np.zeros(1, int)
+    largest = int(sizes.max())
+    raise DataValidationError(
+        f"config.data.validation_fraction={fraction} carves no validation row: train's "
+        f"{len(sizes)} classes have {sizes.min()}..{largest} rows and the carve takes "
+        f"round(fraction x rows) of each, keeping one in train; expected "
+        + (f"a fraction above {0.5 / largest:.3g}, or 0 for no validation split"
+           if largest > 1 else "0 (no validation split): no class has a row to spare"))
   train = np.setdiff1d(np.arange(len(labels)), val)
   return train.astype(np.int64), val.astype(np.int64)
 

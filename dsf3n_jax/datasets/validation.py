@@ -72,9 +72,15 @@ def _check_finite(x: np.ndarray, *, source: str, key: str) -> None:
         f"{len(rows)} rows; first bad row {int(rows[0])}; expected all finite")
 
 
+# The largest class id: ids are int32 on the device.
+MAX_CLASS_ID = int(np.iinfo(np.int32).max)
+
+
 def _labels_to_ids(lab: np.ndarray, *, source: str, key: str,
                    num_classes: int | None) -> np.ndarray:
   """Integer ids from integer ids or one-hot rows (checked)."""
+  if lab.ndim == 2 and lab.shape[1] == 1:  # a column of class ids, not one-hot of one class
+    lab = lab[:, 0]
   if lab.ndim == 2:
     if num_classes is not None and lab.shape[1] != num_classes:
       raise DataValidationError(
@@ -102,19 +108,22 @@ def _labels_to_ids(lab: np.ndarray, *, source: str, key: str,
       raise DataValidationError(
           f"{source}: key {key!r} row {first} label {lab[first].item()!r} is not an integer "
           "class id")
+    lab = lab.astype(np.float64)  # exact for float16/32; int32's bounds compare without overflow
   elif not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):
     raise DataValidationError(
         f"{source}: key {key!r} has dtype {lab.dtype}; expected integer class ids or one-hot rows")
-  ids = lab.astype(np.int64)
-  hi = num_classes - 1 if num_classes is not None else None
-  bad = ids < 0 if hi is None else (ids < 0) | (ids > hi)
+  # Compared in the stored dtype (numpy compares integers of any width with Python ints
+  # exactly), then cast: a uint64 or a label past int32 is reported as stored, never wrapped.
+  hi = num_classes - 1 if num_classes is not None else MAX_CLASS_ID
+  bad = (lab < 0) | (lab > hi)
   if bad.any():
     first = int(np.nonzero(bad)[0][0])
-    expected = f"0..{hi}" if hi is not None else "0.. (class ids are >= 0)"
+    expected = (f"0..{hi}" if num_classes is not None
+                else f"0..{MAX_CLASS_ID} (class ids are >= 0 and fit int32)")
     raise DataValidationError(
-        f"{source}: key {key!r} row {first} has label {int(ids[first])}, outside {expected} "
-        f"(rows with such labels: {int(bad.sum())})")
-  return ids.astype(np.int32)
+        f"{source}: key {key!r} row {first} has label {lab[first].item()!r}, outside "
+        f"{expected} (rows with such labels: {int(bad.sum())})")
+  return lab.astype(np.int32)
 
 
 def labels_to_ids(lab, *, source: str, key: str,
@@ -214,7 +223,8 @@ def _check_equal_counts(counts: Mapping[str, int], *, source: str, split: str) -
 def _one_hot_width(arrays: Mapping[str, np.ndarray], *, source: str) -> int | None:
   """The class count a one-hot label array gives (None for class ids)."""
   widths = {KEYS[s]["label"]: np.shape(arrays[KEYS[s]["label"]])[1] for s in SPLITS
-            if np.ndim(arrays[KEYS[s]["label"]]) == 2}
+            if np.ndim(arrays[KEYS[s]["label"]]) == 2
+            and np.shape(arrays[KEYS[s]["label"]])[1] != 1}  # (N, 1): a column of ids
   if len(set(widths.values())) > 1:
     raise DataValidationError(
         f"{source}: key 'lab_test' has one-hot width {widths['lab_test']} but key "
@@ -232,12 +242,17 @@ def _features(x, *, source: str, key: str, field: str, dim: int | None) -> np.nd
   if dim is not None and x.shape[1] != dim:
     raise DataValidationError(
         f"{source}: key {key!r} has feature size {x.shape[1]}; expected {dim}")
+  if x.shape[1] == 0:
+    raise DataValidationError(
+        f"{source}: key {key!r} has shape {x.shape}, no {field} features; expected at least "
+        "one feature per example")
   if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
     raise DataValidationError(f"{source}: key {key!r} has dtype {x.dtype}; expected float")
-  x = x.astype(np.float32, copy=False)
+  # Checked in the stored dtype: a finite float64 past float32's range is reported as too
+  # large, not as the Inf its cast would make it.
   _check_finite(x, source=source, key=key)
   _check_magnitude(x, source=source, key=key)
-  return x
+  return x.astype(np.float32, copy=False)
 
 
 # Features above this overflow float32 in the first layers: the encoder's sums reach
@@ -264,17 +279,26 @@ def _check_train_has_every_class(out: Mapping[str, np.ndarray], num_classes: int
   inferred = num_classes is None
   if inferred:
     num_classes = int(max(out[KEYS[s]["label"]].max() for s in SPLITS)) + 1
-  present = np.bincount(out["lab_train"], minlength=num_classes)
-  absent = np.nonzero(present == 0)[0]
-  if not absent.size:
+  train = out["lab_train"]
+  present = np.unique(train)
+  if present.size == num_classes:
     return
-  unseen = (out["lab_test"] > out["lab_train"].max()) if inferred else np.zeros(0, bool)
+  unseen = (out["lab_test"] > train.max()) if inferred else np.zeros(0, bool)
   if unseen.any():
     row = int(np.nonzero(unseen)[0][0])
     raise DataValidationError(
         f"{source}: key 'lab_test' row {row} has label {int(out['lab_test'][row])}, a class "
         f"with no example in 'lab_train' (test rows with such labels: {int(unseen.sum())}); "
-        f"expected only classes train has: {_class_list(np.nonzero(present)[0])}")
+        f"expected only classes train has: {_class_list(present)}")
+  if num_classes > 2 * len(train) + 1000:  # far more classes than train rows: not listed
+    row = int(np.argmax(train))
+    why = (f"row {row} has label {int(train[row])}, which makes {num_classes} classes"
+           if inferred else f"{num_classes} classes")
+    raise DataValidationError(
+        f"{source}: key 'lab_train' has {len(train)} rows and {present.size} distinct classes; "
+        f"{why}, {num_classes - present.size} of them without an example; expected every "
+        f"class 0..{num_classes - 1} in train")
+  absent = np.setdiff1d(np.arange(num_classes), present)
   raise DataValidationError(
       f"{source}: key 'lab_train' has no example of class(es) {_class_list(absent)}; "
       f"expected every class 0..{num_classes - 1} in train")
