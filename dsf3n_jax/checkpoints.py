@@ -3,10 +3,10 @@
 ``workdir/checkpoints/<step>`` (the global step; runs written before step
 checkpoints existed are named by epoch, and still read) is one orbax
 ``CheckpointManager`` whose preservation policy keeps the latest ``keep``
-checkpoints and the best one (the newest save marked ``best``: a finite
-evaluation that improved the selection metric; ``meta["best"]["checkpoint"]``
-names it). The best checkpoint is an ordinary step of the manager, so when it
-is also a latest one the two are the same files.
+checkpoints and the best one (a finite evaluation that improved the selection
+metric), the one that the newest save's ``meta["best"]["checkpoint"]`` names.
+The best checkpoint is an ordinary step of the manager, so when it is also a
+latest one the two are the same files.
 
 Each checkpoint holds the ``TrainState`` (without the optimiser state when
 ``optimizer_state=False``) and a JSON ``meta`` item: the resolved model
@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -80,12 +81,49 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   return registry
 
 
+@dataclasses.dataclass
+class _KeepBest:
+  """An orbax preservation policy: keeps the checkpoint ``step``, the run's best as the meta of
+  its newest save names it. (orbax's ``BestN`` would rank the saves' metrics, which orbax writes
+  to disk only with a ``best_fn``: a resumed manager saw none, and let the best go.)"""
+
+  step: int | None = None
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [info.step == self.step for info in checkpoints]
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint was written for a different model configuration."""
 
 
+class StateStructureError(CheckpointMismatchError):
+  """A checkpoint's state has another tree than the config makes (its optimiser's
+  transformations or its loss terms' parameters differ); ``meta``: the checkpoint's."""
+
+  def __init__(self, path: str, cause: str, meta: Mapping[str, Any]):
+    super().__init__(f"checkpoint {path} holds a state of another structure than the config "
+                     f"makes ({cause})")
+    self.path, self.cause, self.meta = path, cause, meta
+
+
 class CheckpointError(RuntimeError):
   """No intact checkpoint could be read."""
+
+
+# A checkpoint being saved anew (``Checkpointer.replace``) waits under this name, one the
+# manager does not read, until the new one is complete; an unreadable one is kept as
+# ``<step>.unreadable``.
+REPLACED, UNREADABLE = "replaced", "unreadable"
+
+
+def _on_primary(what: str, fn: Callable[[], Any]) -> None:
+  """``fn`` (a change to the checkpoint folder) on process 0 alone, the others waiting."""
+  if jax.process_index() == 0:
+    fn()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"dsf3n checkpoints: {what}")
 
 
 class Checkpointer:
@@ -105,10 +143,10 @@ class Checkpointer:
     self.workdir = resolve(workdir)  # a local path made absolute: orbax requires that
     self.directory = self.workdir / "checkpoints"
     self.optimizer_state = optimizer_state
-    policy = _policies.AnyPreservationPolicy([
-        _policies.LatestN(keep),
-        _policies.BestN(get_metric_fn=lambda m: m["value"], n=1,
-                        keep_checkpoints_without_metrics=False)])
+    self._best = _KeepBest()
+    policy = _policies.AnyPreservationPolicy([_policies.LatestN(keep), self._best])
+    if not read_only:
+      _on_primary("recover", self._recover_replaced)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=True,
         cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
@@ -122,15 +160,49 @@ class Checkpointer:
     """The numbers of the checkpoints on disk (global steps; epochs for older runs)."""
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, meta: Mapping[str, Any], *, best: bool = False) -> None:
-    """Starts an asynchronous save as ``checkpoints/<step>``; ``best`` marks it as the new best
-    (``meta["best"]``)."""
+  def save(self, step: int, state, meta: Mapping[str, Any]) -> None:
+    """Starts an asynchronous save as ``checkpoints/<step>``. The checkpoint that
+    ``meta["best"]`` names (this one at a new best) is kept besides the latest ones: the
+    manager decides what to delete within this call."""
     if not self.optimizer_state:
       state = state.replace(opt_state=None)
     meta = {**meta, "optimizer_state": self.optimizer_state, "format": FORMAT}
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
-    metrics = {"value": float(meta["best"]["value"])} if best else None
-    self.manager.save(step, args=args, metrics=metrics, force=True)
+    self._best.step = best_checkpoint(meta["best"]) if meta.get("best") else None
+    self.manager.save(step, args=args, force=True)
+
+  def replace(self, step: int, state, meta: Mapping[str, Any]) -> None:
+    """Saves ``checkpoints/<step>`` anew, in place of the one there, and waits for it. The old
+    one is set aside until the new one is complete, so a kill at any moment leaves one of the
+    two (the next ``Checkpointer`` of the workdir puts the old one back if the new one is
+    not complete)."""
+    self.wait()
+    aside = self.set_aside(step, REPLACED)
+    self.save(step, state, meta)
+    self.wait()
+    _on_primary(f"replaced {step}", aside.rmtree)
+
+  def set_aside(self, step: int, suffix: str):
+    """Renames ``checkpoints/<step>`` to ``<step>.<suffix>`` (``-2``, ``-3``... when taken), a
+    name the manager does not read: the step can be saved again and nothing is deleted.
+    Returns the new path."""
+    names = [f"{step}.{suffix}"] + [f"{step}.{suffix}-{n}" for n in range(2, 1000)]
+    target = next(self.directory / n for n in names if not (self.directory / n).exists())
+    _on_primary(f"set aside {step}", lambda: (self.directory / str(step)).rename(target))
+    self.manager.reload()
+    return target
+
+  def _recover_replaced(self) -> None:
+    """Finishes a ``replace`` a kill cut short: the old checkpoint goes when the new one is
+    complete (orbax commits a checkpoint by renaming it into place), else it comes back."""
+    if not self.directory.exists():
+      return
+    for aside in self.directory.glob(f"*.{REPLACED}"):
+      step = self.directory / aside.name.split(".")[0]
+      if step.exists():
+        aside.rmtree()
+      else:
+        aside.rename(step)
 
   def read_meta(self, *, which: str = "latest", step: int | None = None) -> dict[str, Any]:
     """The ``meta`` item of one checkpoint (default: the newest readable one)."""
@@ -145,12 +217,13 @@ class Checkpointer:
 
     Without ``step``, the newest checkpoint (or the best one) is read; one
     that cannot be read is reported through ``on_fallback`` and the previous
-    one is tried (``repair``: the unreadable ones are deleted, so that the run
-    can save those steps again). A checkpoint saved without optimiser state
-    comes back with ``opt_state=None``.
+    one is tried (``repair``: the unreadable ones are set aside as
+    ``<step>.unreadable``, so that the run can save those steps again). A
+    checkpoint saved without optimiser state comes back with ``opt_state=None``.
 
     Raises:
-      CheckpointMismatchError: naming the differing model fields.
+      CheckpointMismatchError: naming the differing model fields;
+        ``StateStructureError``: a state of another tree (optimiser, loss terms).
       CheckpointError: no readable checkpoint.
       FileNotFoundError: no checkpoint in the workdir.
     """
@@ -169,11 +242,15 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
         broken.append((step, first_line(e)))
         if on_fallback is not None:
-          on_fallback(f"checkpoint {self.directory}/{step} is unreadable ({first_line(e)})")
+          on_fallback(f"checkpoint {self.directory}/{step} is unreadable ({first_line(e)}); "
+                      "falling back to the one before")
         continue
       if broken and repair:
         for bad, _ in broken:
-          self.manager.delete(bad)
+          kept = self.set_aside(bad, UNREADABLE)
+          if on_fallback is not None:
+            on_fallback(f"checkpoint {self.directory}/{bad} is kept as {kept}, unread: the "
+                        f"run saves step {bad} again")
       return restored
     raise CheckpointError(f"no readable checkpoint under {self.directory}: " + "; ".join(
         f"{number}: {cause}" for number, cause in broken))
@@ -212,10 +289,16 @@ class Checkpointer:
       abstract_state = abstract_state.replace(opt_state=None)
     if meta.get("format", 1) < FORMAT:
       return self._restore_format_1(step, abstract_state), meta
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state, restore_args=(
-            ocp.checkpoint_utils.construct_restore_args(abstract_state))),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(abstract_state, restore_args=(
+              ocp.checkpoint_utils.construct_restore_args(abstract_state))),
+          meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # an intact checkpoint of another state: not a broken file
+      if "tree structures do not match" not in str(e):
+        raise
+      raise StateStructureError(f"{self.directory}/{step}", first_line(e).rstrip(":"),
+                                meta) from e
     return restored["state"], restored["meta"]
 
   def _restore_format_1(self, step: int, abstract_state):

@@ -27,6 +27,7 @@ Rule = tuple[Callable[[Any], bool], str]  # (accepts(value), what is accepted)
 # The averages a run may select its best checkpoint on: the paper's protocol (each item
 # embedded with its partner) or the deployable one (each modality alone).
 SELECTION_METRICS = ("map_average", "unimodal_map_average")
+SELECTION_MODES = ("auto", "max", "min")
 SELECTION_SPLITS = ("validation", "test", "last")  # validation falls back to test when none is
 # carved; last: no selection, the final state is the best (a refit on train + validation)
 ID_FORMS = ("ce", "paper")  # losses.identity_loss
@@ -268,6 +269,9 @@ def fields() -> tuple[Field, ...]:
             "last: none, the final state is the best (a refit on train + validation)"),
       Field("selection_metric", "map_average", SELECTION, "map_average (paired) | "
             "unimodal_map_average (each modality alone) | '<eval name>/<metric>'"),
+      Field("selection_mode", "auto", choice(SELECTION_MODES), "max: the highest "
+            "selection_metric is the best, min: the lowest; auto: min for a loss (a metric "
+            "named loss or *_loss), else max"),
       Field("early_stopping_patience", 0, integer(0), "stop after N evaluations in a row "
             "without a strictly lower selection loss; 0: off"),
       Field("eval_batch_size", 1024, None, "global evaluation batch size (a multiple of the "

@@ -255,6 +255,23 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
   assert len(fallback) == 1 and f"{workdir / 'checkpoints' / '12'}" in fallback[0], err
   assert "falling back" in fallback[0] and "resumed from" in err
   assert results["epochs"] == 3 and 18 in _checkpoints(workdir)
+  # The unreadable files are kept aside, under a name the manager does not read.
+  assert (workdir / "checkpoints" / "12.unreadable" / "state").is_dir()
+  assert f"is kept as {workdir / 'checkpoints' / '12.unreadable'}" in err
+
+
+def test_a_resume_with_a_state_of_another_structure_names_the_change_and_deletes_nothing(
+    tmp_path):
+  """Clipping adds a transformation to the optimiser, so its state: the intact checkpoint is
+  refused (not taken for a broken file, set aside and trained again)."""
+  workdir = tmp_path / "run"
+  _run(tiny_config(num_epochs=1, keep_checkpoints=2), workdir)
+  clipped = tiny_config(num_epochs=2, keep_checkpoints=2)
+  clipped.optim.grad_clip_norm = 1.0
+  with pytest.raises(run_lib.ResumeMismatchError, match=r"cannot resume .*checkpoints/6: its "
+                     r"state has another structure .*optim.grad_clip_norm 0.0 -> 1.0"):
+    _run(clipped, workdir)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6"]
 
 
 def test_garbage_checkpoint_metadata_is_named(tmp_path):

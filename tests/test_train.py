@@ -583,6 +583,22 @@ def test_early_stopping_after_evaluations_without_a_lower_loss(tmp_path, monkeyp
   assert [r["epoch"] for r in evaluated] == [1, 2, 3, 3]
   assert ["unimodal_map_average" in r for r in evaluated] == [False, False, False, True]
   assert results["final"]["test"]["unimodal_map_average"] == evaluated[-1]["unimodal_map_average"]
+  # The stop is part of the run: a rerun into the workdir trains no further.
+  again = train.train_and_evaluate(config, str(workdir))
+  assert again["stopped_early"] and (again["epochs"], again["steps"]) == (3, results["steps"])
+  assert again["final"] == results["final"] and again["best"] == results["best"]
+
+
+def test_a_loss_selects_its_lowest_value(tmp_path):
+  config = tiny_config(**{"selection_metric": "test/loss", "eval_every_epochs": 1,
+                          "num_epochs": 3})
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["selection_mode"] == results["best"]["mode"] == "min"  # auto: a loss
+  evaluated = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  losses = {r["step"]: r["loss"] for r in evaluated if r["split"] == "test"}
+  assert len(set(losses.values())) == 3, losses
+  best_step = min(losses, key=losses.get)
+  assert (results["best"]["step"], results["best"]["value"]) == (best_step, losses[best_step])
 
 
 @pytest.mark.parametrize("missing_partner", ["self", "mean"])

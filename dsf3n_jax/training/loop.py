@@ -56,7 +56,12 @@ from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax import config_check, input_pipeline
 from dsf3n_jax import evaluators as evaluators_lib
-from dsf3n_jax.checkpoints import Checkpointer, abstract_like, best_checkpoint
+from dsf3n_jax.checkpoints import (
+    Checkpointer,
+    StateStructureError,
+    abstract_like,
+    best_checkpoint,
+)
 from dsf3n_jax.training import actions as actions_lib
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
@@ -205,10 +210,11 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
   abstract = jax.eval_shape(functools.partial(
       init_state, run.model, run.tx, seed=config.seed, num_classes=run.sources.num_classes,
       loss_terms=config.loss.terms))
-  state, meta = checkpointer.restore(abstract_like(abstract, run.mesh),
-                                     model_config=run.mcfg,
-                                     on_fallback=lambda msg: log("%s; falling back", msg),
-                                     repair=True)
+  try:
+    state, meta = checkpointer.restore(abstract_like(abstract, run.mesh),
+                                       model_config=run.mcfg, on_fallback=log, repair=True)
+  except StateStructureError as e:
+    raise _structure_mismatch(run, e) from e
   where = f"{checkpointer.directory}/{meta.get('checkpoint', meta['epoch'])}"
   if not config.get("allow_resume_mismatch", False):
     run_lib.check_resume(meta, fingerprint=run.fingerprint, loss=config.loss.to_dict(),
@@ -223,6 +229,22 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
         state.trainable))
   log("resumed from %s at %s", where, _where(meta["step"], run.steps_per_epoch))
   return state, meta, True
+
+
+def _structure_mismatch(run: run_lib.Run, error: StateStructureError) -> Exception:
+  """Why a checkpoint's state does not fit the config's, as far as its records say."""
+  saved, config, where = error.meta, run.config, error.path
+  if not config.get("allow_resume_mismatch", False):
+    run_lib.check_resume(saved, fingerprint=run.fingerprint, loss=config.loss.to_dict(),
+                         where=where)  # a changed loss is said as such
+  changed = run_lib.check_schedule(saved.get("schedule"), config, where=where)
+  return run_lib.ResumeMismatchError(
+      f"cannot resume {where}: its state has another structure than the config makes "
+      f"({error.cause}); changed since it was saved: "
+      f"{'; '.join(changed) or 'no setting the checkpoint records'} (an optimiser "
+      "transformation added or removed, e.g. by optim.grad_clip_norm or optim.weight_decay, "
+      "or a loss term with parameters, changes the state; the checkpoint's settings resume "
+      "it, a new --workdir starts afresh)")
 
 
 def _where(step: int, steps_per_epoch: int) -> str:
@@ -423,10 +445,12 @@ class Loop:
     if run.metric not in chosen:
       raise KeyError(f"config.selection_metric: evaluator {run.selection!r} reports no "
                      f"{run.metric!r} (it reports {', '.join(sorted(chosen))})")
-    if meta["best"] is None or chosen[run.metric] > meta["best"]["value"]:
+    value = chosen[run.metric]
+    if meta["best"] is None or (value > meta["best"]["value"] if run.mode == "max"
+                                else value < meta["best"]["value"]):
       meta["best"] = {"epoch": step // run.steps_per_epoch, "step": step, "checkpoint": step,
-                      "selected_on": run.selection, "metric": run.metric,
-                      "value": chosen[run.metric], **self.last_evals}
+                      "selected_on": run.selection, "metric": run.metric, "mode": run.mode,
+                      "value": value, **self.last_evals}
       self.new_best = True
     patience = self.config.early_stopping_patience
     if not patience:
@@ -449,17 +473,18 @@ class Loop:
     last = _last_intact(self.checkpointer)
     return f"last good checkpoint: {last}{' (kept)' if last != 'none' else ''}"
 
-  def save(self, step: int) -> None:
-    """Saves ``checkpoints/<step>`` (marked best at a new best); the state must be finite."""
+  def save(self, step: int, *, replace: bool = False) -> None:
+    """Saves ``checkpoints/<step>`` (``replace``: in place of the one there, and waits); the
+    state must be finite."""
     self.checkpointer.check_for_errors()
     if not bool(_state_is_finite(self.state)):
       raise FloatingPointError(
           f"non-finite parameters or optimiser state after {_where(step, self.run.steps_per_epoch)}"
           f"; this state is not saved; {self._last_good()}")
-    self.checkpointer.save(step, self.state, {
-        **self.meta, "checkpoint": step, "model": self.run.mcfg, "data": self.run.fingerprint,
-        "loss": self.config.loss.to_dict(), "schedule": run_lib.schedule_record(self.config)},
-        best=self.new_best)
+    meta = {**self.meta, "checkpoint": step, "model": self.run.mcfg,
+            "data": self.run.fingerprint, "loss": self.config.loss.to_dict(),
+            "schedule": run_lib.schedule_record(self.config)}
+    (self.checkpointer.replace if replace else self.checkpointer.save)(step, self.state, meta)
     self.saved_at = step
 
   def _repair_best(self) -> None:
@@ -473,9 +498,7 @@ class Loop:
         else f"epoch {best['epoch']}", _where(step, self.run.steps_per_epoch))
     self.meta["best"] = None
     self._at_boundary(step, only=[*self.evaluations, actions_lib.SelectBest()])
-    self.checkpointer.manager.delete(step)
-    self.save(step)
-    self.checkpointer.wait()
+    self.save(step, replace=True)
 
   # -- the run -------------------------------------------------------------------------------
 
@@ -497,6 +520,9 @@ class Loop:
     config, run = self.config, self.run
     self.state, self.meta = state, meta
     self.meta.setdefault("epoch_metrics", {"count": 0, "sums": {}})
+    # A run that stopped early (and was preempted or rerun after) stays stopped.
+    patience = config.early_stopping_patience
+    self.stopping = bool(patience) and meta.get("evals_without_improvement", 0) >= patience
     self._start_data()
     self._repair_best()
     log("training %s on %d device(s) of %d process(es): %d examples, %d steps/epoch, %d epochs",
@@ -551,7 +577,8 @@ class Loop:
     return {
         "dataset": self.run.sources.name, "epochs": meta["epoch"], "steps": meta["step"],
         "final": final_eval, "best": meta["best"], "selected_on": self.run.selection,
-        "selection_metric": self.run.metric, "stopped_early": bool(self.stopping),
+        "selection_metric": self.run.metric, "selection_mode": self.run.mode,
+        "stopped_early": bool(self.stopping),
         "wall_time_s": time.time() - start_time, "train_time_s": self.train_time,
         "samples_per_second": (self.trained_steps * config.batch_size / self.train_time
                                if self.train_time else None),

@@ -49,9 +49,7 @@ def restore_model(workdir, *, which: str = "latest"):
     abstract = abstract_like(jax.eval_shape(lambda: init_state(
         model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"],
         loss_terms=config.loss.terms)), make_mesh())
-    state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg,
-                                    on_fallback=lambda msg: log("%s; reading the one before",
-                                                                 msg))
+    state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg, on_fallback=log)
   finally:
     checkpointer.close()
   return model, jax.device_get(state.variables), config
@@ -99,7 +97,7 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
     meta = {**new_meta(), "model": mcfg}
     if best is not None:
       meta["best"] = {"epoch": 0, "step": 0, "checkpoint": 0, **best}
-    checkpointer.save(0, state, meta, best=best is not None)
+    checkpointer.save(0, state, meta)
     checkpointer.wait()
   finally:
     checkpointer.close()

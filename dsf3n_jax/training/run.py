@@ -52,6 +52,11 @@ class Run:
     return self.loss_fn or losses.loss_from_config(self.config.loss)
 
   @property
+  def mode(self) -> str:
+    """``"max"`` or ``"min"``: the best value of ``metric`` (``selection_mode_of``)."""
+    return selection_mode_of(self.config, self.metric)
+
+  @property
   def is_main(self) -> bool:
     return jax.process_index() == 0
 
@@ -214,6 +219,15 @@ def selection_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
     name, metric = metric.split("/", 1)
     return name, metric
   return config.get("selection_split", "validation"), metric
+
+
+def selection_mode_of(config: ml_collections.ConfigDict, metric: str) -> str:
+  """``"max"`` or ``"min"``: whether the highest or the lowest ``metric`` (``selection_of``'s)
+  is the best. ``config.selection_mode="auto"``: min for a loss (``loss``, ``*_loss``)."""
+  mode = config.get("selection_mode", "auto")
+  if mode == "auto":
+    return "min" if metric == "loss" or metric.endswith("_loss") else "max"
+  return mode
 
 
 def _mapped(model):

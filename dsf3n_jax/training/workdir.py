@@ -261,7 +261,8 @@ class MetricWriter:
   """``metrics.jsonl`` and TensorBoard; only process 0 writes files.
 
   On resume, ``metrics.jsonl`` is cut back to the restored step so that it
-  never holds records of steps that are replayed.
+  never holds records of steps that are replayed, and TensorBoard purges their
+  events (``purge_step``).
   """
 
   def __init__(self, workdir, *, resume_step: int | None):
@@ -279,7 +280,9 @@ class MetricWriter:
     tensorboard = epath.Path(workdir) / "tensorboard"
     if not _is_local(tensorboard):
       _register_tensorboard_scheme(os.fspath(tensorboard).split("://", 1)[0])
-    self.tb = _import_tensorboardx().SummaryWriter(os.fspath(tensorboard))
+    # TensorBoard hides the events of the replayed steps as the file above drops them.
+    self.tb = _import_tensorboardx().SummaryWriter(
+        os.fspath(tensorboard), purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
     if not self.active:
