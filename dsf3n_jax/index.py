@@ -104,10 +104,9 @@ class RunModel:
 
   def standardization(self, modality: str):
     """``(mean, std)`` of the run's train features when it standardises them, else None."""
-    if self.config.data.get("normalize", "none") != "standardize":
-      return None
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-    return train.load_data(self.config).train.stats[modality]
+    stats = train.feature_stats(self.config)
+    return None if stats is None else stats[modality]
 
   def embedder(self, modality: str, *, batch_size: int = 1024) -> Callable[[np.ndarray],
                                                                           np.ndarray]:
@@ -247,7 +246,8 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
                    f"--tfds={tfds} ({split})", _split(sources, split, f"--tfds={tfds}"),
                    modality)
   from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-  sources = train.load_data(run.config)  # the run's own data, as it saw it (normalised)
+  # The run's own data as stored: the embedder standardises it as the run did.
+  sources = train.load_data(run.config, normalize=False)
   return Library(None, None, None, {"run": run.workdir, "split": split},
                  f"the run's {split} split", _split(sources, split, "the run's dataset"),
                  modality)
@@ -263,9 +263,11 @@ def _split(sources, split: str, where: str):
 
 
 def _is_paired(path: pathlib.Path) -> bool:
+  """A paired-feature file (labels ``lab_<split>`` beside the features), not one array of
+  features (whatever its name, e.g. ``visual_features``) with optional ids and labels."""
   from dsf3n_jax.datasets import validation  # pylint: disable=g-import-not-at-top
   with validation.open_npz(path) as f:
-    return any(k.startswith(("visual_", "audio_")) for k in f.files)
+    return any(k.startswith("lab_") for k in f.files)
 
 
 # -- building ----------------------------------------------------------------------------------

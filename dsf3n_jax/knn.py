@@ -99,7 +99,9 @@ class Library:
     n = len(queries)
     fn = _search_fn(self.mesh, k=int(k), block=self.block, count=self.count,
                     distance=self.distance, approximate=bool(approximate), precision=precision)
-    qb = max(1, min(int(query_block), n))
+    # At least MIN_QUERY_BLOCK rows (padded): XLA compiles a one-row product otherwise (a
+    # matrix-vector kernel) and rounds a query alone one ulp off the same query in a batch.
+    qb = max(1, min(int(query_block), max(n, map_kernel.MIN_QUERY_BLOCK)))
     replicated = NamedSharding(self.mesh, P())
     outs = []
     for lo in range(0, n, qb):  # dispatched ahead: the host pads the next block meanwhile
@@ -122,6 +124,9 @@ def _search_fn(mesh: Mesh, *, k: int, block: int, count: int, distance: str,
                approximate: bool, precision: str):
   """``(queries, items, sq_norms) -> (ids, scores)``: one compiled program per shape."""
   precision = jax.lax.Precision[precision.upper()] if isinstance(precision, str) else precision
+  # XLA:CPU computes approx_max_k as an exact top-k whose ties fall in no set order: the
+  # exact search is the same work there, ties by the lower row.
+  approximate = approximate and mesh.devices.flat[0].platform != "cpu"
 
   def local(q, items, norms):
     per_device = items.shape[0]

@@ -22,6 +22,11 @@ _INT64_MAX = np.iinfo(np.int64).max
 _EPS = 1e-12
 
 
+# Queries per block at least (padded), in the metric and in search: XLA compiles a one-row
+# product as a matrix-vector kernel, which rounds some distances one ulp off the batched one.
+MIN_QUERY_BLOCK = 8
+
+
 def pairwise_distances(queries: jax.Array, items: jax.Array, *,
                        distance: Distance = "cosine") -> jax.Array:
   """Distances between every query and every item, in float32.
@@ -36,8 +41,9 @@ def pairwise_distances(queries: jax.Array, items: jax.Array, *,
   """
   q = jnp.asarray(queries, jnp.float32)
   x = jnp.asarray(items, jnp.float32)
-  # The raw dot product is scaled afterwards, elementwise: exact for small
-  # integer data, and independent of how queries are blocked.
+  # The raw dot product is scaled afterwards, elementwise: exact dot products for small
+  # integer data (the norms round; a block of one query can round them apart, so blocks
+  # have MIN_QUERY_BLOCK rows at least).
   dots = jnp.matmul(q, x.T, precision=jax.lax.Precision.HIGHEST)
   if distance == "cosine":
     qn = jnp.maximum(jnp.linalg.norm(q, axis=-1), _EPS)

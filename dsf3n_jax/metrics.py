@@ -116,7 +116,9 @@ def ranking_stats(queries, items, query_labels, item_labels, *, distance: Distan
     return QueryStats(empty, empty, empty, cutoff)
   table, dense_query_labels, dense_item_labels, absent = _class_table(query_labels, item_labels)
   shards = 1 if mesh is None else mesh.shape[DATA_AXIS]
-  block_size = min(block_size, -(-n // shards))
+  # Not below knn's minimum when there are fewer queries: a one-row block compiles to a
+  # matrix-vector product, which rounds one ulp off the batched one (near-ties move).
+  block_size = min(block_size, max(-(-n // shards), map_kernel.MIN_QUERY_BLOCK))
   chunk = block_size * shards
   pad = -(-n // chunk) * chunk - n
   queries = np.pad(queries, ((0, pad), (0, 0)))
@@ -142,6 +144,11 @@ def _checked(queries, items, query_labels, item_labels, *, k, block_size, strate
   if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
     raise ValueError(f"queries and items: expected (n, d) and (m, d) with the same d, got "
                      f"{queries.shape} and {items.shape}")
+  for name, x in (("queries", queries), ("items", items)):
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      raise ValueError(f"{name}: row {int(np.argmax(bad))} is not finite (rows with NaN or "
+                       f"Inf: {int(bad.sum())}); expected finite embeddings")
   n, m = queries.shape[0], items.shape[0]
   if m == 0 or m >= 2**31:
     raise ValueError(f"items: expected 1 <= m < 2**31 rows, got {m}")

@@ -333,6 +333,11 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     source = f"--variables={variables}"
   check_missing_partner(model, model_vars, source=source)
   visual, audio, labels = load_split(data, split)
+  if workdir:  # the file's features as the run's own were standardised for training
+    stats = train.feature_stats(config)
+    if stats is not None:
+      visual, audio = ((x - stats[k][0]) / stats[k][1] for x, k in ((visual, "visual"),
+                                                                     (audio, "audio")))
   check_rows(len(labels))
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size,
                      protocol=protocol)
@@ -348,18 +353,20 @@ def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = No
       protocol=args.protocol, check_rows=check_rows)
 
 
-def run_split(config, split: str = "test") -> dict[str, np.ndarray]:
+def run_split(config, split: str = "test", *, normalize: bool = True) -> dict[str, np.ndarray]:
   """A split of a training run's dataset, as the run saw it (``train.load_data``).
 
   Args:
     config: the run's config (``train.restore_model``'s third output).
     split: "train", "validation" or "test".
+    normalize: False: the features as stored, not as the run standardised them (for a
+      model that standardises its inputs itself, e.g. ``index.RunModel``'s embedder).
 
   Returns:
     ``{"visual", "audio", "label", "index"}`` numpy arrays.
   """
   from dsf3n_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
-  sources = train.load_data(config)
+  sources = train.load_data(config, normalize=normalize)
   source = {"train": sources.train, "validation": sources.validation,
             "test": sources.test}.get(split)
   if source is None:

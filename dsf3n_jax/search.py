@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     if not args.workdir:
       raise cli.UsageError("--rows: needs --workdir, the run that built the index")
     from dsf3n_jax import retrieval, train  # pylint: disable=g-import-not-at-top
-    arrays = retrieval.run_split(train.restore_model(args.workdir)[2], args.split)
+    arrays = retrieval.run_split(train.restore_model(args.workdir)[2], args.split,
+                                 normalize=False)  # embed_queries standardises as the run did
     features = arrays[index_lib.other(index.modality)]
     try:
       rows = [int(r) for r in args.rows.split(",")]

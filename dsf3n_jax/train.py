@@ -23,7 +23,7 @@ from dsf3n_jax.config_schema import SELECTION_METRICS
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
 from dsf3n_jax.training.loop import train_and_evaluate
 from dsf3n_jax.training.restore import default_config, restore_model, save_variables_as_run
-from dsf3n_jax.training.run import load_data, make_mesh, resolve_on_device
+from dsf3n_jax.training.run import feature_stats, load_data, make_mesh, resolve_on_device
 from dsf3n_jax.training.state import (
     MODEL_FIELDS,
     TrainState,
@@ -51,7 +51,8 @@ from dsf3n_jax.training.workdir import format_results
 
 __all__ = [
     "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "PROTOCOL_KEYS", "SELECTION_METRICS", "TrainState",
-    "build_model", "build_optimizer", "default_config", "embed_split", "evaluate", "format_results",
+    "build_model", "build_optimizer", "default_config", "embed_split", "evaluate", "feature_stats",
+    "format_results",
     "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_init_fn",
     "make_mesh", "make_train_epoch", "make_train_step", "model_config", "per_device_step",
     "resolve_on_device", "restore_model", "run_steps", "save_variables_as_run", "scale_by_adam",

@@ -180,6 +180,13 @@ def test_bad_inputs_name_the_argument():
     metrics.mean_average_precision(q, x, ql, il, strategy="fast")
   with pytest.raises(ValueError, match="k"):
     metrics.precision_at_k(q, x, ql, il, k=0)
+  for name, at in (("items", 4), ("queries", 2)):  # a NaN is an error, not a score
+    q_bad, x_bad = q.copy(), x.copy()
+    {"items": x_bad, "queries": q_bad}[name][at, 1] = np.nan
+    with pytest.raises(ValueError, match=rf"^{name}: row {at} is not finite"):
+      metrics.mean_average_precision(q_bad, x_bad, ql, il)
+  with pytest.raises(ValueError, match=r"^items: row 0 is not finite .*rows with NaN or Inf: 6"):
+    metrics.cross_modal_map(np.full_like(x, np.nan), x[:, :8], il)
 
 
 def test_real_data_raw_features(fsdd_path):

@@ -11,6 +11,7 @@ import pytest
 from dsf3n_jax import cli, knn, metrics, retrieval, train
 from dsf3n_jax import index as index_lib
 from dsf3n_jax import search as search_lib
+from dsf3n_jax.datasets.synthetic import generate_synthetic
 from tests.test_distributed import env, free_port
 from tests.test_train import REPO, mesh_of, tiny_config
 
@@ -47,6 +48,18 @@ def test_the_kernel_gives_a_float32_brute_force_ties_included(devices):
       rows, scores = library.search(queries, 10, query_block=16, approximate=approximate)
       np.testing.assert_array_equal(rows, ref_rows)
       np.testing.assert_array_equal(scores, ref_scores)
+  # A query alone (padded to a block of 8) ranks as in a batch, near-ties included; so does
+  # --approximate on CPU, ties by the lower row.
+  small = rng.integers(-2, 3, size=(38, 3)).astype(np.float32)
+  q = rng.integers(-2, 3, size=(34, 3)).astype(np.float32)
+  library = knn.Library.put(small, mesh=mesh_of(devices))
+  batch, _ = library.search(q, 10)
+  for i in range(len(q)):
+    np.testing.assert_array_equal(library.search(q[i:i + 1], 10)[0][0], batch[i], err_msg=i)
+  np.testing.assert_array_equal(library.search(q, 10, approximate=True)[0], batch)
+  tied = knn.Library.put(np.array([[1], [2], [-1], [1], [2], [0], [1]], np.float32),
+                         mesh=mesh_of(devices), block=7)
+  assert tied.search(np.ones((1, 1), np.float32), 1, approximate=True)[0].tolist() == [[0]]
   gaussian = rng.normal(size=(500, 24)).astype(np.float32)
   q = rng.normal(size=(9, 24)).astype(np.float32)
   ref_rows, ref = brute_force(q, gaussian, 5, "euclidean")
@@ -63,11 +76,24 @@ SHARES_RUN = pytest.mark.xdist_group("search_run")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A tiny trained run (1 epoch) and its test split."""
-  workdir = tmp_path_factory.mktemp("search") / "run"
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))
+  """A tiny trained run (1 epoch) that standardises its features, and its test split as the
+  run saw it: ``split["visual"]``... standardised, ``split["raw_visual"]``... as stored (what
+  a user's new queries and libraries are)."""
+  root = tmp_path_factory.mktemp("search")
+  workdir = root / "run"
+  # Features far from standardised (the synthetic generator's are near it already).
+  arrays = generate_synthetic(num_train=96, num_test=40, num_classes=5, seed=0)
+  np.savez(root / "pairs.npz", **{k: v * 3 + 5 if k.startswith(("visual_", "audio_")) else v
+                                  for k, v in arrays.items()})
+  train.train_and_evaluate(tiny_config(num_epochs=1, **{
+      "data.name": "paired_features", "data.path": str(root / "pairs.npz"),
+      "data.data_dir": str(root / "tfds"), "data.normalize": "standardize"}), str(workdir))
   model, variables, config = train.restore_model(str(workdir))
-  return workdir, model, variables, retrieval.run_split(config, "test")
+  split = retrieval.run_split(config, "test")
+  raw = retrieval.run_split(config, "test", normalize=False)
+  assert not np.allclose(raw["visual"], split["visual"])
+  return workdir, model, variables, {**split, "raw_visual": raw["visual"],
+                                     "raw_audio": raw["audio"]}
 
 
 def _index(*argv):
@@ -87,8 +113,9 @@ def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
   alone = retrieval.embed_split(model, variables, split["visual"], split["audio"],
                                 protocol="unimodal")
   np.testing.assert_allclose(index.embeddings, alone.emb_visual, rtol=1e-5, atol=1e-6)
-  # New audio queries, embedded by the same run: the ids of a brute force over the library.
-  np.save(tmp_path / "audio.npy", split["audio"][:5])
+  # New audio queries (features as stored), embedded by the same run as it embedded its own:
+  # the ids of a brute force over the library.
+  np.save(tmp_path / "audio.npy", split["raw_audio"][:5])
   capsys.readouterr()
   assert search_lib.main([f"--index={tmp_path / 'a'}", f"--queries={tmp_path / 'audio.npy'}",
                           f"--workdir={workdir}", "--k=4", "--json"]) == 0
@@ -103,7 +130,7 @@ def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
 
   # A features-only file of one modality, no labels; ids given in the file.
   ids = np.arange(100, 140)
-  np.savez(tmp_path / "visual.npz", features=split["visual"], ids=ids)
+  np.savez(tmp_path / "visual.npz", visual_features=split["raw_visual"], ids=ids)
   assert _index(f"--workdir={workdir}", "--modality=visual", f"--out={tmp_path / 'b'}",
                 f"--source={tmp_path / 'visual.npz'}") == 0
   other = search_lib.Index.load(tmp_path / "b")
@@ -123,6 +150,18 @@ def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
   given = search_lib.Index.load(tmp_path / "c")
   assert given.manifest["fingerprint"] is None and given.manifest["protocol"] == "given"
   np.testing.assert_array_equal(given.search(alone.emb_audio[:5], 4).rows, ref_rows)
+
+  # retrieve's --workdir with --data: a file's features standardised as the run's own were.
+  config = train.restore_model(str(workdir))[2]
+  sources = train.load_data(config, normalize=False)
+  arrays = {f"{field}_{name}": retrieval.run_split(config, name, normalize=False)[key]
+            for name in ("train", "test")
+            for field, key in (("visual", "visual"), ("audio", "audio"), ("lab", "label"))}
+  assert len(arrays["lab_train"]) == len(sources.train)
+  np.savez(tmp_path / "pairs.npz", **arrays)
+  from_file = retrieval.embeddings_from_args(workdir=str(workdir), data=tmp_path / "pairs.npz")
+  np.testing.assert_allclose(from_file.emb_visual, alone.emb_visual, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(from_file.emb_audio, alone.emb_audio, rtol=1e-5, atol=1e-6)
 
 
 @SHARES_RUN

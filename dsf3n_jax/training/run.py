@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 from jax.sharding import Mesh
@@ -61,20 +62,33 @@ class Run:
     return jax.process_index() == 0
 
 
-def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Sources:
-  """The run's sources, checked against the model config."""
+def load_data(config: ml_collections.ConfigDict, *,
+              normalize: bool = True) -> input_pipeline.Sources:
+  """The run's sources, checked against the model config: normalised as ``config.data``
+  says (``normalize=False``: the features as stored, e.g. for a model that standardises
+  them itself, ``feature_stats``)."""
   d = config.data
   sources = input_pipeline.load_sources(
       d.name, data_dir=d.data_dir or None, path=d.path or None,
       num_classes=d.num_classes or None, visual_dim=config.model.visual_dim or None,
       audio_dim=config.model.audio_dim or None, validation_fraction=d.validation_fraction,
       validation_seed=d.validation_seed, synthetic=dict(d.synthetic))
-  if d.normalize == "standardize":
-    sources = input_pipeline.standardize(sources)
-  elif d.normalize != "none":
+  if d.normalize not in ("none", "standardize"):
     raise ValueError(f"config.data.normalize: expected 'none' or 'standardize', got "
                      f"{d.normalize!r}")
+  if normalize and d.normalize == "standardize":
+    sources = input_pipeline.standardize(sources)
   return sources
+
+
+def feature_stats(config: ml_collections.ConfigDict
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+  """``{"visual": (mean, std), "audio": ...}`` of the run's train split, which its model was
+  trained on features standardised with (``data.normalize="standardize"``); None when it
+  was not. Features of the same kind from elsewhere must be standardised with these."""
+  if config.data.get("normalize", "none") != "standardize":
+    return None
+  return load_data(config).train.stats
 
 
 def data_fingerprint(config: ml_collections.ConfigDict,
