@@ -194,6 +194,32 @@ def apply_overrides(base: ml_collections.ConfigDict,
   return config
 
 
+# What defines the splits a configuration is selected and scored on.
+SPLIT_FIELDS = ("name", "path", "validation_fraction", "validation_seed", "synthetic")
+
+
+def _check_comparable(configs: Sequence[ml_collections.ConfigDict],
+                      overrides: Sequence[Mapping[str, Any]]) -> None:
+  """The configurations are chosen between on one validation split, each with ``--seeds``: a
+  sweep of the seed, or of the data that makes the splits, is refused."""
+  for i, o in enumerate(overrides):
+    if "seed" in o:
+      raise ValueError(f"--sweep: seed (configuration {i}): every configuration trains each "
+                       "seed of --seeds; give the seeds there")
+  def splits(config):
+    return {k: json.loads(json.dumps(config.data[k].to_dict() if k == "synthetic"
+                                     else config.data[k])) for k in SPLIT_FIELDS}
+  first = splits(configs[0])
+  for i, config in enumerate(configs[1:], 1):
+    differ = [k for k, v in splits(config).items() if v != first[k]]
+    if differ:
+      raise ValueError(
+          f"--sweep: configuration {i} ({_label(overrides[i])}) changes data.{differ[0]} "
+          f"({first[differ[0]]!r} in configuration 0, {splits(config)[differ[0]]!r} here): "
+          "configurations are compared on one validation split (and test), so the data and "
+          "its carve are the same for all; sweep them in separate sweeps")
+
+
 @dataclasses.dataclass
 class Group:
   """Configurations that train as one program, each with every seed."""
@@ -365,6 +391,7 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
   if not overrides:
     raise ValueError("--sweep: no configurations")
   configs = [apply_overrides(base, o) for o in overrides]
+  _check_comparable(configs, overrides)
   import jax
   for i, config in enumerate(configs):
     try:

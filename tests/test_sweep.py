@@ -106,6 +106,18 @@ def test_sweep_specs_and_their_errors(tmp_path):
   # A loss term may be added; any other new key is refused.
   assert sweep.apply_overrides(_base(), {"loss.terms.distill_pair": 0.0}).loss.terms[
       "distill_pair"] == 0.0
+  # Configurations compete on one validation split, each with every seed: refused before
+  # anything trains.
+  for spec, match in (("seed=1,2", r"--sweep: seed \(configuration 0\): every configuration "
+                                   r"trains each seed of --seeds"),
+                      ("data.validation_fraction=0.0,0.25",
+                       r"configuration 1 \(data.validation_fraction=0.25\) changes "
+                       r"data.validation_fraction \(0.0 in configuration 0, 0.25 here\)"),
+                      ("data.synthetic.num_train=96,80", r"changes data.synthetic")):
+    with pytest.raises(ValueError, match=match):
+      sweep.run_sweep(_base(), sweep.parse_sweep(spec), [0], str(tmp_path / "refused"),
+                      log=lambda m: None)
+  assert not (tmp_path / "refused").exists()
 
 
 def test_distillation_pulls_the_alone_embeddings_and_not_the_teacher():
