@@ -23,7 +23,9 @@ Command line::
 
 ``--to_torch RUN_DIR`` exports a training run (its best checkpoint by default) as a
 ``.pth`` that the original's ``CrossModal_NN`` loads with ``strict=True``, every
-BatchNorm's ``num_batches_tracked`` the checkpoint's step.
+BatchNorm's ``num_batches_tracked`` the checkpoint's step, and writes the model's
+sizes beside it (``out.model_config.json``: the stem's stride and padding are not in
+the weights' shapes); converting ``out.pth`` back reads them (``--model_config``).
 
 The default writes ``out_dir`` as a training workdir: ``config.json`` and the
 weights as the orbax checkpoint ``out_dir/checkpoints/0`` (``train.restore_model``,
@@ -132,14 +134,16 @@ def _write_npz(variables: Mapping[str, Any], out_dir: pathlib.Path,
 
 def _write_orbax(variables: Mapping[str, Any], out_dir: pathlib.Path,
                  model_fields: Mapping[str, Any]) -> pathlib.Path:
-  """A training workdir (config.json + orbax checkpoint at epoch 0)."""
+  """A training workdir (config.json + orbax checkpoint 0, its best: the only one)."""
   from dsf3n_jax import train
 
   config = train.default_config()
   for key, value in model_fields.items():
     if key in config.model:
       config.model[key] = value
-  return pathlib.Path(train.save_variables_as_run(str(out_dir), variables, config=config))
+  return pathlib.Path(train.save_variables_as_run(
+      str(out_dir), variables, config=config,
+      best={"selected_on": "last", "metric": "step", "value": 0.0, "converted": True}))
 
 
 # Output formats of the torch -> flax direction.
@@ -149,16 +153,51 @@ WRITERS: dict[str, Callable[..., pathlib.Path]] = {
 }
 
 
-def _fields_from_args(args: argparse.Namespace) -> dict[str, Any]:
-  """The ``DSF3N`` fields the flags describe (``--no_mfa``: MFA applied 0 times)."""
-  return dict(kernel_sizes=list(args.kernel_sizes),
-              fusion_kw=dict(num_stages=0 if args.no_mfa else 2, variant=args.mfa_variant))
+# The fields of ``DSF3N`` a state dict's shapes follow (the original's network has them as
+# constructor arguments); ``--to_torch`` writes them beside the .pth (``fields_path``).
+TORCH_FIELDS = ("visual_dim", "audio_dim", "encoder_features", "kernel_sizes", "stem_features",
+                "stem_kernel", "stem_stride", "stem_padding", "branch_features", "fusion_kw",
+                "head_kw", "classifier_kw", "embed_dim")
 
 
-def _run_variables(workdir: pathlib.Path, which: str) -> tuple[dict[str, Any], int]:
-  """The variables of a training run's ``which`` checkpoint and its step; the run's model
-  must be the reference composition (``check_reference_model``)."""
+def fields_path(pth: pathlib.Path) -> pathlib.Path:
+  """``x.pth`` -> ``x.model_config.json``: the model fields ``--to_torch`` writes beside a
+  .pth and the other direction reads back."""
+  return pth.with_name(pth.stem + ".model_config.json")
+
+
+def _fields_from_args(args: argparse.Namespace, src: pathlib.Path) -> dict[str, Any]:
+  """The ``DSF3N`` fields of ``src``: ``--model_config`` (or the file ``--to_torch`` wrote
+  beside it), then the flags given (``--no_mfa``: MFA applied 0 times)."""
+  path = pathlib.Path(args.model_config) if args.model_config else fields_path(src)
+  fields: dict[str, Any] = {"kernel_sizes": [3, 5, 7],
+                            "fusion_kw": {"num_stages": 2, "variant": "reference"}}
+  if args.model_config or path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"--model_config={path}: not a readable JSON object ({e})") from e
+    saved = saved.get("model", saved) if isinstance(saved, dict) else None  # a config.json
+    if not isinstance(saved, dict):
+      raise ValueError(f"--model_config={path}: expected a JSON object of model fields")
+    fields.update({k: saved[k] for k in (*TORCH_FIELDS, "num_classes") if k in saved})
+  if args.kernel_sizes is not None:
+    fields["kernel_sizes"] = list(args.kernel_sizes)
+  fusion = dict(fields.get("fusion_kw") or {})
+  if args.no_mfa:
+    fusion["num_stages"] = 0
+  if args.mfa_variant is not None:
+    fusion["variant"] = args.mfa_variant
+  fields["fusion_kw"] = fusion
+  return fields
+
+
+def _run_variables(workdir: pathlib.Path, which: str
+                   ) -> tuple[dict[str, Any], int, dict[str, Any]]:
+  """The variables of a training run's ``which`` checkpoint, its step and the model's
+  fields; the run's model must be the reference composition (``check_reference_model``)."""
   from dsf3n_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   model, variables, _ = train.restore_model(str(workdir), which=which)
   check_reference_model(model)
   state = checkpoints.Checkpointer(workdir, read_only=True)
@@ -167,7 +206,7 @@ def _run_variables(workdir: pathlib.Path, which: str) -> tuple[dict[str, Any], i
     step = state.read_meta(step=number).get("step", 0)  # older runs' checkpoints: epochs
   finally:
     state.close()
-  return variables, int(step)
+  return variables, int(step), workdir_lib.read_run_config(workdir)["model"]
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
@@ -197,10 +236,16 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                       "retrieve/visualize read) or npz")
   parser.add_argument("--num_classes", type=int, default=None,
                       help="default: read off the state dict")
-  parser.add_argument("--mfa_variant", default="reference", choices=("reference", "paper"))
+  parser.add_argument("--model_config", default=None,
+                      help="a JSON of the model's fields (a run's config.json or "
+                      "model_config.json); default: X.model_config.json beside X.pth when "
+                      "there (--to_torch writes it), else the reference model; the flags "
+                      "below override it")
+  parser.add_argument("--mfa_variant", default=None, choices=("reference", "paper"))
   parser.add_argument("--no_mfa", action="store_true", help="the ablation without MFA")
   parser.add_argument("--kernel_sizes", type=lambda s: [int(k) for k in s.split(",")],
-                      default=[3, 5, 7], help="comma-separated fine-grained kernel sizes")
+                      default=None, help="comma-separated fine-grained kernel sizes "
+                      "(default 3,5,7)")
   parser.add_argument("--no_strict", action="store_true", help="ignore unexpected torch keys")
   args = parser.parse_args(argv)
 
@@ -210,19 +255,29 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                                                  ".npz, with --to_torch)" if args.to_torch
                                                  else ""))
   if args.to_torch:  # a run's checkpoint (its step) or a variables .npz (0)
-    variables, step = (_run_variables(src, args.checkpoint) if src.is_dir()
-                       else (load_npz(src), 0))
+    if src.is_dir():
+      variables, step, fields = _run_variables(src, args.checkpoint)
+    else:
+      from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
+      variables, step, fields = load_npz(src), 0, retrieval.load_variables(src)[1] or {}
     tracked = step if args.num_batches_tracked is None else args.num_batches_tracked
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_torch_checkpoint(to_torch_state_dict(variables, num_batches_tracked=tracked), dst)
+    fields = {k: fields[k] for k in ("num_classes", *TORCH_FIELDS) if k in fields}
+    if fields:  # what converting the .pth back needs beyond its shapes (the stem's stride)
+      paths.atomic_write(fields_path(dst), json.dumps(fields, indent=2) + "\n")
     return dst
 
   state_dict = load_torch_checkpoint(src)
-  num_classes = args.num_classes or num_classes_of(state_dict)
-  from dsf3n_jax.models import DSF3N  # pylint: disable=g-import-not-at-top
-  fields = _fields_from_args(args)
-  model = DSF3N(num_classes, kernel_sizes=tuple(fields["kernel_sizes"]),
-                fusion_kw=fields["fusion_kw"])
+  fields = _fields_from_args(args, src)
+  num_classes = args.num_classes or fields.pop("num_classes", None) or num_classes_of(
+      state_dict)
+  fields.pop("num_classes", None)
+  from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
+  defaults = {k: v for k, v in registry.model_fields(DSF3N).items()
+              if k in ("kernel_sizes", "branch_features")}
+  model = train.build_model({**defaults, "num_classes": num_classes, **fields}, axis_name=None)
   variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
   dst.mkdir(parents=True, exist_ok=True)
   path = WRITERS[args.format](variables, dst, fields)

@@ -310,6 +310,17 @@ def test_a_trained_run_exports_to_pytorch_scalars_as_scalars_and_converts_back(t
   latest = convert.main(["--to_torch", str(run), str(tmp_path / "latest.pth"), "--checkpoint",
                          "latest"])
   assert latest.exists()
+  # Back by the command line: the sizes the shapes do not hold (a tiny model's stem stride)
+  # come from the file written beside the .pth; the converted run exports again by default.
+  sizes = json.loads(convert.fields_path(pth).read_text())
+  assert sizes["stem_stride"] == fields["stem_stride"] and sizes["num_classes"] == 5
+  again = convert.main([str(pth), str(tmp_path / "again")])
+  _, converted, _ = train.restore_model(str(tmp_path / "again"), which="best")
+  jax.tree.map(np.testing.assert_array_equal, converted, variables)
+  twice = convert.main(["--to_torch", str(tmp_path / "again"), str(tmp_path / "twice.pth")])
+  for k, v in torch.load(twice, weights_only=True).items():
+    np.testing.assert_array_equal(v.numpy(), saved[k].numpy() if "num_batches" not in k else 0,
+                                  err_msg=k)
 
 
 def test_a_file_that_is_not_a_pth_is_one_error_line(tmp_path):
