@@ -208,6 +208,14 @@ def test_an_unknown_override_on_the_command_line_names_lr():
           "--config.optim.learning_rate=1", "--config.optim.lr=1"]
   assert main._unknown_overrides(argv) == [
       "config.optim.learning_rate: unknown field; did you mean config.optim.lr?"]
+  # A generator option the file does not set is not a flag: the message says where it goes.
+  argv = ["main", f"--config={REPO}/configs/synthetic.py:runlocal",
+          "--config.data.synthetic.difficulty=2"]
+  assert main._unknown_overrides(argv) == [
+      "config.data.synthetic.difficulty: an option of the synthetic generator that this config "
+      "file does not set, so no flag (a flag overrides a field the file has); set it in a "
+      "config file of yours: config.data.synthetic.difficulty = ... (default 1.0; "
+      "docs/data.md)"]
 
 
 def test_train_and_evaluate_refuses_before_creating_anything(tmp_path):

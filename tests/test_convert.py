@@ -315,6 +315,7 @@ def test_a_trained_run_exports_to_pytorch_scalars_as_scalars_and_converts_back(t
   sizes = json.loads(convert.fields_path(pth).read_text())
   assert sizes["stem_stride"] == fields["stem_stride"] and sizes["num_classes"] == 5
   again = convert.main([str(pth), str(tmp_path / "again")])
+  assert again == tmp_path / "again" / "checkpoints" / "0"
   _, converted, _ = train.restore_model(str(tmp_path / "again"), which="best")
   jax.tree.map(np.testing.assert_array_equal, converted, variables)
   twice = convert.main(["--to_torch", str(tmp_path / "again"), str(tmp_path / "twice.pth")])

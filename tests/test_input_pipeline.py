@@ -158,6 +158,7 @@ def test_synthetic_sources_and_validation_split():
                      match=r"validation_fraction=0\.02 carves no validation row.*above 0\.025"):
     ip.load_sources("synthetic", synthetic=dict(num_train=200, num_test=50, seed=1),
                     validation_fraction=0.02)
-  with pytest.raises(ip.DataValidationError, match="num_classes is 10.*expected 7|outside"):
+  with pytest.raises(ip.DataValidationError, match=r"config.data.num_classes=7, but the "
+                     r"synthetic data has config.data.synthetic.num_classes=10 classes"):
     ip.load_sources("synthetic", synthetic=dict(num_train=50, num_test=10, num_classes=10),
                     num_classes=7)

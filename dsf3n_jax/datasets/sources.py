@@ -379,7 +379,11 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
   if name == "synthetic":
     kwargs = dict(synthetic or {})
     if num_classes is not None:
-      kwargs.setdefault("num_classes", num_classes)
+      if kwargs.setdefault("num_classes", num_classes) != num_classes:
+        raise DataValidationError(
+            f"config.data.num_classes={num_classes}, but the synthetic data has "
+            f"config.data.synthetic.num_classes={kwargs['num_classes']} classes; expected the "
+            "same (set data.synthetic.num_classes, or data.num_classes=0 to take the data's)")
     arrays = synthetic_lib.generate_synthetic(**kwargs)
     arrays = validation.validate_arrays(arrays, source="synthetic", num_classes=num_classes,
                                         visual_dim=visual_dim, audio_dim=audio_dim)
