@@ -213,6 +213,9 @@ def fields() -> tuple[Field, ...]:
       Field("data.validation_fraction", 0.0, RATE, "carved from train, stratified, with "
             "validation_seed"),
       Field("data.validation_seed", 0, integer(), "seed of the validation carve"),
+      Field("data.validation_groups", "none", choice(("none", "duplicates")), "duplicates: "
+            "train rows that share an exact visual or audio vector (an item paired more than "
+            "once) are carved together, so validation holds no input train has"),
       Field("data.shuffle", True, BOOL, "False: file order, like the original"),
       Field("data.on_device", "auto", ((lambda v: str(v).lower() in ("auto", "true", "false")),
                                        "one of auto, true, false"),

@@ -26,12 +26,14 @@ from dsf3n_jax.datasets.sources import (
   DATASETS,
   FIELDS,
   ArraySource,
+  SharedItemsWarning,
   Source,
   Sources,
   StandardizedSource,
   SubsetSource,
   TfdsSource,
   carve_validation,
+  duplicate_groups,
   load_sources,
   load_split_arrays,
   standardize,
@@ -290,9 +292,9 @@ def to_device(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arr
 
 
 __all__ = [
-    "DATASETS", "FIELDS", "ArraySource", "DataValidationError", "Source", "Sources",
-    "StandardizedSource", "SubsetSource", "TfdsSource", "TrainLoader", "carve_validation",
-    "epoch_permutation",
+    "DATASETS", "FIELDS", "ArraySource", "DataValidationError", "SharedItemsWarning", "Source",
+    "Sources", "StandardizedSource", "SubsetSource", "TfdsSource", "TrainLoader",
+    "carve_validation", "duplicate_groups", "epoch_permutation",
     "eval_batches", "load_sources", "load_split_arrays", "process_rows", "standardize",
     "stratified_split", "to_device",
 ]

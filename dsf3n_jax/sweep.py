@@ -195,7 +195,8 @@ def apply_overrides(base: ml_collections.ConfigDict,
 
 
 # What defines the splits a configuration is selected and scored on.
-SPLIT_FIELDS = ("name", "path", "validation_fraction", "validation_seed", "synthetic")
+SPLIT_FIELDS = ("name", "path", "validation_fraction", "validation_seed", "validation_groups",
+                "synthetic")
 
 
 def _check_comparable(configs: Sequence[ml_collections.ConfigDict],
@@ -208,7 +209,7 @@ def _check_comparable(configs: Sequence[ml_collections.ConfigDict],
                        "seed of --seeds; give the seeds there")
   def splits(config):
     return {k: json.loads(json.dumps(config.data[k].to_dict() if k == "synthetic"
-                                     else config.data[k])) for k in SPLIT_FIELDS}
+                                     else config.data.get(k))) for k in SPLIT_FIELDS}
   first = splits(configs[0])
   for i, config in enumerate(configs[1:], 1):
     differ = [k for k, v in splits(config).items() if v != first[k]]
@@ -550,10 +551,10 @@ def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[st
       [config] * len(seeds), seeds,
       on_epoch=_epoch_logger(log, config.num_epochs, f"{len(seeds)} seeds"))
   test = seeds_lib.evaluate_seeds(run, states, "test")
-  labels = input_pipeline.load_split_arrays(run.sources.train)["label"]
-  _, carved = input_pipeline.carve_validation(run.sources.train, labels,
-                                              fraction=carve.validation_fraction,
-                                              seed=carve.validation_seed)
+  arrays = input_pipeline.load_split_arrays(run.sources.train)
+  _, carved = input_pipeline.carve_validation(
+      run.sources.train, arrays["label"], fraction=carve.validation_fraction,
+      seed=carve.validation_seed, groups=carve.get("validation_groups", "none"), arrays=arrays)
   held = dataclasses.replace(run, sources=dataclasses.replace(run.sources, validation=carved))
   fits = seeds_lib.evaluate_seeds(held, states, "validation")
   entries = []

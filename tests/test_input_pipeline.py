@@ -1,6 +1,7 @@
 """Tests of the input pipeline: orders, host shards, resumption, eval padding, device mode."""
 
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -140,6 +141,37 @@ def test_on_device_split_replicated(mesh):
   on_dev = np.asarray(dev["index"][perm[:16]])
   first = next(ip.TrainLoader(src, global_batch_size=16, mesh=mesh, prefetch=False))
   np.testing.assert_array_equal(on_dev, first["index"])
+
+
+def test_a_carve_of_items_paired_more_than_once_keeps_them_on_one_side():
+  """Each image in two pairs (rows 2i, 2i+1), and one clip in three: drawn row by row,
+  validation shares inputs with train (a warning says so); drawn by groups, it shares none."""
+  rng = np.random.default_rng(0)
+  n = 120
+  label = np.repeat(np.arange(3), n // 3)
+  visual = np.repeat(rng.normal(size=(n // 2, 6)), 2, axis=0).astype(np.float32)
+  audio = rng.normal(size=(n, 4)).astype(np.float32)
+  audio[[5, 9, 44]] = audio[5]  # rows 4-5, 8-9 and 44-45 become one group of six
+  src = ip.ArraySource(visual, audio, label)
+  with pytest.warns(ip.SharedItemsWarning, match=r"train: \d+ of the 24 validation rows .* "
+                    r"share a visual or audio feature vector with a train row"):
+    ip.carve_validation(src, label, fraction=0.2, seed=0)
+  groups = ip.duplicate_groups(visual, audio)
+  assert len(np.unique(groups)) == n // 2 - 2
+  assert len({int(groups[i]) for i in (4, 5, 8, 9, 44, 45)}) == 1
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", ip.SharedItemsWarning)
+    train, val = ip.carve_validation(src, label, fraction=0.2, seed=0, groups="duplicates")
+  train_rows, val_rows = train.rows, val.rows
+  assert not set(groups[train_rows]) & set(groups[val_rows])
+  assert sorted([*train_rows, *val_rows]) == list(range(n))
+  # 0.2 of 40 rows a class, a group counted in its first row's class (the group of six spans
+  # classes 0 and 1): near-stratified.
+  assert len(val_rows) == 24 and np.abs(np.bincount(label[val_rows]) - 8).max() <= 2
+  again = ip.carve_validation(src, label, fraction=0.2, seed=0, groups="duplicates")[1]
+  np.testing.assert_array_equal(again.rows, val_rows)
+  with pytest.raises(ValueError, match="validation_groups='pairs': expected one of none, "):
+    ip.carve_validation(src, label, fraction=0.2, seed=0, groups="pairs")
 
 
 def test_synthetic_sources_and_validation_split():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -179,18 +180,49 @@ class Sources:
   origin: dict = dataclasses.field(default_factory=dict)
 
 
-def stratified_split(labels: np.ndarray, *, fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+VALIDATION_GROUPS = ("none", "duplicates")  # config.data.validation_groups
+
+
+class SharedItemsWarning(UserWarning):
+  """Validation rows whose visual or audio features are a train row's too (a dataset that
+  pairs one item with several others): their scores overrate the model."""
+
+
+def duplicate_groups(visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+  """(N,) group ids: rows that share an exact visual or audio feature vector, directly or
+  through other rows, are one group (an image paired with two clips and the rows of both)."""
+  n = len(visual)
+  parent = np.arange(n)
+
+  def root(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  for x in (visual, audio):
+    x = np.ascontiguousarray(x)
+    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    for i in np.nonzero(first[inverse] != np.arange(n))[0]:  # rows repeating an earlier one
+      parent[root(int(i))] = root(int(first[inverse[i]]))
+  return np.array([root(i) for i in range(n)], np.int64)
+
+
+def stratified_split(labels: np.ndarray, *, fraction: float, seed: int,
+                     groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Carves a stratified validation subset out of train.
 
   Args:
     labels: (N,) class ids of train.
     fraction: share of each class moved to validation (0 <= fraction < 1).
     seed: numpy seed of the draw.
+    groups: (N,) group ids (``duplicate_groups``): whole groups are drawn, each counted in
+      the class of its first row, up to the class's share (None: single rows).
 
   Returns:
     ``(train_rows, validation_rows)``, each sorted (file order), disjoint and
-    together ``arange(N)``. Each class keeps at least one train row.
+    together ``arange(N)``. Each class keeps at least one train row (a group).
 
   Raises:
     DataValidationError: a positive ``fraction`` that carves no row.
@@ -199,10 +231,21 @@ def stratified_split(labels: np.ndarray, *, fraction: float,
     raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
   rng = np.random.default_rng(seed)
   val = []
-  for c in np.unique(labels):
-    rows = np.nonzero(labels == c)[0]
-    k = min(int(round(fraction * len(rows))), len(rows) - 1)
-    val.append(rng.permutation(rows)[:k])
+  if groups is None:
+    for c in np.unique(labels):
+      rows = np.nonzero(labels == c)[0]
+      k = min(int(round(fraction * len(rows))), len(rows) - 1)
+      val.append(rng.permutation(rows)[:k])
+  else:
+    ids, first, sizes = np.unique(groups, return_index=True, return_counts=True)
+    for c in np.unique(labels):
+      in_class = np.nonzero(labels[first] == c)[0]  # the groups counted in class c
+      target = int(round(fraction * int((labels == c).sum())))
+      taken, kept = 0, len(in_class)
+      for g in rng.permutation(in_class):
+        if kept > 1 and taken + sizes[g] <= target:
+          val.append(np.nonzero(groups == ids[g])[0])
+          taken, kept = taken + sizes[g], kept - 1
   val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
   if fraction and not val.size:  # an empty split would fail every evaluation on it
     sizes = np.unique(labels, return_counts=True)[1] if len(labels) else np.zeros(1, int)
@@ -217,11 +260,30 @@ def stratified_split(labels: np.ndarray, *, fraction: float,
   return train.astype(np.int64), val.astype(np.int64)
 
 
-def carve_validation(train: Source, labels: np.ndarray, *, fraction: float,
-                     seed: int) -> tuple[SubsetSource, SubsetSource]:
+def carve_validation(train: Source, labels: np.ndarray, *, fraction: float, seed: int,
+                     groups: str = "none", arrays: Mapping[str, np.ndarray] | None = None,
+                     name: str = "") -> tuple[SubsetSource, SubsetSource]:
   """``(train, validation)``: the rows of ``train`` that ``stratified_split`` of its ``labels``
-  keeps in train, and those it moves to validation (``load_sources``'s carve)."""
-  train_rows, val_rows = stratified_split(labels, fraction=fraction, seed=seed)
+  keeps in train, and those it moves to validation (``load_sources``'s carve).
+
+  ``groups="duplicates"``: rows sharing a feature vector go to one split together
+  (``duplicate_groups``); "none": row by row, with a ``SharedItemsWarning`` when validation
+  rows share one with train. ``arrays``: train's (read from ``train`` when not given).
+  """
+  if groups not in VALIDATION_GROUPS:
+    raise ValueError(f"config.data.validation_groups={groups!r}: expected one of "
+                     f"{', '.join(VALIDATION_GROUPS)}")
+  arrays = load_split_arrays(train) if arrays is None else arrays
+  ids = duplicate_groups(arrays["visual"], arrays["audio"])
+  train_rows, val_rows = stratified_split(labels, fraction=fraction, seed=seed,
+                                          groups=ids if groups == "duplicates" else None)
+  shared = int(np.isin(ids[val_rows], ids[train_rows]).sum())
+  if shared:
+    warnings.warn(
+        f"{name or 'train'}: {shared} of the {len(val_rows)} validation rows carved from train "
+        "share a visual or audio feature vector with a train row (an item paired more than "
+        "once): validation scores overrate the model; config.data.validation_groups="
+        "'duplicates' carves such rows together", SharedItemsWarning, stacklevel=2)
   return SubsetSource(train, train_rows), SubsetSource(train, val_rows)
 
 
@@ -355,7 +417,8 @@ def _prepared(builder, make, **kwargs):
 def load_sources(name: str, *, data_dir: str | None = None, path: str | None = None,
                  num_classes: int | None = None, visual_dim: int | None = None,
                  audio_dim: int | None = None, validation_fraction: float = 0.0,
-                 validation_seed: int = 0, synthetic: Mapping[str, Any] | None = None) -> Sources:
+                 validation_seed: int = 0, validation_groups: str = "none",
+                 synthetic: Mapping[str, Any] | None = None) -> Sources:
   """Loads a dataset's splits as sources (building the TFDS dataset when needed).
 
   Args:
@@ -367,6 +430,8 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     validation_fraction: share of train (stratified by class) moved to a
       validation split; 0 gives ``validation=None``.
     validation_seed: seed of that draw.
+    validation_groups: "none" (rows drawn one by one) or "duplicates" (rows sharing a
+      feature vector drawn together: ``carve_validation``).
     synthetic: keyword arguments of ``generate_synthetic`` (synthetic only;
       generated in memory, identical to the TFDS ``synthetic`` builder).
 
@@ -393,6 +458,7 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
                  visual_dim=arrays["visual_train"].shape[1],
                  audio_dim=arrays["audio_train"].shape[1])
     train_labels = arrays["lab_train"]
+    train_arrays = {"visual": arrays["visual_train"], "audio": arrays["audio_train"]}
     origin = {"synthetic": kwargs}
   else:
     builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
@@ -401,8 +467,9 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     train = TfdsSource(builder.as_data_source("train"), name=source_name)
     test = TfdsSource(builder.as_data_source("test"), name=source_name)
     found = _tfds_sizes(builder, train, name=name)
-    train_labels = (load_split_arrays(train)["label"]
+    train_arrays = (load_split_arrays(train)
                     if validation_fraction or found["num_classes"] is None else None)
+    train_labels = None if train_arrays is None else train_arrays["label"]
     if found["num_classes"] is None:  # a plain integer label: max + 1 over train
       found["num_classes"] = int(train_labels.max()) + 1 if len(train_labels) else 0
     origin = {"tfds": builder.info.full_name}
@@ -411,7 +478,8 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
   val = None
   if validation_fraction:
     train, val = carve_validation(train, train_labels, fraction=validation_fraction,
-                                  seed=validation_seed)
+                                  seed=validation_seed, groups=validation_groups,
+                                  arrays=train_arrays, name=name)
   return Sources(train=train, test=test, validation=val, name=name, origin=origin, **found)
 
 

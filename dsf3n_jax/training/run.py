@@ -72,7 +72,8 @@ def load_data(config: ml_collections.ConfigDict, *,
       d.name, data_dir=d.data_dir or None, path=d.path or None,
       num_classes=d.num_classes or None, visual_dim=config.model.visual_dim or None,
       audio_dim=config.model.audio_dim or None, validation_fraction=d.validation_fraction,
-      validation_seed=d.validation_seed, synthetic=dict(d.synthetic))
+      validation_seed=d.validation_seed,
+      validation_groups=d.get("validation_groups", "none"), synthetic=dict(d.synthetic))
   if d.normalize not in ("none", "standardize"):
     raise ValueError(f"config.data.normalize: expected 'none' or 'standardize', got "
                      f"{d.normalize!r}")
@@ -100,6 +101,8 @@ def data_fingerprint(config: ml_collections.ConfigDict,
                            if getattr(sources, s) is not None},
                  "validation_fraction": float(d.validation_fraction),
                  "validation_seed": int(d.validation_seed), "normalize": str(d.normalize)}
+  if d.get("validation_groups", "none") != "none":  # (absent: runs before it existed)
+    fingerprint["validation_groups"] = str(d.validation_groups)
   path = epath.Path(d.path) if d.path else None
   if path is not None and path.is_file():
     with path.open("rb") as f:
