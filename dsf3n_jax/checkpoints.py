@@ -22,6 +22,7 @@ falls back to the previous one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax.cli import first_line
-from dsf3n_jax.paths import resolve
+from dsf3n_jax.paths import atomic_write, resolve
 
 _policies = ocp.checkpoint_managers
 
@@ -112,18 +113,25 @@ class CheckpointError(RuntimeError):
   """No intact checkpoint could be read."""
 
 
-# A checkpoint being saved anew (``Checkpointer.replace``) waits under this name, one the
-# manager does not read, until the new one is complete; an unreadable one is kept as
-# ``<step>.unreadable``.
-REPLACED, UNREADABLE = "replaced", "unreadable"
+# An unreadable checkpoint is kept as ``<step>.unreadable``, a name the manager does not read.
+UNREADABLE = "unreadable"
 
 
 def _on_primary(what: str, fn: Callable[[], Any]) -> None:
-  """``fn`` (a change to the checkpoint folder) on process 0 alone, the others waiting."""
+  """``fn`` (a change to the checkpoint folder) on process 0 alone, the others waiting; its
+  failure is raised on every process (none is left waiting for the others)."""
+  error = None
   if jax.process_index() == 0:
-    fn()
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001 - raised below, after every process knows
+      error = e
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"dsf3n checkpoints: {what}")
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      raise CheckpointError(f"checkpoints: {what} failed on process 0")
+  if error is not None:
+    raise error
 
 
 class Checkpointer:
@@ -145,8 +153,6 @@ class Checkpointer:
     self.optimizer_state = optimizer_state
     self._best = _KeepBest()
     policy = _policies.AnyPreservationPolicy([_policies.LatestN(keep), self._best])
-    if not read_only:
-      _on_primary("recover", self._recover_replaced)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=True,
         cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
@@ -171,16 +177,20 @@ class Checkpointer:
     self._best.step = best_checkpoint(meta["best"]) if meta.get("best") else None
     self.manager.save(step, args=args, force=True)
 
-  def replace(self, step: int, state, meta: Mapping[str, Any]) -> None:
-    """Saves ``checkpoints/<step>`` anew, in place of the one there, and waits for it. The old
-    one is set aside until the new one is complete, so a kill at any moment leaves one of the
-    two (the next ``Checkpointer`` of the workdir puts the old one back if the new one is
-    not complete)."""
+  def rewrite_meta(self, step: int, meta: Mapping[str, Any]) -> None:
+    """Replaces the ``meta`` item of the complete checkpoint ``step`` with ``meta`` (as ``save``
+    writes it), its state untouched: one file written whole (``paths.atomic_write``), so a
+    kill leaves the old meta or the new one, never neither. The checkpoint ``meta["best"]``
+    names is then the one kept."""
     self.wait()
-    aside = self.set_aside(step, REPLACED)
-    self.save(step, state, meta)
-    self.wait()
-    _on_primary(f"replaced {step}", aside.rmtree)
+    path = self.directory / str(step) / "meta" / "metadata"  # orbax's JSON item: one file
+    if not path.exists():
+      raise CheckpointError(f"{path}: no meta item to rewrite (expected the JSON file of "
+                            f"checkpoint {step}'s meta)")
+    meta = {**meta, "optimizer_state": self._meta(step).get("optimizer_state", True),
+            "format": FORMAT}
+    _on_primary(f"meta of {step}", lambda: atomic_write(path, json.dumps(meta)))
+    self._best.step = best_checkpoint(meta["best"]) if meta.get("best") else None
 
   def set_aside(self, step: int, suffix: str):
     """Renames ``checkpoints/<step>`` to ``<step>.<suffix>`` (``-2``, ``-3``... when taken), a
@@ -191,18 +201,6 @@ class Checkpointer:
     _on_primary(f"set aside {step}", lambda: (self.directory / str(step)).rename(target))
     self.manager.reload()
     return target
-
-  def _recover_replaced(self) -> None:
-    """Finishes a ``replace`` a kill cut short: the old checkpoint goes when the new one is
-    complete (orbax commits a checkpoint by renaming it into place), else it comes back."""
-    if not self.directory.exists():
-      return
-    for aside in self.directory.glob(f"*.{REPLACED}"):
-      step = self.directory / aside.name.split(".")[0]
-      if step.exists():
-        aside.rmtree()
-      else:
-        aside.rename(step)
 
   def read_meta(self, *, which: str = "latest", step: int | None = None) -> dict[str, Any]:
     """The ``meta`` item of one checkpoint (default: the newest readable one)."""

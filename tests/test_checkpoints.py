@@ -34,29 +34,19 @@ def test_the_best_checkpoint_outlives_the_manager_that_saved_it(tmp_path):
   resumed.close()
 
 
-def _w(checkpointer, step):
-  return checkpointer.manager.restore(step)["state"]["w"]
-
-
-def test_a_checkpoint_saved_anew_is_never_missing(tmp_path):
-  """``replace`` sets the old checkpoint aside until the new one is complete: whenever a kill
-  lands, the next Checkpointer of the workdir finds one of the two under the step's name."""
-  from dsf3n_jax import checkpoints
-  first = Checkpointer(tmp_path, keep=2)
+def test_a_checkpoints_meta_is_rewritten_whole_and_names_the_best_kept(tmp_path):
+  """``rewrite_meta`` (a resume whose best is gone makes the restored checkpoint the best):
+  one file replaced, the state untouched, and the named best kept by the next saves."""
+  first = Checkpointer(tmp_path, keep=1)
   _save(first, 1, best_step=None)
   _save(first, 2, best_step=None)
-  first.set_aside(2, checkpoints.REPLACED)  # killed before the new save began
+  assert first.steps() == [2]
+  first.rewrite_meta(2, {**_meta(2), "note": "rewritten"})
+  meta = first.read_meta(step=2)
+  assert meta["note"] == "rewritten" and meta["best"]["checkpoint"] == 2
+  assert first.manager.restore(2)["state"]["w"].tolist() == [2.0] * 3
+  assert not [p for p in (tmp_path / "checkpoints" / "2" / "meta").iterdir()
+              if p.name.startswith(".")]  # no temporary file left behind
+  _save(first, 3, best_step=2)
+  assert first.steps() == [2, 3]
   first.close()
-  second = Checkpointer(tmp_path, keep=2)  # the old one is put back
-  assert second.steps() == [1, 2] and _w(second, 2).tolist() == [2.0] * 3
-  aside = second.set_aside(2, checkpoints.REPLACED)  # killed after the new save was complete
-  second.save(2, {"w": np.full((3,), 7.0, np.float32)}, _meta(None))
-  second.wait()
-  second.close()
-  third = Checkpointer(tmp_path, keep=2)  # the old one goes
-  assert third.steps() == [1, 2] and _w(third, 2).tolist() == [7.0] * 3
-  assert not aside.exists()
-  third.replace(2, {"w": np.full((3,), 9.0, np.float32)}, _meta(2))  # not killed
-  assert third.steps() == [1, 2] and _w(third, 2).tolist() == [9.0] * 3
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
-  third.close()

@@ -170,6 +170,18 @@ def test_a_carve_of_items_paired_more_than_once_keeps_them_on_one_side():
   assert len(val_rows) == 24 and np.abs(np.bincount(label[val_rows]) - 8).max() <= 2
   again = ip.carve_validation(src, label, fraction=0.2, seed=0, groups="duplicates")[1]
   np.testing.assert_array_equal(again.rows, val_rows)
+  # Groups spanning classes: class 0's two rows share their images with class 1's rows (the
+  # groups count in class 1); whatever the draw, each class keeps a train row.
+  lab = np.array([1, 0, 1, 0, 1, 1, 1, 1])
+  vis = np.arange(16, dtype=np.float32).reshape(8, 2)
+  vis[1], vis[3] = vis[0], vis[2]
+  vis[5] = -0.0  # equal to row 4's +0.0 once 4 is zeros too: one group
+  vis[4] = 0.0
+  spanning = ip.duplicate_groups(vis, np.arange(8, dtype=np.float32)[:, None])
+  assert spanning[4] == spanning[5] and spanning[0] == spanning[1] != spanning[2]
+  for seed in range(20):
+    tr, _ = ip.stratified_split(lab, fraction=0.7, seed=seed, groups=spanning)
+    assert set(lab[tr]) == {0, 1}, seed
   with pytest.raises(ValueError, match="validation_groups='pairs': expected one of none, "):
     ip.carve_validation(src, label, fraction=0.2, seed=0, groups="pairs")
 

@@ -623,6 +623,20 @@ def test_unimodal_embeddings_are_the_same_on_one_and_eight_devices(missing_partn
   np.testing.assert_allclose(emb[8, "audio"], emb[1, "audio"], rtol=1e-6, atol=1e-7)
 
 
+def test_a_diverged_state_evaluates_to_nan_scores_not_an_error():
+  """The metric refuses non-finite embeddings; an evaluation of a state gone non-finite reports
+  NaN instead, which the loop (not saved, the last good checkpoint named) and a sweep (the
+  member skipped) handle."""
+  config = tiny_config()
+  model, _, state = tiny_setup(config)
+  state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+  batch = random_batches(1, 16)[0]
+  source = input_pipeline.ArraySource(batch["visual"], batch["audio"], batch["label"])
+  mesh = mesh_of(1)
+  got = train.evaluate(train.make_embed_fn(model, mesh), state, source, config=config, mesh=mesh)
+  assert np.isnan(got["map_average"]) and np.isnan(got["unimodal_map_average"])
+
+
 def test_each_protocol_is_embedded_alone_and_equals_the_combined_pass():
   config = tiny_config()
   model, _, state = tiny_setup(config)

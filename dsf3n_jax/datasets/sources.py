@@ -201,7 +201,7 @@ def duplicate_groups(visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
     return i
 
   for x in (visual, audio):
-    x = np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x + np.zeros((), x.dtype))  # -0.0 as +0.0: equal values, equal bytes
     rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
     _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
     for i in np.nonzero(first[inverse] != np.arange(n))[0]:  # rows repeating an earlier one
@@ -237,15 +237,25 @@ def stratified_split(labels: np.ndarray, *, fraction: float, seed: int,
       k = min(int(round(fraction * len(rows))), len(rows) - 1)
       val.append(rng.permutation(rows)[:k])
   else:
-    ids, first, sizes = np.unique(groups, return_index=True, return_counts=True)
+    _, first, sizes = np.unique(groups, return_index=True, return_counts=True)
+    members = np.split(np.argsort(groups, kind="stable"), np.cumsum(sizes)[:-1])
+    chosen = []
     for c in np.unique(labels):
       in_class = np.nonzero(labels[first] == c)[0]  # the groups counted in class c
       target = int(round(fraction * int((labels == c).sum())))
       taken, kept = 0, len(in_class)
       for g in rng.permutation(in_class):
         if kept > 1 and taken + sizes[g] <= target:
-          val.append(np.nonzero(groups == ids[g])[0])
+          chosen.append(g)
           taken, kept = taken + sizes[g], kept - 1
+    in_val = np.zeros(len(labels), bool)
+    for g in chosen:
+      in_val[members[g]] = True
+    for c in np.unique(labels):  # a group spanning classes may take a class's last train rows
+      if not (~in_val & (labels == c)).any():
+        g = next(g for g in chosen if (labels[members[g]] == c).any() and in_val[members[g][0]])
+        in_val[members[g]] = False
+    val = [np.nonzero(in_val)[0]]
   val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
   if fraction and not val.size:  # an empty split would fail every evaluation on it
     sizes = np.unique(labels, return_counts=True)[1] if len(labels) else np.zeros(1, int)

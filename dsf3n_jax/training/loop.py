@@ -473,19 +473,21 @@ class Loop:
     last = _last_intact(self.checkpointer)
     return f"last good checkpoint: {last}{' (kept)' if last != 'none' else ''}"
 
-  def save(self, step: int, *, replace: bool = False) -> None:
-    """Saves ``checkpoints/<step>`` (``replace``: in place of the one there, and waits); the
-    state must be finite."""
+  def save(self, step: int) -> None:
+    """Saves ``checkpoints/<step>``; the state must be finite."""
     self.checkpointer.check_for_errors()
     if not bool(_state_is_finite(self.state)):
       raise FloatingPointError(
           f"non-finite parameters or optimiser state after {_where(step, self.run.steps_per_epoch)}"
           f"; this state is not saved; {self._last_good()}")
-    meta = {**self.meta, "checkpoint": step, "model": self.run.mcfg,
+    self.checkpointer.save(step, self.state, self._checkpoint_meta(step))
+    self.saved_at = step
+
+  def _checkpoint_meta(self, step: int) -> dict[str, Any]:
+    """What a checkpoint of ``step`` records beside the state."""
+    return {**self.meta, "checkpoint": step, "model": self.run.mcfg,
             "data": self.run.fingerprint, "loss": self.config.loss.to_dict(),
             "schedule": run_lib.schedule_record(self.config)}
-    (self.checkpointer.replace if replace else self.checkpointer.save)(step, self.state, meta)
-    self.saved_at = step
 
   def _repair_best(self) -> None:
     """A resume whose best checkpoint is gone re-evaluates the restored state as the best."""
@@ -493,12 +495,16 @@ class Loop:
     if not best or best_checkpoint(best) in self.checkpointer.steps():
       return
     step = self.meta["step"]
+    number = int(self.meta.get("checkpoint", self.meta["epoch"]))  # older runs: by epoch
     log("the best checkpoint (%s) is missing: the restored %s is evaluated and becomes the "
         "best so far", _where(best["step"], self.run.steps_per_epoch) if "step" in best
         else f"epoch {best['epoch']}", _where(step, self.run.steps_per_epoch))
     self.meta["best"] = None
     self._at_boundary(step, only=[*self.evaluations, actions_lib.SelectBest()])
-    self.save(step, replace=True)
+    if self.meta["best"] is not None:
+      self.meta["best"]["checkpoint"] = number
+    # The restored checkpoint's state is this state: only its meta changes (one file).
+    self.checkpointer.rewrite_meta(number, {**self._checkpoint_meta(step), "checkpoint": number})
 
   # -- the run -------------------------------------------------------------------------------
 
@@ -520,6 +526,13 @@ class Loop:
     config, run = self.config, self.run
     self.state, self.meta = state, meta
     self.meta.setdefault("epoch_metrics", {"count": 0, "sums": {}})
+    best = meta.get("best") or {}
+    if best.get("selected_on", run.selection) != run_lib.LAST and best.get("metric") == \
+        run.metric and best.get("mode", "max") != run.mode:
+      log("the best so far (%s %s %.6g) was the %s; later evaluations are compared by the %s "
+          "(config.selection_mode)", best["selected_on"], run.metric, best["value"],
+          "highest" if best.get("mode", "max") == "max" else "lowest",
+          "highest" if run.mode == "max" else "lowest")
     # A run that stopped early (and was preempted or rerun after) stays stopped.
     patience = config.early_stopping_patience
     self.stopping = bool(patience) and meta.get("evals_without_improvement", 0) >= patience

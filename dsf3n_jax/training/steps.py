@@ -446,9 +446,14 @@ def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
   if "paired" in wanted:
     result = loss_metrics(out, state, loss_fn=loss_fn or losses.loss_from_config(config.loss))
   for prefix in (PREFIXES[p] for p in wanted):
-    maps = metrics.cross_modal_map(out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"],
-                                   out["label"], distance=config.metric.distance,
-                                   k=config.metric.k or None)
+    visual, audio = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
+    if not (np.isfinite(visual).all() and np.isfinite(audio).all()):
+      # A diverged state: NaN scores, which the loop and a sweep handle as non-finite (the
+      # metric itself refuses non-finite embeddings).
+      maps = dict.fromkeys(("audio_to_visual", "visual_to_audio", "average"), float("nan"))
+    else:
+      maps = metrics.cross_modal_map(visual, audio, out["label"],
+                                     distance=config.metric.distance, k=config.metric.k or None)
     result.update({f"{prefix}map_{direction}": float(maps[direction]) for direction in (
         "audio_to_visual", "visual_to_audio", "average")})
   result["num_examples"] = int(out["label"].shape[0])
