@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import time
 import types
 
@@ -78,6 +79,35 @@ def test_a_run_preempted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path,
   assert train_records("preempted") == train_records("full")  # epoch 1's sums were saved
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert all(r["seconds_per_step"] > 0 for r in records if r["split"] == "train")
+
+
+def _tensorboard_events(folder):
+  """Every event of the TFRecord files under ``folder`` (length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+      pos += 16 + length
+  return events
+
+
+def test_a_resume_hides_the_replayed_steps_in_both_metric_logs(tmp_path):
+  writer = workdir_lib.MetricWriter(tmp_path, resume_step=None)
+  for step in (1, 2, 3):
+    writer.write(step, "train", {"loss": float(step)})
+  writer.close()
+  resumed = workdir_lib.MetricWriter(tmp_path, resume_step=2)  # step 3 is trained again
+  resumed.write(3, "train", {"loss": 0.5})
+  resumed.close()
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert steps == [1, 2, 3]
+  # TensorBoard drops the events at and after a START at step 3 from the files before it.
+  starts = [e.step for e in _tensorboard_events(tmp_path / "tensorboard")
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+  assert starts == [3]
 
 
 def test_a_second_signal_while_saving_changes_nothing(monkeypatch):
