@@ -13,7 +13,6 @@ code's default for it applies.
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -228,8 +227,7 @@ def _cross_field_problems(config, problems: list[str]) -> list[str]:
     out.append(_problem("data.path", lookup(config, "data.path", ""),
                         "the paired-feature file (.npz/.h5) for data.name='paired_features'"))
   synthetic = lookup(config, "data.synthetic", {})
-  known = [f"data.synthetic.{k}"
-           for k in inspect.signature(synthetic_lib.generate_synthetic).parameters]
+  known = [f"data.synthetic.{k}" for k in synthetic_lib.OPTIONS]
   for key in (synthetic.keys() if _is_node(synthetic) else ()):
     if f"data.synthetic.{key}" not in known:
       out.append(unknown_field_message(f"data.synthetic.{key}", known))

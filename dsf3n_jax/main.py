@@ -70,17 +70,14 @@ def _unknown_overrides(argv) -> list[str]:
 
 def _generator_option_message(path: str) -> str | None:
   """For ``data.synthetic.<an option of generate_synthetic>`` the config file does not set."""
-  import inspect  # pylint: disable=g-import-not-at-top
-
   from dsf3n_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
   parent, _, name = path.rpartition(".")
-  options = inspect.signature(synthetic.generate_synthetic).parameters
-  if parent != "data.synthetic" or name not in options:
+  if parent != "data.synthetic" or name not in synthetic.OPTIONS:
     return None
   return (f"config.{path}: an option of the synthetic generator that this config file does "
           f"not set, so no flag (a flag overrides a field the file has); set it in a config "
           f"file of yours: config.data.synthetic.{name} = ... (default "
-          f"{options[name].default!r}; docs/data.md)")
+          f"{synthetic.OPTIONS[name]!r}; docs/data.md)")
 
 
 def _parse_flags(argv):

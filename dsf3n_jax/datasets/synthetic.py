@@ -12,6 +12,8 @@ below perfect. Everything is drawn from one numpy ``Generator`` seeded by
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 # Defaults: a good demo (see README); measured linear baselines are in the README.
@@ -100,3 +102,7 @@ def generate_synthetic(*, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST,
     for split in ("train", "test"):
       out[f"{modality}_{split}"] = ((out[f"{modality}_{split}"] - mean) / std).astype(np.float32)
   return out
+
+
+# ``generate_synthetic``'s options (``config.data.synthetic.<name>``) and their defaults.
+OPTIONS = {name: p.default for name, p in inspect.signature(generate_synthetic).parameters.items()}
