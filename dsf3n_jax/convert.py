@@ -270,14 +270,13 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
   state_dict = load_torch_checkpoint(src)
   fields = _fields_from_args(args, src)
-  num_classes = args.num_classes or fields.pop("num_classes", None) or num_classes_of(
-      state_dict)
-  fields.pop("num_classes", None)
+  saved_classes = fields.pop("num_classes", None)
+  num_classes = args.num_classes or saved_classes or num_classes_of(state_dict)
   from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
   from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
-  defaults = {k: v for k, v in registry.model_fields(DSF3N).items()
-              if k in ("kernel_sizes", "branch_features")}
-  model = train.build_model({**defaults, "num_classes": num_classes, **fields}, axis_name=None)
+  model = train.build_model({  # build_model takes the widths as given: DSF3N's by default
+      "branch_features": registry.model_fields(DSF3N)["branch_features"],
+      "num_classes": num_classes, **fields}, axis_name=None)
   variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
   dst.mkdir(parents=True, exist_ok=True)
   path = WRITERS[args.format](variables, dst, fields)
