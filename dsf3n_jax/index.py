@@ -115,6 +115,7 @@ class RunModel:
     from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
     from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
+    from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     from dsf3n_jax.mesh import DATA_AXIS, make_mesh  # pylint: disable=g-import-not-at-top
     mesh = make_mesh(jax.local_devices())
     method = self.model.embed_visual if modality == "visual" else self.model.embed_audio
@@ -134,7 +135,7 @@ class RunModel:
     def embed(features: np.ndarray) -> np.ndarray:
       x = np.asarray(features, np.float32)
       if stats is not None:
-        x = (x - stats[0]) / stats[1]
+        x = input_pipeline.standardized(x, stats)
       outs = []
       for lo in range(0, len(x), batch):
         part = x[lo:lo + batch]

@@ -37,6 +37,7 @@ from dsf3n_jax.datasets.sources import (
   load_sources,
   load_split_arrays,
   standardize,
+  standardized,
   stratified_split,
 )
 from dsf3n_jax.datasets.validation import DataValidationError
@@ -296,5 +297,5 @@ __all__ = [
     "Sources", "StandardizedSource", "SubsetSource", "TfdsSource", "TrainLoader",
     "carve_validation", "duplicate_groups", "epoch_permutation",
     "eval_batches", "load_sources", "load_split_arrays", "process_rows", "standardize",
-    "stratified_split", "to_device",
+    "standardized", "stratified_split", "to_device",
 ]

@@ -336,8 +336,9 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   if workdir:  # the file's features as the run's own were standardised for training
     stats = train.feature_stats(config)
     if stats is not None:
-      visual, audio = ((x - stats[k][0]) / stats[k][1] for x, k in ((visual, "visual"),
-                                                                     (audio, "audio")))
+      from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+      visual = input_pipeline.standardized(visual, stats["visual"])
+      audio = input_pipeline.standardized(audio, stats["audio"])
   check_rows(len(labels))
   return embed_split(model, model_vars, visual, audio, labels, batch_size=batch_size,
                      protocol=protocol)

@@ -107,9 +107,16 @@ class StandardizedSource:
 
   def __getitems__(self, indices) -> dict[str, np.ndarray]:
     out = dict(self.source.__getitems__(indices))
-    for key, (mean, std) in self.stats.items():
-      out[key] = ((out[key] - mean) / std).astype(np.float32)
+    for key, mean_std in self.stats.items():
+      out[key] = standardized(out[key], mean_std)
     return out
+
+
+def standardized(x: np.ndarray, mean_std: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  """``(x - mean) / std`` in float32: features as a run standardised its own (``standardize``'s
+  statistics), wherever they come from."""
+  mean, std = mean_std
+  return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32)
 
 
 def standardize(sources: Sources) -> Sources:
