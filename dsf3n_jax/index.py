@@ -105,7 +105,7 @@ class RunModel:
   def standardization(self, modality: str):
     """``(mean, std)`` of the run's train features when it standardises them, else None."""
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-    stats = train.feature_stats(self.config)
+    stats = train.feature_stats(self.config, self.workdir)
     return None if stats is None else stats[modality]
 
   def embedder(self, modality: str, *, batch_size: int = 1024) -> Callable[[np.ndarray],

@@ -334,7 +334,7 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   check_missing_partner(model, model_vars, source=source)
   visual, audio, labels = load_split(data, split)
   if workdir:  # the file's features as the run's own were standardised for training
-    stats = train.feature_stats(config)
+    stats = train.feature_stats(config, workdir)
     if stats is not None:
       from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
       visual = input_pipeline.standardized(visual, stats["visual"])

@@ -165,6 +165,46 @@ def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
 
 
 @SHARES_RUN
+def test_a_run_embeds_new_features_without_its_dataset(run, tmp_path, capsys):
+  """The run keeps its train statistics (``feature_stats.npz``): a deployed run indexes and
+  queries raw features with its dataset gone, as it did with it."""
+  workdir, model, variables, split = run
+  config = train.restore_model(str(workdir))[2]
+  saved = np.load(workdir / "feature_stats.npz")
+  for modality, (mean, std) in train.load_data(config).train.stats.items():
+    np.testing.assert_array_equal(saved[f"{modality}_mean"], mean)
+    np.testing.assert_array_equal(saved[f"{modality}_std"], std)
+  np.savez(tmp_path / "visual.npz", visual_features=split["raw_visual"])
+  np.save(tmp_path / "audio.npy", split["raw_audio"][:5])
+  alone = retrieval.embed_split(model, variables, split["visual"], split["audio"],
+                                protocol="unimodal")
+  ref_rows, _ = brute_force(alone.emb_audio[:5], alone.emb_visual, 3)
+  data = [workdir.parent / "pairs.npz", workdir.parent / "tfds"]
+  for path in data:
+    path.rename(path.with_name(path.name + ".away"))
+  try:
+    with pytest.raises(ValueError, match="file not found"):  # the dataset is indeed gone
+      train.load_data(config)
+    assert _index(f"--workdir={workdir}", "--modality=visual", f"--out={tmp_path / 'i'}",
+                  f"--source={tmp_path / 'visual.npz'}") == 0
+    np.testing.assert_allclose(search_lib.Index.load(tmp_path / "i").embeddings,
+                               alone.emb_visual, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert search_lib.main([f"--index={tmp_path / 'i'}", f"--queries={tmp_path / 'audio.npy'}",
+                            f"--workdir={workdir}", "--k=3", "--json"]) == 0
+    assert [json.loads(x)["ids"] for x in capsys.readouterr().out.splitlines()] == (
+        ref_rows.tolist())
+  finally:
+    for path in data:
+      path.with_name(path.name + ".away").rename(path)
+  # A damaged statistics file is named, not read as other statistics.
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "feature_stats.npz").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match=r"feature_stats.npz: not the run's feature statistics"):
+    train.feature_stats(config, tmp_path / "run")
+
+
+@SHARES_RUN
 def test_a_killed_build_resumes_where_it_stopped(run, tmp_path, monkeypatch, capfd):
   workdir = run[0]
   argv = (f"--workdir={workdir}", "--modality=audio", f"--out={tmp_path / 'i'}",

@@ -128,6 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       state, meta, resumed = _init_or_resume(run, checkpointer)
       if run.is_main:
         workdir_lib.write_run_config(run.workdir, config, run.mcfg, run.fingerprint)
+        if isinstance(stats := getattr(run.sources.train, "stats", None), Mapping):
+          workdir_lib.write_feature_stats(run.workdir, stats)
       writer = workdir_lib.MetricWriter(run.workdir,
                                         resume_step=meta["step"] if resumed else None)
       stack.callback(workdir_lib.close_within, writer.close, "the metric writer")

@@ -82,14 +82,19 @@ def load_data(config: ml_collections.ConfigDict, *,
   return sources
 
 
-def feature_stats(config: ml_collections.ConfigDict
+def feature_stats(config: ml_collections.ConfigDict, workdir=None
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
   """``{"visual": (mean, std), "audio": ...}`` of the run's train split, which its model was
   trained on features standardised with (``data.normalize="standardize"``); None when it
-  was not. Features of the same kind from elsewhere must be standardised with these."""
+  was not. Features of the same kind from elsewhere must be standardised with these.
+
+  ``workdir``: the run's, whose ``feature_stats.npz`` (written when it trained) holds them, so
+  that its dataset is not needed; a run without the file has them computed from the dataset.
+  """
   if config.data.get("normalize", "none") != "standardize":
     return None
-  return load_data(config).train.stats
+  stats = None if workdir is None else workdir_lib.read_feature_stats(workdir)
+  return load_data(config).train.stats if stats is None else stats
 
 
 def data_fingerprint(config: ml_collections.ConfigDict,

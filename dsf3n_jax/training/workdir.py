@@ -15,19 +15,23 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from dsf3n_jax import cli
-from dsf3n_jax.paths import atomic_write, resolve  # noqa: F401 - part of this module's API
+from dsf3n_jax.paths import atomic_savez, atomic_write, resolve  # noqa: F401 - this module's API
 from dsf3n_jax.paths import is_local as _is_local
 
 LOCK_NAME = "lock"
 RUN_FILE = "config.json"  # what every training run's workdir holds
+STATS_FILE = "feature_stats.npz"  # the train statistics of a run that standardises features
+MODALITIES = ("visual", "audio")
 
 
 class WorkdirError(PermissionError):
@@ -180,6 +184,31 @@ def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[s
   atomic_write(epath.Path(workdir) / RUN_FILE, json.dumps(
       {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint),
        "loss_terms": losses.term_origins(config.loss.terms)}, indent=2, default=str))
+
+
+def write_feature_stats(workdir, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+  """``feature_stats.npz``: the train split's ``(mean, std)`` per modality that a run
+  standardised its features with (``data.normalize="standardize"``), so that its model embeds
+  new features (``index``, ``search``, ``retrieve --data``) without its dataset."""
+  atomic_savez(epath.Path(workdir) / STATS_FILE,
+               {f"{m}_{what}": np.asarray(stats[m][i], np.float32)
+                for m in MODALITIES for i, what in enumerate(("mean", "std"))})
+
+
+def read_feature_stats(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+  """``write_feature_stats``' statistics; None when the run wrote none (a run that does not
+  standardise, or one older than the file)."""
+  path = resolve(workdir) / STATS_FILE
+  if not path.exists():
+    return None
+  keys = [f"{m}_{what}" for m in MODALITIES for what in ("mean", "std")]
+  try:
+    with path.open("rb") as f, np.load(f) as z:
+      arrays = {k: np.asarray(z[k], np.float32) for k in keys}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not the run's feature statistics (expected the arrays "
+                     f"{', '.join(keys)}: {type(e).__name__}: {e})") from e
+  return {m: (arrays[f"{m}_mean"], arrays[f"{m}_std"]) for m in MODALITIES}
 
 
 def check_run_dir(workdir, *, flag: str = "--workdir") -> epath.Path:
