@@ -411,8 +411,11 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   modality = check_modality(args.modality)
   from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize({}, coordinator_address=args.coordinator_address,
-                         num_processes=args.num_processes, process_id=args.process_id)
+  try:
+    distributed.initialize({}, coordinator_address=args.coordinator_address,
+                           num_processes=args.num_processes, process_id=args.process_id)
+  except distributed.SettingsError as e:
+    raise cli.UsageError(str(e)) from e
   if args.embeddings:
     if args.workdir or args.source or args.tfds:
       raise cli.UsageError("--embeddings: give it alone (no --workdir, --source or --tfds)")

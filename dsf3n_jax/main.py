@@ -145,8 +145,11 @@ def main(argv):
   if str(config.model.dtype) == "float64":  # float64 end to end: parameters, optimiser, loss
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_enable_x64", True)
-  distributed.initialize(config.distributed, coordinator_address=FLAGS.coordinator_address,
-                         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  try:
+    distributed.initialize(config.distributed, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  except distributed.SettingsError as e:
+    raise cli.UsageError(str(e)) from e
   use_compilation_cache()
   results = train.train_and_evaluate(config, FLAGS.workdir)
   if distributed.is_main_process():

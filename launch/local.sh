@@ -22,15 +22,20 @@ shift
 devices=${DEVICES_PER_PROCESS:-2}
 python=${PYTHON:-python}
 port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-cd "$(dirname "$0")/.."
+# Paths in the flags are the caller's (relative ones from its working directory); the
+# package is found from this checkout even where it is not installed.
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 # glibc's malloc returns XLA's large buffers to the kernel after every step; huge
 # pages keep them (README "Performance"). glibc < 2.35 ignores the tunable.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
 pids=()
+signalled=0
 # shellcheck disable=SC2329  # called by the trap
 cleanup() {
+  signalled=1
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 }
 trap cleanup INT TERM
@@ -53,6 +58,18 @@ status=0
 for pid in "${pids[@]}"; do
   code=0
   wait "$pid" || code=$?
+  # A signal the trap forwards ends `wait` at once (status 128 + signal) while the process
+  # still saves its checkpoint: wait again for its own status (127: the status had been
+  # the process's own, e.g. killed by the signal).
+  while [[ $signalled == 1 && $code -gt 128 ]]; do
+    signalled=0
+    again=0
+    wait "$pid" || again=$?
+    if [[ $again == 127 ]]; then
+      break
+    fi
+    code=$again
+  done
   if [[ $status == 0 && $code != 0 ]]; then
     status=$code
   fi

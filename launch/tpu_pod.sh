@@ -14,7 +14,7 @@
 #   --workdir DIR     shared workdir (required)
 #   --config FILE     config (default configs/vegas.py)
 #   --repo DIR        checkout of this project on the workers (default ~/dsf3n_jax)
-#   --setup           first install the project on every worker (pip install -e .)
+#   --setup           first install the project on every worker (python3 -m pip install -e .)
 #   --retries N       rerun the command up to N times while it exits with status 75
 #                     (preempted or told to stop by SIGTERM: a checkpoint was saved; the
 #                     same command resumes from it). A slice that was deleted must be
@@ -64,9 +64,9 @@ done
 
 remote="cd $repo"
 if [[ $setup == 1 ]]; then
-  remote+=" && pip install -q -e ."
+  remote+=" && python3 -m pip install -q -e ."
 fi
-remote+=" && python -m dsf3n_jax.main --config=$config --workdir=$workdir --config.model.dtype=bfloat16"
+remote+=" && python3 -m dsf3n_jax.main --config=$config --workdir=$workdir --config.model.dtype=bfloat16"
 for arg in "${extra[@]}"; do
   remote+=" $(printf '%q' "$arg")"
 done

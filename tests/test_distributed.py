@@ -213,3 +213,104 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   assert proc.returncode != 0
   assert time.time() - start < 180
   assert "coordinator" in out.lower() or "deadline" in out.lower() or "timed out" in out.lower()
+
+
+def test_local_sh_passes_sigterm_on_and_exits_with_the_processes_status(tmp_path):
+  """SIGTERM to the launcher reaches every process, and the launcher waits for them: its
+  status is theirs (75: saved, rerun to resume), not its own interrupted wait's (143)."""
+  fake = tmp_path / "python"
+  fake.write_text("#!/usr/bin/env bash\ntrap 'sleep 0.5; exit 75' TERM\n"
+                  'touch "$READY_DIR/$$"\nwhile :; do sleep 0.05; done\n')
+  fake.chmod(0o755)
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  proc = subprocess.Popen(["bash", str(LAUNCH / "local.sh"), "2", "--workdir=x"],
+                          env=dict(os.environ, PYTHON=str(fake), PORT="1",
+                                   READY_DIR=str(ready)))
+  deadline = time.time() + 30
+  while len(list(ready.iterdir())) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+  assert len(list(ready.iterdir())) == 2
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=30) == 75
+
+
+def test_launchers_are_recognised_and_slurm_tasks_get_their_gpus():
+  from dsf3n_jax import distributed
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_NTASKS": "16"}
+  assert distributed.cluster_of(slurm) == "slurm"
+  # An salloc shell (no task of srun) and a one-task job are one process.
+  assert distributed.cluster_of({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) is None
+  assert distributed.cluster_of({**slurm, "SLURM_NTASKS": "1"}) is None
+  assert distributed.cluster_of({"OMPI_COMM_WORLD_SIZE": "4"}) == "ompi"
+  assert distributed.cluster_of({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+  assert distributed.cluster_of({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
+  assert distributed.cluster_of({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "env"
+  assert distributed.cluster_of({}) is None
+  ids = distributed.slurm_local_device_ids
+  # --gpu-bind=single:1: each task sees its own GPU, numbered 0 (JAX would ask for SLURM_LOCALID).
+  assert ids({**slurm, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "3",
+              "SLURM_NTASKS_PER_NODE": "8"}) == [0]
+  # One task per node drives every GPU it sees (JAX would give it GPU 0 alone).
+  assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_NTASKS_PER_NODE": "1"}) == [
+      0, 1, 2, 3]
+  assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}) == [
+      0, 1]
+  # Several tasks that each see every GPU: JAX's own choice (GPU SLURM_LOCALID).
+  assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_NTASKS_PER_NODE": "4"}) is None
+  assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "0", "JAX_LOCAL_DEVICE_IDS": "0"}) is None
+  assert ids(slurm) is None  # no GPUs bound
+
+
+def test_distributed_settings_are_checked_and_launchers_fill_the_rest():
+  from dsf3n_jax import distributed
+  calls = []
+
+  def init(**kwargs):
+    calls.append(kwargs)
+
+  def start(environ=None, config=None, **flags):
+    calls.clear()
+    distributed.initialize(config or {}, environ=environ or {}, init=init, **flags)
+    return calls[0] if calls else None
+
+  assert start() is None  # a single process: nothing starts
+  assert start(num_processes=1) is None
+  got = start(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+              config={"heartbeat_timeout": 10})
+  assert (got["coordinator_address"], got["num_processes"], got["process_id"]) == (
+      "10.0.0.1:1234", 2, 1)
+  assert got["heartbeat_timeout_seconds"] == 10 and "local_device_ids" not in got
+  assert start(config={"coordinator_address": "[::1]:99", "num_processes": 2,
+                       "process_id": 0})["coordinator_address"] == "[::1]:99"
+  # Under a launcher, JAX reads what is not given; SLURM tasks get their GPUs.
+  got = start(environ={"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+                       "SLURM_NTASKS_PER_NODE": "8", "CUDA_VISIBLE_DEVICES": "5"})
+  assert got["coordinator_address"] is None and got["local_device_ids"] == [0]
+  errors = {
+      "localhost": dict(coordinator_address="localhost", num_processes=2, process_id=0),
+      "expected 0 to 1": dict(coordinator_address="h:1", num_processes=2, process_id=2),
+      "--process_id (config.distributed.process_id): needed too": dict(
+          coordinator_address="h:1", num_processes=2),
+      "--coordinator_address (config.distributed.coordinator_address), --num_processes": dict(
+          process_id=0),
+  }
+  for match, flags in errors.items():
+    with pytest.raises(distributed.SettingsError, match=re.escape(match)):
+      start(**flags)
+  assert not calls
+
+
+def test_the_mesh_is_in_process_order_whatever_order_the_devices_come_in():
+  """Each process's devices hold one contiguous block of a batch (``process_rows``), also when
+  the devices come in another order, as ``jax.make_mesh`` puts a TPU pod's (along its torus,
+  interleaving the hosts)."""
+  import jax
+
+  from dsf3n_jax import input_pipeline
+  from dsf3n_jax.mesh import make_mesh
+  devices = jax.devices()
+  shuffled = [devices[i] for i in np.random.default_rng(0).permutation(len(devices))]
+  mesh = make_mesh(shuffled)
+  assert [d.id for d in mesh.devices] == sorted(d.id for d in devices)
+  assert input_pipeline.process_rows(64, mesh=mesh) == (0, 64)

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 import types
 
@@ -125,12 +126,37 @@ def test_a_second_signal_while_saving_changes_nothing(monkeypatch):
   assert signal.getsignal(signal.SIGINT) is before  # the handler it found, put back
 
 
-def test_the_lock_is_a_lease_other_hosts_can_see_expire(tmp_path):
+def test_the_lock_is_a_lease_other_hosts_can_see_expire(tmp_path, monkeypatch):
   path = tmp_path / "lock"
   owner = {"pid": 4242, "host": "other-host", "started": "then"}
-  path.write_text(json.dumps({**owner, "renewed": time.time()}))  # renewed just now: alive
-  with pytest.raises(workdir_lib.WorkdirError, match="in use by pid 4242 on host other-host"):
-    workdir_lib.WorkdirLock(tmp_path).acquire()
+  logged = []
+  monkeypatch.setattr(workdir_lib, "log", lambda msg, *a: logged.append(msg % a))
+  # A live run on another host renews its lease: refused once a renewal is seen.
+  stop = threading.Event()
+
+  def renews():
+    while not stop.wait(0.1):
+      workdir_lib.atomic_write(path, json.dumps({**owner, "renewed": time.time()}))
+
+  path.write_text(json.dumps({**owner, "renewed": time.time()}))
+  renewer = threading.Thread(target=renews)
+  renewer.start()
+  try:
+    with pytest.raises(workdir_lib.WorkdirError, match="in use by pid 4242 on host other-host"):
+      workdir_lib.WorkdirLock(tmp_path, lease_s=30, renew_s=0.05).acquire()
+  finally:
+    stop.set()
+    renewer.join()
+  assert "waiting up to" in logged[-1] and json.loads(path.read_text())["pid"] == 4242
+  # A job requeued at once after its node died: the lease is not renewed, so the new run
+  # waits for it to lapse and takes it over.
+  path.write_text(json.dumps({**owner, "renewed": time.time()}))
+  start = time.time()
+  lock = workdir_lib.WorkdirLock(tmp_path, lease_s=1.0, renew_s=0.05)
+  lock.acquire()
+  assert 0.8 < time.time() - start < 10 and json.loads(path.read_text())["pid"] == os.getpid()
+  assert "taking over the stale lock" in logged[-1]
+  lock.release()
   path.write_text(json.dumps({**owner, "renewed": time.time() - workdir_lib.LEASE_S - 1}))
   lock = workdir_lib.WorkdirLock(tmp_path, renew_s=0.05)  # a requeued job on another host
   lock.acquire()

@@ -607,4 +607,9 @@ def _profile_actions(config: ml_collections.ConfigDict, workdir) -> list[actions
   steps = tuple(config.get("profile_steps", ()) or ())
   if not steps or workdir is None:
     return []
-  return [actions_lib.Profile(steps[0], steps[1], workdir / "profile")]
+  # Every process traces; JAX names a trace file by the host, so several processes of one
+  # host each get their own folder (TensorBoard shows each as a run).
+  directory = workdir / "profile"
+  if jax.process_count() > 1:
+    directory = directory / f"process_{jax.process_index()}"
+  return [actions_lib.Profile(steps[0], steps[1], directory)]

@@ -103,15 +103,23 @@ class WorkdirLock:
   this host, its pid no longer runs (or runs but started later, a reused pid);
   from any host, its lease was not renewed for ``LEASE_S`` seconds (a run
   killed with SIGKILL, or a host that died), so a requeued job resumes on
-  whatever host it lands. A live one is refused with its pid and host.
+  whatever host it lands. A lock of another host whose lease has not lapsed yet
+  is watched until it does (a job requeued at once after its node died), and
+  refused as soon as its owner renews it. A live one is refused with its pid and
+  host.
+
+  In a bucket, where a write cannot be made conditional here, a new lock is read
+  back after ``settle_s`` seconds: of two runs that found no lock at once, the one
+  whose write was last keeps it. A holder that finds another run's lock when it
+  renews stops renewing and says so.
   """
 
   def __init__(self, workdir, *, lease_s: float = LEASE_S, renew_s: float = RENEW_S,
-               name: str = LOCK_NAME, flag: str = "--workdir"):
+               name: str = LOCK_NAME, flag: str = "--workdir", settle_s: float = 2.0):
     self.path = epath.Path(workdir) / name
     self.flag = flag
     self.held = False
-    self.lease_s, self.renew_s = lease_s, renew_s
+    self.lease_s, self.renew_s, self.settle_s = lease_s, renew_s, settle_s
     self._stop = threading.Event()
     self._renewer: threading.Thread | None = None
     self._me: dict[str, Any] = {}
@@ -122,7 +130,7 @@ class WorkdirLock:
     for _ in range(2):
       owner = self._owner()
       if owner is not None:
-        if _alive(owner, lease_s=self.lease_s):
+        if _alive(owner, lease_s=self.lease_s) and not self._lapses(owner):
           raise WorkdirError(
               f"{self.flag}={self.path.parent} is in use by pid {owner.get('pid')} on host "
               f"{owner.get('host')} (started {owner.get('started')}); wait for that run to "
@@ -138,10 +146,35 @@ class WorkdirLock:
     raise WorkdirError(f"{self.flag}={self.path.parent}: could not take {self.path}: another "
                        "run took it at the same time")
 
+  def _lapses(self, owner: Mapping[str, Any]) -> bool:
+    """For a lease of another host: waits while it is neither renewed nor lapsed. True when
+    it lapsed (or was released), False as soon as its owner renews it (a live run)."""
+    renewed = owner.get("renewed")
+    if owner.get("host") == socket.gethostname() or renewed is None:
+      return False
+    lapse = float(renewed) + self.lease_s
+    log("%s: held by pid %s on host %s, renewed %.0f s ago; waiting up to %.0f s for its "
+        "lease to lapse (a live run renews it every %.0f s)", self.path, owner.get("pid"),
+        owner.get("host"), time.time() - float(renewed), lapse - time.time(), RENEW_S)
+    while (left := lapse - time.time()) > 0:
+      time.sleep(min(left, min(self.renew_s, 5.0)))
+      now = self._owner()
+      if now != owner:
+        return now is None
+    return True
+
   def _renew(self) -> None:
     while not self._stop.wait(self.renew_s):
+      owner = self._owner()
+      if owner is not None and owner.get("pid") != -1 and not self._mine(owner):
+        log("error: %s now names pid %s on host %s: another run took this workdir; stop "
+            "one of the two", self.path, owner.get("pid"), owner.get("host"))
+        return
       with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
         atomic_write(self.path, json.dumps({**self._me, "renewed": time.time()}))
+
+  def _mine(self, owner: Mapping[str, Any]) -> bool:
+    return all(owner.get(k) == self._me[k] for k in ("pid", "host", "started"))
 
   def _owner(self) -> dict[str, Any] | None:
     try:
@@ -160,7 +193,8 @@ class WorkdirLock:
       with os.fdopen(fd, "w") as f:
         f.write(text)
       return True
-    self.path.write_text(text)  # object stores: last writer wins; read back to check
+    self.path.write_text(text)  # object stores: the last writer wins; read back to check
+    time.sleep(self.settle_s)  # after a write of another run that also found no lock
     return self.path.read_text() == text
 
   def release(self) -> None:
@@ -168,8 +202,10 @@ class WorkdirLock:
       self._stop.set()
       if self._renewer is not None:
         self._renewer.join(timeout=5.0)
-      with contextlib.suppress(OSError):
-        self.path.unlink(missing_ok=True)
+      owner = self._owner()
+      if owner is None or owner.get("pid") == -1 or self._mine(owner):  # not another run's
+        with contextlib.suppress(OSError):
+          self.path.unlink(missing_ok=True)
       self.held = False
 
 
