@@ -35,11 +35,23 @@ def _origin(obj: Any) -> str:
   return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _identity(obj: Any) -> tuple:
+  """What tells one registration from another: a partial's function and arguments; a class's
+  or function's module and qualified name, and a function's source line (lambdas of a module
+  share a name). The same identity again is a module imported or reloaded twice."""
+  if isinstance(obj, functools.partial):
+    return ("partial", _identity(obj.func), repr(obj.args), repr(sorted(obj.keywords.items())))
+  code = getattr(getattr(obj, "__wrapped__", obj), "__code__", None)  # a loss term's function
+  return (_origin(obj), None if code is None else (code.co_filename, code.co_firstlineno))
+
+
 def register(kind: str, name: str) -> Callable[[Any], Any]:
   """Decorator registering a class, partial or factory as ``name`` of ``kind``.
 
-  Registering a name again is an error, unless the new object has the same
-  module and qualified name (a module imported or reloaded twice).
+  Registering a name again is an error, unless the new object is the same one
+  (``_identity``: a module imported or reloaded twice); a preset of a stock part
+  under its name is refused, as it would change what a saved run rebuilds as.
+  A ``loss_term`` is a ``losses.LossTerm`` (``losses.register_loss_term`` makes one).
 
   Returns:
     A decorator that registers its argument and returns it unchanged.
@@ -52,9 +64,16 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
     if not callable(obj):
       raise TypeError(f"{kind} {name!r}: expected a module class, partial or function, got "
                       f"{type(obj).__name__}")
+    if kind == "loss_term":
+      from dsf3n_jax import losses  # pylint: disable=g-import-not-at-top
+      if not isinstance(obj, losses.LossTerm):
+        raise TypeError(f"loss_term {name!r}: expected a losses.LossTerm, got "
+                        f"{type(obj).__name__} (register a function with "
+                        "losses.register_loss_term, which makes one)")
     old = _REGISTRY[kind].get(name)
-    if old is not None and _origin(old) != _origin(obj):
-      raise ValueError(f"{kind} {name!r} is already registered ({_origin(old)})")
+    if old is not None and _identity(old) != _identity(obj):
+      raise ValueError(f"{kind} {name!r} is already registered ({_origin(old)}); register "
+                       f"{_origin(obj)} under another name")
     _REGISTRY[kind][name] = obj
     return obj
 

@@ -157,6 +157,23 @@ def test_registering_a_taken_name_or_an_unknown_kind_is_an_error():
   with pytest.raises(ValueError, match="fusion 'mfa' is already registered"):
     registry.register_fusion("mfa")(GatedSum)
   registry.register_fusion("gated_sum")(GatedSum)  # the same class again (a re-import): fine
+  # A preset of a stock part under the stock name would change what saved runs rebuild as.
+  stock = registry.lookup("fusion", "mfa")
+  with pytest.raises(ValueError, match="fusion 'mfa' is already registered"):
+    registry.register_fusion("mfa")(functools.partial(stock, num_stages=1))
+  assert registry.lookup("fusion", "mfa") is stock
+  registry.register_fusion("preset_once")(functools.partial(GatedSum))
+  registry.register_fusion("preset_once")(functools.partial(GatedSum))  # the same preset again
+  with pytest.raises(ValueError, match="'preset_once' is already registered"):
+    registry.register_fusion("preset_once")(functools.partial(GatedSum, dtype=jnp.float16))
+  first = lambda: GatedSum  # noqa: E731 - two lambdas of one module share a name
+  second = lambda: GatedSum  # noqa: E731
+  registry.register("head", "lambda_once")(first)
+  with pytest.raises(ValueError, match="head 'lambda_once' is already registered"):
+    registry.register("head", "lambda_once")(second)
+  # A loss term through the generic register is a LossTerm, or refused at once.
+  with pytest.raises(TypeError, match="loss_term 'bare': expected a losses.LossTerm"):
+    registry.register("loss_term", "bare")(lambda outputs, batch: 0.0)
   with pytest.raises(ValueError, match="kind: expected one of model, fusion, head, classifier"):
     registry.register("loss", "x")
   with pytest.raises(TypeError, match="expected a registered name or a Module class"):

@@ -301,6 +301,11 @@ def test_unimodal_embeddings_read_nothing_of_the_other_modality(missing_partner)
                            rngs={"dropout": jax.random.key(1)})
     assert float(jnp.abs(state["batch_stats"]["token_mean_audio"]).max()) > 0
     variables = {**variables, **state}
+    # With bfloat16 parameters too the running means are float32, as BatchNorm's statistics.
+    half = DSF3N(5, **SMALL, missing_partner="mean", param_dtype=jnp.bfloat16).init(
+        jax.random.key(0), visual, audio)["batch_stats"]
+    assert half["token_mean_audio"].dtype == half["visual_fine_grained"]["bn"]["mean"].dtype == (
+        jnp.float32)
   emb_v = model.apply(variables, visual, method="embed_visual")
   emb_a = model.apply(variables, audio, method="embed_audio")
   assert emb_v.shape == emb_a.shape == (4, 16)
@@ -394,3 +399,12 @@ def test_input_noise_is_drawn_per_example_and_only_in_training():
                               method="_noisy", rngs={"dropout": jax.random.key(7)}), visual)
   with pytest.raises(ValueError, match="input_noise: expected a standard deviation >= 0"):
     DSF3N(5, **SMALL, input_noise=-1.0).init(jax.random.key(0), visual, audio)
+  # A modality embedded alone in train mode draws its noise by example too: a reordered batch
+  # gives the reordered embeddings (BatchNorm's batch statistics do not see the order).
+  order = np.random.default_rng(1).permutation(8)
+  for method, x in (("embed_visual", visual), ("embed_audio", audio)):
+    def embed(x, ids, method=method):
+      return model.apply(variables, x, train=True, example_ids=ids, method=method,
+                         rngs={"dropout": jax.random.key(7)}, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(embed(x[order], ids[order]), embed(x, ids)[order],
+                               rtol=1e-5, atol=1e-5, err_msg=method)

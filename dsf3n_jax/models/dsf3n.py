@@ -182,10 +182,13 @@ class DSF3N(nn.Module):
       self.placeholder_audio = self.param("placeholder_audio", nn.initializers.zeros, shape,
                                           self.param_dtype)
     elif self.missing_partner == "mean":
+      # Running means in at least float32, as BatchNorm keeps its statistics: a 0.9-momentum
+      # average in bfloat16 stops moving.
+      stat_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
       self.token_mean_visual = self.variable("batch_stats", "token_mean_visual", jnp.zeros,
-                                             shape, self.param_dtype)
+                                             shape, stat_dtype)
       self.token_mean_audio = self.variable("batch_stats", "token_mean_audio", jnp.zeros,
-                                            shape, self.param_dtype)
+                                            shape, stat_dtype)
 
   def _fine_grained(self) -> FineGrainedNet:
     """A FineGrainedNet of this model's fields of the same names."""
@@ -263,7 +266,7 @@ class DSF3N(nn.Module):
   def embed_visual(self, visual: jax.Array, *, train: bool = False,
                    example_ids: jax.Array | None = None) -> jax.Array:
     """The retrieval embedding of visual items alone: (batch, visual_dim) -> (batch, embed)."""
-    f_v = self.visual_tokens(visual, train=train)
+    f_v = self.visual_tokens(visual, train=train, example_ids=example_ids)
     fused, _ = self._fuse(f_v, self._stand_in(f_v, "audio"), train=train,
                           example_ids=example_ids)
     return self._embed(fused, train=train, example_ids=example_ids)
@@ -271,7 +274,7 @@ class DSF3N(nn.Module):
   def embed_audio(self, audio: jax.Array, *, train: bool = False,
                   example_ids: jax.Array | None = None) -> jax.Array:
     """The retrieval embedding of audio items alone: (batch, audio_dim) -> (batch, embed)."""
-    f_a = self.audio_tokens(audio, train=train)
+    f_a = self.audio_tokens(audio, train=train, example_ids=example_ids)
     _, fused = self._fuse(self._stand_in(f_a, "visual"), f_a, train=train,
                           example_ids=example_ids)
     return self._embed(fused, train=train, example_ids=example_ids)
