@@ -22,6 +22,7 @@ from dsf3n_jax import config_schema, losses
 from dsf3n_jax.config_schema import Rule, is_int, is_real
 from dsf3n_jax.datasets import synthetic as synthetic_lib
 from dsf3n_jax.models import registry
+from dsf3n_jax.models.fine_grained import positions_left
 
 # Mappings whose keys are open (a user registers more loss terms), below the reference's own.
 OPEN_MAPPINGS = ("loss.terms", "loss.unimodal_terms", "evals",
@@ -98,10 +99,7 @@ def _geometry_problems(config, bad: set[str]) -> list[str]:
   if bad.intersection(geometry) or _MISSING in values:
     return []
   length, kernel, stride, padding, branches = values
-  positions = (length + 2 * padding - kernel) // stride + 1
-  for _ in range(1 + len(branches)):  # after the stem and after each branch stage
-    positions //= 2
-  if positions >= 1:
+  if positions_left(length, kernel, stride, padding, len(branches)) >= 1:
     return []
   return [_problem("model.encoder_features", length,
                    f"a length that leaves at least one position after the stem (kernel "

@@ -42,6 +42,14 @@ def _class_ids(labels: Array, num_classes: int) -> Array:
     return jnp.argmax(labels, axis=-1)
   if labels.ndim != 1:
     raise ValueError(f"labels: expected shape (batch,) or (batch, C), got {labels.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels: expected integer class ids (or one-hot rows), got "
+                     f"{labels.dtype} ids")
+  if not isinstance(labels, jax.core.Tracer):  # concrete: out of range is an error, not NaN
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(jnp.any(bad)):
+      raise ValueError(f"labels: class ids must be in [0, {num_classes}), got "
+                       f"{int(labels[jnp.argmax(bad)])}")
   return labels.astype(jnp.int32)
 
 
@@ -114,7 +122,9 @@ def identity_loss(logits_visual: Array, logits_audio: Array, labels: Array, *,
     count = jnp.sum(w)
     if axis_name is not None:
       sq, count = psum(sq, axis_name), psum(count, axis_name)
-    return jnp.sqrt(sq) / jnp.maximum(count, 1)
+    # The norm's gradient at 0 (logits exactly one-hot, or every row masked) is 0, not NaN.
+    root = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+    return root / jnp.maximum(count, 1)
 
   return frobenius(logits_visual) + frobenius(logits_audio)
 

@@ -102,7 +102,10 @@ def _from_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
 
 def _to_numpy(value: Any) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor; torch itself is not imported here
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":  # numpy has none; float32 holds it exactly
+      value = value.float()
+    value = value.numpy()
   return np.asarray(value)
 
 
@@ -197,12 +200,17 @@ def check_reference_model(model) -> None:
     raise ValueError(f"convert: the model is a {type(model).__name__}, not DSF3N; only the "
                      "original architecture has PyTorch weights")
   for field in dataclasses.fields(DSF3N):
-    if field.name in registry.PARTS and getattr(model, field.name) != field.default:
-      value = getattr(model, field.name)
+    value = getattr(model, field.name)
+    if field.name in registry.PARTS and value != field.default and value is not (
+        registry.lookup(field.name, field.default)):  # the stock class itself is stock
       if not isinstance(value, str):
         value = getattr(getattr(value, "func", value), "__qualname__", value)
       raise ValueError(f"convert: model.{field.name}={value!r} has no counterpart in the "
                        f"original PyTorch model; only {field.name} {field.default!r} converts")
+  if model.missing_partner in ("learned", "mean"):
+    raise ValueError(f"convert: model.missing_partner={model.missing_partner!r} has variables "
+                     "(its stand-in tokens) the original PyTorch model has no counterpart for; "
+                     "only 'self' converts")
 
 
 def variables_template(model) -> dict[str, Any]:

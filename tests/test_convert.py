@@ -152,6 +152,13 @@ def test_torch_tensors_numpy_and_module_prefix_agree(torch_state):
   from_numpy = convert.from_torch_state_dict(
       {"module." + k: v.numpy() for k, v in torch_state.items()})
   jax.tree.map(np.testing.assert_array_equal, from_tensors, from_numpy)
+  # A bfloat16 checkpoint (numpy has no bfloat16): its values, exactly.
+  half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+          for k, v in torch_state.items()}
+  from_half = convert.from_torch_state_dict(half)
+  want = convert.from_torch_state_dict({k: v.float() if v.is_floating_point() else v
+                                        for k, v in half.items()})
+  jax.tree.map(np.testing.assert_array_equal, from_half, want)
 
 
 def test_dtype_cast(torch_state):

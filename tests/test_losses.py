@@ -84,3 +84,19 @@ def test_mask_excludes_examples():
   cut, _ = losses.dsf3n_loss(tuple(o[:5] for o in outs), labels[:5], centers, alpha=0.1,
                              beta=0.1)
   np.testing.assert_allclose(masked, cut, rtol=1e-6)
+
+
+def test_class_ids_out_of_range_or_fractional_are_named_and_the_norm_has_no_nan_gradient():
+  logits = jnp.zeros((4, 3))
+  for labels, match in ((jnp.array([0, 1, 2, 3]), r"in \[0, 3\), got 3"),
+                        (jnp.array([0, 1, 2, -1]), r"in \[0, 3\), got -1"),
+                        (jnp.array([0.7, 1.0, 2.0, 0.0]), "expected integer class ids")):
+    with pytest.raises(ValueError, match=match):
+      losses.identity_loss(logits, logits, labels)
+    with pytest.raises(ValueError, match=match):
+      losses.center_loss(jnp.ones((4, 2)), labels, jnp.zeros((3, 2)))
+  # The paper's identity loss at its minimum (logits exactly one-hot): a zero gradient.
+  labels = jnp.array([0, 1, 2, 0])
+  onehot = jax.nn.one_hot(labels, 3)
+  grad = jax.grad(lambda x: losses.identity_loss(x, x, labels, form="paper"))(onehot)
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).max()) == 0.0

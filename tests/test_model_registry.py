@@ -280,9 +280,14 @@ def test_a_part_breaking_its_interface_is_named():
 def test_convert_refuses_another_composition_naming_the_part():
   # Other settings of the stock parts convert.
   convert.check_reference_model(DSF3N(3, fusion_kw={"variant": "paper", "num_stages": 0}))
+  convert.check_reference_model(DSF3N(3, head=OutputHead))  # the stock class, given itself
+
+  class WiderHead(OutputHead):
+    pass
+
   for kwargs, message in (
       (dict(fusion="gated_sum"), "model.fusion='gated_sum' has no counterpart"),
-      (dict(head=OutputHead), "model.head='OutputHead' has no counterpart"),
+      (dict(head=WiderHead), "model.head='.*WiderHead' has no counterpart"),
       (dict(classifier=functools.partial(Classifier, hidden=4)),
        "model.classifier='Classifier' has no counterpart"),
   ):
@@ -295,6 +300,8 @@ def test_convert_refuses_another_composition_naming_the_part():
 
   with pytest.raises(ValueError, match="^convert: the model is a Subclass, not DSF3N"):
     convert.from_torch_state_dict({}, model=Subclass(3))
+  with pytest.raises(ValueError, match="^convert: model.missing_partner='learned' has variables"):
+    convert.from_torch_state_dict({}, model=DSF3N(3, missing_partner="learned"))
   variables = convert.variables_template(DSF3N(3, fusion="gated_sum"))
   with pytest.raises(ValueError, match="no torch name for Flax variable params/fusion/gate"):
     convert.to_torch_state_dict(variables)

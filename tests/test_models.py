@@ -408,3 +408,22 @@ def test_input_noise_is_drawn_per_example_and_only_in_training():
                          rngs={"dropout": jax.random.key(7)}, mutable=["batch_stats"])[0]
     np.testing.assert_allclose(embed(x[order], ids[order]), embed(x, ids)[order],
                                rtol=1e-5, atol=1e-5, err_msg=method)
+
+
+def test_a_model_built_directly_names_a_bad_setting():
+  """The checks ``config_check`` makes of a config, for a model built in Python."""
+  visual, audio = jnp.zeros((2, 1024)), jnp.zeros((2, 128))
+  for kwargs, match in (
+      (dict(encoder_features=64), r"encoder features 64: too short for the stem \(kernel 32"),
+      (dict(kernel_sizes=()), r"kernel_sizes=\(\), branch_features=.*at least one branch"),
+      (dict(fusion_kw={"num_stages": -1}), "num_stages: expected MFA applications >= 0"),
+      (dict(dropout_rate=1.5), r"dropout rate: expected a probability in \[0, 1\], got 1.5"),
+  ):
+    model = DSF3N(3, **kwargs)
+    with pytest.raises(ValueError, match=match):
+      variables = model.init(jax.random.key(0), visual, audio)
+      model.apply(variables, visual, audio, train=True, mutable=["batch_stats"],
+                  rngs={"dropout": jax.random.key(1)})
+  with pytest.raises(ValueError, match="num_classes: expected a positive int, got 0"):
+    DSF3N(0).init(jax.random.key(0), visual, audio)
+  DSF3N(np.int64(3)).init(jax.random.key(0), visual, audio)  # a numpy count is a count

@@ -155,3 +155,13 @@ def test_every_documented_command_line_uses_flags_its_tool_has():
           assert flag in known, f"{doc.name}:{n}: dsf3n_jax.{tool} has no {flag} ({line.strip()})"
           checked += 1
   assert checked >= 10, checked
+
+
+def test_the_model_docs_python_api_runs_as_written():
+  """docs/model.md's Python API block, run as it is: forward, loss, gradients, conversion."""
+  text = (REPO / "docs" / "model.md").read_text()
+  block = text[text.index("## Python API"):].split("```python\n", 1)[1].split("```", 1)[0]
+  names = {}
+  exec(compile(block, "docs/model.md", "exec"), names)  # noqa: S102 - the docs' own code
+  assert names["out"].emb_visual.shape == (8, 64)
+  assert names["grads_sd"].keys() <= names["sd"].keys() and len(names["grads_sd"]) > 10

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -154,6 +155,9 @@ class DSF3N(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
+    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral) or (
+        self.num_classes < 1):
+      raise ValueError(f"num_classes: expected a positive int, got {self.num_classes!r}")
     if self.missing_partner not in MISSING_PARTNERS:
       raise ValueError(f"missing_partner: expected one of {', '.join(MISSING_PARTNERS)}, got "
                        f"{self.missing_partner!r}")

@@ -20,6 +20,15 @@ from flax import linen as nn
 from dsf3n_jax.models.layers import BatchNorm, conv1d, max_pool
 
 
+def positions_left(length: int, kernel: int, stride: int, padding: int, stages: int,
+                   pool: int = 2) -> int:
+  """Positions a branch max-pools globally: after the stem and ``1 + stages`` max-pools."""
+  positions = (length + 2 * padding - kernel) // stride + 1
+  for _ in range(1 + stages):
+    positions //= pool
+  return positions
+
+
 class FineGrainedNet(nn.Module):
   """Multi-scale Conv1d feature extractor: (batch, L) -> (batch, tokens, dim).
 
@@ -52,6 +61,15 @@ class FineGrainedNet(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, *, train: bool) -> jax.Array:
+    if not self.kernel_sizes or not self.branch_features:
+      raise ValueError(f"kernel_sizes={tuple(self.kernel_sizes)}, branch_features="
+                       f"{tuple(self.branch_features)}: expected at least one branch and stage")
+    if positions_left(h.shape[-1], self.stem_kernel, self.stem_stride, self.stem_padding,
+                      len(self.branch_features), self.pool) < 1:
+      raise ValueError(
+          f"encoder features {h.shape[-1]}: too short for the stem (kernel "
+          f"{self.stem_kernel}, stride {self.stem_stride}, padding {self.stem_padding}) and "
+          f"{1 + len(self.branch_features)} max-pools by {self.pool}: no position is left")
     x = h[..., None]  # (batch, length, 1)
     x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, axis_name=self.axis_name,
                   dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train=train)

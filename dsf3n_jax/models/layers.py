@@ -283,6 +283,8 @@ class Dropout(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool,
                example_ids: Array | None = None) -> Array:
+    if not 0.0 <= self.rate <= 1.0:
+      raise ValueError(f"dropout rate: expected a probability in [0, 1], got {self.rate!r}")
     if deterministic or self.rate == 0.0:
       return x
     if self.rate == 1.0:
