@@ -209,15 +209,7 @@ def _run_variables(workdir: pathlib.Path, which: str
   return variables, int(step), workdir_lib.read_run_config(workdir)["model"]
 
 
-def main(argv: Sequence[str] | None = None) -> pathlib.Path:
-  """Command-line entry point; returns the path written.
-
-  Args:
-    argv: arguments without the program name (default: ``sys.argv[1:]``).
-
-  Returns:
-    The written file.
-  """
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m dsf3n_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("src", help="a .pth state dict (or, with --to_torch, a training run's "
@@ -247,6 +239,19 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
                       default=None, help="comma-separated fine-grained kernel sizes "
                       "(default 3,5,7)")
   parser.add_argument("--no_strict", action="store_true", help="ignore unexpected torch keys")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  """Command-line entry point; returns the path written.
+
+  Args:
+    argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+  Returns:
+    The written file.
+  """
+  parser = _parser()
   args = parser.parse_args(argv)
 
   src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)

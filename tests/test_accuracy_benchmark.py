@@ -17,15 +17,6 @@ EXPECTED = {("cca", "unimodal"), ("semantic_linear", "unimodal"), ("semantic_mlp
             ("dsf3n_unimodal", "paired"), ("dsf3n_unimodal", "unimodal")}
 
 
-def _variant_error(module: str, variants: str) -> str | None:
-  """The ValueError a config raises for these variants, or None when it loads."""
-  try:
-    accuracy.load_config(module, variants)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
 @pytest.mark.slow
 def test_quick_run_on_synthetic_writes_every_row(tmp_path):
   # One CPU device, and the suite's codegen (tests/suite_xla.py).
@@ -42,25 +33,19 @@ def test_quick_run_on_synthetic_writes_every_row(tmp_path):
   assert doc["accelerator"]["jax_backend"] and doc["versions"]["jax"]
   rows = {(r["method"], r["protocol"]): r for r in doc["rows"]}
   assert set(rows) == EXPECTED and len(doc["rows"]) == len(EXPECTED)
-  unimodal_error = _variant_error("synthetic", "unimodal,runlocal,tiny")
   for (method, protocol), r in rows.items():
     assert r["config"], (method, r)
-    if method == "dsf3n_unimodal" and unimodal_error:  # the variant does not exist yet
-      assert r["error"] and unimodal_error in r["error"], r
-      continue
     assert r["error"] is None, (method, r.get("traceback"))
     assert r["train_s"] > 0, r
     values = [r[k] for k in accuracy.DIRECTIONS]
-    if None in values:  # only where train.evaluate does not report the protocol's keys
-      assert method.startswith("dsf3n") and r["note"], r
-      continue
-    assert all(0.0 <= v <= 1.0 for v in values), r
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values), r
     assert r["average"] == pytest.approx((values[0] + values[1]) / 2), r
     assert f"| {r['name']} | {protocol} |" in md
   for method in ("dsf3n_paper", "dsf3n_unimodal"):
-    details = rows[(method, "paired")].get("details")
-    if details:
-      assert details["best"]["epoch"] >= 1 and details["best"]["selected_on"], details
+    details = rows[(method, "paired")]["details"]
+    assert details["best"]["epoch"] >= 1 and details["best"]["selected_on"], details
+  # The quick run's two epochs of the tiny model are a run of the pipeline, not of learning
+  # (about chance here); that DSF3N learns is test_train's (synthetic and fsdd_digits).
   assert rows[("semantic_mlp", "unimodal")]["average"] > doc["chance_map"] + 0.2, doc
   assert "**test** split" in md and "Selection:" in md and "Machine:" in md
 

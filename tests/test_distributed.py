@@ -200,7 +200,8 @@ def test_a_process_whose_peer_died_exits_within_the_heartbeat_timeout(tmp_path):
     procs[0].kill()
     pytest.fail("the surviving process hung after its peer died")
   assert procs[0].returncode != 0
-  assert time.time() - killed_at < 120
+  # Within the configured 10 s and a busy machine's slack, far under JAX's default of 100 s.
+  assert time.time() - killed_at < 60, time.time() - killed_at
   procs[1].wait()
 
 
@@ -211,7 +212,8 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
                 "--config.distributed.initialization_timeout=5")
   out, _ = proc.communicate(timeout=180)
   assert proc.returncode != 0
-  assert time.time() - start < 180
+  # The configured 5 s, start-up and a busy machine's slack: far under the default 300 s.
+  assert time.time() - start < 60, time.time() - start
   assert "coordinator" in out.lower() or "deadline" in out.lower() or "timed out" in out.lower()
 
 

@@ -528,7 +528,8 @@ def test_float32_trajectory_on_real_data_stays_as_close_as_pytorchs_own_float32(
   float32's own distance from float64: its distance for that tensor, or its worst over the
   tensors when that is larger (a tensor PyTorch happens to get to the last bit says nothing
   of the rounding a float32 run carries). Measured (10 / 50 steps): PyTorch float32 worst
-  2.4e-6 / 4.2e-2, ours 5.7e-6 / 4.2e-2 from float64; ours 7e-6 / 6e-6 from PyTorch float32."""
+  2.4e-6 / 4.2e-2, ours 5.7e-6 / 4.2e-2 from float64; ours 7e-6 / 6e-6 from PyTorch float32
+  (Intel; AMD EPYC: 6.5e-6 / 4.2e-2, 7.0e-6 / 4.2e-2 and 8.7e-6 / 7.5e-6)."""
   runs = fsdd_trajectories(fsdd_path, steps)
   ref = runs["torch64"]
   theirs = {k: rel_err(runs["torch32"][k], v) for k, v in ref.items()}
@@ -539,4 +540,10 @@ def test_float32_trajectory_on_real_data_stays_as_close_as_pytorchs_own_float32(
         f"(from PyTorch float64)")
   bad = {k: (ours[k], theirs[k]) for k in ref if not ours[k] <= 5 * max(theirs[k], floor)}
   assert not bad, f"(ours, PyTorch float32) relative distances from float64 above 5x: {bad}"
+  # The floor above is loose after 50 steps (PyTorch float32's worst tensor is 4e-2 from
+  # float64), so also: both float32 runs take the same trajectory, every tensor within 1e-4
+  # of PyTorch float32's (measured worst: 7e-6 / 6e-6 on Intel, 9e-6 / 8e-6 on AMD EPYC).
+  direct = {k: rel_err(runs["ours32"][k], runs["torch32"][k]) for k in ref}
+  far = {k: v for k, v in direct.items() if not v <= 1e-4}
+  assert not far, f"relative distances from PyTorch float32 above 1e-4: {far}"
   assert any(".BN.bias" in k for k in ref) and any(".BN.running_var" in k for k in ref)

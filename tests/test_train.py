@@ -159,15 +159,29 @@ def test_bf16_compute_casts_each_weight_matrix_once_per_step_and_accumulates_in_
 
 
 def test_dropout_masks_depend_on_step_and_example():
+  """The step draws dropout from ``fold_in(rng, step)`` and each example's mask from its global
+  index: its loss is the loss of the model applied by hand with that key and those indices,
+  which differs at another step and with one index for every example."""
   config = tiny_config()
+  assert config.model.dropout_rate > 0
   model, tx, state0 = tiny_setup(config)
   step_fn = train.per_device_step(config, model, tx)
-  batch = random_batches(1, 16)
-  with_dropout, _ = run_steps(step_fn, state0, batch, 1)
-  config.model.dropout_rate = 0.0
-  model0, tx0, _ = tiny_setup(config)
-  without, _ = run_steps(train.per_device_step(config, model0, tx0), state0, batch, 1)
-  assert max_abs_diff(with_dropout.params, without.params) > 1e-4
+  (batch,) = random_batches(1, 16)
+  loss_fn = losses.loss_from_config(config.loss)
+
+  def by_hand(step, example_ids):
+    out, _ = model.clone(axis_name=None).apply(
+        {"params": state0.params, "batch_stats": state0.batch_stats}, batch["visual"],
+        batch["audio"], train=True, example_ids=example_ids, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.fold_in(jax.random.wrap_key_data(state0.rng), step)})
+    return float(loss_fn(out, {"label": batch["label"], "mask": None}, state0.aux)[0])
+
+  for step in (0, 3):
+    state = state0.replace(step=jnp.asarray(step, jnp.asarray(state0.step).dtype))
+    _, (metrics,) = run_steps(step_fn, state, [batch], 1)
+    np.testing.assert_allclose(metrics["loss"], by_hand(step, jnp.arange(16)), rtol=1e-5)
+  assert abs(by_hand(0, jnp.arange(16)) - by_hand(3, jnp.arange(16))) > 1e-3
+  assert abs(by_hand(0, jnp.arange(16)) - by_hand(0, jnp.zeros(16, jnp.int32))) > 1e-3
 
 
 def test_distillation_learns_from_the_paired_outputs_with_every_real_partner():
@@ -339,7 +353,13 @@ def test_checkpoint_of_another_model_is_rejected_naming_fields(tmp_path):
   assert "model.fusion_kw.variant: checkpoint has 'reference', config has 'paper'" in str(err.value)
 
 
-def test_guards_fail_before_compiling(tmp_path):
+def test_guards_fail_before_compiling(tmp_path, monkeypatch):
+  from dsf3n_jax.training import loop as loop_lib
+
+  def compiles(*args, **kwargs):  # the state's initialiser: a run's first compile
+    raise AssertionError("a guard ran after the run began compiling")
+
+  monkeypatch.setattr(loop_lib, "make_init_fn", compiles)
   config = tiny_config(batch_size=12)  # 8 devices
   with pytest.raises(ValueError, match=r"batch_size=12: .*8 devices"):
     train.train_and_evaluate(config, str(tmp_path / "a"))
@@ -351,6 +371,8 @@ def test_guards_fail_before_compiling(tmp_path):
   (readonly / "file").write_text("x")
   with pytest.raises(PermissionError, match="workdir"):
     train.train_and_evaluate(tiny_config(), str(readonly / "file" / "run"))
+  with pytest.raises(AssertionError, match="began compiling"):  # the patch is on the path
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "good"))
 
 
 def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path, monkeypatch):
