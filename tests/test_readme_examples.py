@@ -101,7 +101,13 @@ def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
                           "--queries=0,1", "--k=3"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
   assert shown.returncode == 0, shown.stderr[-3000:]
-  assert "rank" in shown.stdout
+  assert shown.stdout.count("query audio row") == 2 and "rank" in shown.stdout
+  # retrieve rebuilt the user's fusion with the trained weights: the run's own test mAP.
+  average, protocol = re.search(r"average (\d\.\d{4})  \((\w+) protocol\)",
+                                shown.stdout).groups()
+  key = "map_average" if protocol == "paired" else f"{protocol}_map_average"
+  assert float(average) == pytest.approx(results["final"]["test"][key], abs=1e-4), (
+      shown.stdout, results["final"]["test"])
 
 
 @pytest.mark.slow

@@ -163,7 +163,15 @@ def test_cli_on_real_data(fsdd_path, tmp_path, capsys):
                                                                        "num_classes": 10})
   assert retrieve.main([f"--variables={tmp_path / 'v.npz'}", f"--data={fsdd_path}",
                         "--queries=0", "--k=5"]) == 0
-  assert "precision@5 (audio->visual, 300 queries)" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "precision@5 (audio->visual, 300 queries)" in out
+  # The file's test split, each modality embedded alone by the saved model (the default
+  # protocol): the mAP printed is theirs.
+  data = np.load(fsdd_path)
+  emb_v = model.apply(variables, data["visual_test"], method="embed_visual")
+  emb_a = model.apply(variables, data["audio_test"], method="embed_audio")
+  maps = metrics.cross_modal_map(np.asarray(emb_v), np.asarray(emb_a), data["lab_test"])
+  assert f"average {maps['average']:.4f}  (unimodal protocol)" in out, (out, maps)
 
 
 NOT_NPZ = ("pickle", "object_array", "random_bytes", "hdf5", "npy", "zip_of_other_things",
