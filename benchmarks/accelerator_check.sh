@@ -8,7 +8,7 @@
 # The host needs Python with JAX for its accelerator, flax, optax, orbax-checkpoint, numpy,
 # torch (the PyTorch baselines) and pytest. What else the project needs
 # (benchmarks/accelerator_requirements.txt: tensorflow-datasets, ml-collections, array_record,
-# tensorboardX and their small dependencies) comes from WHEELS, installed with --no-index
+# tensorboardX, scikit-learn and their small dependencies) comes from WHEELS, installed with --no-index
 # --no-deps into a folder of its own, so a host that reaches no package registry works.
 # Prepare WHEELS beforehand on a machine that reaches PyPI with --prepare (PYTHON_VERSION: the
 # accelerator host's, default 3.12; Linux x86-64 wheels) and copy it over with the checkout.
@@ -33,9 +33,10 @@ if [[ "${1:-}" == --prepare ]]; then
   grep -v '^#' benchmarks/accelerator_requirements.txt | grep -v '^promise==' \
     | xargs "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$version" \
         --implementation cp "${platforms[@]}" -d "$wheels"
-  # promise is published as source only (pure Python): it is built on the host.
+  # promise is published as source only (pure Python): built into a wheel here, where pip
+  # reaches setuptools, so the host installs wheels alone.
   grep '^promise==' benchmarks/accelerator_requirements.txt \
-    | xargs "$PYTHON" -m pip download --no-deps --no-binary=:all: -d "$wheels"
+    | xargs "$PYTHON" -m pip wheel --no-deps --no-binary=:all: -w "$wheels"
   du -sh "$wheels"
   exit 0
 fi
@@ -48,7 +49,7 @@ exec > >(tee -a "$out/check.log") 2>&1
 if [[ -n "$wheels" ]]; then
   site=${TMPDIR:-/tmp}/dsf3n-accelerator-site
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --no-build-isolation --upgrade --target "$site" "$wheels"/* || exit 1
+    --upgrade --target "$site" "$wheels"/*.whl || exit 1
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,6 +70,7 @@ echo "benchmarks.run exit status: $?"
 # the step, the on-device epoch and chunk, runs resumed from mid-epoch, the loop's actions.
 # Tests that compare more devices than the host has skip, naming the count. At XLA's default
 # optimisation, as users' runs compile (the CPU suite turns most of it off: tests/conftest.py).
-JAX_DISABLE_MOST_OPTIMIZATIONS=0 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+# pyproject's addopts name pytest-xdist's --dist, which the host may lack: replaced here.
+JAX_DISABLE_MOST_OPTIMIZATIONS=0 "$PYTHON" -m pytest -q -rs -o addopts= -p no:cacheprovider \
   tests/test_train.py tests/test_loop.py -m "not slow" 2>&1 | tee "$out/tests.txt"
 exit "${PIPESTATUS[0]}"

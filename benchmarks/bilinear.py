@@ -48,8 +48,10 @@ def measure(rows: int, blocks, *, dim: int = 256, repeats: int = 5) -> list[dict
       layers.BILINEAR_BLOCK = block or None
       # New functions per block: the block is read when the function is traced.
       fwd = jax.jit(lambda x, z, k: layers.bilinear(x, z, k))
-      grad = jax.jit(jax.grad(lambda x, z, k: jnp.sum(layers.bilinear(x, z, k) * dy),
-                              argnums=(0, 1, 2)))
+      # The value too: with the gradients alone XLA drops the forward product (the gradient
+      # of sum(y * dy) does not read y), and the time would be the backward's two products.
+      grad = jax.jit(jax.value_and_grad(lambda x, z, k: jnp.sum(layers.bilinear(x, z, k) * dy),
+                                        argnums=(0, 1, 2)))
       f_ms = _median_ms(fwd, x, z, kernel, repeats=repeats)
       fb_ms = _median_ms(grad, x, z, kernel, repeats=repeats)
       out.append({"block": block, "forward_ms": f_ms, "forward_gflops": flops / f_ms / 1e6,
@@ -79,9 +81,11 @@ def main(argv=None) -> pathlib.Path:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"bilinear-{args.rows}.json"
+  from benchmarks import sysinfo
   from dsf3n_jax.paths import atomic_write
   atomic_write(path, json.dumps({"rows": args.rows, "device": jax.devices()[0].device_kind,
-                                 "results": rows}, indent=2) + "\n")
+                                 "machine": sysinfo.machine_info(), "results": rows},
+                                indent=2) + "\n")
   print(f"wrote {path}")
   return path
 

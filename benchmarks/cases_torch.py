@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,10 +25,28 @@ def call_blocking(fn, *args):
   return jax.block_until_ready(fn(*args))
 
 
+def match_jax_settings(torch, device) -> dict[str, Any]:
+  """PyTorch set as JAX runs, so that the comparison is of the code: as many CPU threads as
+  XLA:CPU uses (every core this process may run on; PyTorch's default is the physical
+  cores), and on a GPU float32 products in TF32 where JAX's default precision uses it
+  (``jax_default_matmul_precision`` unset or "default"; PyTorch's default is full float32).
+  Returns the settings, for the results."""
+  import jax
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  precision = jax.config.jax_default_matmul_precision
+  tf32 = device.type == "cuda" and str(precision or "default").lower() in ("default", "none")
+  if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+  return {"torch_threads": threads, "torch_tf32": tf32, "jax_matmul_precision": str(precision)}
+
+
 def torch_model(params, *, einsum: bool, device):
   import torch
 
   from benchmarks import torch_dsf3n
+  match_jax_settings(torch, device)
   kwargs = {k: v for k, v in (params.get("model") or {}).items()}
   for key in ("kernel_sizes", "branch_features"):
     if key in kwargs:
@@ -105,7 +124,7 @@ def case_torch_train(params: Mapping[str, Any]) -> dict[str, Any]:
          "device_peak_bytes": (int(torch.cuda.max_memory_allocated())
                                if device.type == "cuda" else None),
          "loss_finite": bool(np.isfinite(losses[-1])), "threads": torch.get_num_threads(),
-         "allocator": sysinfo.active_allocator()}
+         "allocator": sysinfo.active_allocator(), **match_jax_settings(torch, device)}
   return out
 
 

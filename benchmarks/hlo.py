@@ -110,7 +110,9 @@ def classify_hlo(name: str, instrs: Mapping[str, Any],
   opcodes = {instrs[n]["opcode"] for n in inner}
   flops = sum(hlo_flops(n, instrs) for n in inner)
   if ins["opcode"] in _CONTROL_OPS:
-    return "control flow", flops
+    # The ops of its body run (and are traced) as ops of their own, each iteration: their
+    # FLOPs are theirs, not the loop's.
+    return "control flow", 0.0
   if "dot" in opcodes:
     bilinear = any("/bilinear/" in instrs[n]["op_name"] for n in inner
                    if instrs[n]["opcode"] == "dot")

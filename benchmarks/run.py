@@ -302,8 +302,9 @@ def _resolve_allocator(allocator: str, *, in_process: bool) -> str:
   """``auto``: the allocator measured best here; checked (an unavailable one fails now)."""
   if allocator == "auto":
     available = sysinfo.available_allocators()
-    # Measured on the 2-core CPU (JAX step, batch 128): glibc with huge pages faults ~4k
-    # pages per step, jemalloc ~117k, plain glibc ~323k (1.3 GB of fresh memory).
+    # Measured on the 2-core CPU (JAX step, batch 128; results/cpu-amd-epyc-2c.md): glibc
+    # with huge pages faults 2-3.5k pages per step, jemalloc (oversize_threshold:0) ~1.7k,
+    # plain glibc 135-235k (0.5-0.9 GiB of fresh memory).
     allocator = next(a for a in ("hugetlb", "jemalloc", "default") if a in available)
   sysinfo.allocator_env(allocator, {})  # fails early, naming the flag, if unavailable
   if not in_process:
