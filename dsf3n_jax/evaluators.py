@@ -78,9 +78,13 @@ class EvalContext:
     return getattr(self.run.sources, self.split)
 
   def outputs(self, protocol: str = "both") -> dict[str, np.ndarray]:
-    """Eval-mode outputs of every item: ``label``, ``index`` and the keys of
-    ``protocol`` (``steps.PROTOCOL_KEYS``: paired, unimodal or both)."""
-    return self._outputs(self.split, protocol)
+    """Eval-mode outputs of every item the evaluation counts (``steps.evaluated_items``: on
+    the test split with ``config.metric.original_test_batches``, the original's): ``label``,
+    ``index`` and the keys of ``protocol`` (``steps.PROTOCOL_KEYS``: paired, unimodal or
+    both). Every evaluator of a split sees the same items."""
+    from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+    return steps.evaluated_items(self._outputs(self.split, protocol), self.run.config,
+                                 self.split)
 
 
 def resolve_protocol(protocol: str, ctx: EvalContext) -> str:
@@ -221,14 +225,17 @@ class PrecisionRecall:
     result = {}
     for prefix in (steps.PREFIXES[p] for p in steps.protocols_of(protocol)):
       visual, audio = out[f"{prefix}emb_visual"], out[f"{prefix}emb_audio"]
+      finite = bool(np.isfinite(visual).all() and np.isfinite(audio).all())
       for k in self.ks:
         k_eff = min(k, len(labels))
         for what, fn in (("precision", metrics.precision_at_k), ("recall", metrics.recall_at_k)):
           both = []
           for direction, queries, items in (("audio_to_visual", audio, visual),
                                             ("visual_to_audio", visual, audio)):
+            # A diverged state: NaN scores, as the retrieval evaluator reports them (the
+            # loop then names the evaluation as non-finite).
             value = float(np.mean(fn(queries, items, labels, labels, k=k_eff,
-                                     distance=self.distance)))
+                                     distance=self.distance))) if finite else float("nan")
             result[f"{prefix}{what}_at_{k}_{direction}"] = value
             both.append(value)
           result[f"{prefix}{what}_at_{k}"] = float(np.mean(both))

@@ -278,7 +278,8 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
                          split: str = "test", batch_size: int = 256,
                          model_kwargs: Mapping[str, Any] | None = None,
                          protocol: str = "unimodal",
-                         check_rows: Callable[[int], None] | None = None) -> Embeddings:
+                         check_rows: Callable[[int], None] | None = None,
+                         data_with_embeddings: bool = False) -> Embeddings:
   """Embeddings from one of the three inputs the CLIs accept.
 
   Args:
@@ -294,6 +295,8 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
       made under the other protocol is refused.
     check_rows: called with the split's item count before anything is embedded
       (e.g. to check requested rows; it raises to stop).
+    data_with_embeddings: the caller reads ``data`` beside ``embeddings`` (visualize's raw
+      features); otherwise ``data`` (or ``model_kwargs``) with ``embeddings`` is an error.
 
   Returns:
     ``Embeddings``.
@@ -306,6 +309,11 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
                      f"{given or 'none'}")
   check_rows = check_rows or (lambda n: None)
   if embeddings:
+    unused = [flag for flag, v in (("--model_kwargs", model_kwargs),
+                                   ("--data", None if data_with_embeddings else data)) if v]
+    if unused:
+      raise ValueError(f"{', '.join(unused)}: not read with --embeddings (the embeddings are "
+                       "used as they are); drop it, or embed with --workdir or --variables")
     emb = load_embeddings(embeddings, protocol=protocol)
     check_rows(len(emb.labels))
     return emb
@@ -344,14 +352,14 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
                      protocol=protocol)
 
 
-def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = None
-                          ) -> Embeddings:
+def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = None,
+                          data_with_embeddings: bool = False) -> Embeddings:
   """``embeddings_from_args`` from the flags the retrieve and visualize CLIs share."""
   model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
   return embeddings_from_args(
       workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
       data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs,
-      protocol=args.protocol, check_rows=check_rows)
+      protocol=args.protocol, check_rows=check_rows, data_with_embeddings=data_with_embeddings)
 
 
 def run_split(config, split: str = "test", *, normalize: bool = True) -> dict[str, np.ndarray]:

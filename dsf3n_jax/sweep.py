@@ -247,6 +247,28 @@ def plan_groups(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
 # -- training a group ---------------------------------------------------------------------------
 
 
+def _selection_every_epochs(config: ml_collections.ConfigDict) -> int:
+  """Epochs between the evaluations ``main`` selects a run's state on: its selection
+  evaluator's schedule (0: only at the end). What a sweep cannot do as ``main`` does is an
+  error naming the setting: a step schedule (members are evaluated at epoch ends) and early
+  stopping (every member trains ``num_epochs``)."""
+  from dsf3n_jax import evaluators as evaluators_lib
+  from dsf3n_jax.training import run as run_lib
+  patience = int(config.get("early_stopping_patience", 0) or 0)
+  if patience:
+    raise ValueError(f"config.early_stopping_patience={patience}: a sweep trains every member "
+                     "for num_epochs and selects its state as main does without early "
+                     "stopping; set it to 0")
+  selection = run_lib.selection_of(config)[0]
+  for spec in evaluators_lib.specs(config):
+    if spec.name == selection:
+      if spec.every_steps:
+        raise ValueError(f"config.evals.{spec.name}.every_steps={spec.every_steps}: a sweep "
+                         "evaluates its members at the end of epochs; give every_epochs")
+      return spec.every_epochs
+  return int(config.get("eval_every_epochs", 1))
+
+
 def _protocol(metric: str) -> str:
   if metric not in METRICS:
     raise ValueError(f"selection metric: expected one of {', '.join(METRICS)}, got {metric!r}")
@@ -301,10 +323,11 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
                               mesh=run.mesh, split=split, loss_fn=loss_fns[c],
                               protocol=protocol)
 
+  every = _selection_every_epochs(configs[0])
+
   def on_states(epoch, states):
-    config = configs[0]
-    if epoch % max(int(config.eval_every_epochs), 1) and epoch != config.num_epochs:
-      return
+    if epoch != configs[0].num_epochs and (not every or epoch % every):
+      return  # main evaluates (and selects) only on its selection evaluator's schedule
     finite = seeds_lib.finite_seeds(states)
     for i, (c, _) in enumerate(members):
       if not finite[i]:
@@ -339,7 +362,7 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[in
                 for k in REPORTED}
         for split in ("validation", "test")}
   score_split = select_split  # the configurations are scored where the states were selected
-  scores = [r["summary"][score_split][metric]["mean"] for r in per_config]
+  scores = _ranked_scores([r["summary"][score_split][metric] for r in per_config], len(seeds))
   top = _argmax(scores)
   chosen = None
   if top is not None:
@@ -363,6 +386,18 @@ def _epoch_logger(log: Callable[[str], None], epochs: int, what: str):
     log(f"epoch {epoch}/{epochs} of {what} together ({seconds:.1f} s), train loss "
         f"{np.nanmin(loss):.3f} .. {np.nanmax(loss):.3f}")
   return on_epoch
+
+
+def _ranked_scores(summaries: Sequence[Mapping[str, Any] | None],
+                   num_seeds: int) -> list[float | None]:
+  """The means configurations are chosen by. A configuration some of whose seeds failed (a
+  diverged state, no finite evaluation) is out of the choice while any configuration finished
+  every seed: its mean is of the seeds that survived."""
+  means = [None if s is None else s["mean"] for s in summaries]
+  complete = [s is not None and s["n"] == num_seeds for s in summaries]
+  if any(c and m is not None for c, m in zip(complete, means)):
+    return [m if c else None for m, c in zip(means, complete)]
+  return means
 
 
 def _argmax(values: Sequence[float | None]) -> int | None:
@@ -397,6 +432,7 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
   for i, config in enumerate(configs):
     try:
       config_check.validate(config, num_devices=jax.device_count())
+      _selection_every_epochs(config)
     except ValueError as e:
       raise ValueError(f"--sweep configuration {i} ({_label(overrides[i])}): {e}") from e
   groups = plan_groups(configs, seeds, metric)
@@ -490,7 +526,8 @@ def choose(report: dict[str, Any], configs: Sequence[ml_collections.ConfigDict])
                      "score_split": group["score_split"]}
   report["configs"] = rows
   metric = report["metric"]
-  scores = [None if r is None else r["summary"][r["score_split"]][metric]["mean"] for r in rows]
+  scores = _ranked_scores([None if r is None else r["summary"][r["score_split"]][metric]
+                           for r in rows], len(report["seeds"]))
   top = _argmax(scores)
   if top is None:
     report["chosen"] = None

@@ -78,6 +78,17 @@ def joint_tsne(visual, audio, *, seed: int = 0, perplexity: float = 30.0,
   return xy[:n], xy[n:]
 
 
+def class_colors(n: int) -> list[tuple[float, ...]]:
+  """``n`` distinct RGBA colours: a qualitative map's up to 20 classes, then evenly spaced
+  hues of a continuous one."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  if n <= 20:
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i) for i in range(n)]
+  cmap = matplotlib.colormaps["turbo"]
+  return [cmap(i / (n - 1)) for i in range(n)]
+
+
 def plot_plane(xy_visual, xy_audio, labels, *, title: str, path) -> None:
   """Scatter plot: colour = class, marker = modality; writes a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -86,10 +97,9 @@ def plot_plane(xy_visual, xy_audio, labels, *, title: str, path) -> None:
 
   labels = np.asarray(labels)
   classes = np.unique(labels)
-  cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+  colors = class_colors(len(classes))
   fig, ax = plt.subplots(figsize=(6.5, 6))
-  for i, c in enumerate(classes):
-    color = cmap(i % cmap.N)
+  for c, color in zip(classes, colors):
     rows = labels == c
     ax.scatter(*xy_visual[rows].T, s=12, marker="o", color=color, alpha=0.7,
                label=f"{c} visual")
@@ -117,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="unimodal: each item embedded from its own modality alone (deployable); "
                  "paired: each item embedded with its paired item (the paper's protocol)")
   p.add_argument("--out_dir", required=True)
-  p.add_argument("--max_points", type=int, default=1000, help="pairs plotted (stratified)")
+  p.add_argument("--max_points", type=int, default=1000,
+                 help="pairs plotted (stratified; at least one per class)")
   p.add_argument("--perplexity", type=float, default=30.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch_size", type=int, default=256)
@@ -138,7 +149,9 @@ def main(argv=None) -> int:
     if not args.embeddings:
       log("embedding the %s split: %d items (%s protocol) ...", args.split, n, args.protocol)
 
-  emb = retrieval.embeddings_from_flags(args, check_rows=say_start)
+  if args.max_points < 1:
+    raise ValueError(f"--max_points={args.max_points}: expected at least 1")
+  emb = retrieval.embeddings_from_flags(args, check_rows=say_start, data_with_embeddings=True)
   log("%d items' embeddings ready in %.1f s", len(emb.labels), time.perf_counter() - t0)
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +162,14 @@ def main(argv=None) -> int:
   if args.data:
     visual, audio, raw_labels = retrieval.load_split(args.data, args.split)
     src = emb.indices[rows]  # rows of the file's split
-    if src.max(initial=-1) >= len(raw_labels):
+    if src.max(initial=-1) >= len(raw_labels) or src.min(initial=0) < 0:
       raise ValueError(f"--data={args.data}: split {args.split!r} has {len(raw_labels)} rows "
-                       f"but the embeddings' indices reach {src.max()}")
+                       f"but the embeddings' indices run from {src.min()} to {src.max()}")
+    if not np.array_equal(raw_labels[src], labels):
+      wrong = int(np.sum(raw_labels[src] != labels))
+      raise ValueError(f"--data={args.data} --split={args.split}: {wrong} of {len(src)} rows "
+                       f"have other labels than --embeddings={args.embeddings} gives them: "
+                       "not the split the embeddings were made of (pass its --split)")
     raw = visual, audio, raw_labels
   elif args.workdir:  # the run's own dataset, row-aligned with the embeddings
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top

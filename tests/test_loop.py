@@ -59,6 +59,8 @@ def test_a_run_preempted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path,
     train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
                              actions=[_SignalAt(2)])
   assert stopped.value.step == 2 and stopped.value.exit_status == 75
+  # The streamed loader's prefetch thread is stopped on this exit path too.
+  assert not [t.name for t in threading.enumerate() if t.name.startswith("prefetch")]
   assert checkpoints.Checkpointer(workdir, read_only=True).steps() == [2]
   assert not (workdir / "lock").exists() and not (workdir / "results.json").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back

@@ -113,11 +113,36 @@ def test_sweep_specs_and_their_errors(tmp_path):
                       ("data.validation_fraction=0.0,0.25",
                        r"configuration 1 \(data.validation_fraction=0.25\) changes "
                        r"data.validation_fraction \(0.0 in configuration 0, 0.25 here\)"),
-                      ("data.synthetic.num_train=96,80", r"changes data.synthetic")):
+                      ("data.synthetic.num_train=96,80", r"changes data.synthetic"),
+                      # What a sweep cannot select as main does is named, not done otherwise.
+                      ("early_stopping_patience=2,3",
+                       r"configuration 0 .*early_stopping_patience=2: a sweep trains every "
+                       r"member for num_epochs")):
     with pytest.raises(ValueError, match=match):
       sweep.run_sweep(_base(), sweep.parse_sweep(spec), [0], str(tmp_path / "refused"),
                       log=lambda m: None)
   assert not (tmp_path / "refused").exists()
+  # Members' states are selected on main's schedule: its selection evaluator's.
+  config = _base()
+  config.eval_every_epochs = 0
+  assert sweep._selection_every_epochs(config) == 0  # main: only the final state
+  config.evals = {"validation": {"type": "retrieval", "every_epochs": 3}}
+  assert sweep._selection_every_epochs(config) == 3
+  config.evals = {"validation": {"type": "retrieval", "every_steps": 50}}
+  with pytest.raises(ValueError, match=r"config.evals.validation.every_steps=50: a sweep"):
+    sweep._selection_every_epochs(config)
+
+
+def test_a_configuration_whose_seeds_partly_failed_is_not_chosen_over_a_complete_one():
+  def summary(values):
+    return sweep._summary(values)
+
+  # Configuration 1's one surviving seed scores highest; two of its three seeds diverged.
+  ranked = sweep._ranked_scores([summary([0.80, 0.81, 0.79]), summary([0.82, None, None])], 3)
+  assert ranked[1] is None and sweep._argmax(ranked) == 0
+  # When no configuration finished every seed, the survivors' means still choose.
+  ranked = sweep._ranked_scores([summary([0.80, None]), summary([0.82, None])], 2)
+  assert sweep._argmax(ranked) == 1
 
 
 def test_distillation_pulls_the_alone_embeddings_and_not_the_teacher():

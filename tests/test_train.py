@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from dsf3n_jax import cli, config_check, input_pipeline, losses, retrieve, train, visualize
+from dsf3n_jax import cli, config_check, input_pipeline, losses, metrics, retrieve, train, visualize
 from dsf3n_jax.training import state as state_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training.state import DEFAULT_LOSS_TERMS
@@ -769,3 +769,30 @@ def test_a_float64_run_is_float64_end_to_end():
     assert floats == {np.dtype(np.float64)}
     assert {k: str(np.asarray(hist[0][k]).dtype) for k in ("loss", "id", "pair", "center")} == {
         k: "float64" for k in ("loss", "id", "pair", "center")}
+
+
+def test_every_evaluator_of_a_split_counts_the_same_items_and_a_diverged_state_scores_nan():
+  """``metric.original_test_batches`` trims the test split for every evaluator (the
+  original's batches of N, the partial one dropped), and precision/recall of non-finite
+  embeddings are NaN scores, as retrieval's are (the loop names such an evaluation)."""
+  from dsf3n_jax import evaluators
+
+  config = tiny_config(**{"metric.original_test_batches": 16})
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 5, 40)
+  out = {"label": labels, "index": np.arange(40),
+         "unimodal_emb_visual": rng.normal(size=(40, 8)).astype(np.float32),
+         "unimodal_emb_audio": rng.normal(size=(40, 8)).astype(np.float32)}
+  run = types.SimpleNamespace(config=config, metric="unimodal_map_average")
+  evaluator = evaluators.PrecisionRecall(run, split="test", ks=(5,), protocol="unimodal")
+  ctx = evaluators.EvalContext(run=run, state=None, step=1, split="test",
+                               _outputs=lambda split, protocol: out)
+  assert len(ctx.outputs("unimodal")["label"]) == 32
+  got = evaluator(ctx)
+  kept = slice(0, 32)
+  want = np.mean(metrics.precision_at_k(out["unimodal_emb_audio"][kept],
+                                        out["unimodal_emb_visual"][kept], labels[kept],
+                                        labels[kept], k=5))
+  assert got["unimodal_precision_at_5_audio_to_visual"] == pytest.approx(float(want))
+  out["unimodal_emb_visual"] = np.full((40, 8), np.nan, np.float32)
+  assert all(np.isnan(v) for v in evaluator(ctx).values())

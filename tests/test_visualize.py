@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dsf3n_jax import retrieval, visualize
+from dsf3n_jax import retrieval, retrieve, visualize
 
 
 def test_subsample_is_stratified():
@@ -40,3 +40,35 @@ def test_cli_writes_both_figures_saying_what_it_does(tmp_path, capfd):
   for said in ("30 items' embeddings ready in", "t-SNE of 30 raw feature "
                "pairs", "t-SNE of 30 embedding pairs", "embeddings' t-SNE in"):
     assert said in err, err
+
+
+def test_bad_input_is_named_and_classes_keep_distinct_colours(tmp_path):
+  rng = np.random.default_rng(2)
+  n = 30
+  labels = rng.integers(0, 3, n)
+  np.savez(tmp_path / "data.npz", visual_test=rng.normal(size=(n, 64)).astype(np.float32),
+           audio_test=rng.normal(size=(n, 16)).astype(np.float32), lab_test=labels,
+           visual_train=rng.normal(size=(n, 64)).astype(np.float32),
+           audio_train=rng.normal(size=(n, 16)).astype(np.float32),
+           lab_train=(labels + 1) % 3)
+  emb = retrieval.Embeddings(rng.normal(size=(n, 8)).astype(np.float32),
+                             rng.normal(size=(n, 8)).astype(np.float32), labels, np.arange(n),
+                             protocol="unimodal")
+  retrieval.save_embeddings(tmp_path / "emb.npz", emb)
+  common = [f"--embeddings={tmp_path / 'emb.npz'}", f"--data={tmp_path / 'data.npz'}",
+            f"--out_dir={tmp_path / 'figs'}", "--perplexity=5"]
+  # The embeddings of the test split drawn over the train split's features.
+  with pytest.raises(ValueError, match=r"--split=train: 30 of 30 rows have other labels"):
+    visualize.main([*common, "--split=train"])
+  retrieval.save_embeddings(tmp_path / "neg.npz", retrieval.Embeddings(
+      emb.emb_visual, emb.emb_audio, labels, np.arange(n) - 1, protocol="unimodal"))
+  with pytest.raises(ValueError, match=r"indices run from -1 to 28"):
+    visualize.main([f"--embeddings={tmp_path / 'neg.npz'}", *common[1:]])
+  with pytest.raises(ValueError, match="--max_points=0: expected at least 1"):
+    visualize.main([*common, "--max_points=0"])
+  assert not list(tmp_path.glob("figs/*.png"))  # no figure from a refused run
+  # retrieve ranks embeddings as they are: a --data beside them is refused, not ignored.
+  with pytest.raises(ValueError, match="--data: not read with --embeddings"):
+    retrieve.main([f"--embeddings={tmp_path / 'emb.npz'}", f"--data={tmp_path / 'data.npz'}"])
+  for count in (3, 20, 25):
+    assert len(set(visualize.class_colors(count))) == count

@@ -299,6 +299,7 @@ class Loop:
     self._output_cache: dict[str, tuple[set[str], dict[str, np.ndarray]]] = {}
     self.final = False  # the boundary being run (or last run) is the run's last evaluation
     self.compiled = False
+    self.loader: input_pipeline.TrainLoader | None = None  # streamed data (_start_data)
 
   # -- data and steps ------------------------------------------------------------------------
 
@@ -583,9 +584,14 @@ class Loop:
                     step=step)
 
   def close_actions(self) -> None:
+    """Closes the actions (a profile's trace) and stops the loader's prefetch thread, on every
+    exit path."""
     for action in self.actions:
       with contextlib.suppress(Exception):  # the error that ended the run is what is raised
         action.close(self)
+    if self.loader is not None:
+      with contextlib.suppress(Exception):
+        self.loader.close()
 
   def _results(self, final_eval, start_time) -> dict[str, Any]:
     meta, config = self.meta, self.config

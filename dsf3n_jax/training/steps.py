@@ -410,6 +410,21 @@ def loss_metrics(out: Mapping[str, np.ndarray], state: TrainState, *,
           "accuracy_audio": float(np.mean(out["logits_audio"].argmax(-1) == out["label"]))}
 
 
+def evaluated_items(out: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
+                    split: str) -> Mapping[str, np.ndarray]:
+  """The items of a split's outputs an evaluation counts: every one, except on the test split
+  with ``config.metric.original_test_batches = N > 0``: the items the original's evaluation
+  saw (batches of N in file order, the last partial one dropped). Applied twice, the same."""
+  test_batches = config.metric.get("original_test_batches", 0)
+  if split != "test" or not test_batches:
+    return out
+  count = metrics.original_protocol_count(len(out["label"]), test_batches)
+  if not count:
+    raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
+                     f"{len(out['label'])} test items: the original would evaluate none")
+  return {k: v[:count] for k, v in out.items()}
+
+
 def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
              config: ml_collections.ConfigDict, mesh: Mesh, split: str = "test",
              loss_fn: losses.LossFn | None = None,
@@ -434,13 +449,7 @@ def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
   """
   out = outputs if outputs is not None else embed_split(
       embed_fn, state.variables, source, mesh=mesh, batch_size=config.eval_batch_size)
-  test_batches = config.metric.get("original_test_batches", 0)
-  if split == "test" and test_batches:
-    count = metrics.original_protocol_count(len(out["label"]), test_batches)
-    if not count:
-      raise ValueError(f"config.metric.original_test_batches={test_batches} exceeds the "
-                       f"{len(out['label'])} test items: the original would evaluate none")
-    out = {k: v[:count] for k, v in out.items()}
+  out = evaluated_items(out, config, split)
   wanted = protocols_of(protocol)
   result = {}
   if "paired" in wanted:
