@@ -131,6 +131,23 @@ def cell(entry, protocol: str, key: str = "average") -> str:
   return "n/a" if p is None else _pm(p["mean"][key], p["std"][key])
 
 
+def _seed_counts(doc: dict[str, Any]) -> str:
+  """The seeds each row's mean is over: this run's, and the counts of rows kept from runs
+  with other seeds (a row records how many of its seeds finished, ``seeds_used``)."""
+  counts: dict[int, list[str]] = {}
+  for row in doc["rows"]:
+    used = {p["seeds_used"] for p in (row.get("protocols") or {}).values()}
+    if used:
+      counts.setdefault(max(used), []).append(row["key"])
+  text = f"seeds {doc['seeds']}"
+  if len(counts) > 1 or (counts and next(iter(counts)) != len(doc["seeds"])):
+    text = "each row's seeds: " + "; ".join(
+        f"{n} seeds ({len(keys)} row{'s' if len(keys) > 1 else ''}"
+        + (f": {', '.join(keys)}" if len(keys) <= 3 else "") + ")"
+        for n, keys in sorted(counts.items(), reverse=True)) + f"; this run's seeds {doc['seeds']}"
+  return text
+
+
 def markdown(doc: dict[str, Any]) -> str:
   m = doc["machine"]
   seeds = doc["seeds"]
@@ -142,7 +159,7 @@ def markdown(doc: dict[str, Any]) -> str:
            f"- Data: {doc['data_source']}; {doc['train_examples']} train pairs (validation carved "
            f"out), {doc['test_examples']} test pairs, {doc['num_classes']} classes",
            f"- Every cell: **test** split, {doc['metric']}, average of A->V and V->A, mean ± "
-           f"std over seeds {seeds}; selection: {doc['selection']}",
+           f"std over {_seed_counts(doc)}; selection: {doc['selection']}",
            f"- Machine: {m['cpu_model']}, {m['cores']} cores; date {doc['started']}"
            + (f" (rows kept from a run of {doc['first_started']})" if doc.get("first_started")
               else "") + "; the rows "

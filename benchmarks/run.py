@@ -1,8 +1,9 @@
 """Benchmarks of DSF3N in JAX against the PyTorch baseline, in one command.
 
-  python -m benchmarks.run            # full: ~20-30 min on a 2-core CPU
-  python -m benchmarks.run --quick    # ~2-4 min: batch 128 only, smaller mAP and epoch
+  python -m benchmarks.run            # full: 20-40 min on a 2-core CPU (20 min on AMD EPYC)
+  python -m benchmarks.run --quick    # 6-11 min: batch 128 only, smaller mAP and epoch
   python -m benchmarks.run --smoke --out /tmp/bench   # tiny model, seconds (CI)
+  python -m benchmarks.run --rerender results/X.json  # its sections and table again
 
 Writes ``<machine>.json`` and ``<machine>.md`` (``-quick`` appended in quick
 mode) under ``benchmarks/results/`` (or ``--out``) and prints the table.
@@ -341,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   modes = parser.add_mutually_exclusive_group()
-  modes.add_argument("--quick", action="store_true", help="the ~2-4 minute version")
+  modes.add_argument("--quick", action="store_true", help="the 6-11 minute version")
   modes.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CI)")
   parser.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
   parser.add_argument("--allocator", default="auto",
@@ -352,12 +353,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="run only jobs whose id starts with this (repeatable, or "
                       "comma-separated)")
   parser.add_argument("--name", default=None, help="output file stem instead of the machine's")
+  parser.add_argument("--rerender", default=None, metavar="FILE.json",
+                      help="recompute a results file's sections and Markdown from its jobs "
+                      "with this version's report (the measurements are not repeated)")
   parser.add_argument("--case", help=argparse.SUPPRESS)
   parser.add_argument("--params", help=argparse.SUPPRESS)
   parser.add_argument("--result", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.case:
     _run_case(args.case, args.params or "{}", args.result)
+    return 0
+  if args.rerender:
+    path = pathlib.Path(args.rerender)
+    try:
+      document = json.loads(path.read_text())
+      document["sections"] = report.sections(document)
+    except (OSError, ValueError, KeyError) as e:
+      parser.error(f"--rerender={path}: not a results file of benchmarks.run ({e})")
+    document["paths"] = _write(document, path.parent, path.stem)
+    print("wrote " + " and ".join(document["paths"]))
     return 0
   mode = "smoke" if args.smoke else "quick" if args.quick else "full"
   out_dir = pathlib.Path(args.out) if args.out else RESULTS
