@@ -36,7 +36,7 @@ if [[ "${1:-}" == --prepare ]]; then
   # promise is published as source only (pure Python): built into a wheel here, where pip
   # reaches setuptools, so the host installs wheels alone.
   grep '^promise==' benchmarks/accelerator_requirements.txt \
-    | xargs "$PYTHON" -m pip wheel --no-deps --no-binary=:all: -w "$wheels"
+    | xargs "$PYTHON" -m pip wheel --no-deps --no-binary=promise -w "$wheels"
   du -sh "$wheels"
   exit 0
 fi
@@ -47,6 +47,11 @@ mkdir -p "$out"
 exec > >(tee -a "$out/check.log") 2>&1
 
 if [[ -n "$wheels" ]]; then
+  if ! compgen -G "$wheels/promise-*.whl" > /dev/null; then
+    echo "accelerator_check.sh: $wheels has no promise wheel (prepared by an older version?):" \
+      "run --prepare again" >&2
+    exit 1
+  fi
   site=${TMPDIR:-/tmp}/dsf3n-accelerator-site
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target "$site" "$wheels"/*.whl || exit 1

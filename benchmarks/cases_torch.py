@@ -32,6 +32,7 @@ def match_jax_settings(torch, device) -> dict[str, Any]:
   (``jax_default_matmul_precision`` unset or "default"; PyTorch's default is full float32).
   Returns the settings, for the results."""
   import jax
+  device = torch.device(device)
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   torch.set_num_threads(threads)
   precision = jax.config.jax_default_matmul_precision

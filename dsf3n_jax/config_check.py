@@ -208,7 +208,7 @@ def _eval_problems(config) -> list[str]:
         out.append(_problem(f"{where}.{key}", entry[key], "an int >= 0"))
     if entry.get("every_steps") and entry.get("every_epochs") is not None:
       out.append(_problem(f"{where}.every_epochs", entry["every_epochs"],
-                          f"unset beside {where}.every_steps={entry['every_steps']} (a "
+                          f"unset beside config.{where}.every_steps={entry['every_steps']} (a "
                           "schedule is in steps or in epochs)"))
   return out
 

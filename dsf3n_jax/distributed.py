@@ -9,21 +9,22 @@ from collections.abc import Mapping
 import jax
 
 
-def cluster_of(environ: Mapping[str, str]) -> str | None:
-  """The launcher that started this process as one of several, read off its environment
-  (no network): ``"slurm"`` (inside ``srun`` with several tasks; an ``salloc`` shell or a
-  one-task job is one process), ``"ompi"`` (``mpirun -n`` > 1), ``"tpu"`` (a Cloud TPU VM,
-  or a GKE TPU pod), ``"env"`` (``JAX_COORDINATOR_ADDRESS`` set); None: a single process."""
+def cluster_of(environ: Mapping[str, str], *, tpu_vm: bool | None = None) -> str | None:
+  """The launcher that started this process, whose environment JAX reads the topology from:
+  ``"slurm"`` (inside ``srun`` with several tasks; an ``salloc`` shell or a one-task job is one
+  process), ``"ompi"`` (``mpirun -n`` > 1), ``"tpu"`` (a GKE TPU pod, or a Cloud TPU VM whose
+  metadata names its worker: ``tpu_vm``, default ``_on_cloud_tpu_vm()``); None: none (a
+  single process, or flags for every setting)."""
   if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and _int(
       environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS"), 1) > 1:
     return "slurm"
   if _int(environ.get("OMPI_COMM_WORLD_SIZE"), 1) > 1:
     return "ompi"
   if any(k in environ for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
-                                "CLOUD_TPU_TASK_ID")) or _on_cloud_tpu_vm():
+                                "CLOUD_TPU_TASK_ID")):
     return "tpu"
-  if environ.get("JAX_COORDINATOR_ADDRESS"):
-    return "env"
+  if _on_cloud_tpu_vm() if tpu_vm is None else tpu_vm:
+    return "tpu"
   return None
 
 
@@ -35,19 +36,20 @@ def _int(value, default: int) -> int:
 
 
 def _on_cloud_tpu_vm() -> bool:
-  """A Cloud TPU VM, found as JAX's own cluster detection finds it (its TPU PCI devices; no
-  environment variable is set in a plain ``gcloud ... ssh`` session); then whether its
-  metadata names a pod worker (a TPU VM outside a pod, e.g. a notebook's, is one process).
-  JAX has no public API for either."""
+  """A Cloud TPU VM, found as JAX's own cluster detection finds it: its TPU PCI devices (no
+  environment variable is set in a plain ``gcloud ... ssh`` session; a machine without them
+  stops here, with no network call), then its metadata server naming the VM's worker (a
+  single-host TPU VM has one too: it then starts as a pod of one process). JAX has no public
+  API for either: any failure of these internals counts as no TPU VM."""
   try:
     from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
     from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    if not getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
+      return False
+    return any(cluster.is_env_present() for cluster in (cloud_tpu_cluster.GceTpuCluster,
+                                                        cloud_tpu_cluster.GkeTpuCluster))
+  except Exception:  # pylint: disable=broad-except
     return False
-  if not cloud_tpu_init.running_in_cloud_tpu_vm:
-    return False
-  return any(cluster.is_env_present() for cluster in (cloud_tpu_cluster.GceTpuCluster,
-                                                      cloud_tpu_cluster.GkeTpuCluster))
 
 
 def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
@@ -67,14 +69,17 @@ def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
   per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_STEP_TASKS_PER_NODE")
   # "8", or "8(x2)" / "8,4": the first node's count (the same on every node for a pod job).
   tasks = _int(re.match(r"\d*", per_node or "").group(0), 0)
-  if count == 1 or tasks == 1:
+  # Bound GPUs (one, or --gpus-per-task's; fewer than the node's tasks: not shared), or the
+  # node's only task: all it sees.
+  if count == 1 or tasks == 1 or environ.get("SLURM_GPUS_PER_TASK") or 0 < count < tasks:
     return list(range(count))
   return None
 
 
 def initialize(config, *, coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
-               environ: Mapping[str, str] | None = None, init=None) -> None:
+               environ: Mapping[str, str] | None = None, init=None,
+               config_keys: bool = True, tpu_vm: bool | None = None) -> None:
   """Starts ``jax.distributed`` when the run spans several processes.
 
   Explicit arguments (command-line flags) win over ``config`` (a
@@ -84,19 +89,23 @@ def initialize(config, *, coordinator_address: str | None = None,
   coordinator's ``host:port``, the process count and this process's id are all
   needed; a missing or malformed one is a ``SettingsError`` naming its flag.
 
-  ``environ`` and ``init`` (``jax.distributed.initialize``'s stand-in) are for tests.
+  ``JAX_COORDINATOR_ADDRESS`` in the environment stands for the address (JAX reads only
+  that). ``config_keys``: the messages name the ``config.distributed`` field beside each flag
+  (False: a tool without a config). ``environ``, ``init`` (``jax.distributed.initialize``'s
+  stand-in) and ``tpu_vm`` (``cluster_of``'s) are for tests.
   """
   environ = os.environ if environ is None else environ
-  address = coordinator_address or config.get("coordinator_address") or None
+  address = (coordinator_address or config.get("coordinator_address")
+             or environ.get("JAX_COORDINATOR_ADDRESS") or None)
   n = num_processes if num_processes is not None else (config.get("num_processes") or None)
   pid = process_id if process_id is not None else config.get("process_id", -1)
   pid = None if pid is None or pid < 0 else pid
-  cluster = cluster_of(environ)
+  cluster = cluster_of(environ, tpu_vm=tpu_vm)
   if address is None and n is None and pid is None and cluster is None:
     return
   if n == 1 and address is None and cluster is None:
     return
-  _check(address, n, pid, cluster)
+  _check(address, n, pid, cluster, config_keys=config_keys)
   kwargs = dict(coordinator_address=address, num_processes=n, process_id=pid,
                 initialization_timeout=int(config.get("initialization_timeout", 300)))
   if cluster == "slurm" and (ids := slurm_local_device_ids(environ)) is not None:
@@ -120,11 +129,11 @@ class SettingsError(ValueError):
   """A missing or malformed distributed setting (``initialize``), named by its flag."""
 
 
-def _check(address: str | None, n: int | None, pid: int | None, cluster: str | None) -> None:
+def _check(address: str | None, n: int | None, pid: int | None, cluster: str | None, *,
+           config_keys: bool = True) -> None:
   """The explicit settings, and with no launcher to read the rest from, all three."""
-  flags = ("--coordinator_address (config.distributed.coordinator_address)",
-           "--num_processes (config.distributed.num_processes)",
-           "--process_id (config.distributed.process_id)")
+  flags = tuple(f"--{k} (config.distributed.{k})" if config_keys else f"--{k}"
+                for k in ("coordinator_address", "num_processes", "process_id"))
   if address is not None and not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d{1,5}", address):
     raise SettingsError(f"--coordinator_address={address}: expected host:port of process 0, "
                         "e.g. 10.0.0.1:1234")

@@ -413,7 +413,8 @@ def main(argv=None) -> int:
   from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize({}, coordinator_address=args.coordinator_address,
-                           num_processes=args.num_processes, process_id=args.process_id)
+                           num_processes=args.num_processes, process_id=args.process_id,
+                           config_keys=False)
   except distributed.SettingsError as e:
     raise cli.UsageError(str(e)) from e
   if args.embeddings:

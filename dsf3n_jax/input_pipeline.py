@@ -73,7 +73,7 @@ def process_rows(global_batch_size: int, *, mesh: Mesh, process_index: int | Non
     mesh: the mesh with a ``data`` axis.
     process_index, process_count: injected for tests; default: from the
       mesh's addressable devices (contiguous, in process-index order for
-      ``jax.make_mesh``).
+      ``dsf3n_jax.mesh.make_mesh``).
 
   Returns:
     ``(lo, hi)``.
@@ -91,7 +91,7 @@ def process_rows(global_batch_size: int, *, mesh: Mesh, process_index: int | Non
   lo, hi = starts[0][0], starts[-1][1]
   if sum(b - a for a, b in starts) != hi - lo:
     raise ValueError("this process's devices do not hold a contiguous part of the batch; "
-                     "build the mesh with jax.make_mesh")
+                     "build the mesh with dsf3n_jax.mesh.make_mesh (devices in process order)")
   return lo, hi
 
 

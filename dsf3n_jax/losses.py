@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dsf3n_jax.mesh import psum, single
@@ -33,8 +34,12 @@ from dsf3n_jax.mesh import psum, single
 Array = jax.Array
 
 
-def _class_ids(labels: Array, num_classes: int) -> Array:
-  """Integer ids from ids or one-hot rows."""
+def _class_ids(labels: Array, num_classes: int, mask: Array | None = None) -> Array:
+  """Integer ids from ids or one-hot rows.
+
+  Concrete ids (outside jit) are checked: a fractional id, or one outside ``[0, C)`` where
+  ``mask`` (if given) counts the row, is an error naming it, not a NaN or a silent wrap.
+  """
   if labels.ndim == 2:
     if labels.shape[-1] != num_classes:
       raise ValueError(f"labels: one-hot rows must have {num_classes} columns, got "
@@ -42,14 +47,18 @@ def _class_ids(labels: Array, num_classes: int) -> Array:
     return jnp.argmax(labels, axis=-1)
   if labels.ndim != 1:
     raise ValueError(f"labels: expected shape (batch,) or (batch, C), got {labels.shape}")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels: expected integer class ids (or one-hot rows), got "
-                     f"{labels.dtype} ids")
-  if not isinstance(labels, jax.core.Tracer):  # concrete: out of range is an error, not NaN
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(jnp.any(bad)):
+  if not isinstance(labels, jax.core.Tracer) and (
+      mask is None or not isinstance(mask, jax.core.Tracer)):
+    values = np.asarray(labels)
+    counted = np.ones(values.shape, bool) if mask is None else np.asarray(mask) != 0
+    fractional = counted & (values != np.round(values))
+    if fractional.any():
+      raise ValueError(f"labels: expected integer class ids (or one-hot rows), got "
+                       f"{values[fractional][0].item()!r}")
+    bad = counted & ((values < 0) | (values >= num_classes))
+    if bad.any():
       raise ValueError(f"labels: class ids must be in [0, {num_classes}), got "
-                       f"{int(labels[jnp.argmax(bad)])}")
+                       f"{values[bad][0].item()!r}")
   return labels.astype(jnp.int32)
 
 
@@ -86,7 +95,7 @@ def _mean(values: Array, weights: Array, axis_name: str | None) -> Array:
 def cross_entropy(logits: Array, labels: Array, *, mask: Array | None = None,
                   axis_name: str | None = None) -> Array:
   """Softmax cross-entropy averaged over the batch (``nn.CrossEntropyLoss``)."""
-  ids = _class_ids(labels, logits.shape[-1])
+  ids = _class_ids(labels, logits.shape[-1], mask)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
   return _mean(ce, _weights(mask, logits.shape[0], ce.dtype), axis_name)
 
@@ -114,7 +123,8 @@ def identity_loss(logits_visual: Array, logits_audio: Array, labels: Array, *,
   if form != "paper":
     raise ValueError(f"form: expected 'ce' or 'paper', got {form!r}")
   num_classes = logits_visual.shape[-1]
-  onehot = jax.nn.one_hot(_class_ids(labels, num_classes), num_classes, dtype=logits_visual.dtype)
+  onehot = jax.nn.one_hot(_class_ids(labels, num_classes, mask), num_classes,
+                          dtype=logits_visual.dtype)
   w = _weights(mask, logits_visual.shape[0], logits_visual.dtype)
 
   def frobenius(logits):
@@ -155,7 +165,7 @@ def center_loss(features: Array, labels: Array, centers: Array, *, mask: Array |
     A scalar.
   """
   num_classes = centers.shape[0]
-  ids = _class_ids(labels, num_classes)
+  ids = _class_ids(labels, num_classes, mask)
   norm = _norm(features, keepdims=True)
   f_hat = features / jnp.maximum(norm, 1e-12)
   w = _weights(mask, features.shape[0], f_hat.dtype)
@@ -334,7 +344,7 @@ def distill_loss(emb_visual: Array, emb_audio: Array, teacher_visual: Array,
   t = jax.lax.stop_gradient(_unit(_unit(teacher_visual) + _unit(teacher_audio)))
   weights = _weights(mask, t.shape[0], t.dtype)
   if target == "class":
-    onehot = jax.nn.one_hot(_class_ids(labels, num_classes), num_classes, dtype=t.dtype)
+    onehot = jax.nn.one_hot(_class_ids(labels, num_classes, mask), num_classes, dtype=t.dtype)
     sums = psum(jnp.einsum("bk,bd->kd", onehot * weights[:, None], t), axis_name)
     t = onehot @ jax.lax.stop_gradient(_unit(sums))
   elif target != "pair":

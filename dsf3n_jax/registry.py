@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,12 +38,18 @@ def _origin(obj: Any) -> str:
 
 def _identity(obj: Any) -> tuple:
   """What tells one registration from another: a partial's function and arguments; a class's
-  or function's module and qualified name, and a function's source line (lambdas of a module
-  share a name). The same identity again is a module imported or reloaded twice."""
+  or function's module and qualified name, and a lambda's source line too (the lambdas of a
+  module share one name). The same identity again is a module imported or reloaded twice
+  (an edited function keeps its name; an argument's repr loses its memory address)."""
   if isinstance(obj, functools.partial):
-    return ("partial", _identity(obj.func), repr(obj.args), repr(sorted(obj.keywords.items())))
-  code = getattr(getattr(obj, "__wrapped__", obj), "__code__", None)  # a loss term's function
-  return (_origin(obj), None if code is None else (code.co_filename, code.co_firstlineno))
+    return ("partial", _identity(obj.func),
+            *(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(a))
+              for a in (obj.args, sorted(obj.keywords.items()))))
+  fn = getattr(obj, "__wrapped__", obj)  # a loss term's function
+  code = getattr(fn, "__code__", None)
+  lambda_line = (code.co_firstlineno if code is not None
+                 and getattr(fn, "__name__", "") == "<lambda>" else None)
+  return (_origin(obj), lambda_line)
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--data", help="paired-feature .npz/.h5 (visual_<split>, audio_<split>, ...)")
   src.add_argument("--model_kwargs", default=None,
                    help="JSON DSF3N arguments, overriding those stored with --variables")
-  p.add_argument("--split", default="test")
+  p.add_argument("--split", default=None,
+                 help="split to embed (default test); not with --embeddings")
   p.add_argument("--protocol", choices=retrieval.PROTOCOLS, default="unimodal",
                  help="unimodal: each item embedded from its own modality alone (deployable); "
                  "paired: each item embedded with its paired item (the paper's protocol)")
@@ -66,6 +67,10 @@ def main(argv=None) -> int:
   ``argv``: the arguments without the program name (default ``sys.argv[1:]``).
   """
   args = _parser().parse_args(argv)
+  if args.embeddings and args.split is not None:
+    raise ValueError(f"--split={args.split}: not read with --embeddings (its split is the one "
+                     "it was made of)")
+  args.split = args.split or "test"
   try:
     rows = [int(r) for r in args.queries.split(",") if r.strip()]
   except ValueError:

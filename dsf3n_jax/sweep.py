@@ -260,6 +260,8 @@ def _selection_every_epochs(config: ml_collections.ConfigDict) -> int:
                      "for num_epochs and selects its state as main does without early "
                      "stopping; set it to 0")
   selection = run_lib.selection_of(config)[0]
+  if selection == run_lib.LAST:  # main keeps the final state
+    return 0
   for spec in evaluators_lib.specs(config):
     if spec.name == selection:
       if spec.every_steps:
@@ -400,6 +402,21 @@ def _ranked_scores(summaries: Sequence[Mapping[str, Any] | None],
   return means
 
 
+def _saved_choice_holds(saved: Mapping[str, Any], metric: str, num_seeds: int) -> bool:
+  """Whether a group saved by an earlier run chose as ``train_group`` chooses now (a sweep
+  resumed across versions: its saved run is its chosen configuration's)."""
+  try:
+    scores = _ranked_scores([c["summary"][saved["score_split"]][metric]
+                             for c in saved["configs"]], num_seeds)
+  except (KeyError, TypeError):
+    return False
+  top = _argmax(scores)
+  chosen = saved.get("chosen")
+  if chosen is None or top is None:
+    return chosen is None and top is None
+  return saved["config_indices"][top] == chosen["config"]
+
+
 def _argmax(values: Sequence[float | None]) -> int | None:
   good = [(v, -i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
   return -max(good)[1] if good else None
@@ -449,6 +466,10 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
     for g, group in enumerate(groups):
       name = f"group {g + 1}/{len(groups)}"
       saved = done.get(group.fingerprint)
+      if saved is not None and not _saved_choice_holds(saved, metric, len(seeds)):
+        log(f"{name}: its saved run is of the configuration an earlier version chose (one with "
+            "a diverged seed): trained again")
+        saved = None
       if saved is not None and (root / "groups" / group.fingerprint).is_dir():
         log(f"{name}: {len(group.configs)} configurations x {len(seeds)} seeds: finished "
             f"earlier, kept")

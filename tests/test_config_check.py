@@ -99,7 +99,7 @@ def test_evaluators_are_checked_by_name_split_schedule_and_settings(tmp_path):
       "config.evals.recall.every_steps=-1: expected an int >= 0"]
   config.evals.recall = {"type": "loss", "split": "test", "every_steps": 100, "every_epochs": 2}
   with pytest.raises(ConfigError, match=r"config.evals.recall.every_epochs=2: expected unset "
-                     r"beside evals.recall.every_steps=100"):
+                     r"beside config.evals.recall.every_steps=100"):
     config_check.validate(config, num_devices=8)
   # An evaluator's own settings: refused before anything compiles, naming the entry.
   config = small_config(selection_metric="recall/precision_at_1")

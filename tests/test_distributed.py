@@ -1,5 +1,6 @@
 """Multi-host training with real processes on 127.0.0.1, and the launch scripts."""
 
+import functools
 import os
 import pathlib
 import re
@@ -240,15 +241,16 @@ def test_local_sh_passes_sigterm_on_and_exits_with_the_processes_status(tmp_path
 def test_launchers_are_recognised_and_slurm_tasks_get_their_gpus():
   from dsf3n_jax import distributed
   slurm = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_NTASKS": "16"}
-  assert distributed.cluster_of(slurm) == "slurm"
+  cluster_of = functools.partial(distributed.cluster_of, tpu_vm=False)
+  assert cluster_of(slurm) == "slurm"
   # An salloc shell (no task of srun) and a one-task job are one process.
-  assert distributed.cluster_of({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) is None
-  assert distributed.cluster_of({**slurm, "SLURM_NTASKS": "1"}) is None
-  assert distributed.cluster_of({"OMPI_COMM_WORLD_SIZE": "4"}) == "ompi"
-  assert distributed.cluster_of({"OMPI_COMM_WORLD_SIZE": "1"}) is None
-  assert distributed.cluster_of({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
-  assert distributed.cluster_of({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "env"
-  assert distributed.cluster_of({}) is None
+  assert cluster_of({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) is None
+  assert cluster_of({**slurm, "SLURM_NTASKS": "1"}) is None
+  assert cluster_of({"OMPI_COMM_WORLD_SIZE": "4"}) == "ompi"
+  assert cluster_of({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+  assert cluster_of({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
+  assert cluster_of({}) is None and cluster_of({}, tpu_vm=True) == "tpu"
+  assert cluster_of({"JAX_COORDINATOR_ADDRESS": "h:1"}) is None  # an address, not a launcher
   ids = distributed.slurm_local_device_ids
   # --gpu-bind=single:1: each task sees its own GPU, numbered 0 (JAX would ask for SLURM_LOCALID).
   assert ids({**slurm, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "3",
@@ -260,6 +262,10 @@ def test_launchers_are_recognised_and_slurm_tasks_get_their_gpus():
       0, 1]
   # Several tasks that each see every GPU: JAX's own choice (GPU SLURM_LOCALID).
   assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_NTASKS_PER_NODE": "4"}) is None
+  # --gpus-per-task=2: each task's own two GPUs.
+  assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "4,5", "SLURM_NTASKS_PER_NODE": "4",
+              "SLURM_GPUS_PER_TASK": "2"}) == [0, 1]
+  assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "4,5", "SLURM_NTASKS_PER_NODE": "4"}) == [0, 1]
   assert ids({**slurm, "CUDA_VISIBLE_DEVICES": "0", "JAX_LOCAL_DEVICE_IDS": "0"}) is None
   assert ids(slurm) is None  # no GPUs bound
 
@@ -273,7 +279,8 @@ def test_distributed_settings_are_checked_and_launchers_fill_the_rest():
 
   def start(environ=None, config=None, **flags):
     calls.clear()
-    distributed.initialize(config or {}, environ=environ or {}, init=init, **flags)
+    distributed.initialize(config or {}, environ=environ or {}, init=init, tpu_vm=False,
+                           **flags)
     return calls[0] if calls else None
 
   assert start() is None  # a single process: nothing starts
@@ -301,6 +308,12 @@ def test_distributed_settings_are_checked_and_launchers_fill_the_rest():
     with pytest.raises(distributed.SettingsError, match=re.escape(match)):
       start(**flags)
   assert not calls
+  # JAX_COORDINATOR_ADDRESS is an address (JAX reads nothing else from it): the rest is needed.
+  with pytest.raises(distributed.SettingsError, match=r"--num_processes .*needed too"):
+    start(environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  got = start(environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, num_processes=2,
+              process_id=0)
+  assert got["coordinator_address"] == "10.0.0.1:1234"
 
 
 def test_the_mesh_is_in_process_order_whatever_order_the_devices_come_in():

@@ -90,11 +90,20 @@ def test_class_ids_out_of_range_or_fractional_are_named_and_the_norm_has_no_nan_
   logits = jnp.zeros((4, 3))
   for labels, match in ((jnp.array([0, 1, 2, 3]), r"in \[0, 3\), got 3"),
                         (jnp.array([0, 1, 2, -1]), r"in \[0, 3\), got -1"),
-                        (jnp.array([0.7, 1.0, 2.0, 0.0]), "expected integer class ids")):
+                        (jnp.array([0.5, 1.0, 2.0, 0.0]), r"expected integer class ids "
+                                                          r"\(or one-hot rows\), got 0.5")):
     with pytest.raises(ValueError, match=match):
       losses.identity_loss(logits, logits, labels)
     with pytest.raises(ValueError, match=match):
       losses.center_loss(jnp.ones((4, 2)), labels, jnp.zeros((3, 2)))
+  # Whole-number float ids are ids; a row the mask leaves out (padding) may hold any id.
+  floats = jnp.array([0.0, 1.0, 2.0, 0.0])
+  assert float(losses.identity_loss(logits, logits, floats)) == float(
+      losses.identity_loss(logits, logits, floats.astype(jnp.int32)))
+  padded, mask = jnp.array([0, 1, 2, -1]), jnp.array([1.0, 1.0, 1.0, 0.0])
+  assert np.isfinite(float(losses.identity_loss(logits, logits, padded, mask=mask)))
+  assert np.isfinite(float(losses.center_loss(jnp.ones((4, 2)), padded, jnp.zeros((3, 2)),
+                                              mask=mask)))
   # The paper's identity loss at its minimum (logits exactly one-hot): a zero gradient.
   labels = jnp.array([0, 1, 2, 0])
   onehot = jax.nn.one_hot(labels, 3)

@@ -197,6 +197,12 @@ def test_a_run_embeds_new_features_without_its_dataset(run, tmp_path, capsys):
   finally:
     for path in data:
       path.with_name(path.name + ".away").rename(path)
+  # Weights written as a run (a sweep's runs) keep the statistics too.
+  from dsf3n_jax.training import restore
+  restore.save_variables_as_run(tmp_path / "as_run", variables, config=config)
+  again = np.load(tmp_path / "as_run" / "feature_stats.npz")
+  for key in saved.files:
+    np.testing.assert_array_equal(again[key], saved[key])
   # A damaged statistics file is named, not read as other statistics.
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "feature_stats.npz").write_bytes(b"not a zip")

@@ -143,6 +143,12 @@ def test_a_configuration_whose_seeds_partly_failed_is_not_chosen_over_a_complete
   # When no configuration finished every seed, the survivors' means still choose.
   ranked = sweep._ranked_scores([summary([0.80, None]), summary([0.82, None])], 2)
   assert sweep._argmax(ranked) == 1
+  # A group saved by an earlier version that chose the partly failed one is trained again.
+  saved = {"score_split": "validation", "config_indices": [4, 5], "chosen": {"config": 5},
+           "configs": [{"summary": {"validation": {"m": summary([0.80, 0.81, 0.79])}}},
+                       {"summary": {"validation": {"m": summary([0.82, None, None])}}}]}
+  assert not sweep._saved_choice_holds(saved, "m", 3)
+  assert sweep._saved_choice_holds({**saved, "chosen": {"config": 4}}, "m", 3)
 
 
 def test_distillation_pulls_the_alone_embeddings_and_not_the_teacher():

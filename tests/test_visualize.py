@@ -70,5 +70,7 @@ def test_bad_input_is_named_and_classes_keep_distinct_colours(tmp_path):
   # retrieve ranks embeddings as they are: a --data beside them is refused, not ignored.
   with pytest.raises(ValueError, match="--data: not read with --embeddings"):
     retrieve.main([f"--embeddings={tmp_path / 'emb.npz'}", f"--data={tmp_path / 'data.npz'}"])
+  with pytest.raises(ValueError, match="--split=train: not read with --embeddings"):
+    retrieve.main([f"--embeddings={tmp_path / 'emb.npz'}", "--split=train"])
   for count in (3, 20, 25):
     assert len(set(visualize.class_colors(count))) == count

@@ -15,7 +15,7 @@ import numpy as np
 from dsf3n_jax import losses
 from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.training import workdir as workdir_lib
-from dsf3n_jax.training.run import make_mesh, normalize_loss_config
+from dsf3n_jax.training.run import feature_stats, make_mesh, normalize_loss_config
 from dsf3n_jax.training.state import (
     build_model,
     build_optimizer,
@@ -92,6 +92,10 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
                         batch_stats=jax.tree.map(jnp.asarray, given["batch_stats"]))
   workdir = workdir_lib.prepare(workdir)
   workdir_lib.write_run_config(workdir, config, mcfg, {})
+  # A run that standardises its features keeps the statistics it was trained with, as a
+  # trained run does (its dataset, as ``config`` carves it: the sweep's runs).
+  if (stats := feature_stats(config)) is not None:
+    workdir_lib.write_feature_stats(workdir, stats)
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     meta = {**new_meta(), "model": mcfg}

@@ -11,6 +11,7 @@ import importlib
 import io
 import json
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -137,7 +138,7 @@ class WorkdirLock:
               f"end, pick another {self.flag}, or delete {self.path} if that run is gone")
         log("taking over the stale lock %s of pid %s on %s (that run is gone)", self.path,
             owner.get("pid"), owner.get("host"))
-        self.path.unlink(missing_ok=True)
+        self._remove_stale(owner)
       if self._create(json.dumps(self._me)):
         self.held = True
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="lock lease")
@@ -145,6 +146,31 @@ class WorkdirLock:
         return
     raise WorkdirError(f"{self.flag}={self.path.parent}: could not take {self.path}: another "
                        "run took it at the same time")
+
+  def _remove_stale(self, owner: Mapping[str, Any]) -> None:
+    """Removes the lock judged stale, and only it: of two runs taking over one stale lock at
+    once, the second must not remove the lock the first has just created. Locally the lock
+    is renamed aside (atomic: one rename wins) and put back, unless it is still ``owner``'s;
+    in a bucket it is read again just before it is deleted."""
+    if not _is_local(self.path):
+      if self._owner() in (owner, {"pid": -1, "host": socket.gethostname()}):
+        self.path.unlink(missing_ok=True)
+      return
+    aside = self.path.parent / f".{self.path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return  # removed by another run taking it over; O_EXCL decides who creates it
+    try:
+      taken = json.loads(aside.read_text())
+    except (ValueError, OSError):
+      taken = {"pid": -1}
+    if taken == owner or taken.get("pid") == -1:
+      aside.unlink(missing_ok=True)
+      return
+    with contextlib.suppress(OSError):  # another run's new lock: back, unless a third exists
+      os.link(aside, self.path)
+    aside.unlink(missing_ok=True)
 
   def _lapses(self, owner: Mapping[str, Any]) -> bool:
     """For a lease of another host: waits while it is neither renewed nor lapsed. True when
@@ -159,6 +185,8 @@ class WorkdirLock:
     while (left := lapse - time.time()) > 0:
       time.sleep(min(left, min(self.renew_s, 5.0)))
       now = self._owner()
+      if now is not None and now.get("pid") == -1:
+        continue  # a read that failed, or a lock being written: read again
       if now != owner:
         return now is None
     return True
