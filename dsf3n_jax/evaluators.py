@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -156,6 +156,14 @@ def _parameters(factory) -> str:
 
 # -- built-in evaluators ---------------------------------------------------------------------
 
+_DIRECTIONS = ("audio_to_visual", "visual_to_audio", "average")
+
+
+def _loss_names(loss_parts: Collection[str]) -> set[str]:
+  """The names ``steps.loss_metrics`` reports: the loss, its parts and the accuracies."""
+  return {"loss", *loss_parts, "accuracy_visual", "accuracy_audio"}
+
+
 class _WithLoss:
   """An evaluator of one split that computes the run's loss (its terms, or its ``loss_fn``)."""
 
@@ -182,6 +190,16 @@ class Retrieval(_WithLoss):
     super().__init__(run, split=split)
     self.protocol = _check_protocol(protocol)
 
+  def reports(self, loss_parts: Collection[str]) -> set[str]:
+    """Every metric it reports at the run's last evaluation (``loss_parts``: the names of the
+    run's loss parts), for the check of ``config.selection_metric`` before training."""
+    from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+    protocols = steps.protocols_of("both" if self.protocol == "auto" else self.protocol)
+    names = {f"{steps.PREFIXES[p]}map_{d}" for p in protocols for d in _DIRECTIONS}
+    if "paired" in protocols:
+      names |= _loss_names(loss_parts)
+    return names | {"num_examples"}
+
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
     protocol = resolve_protocol(self.protocol, ctx)
@@ -193,6 +211,10 @@ class Retrieval(_WithLoss):
 @register_evaluator("loss")
 class Loss(_WithLoss):
   """The loss parts and the classifiers' accuracy on the whole split (no ranking)."""
+
+  def reports(self, loss_parts: Collection[str]) -> set[str]:
+    """Every metric it reports (``Retrieval.reports``)."""
+    return _loss_names(loss_parts)
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
@@ -216,6 +238,15 @@ class PrecisionRecall:
       raise ValueError(f"ks={ks!r}: expected positive ints")
     self.split, self.ks, self.protocol = split, ks, _check_protocol(protocol)
     self.distance = run.config.metric.distance
+
+  def reports(self, loss_parts: Collection[str]) -> set[str]:
+    """Every metric it reports at the run's last evaluation (``Retrieval.reports``)."""
+    del loss_parts
+    from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+    protocols = steps.protocols_of("both" if self.protocol == "auto" else self.protocol)
+    return {f"{steps.PREFIXES[p]}{what}_at_{k}{suffix}"
+            for p in protocols for what in ("precision", "recall") for k in self.ks
+            for suffix in ("", *(f"_{d}" for d in _DIRECTIONS[:2]))}
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top

@@ -796,3 +796,29 @@ def test_every_evaluator_of_a_split_counts_the_same_items_and_a_diverged_state_s
   assert got["unimodal_precision_at_5_audio_to_visual"] == pytest.approx(float(want))
   out["unimodal_emb_visual"] = np.full((40, 8), np.nan, np.float32)
   assert all(np.isnan(v) for v in evaluator(ctx).values())
+
+
+def test_a_selection_metric_its_evaluator_does_not_report_is_refused_before_training(
+    tmp_path, monkeypatch):
+  """Known before the step compiles (the built-in evaluators say what they report; the loss
+  parts' names are traced off the loss), not after the first evaluation."""
+  from dsf3n_jax.training import steps as steps_lib
+
+  def compiles(*args, **kwargs):
+    raise AssertionError("the train step compiles")
+
+  monkeypatch.setattr(steps_lib, "make_train_step", compiles)
+  monkeypatch.setattr(steps_lib, "make_train_chunk", compiles)
+  config = tiny_config(**{"data.validation_fraction": 0.25,
+                          "selection_metric": "validation/map_avg"})
+  with pytest.raises(config_check.ConfigError, match=r"selection_metric='validation/map_avg': "
+                     r"the evaluator 'validation' \(retrieval\) reports no 'map_avg'; it reports "
+                     r".*center.*unimodal_map_average"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+  # A loss part, a unimodal mAP and a precision of a configured evaluator pass the check.
+  for i, metric in enumerate(("validation/center", "test/unimodal_map_average",
+                              "recall/precision_at_5_audio_to_visual")):
+    config = tiny_config(**{"data.validation_fraction": 0.25, "selection_metric": metric})
+    config.evals.recall = {"type": "precision_recall", "split": "test", "ks": (1, 5)}
+    with pytest.raises(AssertionError, match="the train step compiles"):
+      train.train_and_evaluate(config, str(tmp_path / f"good{i}"))

@@ -62,6 +62,7 @@ from dsf3n_jax.checkpoints import (
     abstract_like,
     best_checkpoint,
 )
+from dsf3n_jax.models.dsf3n import DSF3NOutput
 from dsf3n_jax.training import actions as actions_lib
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
@@ -126,6 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
     stack.callback(workdir_lib.close_within, checkpointer.close, "the checkpointer")
     try:
       state, meta, resumed = _init_or_resume(run, checkpointer)
+      _check_selection_metric(run, evaluations, state)  # before the step compiles
       if run.is_main:
         workdir_lib.write_run_config(run.workdir, config, run.mcfg, run.fingerprint)
         if isinstance(stats := getattr(run.sources.train, "stats", None), Mapping):
@@ -166,6 +168,35 @@ def _build_evaluations(run: run_lib.Run) -> list[actions_lib.Evaluate]:
         f"config.selection_metric={config.get('selection_metric')!r}: the evaluator "
         f"{run.selection!r} is not run (evaluators: {', '.join(e.name for e in out)})"])
   return out
+
+
+def _check_selection_metric(run: run_lib.Run, evaluations: Sequence[actions_lib.Evaluate],
+                            state) -> None:
+  """``config.selection_metric`` is a metric its evaluator reports, known before training
+  where the evaluator says what it reports (``reports(loss_parts)``, the built-in ones; a
+  user's evaluator is checked at its first evaluation). The loss parts' names are read off
+  the run's loss function, traced on stand-in outputs (nothing runs)."""
+  if run.selection == run_lib.LAST:
+    return
+  chosen = next((e for e in evaluations if e.name == run.selection), None)
+  reports = getattr(getattr(chosen, "evaluator", None), "reports", None)
+  if reports is None:
+    return
+  n, embed, classes = 2, int(run.mcfg["embed_dim"]), int(run.mcfg["num_classes"])
+  outputs = DSF3NOutput(*(jax.ShapeDtypeStruct((n, d), jnp.float32)
+                          for d in (embed, embed, classes, classes)))
+  try:
+    parts = jax.eval_shape(
+        lambda o, a: run.eval_loss_fn(o, {"label": jnp.zeros(n, jnp.int32), "mask": None},
+                                      a)[1], outputs, state.aux)
+  except Exception:  # pylint: disable=broad-except - a loss this cannot trace: checked later
+    return
+  names = reports(set(parts))
+  if run.metric not in names:
+    raise config_check.ConfigError([
+        f"config.selection_metric={run.config.get('selection_metric')!r}: the evaluator "
+        f"{run.selection!r} ({chosen.spec.type}) reports no {run.metric!r}; it reports "
+        f"{', '.join(sorted(names))}"])
 
 
 def _hold_workdir(run: run_lib.Run, stack: contextlib.ExitStack) -> None:
