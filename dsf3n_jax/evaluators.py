@@ -156,7 +156,11 @@ def _parameters(factory) -> str:
 
 # -- built-in evaluators ---------------------------------------------------------------------
 
-_DIRECTIONS = ("audio_to_visual", "visual_to_audio", "average")
+def _last_protocols(protocol: str) -> tuple[str, ...]:
+  """The protocols an evaluator of ``protocol`` computes at the run's last evaluation
+  (``resolve_protocol``: "auto" is both there)."""
+  from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
+  return steps.protocols_of("both" if protocol == "auto" else protocol)
 
 
 def _loss_names(loss_parts: Collection[str]) -> set[str]:
@@ -194,8 +198,8 @@ class Retrieval(_WithLoss):
     """Every metric it reports at the run's last evaluation (``loss_parts``: the names of the
     run's loss parts), for the check of ``config.selection_metric`` before training."""
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
-    protocols = steps.protocols_of("both" if self.protocol == "auto" else self.protocol)
-    names = {f"{steps.PREFIXES[p]}map_{d}" for p in protocols for d in _DIRECTIONS}
+    protocols = _last_protocols(self.protocol)
+    names = {f"{steps.PREFIXES[p]}map_{key}" for p in protocols for key in steps.MAP_KEYS}
     if "paired" in protocols:
       names |= _loss_names(loss_parts)
     return names | {"num_examples"}
@@ -243,10 +247,9 @@ class PrecisionRecall:
     """Every metric it reports at the run's last evaluation (``Retrieval.reports``)."""
     del loss_parts
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top
-    protocols = steps.protocols_of("both" if self.protocol == "auto" else self.protocol)
     return {f"{steps.PREFIXES[p]}{what}_at_{k}{suffix}"
-            for p in protocols for what in ("precision", "recall") for k in self.ks
-            for suffix in ("", *(f"_{d}" for d in _DIRECTIONS[:2]))}
+            for p in _last_protocols(self.protocol) for what in ("precision", "recall")
+            for k in self.ks for suffix in ("", *(f"_{d}" for d in steps.MAP_KEYS[:2]))}
 
   def __call__(self, ctx: EvalContext) -> dict[str, float]:
     from dsf3n_jax.training import steps  # pylint: disable=g-import-not-at-top

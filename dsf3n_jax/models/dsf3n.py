@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
 
+from dsf3n_jax.config_schema import is_int
 from dsf3n_jax.mesh import pmean
 from dsf3n_jax.models import registry
 from dsf3n_jax.models.encoder import ModalityEncoder
@@ -155,8 +155,7 @@ class DSF3N(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral) or (
-        self.num_classes < 1):
+    if not is_int(self.num_classes) or self.num_classes < 1:
       raise ValueError(f"num_classes: expected a positive int, got {self.num_classes!r}")
     if self.missing_partner not in MISSING_PARTNERS:
       raise ValueError(f"missing_partner: expected one of {', '.join(MISSING_PARTNERS)}, got "

@@ -7,13 +7,13 @@ One ``MultiModalFusionAttention`` instance is reused by every fusion stage
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dsf3n_jax.config_schema import is_int
 from dsf3n_jax.models.layers import Bilinear, dense
 
 Variant = Literal["reference", "paper"]
@@ -99,8 +99,7 @@ class TwoStageFusion(nn.Module):
   def __call__(self, f_v: jax.Array, f_a: jax.Array, *, train: bool = False,
                example_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     del train, example_ids  # the fusion part's interface (DSF3N); MFA has no dropout
-    if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, numbers.Integral) or (
-        self.num_stages < 0):
+    if not is_int(self.num_stages) or self.num_stages < 0:
       raise ValueError(f"num_stages: expected MFA applications >= 0 (0: no MFA), got "
                        f"{self.num_stages!r}")
     if self.num_stages == 0:

@@ -308,6 +308,7 @@ PROTOCOL_KEYS = {"paired": ("emb_visual", "emb_audio", "logits_visual", "logits_
                  "unimodal": ("unimodal_emb_visual", "unimodal_emb_audio")}
 PROTOCOLS = ("paired", "unimodal", "both")
 PREFIXES = {"paired": "", "unimodal": "unimodal_"}  # of each protocol's keys and metrics
+MAP_KEYS = ("audio_to_visual", "visual_to_audio", "average")  # each protocol's map_<key>
 EMBED_KEYS = PROTOCOL_KEYS["paired"] + PROTOCOL_KEYS["unimodal"]
 
 
@@ -459,11 +460,10 @@ def evaluate(embed_fn: Callable | None, state: TrainState, source, *,
     if not (np.isfinite(visual).all() and np.isfinite(audio).all()):
       # A diverged state: NaN scores, which the loop and a sweep handle as non-finite (the
       # metric itself refuses non-finite embeddings).
-      maps = dict.fromkeys(("audio_to_visual", "visual_to_audio", "average"), float("nan"))
+      maps = dict.fromkeys(MAP_KEYS, float("nan"))
     else:
       maps = metrics.cross_modal_map(visual, audio, out["label"],
                                      distance=config.metric.distance, k=config.metric.k or None)
-    result.update({f"{prefix}map_{direction}": float(maps[direction]) for direction in (
-        "audio_to_visual", "visual_to_audio", "average")})
+    result.update({f"{prefix}map_{key}": float(maps[key]) for key in MAP_KEYS})
   result["num_examples"] = int(out["label"].shape[0])
   return result

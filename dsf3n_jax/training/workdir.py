@@ -94,6 +94,13 @@ def _alive(owner: Mapping[str, Any], *, lease_s: float = LEASE_S) -> bool:
   return started is None or started == _start_time(pid)
 
 
+_UNREADABLE = {"pid": -1}  # a lock file that could not be read (half-written, or a failed read)
+
+
+def _unreadable(owner: Mapping[str, Any]) -> bool:
+  return owner.get("pid") == _UNREADABLE["pid"]
+
+
 class WorkdirLock:
   """``workdir/lock``: a run holds its workdir for its whole life (process 0 only).
 
@@ -153,7 +160,8 @@ class WorkdirLock:
     is renamed aside (atomic: one rename wins) and put back, unless it is still ``owner``'s;
     in a bucket it is read again just before it is deleted."""
     if not _is_local(self.path):
-      if self._owner() in (owner, {"pid": -1, "host": socket.gethostname()}):
+      now = self._owner()
+      if now is not None and (now == owner or _unreadable(now)):
         self.path.unlink(missing_ok=True)
       return
     aside = self.path.parent / f".{self.path.name}.stale.{os.getpid()}.{secrets.token_hex(4)}"
@@ -164,8 +172,8 @@ class WorkdirLock:
     try:
       taken = json.loads(aside.read_text())
     except (ValueError, OSError):
-      taken = {"pid": -1}
-    if taken == owner or taken.get("pid") == -1:
+      taken = _UNREADABLE
+    if taken == owner or _unreadable(taken):
       aside.unlink(missing_ok=True)
       return
     with contextlib.suppress(OSError):  # another run's new lock: back, unless a third exists
@@ -185,7 +193,7 @@ class WorkdirLock:
     while (left := lapse - time.time()) > 0:
       time.sleep(min(left, min(self.renew_s, 5.0)))
       now = self._owner()
-      if now is not None and now.get("pid") == -1:
+      if now is not None and _unreadable(now):
         continue  # a read that failed, or a lock being written: read again
       if now != owner:
         return now is None
@@ -194,7 +202,7 @@ class WorkdirLock:
   def _renew(self) -> None:
     while not self._stop.wait(self.renew_s):
       owner = self._owner()
-      if owner is not None and owner.get("pid") != -1 and not self._mine(owner):
+      if owner is not None and not _unreadable(owner) and not self._mine(owner):
         log("error: %s now names pid %s on host %s: another run took this workdir; stop "
             "one of the two", self.path, owner.get("pid"), owner.get("host"))
         return
@@ -210,7 +218,7 @@ class WorkdirLock:
     except FileNotFoundError:
       return None
     except (ValueError, OSError):  # half-written by a run killed while taking it
-      return {"pid": -1, "host": socket.gethostname()}
+      return {**_UNREADABLE, "host": socket.gethostname()}
 
   def _create(self, text: str) -> bool:
     if _is_local(self.path):  # O_EXCL: of two runs starting at once, exactly one wins
@@ -231,7 +239,7 @@ class WorkdirLock:
       if self._renewer is not None:
         self._renewer.join(timeout=5.0)
       owner = self._owner()
-      if owner is None or owner.get("pid") == -1 or self._mine(owner):  # not another run's
+      if owner is None or _unreadable(owner) or self._mine(owner):  # not another run's
         with contextlib.suppress(OSError):
           self.path.unlink(missing_ok=True)
       self.held = False
