@@ -238,7 +238,9 @@ def _time_evaluation(cfg, model, state, mesh, params: Mapping[str, Any]) -> dict
                       batch_size=cfg.eval_batch_size)
     out["embed_s"] = time.perf_counter() - t0
     out["map_average"] = result["map_average"]
-    out["protocols"] = _time_protocols(cfg, model, state, mesh, source, loss_fn)
+    if int(params.get("protocol_rounds", 1)):
+      out["protocols"] = _time_protocols(cfg, model, state, mesh, source, loss_fn,
+                                         rounds=int(params.get("protocol_rounds", 1)))
   except Exception as e:  # the epoch figures stand without it
     out["error"] = f"{type(e).__name__}: {e}"
   return out
@@ -249,33 +251,48 @@ def _time_evaluation(cfg, model, state, mesh, params: Mapping[str, Any]) -> dict
 _EVALUATION_OF = {"paired": "selection", "unimodal": "unimodal", "both": "final"}
 
 
-def _time_protocols(cfg, model, state, mesh, source, loss_fn) -> dict[str, Any]:
-  """Seconds of one warm embedding pass per protocol, and of the evaluations a run does.
+def _time_protocols(cfg, model, state, mesh, source, loss_fn, *,
+                    rounds: int) -> dict[str, Any]:
+  """Seconds of a warm embedding pass per protocol, and of the evaluations a run does.
 
   ``selection_evaluation_s``: an intermediate evaluation under the paper's recipe (selection
   on ``map_average``: the paired pass, its loss and mAP); ``unimodal_evaluation_s``: one
   under the :unimodal recipe's (each modality alone, its mAP); ``final_evaluation_s``: both
-  protocols (the last evaluation). Ratios are to the paired embedding pass.
+  protocols (the last evaluation). Every one is compiled and run once first, then timed in
+  turn, ``rounds`` times (``rounds_s``: each round's seconds). ``<name>_s`` is the median
+  over the rounds; ``<name>_over_paired_pass`` the median of each round's ratio to the
+  same round's paired pass (a host whose speed drifts within the job does not move it),
+  ``<name>_over_paired_pass_range`` their least and greatest.
   """
   from dsf3n_jax import train
-  out: dict[str, Any] = {}
+  work: dict[str, Callable[[], Any]] = {}
   for protocol, name in _EVALUATION_OF.items():
     embed_fn = train.make_embed_fn(model, mesh, protocol=protocol)
 
-    def evaluation(embed_fn=embed_fn, protocol=protocol):
-      outputs = train.embed_split(embed_fn, state.variables, source, mesh=mesh,
-                                  batch_size=cfg.eval_batch_size)
-      train.evaluate(None, state, source, config=cfg, mesh=mesh, outputs=outputs,
+    def embed(embed_fn=embed_fn):
+      return train.embed_split(embed_fn, state.variables, source, mesh=mesh,
+                               batch_size=cfg.eval_batch_size)
+
+    def evaluation(embed=embed, protocol=protocol):
+      train.evaluate(None, state, source, config=cfg, mesh=mesh, outputs=embed(),
                      protocol=protocol, loss_fn=loss_fn)
 
-    (out[f"embed_{protocol}_s"],) = repeat(  # the warm-up compiles
-        lambda embed_fn=embed_fn: train.embed_split(embed_fn, state.variables, source,
-                                                    mesh=mesh, batch_size=cfg.eval_batch_size),
-        warmup=1, repeats=1)
-    (out[f"{name}_evaluation_s"],) = repeat(evaluation, warmup=1, repeats=1)
-  paired = out["embed_paired_s"]
-  for key in [k for k in out if k.endswith("_s") and k != "embed_paired_s"]:
-    out[key.removesuffix("_s") + "_over_paired_pass"] = out[key] / paired
+    work[f"embed_{protocol}"], work[f"{name}_evaluation"] = embed, evaluation
+  for fn in work.values():  # compiles
+    fn()
+  times: dict[str, list[float]] = {k: [] for k in work}
+  for _ in range(rounds):
+    for key, fn in work.items():
+      (seconds,) = repeat(fn, warmup=0, repeats=1)
+      times[key].append(seconds)
+  out: dict[str, Any] = {"rounds": len(times["embed_paired"]), "rounds_s": times}
+  paired = times["embed_paired"]
+  for key, values in times.items():
+    out[f"{key}_s"] = float(np.median(values))
+    if key != "embed_paired":
+      ratios = [t / p for t, p in zip(values, paired)]
+      out[f"{key}_over_paired_pass"] = float(np.median(ratios))
+      out[f"{key}_over_paired_pass_range"] = [min(ratios), max(ratios)]
   return out
 
 
@@ -324,7 +341,9 @@ def case_jax_epoch(params: Mapping[str, Any]) -> dict[str, Any]:
   more epoch of batches from the loader alone (the input pipeline's cost).
   With ``eval_examples`` > 0 it also times ``train.evaluate`` (embedding with
   ``train.make_embed_fn``, the loss and both mAPs) on a synthetic test split of
-  that size: the first call (with its compiles), then once warm. The recipe
+  that size: the first call (with its compiles), then once warm; and each protocol's
+  embedding pass and evaluation, in turn, ``protocol_rounds`` times (default 1; 0: not at
+  all; ``_time_protocols``). The recipe
   (``num_epochs`` and ``eval_every_epochs`` of the default config) is
   extrapolated as compile + epochs x the median epoch + the first evaluation
   + the other evaluations x the warm one; the epoch is scaled linearly to

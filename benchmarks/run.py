@@ -52,7 +52,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "torch_compile": True, "data_parallel": True, "allocators": True, "bf16": True,
         "slow_batches": [128],
         "epoch": {"batch_size": 128, "num_examples": 22000, "repeats": 1,
-                  "eval_examples": 5621, "eval_batch_size": 1024},
+                  "eval_examples": 5621, "eval_batch_size": 1024, "protocol_rounds": 3},
         # The on-device (lax.scan) epoch as well; short on CPU, where it is several times
         # slower per step than the streamed one (and "auto" does not pick it).
         "epoch_variants": {"scan": {"on_device": "true", "num_examples": 1280}},
@@ -68,7 +68,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "slow_warmup": 1, "slow_repeats": 1, "slow_budget_s": 1.0,
         "torch_compile": False, "data_parallel": False, "allocators": False, "bf16": True,
         "epoch": {"batch_size": 128, "num_examples": 2560, "repeats": 1,
-                  "eval_examples": 5621, "eval_batch_size": 1024},
+                  "eval_examples": 5621, "eval_batch_size": 1024, "protocol_rounds": 2},
         "profile": {"steps": 3, "warmup": 1},
         "map_compare": {"n": 5621, "original_n": 1500, "original_repeats": 1, "repeats": 2},
         "map_scaling": [(20000, 1024, 0), (100000, 256, 100)],
@@ -80,7 +80,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "slow_warmup": 1, "slow_repeats": 2, "slow_budget_s": 2.0,
         "torch_compile": False, "data_parallel": True, "allocators": False, "bf16": False,
         "epoch": {"batch_size": 8, "num_examples": 32, "repeats": 2,
-                  "eval_examples": 20, "eval_batch_size": 16},
+                  "eval_examples": 20, "eval_batch_size": 16, "protocol_rounds": 3},
         # Also the on-device (lax.scan) epoch, which "auto" picks on GPU/TPU only.
         "epoch_variants": {"scan": {"on_device": "true"}},
         "profile": {"steps": 2, "warmup": 1},
@@ -172,8 +172,8 @@ def plan_jobs(mode: str, *, accelerator: Mapping[str, Any], allocator: str,
   # streamed batches on CPU), extrapolated to the 40-epoch recipe at VEGAS's size.
   epoch = {**p["epoch"], "model": p["model"], "budget_s": 1e9, "recipe_examples": 22000}
   add("epoch", "jax_epoch", {**epoch, "on_device": "auto"})
-  for name, overrides in p.get("epoch_variants", {}).items():
-    add(f"epoch/{name}", "jax_epoch", {**epoch, **overrides})
+  for name, overrides in p.get("epoch_variants", {}).items():  # protocols timed once, above
+    add(f"epoch/{name}", "jax_epoch", {**epoch, "protocol_rounds": 0, **overrides})
   add("profile", "jax_profile", {**p["profile"], "model": p["model"], "dtype": "float32",
                                  "batch_size": p["train_batches"][0], "top": 25})
   add("map_compare", "map_compare", {**p["map_compare"], "budget_s": p["budget_s"]})

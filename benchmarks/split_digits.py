@@ -32,7 +32,7 @@ TEST_FRACTION = 0.2
 
 
 def split_digits(seed: int = SEED, test_fraction: float = TEST_FRACTION) -> dict[str, np.ndarray]:
-  """The six arrays of a paired-feature file (SPEC.md): left halves as visual, right as audio."""
+  """The six arrays of a paired-feature file (docs/data.md): left halves visual, right audio."""
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
   digits = load_digits()

@@ -1,4 +1,4 @@
-"""PyTorch baseline of DSF3N, written from SPEC.md with the original's module and key names.
+"""PyTorch baseline of DSF3N: the original's network and losses, with its module and key names.
 
 The authors' ``v_a_model.CrossModal_NN`` saves state dicts with keys such as
 ``visual_layer.visual_encoder.weight``, ``visual_fine_grained_feature.conv3_1.weight``,
@@ -93,7 +93,8 @@ class MultiScale_Modal_Net(nn.Module):  # noqa: N801 (the original's name)
 
 
 class Multi_modal_Fusion_Attention(nn.Module):  # noqa: N801 (the original's name)
-  """MFA (SPEC step 3). ``variant="paper"`` drops w_2, w_4 and t_c (Eq. 3-4 as printed).
+  """MFA, as the original code computes it. ``variant="paper"`` drops w_2, w_4 and t_c (Eq. 3-4
+  as printed).
 
   ``einsum_bilinear=True`` computes the bilinear map with ``torch.einsum`` on
   the same ``joint_attention_map.weight`` instead of calling ``nn.Bilinear``.

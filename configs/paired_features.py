@@ -1,4 +1,4 @@
-"""Any paired-feature file (.h5 or .npz with the six arrays of SPEC.md): our recipe.
+"""Any paired-feature file (.h5 or .npz with the six arrays of docs/data.md): our recipe.
 
 ``python -m dsf3n_jax.main --config=configs/paired_features.py
 --config.data.path=FILE --workdir=DIR``: feature sizes and the class count are

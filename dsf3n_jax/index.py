@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from dsf3n_jax import cli
+from dsf3n_jax import cli, paths
 from dsf3n_jax.paths import atomic_file, atomic_write
 from dsf3n_jax.training.workdir import log
 
@@ -111,6 +111,8 @@ class RunModel:
   def embedder(self, modality: str, *, batch_size: int = 1024) -> Callable[[np.ndarray],
                                                                           np.ndarray]:
     """``features (n, dim) -> embeddings (n, embed_dim)``, over this host's devices."""
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+      raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
     import jax  # pylint: disable=g-import-not-at-top
     from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
     from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -223,8 +225,12 @@ def read_features(path: pathlib.Path, *, what: str) -> Library:
 
 def open_library(*, modality: str, run: RunModel | None, source: str | None = None,
                  tfds: str | None = None, data_dir: str | None = None,
-                 split: str = "test") -> Library:
-  """The items of ``modality`` from ``--source`` / ``--tfds`` (default: the run's dataset)."""
+                 split: str | None = None) -> Library:
+  """The items of ``modality`` from ``--source`` / ``--tfds`` (default: the run's dataset).
+
+  ``split``: of a paired file, the TFDS dataset or the run's data (default "test"); refused
+  for a features-only file, which has none.
+  """
   from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
   if source and tfds:
     raise cli.UsageError("--source and --tfds: give one of them")
@@ -233,11 +239,16 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
     if not path.exists():
       raise cli.UsageError(f"--source={source}: no such file")
     if path.suffix in (".h5", ".hdf5") or (path.suffix == ".npz" and _is_paired(path)):
+      split = split or "test"
       visual, audio, labels = retrieval.load_split(path, split)
       rows = visual if modality == "visual" else audio
       return Library(rows, np.arange(len(rows)), labels, _file_origin(path, split=split),
                      f"{path} ({split})")
+    if split is not None:
+      raise cli.UsageError(f"--split={split}: --source={source} holds features only (no "
+                           "splits); drop --split")
     return read_features(path, what=f"--source={source}")
+  split = split or "test"
   if run is None:
     raise cli.UsageError("--workdir: needed to embed a source (or give --embeddings)")
   if tfds:
@@ -331,6 +342,9 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
     else:
       _check_rows(rows, lo, library.where, rows.shape[1])
       emb = rows
+    if emb.ndim != 2 or emb.shape[0] != hi - lo:
+      raise ValueError(f"shard {i} of {library.where}: the embedding has shape {emb.shape} for "
+                       f"{hi - lo} items (rows {lo}..{hi - 1})")
     dim = emb.shape[1]
     _save_npy(out / f"embeddings-{i:05d}.npy", np.ascontiguousarray(emb, np.float32))
     _save_npy(out / f"ids-{i:05d}.npy", ids)
@@ -358,7 +372,8 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
                 "model": dict(model or {}), "labels": library.has_labels,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
-    for p in out.glob("progress-*.json"):
+    # Progress files, and the temporary files of writes a kill interrupted (paths.atomic_file).
+    for p in [*out.glob("progress-*.json"), *out.glob(paths.TEMPORARY_GLOB)]:
       p.unlink(missing_ok=True)
     log("index of %d %s items (%d-d, %s) written to %s in %.1f s", n, modality,
          manifest["dim"], protocol, out, time.time() - t0)
@@ -395,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--source", help="paired-feature file, or features-only .npy / .npz")
   p.add_argument("--tfds", help="a TFDS dataset by name (with --split)")
   p.add_argument("--data_dir", help="TFDS data_dir for --tfds")
-  p.add_argument("--split", default="test", help="split of a paired file, TFDS or the run")
+  p.add_argument("--split", help="split of a paired file, TFDS or the run (default test)")
   p.add_argument("--embeddings", help="embeddings already computed: .npy, or .npz of one array "
                  "(+ ids, labels); no model")
   p.add_argument("--chunk_size", type=int, default=65536, help="items per shard")
@@ -410,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   modality = check_modality(args.modality)
+  if args.batch_size < 1:
+    raise cli.UsageError(f"--batch_size={args.batch_size}: expected an int >= 1")
   from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize({}, coordinator_address=args.coordinator_address,
@@ -418,8 +435,9 @@ def main(argv=None) -> int:
   except distributed.SettingsError as e:
     raise cli.UsageError(str(e)) from e
   if args.embeddings:
-    if args.workdir or args.source or args.tfds:
-      raise cli.UsageError("--embeddings: give it alone (no --workdir, --source or --tfds)")
+    if args.workdir or args.source or args.tfds or args.split:
+      raise cli.UsageError("--embeddings: give it alone (no --workdir, --source, --tfds or "
+                           "--split)")
     path = pathlib.Path(args.embeddings)
     if not path.exists():
       raise cli.UsageError(f"--embeddings={args.embeddings}: no such file")

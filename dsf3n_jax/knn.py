@@ -10,11 +10,13 @@ built, and no 64-bit key per item: ties are broken by the lower id because
 merge puts the lower ids first (the running top-k before the new block,
 device 0 before device 1).
 
-Distances are the metric's own (``map_kernel.pairwise_distances``: cosine
-``1 - q.x / |q| / |x|`` on the raw dot products, or euclidean), computed the
-same way in float32, so the ranking is exactly the one the mAP metric and a
-float32 brute force give; the library's norms are computed once. Matrix
-products run at
+Distances are the metric's own formula (``map_kernel.pairwise_distances``:
+cosine ``1 - q.x / |q| / |x|`` on the raw dot products, or euclidean) in
+float32; the library's norms are computed once. Each product is one (query
+block x library block) matrix product, which XLA may round differently from
+the metric's (queries x items) product by an ulp, so two items within an ulp
+of each other can rank in the other order than the metric ranks them; the
+mAP of the two orders agrees (``tests/test_search.py``). Matrix products run at
 ``precision`` (default "highest": float32 on GPU/TPU too, so results equal a
 float32 brute force; "default" lets accelerators use faster, less exact
 passes). ``approximate=True`` takes each block's top-k with
@@ -72,31 +74,35 @@ class Library:
     if distance not in DISTANCES:
       raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCES)}")
     mesh = make_mesh() if mesh is None else mesh
-    items = np.asarray(items, np.float32)
-    m, _ = items.shape
-    norm, sq = (np.asarray(v) for v in _norms(items))
-    sq = norm if distance == "cosine" else sq
+    items = _checked(items, None, "library")
+    m = len(items)
+    if m == 0:
+      raise ValueError("library: expected at least one item, found 0")
     n_dev = mesh.shape[AXIS]
     per_device = -(-m // n_dev)
     block = max(1, min(int(block), per_device))
     per_device = -(-per_device // block) * block
     padded = per_device * n_dev
-    sharding = NamedSharding(mesh, P(AXIS))
-    items = np.pad(items, ((0, padded - m), (0, 0)))
-    sq = np.pad(sq, (0, padded - m), constant_values=1)
-    return cls(jax.device_put(items, sharding), jax.device_put(sq, sharding), m, distance,
-               block, mesh)
+    # Each device gets its rows and computes their norms: the library is never whole on one.
+    items = jax.device_put(np.pad(items, ((0, padded - m), (0, 0))), NamedSharding(mesh, P(AXIS)))
+    norm, sq = _norms(items)  # the padding's never matter: its ids are never returned
+    return cls(items, norm if distance == "cosine" else sq, m, distance, block, mesh)
 
   def search(self, queries: np.ndarray, k: int, *, approximate: bool = False,
-             precision: str = "highest", query_block: int = 1024
-             ) -> tuple[np.ndarray, np.ndarray]:
+             precision: str = "highest", query_block: int = 1024, where: str = "queries",
+             k_name: str = "k") -> tuple[np.ndarray, np.ndarray]:
     """``(ids, distances)``, each (n, k), nearest first; ids are row numbers of the library.
 
-    ``k`` must be in ``1..count`` and the queries finite (``dsf3n_jax.search``
-    checks both and says which is wrong).
+    ``queries`` (n, dim) must be finite, ``k`` an int in ``1..count``; either is refused
+    with a message that names ``where`` (or ``k_name``). No queries give (0, k) arrays.
     """
-    queries = np.asarray(queries, np.float32)
+    queries = _checked(queries, self.dim, where)
+    if not (isinstance(k, (int, np.integer)) and 1 <= k <= self.count):
+      raise ValueError(f"{k_name}={k!r}: expected an int from 1 to the {self.count} items "
+                       "searched")
     n = len(queries)
+    if n == 0:
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     fn = _search_fn(self.mesh, k=int(k), block=self.block, count=self.count,
                     distance=self.distance, approximate=bool(approximate), precision=precision)
     # At least MIN_QUERY_BLOCK rows (padded): XLA compiles a one-row product otherwise (a
@@ -111,6 +117,26 @@ class Library:
     ids = np.concatenate([np.asarray(i) for i, _ in outs])[:n].astype(np.int64)
     dist = np.concatenate([np.asarray(s) for _, s in outs])[:n]
     return ids, dist
+
+
+def _checked(rows, dim: int | None, where: str) -> np.ndarray:
+  """``rows`` as float32 (n, dim); a wrong shape, a non-finite row, or one whose squared norm
+  overflows float32 (its distances would all be NaN or 1) is an error naming ``where``."""
+  array = np.asarray(rows)
+  if array.ndim != 2 or array.dtype.kind not in "fiub":
+    raise ValueError(f"{where}: expected an (n, {dim or 'd'}) array of numbers, found "
+                     f"{array.dtype} of shape {array.shape}")
+  if dim is not None and array.shape[1] != dim:
+    raise ValueError(f"{where}: expected {dim}-d rows (the library's), found "
+                     f"{array.shape[1]}-d")
+  array = array.astype(np.float32, copy=False)
+  with np.errstate(over="ignore", invalid="ignore"):
+    bad = np.flatnonzero(~np.isfinite(np.einsum("ij,ij->i", array, array)))
+  if bad.size:
+    why = ("is not finite (NaN or Inf" if not np.isfinite(array[bad[0]]).all() else
+           "is too large (its squared norm overflows float32")
+    raise ValueError(f"{where}: row {int(bad[0])} {why}; {bad.size} such rows)")
+  return array
 
 
 def _merge(values, ids, k: int):

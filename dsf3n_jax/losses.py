@@ -1,4 +1,4 @@
-"""DSF3N's training objective (SPEC "Losses"): ``L = L_id + alpha L_pair + beta L_center``.
+"""DSF3N's training objective (the original's train_model.py): L_id + alpha L_pair + beta L_center.
 
 Every term is a function of its own and ``dsf3n_loss`` combines them. Labels
 may be integer class ids (batch,) or one-hot rows (batch, C). An optional

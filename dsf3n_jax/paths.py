@@ -16,6 +16,10 @@ def is_local(path) -> bool:
   return "://" not in os.fspath(path)
 
 
+# What atomic_file's temporary files match (one a kill interrupted stays behind).
+TEMPORARY_GLOB = ".*.tmp*"
+
+
 def atomic_file(path, write: Callable[[Any], None], *, mode: str = "wb") -> None:
   """``write(f)`` into a temporary file beside ``path``, then renamed over ``path``: the file
   is always one whole version, the earlier one if ``write`` fails (its temporary file is

@@ -12,7 +12,7 @@ Files:
     that made them; files without it are "paired").
   * variables ``.npz``: the flattened ``{"params", "batch_stats"}`` pytree with
     '/'-joined keys, plus ``__model__``: the model's keyword arguments as JSON.
-  * paired-feature ``.npz`` (the SPEC arrays): ``visual_<split>``, ``audio_<split>``,
+  * paired-feature ``.npz`` (docs/data.md): ``visual_<split>``, ``audio_<split>``,
     ``lab_<split>`` (class ids or one-hot rows).
 """
 
@@ -133,7 +133,7 @@ def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.nd
   arrays are checked as the trainer checks them.
 
   Args:
-    path: ``.npz`` (or ``.h5``) file with the SPEC arrays.
+    path: ``.npz`` (or ``.h5``) file with the paired-feature arrays.
     split: "train" or "test" (any suffix present in the file).
 
   Returns:

@@ -67,6 +67,9 @@ def main(argv=None) -> int:
   ``argv``: the arguments without the program name (default ``sys.argv[1:]``).
   """
   args = _parser().parse_args(argv)
+  for flag in ("k", "batch_size"):
+    if getattr(args, flag) < 1:
+      raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
   if args.embeddings and args.split is not None:
     raise ValueError(f"--split={args.split}: not read with --embeddings (its split is the one "
                      "it was made of)")

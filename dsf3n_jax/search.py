@@ -107,23 +107,12 @@ class Index:
 
   def search(self, queries, k: int, *, approximate: bool = False,
              where: str = "queries") -> Hits:
-    """The ``k`` nearest items of each query embedding (n, dim)."""
-    queries = np.asarray(queries)
-    if queries.ndim != 2 or queries.dtype.kind not in "fiu":
-      raise ValueError(f"{where}: expected an (n, {self.dim}) array of numbers, found "
-                       f"{queries.dtype} of shape {queries.shape}")
-    if queries.shape[1] != self.dim:
-      raise ValueError(f"{where}: expected {self.dim}-d embeddings (the index's dim), found "
-                       f"{queries.shape[1]}-d")
-    bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
-    if bad.size:
-      raise ValueError(f"{where}: query {int(bad[0])} is not finite (NaN or Inf; {bad.size} "
-                       "such queries)")
-    if not (isinstance(k, (int, np.integer)) and 1 <= k <= self.count):
-      raise ValueError(f"--k={k}: expected an int from 1 to the index's {self.count} items")
+    """The ``k`` nearest items of each query embedding (n, dim); the queries and ``k`` are
+    checked (``knn.Library.search``), named by ``where`` and ``--k``."""
     if self._library is None:
       self._library = knn.Library.put(self.embeddings)
-    rows, dist = self._library.search(queries, int(k), approximate=approximate)
+    rows, dist = self._library.search(queries, k, approximate=approximate, where=where,
+                                      k_name="--k")
     return Hits(self.ids[rows], 1 - dist, rows,
                 None if self.labels is None else self.labels[rows])
 
@@ -186,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--query_embeddings", help="query embeddings (.npy / .npz)")
   p.add_argument("--rows", help="queries are these rows (e.g. 0,1,2) of the run's own --split, "
                  "the other modality's features (with --workdir)")
-  p.add_argument("--split", default="test", help="the run's split for --rows")
+  p.add_argument("--split", help="the run's split for --rows (default test)")
   p.add_argument("--k", type=int, default=10, help="items per query")
   p.add_argument("--approximate", action="store_true", help="jax.lax.approx_max_k per block")
   p.add_argument("--json", action="store_true", help="one JSON line per query")
@@ -201,8 +190,14 @@ def main(argv=None) -> int:
   if len(given) != 1:
     raise cli.UsageError("give one of --queries=FILE (with --workdir), --rows=0,1,... (with "
                          f"--workdir) or --query_embeddings=FILE; got {given or 'none'}")
+  if args.split and not args.rows:
+    raise cli.UsageError(f"--split={args.split}: only with --rows (the run's rows to query)")
+  if args.workdir and args.query_embeddings:
+    raise cli.UsageError("--workdir: not used with --query_embeddings (the queries are "
+                         "embedded already); drop it, or give --queries=FILE to embed with it")
   index = Index.load(args.index)
   if args.rows:
+    args.split = args.split or "test"
     if not args.workdir:
       raise cli.UsageError("--rows: needs --workdir, the run that built the index")
     from dsf3n_jax import retrieval, train  # pylint: disable=g-import-not-at-top
@@ -227,6 +222,8 @@ def main(argv=None) -> int:
   else:
     queries = _read_array(args.query_embeddings, flag="--query_embeddings")
     where = f"--query_embeddings={args.query_embeddings}"
+  if len(queries) == 0:
+    raise cli.UsageError(f"{where}: no queries (0 rows)")
   hits = index.search(queries, args.k, approximate=args.approximate, where=where)
   for i in range(len(queries)):
     if args.json:

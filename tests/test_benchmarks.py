@@ -65,12 +65,18 @@ def test_smoke_run_writes_every_section(tmp_path):
   for row in epochs.values():
     assert row["steps"] >= 1 and row["compile_s"] > 0 and row["evaluation_s"] > 0, row
     assert 0 < row["recipe"]["train_s"] < row["recipe"]["total_s"], row["recipe"]
-    protocols = row["evaluation_protocols"]  # each protocol's pass and the runs' evaluations
-    for key in ("embed_paired_s", "embed_unimodal_s", "embed_both_s", "selection_evaluation_s",
-                "unimodal_evaluation_s", "final_evaluation_s"):
-      assert protocols[key] > 0, (key, protocols)
-    assert protocols["embed_both_over_paired_pass"] == pytest.approx(
-        protocols["embed_both_s"] / protocols["embed_paired_s"])
+  assert epochs["epoch/scan"]["evaluation_protocols"] is None  # timed once, on the main epoch
+  protocols = epochs["epoch"]["evaluation_protocols"]  # each protocol's pass and evaluations
+  assert protocols["rounds"] == 3
+  paired = protocols["rounds_s"]["embed_paired"]
+  for key in ("embed_unimodal", "embed_both", "selection_evaluation", "unimodal_evaluation",
+              "final_evaluation"):
+    assert protocols[f"{key}_s"] > 0 and len(protocols["rounds_s"][key]) == 3, (key, protocols)
+    # Each round's ratio to the same round's paired pass; their median, not a ratio of medians.
+    ratios = [t / p for t, p in zip(protocols["rounds_s"][key], paired)]
+    assert protocols[f"{key}_over_paired_pass"] == pytest.approx(np.median(ratios))
+    assert protocols[f"{key}_over_paired_pass_range"] == pytest.approx([min(ratios),
+                                                                       max(ratios)])
   uni = next(r for k, r in rows.items() if k.startswith("jax_train/unimodal_recipe/"))
   default_step = next(r for k, r in rows.items() if k.startswith("jax_train/float32/one/"))
   assert uni["flops_per_sample"] > default_step["flops_per_sample"]  # its own FLOPs
@@ -184,21 +190,24 @@ def _fake_document():
           "started": "today", "wall_s": 1.0, "command": "c"}
 
 
+def _fake_epoch_job(protocols=None):
+  recipe = {"epochs": 40, "examples": 22000, "steps_per_epoch": 171, "epoch_s": 150.0,
+            "scaled_from_steps": None, "evaluations": 8, "evaluation_s": 10.0,
+            "evaluation_examples": 5621, "train_s": 6006.0, "total_s": 6060.0, "includes": "x"}
+  return {"mode": "streaming", "batch_size": 128, "num_examples": 22000, "steps": 171,
+          "epoch_s": harness.stats([150.0]), "samples_per_s": harness.stats([146.0]),
+          "compile_s": 6.0, "recipe": recipe,
+          "evaluation": {"evaluate_s": 10.0, "embed_s": 3.0, "first_call_s": 14.0,
+                         "examples": 5621, "protocols": protocols}}
+
+
 def test_report_epoch_and_profile_sections():
   doc = _fake_document()
   doc["sections"] = report.sections(doc)
   assert doc["sections"]["epoch"]["rows"] == [] and "error" in doc["sections"]["profile"]
   report_md.markdown(doc)  # renders without them
   st = harness.stats
-  recipe = {"epochs": 40, "examples": 22000, "steps_per_epoch": 171, "epoch_s": 150.0,
-            "scaled_from_steps": None, "evaluations": 8, "evaluation_s": 10.0,
-            "evaluation_examples": 5621, "train_s": 6006.0, "total_s": 6060.0, "includes": "x"}
-  doc["jobs"]["epoch"] = {"mode": "streaming", "batch_size": 128, "num_examples": 22000,
-                          "steps": 171, "epoch_s": st([150.0]), "samples_per_s": st([146.0]),
-                          "compile_s": 6.0, "evaluation": {"evaluate_s": 10.0, "embed_s": 3.0,
-                                                           "first_call_s": 14.0,
-                                                           "examples": 5621},
-                          "recipe": recipe}
+  doc["jobs"]["epoch"] = _fake_epoch_job()
   cat = {"category": "matmul: bilinear", "ops": 6, "cpu_s": 1.0, "elapsed_s": 0.55,
          "share": 1.0, "flops": 77e9, "gflops": 140.0, "gflops_per_thread": 77.0}
   op = {"op": "dot.57", "category": "matmul: bilinear", "source": "bwd fusion/mfa/bilinear",
@@ -221,9 +230,26 @@ def test_report_epoch_and_profile_sections():
 
 def test_report_targets_ratios_and_failed_rows():
   doc = _fake_document()
+  doc["jobs"]["jax_train/bfloat16/one/128"] = {"samples_per_s": harness.stats([120.0]),
+                                               "compile_s": 7.0, "flops_per_sample": 0.83e9}
+  seconds = {"embed_unimodal": 18.0, "embed_both": 22.0, "selection_evaluation": 10.5,
+             "unimodal_evaluation": 19.0, "final_evaluation": 23.0}
+  protocols = {"rounds": 1, "embed_paired_s": 10.0,
+               **{f"{k}_s": v for k, v in seconds.items()},
+               **{f"{k}_over_paired_pass": v / 10.0 for k, v in seconds.items()}}
+  doc["jobs"]["epoch"] = _fake_epoch_job(protocols)
   doc["sections"] = report.sections(doc)
   sec = doc["sections"]
   targets = {t["target"]: t for t in sec["targets"]}
+  # bf16 must beat float32; an evaluation must cost at most its threshold.
+  assert targets["bfloat16_over_float32"]["measured"] == pytest.approx(120 / 150)
+  assert targets["bfloat16_over_float32"]["met"] is False
+  selection = targets["selection_evaluation_over_paired_pass"]
+  assert selection["direction"] == "at most" and selection["met"] is True
+  assert selection["shortfall_percent"] is None
+  unimodal = targets["unimodal_evaluation_over_paired_pass"]
+  assert unimodal["met"] is False and unimodal["shortfall_percent"] == pytest.approx(
+      100 * (1.9 / 1.8 - 1))
   assert targets["jax_samples_per_s"]["met"] is False
   assert targets["jax_samples_per_s"]["shortfall_percent"] == pytest.approx(100 * (1 - 150 / 180))
   assert targets["speedup_vs_original"]["measured"] == pytest.approx(30.0)
@@ -236,7 +262,7 @@ def test_report_targets_ratios_and_failed_rows():
   assert sorted(r["ratio"] for r in sec["ratios"]) == pytest.approx([1.5, 30.0])
   text = report_md.markdown(doc)
   assert "RuntimeError: no compiler" in text  # a failed variant is a row, not a gap
-  assert "missed by" in text and "17 %" in text
+  assert "missed by" in text and "17 %" in text and "| ≤ 1.8 | 1.9 | no | 6 % |" in text
   assert np.isclose(sec["flops"]["flops_per_sample"], 0.83e9)
 
 

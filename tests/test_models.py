@@ -64,7 +64,7 @@ def test_module_shapes_and_dtypes(dtype):
   assert all(o.dtype == dtype for o in out)
   assert set(var) == {"params", "batch_stats"}
   n = sum(math.prod(p.shape) for p in jax.tree.leaves(var["params"]))
-  assert n == 20_275_141  # ~20.3 M, as SPEC.md says; 16.8 M in the bilinear map
+  assert n == 20_275_141  # ~20.3 M, as the original's; 16.8 M in the bilinear map
   assert var["batch_stats"]["visual_fine_grained"]["bn"]["var"].dtype == jnp.float32
 
 

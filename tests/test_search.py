@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dsf3n_jax import cli, knn, metrics, retrieval, train
+from dsf3n_jax import cli, knn, metrics, retrieval, retrieve, train
 from dsf3n_jax import index as index_lib
 from dsf3n_jax import search as search_lib
 from dsf3n_jax.datasets.synthetic import generate_synthetic
@@ -72,6 +72,54 @@ def test_the_kernel_gives_a_float32_brute_force_ties_included(devices):
 # The tests that take ``run`` run on one xdist worker (``--dist loadgroup``, pyproject.toml):
 # spread over two, each worker would build it.
 SHARES_RUN = pytest.mark.xdist_group("search_run")
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_on_float_data_the_kernel_ranks_as_the_metric_within_an_ulp(devices):
+  """Gaussian rows: each (query block x library block) product may round apart from the
+  metric's one product by an ulp, so near-ties may swap; the distances, the order and the mAP
+  agree within that."""
+  rng = np.random.default_rng(1)
+  items = rng.normal(size=(1000, 16)).astype(np.float32)
+  queries = rng.normal(size=(50, 16)).astype(np.float32)
+  item_labels, query_labels = rng.integers(0, 10, 1000), rng.integers(0, 10, 50)
+  library = knn.Library.put(items, mesh=mesh_of(devices), block=96)
+  # Each device computed its own rows' norms: the library was never whole on one device.
+  for array in (library.items, library.norms):
+    assert tuple(array.sharding.spec) == ("data",)
+    assert len(array.sharding.device_set) == devices
+  rows, dist = library.search(queries, 1000)  # every item ranked
+  assert (np.sort(rows, axis=1) == np.arange(1000)).all()
+  ref = np.asarray(metrics.pairwise_distances(queries, items))
+  along = np.take_along_axis(ref, rows, axis=1)
+  np.testing.assert_allclose(dist, along, rtol=0, atol=1e-6)
+  assert (np.diff(along, axis=1) >= -1e-6).all()  # in the metric's order, up to an ulp
+  relevant = item_labels[rows] == query_labels[:, None]
+  hits = np.cumsum(relevant, axis=1)
+  ap = (hits / np.arange(1, 1001) * relevant).sum(1) / np.maximum(relevant.sum(1), 1)
+  assert ap.mean() == pytest.approx(metrics.mean_average_precision(
+      queries, items, query_labels, item_labels), abs=1e-6)
+
+
+def test_the_kernel_names_bad_rows_and_k():
+  library = knn.Library.put(np.eye(5, 3, dtype=np.float32))
+  ids, dist = library.search(np.zeros((0, 3), np.float32), 2)  # no queries: nothing found
+  assert ids.shape == dist.shape == (0, 2)
+  cases = {"queries: row 1 is not finite (NaN or Inf; 1 such rows)": (
+               [[1, 0, 0], [np.nan, 0, 0]], 2),
+           "queries: row 0 is too large": ([[1e20, 0, 0]], 2),
+           "queries: expected 3-d rows (the library's), found 2-d": ([[1, 0]], 2),
+           "k=8: expected an int from 1 to the 5 items searched": ([[1, 0, 0]], 8),
+           "k=0: expected": ([[1, 0, 0]], 0)}
+  for message, (queries, k) in cases.items():
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+      library.search(np.asarray(queries, np.float32), k)
+  with pytest.raises(ValueError, match="library: expected at least one item, found 0"):
+    knn.Library.put(np.zeros((0, 3), np.float32))
+  with pytest.raises(ValueError, match="library: row 2 is not finite"):
+    knn.Library.put(np.array([[1, 0], [0, 1], [np.inf, 0]], np.float32))
+  with pytest.raises(ValueError, match="queries: row 0 is not finite"):  # every caller gets it
+    retrieval.retrieve([[np.nan, 0, 0]], np.eye(5, 3), [0], np.arange(5), k=2)
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +278,12 @@ def test_a_killed_build_resumes_where_it_stopped(run, tmp_path, monkeypatch, cap
   with pytest.raises(search_lib.IndexError_, match="unfinished build: rerun the same"):
     search_lib.Index.load(tmp_path / "i")
   monkeypatch.setattr(index_lib, "_save_npy", real)
+  # What a SIGKILL in the middle of a write leaves (paths.atomic_file's temporary file).
+  stray = tmp_path / "i" / ".embeddings-00002.npy.tmp123.abcd"
+  stray.write_bytes(b"half a shard")
   capfd.readouterr()
   assert _index(*argv) == 0
+  assert not stray.exists()
   err = capfd.readouterr().err
   assert "resuming the build" in err and "2 of 3 shards done" in err, err
   assert _index(f"--workdir={workdir}", "--modality=audio", f"--out={tmp_path / 'fresh'}",
@@ -262,15 +314,33 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
 
   np.save(emb, np.ones((2, 7), np.float32))  # a dimension mismatch
   line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
-  assert f"--query_embeddings={emb}" in line and "expected 16-d" in line and "found 7-d" in line
+  assert f"--query_embeddings={emb}" in line and "expected 16-d rows" in line
+  assert "found 7-d" in line
   np.save(emb, np.array([[0.0] * 16, [np.nan] * 16], np.float32))  # NaN in the queries
   line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
-  assert "query 1 is not finite" in line
+  assert "row 1 is not finite" in line
+  np.save(emb, np.full((2, 16), 1e20, np.float32))  # finite, but |x|^2 overflows float32
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
+  assert "row 0 is too large (its squared norm overflows float32; 2 such rows)" in line
+  np.save(emb, np.zeros((0, 16), np.float32))  # no queries
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}"], capsys)
+  assert f"--query_embeddings={emb}: no queries (0 rows)" in line
   np.save(emb, np.ones((1, 16), np.float32))
   for k in (0, 41):  # k < 1, k > items
     line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}", f"--k={k}"],
                   capsys)
-    assert f"--k={k}: expected an int from 1 to the index's 40 items" in line
+    assert f"--k={k}: expected an int from 1 to the 40 items searched" in line
+  # Flags that would be ignored are refused: a run beside given embeddings, a split without
+  # rows of it.
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}",
+                                  f"--workdir={workdir}"], capsys)
+  assert "--workdir: not used with --query_embeddings" in line
+  line = _error(search_lib.main, [f"--index={out}", f"--query_embeddings={emb}",
+                                  "--split=train"], capsys)
+  assert "--split=train: only with --rows" in line
+  for flag in ("--k=0", "--batch_size=0"):
+    line = _error(retrieve.main, [f"--workdir={workdir}", "--queries=0", flag], capsys)
+    assert f"{flag}: expected an int >= 1" in line
   audio = tmp_path / "audio.npy"
   np.save(audio, split["audio"][:2])
   manifest = json.loads((out / "manifest.json").read_text())  # made by another model
@@ -300,6 +370,19 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
   line = _error(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
                                  f"--out={tmp_path / 'z'}", f"--source={bad}"], capsys)
   assert f"expected {width} features per item (the model's input), found 5" in line
+  for size in (0, -4):  # a batch size that would embed nothing
+    line = _error(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                   f"--out={tmp_path / 'b'}", f"--batch_size={size}"], capsys)
+    assert f"--batch_size={size}: expected an int >= 1" in line
+  assert not (tmp_path / "b").exists()
+  np.save(bad, split["visual"])  # features only: no split to choose
+  line = _error(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                 f"--out={tmp_path / 'c'}", f"--source={bad}", "--split=train"],
+                capsys)
+  assert f"--split=train: --source={bad} holds features only" in line
+  line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'c'}",
+                                 f"--embeddings={emb}", "--split=train"], capsys)
+  assert "--embeddings: give it alone" in line and "--split" in line
   assert index.count == 40 and pathlib.Path(out).is_dir()
 
 

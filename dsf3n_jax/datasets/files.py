@@ -152,7 +152,7 @@ def _wanted(files: list[str], keys: Iterable[str] | None) -> Iterator[str]:
 
 def read_paired_file(path: str | os.PathLike,
                      keys: Iterable[str] = ALL_KEYS) -> dict[str, np.ndarray]:
-  """Reads the six SPEC arrays (or other ``keys``) from an HDF5 or NPZ file.
+  """Reads the six paired-feature arrays (or other ``keys``) from an HDF5 or NPZ file.
 
   Only ``keys`` are read (by default the six: ``visual_train``,
   ``audio_train``, ``lab_train``, ``visual_test``, ``audio_test``,

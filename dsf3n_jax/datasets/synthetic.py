@@ -42,7 +42,7 @@ def generate_synthetic(*, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST,
                        difficulty: float = DIFFICULTY, seed: int = 0, latent_dim: int = 16,
                        modes_per_class: int = 3, nuisance_dim: int = 8,
                        hidden: int = 256) -> dict[str, np.ndarray]:
-  """Generates the six SPEC arrays of a synthetic audio-visual retrieval dataset.
+  """Generates the six paired-feature arrays of a synthetic audio-visual retrieval dataset.
 
   Args:
     num_train, num_test: pairs per split (train contains every class when

@@ -138,7 +138,7 @@ def labels_to_ids(lab, *, source: str, key: str,
 def validate_arrays(arrays: Mapping[str, np.ndarray], *, source: str,
                     num_classes: int | None = None, visual_dim: int | None = None,
                     audio_dim: int | None = None) -> dict[str, np.ndarray]:
-  """Checks the six SPEC arrays and normalises them.
+  """Checks the six paired-feature arrays and normalises them.
 
   Checks: every key present; features of rank 2 with the configured sizes (and
   the same size in train and test); audio, visual and label counts equal per

@@ -1,4 +1,4 @@
-"""The modality encoder: one dense layer and a ReLU (SPEC step 1)."""
+"""The modality encoder: one dense layer and a ReLU."""
 
 from __future__ import annotations
 

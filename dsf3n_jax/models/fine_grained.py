@@ -1,4 +1,4 @@
-"""The fine-grained multi-scale Conv1d net (SPEC step 2).
+"""The fine-grained multi-scale Conv1d net.
 
 The encoded vector (batch, L) is read as a one-channel signal of length L,
 laid out (batch, length, channels) as Flax convolutions expect. BatchNorm over

@@ -1,4 +1,4 @@
-"""The shared output head and the per-modality classifiers (SPEC steps 5-6)."""
+"""The shared output head and the per-modality classifiers."""
 
 from __future__ import annotations
 
