@@ -21,6 +21,7 @@ falls back to the previous one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -172,7 +173,9 @@ class Checkpointer:
     manager decides what to delete within this call."""
     if not self.optimizer_state:
       state = state.replace(opt_state=None)
-    meta = {**meta, "optimizer_state": self.optimizer_state, "format": FORMAT}
+    # A copy: orbax writes the JSON in its background thread, after the loop has gone on
+    # changing its own meta (the epoch's metric sums) in place.
+    meta = copy.deepcopy({**meta, "optimizer_state": self.optimizer_state, "format": FORMAT})
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))
     self._best.step = best_checkpoint(meta["best"]) if meta.get("best") else None
     self.manager.save(step, args=args, force=True)

@@ -127,6 +127,9 @@ def _without_traceback(record) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir.strip():  # --workdir=$WORKDIR with the variable unset
+    raise cli.UsageError(f"--workdir={FLAGS.workdir!r}: empty; expected the run's directory "
+                         "(an unset variable?)")
   # Before jax is used: quieter logs and (multi-host) the distributed runtime.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from dsf3n_jax import config_check, distributed, train
@@ -204,6 +207,9 @@ def run(entry=None):
   stopped by SIGTERM / SIGINT or a preemption notice, with its checkpoint saved, is one
   ``preempted: ...`` line and exit status 75 (``training.preemption.EXIT_STATUS``)."""
   config_search_path(sys.argv[1:])  # so any config can `from configs import default`
+  if entry is None:  # a signal while the run starts stops it before its first step (exit 75)
+    from dsf3n_jax.training import preemption  # pylint: disable=g-import-not-at-top
+    preemption.watch_from_start()
   try:
     app.run(entry or main, flags_parser=_parse_flags)
   except Exception as e:  # noqa: BLE001 - reported in one line each; KeyboardInterrupt passes

@@ -59,6 +59,11 @@ def atomic_savez(path, arrays: Mapping[str, Any]) -> str:
 
 
 def resolve(workdir) -> epath.Path:
-  """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that)."""
+  """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that). An empty
+  path (an unset variable: ``--workdir=$WORKDIR``) is refused, not read as the current
+  directory."""
   text = os.fspath(workdir)
+  if not text.strip():
+    raise ValueError(f"workdir: an empty path ({text!r}; an unset variable?): expected a "
+                     "directory")
   return epath.Path(text if not is_local(text) else os.path.abspath(text))

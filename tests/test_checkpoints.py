@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from dsf3n_jax import checkpoints
 from dsf3n_jax.checkpoints import Checkpointer
 
 
@@ -32,6 +33,25 @@ def test_the_best_checkpoint_outlives_the_manager_that_saved_it(tmp_path):
   _save(resumed, 5, best_step=5)  # a new best: the old one goes
   assert resumed.steps() == [5]
   resumed.close()
+
+
+def test_a_save_writes_the_meta_of_its_call(tmp_path, monkeypatch):
+  """orbax writes the JSON item in its background thread; the loop goes on changing its meta in
+  place (the epoch's metric sums) meanwhile, and a checkpoint must not take those changes."""
+  checkpointer = Checkpointer(tmp_path, keep=2)
+  handed = []
+  real = checkpoints.ocp.args.JsonSave
+  monkeypatch.setattr(checkpoints.ocp.args, "JsonSave",
+                      lambda item: handed.append(item) or real(item))
+  meta = {**_meta(None), "epoch_metrics": {"count": 2, "sums": {"loss": 4.0}}}
+  checkpointer.save(1, {"w": np.zeros((3,), np.float32)}, meta)
+  meta["epoch_metrics"]["count"] = 3  # the next step's, added in place
+  meta["epoch_metrics"]["sums"]["loss"] = 6.0
+  checkpointer.wait()
+  saved = {"count": 2, "sums": {"loss": 4.0}}
+  assert handed[0]["epoch_metrics"] == saved  # what orbax was handed: a copy
+  assert checkpointer.read_meta(step=1)["epoch_metrics"] == saved
+  checkpointer.close()
 
 
 def test_a_checkpoints_meta_is_rewritten_whole_and_names_the_best_kept(tmp_path):

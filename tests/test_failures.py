@@ -238,6 +238,29 @@ def test_a_resume_repairs_a_missing_best_checkpoint(tmp_path, monkeypatch, capfd
   train.restore_model(str(workdir), which="best")
 
 
+def test_repairing_a_missing_best_does_not_count_toward_early_stopping(tmp_path, monkeypatch):
+  """The repair evaluates the restored state again; the uninterrupted run did not, so its
+  early-stopping count must not grow (it stopped the resumed run at once)."""
+  workdir = tmp_path / "run"
+  config = tiny_config(num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1,
+                       keep_checkpoints=1, early_stopping_patience=2)
+  real, calls = steps_lib.evaluate, []
+
+  def evaluate(*args, **kwargs):  # epoch 1: the best and the lowest loss; later ones worse
+    calls.append(1)
+    return {**real(*args, **kwargs), "map_average": 0.9 if len(calls) == 1 else 0.5,
+            "loss": 1.0 if len(calls) == 1 else 2.0}
+
+  monkeypatch.setattr(steps_lib, "evaluate", evaluate)
+  first = _run(config, workdir)
+  assert first["steps"] == 12 and not first["stopped_early"]  # one evaluation without a lower
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  resumed = _run(tiny_config(num_epochs=3, eval_every_epochs=1, checkpoint_every_epochs=1,
+                             keep_checkpoints=1, early_stopping_patience=2), workdir)
+  assert resumed["steps"] == 18  # epoch 3 trained: the repair's evaluation was not counted
+  assert resumed["best"]["epoch"] == 2
+
+
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capfd):
   workdir = tmp_path / "run"
   config = tiny_config(num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1,

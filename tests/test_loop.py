@@ -5,6 +5,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -18,7 +20,7 @@ from dsf3n_jax.training import actions as actions_lib
 from dsf3n_jax.training import preemption
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import workdir as workdir_lib
-from tests.test_train import mesh_of, tiny_config
+from tests.test_train import REPO, mesh_of, tiny_config
 
 
 class _SignalAt(actions_lib.PeriodicAction):
@@ -107,10 +109,75 @@ def test_a_resume_hides_the_replayed_steps_in_both_metric_logs(tmp_path):
   resumed.close()
   steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
   assert steps == [1, 2, 3]
-  # TensorBoard drops the events at and after a START at step 3 from the files before it.
-  starts = [e.step for e in _tensorboard_events(tmp_path / "tensorboard")
+  # TensorBoard drops the events at and after a START at step 3 from the files before it; a
+  # fresh start (an attempt that died before its first checkpoint had written some) at step 1.
+  def starts():
+    return [e.step for e in _tensorboard_events(tmp_path / "tensorboard")
             if e.HasField("session_log") and e.session_log.status == e.session_log.START]
-  assert starts == [3]
+
+  assert starts() == [1, 3]
+  workdir_lib.MetricWriter(tmp_path, resume_step=None).close()
+  assert starts() == [1, 3, 1] and (tmp_path / "metrics.jsonl").read_text() == ""
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "spl\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+    workdir_lib.MetricWriter(tmp_path, resume_step=1)
+
+
+def test_a_signal_while_starting_stops_the_run_before_its_first_step(tmp_path, monkeypatch):
+  """From ``main``'s first line (``watch_from_start``), through reading the data and restoring
+  the checkpoint: exit status 75 at once, nothing saved, the rerun resumes as before."""
+  config = tiny_config(num_epochs=1)
+  workdir = tmp_path / "run"
+  preemption.watch_from_start()
+  os.kill(os.getpid(), signal.SIGTERM)  # while jax is imported, say
+  with pytest.raises(preemption.Preempted, match="SIGTERM while starting, before the first "
+                     "step: nothing new to save; rerun the same command to resume from the "
+                     "start") as stopped:
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  assert stopped.value.exit_status == 75 and stopped.value.step == 0
+  assert not checkpoints.Checkpointer(workdir, read_only=True).steps()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the recorder is gone too
+  first = train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+
+  real = run_lib.prepare_run
+
+  def prepare_run(*args, **kwargs):  # SIGINT while the data is read
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(run_lib, "prepare_run", prepare_run)
+  more = tiny_config(num_epochs=2)
+  with pytest.raises(preemption.Preempted, match=r"SIGINT while starting, .* resume from "
+                     r"epoch 1$"):
+    train.train_and_evaluate(more.copy_and_resolve_references(), str(workdir))
+  assert checkpoints.Checkpointer(workdir, read_only=True).steps() == [first["steps"]]
+  monkeypatch.setattr(run_lib, "prepare_run", real)
+  assert train.train_and_evaluate(more.copy_and_resolve_references(), str(workdir))["steps"] \
+      == 2 * first["steps"]
+
+
+def test_a_signal_at_the_last_step_lets_the_run_finish(tmp_path):
+  """Only the final evaluations are left: the run ends normally (stopping there would write
+  them twice, once now and once more on the rerun)."""
+  config = tiny_config(num_epochs=1)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"), actions=[_SignalAt(6)])
+  assert results["steps"] == 6 and (tmp_path / "run" / "results.json").exists()
+  records = [(r["step"], r["split"]) for r in map(json.loads, open(tmp_path / "run" /
+                                                                  "metrics.jsonl"))]
+  assert len(records) == len(set(records)), records
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_empty_workdir_is_refused_not_read_as_the_current_directory(tmp_path):
+  with pytest.raises(ValueError, match=r"workdir: an empty path \(''; an unset variable\?\)"):
+    train.train_and_evaluate(tiny_config(), "")
+  proc = subprocess.run([sys.executable, "-m", "dsf3n_jax.main",
+                         f"--config={REPO / 'configs' / 'synthetic.py'}", "--workdir="],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert proc.returncode == 2, proc.stderr
+  assert "--workdir='': empty; expected the run's directory" in proc.stderr
+  assert not list(tmp_path.iterdir())  # nothing written where it ran
 
 
 def test_a_second_signal_while_saving_changes_nothing(monkeypatch):
@@ -195,8 +262,15 @@ def test_a_resume_with_another_batch_size_is_refused_and_other_schedule_changes_
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(**{"num_epochs": 1}), workdir)
   with pytest.raises(ResumeMismatchError, match=r"batch_size: checkpoint was trained with "
-                     r"batches of 16, the config has 8 \(the steps per epoch"):
+                     r"16, the config has 8 \(the steps per epoch"):
     train.train_and_evaluate(tiny_config(**{"num_epochs": 1, "batch_size": 8}), workdir)
+  # The order of the examples: refused on both data paths (the streamed loader used the
+  # checkpoint's, the on-device epoch the config's, and neither said so).
+  for change in ({"seed": 1}, {"data.shuffle": False}):
+    key = next(iter(change))
+    with pytest.raises(ResumeMismatchError, match=rf"{key}: checkpoint was trained with .* "
+                       r"\(the order of the examples would change\)"):
+      train.train_and_evaluate(tiny_config(**{"num_epochs": 2, **change}), workdir)
   said = []
   monkeypatch.setattr(loop_lib, "log", lambda msg, *a: said.append(msg % a))
   train.train_and_evaluate(tiny_config(**{"num_epochs": 2, "optim.schedule": "cosine"}),

@@ -117,10 +117,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       checkpoint of the step named was saved, and a rerun resumes from it.
   """
   start_time = time.time()
-  run = run_lib.prepare_run(config, workdir, model=model, loss_fn=loss_fn)
-  evaluations = _build_evaluations(run)  # a bad setting fails before anything compiles
   with contextlib.ExitStack() as stack:
-    watch = stack.enter_context(PreemptionWatch())  # first: it is closed last
+    # First (closed last), before the data is read: a signal while starting stops the run
+    # before its first step (Loop.fit).
+    watch = stack.enter_context(PreemptionWatch())
+    run = run_lib.prepare_run(config, workdir, model=model, loss_fn=loss_fn)
+    evaluations = _build_evaluations(run)  # a bad setting fails before anything compiles
     _hold_workdir(run, stack)
     checkpointer = Checkpointer(run.workdir, keep=config.keep_checkpoints,
                                 optimizer_state=config.get("checkpoint_optimizer_state", True))
@@ -352,7 +354,9 @@ class Loop:
     if position is None or int(position["epoch"]) * spe + int(position["step"]) != \
         self.meta["step"]:  # a checkpoint of an on-device run: its position is its step
       position = {"epoch": self.meta["step"] // spe, "step": self.meta["step"] % spe}
-    self.loader.set_state(position)
+    # The order is the config's seed and shuffle, as on device (a resume that changes them is
+    # refused unless allow_resume_mismatch: run_lib.check_schedule).
+    self.loader.set_state({"epoch": position["epoch"], "step": position["step"]})
     self.loader_iter = iter(self.loader)
     self.step_jit = steps_lib.make_train_step(self.step_fn, run.mesh)
 
@@ -534,7 +538,12 @@ class Loop:
         "best so far", _where(best["step"], self.run.steps_per_epoch) if "step" in best
         else f"epoch {best['epoch']}", _where(step, self.run.steps_per_epoch))
     self.meta["best"] = None
+    # Only the best changes: early stopping counts the evaluations the run did, not this one.
+    kept = {k: self.meta.get(k) for k in ("best_eval_loss", "evals_without_improvement")}
+    stopping = self.stopping
     self._at_boundary(step, only=[*self.evaluations, actions_lib.SelectBest()])
+    self.meta.update(kept)
+    self.stopping = stopping
     if self.meta["best"] is not None:
       self.meta["best"]["checkpoint"] = number
     # The restored checkpoint's state is this state: only its meta changes (one file).
@@ -570,12 +579,16 @@ class Loop:
     # A run that stopped early (and was preempted or rerun after) stays stopped.
     patience = config.early_stopping_patience
     self.stopping = bool(patience) and meta.get("evals_without_improvement", 0) >= patience
+    step = meta["step"]
+    if step < self.total and not self.stopping and self._preemption_seen():
+      raise Preempted(f"{self.stopping_for} while starting, before the first step: nothing new "
+                      f"to save; rerun the same command to resume from "
+                      f"{_where(step, run.steps_per_epoch) if step else 'the start'}", step=step)
     self._start_data()
     self._repair_best()
     log("training %s on %d device(s) of %d process(es): %d examples, %d steps/epoch, %d epochs",
         run.sources.name, jax.device_count(), jax.process_count(), len(run.sources.train),
         run.steps_per_epoch, config.num_epochs)
-    step = meta["step"]
     for action in self.actions:  # a profile that starts before the first step
       if isinstance(action, actions_lib.Profile):
         action.begin(self, step)
@@ -585,7 +598,8 @@ class Loop:
       if not self.on_device:
         self.meta["loader"] = self.loader.get_state()
       self._at_boundary(step)
-      if self._preemption_seen():
+      # At the last step (or an early stop) only the final evaluations are left: they run.
+      if step < self.total and not self.stopping and self._preemption_seen():
         self._preempted(step)
     if self.stopping:
       log("early stopping after %s: %d evaluations without a lower %s loss",

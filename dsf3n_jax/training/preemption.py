@@ -8,8 +8,13 @@ status (``EXIT_STATUS``, 75: sysexits' EX_TEMPFAIL, "try again") tells a
 scheduler to requeue the job. Rerunning the same command resumes.
 
 One process: Python handlers for SIGTERM and SIGINT set a flag. A further
-signal while the run saves is logged and ignored (orbax's saves are atomic, so
-even a SIGKILL then leaves the previous checkpoint intact).
+signal before or while the run saves is logged and ignored (orbax's saves are
+atomic, so even a SIGKILL then leaves the previous checkpoint intact).
+
+Start-up: ``python -m dsf3n_jax.main`` records the signals from its first line
+(``watch_from_start``), so one that arrives while the run imports, reads its data
+or restores its checkpoint stops it before its first step, with the same exit
+status (nothing new to save: a rerun resumes from the checkpoint it restored).
 
 Several processes (``jax.distributed``): every process must stop at the same
 step. JAX's preemption service catches SIGTERM itself (its handler is
@@ -27,12 +32,31 @@ from __future__ import annotations
 import signal
 import threading
 
-from jax.experimental import multihost_utils
+# No jax at import: ``main`` records the start-up's signals (``watch_from_start``) before jax
+# is imported.
 
-from dsf3n_jax.training.workdir import log
+
+def log(msg: str, *args) -> None:
+  from dsf3n_jax.training.workdir import log as workdir_log  # pylint: disable=g-import-not-at-top
+  workdir_log(msg, *args)
 
 EXIT_STATUS = 75  # EX_TEMPFAIL: the run was stopped with a checkpoint saved; rerun to resume
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+_early: list[str] = []  # signals that arrived before a PreemptionWatch took over
+
+
+def _record_early(signum, frame) -> None:
+  del frame  # only recorded: the PreemptionWatch that takes over says it
+  _early.append(signal.Signals(signum).name)
+
+
+def watch_from_start() -> None:
+  """Records SIGTERM / SIGINT from now on until a ``PreemptionWatch`` is entered, which then
+  stops the run before its first step (main thread only; elsewhere nothing changes)."""
+  if threading.current_thread() is threading.main_thread():
+    for sig in _SIGNALS:
+      signal.signal(sig, _record_early)
 
 
 class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as asked
@@ -40,7 +64,7 @@ class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as ask
 
   exit_status = EXIT_STATUS
 
-  def __init__(self, message: str, *, step: int):
+  def __init__(self, message: str, *, step: int):  # the step a rerun resumes from
     super().__init__(message)
     self.step = step
 
@@ -73,15 +97,29 @@ class PreemptionWatch:
     if threading.current_thread() is not threading.main_thread():
       log("warning: training outside the main thread: SIGTERM/SIGINT are not handled")
       return self
+    early = _early[0] if _early else None  # the start-up's (watch_from_start)
+    _early.clear()
     self._multiprocess = _distributed()
     if self._multiprocess and _sync_manager() is None:  # jax_enable_preemption_service off
       log("warning: JAX's preemption service is off (jax_enable_preemption_service): the "
           "processes cannot agree on a step, so SIGTERM/SIGINT end the run without a save")
       self._multiprocess = None
+      for sig in _SIGNALS:
+        if signal.getsignal(sig) is _record_early:
+          signal.signal(sig, _DEFAULT_HANDLERS[sig])
+      if early:
+        signal.raise_signal(signal.SIGTERM)
       return self
-    # Several processes: JAX's own SIGTERM handler must stay (it notifies every process).
+    # Several processes: JAX's own SIGTERM handler must stay (it notifies every process; its
+    # initialisation replaced the start-up's recorder at the OS level).
     for sig in (signal.SIGINT,) if self._multiprocess else _SIGNALS:
-      self._previous[sig] = signal.signal(sig, self._handle)
+      previous = signal.signal(sig, self._handle)
+      self._previous[sig] = _DEFAULT_HANDLERS[sig] if previous is _record_early else previous
+    if early:
+      log("%s received while starting: the run stops before its first step", early)
+      self.signal_name = early
+      if self._multiprocess:  # every process agrees through JAX's preemption service
+        signal.raise_signal(signal.SIGTERM)
     return self
 
   def __exit__(self, *exc) -> None:
@@ -99,6 +137,9 @@ class PreemptionWatch:
     if self.signal_name is None:
       self.signal_name = name
       log("%s received: saving a checkpoint at the next step boundary, then stopping", name)
+    else:
+      log("%s received again: the run already stops at the next step boundary (a SIGKILL "
+          "before its save keeps the previous checkpoint intact)", name)
     if self._multiprocess:  # every process agrees through JAX's preemption service
       signal.raise_signal(signal.SIGTERM)
 
@@ -108,6 +149,7 @@ class PreemptionWatch:
       return False
     if not self._multiprocess:
       return self.signal_name is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     boundary, self._boundary = self._boundary, self._boundary + 1
     if multihost_utils.reached_preemption_sync_point(boundary):
       self.signal_name = self.signal_name or "SIGTERM"

@@ -153,30 +153,37 @@ def check_resume(saved: Mapping[str, Any], *, fingerprint: Mapping[str, Any],
 
 
 def schedule_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What a checkpoint records of the run's schedule: batch size, epochs, optimiser."""
-  return {"batch_size": int(config.batch_size), "num_epochs": int(config.num_epochs),
+  """What a checkpoint records of the run's schedule: batch size, the data's order (seed,
+  shuffle), epochs, optimiser."""
+  return {"batch_size": int(config.batch_size), "seed": int(config.seed),
+          "data.shuffle": bool(config.data.shuffle), "num_epochs": int(config.num_epochs),
           **{f"optim.{k}": v for k, v in config.optim.to_dict().items()}}
+
+
+# Changes a resume refuses unless allow_resume_mismatch: what they would change.
+_ORDER_FIELDS = {"batch_size": "the steps per epoch and the data position",
+                 "seed": "the order of the examples", "data.shuffle": "the order of the examples"}
 
 
 def check_schedule(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict, *,
                    where: str) -> list[str]:
   """The schedule changes of a resume (``schedule_record`` of the checkpoint and the config).
 
-  A changed batch size is refused (``ResumeMismatchError``, naming both; the steps per
-  epoch and so the data position would change) unless ``allow_resume_mismatch``; the other
-  changes (more epochs, another learning rate or schedule) are returned, to be said.
-  A checkpoint from before the record existed: no changes known.
+  A changed batch size, seed or ``data.shuffle`` is refused (``ResumeMismatchError``, naming
+  both; the data position or order would change) unless ``allow_resume_mismatch``; the other
+  changes (more epochs, another learning rate or schedule) are returned, to be said. A
+  checkpoint from before a field was recorded: no change of it known.
   """
   if not saved:
     return []
   now = schedule_record(config)
   changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
-  if ("batch_size" in saved and saved["batch_size"] != now["batch_size"]
-      and not config.get("allow_resume_mismatch", False)):
+  refused = [f"{k}: checkpoint was trained with {saved[k]!r}, the config has {now[k]!r} "
+             f"({what} would change)" for k, what in _ORDER_FIELDS.items()
+             if k in saved and saved[k] != now[k]]
+  if refused and not config.get("allow_resume_mismatch", False):
     raise ResumeMismatchError(
-        f"cannot resume {where}: batch_size: checkpoint was trained with batches of "
-        f"{saved['batch_size']}, the config has {now['batch_size']} (the steps per epoch and "
-        "the data position would change; a new --workdir starts afresh; "
+        f"cannot resume {where}: " + "; ".join(refused) + " (a new --workdir starts afresh; "
         "--config.allow_resume_mismatch=True resumes anyway)")
   return changed
 

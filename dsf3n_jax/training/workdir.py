@@ -375,15 +375,27 @@ class MetricWriter:
       return
     if self.path.exists():
       if resume_step is not None:
-        self.lines = [line + "\n" for line in self.path.read_text().splitlines()
-                      if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+          if not line.strip():
+            continue
+          try:
+            step = json.loads(line).get("step", 0)
+          except (ValueError, AttributeError) as e:
+            raise ValueError(f"{self.path}: line {number} is not a JSON record ({e}); repair "
+                             "or delete that line to resume") from e
+          if step <= resume_step:
+            self.lines.append(line + "\n")
       atomic_write(self.path, "".join(self.lines))
     tensorboard = epath.Path(workdir) / "tensorboard"
     if not _is_local(tensorboard):
       _register_tensorboard_scheme(os.fspath(tensorboard).split("://", 1)[0])
-    # TensorBoard hides the events of the replayed steps as the file above drops them.
+    # TensorBoard hides the events of the replayed steps as the file above drops them (a
+    # fresh start: every step, as an attempt that died before its first checkpoint wrote some).
+    # A file of its own: tensorboardX names it by the second and the host only, so a writer
+    # opened within the same second as the last one would overwrite that one's events.
     self.tb = _import_tensorboardx().SummaryWriter(
-        os.fspath(tensorboard), purge_step=None if resume_step is None else resume_step + 1)
+        os.fspath(tensorboard), purge_step=(resume_step or 0) + 1,
+        filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
     if not self.active:
