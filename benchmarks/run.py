@@ -1,7 +1,7 @@
 """Benchmarks of DSF3N in JAX against the PyTorch baseline, in one command.
 
-  python -m benchmarks.run            # full: 20-40 min on a 2-core CPU (20 min on AMD EPYC)
-  python -m benchmarks.run --quick    # 6-11 min: batch 128 only, smaller mAP and epoch
+  python -m benchmarks.run            # full: 20-40 min on a 2-core CPU (35 min on AMD EPYC)
+  python -m benchmarks.run --quick    # 6-13 min: batch 128 only, smaller mAP and epoch
   python -m benchmarks.run --smoke --out /tmp/bench   # tiny model, seconds (CI)
   python -m benchmarks.run --rerender results/X.json  # its sections and table again
 
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   modes = parser.add_mutually_exclusive_group()
-  modes.add_argument("--quick", action="store_true", help="the 6-11 minute version")
+  modes.add_argument("--quick", action="store_true", help="the 6-13 minute version")
   modes.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CI)")
   parser.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
   parser.add_argument("--allocator", default="auto",
