@@ -447,6 +447,7 @@ def _recipe(cfg, params, out, times, *, batch_size: int, steps: int,
   evaluation = out.get("evaluation", {})
   train_s = out["compile_s"] + cfg.num_epochs * epoch_s
   total_s = None
+  by_protocol = bool(evaluation.get("protocols"))
   if "evaluate_s" in evaluation:
     # As the loop evaluates: intermediate evaluations compute what selection needs (the
     # paired pass under the paper's recipe), the last both protocols.
@@ -461,8 +462,10 @@ def _recipe(cfg, params, out, times, *, batch_size: int, steps: int,
       "evaluations": evaluations, "evaluation_s": evaluation.get("evaluate_s"),
       "evaluation_examples": evaluation.get("examples"), "train_s": train_s, "total_s": total_s,
       "includes": ("compile of the step + epochs x one epoch (batches, step, metrics)"
-                   + (" + the evaluations (the first with its compiles; the intermediate "
-                      "ones of the selection protocol, paired; the last of both protocols)"
+                   + ((" + the evaluations (the first with its compiles; the intermediate "
+                       "ones of the selection protocol, paired; the last of both protocols)"
+                       if by_protocol else " + the evaluations (the first with its compiles; "
+                       "every other one of both protocols: this job times no protocol alone)")
                       if total_s else "")
                    + "; not included: reading the data from disk, checkpoints"),
   }

@@ -310,6 +310,8 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  from dsf3n_jax import knn  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(out)
   n = len(library)
   if n == 0:
@@ -345,6 +347,8 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
     if emb.ndim != 2 or emb.shape[0] != hi - lo:
       raise ValueError(f"shard {i} of {library.where}: the embedding has shape {emb.shape} for "
                        f"{hi - lo} items (rows {lo}..{hi - 1})")
+    # What every search would refuse (a non-finite row, one whose norm overflows), refused now.
+    knn.checked_rows(emb, None, f"shard {i} of {library.where} (rows {lo}..{hi - 1})")
     dim = emb.shape[1]
     _save_npy(out / f"embeddings-{i:05d}.npy", np.ascontiguousarray(emb, np.float32))
     _save_npy(out / f"ids-{i:05d}.npy", ids)

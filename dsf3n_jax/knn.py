@@ -69,15 +69,16 @@ class Library:
 
   @classmethod
   def put(cls, items: np.ndarray, *, distance: Distance = "cosine", mesh: Mesh | None = None,
-          block: int = 16384) -> Library:
-    """Pads ``items`` (m, d) to whole blocks on every device and places them on ``mesh``."""
+          block: int = 16384, where: str = "library") -> Library:
+    """Pads ``items`` (m, d) to whole blocks on every device and places them on ``mesh``; bad
+    rows (``checked_rows``) are an error naming ``where``."""
     if distance not in DISTANCES:
       raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCES)}")
     mesh = make_mesh() if mesh is None else mesh
-    items = _checked(items, None, "library")
+    items = checked_rows(items, None, where)
     m = len(items)
     if m == 0:
-      raise ValueError("library: expected at least one item, found 0")
+      raise ValueError(f"{where}: expected at least one item, found 0")
     n_dev = mesh.shape[AXIS]
     per_device = -(-m // n_dev)
     block = max(1, min(int(block), per_device))
@@ -96,7 +97,7 @@ class Library:
     ``queries`` (n, dim) must be finite, ``k`` an int in ``1..count``; either is refused
     with a message that names ``where`` (or ``k_name``). No queries give (0, k) arrays.
     """
-    queries = _checked(queries, self.dim, where)
+    queries = checked_rows(queries, self.dim, where)
     if not (isinstance(k, (int, np.integer)) and 1 <= k <= self.count):
       raise ValueError(f"{k_name}={k!r}: expected an int from 1 to the {self.count} items "
                        "searched")
@@ -119,7 +120,7 @@ class Library:
     return ids, dist
 
 
-def _checked(rows, dim: int | None, where: str) -> np.ndarray:
+def checked_rows(rows, dim: int | None, where: str) -> np.ndarray:
   """``rows`` as float32 (n, dim); a wrong shape, a non-finite row, or one whose squared norm
   overflows float32 (its distances would all be NaN or 1) is an error naming ``where``."""
   array = np.asarray(rows)

@@ -110,7 +110,7 @@ class Index:
     """The ``k`` nearest items of each query embedding (n, dim); the queries and ``k`` are
     checked (``knn.Library.search``), named by ``where`` and ``--k``."""
     if self._library is None:
-      self._library = knn.Library.put(self.embeddings)
+      self._library = knn.Library.put(self.embeddings, where=f"--index={self.path}")
     rows, dist = self._library.search(queries, k, approximate=approximate, where=where,
                                       k_name="--k")
     return Hits(self.ids[rows], 1 - dist, rows,

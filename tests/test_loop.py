@@ -121,6 +121,10 @@ def test_a_resume_hides_the_replayed_steps_in_both_metric_logs(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "spl\n')
   with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
     workdir_lib.MetricWriter(tmp_path, resume_step=1)
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": "3"}\n')
+  with pytest.raises(ValueError, match=r"line 2 is not a JSON record of a step \(its step is "
+                     r"'3', not an int\)"):
+    workdir_lib.MetricWriter(tmp_path, resume_step=1)
 
 
 def test_a_signal_while_starting_stops_the_run_before_its_first_step(tmp_path, monkeypatch):
@@ -137,6 +141,10 @@ def test_a_signal_while_starting_stops_the_run_before_its_first_step(tmp_path, m
   assert stopped.value.exit_status == 75 and stopped.value.step == 0
   assert not checkpoints.Checkpointer(workdir, read_only=True).steps()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the recorder is gone too
+  preemption.watch_from_start()
+  os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, recorded the same way
+  with pytest.raises(preemption.Preempted, match="SIGINT while starting"):
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
   first = train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
 
   real = run_lib.prepare_run
@@ -157,15 +165,38 @@ def test_a_signal_while_starting_stops_the_run_before_its_first_step(tmp_path, m
 
 
 def test_a_signal_at_the_last_step_lets_the_run_finish(tmp_path):
-  """Only the final evaluations are left: the run ends normally (stopping there would write
-  them twice, once now and once more on the rerun)."""
+  """Only the final evaluations are left: the run ends normally, as an uninterrupted one
+  (stopping there would write them twice, once now and once more on the rerun)."""
   config = tiny_config(num_epochs=1)
-  results = train.train_and_evaluate(config, str(tmp_path / "run"), actions=[_SignalAt(6)])
-  assert results["steps"] == 6 and (tmp_path / "run" / "results.json").exists()
-  records = [(r["step"], r["split"]) for r in map(json.loads, open(tmp_path / "run" /
-                                                                  "metrics.jsonl"))]
-  assert len(records) == len(set(records)), records
+  plain = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "plain"))
+  results = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run"),
+                                     actions=[_SignalAt(6)])
+  assert results["steps"] == plain["steps"] == 6
+  assert results["final"] == plain["final"] and (tmp_path / "run" / "results.json").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_while_starting_a_second_signal_stops_at_once_and_handlers_are_put_back():
+  """Ctrl-C twice stops a start that hangs (a coordinator that never answers); the handlers
+  found before the start-up's recorder are the ones put back."""
+  def custom(signum, frame):
+    del signum, frame
+
+  before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(
+      signal.SIGTERM, custom)
+  try:
+    preemption.watch_from_start()
+    os.kill(os.getpid(), signal.SIGINT)  # recorded: the run would stop before its first step
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)  # the second: Ctrl-C's own handler, now
+      time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with preemption.PreemptionWatch() as watch:
+      assert watch.requested() and watch.signal_name == "SIGINT"  # the first one still counts
+    assert signal.getsignal(signal.SIGTERM) is custom  # not a default in its place
+  finally:
+    signal.signal(signal.SIGINT, before[0])
+    signal.signal(signal.SIGTERM, before[1])
 
 
 def test_an_empty_workdir_is_refused_not_read_as_the_current_directory(tmp_path):
@@ -188,6 +219,8 @@ def test_a_second_signal_while_saving_changes_nothing(monkeypatch):
     assert not watch.requested()
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the same path as SIGTERM
     assert watch.requested() and watch.signal_name == "SIGINT"
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert "SIGTERM received again: the run already stops" in logged[-1]
     watch.saving = True
     os.kill(os.getpid(), signal.SIGTERM)
     assert watch.signal_name == "SIGINT"
@@ -271,6 +304,13 @@ def test_a_resume_with_another_batch_size_is_refused_and_other_schedule_changes_
     with pytest.raises(ResumeMismatchError, match=rf"{key}: checkpoint was trained with .* "
                        r"\(the order of the examples would change\)"):
       train.train_and_evaluate(tiny_config(**{"num_epochs": 2, **change}), workdir)
+  # A checkpoint from before the schedule recorded the order: its loader's record is read.
+  old = {"schedule": {"batch_size": 16}, "loader": {"epoch": 1, "step": 0, "seed": 0,
+                                                    "shuffle": True}}
+  assert run_lib.saved_schedule(old) == {"batch_size": 16, "seed": 0, "data.shuffle": True}
+  with pytest.raises(ResumeMismatchError, match=r"seed: checkpoint was trained with 0, the "
+                     r"config has 1"):
+    run_lib.check_schedule(run_lib.saved_schedule(old), tiny_config(seed=1), where="x")
   said = []
   monkeypatch.setattr(loop_lib, "log", lambda msg, *a: said.append(msg % a))
   train.train_and_evaluate(tiny_config(**{"num_epochs": 2, "optim.schedule": "cosine"}),

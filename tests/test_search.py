@@ -383,6 +383,10 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
   line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'c'}",
                                  f"--embeddings={emb}", "--split=train"], capsys)
   assert "--embeddings: give it alone" in line and "--split" in line
+  np.save(bad, np.full((3, 16), 1e20, np.float32))  # rows every search would refuse
+  line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'd'}",
+                                 f"--embeddings={bad}"], capsys)
+  assert f"shard 0 of {bad} (rows 0..2): row 0 is too large" in line
   assert index.count == 40 and pathlib.Path(out).is_dir()
 
 

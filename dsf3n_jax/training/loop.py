@@ -254,7 +254,7 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
   if not config.get("allow_resume_mismatch", False):
     run_lib.check_resume(meta, fingerprint=run.fingerprint, loss=config.loss.to_dict(),
                          where=where)
-  changed = run_lib.check_schedule(meta.get("schedule"), config, where=where)
+  changed = run_lib.check_schedule(run_lib.saved_schedule(meta), config, where=where)
   if changed:
     log("resuming %s with a changed schedule: %s", where, "; ".join(changed))
   if state.opt_state is None:
@@ -272,7 +272,7 @@ def _structure_mismatch(run: run_lib.Run, error: StateStructureError) -> Excepti
   if not config.get("allow_resume_mismatch", False):
     run_lib.check_resume(saved, fingerprint=run.fingerprint, loss=config.loss.to_dict(),
                          where=where)  # a changed loss is said as such
-  changed = run_lib.check_schedule(saved.get("schedule"), config, where=where)
+  changed = run_lib.check_schedule(run_lib.saved_schedule(saved), config, where=where)
   return run_lib.ResumeMismatchError(
       f"cannot resume {where}: its state has another structure than the config makes "
       f"({error.cause}); changed since it was saved: "
@@ -580,12 +580,10 @@ class Loop:
     patience = config.early_stopping_patience
     self.stopping = bool(patience) and meta.get("evals_without_improvement", 0) >= patience
     step = meta["step"]
-    if step < self.total and not self.stopping and self._preemption_seen():
-      raise Preempted(f"{self.stopping_for} while starting, before the first step: nothing new "
-                      f"to save; rerun the same command to resume from "
-                      f"{_where(step, run.steps_per_epoch) if step else 'the start'}", step=step)
+    self._stop_if_signalled_while_starting(step)
     self._start_data()
     self._repair_best()
+    self._stop_if_signalled_while_starting(step)  # during the data's copy or the repair
     log("training %s on %d device(s) of %d process(es): %d examples, %d steps/epoch, %d epochs",
         run.sources.name, jax.device_count(), jax.process_count(), len(run.sources.train),
         run.steps_per_epoch, config.num_epochs)
@@ -616,6 +614,14 @@ class Loop:
     if run.is_main:
       workdir_lib.write_results(run.workdir, results)
     return results
+
+  def _stop_if_signalled_while_starting(self, step: int) -> None:
+    """``Preempted`` before the first step when a signal came (every process alike)."""
+    if step < self.total and not self.stopping and self._preemption_seen():
+      raise Preempted(f"{self.stopping_for} while starting, before the first step: nothing new "
+                      f"to save; rerun the same command to resume from "
+                      f"{_where(step, self.run.steps_per_epoch) if step else 'the start'}",
+                      step=step)
 
   def _preempted(self, step: int) -> None:
     """Saves this step (unless just saved), waits for it, and stops the run."""

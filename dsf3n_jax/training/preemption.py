@@ -14,7 +14,9 @@ atomic, so even a SIGKILL then leaves the previous checkpoint intact).
 Start-up: ``python -m dsf3n_jax.main`` records the signals from its first line
 (``watch_from_start``), so one that arrives while the run imports, reads its data
 or restores its checkpoint stops it before its first step, with the same exit
-status (nothing new to save: a rerun resumes from the checkpoint it restored).
+status (nothing new to save: a rerun resumes from the checkpoint it restored); a
+second one then goes to the handler from before (Ctrl-C twice ends a start that
+hangs on a coordinator).
 
 Several processes (``jax.distributed``): every process must stop at the same
 step. JAX's preemption service catches SIGTERM itself (its handler is
@@ -29,6 +31,7 @@ consecutive ids.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -44,11 +47,31 @@ EXIT_STATUS = 75  # EX_TEMPFAIL: the run was stopped with a checkpoint saved; re
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
 _early: list[str] = []  # signals that arrived before a PreemptionWatch took over
+_before_start: dict[int, object] = {}  # the handlers watch_from_start replaced
+
+
+def _original(sig: int):
+  """The handler ``sig`` had before ``watch_from_start`` (Python's default when unknown)."""
+  handler = _before_start.get(sig)
+  return _DEFAULT_HANDLERS[sig] if handler is None else handler
 
 
 def _record_early(signum, frame) -> None:
-  del frame  # only recorded: the PreemptionWatch that takes over says it
-  _early.append(signal.Signals(signum).name)
+  """The first signal is recorded (the ``PreemptionWatch`` that takes over acts on it); a
+  second goes to the handler from before, so Ctrl-C twice stops a start that hangs (a
+  coordinator that never answers)."""
+  name = signal.Signals(signum).name
+  if not _early:
+    _early.append(name)
+    os.write(2, f"{name} received while starting: the run stops before its first step (a "
+                f"second one stops it now)\n".encode())
+    return
+  previous = _original(signum)
+  signal.signal(signum, previous)
+  if callable(previous):
+    previous(signum, frame)
+  elif previous == signal.SIG_DFL:
+    signal.raise_signal(signum)
 
 
 def watch_from_start() -> None:
@@ -56,7 +79,16 @@ def watch_from_start() -> None:
   stops the run before its first step (main thread only; elsewhere nothing changes)."""
   if threading.current_thread() is threading.main_thread():
     for sig in _SIGNALS:
-      signal.signal(sig, _record_early)
+      previous = signal.signal(sig, _record_early)
+      if previous is not _record_early:
+        _before_start[sig] = previous
+
+
+def _take_early() -> str | None:
+  """The first signal ``watch_from_start`` recorded (None if none), forgotten."""
+  early = _early[0] if _early else None
+  _early.clear()
+  return early
 
 
 class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as asked
@@ -90,15 +122,15 @@ class PreemptionWatch:
     self.signal_name: str | None = None
     self.saving = False
     self._previous: dict[int, object] = {}
-    self._boundary = 0
+    # JAX's sync point is the largest id the processes reported + 1, a process that has not
+    # asked yet reporting 0: ids from 1 make a notice from before the first boundary stop there.
+    self._boundary = 1
     self._multiprocess: bool | None = False  # None: several processes, no preemption service
 
   def __enter__(self) -> PreemptionWatch:
     if threading.current_thread() is not threading.main_thread():
       log("warning: training outside the main thread: SIGTERM/SIGINT are not handled")
       return self
-    early = _early[0] if _early else None  # the start-up's (watch_from_start)
-    _early.clear()
     self._multiprocess = _distributed()
     if self._multiprocess and _sync_manager() is None:  # jax_enable_preemption_service off
       log("warning: JAX's preemption service is off (jax_enable_preemption_service): the "
@@ -106,15 +138,16 @@ class PreemptionWatch:
       self._multiprocess = None
       for sig in _SIGNALS:
         if signal.getsignal(sig) is _record_early:
-          signal.signal(sig, _DEFAULT_HANDLERS[sig])
-      if early:
+          signal.signal(sig, _original(sig))
+      if _take_early():
         signal.raise_signal(signal.SIGTERM)
       return self
     # Several processes: JAX's own SIGTERM handler must stay (it notifies every process; its
     # initialisation replaced the start-up's recorder at the OS level).
     for sig in (signal.SIGINT,) if self._multiprocess else _SIGNALS:
       previous = signal.signal(sig, self._handle)
-      self._previous[sig] = _DEFAULT_HANDLERS[sig] if previous is _record_early else previous
+      self._previous[sig] = _original(sig) if previous is _record_early else previous
+    early = _take_early()  # after the handlers: a signal now is either recorded or handled
     if early:
       log("%s received while starting: the run stops before its first step", early)
       self.signal_name = early

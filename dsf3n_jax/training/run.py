@@ -165,6 +165,17 @@ _ORDER_FIELDS = {"batch_size": "the steps per epoch and the data position",
                  "seed": "the order of the examples", "data.shuffle": "the order of the examples"}
 
 
+def saved_schedule(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+  """A checkpoint's ``schedule_record``; one from before it recorded the data's order gives its
+  streamed loader's seed and shuffle (``meta["loader"]``) instead."""
+  schedule = dict(meta.get("schedule") or {})
+  loader = meta.get("loader") or {}
+  for key, field, kind in (("seed", "seed", int), ("data.shuffle", "shuffle", bool)):
+    if key not in schedule and field in loader:
+      schedule[key] = kind(loader[field])
+  return schedule or None
+
+
 def check_schedule(saved: Mapping[str, Any] | None, config: ml_collections.ConfigDict, *,
                    where: str) -> list[str]:
   """The schedule changes of a resume (``schedule_record`` of the checkpoint and the config).

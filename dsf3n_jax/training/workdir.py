@@ -380,9 +380,11 @@ class MetricWriter:
             continue
           try:
             step = json.loads(line).get("step", 0)
+            if not isinstance(step, int) or isinstance(step, bool):
+              raise ValueError(f"its step is {step!r}, not an int")
           except (ValueError, AttributeError) as e:
-            raise ValueError(f"{self.path}: line {number} is not a JSON record ({e}); repair "
-                             "or delete that line to resume") from e
+            raise ValueError(f"{self.path}: line {number} is not a JSON record of a step ({e}); "
+                             "repair or delete that line to resume") from e
           if step <= resume_step:
             self.lines.append(line + "\n")
       atomic_write(self.path, "".join(self.lines))
