@@ -68,6 +68,8 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert epochs["epoch/scan"]["evaluation_protocols"] is None  # timed once, on the main epoch
   protocols = epochs["epoch"]["evaluation_protocols"]  # each protocol's pass and evaluations
   assert protocols["rounds"] == 3
+  # The warm evaluation of both protocols is the protocols' own (not timed a second time).
+  assert epochs["epoch"]["evaluation_s"] == protocols["final_evaluation_s"]
   paired = protocols["rounds_s"]["embed_paired"]
   for key in ("embed_unimodal", "embed_both", "selection_evaluation", "unimodal_evaluation",
               "final_evaluation"):
