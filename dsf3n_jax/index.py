@@ -341,14 +341,14 @@ def build(out, library: Library, *, modality: str, embed: Callable[[np.ndarray],
     if embed is not None:
       _check_rows(rows, lo, library.where, input_dim)
       emb = embed(rows)
-    else:
-      _check_rows(rows, lo, library.where, rows.shape[1])
+    else:  # given embeddings: checked as the embeddings are, below
       emb = rows
     if emb.ndim != 2 or emb.shape[0] != hi - lo:
       raise ValueError(f"shard {i} of {library.where}: the embedding has shape {emb.shape} for "
                        f"{hi - lo} items (rows {lo}..{hi - 1})")
     # What every search would refuse (a non-finite row, one whose norm overflows), refused now.
-    knn.checked_rows(emb, None, f"shard {i} of {library.where} (rows {lo}..{hi - 1})")
+    knn.checked_rows(emb, None, f"shard {i} of {library.where} (rows {lo}..{hi - 1})",
+                     first_row=lo)
     dim = emb.shape[1]
     _save_npy(out / f"embeddings-{i:05d}.npy", np.ascontiguousarray(emb, np.float32))
     _save_npy(out / f"ids-{i:05d}.npy", ids)

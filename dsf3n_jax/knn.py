@@ -120,9 +120,10 @@ class Library:
     return ids, dist
 
 
-def checked_rows(rows, dim: int | None, where: str) -> np.ndarray:
+def checked_rows(rows, dim: int | None, where: str, *, first_row: int = 0) -> np.ndarray:
   """``rows`` as float32 (n, dim); a wrong shape, a non-finite row, or one whose squared norm
-  overflows float32 (its distances would all be NaN or 1) is an error naming ``where``."""
+  overflows float32 (its distances would all be NaN or 1) is an error naming ``where`` and the
+  row (numbered from ``first_row``)."""
   array = np.asarray(rows)
   if array.ndim != 2 or array.dtype.kind not in "fiub":
     raise ValueError(f"{where}: expected an (n, {dim or 'd'}) array of numbers, found "
@@ -136,7 +137,7 @@ def checked_rows(rows, dim: int | None, where: str) -> np.ndarray:
   if bad.size:
     why = ("is not finite (NaN or Inf" if not np.isfinite(array[bad[0]]).all() else
            "is too large (its squared norm overflows float32")
-    raise ValueError(f"{where}: row {int(bad[0])} {why}; {bad.size} such rows)")
+    raise ValueError(f"{where}: row {first_row + int(bad[0])} {why}; {bad.size} such rows)")
   return array
 
 

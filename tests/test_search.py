@@ -387,6 +387,12 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
   line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'd'}",
                                  f"--embeddings={bad}"], capsys)
   assert f"shard 0 of {bad} (rows 0..2): row 0 is too large" in line
+  given = np.ones((10, 16), np.float32)
+  given[7, 3] = np.nan  # in the second shard of four rows: numbered in the whole library
+  np.save(bad, given)
+  line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'e'}",
+                                 f"--embeddings={bad}", "--chunk_size=4"], capsys)
+  assert f"shard 1 of {bad} (rows 4..7): row 7 is not finite (NaN or Inf; 1 such rows)" in line
   assert index.count == 40 and pathlib.Path(out).is_dir()
 
 
