@@ -139,9 +139,16 @@ class Evaluate(PeriodicAction):
 
 class SelectBest(PeriodicAction):
   """After this step's evaluations: the best-so-far and early stopping (``loop.select``), when
-  the selection evaluator ran (``selection_split="last"``: at the run's last evaluations)."""
+  the selection evaluator ran (``selection_split="last"``: at the run's last evaluations).
+
+  ``early_stopping=False``: the best only (an evaluation the run's schedule did not make, such
+  as the repair of a missing best, does not count toward early stopping)."""
 
   name = "select_best"
+
+  def __init__(self, *, early_stopping: bool = True):
+    super().__init__()
+    self.early_stopping = early_stopping
 
   def due(self, step: int, last: int) -> bool:
     del step, last
@@ -150,7 +157,7 @@ class SelectBest(PeriodicAction):
   def __call__(self, loop: Loop, step: int) -> None:
     if (loop.final if loop.run.selection == run_lib.LAST
         else loop.run.selection in loop.last_evals):
-      loop.select(step)
+      loop.select(step, early_stopping=self.early_stopping)
 
 
 class Checkpoint(PeriodicAction):

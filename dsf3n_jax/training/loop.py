@@ -470,8 +470,9 @@ class Loop:
       done.update(missing)
     return out
 
-  def select(self, step: int) -> None:
-    """Updates the best-so-far and the early-stopping count from this step's evaluations."""
+  def select(self, step: int, *, early_stopping: bool = True) -> None:
+    """Updates the best-so-far and (``early_stopping``) the early-stopping count from this
+    step's evaluations."""
     meta, run = self.meta, self.run
     if run.selection == run_lib.LAST:  # nothing to select on: the latest state is the best
       meta["best"] = {"epoch": step // run.steps_per_epoch, "step": step, "checkpoint": step,
@@ -491,7 +492,7 @@ class Loop:
                       "value": value, **self.last_evals}
       self.new_best = True
     patience = self.config.early_stopping_patience
-    if not patience:
+    if not patience or not early_stopping:
       return
     if "loss" not in chosen:
       raise KeyError(f"config.early_stopping_patience={patience}: evaluator {run.selection!r} "
@@ -539,11 +540,8 @@ class Loop:
         else f"epoch {best['epoch']}", _where(step, self.run.steps_per_epoch))
     self.meta["best"] = None
     # Only the best changes: early stopping counts the evaluations the run did, not this one.
-    kept = {k: self.meta.get(k) for k in ("best_eval_loss", "evals_without_improvement")}
-    stopping = self.stopping
-    self._at_boundary(step, only=[*self.evaluations, actions_lib.SelectBest()])
-    self.meta.update(kept)
-    self.stopping = stopping
+    self._at_boundary(step, only=[*self.evaluations,
+                                  actions_lib.SelectBest(early_stopping=False)])
     if self.meta["best"] is not None:
       self.meta["best"]["checkpoint"] = number
     # The restored checkpoint's state is this state: only its meta changes (one file).
