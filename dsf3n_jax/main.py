@@ -127,9 +127,11 @@ def _without_traceback(record) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir.strip():  # --workdir=$WORKDIR with the variable unset
-    raise cli.UsageError(f"--workdir={FLAGS.workdir!r}: empty; expected the run's directory "
-                         "(an unset variable?)")
+  from dsf3n_jax import paths  # pylint: disable=g-import-not-at-top (after the signal recorder)
+  try:  # an empty --workdir (an unset variable) is a usage error, named by its flag
+    paths.resolve(FLAGS.workdir)
+  except ValueError as e:
+    raise cli.UsageError(f"--{e}") from e
   # Before jax is used: quieter logs and (multi-host) the distributed runtime.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from dsf3n_jax import config_check, distributed, train

@@ -207,7 +207,7 @@ def test_an_empty_workdir_is_refused_not_read_as_the_current_directory(tmp_path)
                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "PYTHONPATH": str(REPO)})
   assert proc.returncode == 2, proc.stderr
-  assert "--workdir='': empty; expected the run's directory" in proc.stderr
+  assert "--workdir: an empty path (''; an unset variable?): expected a directory" in proc.stderr
   assert not list(tmp_path.iterdir())  # nothing written where it ran
 
 
