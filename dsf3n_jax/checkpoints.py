@@ -267,7 +267,8 @@ class Checkpointer:
     best = self._meta(self._newest()).get("best")
     if not best:
       raise FileNotFoundError(f"no best checkpoint under {self.directory}: the run has not "
-                              "evaluated yet")
+                              "evaluated yet (the latest one: which='latest', on the command "
+                              "line --checkpoint=latest)")
     number = best_checkpoint(best)
     if number not in self.manager.all_steps():
       raise CheckpointError(f"the best checkpoint, {self.directory}/{number}, is "

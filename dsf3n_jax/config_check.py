@@ -233,7 +233,20 @@ def _cross_field_problems(config, problems: list[str]) -> list[str]:
   for key in (synthetic.keys() if _is_node(synthetic) else ()):
     if f"data.synthetic.{key}" not in known:
       out.append(unknown_field_message(f"data.synthetic.{key}", known))
+    elif not _accepts(rule := _synthetic_rule(key), synthetic[key]):
+      out.append(_problem(f"data.synthetic.{key}", synthetic[key], rule[1]))
   return out
+
+
+# generate_synthetic's bounds: a float option is a finite number >= 0; an int option an int
+# >= 1, except these.
+_SYNTHETIC_INT_MIN = {"seed": 0, "nuisance_dim": 0}
+
+
+def _synthetic_rule(key: str) -> Rule:
+  if isinstance(synthetic_lib.OPTIONS[key], float):
+    return config_schema.number(0)
+  return config_schema.integer(_SYNTHETIC_INT_MIN.get(key, 1))
 
 
 def validate(config: Mapping[str, Any], *, num_devices: int) -> None:

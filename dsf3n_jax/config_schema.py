@@ -212,7 +212,7 @@ def fields() -> tuple[Field, ...]:
       Field("data.num_classes", 0, integer(0), "0: from the data; otherwise checked against it"),
       Field("data.validation_fraction", 0.0, RATE, "carved from train, stratified, with "
             "validation_seed"),
-      Field("data.validation_seed", 0, integer(), "seed of the validation carve"),
+      Field("data.validation_seed", 0, integer(0), "seed of the validation carve"),
       Field("data.validation_groups", "none", choice(("none", "duplicates")), "duplicates: "
             "train rows that share an exact visual or audio vector (an item paired more than "
             "once) are carved together, so validation holds no input train has"),

@@ -27,8 +27,9 @@ BatchNorm's ``num_batches_tracked`` the checkpoint's step, and writes the model'
 sizes beside it (``out.model_config.json``: the stem's stride and padding are not in
 the weights' shapes); converting ``out.pth`` back reads them (``--model_config``).
 
-The default writes ``out_dir`` as a training workdir: ``config.json`` and the
-weights as the orbax checkpoint ``out_dir/checkpoints/0`` (``train.restore_model``,
+The default writes ``out_dir`` (a new or empty folder: one that holds anything is
+refused) as a training workdir, built beside it and renamed into place: ``config.json`` and
+the weights as the orbax checkpoint ``out_dir/checkpoints/0`` (``train.restore_model``,
 ``retrieve`` and ``visualize`` read it; training resumes from it). Both formats
 also write ``out_dir/model_config.json``. The npz holds the flattened variables
 with '/'-joined keys (``params/visual_encoder/dense/kernel``); ``load_npz``
@@ -41,6 +42,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -273,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
       paths.atomic_write(fields_path(dst), json.dumps(fields, indent=2) + "\n")
     return dst
 
+  if args.format == "orbax" and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    found = "a file" if not dst.is_dir() else ", ".join(sorted(p.name for p in dst.iterdir())[:5])
+    parser.error(f"dst: {dst} is not an empty folder ({found}); the orbax format writes a new "
+                 "run there (config.json, checkpoints/0): name a new folder, or pass --format npz")
   state_dict = load_torch_checkpoint(src)
   fields = _fields_from_args(args, src)
   saved_classes = fields.pop("num_classes", None)
@@ -282,12 +288,27 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   model = train.build_model({  # build_model takes the widths as given: DSF3N's by default
       "branch_features": registry.model_fields(DSF3N)["branch_features"],
       "num_classes": num_classes, **fields}, axis_name=None)
-  variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
-  dst.mkdir(parents=True, exist_ok=True)
-  path = WRITERS[args.format](variables, dst, fields)
-  (dst / "model_config.json").write_text(
-      json.dumps(dict(num_classes=num_classes, **fields), indent=2) + "\n")
-  return path
+  try:
+    variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
+  except ValueError as e:
+    raise ValueError(f"{src}: {e}") from None
+  model_config = json.dumps(dict(num_classes=num_classes, **fields), indent=2) + "\n"
+  if args.format != "orbax":
+    dst.mkdir(parents=True, exist_ok=True)
+    path = WRITERS[args.format](variables, dst, fields)
+    paths.atomic_write(dst / "model_config.json", model_config)
+    return path
+  # A new run, written beside dst and renamed into its place: a failure or a kill leaves no
+  # half-written run (the temporary folder is removed by the next conversion into dst).
+  tmp = dst.parent / f".{dst.name}.converting"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  path = WRITERS[args.format](variables, tmp, fields)
+  (tmp / "model_config.json").write_text(model_config)
+  if dst.exists():
+    dst.rmdir()  # empty (checked above)
+  tmp.rename(dst)
+  return dst / path.relative_to(tmp)
 
 
 if __name__ == "__main__":

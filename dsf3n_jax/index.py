@@ -92,10 +92,11 @@ class RunModel:
   fingerprint: str
 
   @classmethod
-  def load(cls, workdir) -> RunModel:
+  def load(cls, workdir, *, which: str = "best") -> RunModel:
+    """The run's ``which`` checkpoint ("best": the one it selected, or "latest")."""
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
     from dsf3n_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-    model, variables, config = train.restore_model(str(workdir))
+    model, variables, config = train.restore_model(str(workdir), which=which)
     mcfg = workdir_lib.read_run_config(workdir)["model"]
     return cls(str(workdir), model, variables, config, mcfg, model_fingerprint(mcfg, variables))
 
@@ -411,6 +412,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="the index folder to write")
   p.add_argument("--modality", required=True, help="visual or audio: what the library holds")
   p.add_argument("--workdir", help="the trained run whose model embeds the library")
+  p.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                 help="which of the run's checkpoints embeds: 'best' (the one the run "
+                 "selected; default) or 'latest'; search embeds queries with the same")
   p.add_argument("--source", help="paired-feature file, or features-only .npy / .npz")
   p.add_argument("--tfds", help="a TFDS dataset by name (with --split)")
   p.add_argument("--data_dir", help="TFDS data_dir for --tfds")
@@ -451,13 +455,14 @@ def main(argv=None) -> int:
     return 0
   if not args.workdir:
     raise cli.UsageError("--workdir: the trained run to embed with (or --embeddings=FILE)")
-  run = RunModel.load(args.workdir)
+  run = RunModel.load(args.workdir, which=args.checkpoint)
   library = open_library(modality=modality, run=run, source=args.source, tfds=args.tfds,
                          data_dir=args.data_dir, split=args.split)
   build(args.out, library, modality=modality, embed=run.embedder(
       modality, batch_size=args.batch_size), input_dim=run.input_dim(modality),
         fingerprint=run.fingerprint, protocol="unimodal", chunk_size=args.chunk_size,
         model={"workdir": str(pathlib.Path(args.workdir).resolve()),
+               "checkpoint": args.checkpoint,
                "name": run.model_config.get("name"), "embed_dim": run.model_config.get(
                    "embed_dim")})
   return 0

@@ -27,9 +27,17 @@ _EPS = 1e-12
 MIN_QUERY_BLOCK = 8
 
 
+@functools.partial(jax.jit, static_argnames=("distance",))
 def pairwise_distances(queries: jax.Array, items: jax.Array, *,
                        distance: Distance = "cosine") -> jax.Array:
   """Distances between every query and every item, in float32.
+
+  Compiled, and with at least ``MIN_QUERY_BLOCK`` query rows (padded), as inside the metric's
+  kernel, so that both round alike: two items at equal distances here are tied in the
+  metric too, and ranked by index. Euclidean distances are computed from the queries and
+  items centred on the items' mean (the distances are the same): ``|q|^2 + |x|^2 - 2 q.x``
+  of embeddings far from the origin, relative to their spread, would cancel to a few
+  significant bits.
 
   Args:
     queries: (n, d) query embeddings.
@@ -41,6 +49,12 @@ def pairwise_distances(queries: jax.Array, items: jax.Array, *,
   """
   q = jnp.asarray(queries, jnp.float32)
   x = jnp.asarray(items, jnp.float32)
+  n = q.shape[0]
+  if n < MIN_QUERY_BLOCK:  # as the metric's blocks: a one-row product rounds apart
+    q = jnp.pad(q, ((0, MIN_QUERY_BLOCK - n), (0, 0)))
+  if distance == "euclidean":
+    centre = jnp.mean(x, axis=0)
+    q, x = q - centre, x - centre
   # The raw dot product is scaled afterwards, elementwise: exact dot products for small
   # integer data (the norms round; a block of one query can round them apart, so blocks
   # have MIN_QUERY_BLOCK rows at least).
@@ -54,7 +68,7 @@ def pairwise_distances(queries: jax.Array, items: jax.Array, *,
     dist = jnp.sqrt(jnp.maximum(sq, 0.0))
   else:
     raise ValueError(f"distance: expected 'cosine' or 'euclidean', got {distance!r}")
-  return jnp.where(dist == 0, jnp.float32(0), dist)
+  return jnp.where(dist == 0, jnp.float32(0), dist)[:n]
 
 
 def ranking_keys(dist: jax.Array) -> jax.Array:

@@ -59,11 +59,12 @@ def atomic_savez(path, arrays: Mapping[str, Any]) -> str:
 
 
 def resolve(workdir) -> epath.Path:
-  """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that). An empty
+  """``workdir`` as an ``epath.Path``; a local one made absolute (orbax needs that), a leading
+  ``~`` the home folder (a shell leaves ``--workdir=~/run`` as it is). An empty
   path (an unset variable: ``--workdir=$WORKDIR``) is refused, not read as the current
   directory."""
   text = os.fspath(workdir)
   if not text.strip():
     raise ValueError(f"workdir: an empty path ({text!r}; an unset variable?): expected a "
                      "directory")
-  return epath.Path(text if not is_local(text) else os.path.abspath(text))
+  return epath.Path(text if not is_local(text) else os.path.abspath(os.path.expanduser(text)))

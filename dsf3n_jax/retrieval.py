@@ -279,7 +279,8 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
                          model_kwargs: Mapping[str, Any] | None = None,
                          protocol: str = "unimodal",
                          check_rows: Callable[[int], None] | None = None,
-                         data_with_embeddings: bool = False) -> Embeddings:
+                         data_with_embeddings: bool = False,
+                         checkpoint: str = "best") -> Embeddings:
   """Embeddings from one of the three inputs the CLIs accept.
 
   Args:
@@ -297,6 +298,7 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
       (e.g. to check requested rows; it raises to stop).
     data_with_embeddings: the caller reads ``data`` beside ``embeddings`` (visualize's raw
       features); otherwise ``data`` (or ``model_kwargs``) with ``embeddings`` is an error.
+    checkpoint: with ``workdir``, "best" (the checkpoint the run selected) or "latest".
 
   Returns:
     ``Embeddings``.
@@ -321,7 +323,8 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
   from dsf3n_jax.models.dsf3n import upgrade_fields  # pylint: disable=g-import-not-at-top
   if workdir:
     from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-    model, model_vars, config = train.restore_model(workdir)  # names a missing run
+    # Names a missing run, or a missing best checkpoint.
+    model, model_vars, config = train.restore_model(workdir, which=checkpoint)
     source = f"--workdir={workdir}"
     if data is None:  # the run's own dataset, with its normalisation
       arrays = run_split(config, split)
@@ -355,11 +358,42 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
 def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = None,
                           data_with_embeddings: bool = False) -> Embeddings:
   """``embeddings_from_args`` from the flags the retrieve and visualize CLIs share."""
-  model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+  if args.checkpoint is not None and not args.workdir:
+    raise ValueError(f"--checkpoint={args.checkpoint}: read with --workdir only (which of the "
+                     "run's checkpoints)")
   return embeddings_from_args(
       workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
-      data=args.data, split=args.split, batch_size=args.batch_size, model_kwargs=model_kwargs,
-      protocol=args.protocol, check_rows=check_rows, data_with_embeddings=data_with_embeddings)
+      data=args.data, split=args.split, batch_size=args.batch_size,
+      model_kwargs=model_kwargs_flag(args.model_kwargs, embeddings=args.embeddings),
+      protocol=args.protocol, check_rows=check_rows, data_with_embeddings=data_with_embeddings,
+      checkpoint=args.checkpoint or "best")
+
+
+CHECKPOINT_HELP = ("with --workdir: which of the run's checkpoints, 'best' (the one the run "
+                   "selected; default) or 'latest'")
+
+
+def model_kwargs_flag(text: str | None, *, embeddings: str | None = None) -> dict | None:
+  """``--model_kwargs``: a JSON object of ``DSF3N`` fields (None when not given)."""
+  if not text:
+    return None
+  if embeddings:
+    return text  # refused beside --embeddings by embeddings_from_args, which names both
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--model_kwargs={text}: not JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"--model_kwargs={text}: expected a JSON object of DSF3N fields, got "
+                     f"{type(value).__name__}")
+  from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax.models.dsf3n import upgrade_fields  # pylint: disable=g-import-not-at-top
+  known = set(registry.model_fields(DSF3N))
+  unknown = sorted(set(upgrade_fields(value)) - known)
+  if unknown:
+    raise ValueError(f"--model_kwargs: unknown DSF3N field(s) {unknown}; expected some of "
+                     f"{sorted(known)}")
+  return value
 
 
 def run_split(config, split: str = "test", *, normalize: bool = True) -> dict[str, np.ndarray]:

@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_argument_group("input (exactly one of --workdir, --embeddings, --variables)")
   src.add_argument("--workdir", help="training directory (dsf3n_jax.train.restore_model)")
+  src.add_argument("--checkpoint", choices=("best", "latest"), default=None,
+                   help=retrieval.CHECKPOINT_HELP)
   src.add_argument("--embeddings", help=".npz with emb_visual, emb_audio, labels, indices")
   src.add_argument("--variables", help="variables .npz written by retrieval.save_variables")
   src.add_argument("--data", help="paired-feature .npz/.h5 (visual_<split>, audio_<split>, ...)")

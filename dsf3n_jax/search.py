@@ -123,7 +123,9 @@ class Index:
     if saved is None:
       raise IndexError_(f"--index={self.path}: built from given embeddings (no model): pass "
                         "query embeddings (--query_embeddings)")
-    run = index_lib.RunModel.load(workdir)
+    # The checkpoint that built the index (indexes from before the choice: the latest).
+    run = index_lib.RunModel.load(
+        workdir, which=self.manifest.get("model", {}).get("checkpoint", "latest"))
     if run.fingerprint != saved:
       raise IndexError_(
           f"--workdir={workdir}: its model (fingerprint {run.fingerprint[:12]}) is not the one "
@@ -200,8 +202,9 @@ def main(argv=None) -> int:
     args.split = args.split or "test"
     if not args.workdir:
       raise cli.UsageError("--rows: needs --workdir, the run that built the index")
-    from dsf3n_jax import retrieval, train  # pylint: disable=g-import-not-at-top
-    arrays = retrieval.run_split(train.restore_model(args.workdir)[2], args.split,
+    from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
+    from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
+    arrays = retrieval.run_split(restore.run_config(args.workdir), args.split,
                                  normalize=False)  # embed_queries standardises as the run did
     features = arrays[index_lib.other(index.modality)]
     try:

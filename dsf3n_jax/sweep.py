@@ -758,11 +758,18 @@ def markdown(report: dict[str, Any]) -> str:
   """``sweep.md``: every configuration, validation and test, both protocols."""
   metric = report["metric"]
   chosen = report.get("chosen") or {}
+  on_test = any(row is not None and row.get("score_split") == "test"
+                for row in report.get("configs") or [])
+  chosen_on = ("test (no validation split: data.validation_fraction=0)" if on_test
+               else "validation")
   lines = ["# Sweep", "",
            f"- Command: `{report['command']}`",
            f"- Seeds {report['seeds']}; each member's state: the best of its evaluations on "
-           f"validation by its config's selection metric; the configuration chosen by "
-           f"validation `{metric}`, mean over seeds. Test is reported, not used to choose.",
+           f"{chosen_on} by its config's selection metric; the configuration chosen by "
+           f"{'test' if on_test else 'validation'} `{metric}`, mean over seeds. "
+           + ("**Selected on test: the test columns are the scores the choice was made on, "
+              "not held-out results.**" if on_test
+              else "Test is reported, not used to choose."),
            f"- Machine: {report.get('machine', '?')}; {report.get('seconds', 0) / 60:.1f} min "
            "of training and evaluation in this process (groups kept from earlier runs not "
            "counted)",

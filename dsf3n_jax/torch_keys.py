@@ -245,8 +245,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], *, model=None,
     only when the template has it).
 
   Raises:
-    ValueError: naming every missing, unexpected (strict) and mis-shaped key, or
-      the part of ``model`` that is not the original's.
+    ValueError: naming every missing, unexpected (strict) and mis-shaped key, every
+      key with a non-finite value, or the part of ``model`` that is not the original's.
   """
   sd = normalize_state_dict(state_dict)
   if template is None:
@@ -259,7 +259,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], *, model=None,
   flat_template = {c: _flatten(t) for c, t in template.items()}
   key_map = torch_key_map(template)
 
-  missing, misshaped = [], []
+  missing, misshaped, nonfinite = [], [], []
   flat_out: dict[str, dict[tuple[str, ...], np.ndarray]] = {c: {} for c in template}
   for key, (collection, path, layout) in key_map.items():
     if key not in sd:
@@ -273,17 +273,24 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], *, model=None,
       misshaped.append(f"{key}: expected {expected}, got {value.shape}")
       continue
     value = _from_torch_layout(value, layout)
+    if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+      nonfinite.append(f"{key} ({int(np.size(value) - np.isfinite(value).sum())} of "
+                       f"{np.size(value)})")
     flat_out[collection][path] = np.array(value, dtype=dtype) if dtype else np.array(value)
   unexpected = [k for k in sd if k not in key_map]
   problems = []
   if missing:
     problems.append(f"missing keys {missing}")
   if unexpected and strict:
-    problems.append(f"unexpected keys {unexpected} (pass strict=False to ignore them)")
+    problems.append(f"unexpected keys {unexpected} (strict=False, --no_strict in convert, "
+                    "ignores them)")
   if misshaped:
     problems.append(f"mis-shaped keys [{'; '.join(misshaped)}]")
   if problems:
     raise ValueError("torch state dict does not match the model: " + "; ".join(problems))
+  if nonfinite:
+    raise ValueError(f"torch state dict has non-finite (NaN or Inf) values in {nonfinite}; "
+                     "expected finite weights (a diverged or damaged checkpoint?)")
   if unexpected:
     warnings.warn(f"ignoring unexpected torch keys {unexpected}", stacklevel=2)
   return {c: _unflatten(flat) for c, flat in flat_out.items()}

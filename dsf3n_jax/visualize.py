@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m dsf3n_jax.visualize", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir")
+  p.add_argument("--checkpoint", choices=("best", "latest"), default=None,
+                 help=retrieval.CHECKPOINT_HELP)
   p.add_argument("--embeddings", help=".npz with emb_visual, emb_audio, labels, indices "
                  "(with --data also the raw-feature figure)")
   p.add_argument("--variables")
@@ -172,8 +174,8 @@ def main(argv=None) -> int:
                        "not the split the embeddings were made of (pass its --split)")
     raw = visual, audio, raw_labels
   elif args.workdir:  # the run's own dataset, row-aligned with the embeddings
-    from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-    arrays = retrieval.run_split(train.restore_model(args.workdir)[2], args.split)
+    from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
+    arrays = retrieval.run_split(restore.run_config(args.workdir), args.split)
     raw, src = (arrays["visual"], arrays["audio"], arrays["label"]), rows
   if raw is not None:
     visual, audio, raw_labels = raw

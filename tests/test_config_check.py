@@ -67,6 +67,10 @@ def test_shipped_configs_are_valid(name, variants):
     ("model.fusion_kw.variant", "printed", "one of reference, paper"),
     ("model.head_kw.hidden", 0, "an int >= 1"),
     ("model.classifier_kw.hidden", -4, "an int >= 1"),
+    ("data.validation_seed", -1, "an int >= 0"),
+    ("data.synthetic.num_train", -5, "an int >= 1"),  # generate_synthetic's bounds
+    ("data.synthetic.seed", -3, "an int >= 0"),
+    ("data.synthetic.difficulty", float("nan"), "a number >= 0"),
 ])
 def test_each_bad_value_is_named_with_what_is_accepted(path, value, expected):
   with pytest.raises(ConfigError) as err:

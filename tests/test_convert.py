@@ -185,7 +185,7 @@ def test_non_strict_ignores_unexpected_keys_with_a_warning(torch_state):
            "audio_fine_grained_feature.out_layer_1.weight"]
   for k in extra:
     sd[k] = torch.zeros(3)
-  with pytest.raises(ValueError, match="conv9_1"):
+  with pytest.raises(ValueError, match=r"conv9_1.*--no_strict in convert"):
     convert.from_torch_state_dict(sd)
   with pytest.warns(UserWarning, match="out_layer_1"):
     variables = convert.from_torch_state_dict(sd, strict=False)
@@ -241,6 +241,7 @@ def test_command_line_variants_and_errors(tmp_path):
 
 def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_state):
   from dsf3n_jax import train
+  from dsf3n_jax.training.workdir import WorkdirError
 
   pth = tmp_path / "audio_image_vegas_best_.pth"
   torch.save(torch_state, pth)
@@ -250,6 +251,24 @@ def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_
   assert model.num_classes == 10 and config.model.fusion_kw.variant == "reference"
   expected = convert.from_torch_state_dict(torch_state)
   jax.tree.map(np.testing.assert_array_equal, variables, expected)
+  # A folder that holds a run is refused, by the command line (before reading the weights)
+  # and by the writer under it; the run is left as it was.
+  before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+  with pytest.raises(SystemExit):
+    convert.main([str(pth), str(tmp_path / "run")])
+  with pytest.raises(WorkdirError, match="holds a run already"):
+    train.save_variables_as_run(str(tmp_path / "run"), variables, config=config)
+  assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+  # A conversion that fails leaves nothing: no folder, no temporary one.
+  sd = dict(torch_state)
+  sd["out_layer.0.weight"] = sd["out_layer.0.weight"].clone()
+  sd["out_layer.0.weight"][0, 0] = float("nan")
+  torch.save(sd, tmp_path / "nan.pth")
+  with pytest.raises(ValueError, match=r"nan\.pth: .*non-finite.*out_layer\.0\.weight \(1 of"):
+    convert.main([str(tmp_path / "nan.pth"), str(tmp_path / "nan")])
+  assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
+  (tmp_path / "empty").mkdir()  # an empty folder is a new one
+  assert convert.main([str(pth), str(tmp_path / "empty")]) == tmp_path / "empty/checkpoints/0"
 
 
 @pytest.mark.parametrize("kind", ["pickle", "object_array", "random_bytes", "hdf5", "npy",

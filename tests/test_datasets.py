@@ -245,6 +245,84 @@ def test_reading_built_dataset_imports_no_tensorflow(data_dirs):
   assert out.stdout.strip().splitlines()[-1] == "NO_TF"
 
 
+_USER_BUILDERS = """
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class _Pairs(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version("1.0.0")
+  BAD = None  # "feature": a NaN in a train row; "label": a test row of a class train lacks
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "visual": tfds.features.Tensor(shape=(8,), dtype=np.float32),
+        "audio": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        "label": tfds.features.Scalar(dtype=np.int64)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(24, "train"),
+            "test": self._generate_examples(9, "test")}
+
+  def _generate_examples(self, n, split):
+    rng = np.random.default_rng(len(split))
+    for i in range(n):
+      visual = rng.normal(size=8).astype(np.float32)
+      if self.BAD == "feature" and split == "train" and i == 3:
+        visual[2] = np.nan
+      label = 7 if self.BAD == "label" and split == "test" and i == 5 else i % 3
+      yield i, {"visual": visual, "audio": rng.normal(size=4).astype(np.float32),
+                "label": label}
+
+
+class NanPairs(_Pairs):
+  BAD = "feature"
+
+
+class StrangerPairs(_Pairs):
+  BAD = "label"
+
+
+class FinePairs(_Pairs):
+  pass
+"""
+
+
+def test_a_users_tfds_dataset_is_validated_as_the_projects_files_are(tmp_path, monkeypatch):
+  import pathlib
+
+  from dsf3n_jax import input_pipeline
+  (tmp_path / "user_pairs.py").write_text(_USER_BUILDERS)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(DataValidationError, match=r"'user_pairs:nan_pairs'.*key 'visual_train' "
+                     r"has 1 non-finite.*first bad row \d+"):
+    input_pipeline.load_sources("user_pairs:nan_pairs", data_dir=str(data_dir))
+  with pytest.raises(DataValidationError, match=r"'user_pairs:stranger_pairs'.*lab_test"):
+    input_pipeline.load_sources("user_pairs:stranger_pairs", data_dir=str(data_dir))
+  # The integer labels' class count is over both splits; "~" is the home folder.
+  monkeypatch.setenv("HOME", str(tmp_path))
+  fine = input_pipeline.load_sources("user_pairs:fine_pairs", data_dir="~/tfds")
+  assert (fine.num_classes, fine.visual_dim, fine.audio_dim) == (3, 8, 4)
+  assert (data_dir / "fine_pairs").is_dir() and not (pathlib.Path.cwd() / "~").exists()
+
+
+def test_the_build_command_reports_bad_data_in_one_line_and_expands_home(tmp_path):
+  arrays = generate_synthetic(**SMALL)
+  arrays["audio_test"][7, 1] = np.nan
+  _write(tmp_path / "nan.npz", arrays)
+  out = subprocess.run(
+      [sys.executable, "-m", "dsf3n_jax.datasets.build", "paired_features",
+       f'--config={{"name": "x", "path": "{tmp_path / "nan.npz"}"}}', "--data_dir=~/tfds"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert re.search(r"^error: .*nan\.npz: key 'audio_test' has 1 non-finite .*first bad row 7",
+                   out.stderr, re.M), out.stderr[-2000:]
+  assert (tmp_path / "home" / "tfds").is_dir() and not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("kind", ["pickle", "object_array", "random_bytes", "hdf5", "npy",
                                   "zip_of_other_things", "empty"])
 def test_a_feature_file_that_is_not_an_npz_of_arrays_is_refused(bad_npz_files,

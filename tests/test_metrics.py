@@ -87,6 +87,33 @@ def test_ties_are_broken_by_item_index():
     np.testing.assert_allclose(ap, [0.5])
 
 
+def test_ties_of_the_public_distances_are_ties_of_the_metric():
+  # One query: the two items are bitwise tied by pairwise_distances, as by the metric's
+  # blocks (a one-row product used to round one of them an ulp apart).
+  q, x = np.array([[2.0, 2.0, -2.0]], np.float32), np.array([[0, 0, -2], [2, -1, -2]], np.float32)
+  dist = np.asarray(metrics.pairwise_distances(q, x))
+  assert dist[0, 0] == dist[0, 1]
+  for strategy in ("sort", "count"):
+    np.testing.assert_array_equal(metrics.average_precision(q, x, [0], [1, 0],
+                                                            strategy=strategy), [0.5])
+
+
+def test_euclidean_distances_keep_their_precision_far_from_the_origin():
+  # Norms ~ 240, distances ~ 0.2: the expanded square of uncentred vectors keeps a few bits.
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 200)
+  centre, protos = rng.normal(size=64) * 30, rng.normal(size=(10, 64)) * 0.004
+  a, v = ((centre + protos[labels] + rng.normal(size=(200, 64)) * 0.02).astype(np.float32)
+          for _ in range(2))
+  want = scipy.spatial.distance.cdist(a.astype(np.float64), v.astype(np.float64))
+  got = np.asarray(metrics.pairwise_distances(a, v, distance="euclidean"), np.float64)
+  assert np.max(np.abs(got - want) / want) < 1e-6
+  np.testing.assert_allclose(
+      metrics.average_precision(a, v, labels, labels, distance="euclidean"),
+      _ref(a.astype(np.float64), v.astype(np.float64), labels, labels, distance="euclidean",
+           per_query=True), atol=0.02)
+
+
 def test_distances_match_scipy():
   q, x, _, _ = _data(4, 17, 23, d=16)
   for ours, theirs in (("cosine", "cosine"), ("euclidean", "euclidean")):

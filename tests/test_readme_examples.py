@@ -98,11 +98,11 @@ def test_a_custom_fusion_trains_resumes_and_is_read_back_by_retrieve(tmp_path):
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   assert results["epochs"] == 2
   shown = subprocess.run([sys.executable, "-m", "dsf3n_jax.retrieve", "--workdir=run",
-                          "--queries=0,1", "--k=3"], cwd=tmp_path, env=env,
+                          "--checkpoint=latest", "--queries=0,1", "--k=3"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
   assert shown.returncode == 0, shown.stderr[-3000:]
   assert shown.stdout.count("query audio row") == 2 and "rank" in shown.stdout
-  # retrieve rebuilt the user's fusion with the trained weights: the run's own test mAP.
+  # retrieve rebuilt the user's fusion with the trained weights: the run's own final test mAP.
   average, protocol = re.search(r"average (\d\.\d{4})  \((\w+) protocol\)",
                                 shown.stdout).groups()
   key = "map_average" if protocol == "paired" else f"{protocol}_map_average"

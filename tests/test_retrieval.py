@@ -86,6 +86,19 @@ def test_protocols_are_recorded_and_checked(tiny, tmp_path, capsys):
                      r"\['params/placeholder_visual', 'params/placeholder_audio'\]"):
     retrieve.main([f"--variables={tmp / 'vars.npz'}", f"--data={tmp / 'data.npz'}",
                    '--model_kwargs={"missing_partner": "learned"}'])
+  # --model_kwargs: JSON, an object, of DSF3N's fields; each named by the flag. Beside
+  # --embeddings it is refused as unused, whatever it holds.
+  for text, expected in (("{bad", r"--model_kwargs=\{bad: not JSON"),
+                         ("[1]", r"expected a JSON object of DSF3N fields, got list"),
+                         ('{"bogus": 1}', r"--model_kwargs: unknown DSF3N field\(s\) \['bogus'\]"),
+                         ("{bad", r"--model_kwargs: not read with --embeddings")):
+    source = (f"--embeddings={tmp_path / 'unimodal.npz'}" if "embeddings" in expected
+              else f"--variables={tmp / 'vars.npz'}")
+    with pytest.raises(ValueError, match=expected):
+      retrieve.main([source, f"--data={tmp / 'data.npz'}" if "--variables" in source
+                     else "--queries=0", f"--model_kwargs={text}"])
+  with pytest.raises(ValueError, match=r"--checkpoint=latest: read with --workdir only"):
+    retrieve.main([f"--embeddings={tmp_path / 'unimodal.npz'}", "--checkpoint=latest"])
 
 
 def test_top_k_matches_full_ranking():

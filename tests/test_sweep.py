@@ -2,6 +2,7 @@
 program, each member as its configuration alone; the choice is made on validation; the
 outputs (table, config file, run) are usable; a rerun resumes."""
 
+import copy
 import json
 import os
 import pathlib
@@ -229,6 +230,14 @@ def test_a_sweep_chooses_on_validation_and_writes_a_table_a_config_and_a_run(swe
   assert chosen["seed"] == [0, 1][int(np.argmax(seeds_val))]
   table = (workdir / "sweep.md").read_text()
   assert "**(chosen)**" in table and table.count("\n| ") == 1 + 4
+  assert "chosen by validation" in table and "Test is reported, not used to choose" in table
+  # A sweep without a validation split chose on test, and its table says so.
+  on_test = copy.deepcopy(report)
+  for row in on_test["configs"]:
+    row["score_split"] = "test"
+  text = sweep.markdown(on_test)
+  assert "chosen by test" in text and "not held-out results" in text
+  assert "not used to choose" not in text
   # The margin of the choice: over the next best configuration, seed by seed.
   m, top = chosen["margin"], chosen["config"]
   assert m["runner_up"] == int(np.argmax([-np.inf if i == top else v

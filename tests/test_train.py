@@ -307,8 +307,9 @@ def test_optimizer_adam_on_network_and_sgd_on_centres():
   np.testing.assert_allclose(updates["aux"]["center"], -1.0 * np.ones((2, 2)), rtol=1e-6)
 
 
-def test_train_and_evaluate_resumes_and_reports(tmp_path):
-  config = tiny_config(**{"data.on_device": "true"})  # one compiled call per epoch
+def test_train_and_evaluate_resumes_and_reports(tmp_path, capsys):
+  # One compiled call per epoch; the least mAP selected, so that the best is not the last.
+  config = tiny_config(**{"data.on_device": "true", "selection_mode": "min"})
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   assert results["epochs"] == config.num_epochs
@@ -317,6 +318,7 @@ def test_train_and_evaluate_resumes_and_reports(tmp_path):
                 "accuracy_visual"):
       assert np.isfinite(results["final"][split][key])
   assert results["best"]["selected_on"] == "test"
+  assert results["best"]["epoch"] == 1 < results["epochs"]
   assert results["final"]["test"]["num_examples"] == 40  # every test item, none dropped
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert {r["split"] for r in records} == {"train", "test"}
@@ -328,8 +330,15 @@ def test_train_and_evaluate_resumes_and_reports(tmp_path):
   model, variables, saved = train.restore_model(workdir)
   assert saved.data.name == "synthetic"
   assert set(variables) == {"params", "batch_stats"}
-  # The retrieval and figure tools read the run (its own dataset and normalisation).
-  assert retrieve.main([f"--workdir={workdir}", "--queries=0,1", "--k=3"]) == 0
+  # The retrieval and figure tools read the run (its own dataset and normalisation): its best
+  # checkpoint unless told otherwise.
+  for checkpoint, record in ((None, results["best"]["test"]), ("latest", results["final"]["test"])):
+    flags = [f"--checkpoint={checkpoint}"] if checkpoint else []
+    assert retrieve.main([f"--workdir={workdir}", "--queries=0,1", "--k=3", "--protocol=paired",
+                          *flags]) == 0
+    average = re.search(r"average (\d\.\d{4})  \(paired protocol\)", capsys.readouterr().out)
+    assert float(average.group(1)) == pytest.approx(record["map_average"], abs=1e-4)
+  assert results["best"]["test"]["map_average"] != results["final"]["test"]["map_average"]
   assert visualize.main([f"--workdir={workdir}", f"--out_dir={tmp_path / 'figs'}",
                          "--perplexity=5"]) == 0
   assert (tmp_path / "figs" / "embeddings.png").stat().st_size > 1000

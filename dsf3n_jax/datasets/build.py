@@ -9,7 +9,30 @@ runs its ``build`` command with ``--imports=dsf3n_jax.datasets.builders`` and
 
 from __future__ import annotations
 
+import os
 import sys
+
+from dsf3n_jax import cli
+from dsf3n_jax.datasets.validation import DataValidationError
+
+# Folder flags whose ``~`` is the home folder (the shell leaves ``--flag=~/x`` as it is).
+_FOLDER_FLAGS = ("--data_dir=", "--manual_dir=", "--download_dir=", "--extract_dir=")
+
+
+def _expanded(arg: str) -> str:
+  for flag in _FOLDER_FLAGS:
+    if arg.startswith(flag):
+      return flag + os.path.expanduser(arg[len(flag):])
+  return arg
+
+
+def _execute(args) -> None:
+  """``args.execute()``; bad data is the one error line every command line gives (exit 1),
+  not a traceback."""
+  try:
+    args.execute()
+  except DataValidationError as e:
+    sys.exit(cli.report(e))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
   from absl import app
   from tensorflow_datasets.scripts.cli import build, cli_utils
 
-  argv = list(sys.argv if argv is None else argv)
+  argv = [_expanded(a) for a in (sys.argv if argv is None else argv)]
   if not any(a.startswith(("--imports", "-i", "--module_import")) for a in argv[1:]):
     argv.append("--imports=dsf3n_jax.datasets.builders")
   if not any(a.startswith("--file_format") for a in argv[1:]):
     argv.append("--file_format=array_record")
   parse = cli_utils.make_flags_parser(build.Args, description="Build dsf3n_jax datasets.")
-  app.run(lambda args: args.execute(), argv=argv, flags_parser=parse)
+  app.run(_execute, argv=argv, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -478,17 +478,29 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     train_arrays = {"visual": arrays["visual_train"], "audio": arrays["audio_train"]}
     origin = {"synthetic": kwargs}
   else:
+    # "~" is the home folder in the config as in a shell (which leaves --flag=~/x as it is).
+    data_dir = None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
+    path = None if path is None else os.path.expanduser(os.fspath(path))
     builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
     meta = builder.info.metadata or {}
     source_name = f"{name} ({meta.get('source', builder.data_path)})"
     train = TfdsSource(builder.as_data_source("train"), name=source_name)
     test = TfdsSource(builder.as_data_source("test"), name=source_name)
     found = _tfds_sizes(builder, train, name=name)
-    train_arrays = (load_split_arrays(train)
-                    if validation_fraction or found["num_classes"] is None else None)
+    ours = name.split(":", 1)[-1].split("/")[0] in _PROJECT_BUILDERS
+    train_arrays = load_split_arrays(train) if validation_fraction or not ours else None
+    if not ours:  # checked as the project's builders check their files when they build
+      test_arrays = load_split_arrays(test)
+      checked = validation.validate_arrays(
+          {f"{field}_{split}": arrays[field] for split, arrays in
+           (("train", train_arrays), ("test", test_arrays)) for field in ("visual", "audio")}
+          | {"lab_train": train_arrays["label"], "lab_test": test_arrays["label"]},
+          source=f"TFDS dataset {name!r} ({builder.info.full_name}; keys: feature_split)",
+          num_classes=found["num_classes"], visual_dim=found["visual_dim"],
+          audio_dim=found["audio_dim"])
+      if found["num_classes"] is None:  # a plain integer label: max + 1 over both splits
+        found["num_classes"] = validation.infer_num_classes(checked)
     train_labels = None if train_arrays is None else train_arrays["label"]
-    if found["num_classes"] is None:  # a plain integer label: max + 1 over train
-      found["num_classes"] = int(train_labels.max()) + 1 if len(train_labels) else 0
     origin = {"tfds": builder.info.full_name}
   _check_dims(name, found=found, expected=dict(num_classes=num_classes, visual_dim=visual_dim,
                                                audio_dim=audio_dim))

@@ -27,31 +27,49 @@ from dsf3n_jax.training.state import (
 from dsf3n_jax.training.workdir import log
 
 
+def _run_config(workdir) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  saved = workdir_lib.read_run_config(workdir)
+  losses.import_terms(saved.get("loss_terms", {}))  # a user's terms, as the run registered them
+  config = ml_collections.ConfigDict(
+      {**saved["config"], "loss": normalize_loss_config(saved["config"]["loss"])})
+  return config, saved["model"]
+
+
+def run_config(workdir) -> ml_collections.ConfigDict:
+  """The saved config of the run in ``workdir`` (``restore_model``'s third output, without
+  reading a checkpoint)."""
+  return _run_config(workdir)[0]
+
+
 def restore_model(workdir, *, which: str = "latest"):
   """Model, variables and config of the run in ``workdir`` (for retrieval and figures).
 
   Args:
     workdir: a training run's directory.
-    which: "latest" or "best".
+    which: "latest" or "best" (the checkpoint the run selected: what the command-line tools
+      read by default).
 
   Returns:
     ``(model, {"params", "batch_stats"}, config)`` with ``config`` the run's
     saved ``ConfigDict``.
   """
-  saved = workdir_lib.read_run_config(workdir)
-  losses.import_terms(saved.get("loss_terms", {}))  # a user's terms, as the run registered them
-  config = ml_collections.ConfigDict(
-      {**saved["config"], "loss": normalize_loss_config(saved["config"]["loss"])})
-  mcfg = saved["model"]
+  if which not in ("latest", "best"):
+    raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
+  config, mcfg = _run_config(workdir)
   model = build_model(mcfg, axis_name=None)
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, read_only=True)
   try:  # the optimiser's structure does not depend on the schedule's steps per epoch
     abstract = abstract_like(jax.eval_shape(lambda: init_state(
         model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"],
         loss_terms=config.loss.terms)), make_mesh())
-    state, _ = checkpointer.restore(abstract, which=which, model_config=mcfg, on_fallback=log)
+    state, meta = checkpointer.restore(abstract, which=which, model_config=mcfg,
+                                       on_fallback=log)
   finally:
     checkpointer.close()
+  best = meta.get("best") or {}
+  chosen = (f"the best: epoch {best.get('epoch')}, selected on {best.get('selected_on')} "
+            f"{best.get('metric')}" if which == "best" else "the latest")
+  log(f"{workdir}: step {meta.get('step')}'s checkpoint ({chosen})")
   return model, jax.device_get(state.variables), config
 
 
@@ -69,9 +87,18 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
   ``best`` (``{"selected_on": split, "metric": name, "value": v, ...}``, the variables'
   evaluation): the checkpoint is also the run's best (``--checkpoint=best`` reads it).
 
+  A ``workdir`` that holds a run already (``config.json`` or ``checkpoints/``) is refused
+  (``WorkdirError``): nothing of that run is replaced.
+
   Returns:
     The checkpoint directory written.
   """
+  resolved = workdir_lib.resolve(workdir)
+  held = [name for name in (workdir_lib.RUN_FILE, "checkpoints") if (resolved / name).exists()]
+  if held:
+    raise workdir_lib.WorkdirError(
+        f"{resolved}: holds a run already ({', '.join(held)}); expected a new or empty folder "
+        "(writing a run there would replace its config and its checkpoints)")
   params = variables["params"]
   mcfg = model_config(config,
                       num_classes=np.shape(params["visual_classifier"]["logits"]["kernel"])[1],
