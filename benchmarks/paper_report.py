@@ -159,7 +159,7 @@ def markdown(doc: dict[str, Any]) -> str:
            f"- Data: {doc['data_source']}; {doc['train_examples']} train pairs (validation carved "
            f"out), {doc['test_examples']} test pairs, {doc['num_classes']} classes",
            f"- Every cell: **test** split, {doc['metric']}, average of A->V and V->A, mean ± "
-           f"std over {_seed_counts(doc)}; selection: {doc['selection']}",
+           f"std (population, ddof=0) over {_seed_counts(doc)}; selection: {doc['selection']}",
            f"- Machine: {m['cpu_model']}, {m['cores']} cores; date {doc['started']}"
            + (f" (rows kept from a run of {doc['first_started']})" if doc.get("first_started")
               else "") + "; the rows "

@@ -61,7 +61,8 @@ def _epoch_markdown(e: Mapping[str, Any]) -> list[str]:
     lines.append(
         f"Recipe: {recipe['epochs']} epochs of {recipe['examples']:,} examples "
         f"({recipe['steps_per_epoch']} steps)"
-        + (f", epoch time scaled linearly from the {recipe['scaled_from_steps']} steps measured"
+        + (f"; the rows marked (scaled): epoch time scaled linearly from the "
+           f"{recipe['scaled_from_steps']} steps measured, the others a whole epoch timed"
            if recipe["scaled_from_steps"] else "")
         + f"; includes {recipe['includes']}."
         + (f" {recipe['evaluations']} evaluations of {ev['evaluation_examples']:,} test pairs; "

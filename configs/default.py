@@ -55,7 +55,11 @@ def get_config(arg=None):
 
 
 def original_recipe(name, *, num_epochs, pair, center, arg=None):
-  """The authors' recipe for their dataset ``name``: epochs and the pair and centre weights."""
+  """The authors' recipe for their dataset ``name``: epochs and the pair and centre weights.
+
+  Batches are shuffled each epoch, as every config here; the original read its file in order:
+  ``--config.data.shuffle=False`` does that too.
+  """
   config = get_config()
   config.data.name = name
   config.num_epochs = num_epochs

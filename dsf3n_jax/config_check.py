@@ -107,6 +107,12 @@ def _geometry_problems(config, bad: set[str]) -> list[str]:
                    "max-pools by 2")]
 
 
+def _import_failure(e: ValueError) -> str:
+  """Why a "module:name" did not register: its module's import error, when that was it."""
+  text = str(e)
+  return f"; {text.split(': ', 1)[-1]}" if "cannot import" in text else ""
+
+
 def _registry_problems(config, bad: set[str]) -> list[str]:
   """Model and part names must be registered (by the time the config is checked)."""
   out = []
@@ -117,9 +123,10 @@ def _registry_problems(config, bad: set[str]) -> list[str]:
       continue
     try:
       registry.lookup(kind, value)  # "module:name" imports the module that registers it
-    except ValueError:
+    except ValueError as e:
       out.append(_problem(path, value, f"a registered {kind}: "
-                          f"{', '.join(registry.names(kind))} ({registry.IMPORT_HINT})"))
+                          f"{', '.join(registry.names(kind))} ({registry.IMPORT_HINT})"
+                          + _import_failure(e)))
   return out
 
 
@@ -164,9 +171,10 @@ def _loss_term_problems(config) -> list[str]:
     for name, weight in terms.items():
       try:
         losses.lookup_term(name)
-      except ValueError:
+      except ValueError as e:
         out.append(_problem(f"loss.{group}.{name}", weight, "a registered loss term: "
-                            f"{', '.join(registry.names('loss_term'))} ({registry.IMPORT_HINT})"))
+                            f"{', '.join(registry.names('loss_term'))} ({registry.IMPORT_HINT})"
+                            + _import_failure(e)))
       if not (is_real(weight) and weight >= 0):
         out.append(_problem(f"loss.{group}.{name}", weight, "a weight >= 0"))
     if group == "terms" and not terms:

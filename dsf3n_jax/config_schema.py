@@ -164,7 +164,9 @@ def _setting_rule(hint: Any, default: Any, least: float | None) -> Rule | None:
   if kind is str:
     return STRING
   if get_origin(hint) in (tuple, list, Sequence) or isinstance(default, (tuple, list)):
-    return positive_ints()
+    # Sequences of ints (kernel sizes, widths); of anything else: not checked here.
+    element = get_args(hint)[:1] or tuple({type(v) for v in default or ()})
+    return positive_ints() if element and all(e is int for e in element) else None
   return None
 
 

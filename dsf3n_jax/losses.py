@@ -273,7 +273,8 @@ def lookup_term(name: str, *, where: str = "config.loss.terms") -> LossTerm:
 
 def term_origins(names) -> dict[str, str]:
   """``{name: "module:name"}``: where each term is registered (``lookup_term`` imports it)."""
-  return {name: f"{lookup_term(name).__module__}:{name}" for name in names}
+  # A name given as "module:name" is registered as "name".
+  return {name: f"{lookup_term(name).__module__}:{name.split(':', 1)[-1]}" for name in names}
 
 
 def import_terms(origins: Mapping[str, str]) -> None:

@@ -766,7 +766,8 @@ def markdown(report: dict[str, Any]) -> str:
            f"- Command: `{report['command']}`",
            f"- Seeds {report['seeds']}; each member's state: the best of its evaluations on "
            f"{chosen_on} by its config's selection metric; the configuration chosen by "
-           f"{'test' if on_test else 'validation'} `{metric}`, mean over seeds. "
+           f"{'test' if on_test else 'validation'} `{metric}`, mean over seeds (± the population "
+           "std, ddof=0). "
            + ("**Selected on test: the test columns are the scores the choice was made on, "
               "not held-out results.**" if on_test
               else "Test is reported, not used to choose."),

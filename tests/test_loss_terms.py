@@ -76,6 +76,32 @@ def test_unknown_terms_and_bad_weights_are_config_errors():
   # A user's term under loss.terms is not an unknown field.
   assert config_check.unknown_fields(tiny_config(**{"loss.terms.test_infonce": 0.1}),
                                      tiny_config()) == []
+  # A "module:name" whose module fails to import says why.
+  config = tiny_config(**{"loss.terms.no_such_module_y:term": 1.0})
+  with pytest.raises(config_check.ConfigError, match=r"cannot import 'no_such_module_y' \(No "
+                     r"module named 'no_such_module_y'\)"):
+    config_check.validate(config, num_devices=1)
+
+
+def test_a_term_named_module_colon_name_is_saved_as_its_module_and_name(tmp_path, monkeypatch):
+  (tmp_path / "user_terms_for_test.py").write_text(
+      "from dsf3n_jax import losses\n"
+      "@losses.register_loss_term('user_term_for_test')\n"
+      "def term(outputs, batch, params, *, axis_name=None):\n"
+      "  return losses.pair_loss(outputs[0], outputs[1], axis_name=axis_name)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  origins = losses.term_origins(["user_terms_for_test:user_term_for_test"])
+  assert origins == {"user_terms_for_test:user_term_for_test":
+                     "user_terms_for_test:user_term_for_test"}
+  losses.import_terms(origins)  # what restoring the run does
+
+
+def test_adam_without_momentum_steps_by_the_sign_of_the_gradient():
+  from dsf3n_jax import train
+  tx = train.scale_by_adam(0.0, 0.999, 1e-12)
+  grads = {"w": jnp.array([1e-3, 2.0, -5.0])}
+  updates, _ = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(updates["w"], np.sign(grads["w"]), rtol=1e-5)
 
 
 def test_a_term_with_parameters_trains_them_by_its_own_optimizer_on_any_device_count():
@@ -167,3 +193,5 @@ def test_train_and_evaluate_takes_a_model_and_a_loss(tmp_path):
     assert state.read_meta()["model"]["head_kw"]["hidden"] != 24  # config.model is what is recorded
   finally:
     state.close()
+  with pytest.raises(ValueError, match=r"run: the run trained a model given from Python"):
+    train.restore_model(str(tmp_path / "run"))  # not config.model's: not rebuilt from it

@@ -44,6 +44,8 @@ class GatedSum(nn.Module):
 
 # A preset whose head width a config may not contradict.
 registry.register_model("test_wide_head")(functools.partial(DSF3N, head_kw={"hidden": 64}))
+# A preset swapping the fusion for one without settings.
+registry.register_model("test_gated")(functools.partial(DSF3N, fusion="gated_sum"))
 
 
 def tiny_config(**overrides):
@@ -126,6 +128,15 @@ def test_a_preset_refuses_a_config_that_contradicts_it():
   with pytest.raises(ValueError, match=r"^config.model.head_kw.hidden=32 conflicts with "
                      r"config.model.name='test_wide_head', which sets head_kw.hidden=64$"):
     tiny_mcfg(tiny_config(**{"model.name": "test_wide_head"}))  # :tiny sets 32
+  # A preset's part replaces the config's default part with its default settings.
+  gated = tiny_mcfg(tiny_config(**{"model.name": "test_gated"}))
+  assert (gated["fusion"], gated["fusion_kw"]) == ("gated_sum", {})
+  # Settings the config changed are the user's: named, as not the preset part's.
+  changed = tiny_mcfg(tiny_config(**{"model.name": "test_gated", "model.fusion_kw.num_stages": 1}))
+  with pytest.raises(ValueError, match=r"fusion_kw.num_stages: not a setting of fusion "
+                     r"'gated_sum'"):
+    jax.eval_shape(lambda: train.build_model(changed, axis_name=None).init(
+        jax.random.key(0), jnp.zeros((2, VISUAL_DIM)), jnp.zeros((2, AUDIO_DIM))))
 
 
 @pytest.mark.parametrize("kind", ("model", *registry.PARTS))
@@ -262,6 +273,43 @@ class EightWide(nn.Module):
     return nn.Dense(8)(tokens.reshape(tokens.shape[0], -1))
 
 
+class SixClasses(nn.Module):
+  """A classifier breaking the interface: 6 logits whatever ``num_classes`` asks for."""
+
+  num_classes: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, o, *, train=False, example_ids=None):
+    return nn.Dense(6)(o)
+
+
+@registry.register_fusion("synced_fusion_for_test")
+class SyncedFusion(nn.Module):
+  """A fusion with the model-given fields: it records what it was given."""
+
+  axis_name: str | None = None
+  dropout_rate: float = 0.0
+  weights: tuple[float, ...] = (0.5, 0.5)  # a sequence of floats: a setting like any other
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __call__(self, f_v, f_a, *, train=False, example_ids=None):
+    return self.weights[0] * f_v, self.weights[1] * f_a
+
+
+def test_a_part_gets_the_models_axis_and_rate_and_takes_float_sequences():
+  model = DSF3N(3, visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, fusion=SyncedFusion,
+                fusion_kw={"weights": (0.25, 0.75)}, axis_name="data", dropout_rate=0.3, **SMALL)
+  part = registry.resolve_part("fusion", SyncedFusion, model)
+  assert part.keywords == {"weights": (0.25, 0.75), "axis_name": "data", "dropout_rate": 0.3}
+  from dsf3n_jax import config_schema
+  (weights,) = [f for f in config_schema.part_fields("fusion", "synced_fusion_for_test")
+                if f.path.endswith(".weights")]
+  assert weights.rule is None or weights.rule[0]((0.25, 0.75))
+
+
 def test_a_part_breaking_its_interface_is_named():
   x, a = jnp.zeros((2, VISUAL_DIM)), jnp.zeros((2, AUDIO_DIM))
   model = DSF3N(3, visual_dim=VISUAL_DIM, audio_dim=AUDIO_DIM, **SMALL)
@@ -275,6 +323,9 @@ def test_a_part_breaking_its_interface_is_named():
   with pytest.raises(ValueError, match=r"head <class .*EightWide'>: expected an output of shape "
                      r"\(2, 16\), got \(2, 8\)"):
     init(model.clone(head=EightWide, head_kw={}))
+  with pytest.raises(ValueError, match=r"classifier <class .*SixClasses'>: expected logits of "
+                     r"shape \(2, 3\) \(num_classes\), got \(2, 6\)"):
+    init(model.clone(classifier=SixClasses, classifier_kw={}))
 
 
 def test_convert_refuses_another_composition_naming_the_part():

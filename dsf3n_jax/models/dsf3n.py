@@ -84,9 +84,10 @@ class DSF3N(nn.Module):
   A part may hold ``params`` and ``batch_stats`` (the only collections the
   train step keeps). Dropout must draw from the ``dropout`` rng and should
   make its masks a function of ``example_ids`` (``layers.Dropout`` does), so
-  that an update does not depend on the device count. A part needing the
-  model's settings (e.g. ``axis_name`` for a BatchNorm synchronised over
-  devices) is registered as a factory ``model -> ModuleDef``. The stock parts
+  that an update does not depend on the device count. A part with an
+  ``axis_name`` field gets the model's (for a BatchNorm synchronised over
+  devices), one with ``dropout_rate`` the model's rate; a part needing other
+  settings of the model is registered as a factory ``model -> ModuleDef``. The stock parts
   are fusion ``"mfa"`` (``TwoStageFusion``; ``num_stages=0`` is the ablation
   without MFA), head ``"mlp"`` (``OutputHead``) and classifier ``"mlp"``
   (``Classifier``).
@@ -288,6 +289,11 @@ class DSF3N(nn.Module):
     o_a = self._embed(m_a, train=train, example_ids=example_ids)
     logits_v = self.visual_classifier(o_v, train=train, example_ids=example_ids)
     logits_a = self.audio_classifier(o_a, train=train, example_ids=example_ids)
+    for logits in (logits_v, logits_a):
+      if logits.shape != (o_v.shape[0], self.num_classes):
+        raise ValueError(f"classifier {self.classifier!r}: expected logits of shape "
+                         f"({o_v.shape[0]}, {self.num_classes}) (num_classes), got "
+                         f"{logits.shape}")
     return DSF3NOutput(o_v, o_a, logits_v, logits_a)
 
   def _drop_partner(self, paired: jax.Array, alone: jax.Array, example_ids: jax.Array,
@@ -364,7 +370,9 @@ registry.register_fusion("mfa")(TwoStageFusion)
 registry.register_head("mlp")(OutputHead)
 registry.register_classifier("mlp")(Classifier)
 
-# Eq. 3-4 as printed instead of as the original code computes them.
+# Eq. 3-4 as printed instead of as the original code computes them. A config's
+# model.fusion_kw is merged into the preset's (training.state.model_config); a fusion_kw
+# passed in Python replaces it, so it must hold variant="paper" itself.
 DSF3N_PAPER = registry.register_model("dsf3n_paper")(
     functools.partial(DSF3N, fusion_kw=FrozenDict(variant="paper")))
 

@@ -121,8 +121,8 @@ def resolve_part(kind: str, part: str | ModuleDef, model: nn.Module) -> ModuleDe
     kind: "fusion", "head" or "classifier".
     part: a registered name, or a ``ModuleDef``.
     model: the model the part belongs to; a registered factory is called with
-      it. Its ``<kind>_kw`` are the part's settings, and its ``dropout_rate``
-      goes to a part with that field (unless the ``ModuleDef`` sets it).
+      it. Its ``<kind>_kw`` are the part's settings, and its ``dropout_rate`` and
+      ``axis_name`` go to a part with that field (unless the ``ModuleDef`` sets it).
   """
   if kind not in PARTS:
     raise ValueError(f"kind: expected one of {', '.join(PARTS)}, got {kind!r}")
@@ -144,6 +144,7 @@ def resolve_part(kind: str, part: str | ModuleDef, model: nn.Module) -> ModuleDe
     raise ValueError("; ".join(problems))
   cls, keywords = _unwrap(module_def)
   fields = {f.name for f in dataclasses.fields(cls)}
-  if "dropout_rate" in fields and "dropout_rate" not in keywords:
-    kw["dropout_rate"] = model.dropout_rate
+  for given in ("dropout_rate", "axis_name"):  # a part's BatchNorm syncs over the model's axis
+    if given in fields and given not in keywords:
+      kw[given] = getattr(model, given)
   return functools.partial(module_def, **kw) if kw else module_def

@@ -101,7 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       it is called as ``DSF3N`` is and must have its fields (``embed_dim``,
       ``visual_dim``, ...) and ``axis_name`` (set to the data axis here).
       Checkpoints record ``config.model``, so a model given here is not
-      rebuilt by ``restore_model``: register it to have that.
+      rebuilt by ``restore_model`` (which refuses the run, as ``retrieve`` and
+      ``visualize`` do): register it and name it in ``config.model`` to have that.
     loss_fn: ``loss(outputs, batch, aux, *, axis_name=None) -> (total, parts)``
       instead of ``config.loss.terms`` (``losses.LossTerm`` says what each
       argument holds); ``aux`` still holds the parameters of the terms of
@@ -131,7 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       state, meta, resumed = _init_or_resume(run, checkpointer)
       _check_selection_metric(run, evaluations, state)  # before the step compiles
       if run.is_main:
-        workdir_lib.write_run_config(run.workdir, config, run.mcfg, run.fingerprint)
+        workdir_lib.write_run_config(run.workdir, config, run.mcfg, run.fingerprint,
+                                     model_given=run.model_given)
         if isinstance(stats := getattr(run.sources.train, "stats", None), Mapping):
           workdir_lib.write_feature_stats(run.workdir, stats)
       writer = workdir_lib.MetricWriter(run.workdir,

@@ -29,6 +29,11 @@ from dsf3n_jax.training.workdir import log
 
 def _run_config(workdir) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   saved = workdir_lib.read_run_config(workdir)
+  if saved.get("model_given"):
+    raise ValueError(f"{workdir}: the run trained a model given from Python "
+                     "(train_and_evaluate(model=...)), which its config.model does not "
+                     "describe: build that model and restore its variables with "
+                     "checkpoints.Checkpointer, or register it and name it in config.model")
   losses.import_terms(saved.get("loss_terms", {}))  # a user's terms, as the run registered them
   config = ml_collections.ConfigDict(
       {**saved["config"], "loss": normalize_loss_config(saved["config"]["loss"])})

@@ -45,6 +45,7 @@ class Run:
   metric: str  # its metric the best checkpoint is selected by
   fingerprint: dict[str, Any]  # what it trains on (stored with every checkpoint)
   loss_fn: losses.LossFn | None = None  # None: the terms of config.loss
+  model_given: bool = False  # a model given from Python, which config.model does not describe
 
   @functools.cached_property
   def eval_loss_fn(self) -> losses.LossFn:
@@ -237,7 +238,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
              tx=build_optimizer(config, steps_per_epoch),
              mesh=make_mesh(), steps_per_epoch=steps_per_epoch, selection=selection,
              metric=metric,
-             fingerprint=data_fingerprint(config, sources), loss_fn=loss_fn)
+             fingerprint=data_fingerprint(config, sources), loss_fn=loss_fn,
+             model_given=model is not None)
 
 
 LAST = "last"  # config.selection_split: the final state is the best, nothing is selected

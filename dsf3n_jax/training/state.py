@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -102,6 +103,19 @@ def _apply_preset(model_def, name: str, kwargs: dict[str, Any],
   """
   if not isinstance(model_def, functools.partial):
     return
+  for kind in registry.PARTS:  # a preset swapping a part: the config's settings of the part it
+    # replaces, left at their defaults, are not settings of the preset's part
+    swapped = model_def.keywords.get(kind)
+    config_part = kwargs.get(kind, defaults.get(kind))
+    if swapped is None or swapped == config_part or not isinstance(config_part, str):
+      continue
+    stock = {k: v for k, v in (registry.part_settings(kind, config_part) or {}).items()
+             if v is not dataclasses.MISSING}
+    given = {k: list(v) if isinstance(v, tuple) else v
+             for k, v in (kwargs.get(f"{kind}_kw") or {}).items()}
+    if given == {k: list(v) if isinstance(v, tuple) else v for k, v in stock.items()} or not given:
+      kwargs[f"{kind}_kw"] = {}
+      kwargs[kind] = swapped
   for key, value in model_def.keywords.items():
     if key.endswith("_kw") and key[:-3] in registry.PARTS:  # a part's settings, one by one
       kind = key[:-3]
@@ -232,6 +246,8 @@ def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformat
     count = optax.safe_increment(state.count)
 
     def corrected(moment, decay):
+      if decay == 0:  # 1 - 0 ** t: no correction (b1 = 0, Adam without momentum)
+        return moment
       return jax.tree.map(lambda m: m / -jnp.expm1(count * math.log(decay)).astype(m.dtype),
                           moment)
 

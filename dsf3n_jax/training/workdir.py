@@ -246,16 +246,19 @@ class WorkdirLock:
 
 
 def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[str, Any],
-                     fingerprint: Mapping[str, Any]) -> None:
+                     fingerprint: Mapping[str, Any], *, model_given: bool = False) -> None:
   """``config.json``: the resolved config, model and data, read by ``restore_model``.
 
   ``loss_terms`` records where each loss term is registered (``"module:name"``),
-  so that reading the run back imports a user's module.
+  so that reading the run back imports a user's module. ``model_given``: the run trained a
+  model given from Python, not the one ``config.model`` describes (``restore_model`` then
+  refuses to rebuild it).
   """
   from dsf3n_jax import losses  # pylint: disable=g-import-not-at-top
   atomic_write(epath.Path(workdir) / RUN_FILE, json.dumps(
       {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint),
-       "loss_terms": losses.term_origins(config.loss.terms)}, indent=2, default=str))
+       "loss_terms": losses.term_origins(config.loss.terms),
+       **({"model_given": True} if model_given else {})}, indent=2, default=str))
 
 
 def write_feature_stats(workdir, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
