@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   parser = _parser()
   args = parser.parse_args(argv)
 
-  src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
+  src, dst = pathlib.Path(args.src), pathlib.Path(args.dst).absolute()
   if not (src.is_file() or (args.to_torch and src.is_dir())):
     parser.error(f"src: no such file {src}" + (" (a training run's folder, or a variables "
                                                  ".npz, with --to_torch)" if args.to_torch

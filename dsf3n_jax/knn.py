@@ -13,7 +13,7 @@ device 0 before device 1).
 Distances are the metric's own formula (``map_kernel.pairwise_distances``:
 cosine ``1 - q.x / |q| / |x|`` on the raw dot products) in float32; the library's norms
 are computed once. Euclidean distances are expanded as ``|q|^2 + |x|^2 - 2 q.x`` without
-the metric's centring on the items' mean: for a library far from the origin relative to
+the metric's centring on the first item: for a library far from the origin relative to
 its spread they lose precision that the metric keeps. Each product is one (query
 block x library block) matrix product, which XLA may round differently from
 the metric's (queries x items) product by an ulp, so two items within an ulp

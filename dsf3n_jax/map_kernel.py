@@ -35,8 +35,8 @@ def pairwise_distances(queries: jax.Array, items: jax.Array, *,
   Compiled, and with at least ``MIN_QUERY_BLOCK`` query rows (padded), as inside the metric's
   kernel, so that both round alike: two items at equal distances here are tied in the
   metric too, and ranked by index. Euclidean distances are computed from the queries and
-  items centred on the items' mean (the distances are the same): ``|q|^2 + |x|^2 - 2 q.x``
-  of embeddings far from the origin, relative to their spread, would cancel to a few
+  items less the first item (the distances are the same): ``|q|^2 + |x|^2 - 2 q.x`` of
+  embeddings far from the origin, relative to their spread, would cancel to a few
   significant bits.
 
   Args:
@@ -52,9 +52,9 @@ def pairwise_distances(queries: jax.Array, items: jax.Array, *,
   n = q.shape[0]
   if n < MIN_QUERY_BLOCK:  # as the metric's blocks: a one-row product rounds apart
     q = jnp.pad(q, ((0, MIN_QUERY_BLOCK - n), (0, 0)))
-  if distance == "euclidean":
-    centre = jnp.mean(x, axis=0)
-    q, x = q - centre, x - centre
+  if distance == "euclidean" and x.shape[0]:
+    # Centred on an item: integer data stays integer (exact, so equal distances stay equal).
+    q, x = q - x[0], x - x[0]
   # The raw dot product is scaled afterwards, elementwise: exact dot products for small
   # integer data (the norms round; a block of one query can round them apart, so blocks
   # have MIN_QUERY_BLOCK rows at least).

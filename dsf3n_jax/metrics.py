@@ -19,9 +19,9 @@ Differences from the original, all deliberate:
     uses float64 ``scipy.spatial.distance.cdist``. Only pairs whose distances differ
     by about float32's resolution can rank differently: for cosine that is about 6e-8
     absolute (``1 - cos`` of a cosine near 1), so embeddings within ~1e-6 of parallel
-    rank coarsely; Euclidean distances are computed on vectors centred on the items'
-    mean, so an offset far from the origin costs no precision. A zero vector has cosine
-    distance 1 to everything (``cdist`` gives NaN).
+    rank coarsely; Euclidean distances are computed on vectors less the first item, so
+    an offset far from the origin costs no precision (and integer data stays exact). A
+    zero vector has cosine distance 1 to everything (``cdist`` gives NaN).
 
 How it is computed: queries are processed in blocks of ``block_size`` (memory
 is ``O(block_size * m)``, never ``n * m``), optionally sharded over the

@@ -111,8 +111,9 @@ def lookup(kind: str, name: str, *, where: str | None = None) -> Any:
     module = name.split(":", 1)[0]  # "my_fusion:gated_sum": importing my_fusion registers it
     try:
       importlib.import_module(module)
-    except ImportError as e:
-      raise ValueError(f"{where or kind}={name!r}: cannot import {module!r} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a user's module: missing, or raising, or not Python
+      cause = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+      raise ValueError(f"{where or kind}={name!r}: cannot import {module!r} ({cause})") from e
   for key in (name, name.split(":", 1)[-1]) if isinstance(name, str) else ():
     if key in _REGISTRY[kind]:
       return _REGISTRY[kind][key]

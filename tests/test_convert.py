@@ -239,7 +239,8 @@ def test_command_line_variants_and_errors(tmp_path):
     convert.main([str(tmp_path / "absent.pth"), str(tmp_path / "d")])
 
 
-def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_state):
+def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_state,
+                                                               monkeypatch):
   from dsf3n_jax import train
   from dsf3n_jax.training.workdir import WorkdirError
 
@@ -267,8 +268,9 @@ def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_
   with pytest.raises(ValueError, match=r"nan\.pth: .*non-finite.*out_layer\.0\.weight \(1 of"):
     convert.main([str(tmp_path / "nan.pth"), str(tmp_path / "nan")])
   assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
-  (tmp_path / "empty").mkdir()  # an empty folder is a new one
-  assert convert.main([str(pth), str(tmp_path / "empty")]) == tmp_path / "empty/checkpoints/0"
+  (tmp_path / "empty").mkdir()  # an empty folder is a new one; a relative one as it reads
+  monkeypatch.chdir(tmp_path)
+  assert convert.main([str(pth), "empty"]) == tmp_path / "empty/checkpoints/0"
 
 
 @pytest.mark.parametrize("kind", ["pickle", "object_array", "random_bytes", "hdf5", "npy",

@@ -285,6 +285,26 @@ class StrangerPairs(_Pairs):
 
 class FinePairs(_Pairs):
   pass
+
+
+class DeclaredPairs(_Pairs):  # a ClassLabel of 5 classes, 3 of them in the data
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "visual": tfds.features.Tensor(shape=(8,), dtype=np.float32),
+        "audio": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        "label": tfds.features.ClassLabel(num_classes=5)}))
+
+
+class HotPairs(_Pairs):  # one-hot labels: not a class id
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "visual": tfds.features.Tensor(shape=(8,), dtype=np.float32),
+        "audio": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        "label": tfds.features.Tensor(shape=(3,), dtype=np.int64)}))
+
+  def _generate_examples(self, n, split):
+    for key, example in super()._generate_examples(n, split):
+      yield key, {**example, "label": np.eye(3, dtype=np.int64)[example["label"]]}
 """
 
 
@@ -300,6 +320,11 @@ def test_a_users_tfds_dataset_is_validated_as_the_projects_files_are(tmp_path, m
     input_pipeline.load_sources("user_pairs:nan_pairs", data_dir=str(data_dir))
   with pytest.raises(DataValidationError, match=r"'user_pairs:stranger_pairs'.*lab_test"):
     input_pipeline.load_sources("user_pairs:stranger_pairs", data_dir=str(data_dir))
+  with pytest.raises(DataValidationError, match=r"key 'lab_train' has shape \(24, 3\); expected "
+                     r"one class id per example"):
+    input_pipeline.load_sources("user_pairs:hot_pairs", data_dir=str(data_dir))
+  assert input_pipeline.load_sources("user_pairs:declared_pairs",
+                                     data_dir=str(data_dir)).num_classes == 5
   # The integer labels' class count is over both splits; "~" is the home folder.
   monkeypatch.setenv("HOME", str(tmp_path))
   fine = input_pipeline.load_sources("user_pairs:fine_pairs", data_dir="~/tfds")

@@ -96,6 +96,16 @@ def test_ties_of_the_public_distances_are_ties_of_the_metric():
   for strategy in ("sort", "count"):
     np.testing.assert_array_equal(metrics.average_precision(q, x, [0], [1, 0],
                                                             strategy=strategy), [0.5])
+  # Euclidean, integer data: items 0 and 3 both at sqrt(30), exactly; by index, item 3 (the
+  # relevant one) ranks after item 0.
+  q = np.array([[-2, 2, 1, 3]], np.float32)
+  x = np.array([[2, 3, -1, 0], [1, -2, 3, -3], [2, 1, -2, 2], [-1, 2, 3, -2], [0, -2, 1, 1],
+                [2, 2, 3, 3]], np.float32)
+  dist = np.asarray(metrics.pairwise_distances(q, x, distance="euclidean"))
+  assert dist[0, 0] == dist[0, 3] == np.float32(np.sqrt(30))
+  for strategy in ("sort", "count"):
+    np.testing.assert_allclose(metrics.average_precision(
+        q, x, [1], [0, 0, 0, 1, 0, 0], distance="euclidean", strategy=strategy), [0.2])
 
 
 def test_euclidean_distances_keep_their_precision_far_from_the_origin():

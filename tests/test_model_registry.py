@@ -387,3 +387,8 @@ def test_a_module_colon_name_imports_the_module_that_registers_it(tmp_path, monk
   assert registry.lookup("head", "user_parts_for_test:user_head") is not None
   with pytest.raises(ValueError, match=r"cannot import 'no_such_module_x'"):
     registry.lookup("head", "no_such_module_x:user_head")
+  # A module that fails as it is imported is named with its error.
+  (tmp_path / "raising_parts_for_test.py").write_text("raise RuntimeError('boom')\n")
+  with pytest.raises(ValueError, match=r"model.head='raising_parts_for_test:h': cannot import "
+                     r"'raising_parts_for_test' \(RuntimeError: boom\)"):
+    registry.lookup("head", "raising_parts_for_test:h", where="model.head")

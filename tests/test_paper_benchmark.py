@@ -67,10 +67,12 @@ def test_quick_tables_on_synthetic_have_their_rows_and_a_rerun_keeps_them(tmp_pa
   assert swept["selection_test"]["unimodal"]["seeds_used"] == 2
   assert "trained that configuration again on train + validation" in (
       tmp_path / "paper-synthetic-quick.md").read_text()
-  # The paper's ordering as the report computes it from the rows run (over the ablation
-  # rows: the ordering's own test; the ablation switches: test_ablation_configs_...).
-  from benchmarks import paper_report
-  assert on_disk["ordering"] == json.loads(json.dumps(paper_report.ordering(on_disk)))
+  # The paper's ordering over the one ablation row run: the full model is the best of those
+  # run, and no pair of rows differs in one component (the ordering over several rows: its own
+  # test; the ablation switches: test_ablation_configs_switch_exactly_one_thing_each).
+  for p in ("paired", "unimodal"):
+    assert on_disk["ordering"][p] == {"full_is_best": True, "best": "full",
+                                      "helps": {"dis": [0, 0], "intra": [0, 0], "mfa": [0, 0]}}
   fig = on_disk["figure_3"]
   assert fig["seed"] in (0, 1) and all((tmp_path / f).stat().st_size > 1000
                                        for f in fig["files"].values())

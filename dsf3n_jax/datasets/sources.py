@@ -491,13 +491,18 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     train_arrays = load_split_arrays(train) if validation_fraction or not ours else None
     if not ours:  # checked as the project's builders check their files when they build
       test_arrays = load_split_arrays(test)
+      where = f"TFDS dataset {name!r} ({builder.info.full_name}; keys: feature_split)"
+      for split, arrays in (("train", train_arrays), ("test", test_arrays)):
+        if np.ndim(arrays["label"]) != 1:
+          raise DataValidationError(
+              f"{where}: key 'lab_{split}' has shape {np.shape(arrays['label'])}; expected "
+              "one class id per example (a ClassLabel or an integer Scalar)")
+      # Every class that occurs must occur in train; a ClassLabel may declare more classes.
       checked = validation.validate_arrays(
           {f"{field}_{split}": arrays[field] for split, arrays in
            (("train", train_arrays), ("test", test_arrays)) for field in ("visual", "audio")}
           | {"lab_train": train_arrays["label"], "lab_test": test_arrays["label"]},
-          source=f"TFDS dataset {name!r} ({builder.info.full_name}; keys: feature_split)",
-          num_classes=found["num_classes"], visual_dim=found["visual_dim"],
-          audio_dim=found["audio_dim"])
+          source=where, visual_dim=found["visual_dim"], audio_dim=found["audio_dim"])
       if found["num_classes"] is None:  # a plain integer label: max + 1 over both splits
         found["num_classes"] = validation.infer_num_classes(checked)
     train_labels = None if train_arrays is None else train_arrays["label"]
