@@ -104,6 +104,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # Not torch's advice to unpickle with weights_only=False: a .pth here is never unpickled.
+    if "weights_only" in first.split(". ", 1)[-1]:
+      first = first.split(". ", 1)[0]
     raise ValueError(f"{path}: not a PyTorch state dict file (.pth) that torch.load reads with "
                      f"weights_only=True: {first}") from None
   if isinstance(obj, Mapping):
@@ -145,7 +148,8 @@ def _write_orbax(variables: Mapping[str, Any], out_dir: pathlib.Path,
       config.model[key] = value
   return pathlib.Path(train.save_variables_as_run(
       str(out_dir), variables, config=config,
-      best={"selected_on": "last", "metric": "step", "value": 0.0, "converted": True}))
+      best={"selected_on": "last", "metric": "step", "value": 0.0, "converted": True},
+      no_data=True))
 
 
 # Output formats of the torch -> flax direction.
@@ -291,11 +295,13 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   try:
     variables = from_torch_state_dict(state_dict, model=model, strict=not args.no_strict)
   except ValueError as e:
-    raise ValueError(f"{src}: {e}") from None
+    hint = (" (a .pth of other sizes: --model_config=FILE, its .model_config.json or the "
+            "run's config.json, or the size flags)" if "mis-shaped" in str(e) else "")
+    raise ValueError(f"{src}: {e}{hint}") from None
   model_config = json.dumps(dict(num_classes=num_classes, **fields), indent=2) + "\n"
   if args.format != "orbax":
     dst.mkdir(parents=True, exist_ok=True)
-    path = WRITERS[args.format](variables, dst, fields)
+    path = WRITERS[args.format](variables, dst, {**fields, "num_classes": num_classes})
     paths.atomic_write(dst / "model_config.json", model_config)
     return path
   # A new run, written beside dst and renamed into its place: a failure or a kill leaves no

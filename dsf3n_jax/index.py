@@ -259,6 +259,9 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
                    f"--tfds={tfds} ({split})", _split(sources, split, f"--tfds={tfds}"),
                    modality)
   from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
+  if not train.has_data(run.workdir):
+    raise cli.UsageError(f"--workdir={run.workdir}: converted weights, trained on no dataset "
+                         "of its config: give the items with --source=FILE or --tfds=NAME")
   # The run's own data as stored: the embedder standardises it as the run did.
   sources = train.load_data(run.config, normalize=False)
   return Library(None, None, None, {"run": run.workdir, "split": split},

@@ -326,6 +326,10 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     # Names a missing run, or a missing best checkpoint.
     model, model_vars, config = train.restore_model(workdir, which=checkpoint)
     source = f"--workdir={workdir}"
+    if data is None and not train.has_data(workdir):
+      raise ValueError(f"--workdir={workdir}: converted weights, trained on no dataset of "
+                       "its config: name the data to embed with --data=FILE (a paired-feature "
+                       "file)")
     if data is None:  # the run's own dataset, with its normalisation
       arrays = run_split(config, split)
       check_rows(len(arrays["label"]))

@@ -204,6 +204,10 @@ def main(argv=None) -> int:
       raise cli.UsageError("--rows: needs --workdir, the run that built the index")
     from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
     from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
+    from dsf3n_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    if not workdir_lib.has_data(args.workdir):
+      raise cli.UsageError(f"--rows: --workdir={args.workdir} holds converted weights, trained "
+                           "on no dataset of its config; give the queries with --queries=FILE")
     arrays = retrieval.run_split(restore.run_config(args.workdir), args.split,
                                  normalize=False)  # embed_queries standardises as the run did
     features = arrays[index_lib.other(index.modality)]

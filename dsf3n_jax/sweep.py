@@ -79,6 +79,7 @@ from absl import flags
 from dsf3n_jax import main as main_lib
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(main_lib)  # --config, --workdir, ...: listed by --help too
 flags.DEFINE_string("sweep", None, "default, PATH=V1,V2;PATH=V1,V2 (a grid) or a .json file.")
 flags.DEFINE_string("seeds", "0", "Comma-separated seeds each configuration trains with.")
 flags.DEFINE_string("metric", "unimodal_map_average",

@@ -47,12 +47,12 @@ from dsf3n_jax.training.steps import (
     run_steps,
     train_step,
 )
-from dsf3n_jax.training.workdir import format_results
+from dsf3n_jax.training.workdir import format_results, has_data
 
 __all__ = [
     "AXIS", "EMBED_KEYS", "MODEL_FIELDS", "PROTOCOL_KEYS", "SELECTION_METRICS", "TrainState",
     "build_model", "build_optimizer", "default_config", "embed_split", "evaluate", "feature_stats",
-    "format_results",
+    "format_results", "has_data",
     "init_state", "learning_rate_schedule", "load_data", "make_embed_fn", "make_init_fn",
     "make_mesh", "make_train_epoch", "make_train_step", "model_config", "per_device_step",
     "resolve_on_device", "restore_model", "run_steps", "save_variables_as_run", "scale_by_adam",

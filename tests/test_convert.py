@@ -208,6 +208,8 @@ def test_command_line_both_directions(tmp_path, torch_state):
   assert npz == tmp_path / "flax" / "variables.npz"
   loaded = convert.load_npz(npz)
   assert "params/fusion/mfa/bilinear/kernel" in np.load(npz).files
+  from dsf3n_jax import retrieval
+  assert retrieval.load_variables(npz)[1]["num_classes"] == 10  # what --variables needs
   jax.tree.map(np.testing.assert_array_equal, loaded, convert.from_torch_state_dict(torch_state))
   out = convert.main(["--to_torch", str(npz), str(tmp_path / "back.pth")])
   back = torch.load(out, weights_only=True)
@@ -252,6 +254,11 @@ def test_command_line_writes_a_workdir_that_training_code_reads(tmp_path, torch_
   assert model.num_classes == 10 and config.model.fusion_kw.variant == "reference"
   expected = convert.from_torch_state_dict(torch_state)
   jax.tree.map(np.testing.assert_array_equal, variables, expected)
+  # Its config names the default data, which these weights never saw: the tools ask for data.
+  from dsf3n_jax import retrieve
+  with pytest.raises(ValueError, match=r"converted weights, trained on no dataset of its "
+                     r"config: name the data to embed with --data=FILE"):
+    retrieve.main([f"--workdir={tmp_path / 'run'}", "--queries=0"])
   # A folder that holds a run is refused, by the command line (before reading the weights)
   # and by the writer under it; the run is left as it was.
   before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
@@ -359,5 +366,9 @@ def test_a_file_that_is_not_a_pth_is_one_error_line(tmp_path):
                      match=r"features.npz: not a PyTorch state dict file \(.pth\)") as e:
     convert.load_torch_checkpoint(bad)
   assert "\n" not in str(e.value)
+  np.save(tmp_path / "array.npy", np.zeros(3))  # a pickle torch refuses: not its advice
+  with pytest.raises(ValueError, match=r"array\.npy: not a PyTorch state dict") as e:
+    convert.load_torch_checkpoint(tmp_path / "array.npy")
+  assert "weights_only set to False" not in str(e.value) and "trusted" not in str(e.value)
   with pytest.raises(SystemExit):  # a missing run folder or file: argparse's one line
     convert.main(["--to_torch", str(tmp_path / "absent"), str(tmp_path / "x.pth")])

@@ -80,7 +80,7 @@ def restore_model(workdir, *, which: str = "latest"):
 
 def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
                           config: ml_collections.ConfigDict,
-                          best: Mapping[str, Any] | None = None) -> str:
+                          best: Mapping[str, Any] | None = None, no_data: bool = False) -> str:
   """Writes ``variables`` as epoch 0 of a run in ``workdir`` (e.g. converted weights).
 
   Input sizes and the class count are read off the variables. The result is a
@@ -93,7 +93,9 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
   evaluation): the checkpoint is also the run's best (``--checkpoint=best`` reads it).
 
   A ``workdir`` that holds a run already (``config.json`` or ``checkpoints/``) is refused
-  (``WorkdirError``): nothing of that run is replaced.
+  (``WorkdirError``): nothing of that run is replaced. ``no_data``: the variables were not
+  trained on ``config.data`` (converted weights); the tools reading the run then need the
+  data named (``workdir.has_data``).
 
   Returns:
     The checkpoint directory written.
@@ -123,7 +125,7 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
   state = state.replace(params=jax.tree.map(jnp.asarray, given["params"]),
                         batch_stats=jax.tree.map(jnp.asarray, given["batch_stats"]))
   workdir = workdir_lib.prepare(workdir)
-  workdir_lib.write_run_config(workdir, config, mcfg, {})
+  workdir_lib.write_run_config(workdir, config, mcfg, {}, no_data=no_data)
   # A run that standardises its features keeps the statistics it was trained with, as a
   # trained run does (its dataset, as ``config`` carves it: the sweep's runs).
   if (stats := feature_stats(config)) is not None:

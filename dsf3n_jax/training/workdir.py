@@ -246,19 +246,28 @@ class WorkdirLock:
 
 
 def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[str, Any],
-                     fingerprint: Mapping[str, Any], *, model_given: bool = False) -> None:
+                     fingerprint: Mapping[str, Any], *, model_given: bool = False,
+                     no_data: bool = False) -> None:
   """``config.json``: the resolved config, model and data, read by ``restore_model``.
 
   ``loss_terms`` records where each loss term is registered (``"module:name"``),
   so that reading the run back imports a user's module. ``model_given``: the run trained a
   model given from Python, not the one ``config.model`` describes (``restore_model`` then
-  refuses to rebuild it).
+  refuses to rebuild it). ``no_data``: weights from elsewhere (``convert``), trained on no
+  dataset of ``config.data`` (the tools then need the data named: ``has_data``).
   """
   from dsf3n_jax import losses  # pylint: disable=g-import-not-at-top
   atomic_write(epath.Path(workdir) / RUN_FILE, json.dumps(
       {"config": config.to_dict(), "model": mcfg, "data": dict(fingerprint),
        "loss_terms": losses.term_origins(config.loss.terms),
-       **({"model_given": True} if model_given else {})}, indent=2, default=str))
+       **({"model_given": True} if model_given else {}),
+       **({"no_data": True} if no_data else {})}, indent=2, default=str))
+
+
+def has_data(workdir) -> bool:
+  """Whether the run in ``workdir`` trained on the dataset its config names (a converted
+  run's weights did not: ``write_run_config(no_data=True)``)."""
+  return not read_run_config(workdir).get("no_data")
 
 
 def write_feature_stats(workdir, stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
