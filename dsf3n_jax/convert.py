@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -304,17 +303,14 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     path = WRITERS[args.format](variables, dst, {**fields, "num_classes": num_classes})
     paths.atomic_write(dst / "model_config.json", model_config)
     return path
-  # A new run, written beside dst and renamed into its place: a failure or a kill leaves no
-  # half-written run (the temporary folder is removed by the next conversion into dst).
-  tmp = dst.parent / f".{dst.name}.converting"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  path = WRITERS[args.format](variables, tmp, fields)
-  (tmp / "model_config.json").write_text(model_config)
-  if dst.exists():
-    dst.rmdir()  # empty (checked above)
-  tmp.rename(dst)
-  return dst / path.relative_to(tmp)
+  # A new run, written beside dst and renamed into its place (dst is empty, checked above): a
+  # failure or a kill leaves no half-written run.
+  def fill(tmp):
+    path = WRITERS[args.format](variables, tmp, fields)
+    (tmp / "model_config.json").write_text(model_config)
+    return path.relative_to(tmp)
+
+  return dst / paths.publish_folder(dst, fill)
 
 
 if __name__ == "__main__":

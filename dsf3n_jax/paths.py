@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import secrets
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,3 +70,17 @@ def resolve(workdir) -> epath.Path:
     raise ValueError(f"workdir: an empty path ({text!r}; an unset variable?): expected a "
                      "directory")
   return epath.Path(text if not is_local(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def publish_folder(target: pathlib.Path, fill: Callable[[pathlib.Path], Any]) -> Any:
+  """``fill(tmp)`` writes a folder beside ``target`` that is then renamed into its place (an
+  existing ``target`` is replaced): a process killed meanwhile leaves the old ``target`` (or
+  none) and a stale ``tmp``, which the next call removes. Returns what ``fill`` returns."""
+  tmp = target.parent / f".{target.name}.tmp"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  out = fill(tmp)
+  if target.exists():
+    shutil.rmtree(target)
+  tmp.rename(target)
+  return out

@@ -490,7 +490,7 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
         c, seed, variables, best_meta = chosen
         chosen_config = configs[group.configs[c]].copy_and_resolve_references()
         chosen_config.seed = int(seed)
-        _publish(root / "groups" / group.fingerprint,
+        paths.publish_folder(root / "groups" / group.fingerprint,
                  functools.partial(restore.save_variables_as_run, variables=variables,
                                    config=chosen_config, best=best_meta))
         result["chosen"] = {"config": group.configs[c], "seed": int(seed)}
@@ -570,7 +570,7 @@ def publish_chosen(config: ml_collections.ConfigDict, report: dict[str, Any], ro
   """Writes ``chosen_config.py`` (``config``) and ``chosen/`` (a copy of ``run_dir``)."""
   from dsf3n_jax import paths
   paths.atomic_write(root / "chosen_config.py", config_file(config, report))
-  _publish(root / "chosen", lambda tmp: shutil.copytree(run_dir, tmp))
+  paths.publish_folder(root / "chosen", lambda tmp: shutil.copytree(run_dir, tmp))
 
 
 # -- the refit ----------------------------------------------------------------------------------
@@ -602,7 +602,7 @@ def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[st
 
   import jax
 
-  from dsf3n_jax import input_pipeline
+  from dsf3n_jax import input_pipeline, paths
   from dsf3n_jax.training import restore
   from dsf3n_jax.training import seeds as seeds_lib
   seeds = [int(s["seed"]) for s in selected]
@@ -634,7 +634,7 @@ def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[st
   if chosen_refit:
     state = jax.device_get(seeds_lib.seed_state(states, i))
     steps = int(config.num_epochs) * run.steps_per_epoch
-    _publish(run_dir, functools.partial(
+    paths.publish_folder(run_dir, functools.partial(
         restore.save_variables_as_run, variables={"params": state.params,
                                                   "batch_stats": state.batch_stats},
         config=config, best={"selected_on": "last", "metric": "step", "value": float(steps),
@@ -695,19 +695,6 @@ def margin_text(m: Mapping[str, Any] | None) -> str:
               + f"; {verdict}")
   return (f"over configuration {m['runner_up']} ({_label(m['runner_up_differs'])}) by "
           f"{m['mean']:+.4f} ({detail})")
-
-
-def _publish(target, fill: Callable[[Any], Any]) -> None:
-  """``fill(tmp)`` writes a folder beside ``target`` that is then renamed into its place: a
-  sweep killed meanwhile leaves the old ``target`` (or none) and a stale ``tmp``, which the
-  next call removes."""
-  tmp = target.parent / f".{target.name}.tmp"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  fill(tmp)
-  if target.exists():
-    shutil.rmtree(target)
-  tmp.rename(target)
 
 
 def config_file(config: ml_collections.ConfigDict, report: dict[str, Any]) -> str:

@@ -498,10 +498,10 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
               f"{where}: key 'lab_{split}' has shape {np.shape(arrays['label'])}; expected "
               "one class id per example (a ClassLabel or an integer Scalar)")
       # Every class that occurs must occur in train; a ClassLabel may declare more classes.
+      split_arrays = {"train": train_arrays, "test": test_arrays}
       checked = validation.validate_arrays(
-          {f"{field}_{split}": arrays[field] for split, arrays in
-           (("train", train_arrays), ("test", test_arrays)) for field in ("visual", "audio")}
-          | {"lab_train": train_arrays["label"], "lab_test": test_arrays["label"]},
+          {key: split_arrays[split][field] for split, keys in validation.KEYS.items()
+           for field, key in keys.items()},
           source=where, visual_dim=found["visual_dim"], audio_dim=found["audio_dim"])
       if found["num_classes"] is None:  # a plain integer label: max + 1 over both splits
         found["num_classes"] = validation.infer_num_classes(checked)

@@ -596,8 +596,7 @@ class Loop:
       if not self.on_device:
         self.meta["loader"] = self.loader.get_state()
       self._at_boundary(step)
-      # At the last step (or an early stop) only the final evaluations are left: they run.
-      if step < self.total and not self.stopping and self._preemption_seen():
+      if self._signalled_with_steps_left(step):
         self._preempted(step)
     if self.stopping:
       log("early stopping after %s: %d evaluations without a lower %s loss",
@@ -615,9 +614,14 @@ class Loop:
       workdir_lib.write_results(run.workdir, results)
     return results
 
+  def _signalled_with_steps_left(self, step: int) -> bool:
+    """A signal came (every process alike) and steps are left to train: at the last step (or
+    an early stop) only the final evaluations are left, and they run."""
+    return step < self.total and not self.stopping and self._preemption_seen()
+
   def _stop_if_signalled_while_starting(self, step: int) -> None:
     """``Preempted`` before the first step when a signal came (every process alike)."""
-    if step < self.total and not self.stopping and self._preemption_seen():
+    if self._signalled_with_steps_left(step):
       raise Preempted(f"{self.stopping_for} while starting, before the first step: nothing new "
                       f"to save; rerun the same command to resume from "
                       f"{_where(step, self.run.steps_per_epoch) if step else 'the start'}",

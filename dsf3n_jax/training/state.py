@@ -94,6 +94,11 @@ def model_config(config: ml_collections.ConfigDict, *, num_classes: int, visual_
   return {"name": name, **resolved_fields(kwargs)}
 
 
+def _listed(settings: Mapping[str, Any]) -> dict[str, Any]:
+  """Settings with tuples as lists (as a config holds them), to compare by value."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
 def _apply_preset(model_def, name: str, kwargs: dict[str, Any],
                   defaults: Mapping[str, Any]) -> None:
   """Sets a preset's (partial's) keywords in ``kwargs``.
@@ -111,9 +116,8 @@ def _apply_preset(model_def, name: str, kwargs: dict[str, Any],
       continue
     stock = {k: v for k, v in (registry.part_settings(kind, config_part) or {}).items()
              if v is not dataclasses.MISSING}
-    given = {k: list(v) if isinstance(v, tuple) else v
-             for k, v in (kwargs.get(f"{kind}_kw") or {}).items()}
-    if given == {k: list(v) if isinstance(v, tuple) else v for k, v in stock.items()} or not given:
+    given = kwargs.get(f"{kind}_kw") or {}
+    if not given or _listed(given) == _listed(stock):
       kwargs[f"{kind}_kw"] = {}
       kwargs[kind] = swapped
   for key, value in model_def.keywords.items():
