@@ -261,8 +261,8 @@ def fields() -> tuple[Field, ...]:
             "the data position: a preempted run loses at most N steps"),
       Field("steps_per_call", 0, integer(0), "with the train split on device: at most this many "
             "steps per compiled call (0: to the next action or epoch end)"),
-      Field("profile_steps", (), STEP_RANGE, "(start, stop): a jax.profiler trace of those "
-            "steps into workdir/profile"),
+      Field("profile_steps", (), STEP_RANGE, "(start, stop): a jax.profiler trace of steps "
+            "start+1..stop into workdir/profile; stop past the run's last step is refused"),
       Field("keep_checkpoints", 2, integer(1), "the latest ones kept; the best one besides"),
       Field("checkpoint_optimizer_state", True, BOOL, "False: about a third of the size; a "
             "resume then starts Adam afresh (not bit for bit)"),

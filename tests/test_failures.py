@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -232,10 +233,15 @@ def test_a_resume_repairs_a_missing_best_checkpoint(tmp_path, monkeypatch, capfd
   assert _checkpoints(workdir) == [6, 12]
   shutil.rmtree(workdir / "checkpoints" / "6")  # lost, as a kill during a best save used to
   capfd.readouterr()
+  rows = (workdir / "metrics.jsonl").read_text()
   results = _run(config, workdir)
   assert "the best checkpoint (epoch 1) is missing" in capfd.readouterr().err
   assert results["best"]["epoch"] == 2 and _checkpoints(workdir) == [12]
   train.restore_model(str(workdir), which="best")
+  # The finished run's final evaluation, recorded in its checkpoint, is what it selects on:
+  # not made (nor written) again.
+  assert results["best"]["test"] == results["final"]["test"]
+  assert (workdir / "metrics.jsonl").read_text() == rows
 
 
 def test_repairing_a_missing_best_does_not_count_toward_early_stopping(tmp_path, monkeypatch):
@@ -429,3 +435,32 @@ def test_a_checkpoint_from_before_loss_terms_resumes_with_the_same_terms():
               "unimodal_alpha": -1.0, "unimodal_beta": 0.3}
   run_lib.check_resume({"loss": unimodal}, fingerprint={}, where="w", loss={
       **now, "unimodal_weight": 1.0, "unimodal_terms": {"center": 0.3}})
+
+
+def test_a_failed_start_leaves_no_folder_it_made(tmp_path, bad_npz_files):
+  """A start that fails before it wrote anything removes the folders it made (the workdir, its
+  parents, checkpoints/), only those and only when empty: a user's folder stays, and so does
+  everything in it."""
+  from dsf3n_jax.datasets.files import DataValidationError
+  bad_data = tiny_config(**{"data.name": "paired_features",
+                            "data.path": str(bad_npz_files["random_bytes"]),
+                            "data.data_dir": str(tmp_path / "tfds")})
+  # After the data was read: no folder made yet. After the initial state was built: the
+  # workdir and checkpoints/ were made, and are removed.
+  not_reported = tiny_config(selection_metric="test/map_avg")
+  cases = [(bad_data, DataValidationError, "random_bytes.npz: unreadable as an .npz"),
+           (tiny_config(batch_size=128), ValueError, "batch_size=128 exceeds the 96 training"),
+           (not_reported, config_check.ConfigError, "reports no 'map_avg'")]
+  for config, error, message in cases:
+    with pytest.raises(error, match=re.escape(message)):
+      train.train_and_evaluate(config, str(tmp_path / "new" / "parent" / "run"))
+    assert not (tmp_path / "new").exists(), message
+  user_made = tmp_path / "mine"
+  user_made.mkdir()
+  with pytest.raises(config_check.ConfigError):
+    train.train_and_evaluate(not_reported, str(user_made))
+  assert user_made.is_dir() and not list(user_made.iterdir())
+  (user_made / "notes.txt").write_text("mine")
+  with pytest.raises(config_check.ConfigError):
+    train.train_and_evaluate(not_reported, str(user_made / "run"))
+  assert [p.name for p in user_made.iterdir()] == ["notes.txt"]

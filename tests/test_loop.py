@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dsf3n_jax import checkpoints, train
+from dsf3n_jax import checkpoints, config_check, train
 from dsf3n_jax.training import actions as actions_lib
 from dsf3n_jax.training import preemption
 from dsf3n_jax.training import run as run_lib
@@ -286,6 +287,46 @@ def test_a_profile_past_the_last_step_ends_at_the_last_step(tmp_path, monkeypatc
   assert calls == ["start", "stop"] and not profile.tracing
   assert logged[0].startswith("profiling steps 11-14 into")
   assert logged[1].startswith(f"profile of steps 11-14 written to {tmp_path}")
+
+
+def test_profile_steps_past_the_last_step_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch):
+  """A trace of steps the run does not take (1 epoch of 6 steps here) is a config error naming
+  the key, its value and the last step, before the first compile and before the workdir is
+  made; a trace ending at the last step is accepted."""
+  from dsf3n_jax.training import loop as loop_lib
+
+  def compiles(*args, **kwargs):  # the state's initialiser: a run's first compile
+    raise AssertionError("the run began compiling")
+
+  monkeypatch.setattr(loop_lib, "make_init_fn", compiles)
+  workdir = tmp_path / "run"
+  for steps, beyond in (((4, 7), ""), ((10, 20), " (no step of the run would be traced)")):
+    with pytest.raises(config_check.ConfigError, match=re.escape(
+        f"config.profile_steps={steps}: expected (start, stop) with stop <= 6, the run's last "
+        f"step (1 epoch of 6 steps); found stop {steps[1]}{beyond}")):
+      train.train_and_evaluate(tiny_config(num_epochs=1, profile_steps=steps), str(workdir))
+    assert not workdir.exists()
+  run_lib.check_steps(tiny_config(num_epochs=1, profile_steps=(5, 6)), 6)
+  run_lib.check_steps(tiny_config(num_epochs=2, profile_steps=[0, 12]), 6)
+  run_lib.check_steps(tiny_config(num_epochs=1), 6)  # no profile
+
+
+def test_a_run_resumed_past_the_profiles_start_says_it_traces_nothing(tmp_path, monkeypatch):
+  calls, logged = [], []
+  monkeypatch.setattr(actions_lib.jax.profiler, "start_trace", lambda d: calls.append("start"))
+  monkeypatch.setattr(actions_lib, "log", lambda msg, *a: logged.append(msg % a))
+  loop = types.SimpleNamespace(state=None, total=12)
+  actions_lib.Profile(2, 5, tmp_path).begin(loop, 0)  # a fresh run: traced when it gets there
+  actions_lib.Profile(2, 5, tmp_path).begin(loop, 12)  # finished: nothing left to trace
+  assert calls == [] and logged == []
+  actions_lib.Profile(2, 5, tmp_path).begin(loop, 3)
+  assert calls == [] and logged == [
+      "config.profile_steps=(2, 5): not traced, the run resumes at step 3, after the profile's "
+      "start (a trace is taken only by a run that reaches step 2 from before it: a new "
+      "--workdir, or a later (start, stop))"]
+  actions_lib.Profile(3, 5, tmp_path).begin(loop, 3)  # resumed at its start: traced
+  assert calls == ["start"]
 
 
 def test_a_resume_with_another_batch_size_is_refused_and_other_schedule_changes_are_said(

@@ -343,11 +343,50 @@ def test_train_and_evaluate_resumes_and_reports(tmp_path, capsys):
                          "--perplexity=5"]) == 0
   assert (tmp_path / "figs" / "embeddings.png").stat().st_size > 1000
   assert (tmp_path / "figs" / "raw_features.png").stat().st_size > 1000
-  # A second run on the finished workdir resumes and trains nothing more.
+  # A second run on the finished workdir trains and evaluates nothing more: it says so and
+  # reports the run's results; metrics.jsonl keeps one record of each evaluation.
+  files = {name: (tmp_path / "run" / name).read_text()
+           for name in ("metrics.jsonl", "results.json", "config.json")}
+  capsys.readouterr()
   again = train.train_and_evaluate(config, workdir)
-  assert again["steps"] == results["steps"]
-  assert again["final"]["test"]["map_average"] == pytest.approx(
-      results["final"]["test"]["map_average"], abs=1e-6)
+  assert again == on_disk
+  assert "is already complete at epoch 2 (12 of 12 steps): nothing is trained or evaluated " \
+      "again" in capsys.readouterr().err
+  assert {name: (tmp_path / "run" / name).read_text() for name in files} == files
+  # Killed after its final checkpoint, before results.json: the rerun writes it, and only it.
+  os.remove(os.path.join(workdir, "results.json"))
+  again = train.train_and_evaluate(config, workdir)
+  assert (again["final"], again["best"], again["steps"]) == (
+      results["final"], results["best"], results["steps"])
+  assert json.load(open(os.path.join(workdir, "results.json")))["final"] == results["final"]
+  assert (tmp_path / "run" / "metrics.jsonl").read_text() == files["metrics.jsonl"]
+  # A checkpoint of a version that did not record its final evaluations: the results.json of
+  # its step says they were made.
+  _rewrite_final_meta(workdir, lambda meta: meta.pop("final_evals"))
+  assert train.train_and_evaluate(config, workdir)["final"] == results["final"]
+  assert (tmp_path / "run" / "metrics.jsonl").read_text() == files["metrics.jsonl"]
+  # An evaluator added since: it alone evaluates the final state, once.
+  more = config.copy_and_resolve_references()
+  more.evals["test_loss"] = {"type": "loss", "split": "test"}
+  for _ in range(2):
+    again = train.train_and_evaluate(more, workdir)
+    assert again["final"]["test"] == results["final"]["test"]
+    added = (tmp_path / "run" / "metrics.jsonl").read_text()[len(files["metrics.jsonl"]):]
+    assert [(r["step"], r["split"]) for r in map(json.loads, added.splitlines())] == [
+        (12, "test_loss")]
+
+
+def _rewrite_final_meta(workdir, change) -> None:
+  """``change(meta)`` on the meta of the latest checkpoint in ``workdir``, rewritten."""
+  from dsf3n_jax.checkpoints import Checkpointer
+  checkpointer = Checkpointer(workdir)
+  try:
+    step = checkpointer.latest_step()
+    meta = checkpointer.read_meta(step=step)
+    change(meta)
+    checkpointer.rewrite_meta(step, meta)
+  finally:
+    checkpointer.close()
 
 
 def test_checkpoint_of_another_model_is_rejected_naming_fields(tmp_path):
@@ -615,10 +654,23 @@ def test_early_stopping_after_evaluations_without_a_lower_loss(tmp_path, monkeyp
   assert [r["epoch"] for r in evaluated] == [1, 2, 3, 3]
   assert ["unimodal_map_average" in r for r in evaluated] == [False, False, False, True]
   assert results["final"]["test"]["unimodal_map_average"] == evaluated[-1]["unimodal_map_average"]
-  # The stop is part of the run: a rerun into the workdir trains no further.
+  # The stop is part of the run: a rerun into the workdir trains no further, and evaluates
+  # nothing again (the final evaluations were made before the checkpoint of epoch 3).
+  rows = (workdir / "metrics.jsonl").read_text()
   again = train.train_and_evaluate(config, str(workdir))
   assert again["stopped_early"] and (again["epochs"], again["steps"]) == (3, results["steps"])
   assert again["final"] == results["final"] and again["best"] == results["best"]
+  assert (workdir / "metrics.jsonl").read_text() == rows
+  # What a version that evaluated after that checkpoint left when killed between the two: a
+  # checkpoint without the final evaluations' record, no final records, no results.json. The
+  # rerun makes them once and records them in the checkpoint.
+  (workdir / "metrics.jsonl").write_text("".join(rows.splitlines(keepends=True)[:-1]))
+  (workdir / "results.json").unlink()
+  _rewrite_final_meta(workdir, lambda meta: meta.pop("final_evals"))
+  for _ in range(2):
+    again = train.train_and_evaluate(config, str(workdir))
+    assert again["final"] == results["final"] and again["best"] == results["best"]
+    assert (workdir / "metrics.jsonl").read_text() == rows
 
 
 def test_a_loss_selects_its_lowest_value(tmp_path):

@@ -14,6 +14,8 @@ of steps taken). Built from the config:
 * ``Evaluate``: one per entry of ``config.evals`` (``dsf3n_jax.evaluators``).
 * ``SelectBest``: the best checkpoint and early stopping, from the selection
   evaluator's metric and loss, once this step's evaluations are done.
+* ``FinalEvaluations``: at an early stop, the run's final evaluations, before its
+  checkpoint (the checkpoint of the last step records its final evaluations).
 * ``Checkpoint``: every ``checkpoint_every_steps``, every
   ``checkpoint_every_epochs``, at the end, at a new best and at an early stop.
 * ``Profile``: a ``jax.profiler`` trace of steps ``profile_steps`` into
@@ -160,6 +162,22 @@ class SelectBest(PeriodicAction):
       loop.select(step, early_stopping=self.early_stopping)
 
 
+class FinalEvaluations(PeriodicAction):
+  """An early stop's final evaluations (``loop.finish_early``): when ``SelectBest`` stops the
+  run at a step that is not its last, every evaluator evaluates it as the run's last, before
+  the checkpoint of that step, which records them (a rerun does not make them again)."""
+
+  name = "final_evaluations"
+
+  def due(self, step: int, last: int) -> bool:
+    del step, last
+    return True  # an early stop is known only at the boundary
+
+  def __call__(self, loop: Loop, step: int) -> None:
+    if loop.stopping and not loop.final:
+      loop.finish_early(step)
+
+
 class Checkpoint(PeriodicAction):
   """A checkpoint every ``every_steps`` (the step and epoch settings' steps), at the end, and
   whenever this step's evaluation is a new best or stops the run early."""
@@ -188,8 +206,9 @@ class Checkpoint(PeriodicAction):
 class Profile(PeriodicAction):
   """A ``jax.profiler`` trace of the steps after ``start`` up to ``stop`` into ``directory``.
 
-  Only in a run that reaches ``start`` from before it (a resume past it traces nothing); a
-  ``stop`` past the run's last step ends the trace at the last step.
+  Only in a run that reaches ``start`` from before it: a resume past it traces nothing and
+  says so. A ``stop`` past the run's last step is refused before the run starts
+  (``run.check_steps``); one past the step an early stop ends at ends the trace there.
   """
 
   name = "profile"
@@ -209,12 +228,19 @@ class Profile(PeriodicAction):
     return None
 
   def begin(self, loop: Loop, step: int) -> None:
+    """Starts the trace when the run is at ``start``; a run resumed past it is told that it
+    traces nothing (``loop.fit`` calls this before the first step)."""
     if step == self.start and not self.tracing:
       jax.block_until_ready(loop.state)
       jax.profiler.start_trace(str(self.directory))
       self.tracing = True
       log("profiling steps %d-%d into %s", self.start + 1, min(self.stop, loop.total),
           self.directory)
+    elif self.start < step < loop.total:
+      log("config.profile_steps=(%d, %d): not traced, the run resumes at step %d, after the "
+          "profile's start (a trace is taken only by a run that reaches step %d from before "
+          "it: a new --workdir, or a later (start, stop))", self.start, self.stop, step,
+          self.start)
 
   def __call__(self, loop: Loop, step: int) -> None:
     if step == self.start:

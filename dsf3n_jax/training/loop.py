@@ -13,6 +13,10 @@ so a run resumed from any checkpoint, mid-epoch too, continues with the same
 batches and ends bit for bit as an uninterrupted run on the same machine.
 
 Evaluation: every evaluator runs at its interval and after the last step; the
+final evaluations (the last step's, or an early stop's) are made before the checkpoint of
+their step, which records them, so a rerun of a finished run trains and evaluates
+nothing: it says so and returns its results (writing only a ``results.json`` that a kill
+after that checkpoint left unwritten), and ``metrics.jsonl`` holds each evaluation once. The
 selection metric (``selection_metric``, ``"<eval>/<metric>"`` or a metric of
 the ``selection_split`` evaluator) picks the best checkpoint; ``selection_split="last"``
 makes the final state the best (a refit on train + validation has nothing to select on). With
@@ -76,6 +80,7 @@ from dsf3n_jax.training.state import (
 )
 from dsf3n_jax.training.workdir import log
 
+CHECKPOINTS = "checkpoints"  # the Checkpointer's folder in the workdir
 EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
              "unimodal_map_average")
 
@@ -92,7 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
                        actions: Sequence[actions_lib.PeriodicAction] = ()) -> dict[str, Any]:
   """Trains DSF3N as ``config`` says, checkpointing and evaluating into ``workdir``.
 
-  Resumes from the latest intact checkpoint in ``workdir`` if there is one.
+  Resumes from the latest intact checkpoint in ``workdir`` if there is one; a run already
+  complete there (its last step or an early stop, and its final evaluations) is not trained or
+  evaluated again: its results are returned. A start that fails before it wrote anything
+  leaves no folder it made behind (the workdir, its parents, ``checkpoints/``; only empty ones).
 
   Args:
     config: the run's config (``configs/default.py``'s fields).
@@ -122,15 +130,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
     # First (closed last), before the data is read: a signal while starting stops the run
     # before its first step (Loop.fit).
     watch = stack.enter_context(PreemptionWatch())
+    # Closed after everything else: a start that ends by an exception before it wrote
+    # anything leaves no folder it made (the workdir, its parents, checkpoints/) behind.
+    new_folders = workdir_lib.new_folders(workdir)
+
+    def remove_new_folders_if_empty(kind, *_) -> bool:
+      if kind is not None:
+        workdir_lib.remove_empty(new_folders)
+      return False  # the exception propagates
+
+    stack.push(remove_new_folders_if_empty)
     run = run_lib.prepare_run(config, workdir, model=model, loss_fn=loss_fn)
     evaluations = _build_evaluations(run)  # a bad setting fails before anything compiles
     _hold_workdir(run, stack)
+    new_folders[:0] = workdir_lib.new_folders(run.workdir / CHECKPOINTS)  # the lock is held
     checkpointer = Checkpointer(run.workdir, keep=config.keep_checkpoints,
                                 optimizer_state=config.get("checkpoint_optimizer_state", True))
     stack.callback(workdir_lib.close_within, checkpointer.close, "the checkpointer")
     try:
       state, meta, resumed = _init_or_resume(run, checkpointer)
       _check_selection_metric(run, evaluations, state)  # before the step compiles
+      if resumed:
+        meta["final_evals"] = _final_evals_done(run, meta)
+        done = _finished_results(run, evaluations, checkpointer, state, meta, start_time)
+        if done is not None:  # nothing to train or evaluate: nothing is written again
+          return done
       if run.is_main:
         workdir_lib.write_run_config(run.workdir, config, run.mcfg, run.fingerprint,
                                      model_given=run.model_given)
@@ -292,6 +316,76 @@ def _where(step: int, steps_per_epoch: int) -> str:
   return f"step {step} (epoch {epoch + 1}, step {within}/{steps_per_epoch})"
 
 
+def _final_evals_done(run: run_lib.Run, meta: Mapping[str, Any]) -> dict[str, Any]:
+  """The final evaluations made at the checkpoint's step, by evaluator name: its record
+  (``meta["final_evals"]``), or, in a checkpoint of a version without the record, the
+  ``results.json`` of that step (the run finished there), else none."""
+  if "final_evals" in meta:
+    return dict(meta["final_evals"] or {})
+  results = workdir_lib.read_results(run.workdir)
+  if results and results.get("steps") == meta["step"] and results.get("data") == \
+      run.fingerprint:
+    return dict(results.get("final") or {})
+  return {}
+
+
+def _finished_results(run: run_lib.Run, evaluations: Sequence[actions_lib.Evaluate],
+                      checkpointer: Checkpointer, state, meta: Mapping[str, Any],
+                      start_time: float) -> dict[str, Any] | None:
+  """The results of a run that is already complete, else None.
+
+  Complete: its last step trained (or it stopped early), the final evaluation of every
+  evaluator of ``config.evals`` done (``meta["final_evals"]``) and its best checkpoint
+  present (a missing one is repaired by the loop). Its ``results.json`` is returned as it
+  is; one a kill left unwritten (after the final checkpoint) is written from the checkpoint.
+  Nothing is trained, evaluated or written again, so ``metrics.jsonl`` keeps one record of
+  each evaluation.
+  """
+  config, spe = run.config, run.steps_per_epoch
+  total, step = config.num_epochs * spe, meta["step"]
+  patience = config.early_stopping_patience
+  stopped = bool(patience) and meta.get("evals_without_improvement", 0) >= patience
+  final, best = meta["final_evals"], meta.get("best")
+  if (step < total and not stopped) or any(e.name not in final for e in evaluations) or (
+      best and best_checkpoint(best) not in checkpointer.steps()):
+    return None
+  final = {e.name: final[e.name] for e in evaluations}
+  results = workdir_lib.read_results(run.workdir)
+  if not (results and results.get("steps") == step and all(
+      (results.get("final") or {}).get(name) == values for name, values in final.items())):
+    results = _results(run, meta, state, final, stopped=stopped, start_time=start_time)
+    if run.is_main:
+      workdir_lib.write_results(run.workdir, results)
+    log("%s/%s was missing (the run stopped after its final checkpoint, before writing it): "
+        "written from that checkpoint", run.workdir, workdir_lib.RESULTS_FILE)
+  log("the run in %s is already complete at %s (%d of %d steps%s): nothing is trained or "
+      "evaluated again (%sa new --workdir trains afresh)", run.workdir, _where(step, spe), step,
+      total, ", stopped early" if stopped else "",
+      "" if stopped else "a larger config.num_epochs resumes it, ")
+  for name, values in final.items():
+    shown = [k for k in EVAL_KEYS if k in values] or list(values)[:6]
+    log("final %s %s", name, actions_lib.fmt(values, shown))
+  return results
+
+
+def _results(run: run_lib.Run, meta: Mapping[str, Any], state, final_eval, *, stopped: bool,
+             start_time: float, train_time: float = 0.0,
+             trained_steps: int = 0) -> dict[str, Any]:
+  """The ``results.json`` content: final and best metrics, epochs, timing."""
+  return {
+      "dataset": run.sources.name, "epochs": meta["epoch"], "steps": meta["step"],
+      "final": final_eval, "best": meta["best"], "selected_on": run.selection,
+      "selection_metric": run.metric, "selection_mode": run.mode,
+      "stopped_early": bool(stopped),
+      "wall_time_s": time.time() - start_time, "train_time_s": train_time,
+      "samples_per_second": (trained_steps * run.config.batch_size / train_time
+                             if train_time else None),
+      "device_count": jax.device_count(), "process_count": jax.process_count(),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "data": run.fingerprint,
+  }
+
+
 class Loop:
   """One run's steps and periodic actions: evaluations, selection, checkpoints, progress.
 
@@ -319,6 +413,7 @@ class Loop:
         actions_lib.EpochSummary(every_steps=spe, at_end=True),
         *self.evaluations,
         actions_lib.SelectBest(),
+        actions_lib.FinalEvaluations(),
         actions_lib.Checkpoint(every=(config.get("checkpoint_every_steps", 0),
                                       config.checkpoint_every_epochs * spe)),
         *_profile_actions(config, run.workdir),
@@ -439,6 +534,10 @@ class Loop:
     """Runs one evaluator (the split's outputs shared at this step); its values are checked,
     written and kept in ``last_evals``."""
     spec = action.spec
+    done = self.meta.get("final_evals") or {}
+    if self.final and spec.name in done:  # made and recorded before this step's checkpoint
+      self.last_evals[spec.name] = done[spec.name]
+      return
     ctx = evaluators_lib.EvalContext(run=self.run, state=self.state, step=step,
                                      split=spec.split, _outputs=self._outputs, final=self.final)
     values = action.evaluator(ctx)
@@ -457,6 +556,8 @@ class Loop:
     self.last_evals[spec.name] = values
     epoch = math.ceil(step / self.run.steps_per_epoch)
     self.writer.write(step, spec.name, values, epoch=epoch)
+    if self.final:  # the checkpoint of this step records that it is done (not made again)
+      self.meta.setdefault("final_evals", {})[spec.name] = values
     shown = [k for k in EVAL_KEYS if k in values] or list(values)[:6]
     log("%s %s %s", where, spec.name, actions_lib.fmt(values, shown))
 
@@ -591,6 +692,7 @@ class Loop:
       if isinstance(action, actions_lib.Profile):
         action.begin(self, step)
     while step < self.total and not self.stopping:
+      self.meta["final_evals"] = {}  # a step trained: a final evaluation of an earlier one is not
       step = self._train(step, self._next_boundary(step))
       self.meta["step"] = step
       if not self.on_device:
@@ -602,17 +704,34 @@ class Loop:
       log("early stopping after %s: %d evaluations without a lower %s loss",
           _where(step, run.steps_per_epoch), meta["evals_without_improvement"], run.selection)
     self.checkpointer.wait()  # results.json names only complete checkpoints
-    final_eval = dict(self.last_evals) if self.final else {}  # an early stop's: not final
-    missing = [e for e in self.evaluations if e.name not in final_eval]
-    if missing:  # a finished run resumed, an early stop (its evaluations computed what
-      # selection needs; the final one computes everything), or between other evaluators' steps
+    done = self.meta.setdefault("final_evals", {})  # made before the checkpoint of their step
+    missing = [e for e in self.evaluations if e.name not in done]
+    if missing:  # a finished run resumed with an evaluator it has not run, or a checkpoint of
+      # a version that did not record them: made once, and recorded in the checkpoint
       self._at_boundary(step, only=missing, final=True)
-      final_eval.update(self.last_evals)
-    final_eval = {e.name: final_eval[e.name] for e in self.evaluations}
-    results = self._results(final_eval, start_time)
+      self._record_final_evals()
+    final_eval = {e.name: done[e.name] for e in self.evaluations}
+    results = _results(run, self.meta, self.state, final_eval, stopped=self.stopping,
+                       start_time=start_time, train_time=self.train_time,
+                       trained_steps=self.trained_steps)
     if run.is_main:
       workdir_lib.write_results(run.workdir, results)
     return results
+
+  def finish_early(self, step: int) -> None:
+    """An early stop's final evaluations, at the step it stopped at (``FinalEvaluations``):
+    every evaluator, as at the run's last step (both protocols); the checkpoint of that step,
+    saved after them, records them."""
+    self.final = True
+    for action in self.evaluations:
+      action(self, step)
+
+  def _record_final_evals(self) -> None:
+    """Adds the final evaluations made after the restored checkpoint was saved to its meta
+    (one file, written whole), so that a rerun does not make them again."""
+    number = int(self.meta.get("checkpoint", self.meta["epoch"]))  # older runs: by epoch
+    saved = self.checkpointer.read_meta(step=number)
+    self.checkpointer.rewrite_meta(number, {**saved, "final_evals": self.meta["final_evals"]})
 
   def _signalled_with_steps_left(self, step: int) -> bool:
     """A signal came (every process alike) and steps are left to train: at the last step (or
@@ -647,21 +766,6 @@ class Loop:
     if self.loader is not None:
       with contextlib.suppress(Exception):
         self.loader.close()
-
-  def _results(self, final_eval, start_time) -> dict[str, Any]:
-    meta, config = self.meta, self.config
-    return {
-        "dataset": self.run.sources.name, "epochs": meta["epoch"], "steps": meta["step"],
-        "final": final_eval, "best": meta["best"], "selected_on": self.run.selection,
-        "selection_metric": self.run.metric, "selection_mode": self.run.mode,
-        "stopped_early": bool(self.stopping),
-        "wall_time_s": time.time() - start_time, "train_time_s": self.train_time,
-        "samples_per_second": (self.trained_steps * config.batch_size / self.train_time
-                               if self.train_time else None),
-        "device_count": jax.device_count(), "process_count": jax.process_count(),
-        "num_params": int(sum(x.size for x in jax.tree.leaves(self.state.params))),
-        "data": self.run.fingerprint,
-    }
 
 
 def _profile_actions(config: ml_collections.ConfigDict, workdir) -> list[actions_lib.Profile]:

@@ -212,34 +212,50 @@ def resolve_on_device(value) -> bool:
 
 def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
                 loss_fn: losses.LossFn | None = None) -> Run:
-  """Every check that needs no compile: the config (all problems at once), workdir, data.
+  """Every check that needs no compile: the config (all problems at once), data, workdir.
 
-  ``workdir=None``: nothing is written (the run's parts only). ``model`` and
-  ``loss_fn``: as ``train_and_evaluate`` takes them.
+  The workdir is created (and checked to be writable) last, so a config or data error
+  leaves nothing behind. ``workdir=None``: nothing is written (the run's parts only).
+  ``model`` and ``loss_fn``: as ``train_and_evaluate`` takes them.
   """
   config_check.validate(config, num_devices=jax.device_count())
-  workdir = None if workdir is None else workdir_lib.prepare(workdir)
   sources = load_data(config)
   num_train = len(sources.train)
   if config.batch_size > num_train:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} training "
                      f"examples of {sources.name}")
   steps_per_epoch = num_train // config.batch_size
+  if workdir is not None:  # a run that profiles (into its workdir)
+    check_steps(config, steps_per_epoch)
   mcfg = model_config(config, num_classes=sources.num_classes, visual_dim=sources.visual_dim,
                       audio_dim=sources.audio_dim)
   selection, metric = selection_of(config)
+  module = build_model(mcfg) if model is None else _mapped(model)
+  tx, mesh = build_optimizer(config, steps_per_epoch), make_mesh()
+  fingerprint = data_fingerprint(config, sources)
+  workdir = None if workdir is None else workdir_lib.prepare(workdir)  # last: nothing fails after
   if selection == "validation" and sources.validation is None:
     selection = "test"
     if workdir is not None:  # a run that selects checkpoints
       workdir_lib.log("warning: no validation split (config.data.validation_fraction=0): the "
                       "best checkpoint is selected on the test split")
-  return Run(config=config, workdir=workdir, sources=sources, mcfg=mcfg,
-             model=build_model(mcfg) if model is None else _mapped(model),
-             tx=build_optimizer(config, steps_per_epoch),
-             mesh=make_mesh(), steps_per_epoch=steps_per_epoch, selection=selection,
-             metric=metric,
-             fingerprint=data_fingerprint(config, sources), loss_fn=loss_fn,
-             model_given=model is not None)
+  return Run(config=config, workdir=workdir, sources=sources, mcfg=mcfg, model=module, tx=tx,
+             mesh=mesh, steps_per_epoch=steps_per_epoch, selection=selection, metric=metric,
+             fingerprint=fingerprint, loss_fn=loss_fn, model_given=model is not None)
+
+
+def check_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
+  """The config's step settings against the run's last step (``num_epochs`` epochs of
+  ``steps_per_epoch``), known once the data is read: ``profile_steps`` must name steps the
+  run takes (a ``ConfigError`` naming the key, its value and the last step)."""
+  total = int(config.num_epochs) * steps_per_epoch
+  steps = tuple(int(s) for s in (config.get("profile_steps", ()) or ()))
+  if steps and steps[1] > total:
+    epochs = f"{config.num_epochs} epoch{'s' if config.num_epochs != 1 else ''}"
+    raise config_check.ConfigError([
+        f"config.profile_steps={steps}: expected (start, stop) with stop <= {total}, the "
+        f"run's last step ({epochs} of {steps_per_epoch} steps); found stop {steps[1]}"
+        + (" (no step of the run would be traced)" if steps[0] >= total else "")])
 
 
 LAST = "last"  # config.selection_split: the final state is the best, nothing is selected

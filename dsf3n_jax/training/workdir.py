@@ -59,6 +59,32 @@ def prepare(workdir) -> epath.Path:
   return workdir
 
 
+def new_folders(path) -> list[epath.Path]:
+  """``path`` and its parents that do not exist yet, innermost first: the folders that
+  creating it creates. Empty for a bucket, which has no folders to leave behind."""
+  path = resolve(path)
+  if not _is_local(path):
+    return []
+  folders = []
+  for folder in [path, *path.parents]:
+    if folder.exists():
+      break
+    folders.append(folder)
+  return folders
+
+
+def remove_empty(folders) -> None:
+  """Removes each of ``folders`` (innermost first, as ``new_folders`` lists them) that is an
+  empty folder; one that holds anything is kept, and so are the folders above it."""
+  for folder in folders:
+    try:
+      os.rmdir(os.fspath(folder))  # only an empty folder: atomic, never its contents
+    except FileNotFoundError:
+      continue
+    except OSError:
+      return
+
+
 def _start_time(pid: int) -> str | None:
   """The kernel's start time of ``pid`` (Linux), to tell a reused pid from its first owner."""
   with contextlib.suppress(OSError, IndexError):
@@ -318,8 +344,22 @@ def read_run_config(workdir) -> dict[str, Any]:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+RESULTS_FILE = "results.json"  # a finished run's final and best metrics
+
+
 def write_results(workdir, results: Mapping[str, Any]) -> None:
-  atomic_write(epath.Path(workdir) / "results.json", json.dumps(results, indent=2))
+  atomic_write(epath.Path(workdir) / RESULTS_FILE, json.dumps(results, indent=2))
+
+
+def read_results(workdir) -> dict[str, Any] | None:
+  """``results.json`` of the run in ``workdir``; None when there is none, or it is not a JSON
+  object (a file that is not the run's results is not trusted as its record)."""
+  path = epath.Path(workdir) / RESULTS_FILE
+  try:
+    results = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return results if isinstance(results, dict) else None
 
 
 class _EpathEventFile:
