@@ -6,11 +6,13 @@ The exit status is the exception's ``exit_status`` attribute if it has one (2:
 a usage error, as ``UsageError`` and ``ConfigError``), else 1. ``--verbose`` on
 the command line or ``DSF3N_VERBOSE=1`` in the environment prints the full
 traceback first. ``KeyboardInterrupt`` and ``SystemExit`` pass through.
+``check_files`` and ``check_out_folder`` are the tools' shared checks of path flags.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -24,10 +26,42 @@ USAGE_STATUS, RUNTIME_STATUS = 2, 1
 _NAMED = (LookupError, AttributeError, TypeError, NameError, AssertionError)
 
 
-class UsageError(Exception):
-  """A bad command line (flag, config file, variant or field): exit status 2."""
+class UsageError(ValueError):
+  """A bad command line: exit status 2.
+
+  A flag's value (out of range, not parsed, a file or folder that is not there or not of the
+  kind the flag takes, a split or dataset the source lacks), flags that do not go together or
+  one that another needs, a config file, variant or field. Failures of the work itself (a
+  data file's contents, a damaged checkpoint) are other exceptions: status 1. A
+  ``ValueError``, as ``config_check.ConfigError`` is, so that Python callers of the
+  functions behind the tools (``retrieval.embeddings_from_args``, ...) catch a bad argument
+  as they did.
+  """
 
   exit_status = USAGE_STATUS
+
+
+def check_files(*flags: tuple[str, Any]) -> None:
+  """A ``UsageError`` for the first ``(flag, path)`` whose path (when given) is not a file:
+  ``--data=x.npz: no such file``."""
+  for flag, path in flags:
+    if path and not pathlib.Path(path).is_file():
+      found = "a folder, not a file" if pathlib.Path(path).is_dir() else "no such file"
+      raise UsageError(f"{flag}={path}: {found}")
+
+
+def check_out_folder(flag: str, path: str | os.PathLike) -> pathlib.Path:
+  """``path`` (the value of ``flag``) as a folder that is there or can be made there, checked
+  before any work: a ``UsageError`` if it or a folder above it is a file, or the nearest
+  folder there is not writable."""
+  out = pathlib.Path(path)
+  there = next(p for p in (out, *out.parents, pathlib.Path(".")) if p.exists())
+  expected = f"{flag}={path}: expected a folder (new or existing) to write in"
+  if not there.is_dir():
+    raise UsageError(f"{expected}; found a file" + ("" if there == out else f" ({there})"))
+  if not os.access(there, os.W_OK | os.X_OK):
+    raise UsageError(f"{expected}; found {there}, which this process cannot write")
+  return out
 
 
 def first_line(e: BaseException) -> str:

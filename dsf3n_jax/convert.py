@@ -23,14 +23,19 @@ Command line::
 
 ``--to_torch RUN_DIR`` exports a training run (its best checkpoint by default) as a
 ``.pth`` that the original's ``CrossModal_NN`` loads with ``strict=True``, every
-BatchNorm's ``num_batches_tracked`` the checkpoint's step, and writes the model's
+BatchNorm's ``num_batches_tracked`` the checkpoint's step (for a run converted from a
+``.pth``: the ``.pth``'s own counts, plus the steps trained since, from the run's
+``torch_source.json``), and writes the model's
 sizes beside it (``out.model_config.json``: the stem's stride and padding are not in
 the weights' shapes); converting ``out.pth`` back reads them (``--model_config``).
 
 The default writes ``out_dir`` (a new or empty folder: one that holds anything is
 refused) as a training workdir, built beside it and renamed into place: ``config.json`` and
 the weights as the orbax checkpoint ``out_dir/checkpoints/0`` (``train.restore_model``,
-``retrieve`` and ``visualize`` read it; training resumes from it). Both formats
+``retrieve`` and ``visualize`` read it; training resumes from it), and
+``out_dir/torch_source.json``: the ``.pth`` it came from and each BatchNorm's
+``num_batches_tracked`` there (not a variable of the model: PyTorch's count of training
+steps, which ``--to_torch`` writes back). Both formats
 also write ``out_dir/model_config.json``. The npz holds the flattened variables
 with '/'-joined keys (``params/visual_encoder/dense/kernel``); ``load_npz``
 reads it back.
@@ -57,6 +62,8 @@ from dsf3n_jax.torch_keys import (  # noqa: F401  (the public names of convert)
   check_reference_model,
   from_torch_state_dict,
   normalize_state_dict,
+  num_batches_tracked_keys,
+  num_batches_tracked_of,
   num_classes_of,
   to_torch_state_dict,
   torch_key_map,
@@ -92,8 +99,16 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A ``.pth`` saved by the original (``torch.save(net.state_dict(), path)``) as numpy.
 
   Also accepts a dict holding the state dict under ``state_dict`` or
-  ``model_state_dict``. Needs torch.
+  ``model_state_dict``. ``num_batches_tracked`` entries are dropped
+  (``normalize_state_dict``; ``num_batches_tracked_of(read_torch_checkpoint(path))``
+  reads them). Needs torch.
   """
+  return normalize_state_dict(read_torch_checkpoint(path))
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
+  """A ``.pth``'s state dict as saved (torch tensors, every key); ``load_torch_checkpoint``
+  checks what it holds. Needs torch."""
   import pickle
   import zipfile
 
@@ -114,7 +129,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         obj = obj[name]
   if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
     raise ValueError(f"{path}: expected a state dict (key -> tensor), got {type(obj).__name__}")
-  return normalize_state_dict(obj)
+  return obj
 
 
 def save_torch_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -197,6 +212,42 @@ def _fields_from_args(args: argparse.Namespace, src: pathlib.Path) -> dict[str, 
   return fields
 
 
+# What a run converted from a .pth keeps of it beside its checkpoint (``_torch_source``).
+TORCH_SOURCE = "torch_source.json"
+
+
+def _torch_source(src: pathlib.Path, raw: Mapping[str, Any], variables: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+  """``TORCH_SOURCE`` of a run converted from ``src`` (its state dict ``raw``) at step 0:
+  each BatchNorm's ``num_batches_tracked`` there (``{}`` unless the .pth has every one)."""
+  counts = num_batches_tracked_of(raw)
+  keys = num_batches_tracked_keys(variables)
+  return {"source": str(src.resolve()), "step": 0,
+          "num_batches_tracked": ({k: counts[k] for k in keys}
+                                  if keys and set(keys) <= set(counts) else {})}
+
+
+def run_num_batches_tracked(workdir: str | os.PathLike, step: int) -> int | dict[str, int]:
+  """The ``num_batches_tracked`` of the run's checkpoint at ``step``: ``step`` (one train-mode
+  forward of each BatchNorm per step), or, for a run converted from a ``.pth``
+  (``TORCH_SOURCE``), each BatchNorm's count in the ``.pth`` plus the steps trained since
+  the conversion (none: the ``.pth``'s own counts)."""
+  path = pathlib.Path(workdir) / TORCH_SOURCE
+  if not path.is_file():
+    return step
+  try:
+    saved = json.loads(path.read_text())
+    counts = {str(k): int(v) for k, v in saved["num_batches_tracked"].items()}
+    since = step - int(saved["step"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{path}: expected a JSON object with 'step' and 'num_batches_tracked' "
+                     f"({{torch key: count}}), as convert writes it ({type(e).__name__}: {e})"
+                     ) from e
+  if not counts or since < 0:  # a .pth without the counts, or a checkpoint from before
+    return step
+  return {k: v + since for k, v in counts.items()}
+
+
 def _run_variables(workdir: pathlib.Path, which: str
                    ) -> tuple[dict[str, Any], int, dict[str, Any]]:
   """The variables of a training run's ``which`` checkpoint, its step and the model's
@@ -227,7 +278,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--num_batches_tracked", type=int, default=None,
                       help="with --to_torch: every BatchNorm's num_batches_tracked, i.e. the "
                       "number of training steps of the run the weights come from (default: "
-                      "the checkpoint's step for a run, 0 for an .npz)")
+                      "the checkpoint's step for a run; for a run converted from a .pth, that "
+                      ".pth's counts plus the steps trained since; 0 for an .npz)")
   parser.add_argument("--format", default="orbax", choices=sorted(WRITERS),
                       help="torch -> flax output: orbax (a workdir that training resumes and "
                       "retrieve/visualize read) or npz")
@@ -261,16 +313,28 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
   src, dst = pathlib.Path(args.src), pathlib.Path(args.dst).absolute()
   if not (src.is_file() or (args.to_torch and src.is_dir())):
-    parser.error(f"src: no such file {src}" + (" (a training run's folder, or a variables "
-                                                 ".npz, with --to_torch)" if args.to_torch
-                                                 else ""))
+    found = "a folder" if src.is_dir() else "no such file"
+    parser.error(f"src: {found} {src}" + (" (a training run's folder, or a variables .npz, "
+                                          "with --to_torch)" if args.to_torch
+                                          else "; expected a .pth file"))
+  if args.num_batches_tracked is not None and args.num_batches_tracked < 0:
+    raise cli.UsageError(f"--num_batches_tracked={args.num_batches_tracked}: expected an int "
+                         ">= 0 (the training steps the weights had)")
+  cli.check_files(("--model_config", args.model_config))
   if args.to_torch:  # a run's checkpoint (its step) or a variables .npz (0)
     if src.is_dir():
+      from dsf3n_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+      if not (src / workdir_lib.RUN_FILE).is_file():
+        raise cli.UsageError(f"--to_torch {args.src}: no training run here "
+                             f"({workdir_lib.RUN_FILE} not found); expected a training run's "
+                             "folder or a variables .npz")
       variables, step, fields = _run_variables(src, args.checkpoint)
+      tracked = run_num_batches_tracked(src, step)
     else:
       from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
-      variables, step, fields = load_npz(src), 0, retrieval.load_variables(src)[1] or {}
-    tracked = step if args.num_batches_tracked is None else args.num_batches_tracked
+      variables, tracked, fields = load_npz(src), 0, retrieval.load_variables(src)[1] or {}
+    if args.num_batches_tracked is not None:
+      tracked = args.num_batches_tracked
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_torch_checkpoint(to_torch_state_dict(variables, num_batches_tracked=tracked), dst)
     fields = {k: fields[k] for k in ("num_classes", *TORCH_FIELDS) if k in fields}
@@ -282,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     found = "a file" if not dst.is_dir() else ", ".join(sorted(p.name for p in dst.iterdir())[:5])
     parser.error(f"dst: {dst} is not an empty folder ({found}); the orbax format writes a new "
                  "run there (config.json, checkpoints/0): name a new folder, or pass --format npz")
-  state_dict = load_torch_checkpoint(src)
+  raw = read_torch_checkpoint(src)
+  state_dict = normalize_state_dict(raw)
   fields = _fields_from_args(args, src)
   saved_classes = fields.pop("num_classes", None)
   num_classes = args.num_classes or saved_classes or num_classes_of(state_dict)
@@ -308,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   def fill(tmp):
     path = WRITERS[args.format](variables, tmp, fields)
     (tmp / "model_config.json").write_text(model_config)
+    (tmp / TORCH_SOURCE).write_text(json.dumps(_torch_source(src, raw, variables), indent=2)
+                                    + "\n")
     return path.relative_to(tmp)
 
   return dst / paths.publish_folder(dst, fill)

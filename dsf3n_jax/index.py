@@ -241,6 +241,7 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
       raise cli.UsageError(f"--source={source}: no such file")
     if path.suffix in (".h5", ".hdf5") or (path.suffix == ".npz" and _is_paired(path)):
       split = split or "test"
+      retrieval.check_split(path, split, where=f"--source={source}")
       visual, audio, labels = retrieval.load_split(path, split)
       rows = visual if modality == "visual" else audio
       return Library(rows, np.arange(len(rows)), labels, _file_origin(path, split=split),
@@ -253,8 +254,7 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
   if run is None:
     raise cli.UsageError("--workdir: needed to embed a source (or give --embeddings)")
   if tfds:
-    from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    sources = input_pipeline.load_sources(tfds, data_dir=data_dir)
+    sources = _tfds_sources(tfds, data_dir)
     return Library(None, None, None, {"tfds": tfds, "split": split, **sources.origin},
                    f"--tfds={tfds} ({split})", _split(sources, split, f"--tfds={tfds}"),
                    modality)
@@ -269,13 +269,23 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
                  modality)
 
 
+def _tfds_sources(name: str, data_dir: str | None):
+  """The splits of the TFDS dataset ``--tfds=name``; a name that is no dataset this process
+  can build is a ``cli.UsageError`` naming ``--tfds``."""
+  from dsf3n_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dsf3n_jax.datasets.sources import UnknownDatasetError  # pylint: disable=g-import-not-at-top
+  try:
+    return input_pipeline.load_sources(name, data_dir=data_dir, flag="--tfds")
+  except UnknownDatasetError as e:
+    raise cli.UsageError(str(e)) from e
+
+
 def _split(sources, split: str, where: str):
-  source = {"train": sources.train, "validation": sources.validation,
-            "test": sources.test}.get(split)
-  if source is None:
-    raise cli.UsageError(f"--split={split}: {where} has no such split (train, test, and "
-                         "validation when the run carves one)")
-  return source
+  splits = {"train": sources.train, "validation": sources.validation, "test": sources.test}
+  if splits.get(split) is None:
+    raise cli.UsageError(f"--split={split}: {where} has no such split; expected one of its "
+                         f"splits: {', '.join(k for k, v in splits.items() if v is not None)}")
+  return splits[split]
 
 
 def _is_paired(path: pathlib.Path) -> bool:
@@ -436,8 +446,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   modality = check_modality(args.modality)
-  if args.batch_size < 1:
-    raise cli.UsageError(f"--batch_size={args.batch_size}: expected an int >= 1")
+  for flag in ("batch_size", "chunk_size"):
+    if getattr(args, flag) < 1:
+      raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
+  cli.check_out_folder("--out", args.out)
   from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize({}, coordinator_address=args.coordinator_address,

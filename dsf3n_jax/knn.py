@@ -12,9 +12,10 @@ device 0 before device 1).
 
 Distances are the metric's own formula (``map_kernel.pairwise_distances``:
 cosine ``1 - q.x / |q| / |x|`` on the raw dot products) in float32; the library's norms
-are computed once. Euclidean distances are expanded as ``|q|^2 + |x|^2 - 2 q.x`` without
-the metric's centring on the first item: for a library far from the origin relative to
-its spread they lose precision that the metric keeps. Each product is one (query
+are computed once. Euclidean distances are expanded as ``|q|^2 + |x|^2 - 2 q.x`` of the
+queries and the library less the library's first row, as the metric centres its items
+(the distances are the same; uncentred, a library far from the origin relative to its
+spread would cancel to a few significant bits). Each product is one (query
 block x library block) matrix product, which XLA may round differently from
 the metric's (queries x items) product by an ulp, so two items within an ulp
 of each other can rank in the other order than the metric ranks them; the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -64,21 +66,32 @@ class Library:
   distance: str
   block: int  # rows per scanned block on each device
   mesh: Mesh
+  # euclidean: the library's first row, subtracted from the items (above) and every query
+  centre: np.ndarray | None = None
 
   @property
   def dim(self) -> int:
     return int(self.items.shape[1])
 
   @classmethod
-  def put(cls, items: np.ndarray, *, distance: Distance = "cosine", mesh: Mesh | None = None,
-          block: int = 16384, where: str = "library") -> Library:
+  def put(cls, items: np.ndarray | Sequence[np.ndarray], *, distance: Distance = "cosine",
+          mesh: Mesh | None = None, block: int = 16384, where: str = "library") -> Library:
     """Pads ``items`` (m, d) to whole blocks on every device and places them on ``mesh``; bad
-    rows (``checked_rows``) are an error naming ``where``."""
+    rows (``checked_rows``) are an error naming ``where``.
+
+    ``items`` may be a list of row blocks (e.g. an index's memory-mapped shards), read as
+    their concatenation. Each device's rows are read, padded (and centred) on their own: the
+    host never holds a second copy of the whole library.
+    """
     if distance not in DISTANCES:
       raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCES)}")
     mesh = make_mesh() if mesh is None else mesh
-    items = checked_rows(items, None, where)
-    m = len(items)
+    parts, dim, starts = [], None, [0]
+    for part in ([items] if isinstance(items, np.ndarray) else list(items)):
+      parts.append(checked_rows(part, dim, where, first_row=starts[-1]))
+      dim = parts[-1].shape[1]
+      starts.append(starts[-1] + len(parts[-1]))
+    m = starts[-1]
     if m == 0:
       raise ValueError(f"{where}: expected at least one item, found 0")
     n_dev = mesh.shape[AXIS]
@@ -86,10 +99,29 @@ class Library:
     block = max(1, min(int(block), per_device))
     per_device = -(-per_device // block) * block
     padded = per_device * n_dev
+    # euclidean, as the metric: less the first row (integer data stays integer: exact ties)
+    centre = _rows(parts, starts, 0, 1)[0].copy() if distance == "euclidean" else None
+
+    sharding = NamedSharding(mesh, P(AXIS))
+
+    def device_rows(device, lo, hi):
+      """Rows lo:hi on ``device``, written in place piece by piece: the host holds one piece
+      (``_PUT_ROWS`` rows) at a time besides the library it was given."""
+      out = jnp.zeros((hi - lo, dim), jnp.float32, device=device)
+      for a in range(lo, min(hi, m), _PUT_ROWS):
+        rows = _rows(parts, starts, a, min(a + _PUT_ROWS, hi, m))
+        if centre is not None:
+          rows = checked_rows(rows - centre, dim, f"{where} (less its first row)", first_row=a)
+        out = _write(out, jax.device_put(rows, device), a - lo)
+      return out
+
     # Each device gets its rows and computes their norms: the library is never whole on one.
-    items = jax.device_put(np.pad(items, ((0, padded - m), (0, 0))), NamedSharding(mesh, P(AXIS)))
+    index_of = sharding.addressable_devices_indices_map((padded, dim))
+    items = jax.make_array_from_single_device_arrays(
+        (padded, dim), sharding,
+        [device_rows(d, *index_of[d][0].indices(padded)[:2]) for d in index_of])
     norm, sq = _norms(items)  # the padding's never matter: its ids are never returned
-    return cls(items, norm if distance == "cosine" else sq, m, distance, block, mesh)
+    return cls(items, norm if distance == "cosine" else sq, m, distance, block, mesh, centre)
 
   def search(self, queries: np.ndarray, k: int, *, approximate: bool = False,
              precision: str = "highest", query_block: int = 1024, where: str = "queries",
@@ -106,6 +138,9 @@ class Library:
     n = len(queries)
     if n == 0:
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    if self.centre is not None:
+      queries = checked_rows(queries - self.centre, self.dim,
+                             f"{where} (less the library's first row)")
     fn = _search_fn(self.mesh, k=int(k), block=self.block, count=self.count,
                     distance=self.distance, approximate=bool(approximate), precision=precision)
     # At least MIN_QUERY_BLOCK rows (padded): XLA compiles a one-row product otherwise (a
@@ -141,6 +176,21 @@ def checked_rows(rows, dim: int | None, where: str, *, first_row: int = 0) -> np
            "is too large (its squared norm overflows float32")
     raise ValueError(f"{where}: row {first_row + int(bad[0])} {why}; {bad.size} such rows)")
   return array
+
+
+_PUT_ROWS = 1 << 16  # rows per piece written to a device (Library.put)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write(out: jax.Array, rows: jax.Array, at) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(out, rows, at, 0)
+
+
+def _rows(parts: Sequence[np.ndarray], starts: Sequence[int], lo: int, hi: int) -> np.ndarray:
+  """Rows ``lo:hi`` of the concatenation of ``parts`` (``starts``: each part's first row)."""
+  pieces = [part[max(lo - s, 0):hi - s] for part, s, e in zip(parts, starts, starts[1:])
+            if s < hi and e > lo]
+  return pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [parts[0][:0]])
 
 
 def _merge(values, ids, k: int):

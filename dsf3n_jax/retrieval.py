@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dsf3n_jax import input_pipeline, knn, metrics, paths
+from dsf3n_jax import cli, input_pipeline, knn, metrics, paths
 from dsf3n_jax.datasets import validation
 from dsf3n_jax.mesh import make_mesh
 
@@ -52,9 +52,10 @@ class Embeddings(NamedTuple):
 
 
 def check_protocol(protocol: str, *, flag: str = "--protocol") -> str:
-  """``protocol`` if it is one of ``PROTOCOLS``; a one-line ``ValueError`` otherwise."""
+  """``protocol`` if it is one of ``PROTOCOLS``; a one-line ``cli.UsageError`` (a
+  ``ValueError``) otherwise."""
   if protocol not in PROTOCOLS:
-    raise ValueError(f"{flag}={protocol}: expected one of {', '.join(PROTOCOLS)}")
+    raise cli.UsageError(f"{flag}={protocol}: expected one of {', '.join(PROTOCOLS)}")
   return protocol
 
 
@@ -142,6 +143,32 @@ def load_split(path, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.nd
   return validation.read_split(path, split)
 
 
+def _splits_of(keys: set[str]) -> list[str]:
+  """The splits of a paired-feature file's ``keys``: each ``<split>`` of which it has
+  ``visual_<split>``, ``audio_<split>`` and ``lab_<split>``."""
+  return sorted({k[len("lab_"):] for k in keys if k.startswith("lab_")
+                 and set(validation.split_keys(k[len("lab_"):]).values()) <= keys})
+
+
+def check_split(path, split: str, *, where: str) -> None:
+  """A ``cli.UsageError`` naming ``--split``, ``where`` (the file's flag) and the file's
+  splits when the paired-feature file at ``path`` has none of ``split``'s arrays.
+
+  A split the file has only some of the arrays of is left to ``load_split``, which names the
+  missing keys (a damaged file, not a bad flag).
+  """
+  try:
+    keys = set(validation.file_keys(path))
+  except Exception:  # noqa: BLE001 - not a readable paired-feature file: load_split says why
+    return
+  if keys & set(validation.split_keys(split).values()):
+    return
+  splits = ", ".join(_splits_of(keys)) or ("none (a paired-feature file has visual_<split>, "
+                                            "audio_<split> and lab_<split>)")
+  raise cli.UsageError(f"--split={split}: {where} has no such split (no visual_{split}, "
+                       f"audio_{split} or lab_{split}); expected one of its splits: {splits}")
+
+
 def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = 256,
                 indices=None, protocol: str = "unimodal") -> Embeddings:
   """Embeds a split with a model in eval mode: the trainer's ``training.steps.embed_split``
@@ -213,7 +240,7 @@ def load_embeddings(path, *, protocol: str | None = None) -> Embeddings:
     indices = f["indices"] if "indices" in f.files else np.arange(len(labels))
     made = str(f["protocol"]) if "protocol" in f.files else "paired"
   if protocol is not None and made != check_protocol(protocol):
-    raise ValueError(f"embeddings file {path} was made under --protocol={made}, not "
+    raise cli.UsageError(f"embeddings file {path} was made under --protocol={made}, not "
                      f"--protocol={protocol}; re-embed, or pass --protocol={made}")
   for key, emb in (("emb_visual", emb_v), ("emb_audio", emb_a)):
     if not np.issubdtype(emb.dtype, np.floating) or not np.isfinite(emb).all():
@@ -302,20 +329,31 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
 
   Returns:
     ``Embeddings``.
+
+  Raises:
+    cli.UsageError: (a ``ValueError``) the arguments do not go together, a file named is not
+      there, or ``split`` is not one of the data's; other errors are the files' contents.
   """
   check_protocol(protocol)
   given = [name for name, v in (("--workdir", workdir), ("--embeddings", embeddings),
                                 ("--variables", variables)) if v]
   if len(given) != 1:
-    raise ValueError(f"expected exactly one of --workdir, --embeddings, --variables; got "
-                     f"{given or 'none'}")
+    raise cli.UsageError(f"expected exactly one of --workdir, --embeddings, --variables; got "
+                         f"{given or 'none'}")
   check_rows = check_rows or (lambda n: None)
   if embeddings:
     unused = [flag for flag, v in (("--model_kwargs", model_kwargs),
                                    ("--data", None if data_with_embeddings else data)) if v]
     if unused:
-      raise ValueError(f"{', '.join(unused)}: not read with --embeddings (the embeddings are "
-                       "used as they are); drop it, or embed with --workdir or --variables")
+      raise cli.UsageError(f"{', '.join(unused)}: not read with --embeddings (the embeddings "
+                           "are used as they are); drop it, or embed with --workdir or "
+                           "--variables")
+  if variables and not data:
+    raise cli.UsageError("--variables needs --data=FILE.npz (the paired-feature file)")
+  cli.check_files(("--embeddings", embeddings), ("--variables", variables), ("--data", data))
+  if data and not embeddings:  # before a model is read
+    check_split(data, split, where=f"--data={data}")
+  if embeddings:
     emb = load_embeddings(embeddings, protocol=protocol)
     check_rows(len(emb.labels))
     return emb
@@ -327,23 +365,21 @@ def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=
     model, model_vars, config = train.restore_model(workdir, which=checkpoint)
     source = f"--workdir={workdir}"
     if data is None and not train.has_data(workdir):
-      raise ValueError(f"--workdir={workdir}: converted weights, trained on no dataset of "
-                       "its config: name the data to embed with --data=FILE (a paired-feature "
-                       "file)")
+      raise cli.UsageError(f"--workdir={workdir}: converted weights, trained on no dataset of "
+                           "its config: name the data to embed with --data=FILE (a "
+                           "paired-feature file)")
     if data is None:  # the run's own dataset, with its normalisation
       arrays = run_split(config, split)
       check_rows(len(arrays["label"]))
       return embed_split(model, model_vars, arrays["visual"], arrays["audio"], arrays["label"],
                          batch_size=batch_size, indices=arrays["index"], protocol=protocol)
   else:
-    if not data:
-      raise ValueError("--variables needs --data=FILE.npz (the paired-feature file)")
     model_vars, stored = load_variables(variables)
     kwargs = dict(stored or {})
     kwargs.update(model_kwargs or {})
     if "num_classes" not in kwargs:
-      raise ValueError(f"variables file {variables}: no stored model arguments; pass the "
-                       "model's arguments (at least num_classes) with --model_kwargs")
+      raise cli.UsageError(f"--variables={variables}: no stored model arguments; pass the "
+                           "model's arguments (at least num_classes) with --model_kwargs")
     model = DSF3N(**upgrade_fields(kwargs))  # a file of an older version too
     source = f"--variables={variables}"
   check_missing_partner(model, model_vars, source=source)
@@ -363,8 +399,8 @@ def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = No
                           data_with_embeddings: bool = False) -> Embeddings:
   """``embeddings_from_args`` from the flags the retrieve and visualize CLIs share."""
   if args.checkpoint is not None and not args.workdir:
-    raise ValueError(f"--checkpoint={args.checkpoint}: read with --workdir only (which of the "
-                     "run's checkpoints)")
+    raise cli.UsageError(f"--checkpoint={args.checkpoint}: read with --workdir only (which of "
+                         "the run's checkpoints)")
   return embeddings_from_args(
       workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
       data=args.data, split=args.split, batch_size=args.batch_size,
@@ -386,16 +422,16 @@ def model_kwargs_flag(text: str | None, *, embeddings: str | None = None) -> dic
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"--model_kwargs={text}: not JSON ({e})") from None
+    raise cli.UsageError(f"--model_kwargs={text}: not JSON ({e})") from None
   if not isinstance(value, dict):
-    raise ValueError(f"--model_kwargs={text}: expected a JSON object of DSF3N fields, got "
+    raise cli.UsageError(f"--model_kwargs={text}: expected a JSON object of DSF3N fields, got "
                      f"{type(value).__name__}")
   from dsf3n_jax.models import DSF3N, registry  # pylint: disable=g-import-not-at-top
   from dsf3n_jax.models.dsf3n import upgrade_fields  # pylint: disable=g-import-not-at-top
   known = set(registry.model_fields(DSF3N))
   unknown = sorted(set(upgrade_fields(value)) - known)
   if unknown:
-    raise ValueError(f"--model_kwargs: unknown DSF3N field(s) {unknown}; expected some of "
+    raise cli.UsageError(f"--model_kwargs: unknown DSF3N field(s) {unknown}; expected some of "
                      f"{sorted(known)}")
   return value
 
@@ -417,6 +453,6 @@ def run_split(config, split: str = "test", *, normalize: bool = True) -> dict[st
   source = {"train": sources.train, "validation": sources.validation,
             "test": sources.test}.get(split)
   if source is None:
-    raise ValueError(f"--split={split}: the run's dataset {sources.name} has no such split "
+    raise cli.UsageError(f"--split={split}: the run's dataset {sources.name} has no such split "
                      "(train, test, and validation when config.data.validation_fraction > 0)")
   return input_pipeline.load_split_arrays(source)

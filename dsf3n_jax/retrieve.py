@@ -66,25 +66,28 @@ def format_table(query_row: int, query_label: int, retrieved: retrieval.Retrieve
 def main(argv=None) -> int:
   """Prints the queries' top-k and the split's mAP; returns the exit status.
 
-  ``argv``: the arguments without the program name (default ``sys.argv[1:]``).
+  ``argv``: the arguments without the program name (default ``sys.argv[1:]``). A bad
+  command line raises ``cli.UsageError`` (exit status 2 under ``cli.run``).
   """
   args = _parser().parse_args(argv)
   for flag in ("k", "batch_size"):
     if getattr(args, flag) < 1:
       raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
   if args.embeddings and args.split is not None:
-    raise ValueError(f"--split={args.split}: not read with --embeddings (its split is the one "
-                     "it was made of)")
+    raise cli.UsageError(f"--split={args.split}: not read with --embeddings (its split is the "
+                         "one it was made of)")
   args.split = args.split or "test"
   try:
     rows = [int(r) for r in args.queries.split(",") if r.strip()]
   except ValueError:
-    raise ValueError(f"--queries: expected comma-separated ints, got {args.queries!r}") from None
+    raise cli.UsageError(f"--queries: expected comma-separated ints, got {args.queries!r}"
+                         ) from None
 
   def check_rows(n: int) -> None:  # before the split is embedded
     bad = [r for r in rows if not 0 <= r < n]
     if bad:
-      raise ValueError(f"--queries: rows {bad} out of range [0, {n}) of the --split={args.split}")
+      raise cli.UsageError(f"--queries: rows {bad} out of range [0, {n}) of the "
+                           f"--split={args.split}")
 
   emb = retrieval.embeddings_from_flags(args, check_rows=check_rows)
   if args.save_embeddings:

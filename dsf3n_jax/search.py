@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -39,6 +40,12 @@ from dsf3n_jax import index as index_lib
 
 class IndexError_(ValueError):  # noqa: N801 - not the builtin IndexError
   """An index folder that cannot be used: missing, truncated, or of another model."""
+
+
+class IndexUsageError(IndexError_, cli.UsageError):
+  """An index the command line cannot use as given (exit status 2): no index at ``--index``,
+  or queries it cannot take (another run's model; features for an index of given
+  embeddings)."""
 
 
 @dataclasses.dataclass
@@ -57,10 +64,18 @@ class Index:
 
   path: pathlib.Path
   manifest: dict[str, Any]
-  embeddings: np.ndarray
+  shards: tuple[np.ndarray, ...]  # each shard's embeddings, memory-mapped, in row order
   ids: np.ndarray
   labels: np.ndarray | None
   _library: knn.Library | None = None
+
+  @functools.cached_property
+  def embeddings(self) -> np.ndarray:
+    """All the embeddings (count, dim) in one array: a copy when there are several shards.
+    ``search`` does not need it: it places each device's rows from the shards."""
+    if len(self.shards) == 1:
+      return np.asarray(self.shards[0])
+    return np.concatenate(self.shards or [np.zeros((0, self.dim), np.float32)])
 
   @property
   def count(self) -> int:
@@ -80,9 +95,13 @@ class Index:
     path = pathlib.Path(path)
     manifest_path = path / index_lib.MANIFEST
     if not manifest_path.is_file():
-      why = ("an unfinished build: rerun the same python -m dsf3n_jax.index command to finish "
-             "it" if any(path.glob("progress-*.json")) else "not an index folder")
-      raise IndexError_(f"--index={path}: {index_lib.MANIFEST} not found ({why})")
+      if any(path.glob("progress-*.json")):
+        raise IndexError_(f"--index={path}: {index_lib.MANIFEST} not found (an unfinished "
+                          "build: rerun the same python -m dsf3n_jax.index command to finish it)")
+      found = ("no such folder" if not path.exists() else "a file" if not path.is_dir()
+               else "not an index folder")
+      raise IndexUsageError(f"--index={path}: {index_lib.MANIFEST} not found ({found}); "
+                            "expected a folder that python -m dsf3n_jax.index wrote")
     try:
       manifest = json.loads(manifest_path.read_text())
     except ValueError as e:
@@ -98,11 +117,11 @@ class Index:
       ids.append(_shard(path / shard["ids"], (rows,), None))
       if shard.get("labels"):
         labels.append(_shard(path / shard["labels"], (rows,), None))
-    embeddings = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
-    if len(embeddings) != manifest["count"]:
-      raise IndexError_(f"{manifest_path}: the shards hold {len(embeddings)} rows, the "
-                        f"manifest says {manifest['count']}")
-    return cls(path, manifest, embeddings, np.concatenate(ids),
+    total = sum(len(part) for part in parts)
+    if total != manifest["count"]:
+      raise IndexError_(f"{manifest_path}: the shards hold {total} rows, the manifest says "
+                        f"{manifest['count']}")
+    return cls(path, manifest, tuple(parts), np.concatenate(ids),
                np.concatenate(labels) if labels else None)
 
   def search(self, queries, k: int, *, approximate: bool = False,
@@ -110,7 +129,7 @@ class Index:
     """The ``k`` nearest items of each query embedding (n, dim); the queries and ``k`` are
     checked (``knn.Library.search``), named by ``where`` and ``--k``."""
     if self._library is None:
-      self._library = knn.Library.put(self.embeddings, where=f"--index={self.path}")
+      self._library = knn.Library.put(self.shards, where=f"--index={self.path}")
     rows, dist = self._library.search(queries, k, approximate=approximate, where=where,
                                       k_name="--k")
     return Hits(self.ids[rows], 1 - dist, rows,
@@ -121,13 +140,13 @@ class Index:
     """Embeds query features of the other modality with the run that built this index."""
     saved = self.manifest.get("fingerprint")
     if saved is None:
-      raise IndexError_(f"--index={self.path}: built from given embeddings (no model): pass "
-                        "query embeddings (--query_embeddings)")
+      raise IndexUsageError(f"--index={self.path}: built from given embeddings (no model): "
+                            "pass query embeddings (--query_embeddings)")
     # The checkpoint that built the index (indexes from before the choice: the latest).
     run = index_lib.RunModel.load(
         workdir, which=self.manifest.get("model", {}).get("checkpoint", "latest"))
     if run.fingerprint != saved:
-      raise IndexError_(
+      raise IndexUsageError(
           f"--workdir={workdir}: its model (fingerprint {run.fingerprint[:12]}) is not the one "
           f"that built --index={self.path} (fingerprint {saved[:12]}, from "
           f"{self.manifest.get('model', {}).get('workdir', '?')}); embed the queries with that "
@@ -198,6 +217,9 @@ def main(argv=None) -> int:
     raise cli.UsageError("--workdir: not used with --query_embeddings (the queries are "
                          "embedded already); drop it, or give --queries=FILE to embed with it")
   index = Index.load(args.index)
+  if not 1 <= args.k <= index.count:  # before any query is read or embedded
+    raise cli.UsageError(f"--k={args.k}: expected an int from 1 to the {index.count} items "
+                         "searched")
   if args.rows:
     args.split = args.split or "test"
     if not args.workdir:

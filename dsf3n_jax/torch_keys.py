@@ -140,8 +140,20 @@ def torch_key_map(variables: Mapping[str, Any]) -> dict[str, tuple[str, tuple[st
   return out
 
 
+def num_batches_tracked_keys(variables: Mapping[str, Any]) -> list[str]:
+  """The torch keys of the ``num_batches_tracked`` buffers ``to_torch_state_dict`` writes for
+  ``variables`` (one per BatchNorm; none without ``batch_stats``)."""
+  return [_tracked_key(key) for key, (c, _, _) in torch_key_map(variables).items()
+          if c == "batch_stats" and key.endswith(".running_var")]
+
+
+def _tracked_key(running_var_key: str) -> str:
+  return running_var_key[:-len("running_var")] + "num_batches_tracked"
+
+
 def to_torch_state_dict(variables: Mapping[str, Any], *,
-                        num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+                        num_batches_tracked: int | Mapping[str, int] = 0
+                        ) -> dict[str, np.ndarray]:
   """Our variables as the original's state dict (numpy arrays, same dtypes).
 
   Args:
@@ -153,30 +165,56 @@ def to_torch_state_dict(variables: Mapping[str, Any], *,
       (an int64 scalar, after its ``running_var``), where ``batch_stats`` are
       given. PyTorch counts one per train-mode forward of the layer, and each
       BatchNorm of DSF3N runs once per step, so pass the run's number of
-      training steps (``TrainState.step``); 0 is untrained weights.
+      training steps (``TrainState.step``); 0 is untrained weights. A mapping
+      gives each BatchNorm its own count by torch key
+      (``visual_fine_grained_feature.BN.num_batches_tracked``: those a ``.pth``
+      had, ``num_batches_tracked_of``); it must hold every BatchNorm's.
 
   Returns:
     ``{torch_key: array}``.
   """
-  if num_batches_tracked < 0:
-    raise ValueError(f"num_batches_tracked: expected >= 0, got {num_batches_tracked}")
+  counts = num_batches_tracked
+  if isinstance(counts, Mapping):
+    missing = sorted(set(num_batches_tracked_keys(variables)) - set(counts))
+    if missing:
+      raise ValueError(f"num_batches_tracked: no count for {missing}; expected one for every "
+                       "BatchNorm")
+    negative = {k: int(v) for k, v in counts.items() if int(v) < 0}
+    if negative:
+      raise ValueError(f"num_batches_tracked: expected counts >= 0, got {negative}")
+  elif counts < 0:
+    raise ValueError(f"num_batches_tracked: expected >= 0, got {counts}")
   variables = _as_variables(variables)
   flat = {c: _flatten(t) for c, t in variables.items()}
   out = {}
   for key, (c, path, layout) in torch_key_map(variables).items():
     out[key] = np.array(_to_torch_layout(_to_numpy(flat[c][path]), layout))  # own, writable
     if c == "batch_stats" and key.endswith(".running_var"):
-      out[key[:-len("running_var")] + "num_batches_tracked"] = np.array(num_batches_tracked,
-                                                                         np.int64)
+      tracked = _tracked_key(key)
+      out[tracked] = np.array(counts[tracked] if isinstance(counts, Mapping) else counts,
+                              np.int64)
   return out
+
+
+def _without_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """``state_dict`` without a ``module.`` (DataParallel) prefix on every key."""
+  keys = list(state_dict)
+  strip = bool(keys) and all(k.startswith("module.") for k in keys)
+  return {(k[len("module."):] if strip else k): v for k, v in state_dict.items()}
 
 
 def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Numpy copy without ``num_batches_tracked`` and a ``module.`` (DataParallel) prefix."""
-  keys = list(state_dict)
-  strip = bool(keys) and all(k.startswith("module.") for k in keys)
-  return {(k[len("module."):] if strip else k): _to_numpy(v) for k, v in state_dict.items()
+  return {k: _to_numpy(v) for k, v in _without_module_prefix(state_dict).items()
           if not k.endswith(_IGNORED_SUFFIXES)}
+
+
+def num_batches_tracked_of(state_dict: Mapping[str, Any]) -> dict[str, int]:
+  """Each BatchNorm's ``num_batches_tracked`` in a state dict (what ``normalize_state_dict``
+  drops), by key without a ``module.`` prefix; ``{}`` for a state dict without them."""
+  return {k: int(np.asarray(_to_numpy(v)).item())
+          for k, v in _without_module_prefix(state_dict).items()
+          if k.endswith(_IGNORED_SUFFIXES)}
 
 
 def num_classes_of(state_dict: Mapping[str, Any]) -> int:

@@ -14,7 +14,6 @@ by cosine) are L2-normalised. Works for any dataset.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
@@ -141,7 +140,8 @@ def main(argv=None) -> int:
   """Writes ``embeddings.png`` (and ``raw_features.png`` from ``--data`` or the run's data).
 
   ``argv`` are the arguments without the program name (default ``sys.argv[1:]``); returns
-  the exit status.
+  the exit status. A bad command line raises ``cli.UsageError`` (exit status 2 under
+  ``cli.run``) before anything is embedded.
   """
   from dsf3n_jax.training.workdir import log  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
@@ -152,10 +152,17 @@ def main(argv=None) -> int:
       log("embedding the %s split: %d items (%s protocol) ...", args.split, n, args.protocol)
 
   if args.max_points < 1:
-    raise ValueError(f"--max_points={args.max_points}: expected at least 1")
+    raise cli.UsageError(f"--max_points={args.max_points}: expected at least 1")
+  if args.batch_size < 1:
+    raise cli.UsageError(f"--batch_size={args.batch_size}: expected an int >= 1")
+  if not args.perplexity > 0:
+    raise cli.UsageError(f"--perplexity={args.perplexity}: expected a number > 0")
+  out = cli.check_out_folder("--out_dir", args.out_dir)
+  if args.data and args.embeddings:  # embeddings_from_flags checks --data where it embeds it
+    cli.check_files(("--data", args.data))
+    retrieval.check_split(args.data, args.split, where=f"--data={args.data}")
   emb = retrieval.embeddings_from_flags(args, check_rows=say_start, data_with_embeddings=True)
   log("%d items' embeddings ready in %.1f s", len(emb.labels), time.perf_counter() - t0)
-  out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rows = subsample(emb.labels, max_points=args.max_points, seed=args.seed)
   labels = emb.labels[rows]
@@ -169,9 +176,9 @@ def main(argv=None) -> int:
                        f"but the embeddings' indices run from {src.min()} to {src.max()}")
     if not np.array_equal(raw_labels[src], labels):
       wrong = int(np.sum(raw_labels[src] != labels))
-      raise ValueError(f"--data={args.data} --split={args.split}: {wrong} of {len(src)} rows "
-                       f"have other labels than --embeddings={args.embeddings} gives them: "
-                       "not the split the embeddings were made of (pass its --split)")
+      raise cli.UsageError(f"--data={args.data} --split={args.split}: {wrong} of {len(src)} "
+                           f"rows have other labels than --embeddings={args.embeddings} gives "
+                           "them: not the split the embeddings were made of (pass its --split)")
     raw = visual, audio, raw_labels
   elif args.workdir:  # the run's own dataset, row-aligned with the embeddings
     from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top

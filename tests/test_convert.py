@@ -353,10 +353,62 @@ def test_a_trained_run_exports_to_pytorch_scalars_as_scalars_and_converts_back(t
   assert again == tmp_path / "again" / "checkpoints" / "0"
   _, converted, _ = train.restore_model(str(tmp_path / "again"), which="best")
   jax.tree.map(np.testing.assert_array_equal, converted, variables)
+  # ... as the .pth it came from, num_batches_tracked included (the run, not trained since,
+  # keeps the .pth's counts in its torch_source.json; its own step is 0).
   twice = convert.main(["--to_torch", str(tmp_path / "again"), str(tmp_path / "twice.pth")])
-  for k, v in torch.load(twice, weights_only=True).items():
-    np.testing.assert_array_equal(v.numpy(), saved[k].numpy() if "num_batches" not in k else 0,
-                                  err_msg=k)
+  back = torch.load(twice, weights_only=True)
+  assert set(back) == set(saved)
+  for k, v in back.items():
+    np.testing.assert_array_equal(v.numpy(), saved[k].numpy(), err_msg=k)
+    assert v.dtype == saved[k].dtype and v.shape == saved[k].shape, k
+
+
+def test_each_batch_norm_keeps_its_own_count_through_a_converted_run(small_variables, tmp_path):
+  """A .pth's num_batches_tracked (one per BatchNorm, whatever they are) are what a run
+  converted from it records (not a model variable) and what --to_torch writes back, plus the
+  steps the run trained since; a run not converted from a .pth exports its step."""
+  net = torch_dsf3n.CrossModalNN(4, **SMALL)
+  net.visual_fine_grained_feature.BN.num_batches_tracked.fill_(1720)
+  net.audio_fine_grained_feature.BN.num_batches_tracked.fill_(1721)
+  counts = {"visual_fine_grained_feature.BN.num_batches_tracked": 1720,
+            "audio_fine_grained_feature.BN.num_batches_tracked": 1721}
+  assert convert.num_batches_tracked_of(
+      {"module." + k: v for k, v in net.state_dict().items()}) == counts
+  assert sorted(convert.num_batches_tracked_keys(small_variables)) == sorted(counts)
+  sd = convert.to_torch_state_dict(small_variables, num_batches_tracked=counts)
+  assert {k: int(sd[k]) for k in counts} == counts and sd[next(iter(counts))].dtype == np.int64
+  with pytest.raises(ValueError, match=r"no count for \['visual_fine_grained_feature"):
+    convert.to_torch_state_dict(small_variables, num_batches_tracked={
+        "audio_fine_grained_feature.BN.num_batches_tracked": 3})
+  source = convert._torch_source(tmp_path / "in.pth", net.state_dict(), small_variables)
+  assert source["num_batches_tracked"] == counts and source["step"] == 0
+  assert convert.run_num_batches_tracked(tmp_path, 7) == 7  # no torch_source.json: the step
+  (tmp_path / convert.TORCH_SOURCE).write_text(json.dumps(source))
+  assert convert.run_num_batches_tracked(tmp_path, 0) == counts
+  assert convert.run_num_batches_tracked(tmp_path, 5) == {k: v + 5 for k, v in counts.items()}
+  (tmp_path / convert.TORCH_SOURCE).write_text("{}")
+  with pytest.raises(ValueError, match=r"torch_source.json: expected a JSON object with 'step'"):
+    convert.run_num_batches_tracked(tmp_path, 0)
+
+
+def test_usage_errors_name_the_argument_given_and_exit_2(tmp_path, capsys):
+  from dsf3n_jax import cli
+  (tmp_path / "not_a_run").mkdir()
+  np.savez(tmp_path / "v.npz", x=np.zeros(2))
+  for argv, line in (
+      (["--to_torch", str(tmp_path / "not_a_run"), str(tmp_path / "o.pth")],
+       f"error: --to_torch {tmp_path / 'not_a_run'}: no training run here (config.json not "
+       "found); expected a training run's folder or a variables .npz"),
+      (["--to_torch", str(tmp_path / "v.npz"), str(tmp_path / "o.pth"),
+        "--num_batches_tracked=-1"],
+       "error: --num_batches_tracked=-1: expected an int >= 0 (the training steps the weights "
+       "had)"),
+      ([str(tmp_path / "v.npz"), str(tmp_path / "out"), f"--model_config={tmp_path / 'no.json'}"],
+       f"error: --model_config={tmp_path / 'no.json'}: no such file")):
+    capsys.readouterr()
+    assert cli.run(convert.main, argv) == 2, argv
+    assert capsys.readouterr().err.splitlines() == [line]
+  assert not (tmp_path / "o.pth").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_file_that_is_not_a_pth_is_one_error_line(tmp_path):

@@ -478,3 +478,14 @@ def test_a_builder_made_before_another_process_built_the_dataset_is_made_anew(da
   sources._prepared(make(), make)  # "the other process" builds it
   got = sources._prepared(stale, make)
   assert got is not stale and got.info.splits["train"].num_examples == 60
+
+
+def test_an_unknown_dataset_is_named_where_it_was_given(tmp_path):
+  from dsf3n_jax.datasets.sources import UnknownDatasetError, load_sources
+  with pytest.raises(UnknownDatasetError, match=r"^config\.data\.name='no_such_dataset_x': not "
+                     r"'synthetic' and not a TFDS dataset .*\(by the config file, or name it "
+                     r"'module:name'\)$"):
+    load_sources("no_such_dataset_x", data_dir=str(tmp_path))
+  with pytest.raises(UnknownDatasetError, match=r"^--tfds=no_such_module_x:ds: cannot import "
+                     r"'no_such_module_x'"):
+    load_sources("no_such_module_x:ds", data_dir=str(tmp_path), flag="--tfds")

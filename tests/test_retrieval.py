@@ -101,6 +101,63 @@ def test_protocols_are_recorded_and_checked(tiny, tmp_path, capsys):
     retrieve.main([f"--embeddings={tmp_path / 'unimodal.npz'}", "--checkpoint=latest"])
 
 
+def test_usage_errors_exit_2_naming_flag_expected_and_found(tiny, tmp_path, capsys,
+                                                             monkeypatch):
+  """A bad command line (a flag's value, flags that do not go together, a split the data
+  lacks) is one line and exit status 2, as index and search give; found before anything is
+  embedded. A file's bad contents stay status 1."""
+  from dsf3n_jax import cli
+  tmp = tiny[0]
+  vars_, data = tmp / "vars.npz", tmp / "data.npz"
+  rng = np.random.default_rng(3)
+  for protocol in ("unimodal", "paired"):
+    retrieval.save_embeddings(tmp_path / f"{protocol}.npz", retrieval.Embeddings(
+        rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32),
+        np.arange(6) % 2, np.arange(6), protocol=protocol))
+  emb = tmp_path / "unimodal.npz"
+  retrieval.save_variables(tmp_path / "bare.npz", tiny[2])  # no model arguments stored
+  monkeypatch.setattr(retrieval, "embed_split", lambda *a, **k: pytest.fail("embedded"))
+
+  def error(argv) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    status = cli.run(retrieve.main, [str(a) for a in argv])
+    return status, capsys.readouterr().err.splitlines()
+
+  for argv, line in (
+      ([f"--embeddings={emb}", "--split=train"],
+       "--split=train: not read with --embeddings (its split is the one it was made of)"),
+      ([f"--embeddings={emb}", "--queries=a"],
+       "--queries: expected comma-separated ints, got 'a'"),
+      ([f"--embeddings={emb}", "--queries=99"],
+       "--queries: rows [99] out of range [0, 6) of the --split=test"),
+      ([f"--embeddings={emb}", f"--variables={vars_}"],
+       "expected exactly one of --workdir, --embeddings, --variables; got ['--embeddings', "
+       "'--variables']"),
+      ([f"--embeddings={emb}", "--checkpoint=latest"],
+       "--checkpoint=latest: read with --workdir only (which of the run's checkpoints)"),
+      ([f"--embeddings={tmp_path / 'paired.npz'}"],
+       f"embeddings file {tmp_path / 'paired.npz'} was made under --protocol=paired, not "
+       "--protocol=unimodal; re-embed, or pass --protocol=paired"),
+      ([f"--embeddings={tmp_path / 'absent.npz'}"],
+       f"--embeddings={tmp_path / 'absent.npz'}: no such file"),
+      ([f"--variables={vars_}"], "--variables needs --data=FILE.npz (the paired-feature file)"),
+      ([f"--variables={vars_}", f"--data={tmp_path}"], f"--data={tmp_path}: a folder, not a file"),
+      ([f"--variables={vars_}", f"--data={data}", "--split=validation"],
+       f"--split=validation: --data={data} has no such split (no visual_validation, "
+       "audio_validation or lab_validation); expected one of its splits: test, train"),
+      ([f"--variables={tmp_path / 'bare.npz'}", f"--data={data}"],
+       f"--variables={tmp_path / 'bare.npz'}: no stored model arguments; pass the model's "
+       "arguments (at least num_classes) with --model_kwargs"),
+      ([f"--variables={vars_}", f"--data={data}", "--model_kwargs=[1]"],
+       "--model_kwargs=[1]: expected a JSON object of DSF3N fields, got list")):
+    assert error(argv) == (2, [f"error: {line}"]), argv
+  # The contents of a file: status 1.
+  np.savez(tmp_path / "nan.npz", emb_visual=np.full((2, 2), np.nan), emb_audio=np.ones((2, 2)),
+           labels=[0, 1], protocol="unimodal")
+  status, lines = error([f"--embeddings={tmp_path / 'nan.npz'}", "--queries=0"])
+  assert status == 1 and len(lines) == 1 and "emb_visual must be finite floats" in lines[0]
+
+
 def test_top_k_matches_full_ranking():
   rng = np.random.default_rng(1)
   q = rng.integers(-1, 2, (23, 6)).astype(np.float32)  # many ties

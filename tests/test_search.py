@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.spatial.distance
 
 from dsf3n_jax import cli, knn, metrics, retrieval, retrieve, train
 from dsf3n_jax import index as index_lib
@@ -69,6 +70,31 @@ def test_the_kernel_gives_a_float32_brute_force_ties_included(devices):
   np.testing.assert_allclose(dist, ref, rtol=1e-5)
 
 
+def test_euclidean_search_keeps_its_precision_far_from_the_origin():
+  """Norms ~ 240, distances ~ 0.2 (the metric's test): uncentred, the expanded square keeps a
+  few bits and most neighbours come out in the wrong order. Integer data far from the origin
+  keeps its exact ties, ranked by the lower row, as the metric ranks them."""
+  rng = np.random.default_rng(0)
+  centre = rng.normal(size=64) * 30
+  items, queries = ((centre + rng.normal(size=(n, 64)) * 0.02).astype(np.float32)
+                    for n in (300, 20))
+  want = scipy.spatial.distance.cdist(queries.astype(np.float64), items.astype(np.float64))
+  rows, dist = knn.Library.put(items, distance="euclidean", block=64).search(queries, 10)
+  np.testing.assert_array_equal(rows, np.argsort(want, axis=1, kind="stable")[:, :10])
+  np.testing.assert_allclose(dist, np.take_along_axis(want, rows, axis=1), rtol=1e-5)
+  ints = (1000 + rng.integers(-2, 3, size=(200, 5))).astype(np.float32)
+  q = (1000 + rng.integers(-2, 3, size=(15, 5))).astype(np.float32)
+  ref_rows, ref = brute_force(q, ints, 20, "euclidean")
+  assert (np.diff(ref, axis=1) == 0).any()  # ties among the twenty nearest
+  for devices in (1, 8):  # one array, or row blocks (an index's shards) that no device's rows
+    # line up with: the same results
+    for items in (ints, [ints[:37], ints[37:37], ints[37:150], ints[150:]]):
+      library = knn.Library.put(items, distance="euclidean", block=16, mesh=mesh_of(devices))
+      rows, dist = library.search(q, 20)
+      np.testing.assert_array_equal(rows, ref_rows)
+      np.testing.assert_array_equal(dist, ref)
+
+
 # The tests that take ``run`` run on one xdist worker (``--dist loadgroup``, pyproject.toml):
 # spread over two, each worker would build it.
 SHARES_RUN = pytest.mark.xdist_group("search_run")
@@ -118,6 +144,12 @@ def test_the_kernel_names_bad_rows_and_k():
     knn.Library.put(np.zeros((0, 3), np.float32))
   with pytest.raises(ValueError, match="library: row 2 is not finite"):
     knn.Library.put(np.array([[1, 0], [0, 1], [np.inf, 0]], np.float32))
+  with pytest.raises(ValueError, match="library: row 4 is not finite"):  # numbered across blocks
+    knn.Library.put([np.eye(3, 2, dtype=np.float32), np.array([[1, 1], [np.nan, 0]])])
+  with pytest.raises(ValueError, match="library: expected 2-d rows"):
+    knn.Library.put([np.eye(3, 2, dtype=np.float32), np.ones((1, 3), np.float32)])
+  with pytest.raises(ValueError, match=r"library \(less its first row\): row 1 is too large"):
+    knn.Library.put(np.array([[-1.5e19, 0], [1.5e19, 0]], np.float32), distance="euclidean")
   with pytest.raises(ValueError, match="queries: row 0 is not finite"):  # every caller gets it
     retrieval.retrieve([[np.nan, 0, 0]], np.eye(5, 3), [0], np.arange(5), k=2)
 
@@ -170,6 +202,9 @@ def test_index_and_search_a_run_and_a_features_only_file(run, tmp_path, capsys):
   lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
   ref_rows, _ = brute_force(alone.emb_audio[:5], alone.emb_visual, 4)
   assert [x["ids"] for x in lines] == split["index"][ref_rows].tolist()
+  fresh = search_lib.Index.load(tmp_path / "a")  # from Python, the 3 shards as they are:
+  assert fresh.search(alone.emb_audio[:5], 4).ids.tolist() == split["index"][ref_rows].tolist()
+  assert "embeddings" not in vars(fresh)  # never concatenated into a second copy
   assert lines[0]["labels"] == split["label"][ref_rows[0]].tolist()
   assert search_lib.main([f"--index={tmp_path / 'a'}", "--rows=3,4", f"--workdir={workdir}",
                           "--k=4", "--json"]) == 0  # rows of the run's own test split
@@ -394,6 +429,55 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
                                  f"--embeddings={bad}", "--chunk_size=4"], capsys)
   assert f"shard 1 of {bad} (rows 4..7): row 7 is not finite (NaN or Inf; 1 such rows)" in line
   assert index.count == 40 and pathlib.Path(out).is_dir()
+
+
+@SHARES_RUN
+def test_usage_errors_name_the_flag_given_and_exit_2(run, tmp_path, capsys):
+  """A bad flag value (a dataset name, a split the source lacks, k, a folder that holds no
+  index) is named by the flag the user gave, with what exists, in one line; exit status 2."""
+  workdir = run[0]
+  pairs = workdir.parent / "pairs.npz"  # the run's paired-feature file: train and test
+
+  def usage(main, argv) -> str:
+    capsys.readouterr()
+    status = cli.run(main, [str(a) for a in argv])
+    lines = capsys.readouterr().err.splitlines()
+    errors = [x for x in lines if x.startswith("error:")]
+    assert status == 2 and len(errors) == 1, lines
+    return errors[0]
+
+  line = usage(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                f"--out={tmp_path / 'a'}", "--tfds=bad_name"])
+  assert line.startswith("error: --tfds=bad_name: not 'synthetic' and not a TFDS dataset this "
+                         "process can build (DatasetNotFoundError"), line
+  assert "config.data.name" not in line and "(name it --tfds=module:name)" in line, line
+  line = usage(index_lib.main, [f"--workdir={workdir}", "--modality=visual",
+                                f"--out={tmp_path / 'a'}", f"--source={pairs}",
+                                "--split=validation"])
+  assert line == (f"error: --split=validation: --source={pairs} has no such split (no "
+                  "visual_validation, audio_validation or lab_validation); expected one of its "
+                  "splits: test, train")
+  (tmp_path / "file").write_text("x")
+  line = usage(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'file'}",
+                                f"--embeddings={tmp_path / 'emb.npy'}"])
+  assert line == (f"error: --out={tmp_path / 'file'}: expected a folder (new or existing) to "
+                  "write in; found a file")
+  assert not (tmp_path / "a").exists()
+  np.save(tmp_path / "emb.npy", np.eye(5, 4, dtype=np.float32))
+  assert _index("--modality=visual", f"--out={tmp_path / 'i'}",
+                f"--embeddings={tmp_path / 'emb.npy'}") == 0
+  query = [f"--index={tmp_path / 'i'}", f"--query_embeddings={tmp_path / 'emb.npy'}"]
+  for k in (0, 6):  # checked before any query is read
+    assert usage(search_lib.main, [*query, f"--k={k}"]) == (
+        f"error: --k={k}: expected an int from 1 to the 5 items searched")
+  for where, found in ((tmp_path / "absent", "no such folder"), (tmp_path / "file", "a file"),
+                       (tmp_path, "not an index folder")):
+    assert usage(search_lib.main, [f"--index={where}", *query[1:]]) == (
+        f"error: --index={where}: manifest.json not found ({found}); expected a folder that "
+        "python -m dsf3n_jax.index wrote")
+  line = usage(search_lib.main, [query[0], f"--queries={tmp_path / 'emb.npy'}",
+                                 f"--workdir={workdir}", "--k=2"])
+  assert "built from given embeddings (no model): pass query embeddings" in line
 
 
 @pytest.mark.slow

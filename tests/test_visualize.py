@@ -74,3 +74,35 @@ def test_bad_input_is_named_and_classes_keep_distinct_colours(tmp_path):
     retrieve.main([f"--embeddings={tmp_path / 'emb.npz'}", "--split=train"])
   for count in (3, 20, 25):
     assert len(set(visualize.class_colors(count))) == count
+
+
+def test_usage_errors_are_found_before_anything_is_embedded_and_exit_2(tmp_path, capsys,
+                                                                       monkeypatch):
+  """--out_dir that is a file (or under one), bad values, a split --data lacks: one line, exit
+  status 2, before the (long) embedding of the split."""
+  from dsf3n_jax import cli
+  rng = np.random.default_rng(3)
+  np.savez(tmp_path / "data.npz", visual_test=rng.normal(size=(4, 8)).astype(np.float32),
+           audio_test=rng.normal(size=(4, 8)).astype(np.float32), lab_test=[0, 1, 0, 1])
+  (tmp_path / "file").write_text("not a folder")
+  monkeypatch.setattr(retrieval, "embeddings_from_flags",
+                      lambda *a, **k: pytest.fail("embedded before the flags were checked"))
+  given, figs = [f"--workdir={tmp_path / 'run'}"], f"--out_dir={tmp_path / 'figs'}"
+  for argv, line in (
+      ([f"--out_dir={tmp_path / 'file'}"],
+       f"--out_dir={tmp_path / 'file'}: expected a folder (new or existing) to write in; found "
+       "a file"),
+      ([f"--out_dir={tmp_path / 'file' / 'figs'}"],
+       f"--out_dir={tmp_path / 'file' / 'figs'}: expected a folder (new or existing) to write "
+       f"in; found a file ({tmp_path / 'file'})"),
+      ([figs, "--max_points=0"], "--max_points=0: expected at least 1"),
+      ([figs, "--batch_size=0"], "--batch_size=0: expected an int >= 1"),
+      ([figs, "--perplexity=-1"], "--perplexity=-1.0: expected a number > 0"),
+      ([f"--embeddings={tmp_path / 'emb.npz'}", f"--data={tmp_path / 'data.npz'}",
+        "--split=train", figs],
+       f"--split=train: --data={tmp_path / 'data.npz'} has no such split (no visual_train, "
+       "audio_train or lab_train); expected one of its splits: test")):
+    capsys.readouterr()
+    assert cli.run(visualize.main, [*([] if "--embeddings" in argv[0] else given), *argv]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {line}"], argv
+  assert not (tmp_path / "figs").exists()

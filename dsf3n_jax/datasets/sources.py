@@ -343,12 +343,17 @@ def _locate_metadata(builder_cls) -> None:
     builder_cls.pkg_dir_path = epath.Path(inspect.getfile(builder_cls)).parent
 
 
-def _tfds_builder(name: str, *, data_dir, path, num_classes):
+class UnknownDatasetError(DataValidationError):
+  """A dataset name that no builder of this process answers to (``load_sources``' ``flag``)."""
+
+
+def _tfds_builder(name: str, *, data_dir, path, num_classes, flag: str = "config.data.name"):
   """The (prepared) TFDS builder of ``name``; builds it first when needed.
 
   ``name`` is one of the project's builders or any TFDS dataset whose builder
   is registered (``"module:name"`` imports ``module`` first, which registers
-  a user's builder).
+  a user's builder). A name that none answers to is an ``UnknownDatasetError`` naming
+  ``flag``, where the name was given.
   """
   import importlib
 
@@ -356,12 +361,13 @@ def _tfds_builder(name: str, *, data_dir, path, num_classes):
 
   from dsf3n_jax.datasets import builders
 
+  given = f"{flag}={name!r}" if flag.startswith("config.") else f"{flag}={name}"
   if ":" in name:
     module, name = name.split(":", 1)
     try:
       importlib.import_module(module)
     except ImportError as e:
-      raise DataValidationError(f"config.data.name: cannot import {module!r} ({e})") from e
+      raise UnknownDatasetError(f"{given}: cannot import {module!r} ({e})") from e
   if name not in _PROJECT_BUILDERS:
     try:
       _locate_metadata(tfds.core.registered.imported_builder_cls(name.split("/")[0]))
@@ -372,12 +378,13 @@ def _tfds_builder(name: str, *, data_dir, path, num_classes):
                                file_format="array_record")
       builder = make()
     except Exception as e:  # noqa: BLE001 - tfds raises DatasetNotFoundError and friends
-      raise DataValidationError(
-          f"config.data.name={name!r}: not 'synthetic' and not a TFDS dataset this process "
+      how = ("by the config file, or name it 'module:name'" if flag == "config.data.name"
+             else f"name it {flag}=module:name")
+      raise UnknownDatasetError(
+          f"{given}: not 'synthetic' and not a TFDS dataset this process "
           f"can build ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
           f" the project's: {', '.join(DATASETS)}; a builder of "
-          "your own registers when its module is imported (by the config file, or name it "
-          "'module:name')") from e
+          f"your own registers when its module is imported ({how})") from e
     return _prepared(builder, make)
 
   manual_dir = None
@@ -435,7 +442,8 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
                  num_classes: int | None = None, visual_dim: int | None = None,
                  audio_dim: int | None = None, validation_fraction: float = 0.0,
                  validation_seed: int = 0, validation_groups: str = "none",
-                 synthetic: Mapping[str, Any] | None = None) -> Sources:
+                 synthetic: Mapping[str, Any] | None = None,
+                 flag: str = "config.data.name") -> Sources:
   """Loads a dataset's splits as sources (building the TFDS dataset when needed).
 
   Args:
@@ -451,11 +459,13 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
       feature vector drawn together: ``carve_validation``).
     synthetic: keyword arguments of ``generate_synthetic`` (synthetic only;
       generated in memory, identical to the TFDS ``synthetic`` builder).
+    flag: where ``name`` was given, for the error when no dataset answers to it.
 
   Returns:
     ``Sources``.
 
   Raises:
+    UnknownDatasetError: no dataset of that name (a ``DataValidationError``).
     DataValidationError: bad file, or sizes that differ from the given ones.
   """
   if name == "synthetic":
@@ -481,7 +491,8 @@ def load_sources(name: str, *, data_dir: str | None = None, path: str | None = N
     # "~" is the home folder in the config as in a shell (which leaves --flag=~/x as it is).
     data_dir = None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
     path = None if path is None else os.path.expanduser(os.fspath(path))
-    builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes)
+    builder = _tfds_builder(name, data_dir=data_dir, path=path, num_classes=num_classes,
+                            flag=flag)
     meta = builder.info.metadata or {}
     source_name = f"{name} ({meta.get('source', builder.data_path)})"
     train = TfdsSource(builder.as_data_source("train"), name=source_name)
