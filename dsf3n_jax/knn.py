@@ -79,15 +79,17 @@ class Library:
     """Pads ``items`` (m, d) to whole blocks on every device and places them on ``mesh``; bad
     rows (``checked_rows``) are an error naming ``where``.
 
-    ``items`` may be a list of row blocks (e.g. an index's memory-mapped shards), read as
-    their concatenation. Each device's rows are read, padded (and centred) on their own: the
+    ``items`` may be a list of 2-D row blocks (e.g. an index's memory-mapped shards), read
+    as their concatenation. Each device's rows are read, padded (and centred) on their own: the
     host never holds a second copy of the whole library.
     """
     if distance not in DISTANCES:
       raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCES)}")
     mesh = make_mesh() if mesh is None else mesh
     parts, dim, starts = [], None, [0]
-    for part in ([items] if isinstance(items, np.ndarray) else list(items)):
+    blocks = (list(items) if isinstance(items, (list, tuple)) and items
+              and all(np.ndim(part) == 2 for part in items) else [items])
+    for part in blocks:
       parts.append(checked_rows(part, dim, where, first_row=starts[-1]))
       dim = parts[-1].shape[1]
       starts.append(starts[-1] + len(parts[-1]))

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import scipy.spatial.distance
@@ -88,7 +89,8 @@ def test_euclidean_search_keeps_its_precision_far_from_the_origin():
   assert (np.diff(ref, axis=1) == 0).any()  # ties among the twenty nearest
   for devices in (1, 8):  # one array, or row blocks (an index's shards) that no device's rows
     # line up with: the same results
-    for items in (ints, [ints[:37], ints[37:37], ints[37:150], ints[150:]]):
+    for items in (ints, [ints[:37], ints[37:37], ints[37:150], ints[150:]], ints.tolist(),
+                  jax.numpy.asarray(ints)):  # rows as a list, or a jax.Array: one array
       library = knn.Library.put(items, distance="euclidean", block=16, mesh=mesh_of(devices))
       rows, dist = library.search(q, 20)
       np.testing.assert_array_equal(rows, ref_rows)

@@ -374,6 +374,16 @@ def test_train_and_evaluate_resumes_and_reports(tmp_path, capsys):
     added = (tmp_path / "run" / "metrics.jsonl").read_text()[len(files["metrics.jsonl"]):]
     assert [(r["step"], r["split"]) for r in map(json.loads, added.splitlines())] == [
         (12, "test_loss")]
+  # The metric's settings changed since: the recorded evaluations do not hold for them, and
+  # each evaluator evaluates the final state again, once.
+  files["metrics.jsonl"] += added
+  more.metric.distance = "euclidean"
+  for _ in range(2):
+    again = train.train_and_evaluate(more, workdir)
+    assert again["final"]["test"]["map_average"] != results["final"]["test"]["map_average"]
+    added = (tmp_path / "run" / "metrics.jsonl").read_text()[len(files["metrics.jsonl"]):]
+    assert sorted((r["step"], r["split"]) for r in map(json.loads, added.splitlines())) == [
+        (12, "test"), (12, "test_loss")]
 
 
 def _rewrite_final_meta(workdir, change) -> None:

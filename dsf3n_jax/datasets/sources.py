@@ -380,7 +380,10 @@ def _tfds_builder(name: str, *, data_dir, path, num_classes, flag: str = "config
     except Exception as e:  # noqa: BLE001 - tfds raises DatasetNotFoundError and friends
       how = ("by the config file, or name it 'module:name'" if flag == "config.data.name"
              else f"name it {flag}=module:name")
-      raise UnknownDatasetError(
+      # No such dataset: the name (a bad --tfds flag); anything else (an unreadable data_dir,
+      # a damaged dataset_info.json): the data.
+      unknown = isinstance(e, tfds.core.registered.DatasetNotFoundError)
+      raise (UnknownDatasetError if unknown else DataValidationError)(
           f"{given}: not 'synthetic' and not a TFDS dataset this process "
           f"can build ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''});"
           f" the project's: {', '.join(DATASETS)}; a builder of "

@@ -16,7 +16,8 @@ Evaluation: every evaluator runs at its interval and after the last step; the
 final evaluations (the last step's, or an early stop's) are made before the checkpoint of
 their step, which records them, so a rerun of a finished run trains and evaluates
 nothing: it says so and returns its results (writing only a ``results.json`` that a kill
-after that checkpoint left unwritten), and ``metrics.jsonl`` holds each evaluation once. The
+after that checkpoint left unwritten), and ``metrics.jsonl`` holds each evaluation once (an
+evaluator added since, or whose settings changed, ``eval_settings``, evaluates again). The
 selection metric (``selection_metric``, ``"<eval>/<metric>"`` or a metric of
 the ``selection_split`` evaluator) picks the best checkpoint; ``selection_split="last"``
 makes the final state the best (a refit on train + validation has nothing to select on). With
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -151,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       state, meta, resumed = _init_or_resume(run, checkpointer)
       _check_selection_metric(run, evaluations, state)  # before the step compiles
       if resumed:
-        meta["final_evals"] = _final_evals_done(run, meta)
+        meta["final_evals"] = _final_evals_done(run, meta, evaluations)
         done = _finished_results(run, evaluations, checkpointer, state, meta, start_time)
         if done is not None:  # nothing to train or evaluate: nothing is written again
           return done
@@ -316,12 +318,27 @@ def _where(step: int, steps_per_epoch: int) -> str:
   return f"step {step} (epoch {epoch + 1}, step {within}/{steps_per_epoch})"
 
 
-def _final_evals_done(run: run_lib.Run, meta: Mapping[str, Any]) -> dict[str, Any]:
-  """The final evaluations made at the checkpoint's step, by evaluator name: its record
-  (``meta["final_evals"]``), or, in a checkpoint of a version without the record, the
-  ``results.json`` of that step (the run finished there), else none."""
+def eval_settings(spec: evaluators_lib.Spec, config: ml_collections.ConfigDict) -> str:
+  """What an evaluation's values depend on besides the state: the evaluator's type, split and
+  settings, and ``config.metric`` (one JSON string, recorded with a final evaluation)."""
+  metric = config.get("metric")
+  return json.dumps({"type": spec.type, "split": spec.split, "settings": dict(spec.settings),
+                     "metric": metric.to_dict() if metric is not None else None},
+                    sort_keys=True, default=repr)
+
+
+def _final_evals_done(run: run_lib.Run, meta: Mapping[str, Any],
+                      evaluations: Sequence[actions_lib.Evaluate]) -> dict[str, Any]:
+  """The final evaluations made at the checkpoint's step that hold for this config, by
+  evaluator name: its record (``meta["final_evals"]``) less those made with other settings
+  (``eval_settings``: a changed evaluator is evaluated again), or, in a checkpoint of a
+  version without the record, the ``results.json`` of that step (the run finished there),
+  else none."""
   if "final_evals" in meta:
-    return dict(meta["final_evals"] or {})
+    made = meta.get("final_eval_settings") or {}
+    return {e.name: meta["final_evals"][e.name] for e in evaluations
+            if e.name in (meta["final_evals"] or {})
+            and made.get(e.name) == eval_settings(e.spec, run.config)}
   results = workdir_lib.read_results(run.workdir)
   if results and results.get("steps") == meta["step"] and results.get("data") == \
       run.fingerprint:
@@ -558,6 +575,8 @@ class Loop:
     self.writer.write(step, spec.name, values, epoch=epoch)
     if self.final:  # the checkpoint of this step records that it is done (not made again)
       self.meta.setdefault("final_evals", {})[spec.name] = values
+      self.meta.setdefault("final_eval_settings", {})[spec.name] = eval_settings(
+          spec, self.config)
     shown = [k for k in EVAL_KEYS if k in values] or list(values)[:6]
     log("%s %s %s", where, spec.name, actions_lib.fmt(values, shown))
 
@@ -692,7 +711,8 @@ class Loop:
       if isinstance(action, actions_lib.Profile):
         action.begin(self, step)
     while step < self.total and not self.stopping:
-      self.meta["final_evals"] = {}  # a step trained: a final evaluation of an earlier one is not
+      # a step trained: a final evaluation of an earlier one is not
+      self.meta["final_evals"], self.meta["final_eval_settings"] = {}, {}
       step = self._train(step, self._next_boundary(step))
       self.meta["step"] = step
       if not self.on_device:
@@ -706,8 +726,9 @@ class Loop:
     self.checkpointer.wait()  # results.json names only complete checkpoints
     done = self.meta.setdefault("final_evals", {})  # made before the checkpoint of their step
     missing = [e for e in self.evaluations if e.name not in done]
-    if missing:  # a finished run resumed with an evaluator it has not run, or a checkpoint of
-      # a version that did not record them: made once, and recorded in the checkpoint
+    if missing:  # a finished run resumed with an evaluator it has not run (or with other
+      # settings), or a checkpoint of a version that did not record them: made once, and
+      # recorded in the checkpoint
       self._at_boundary(step, only=missing, final=True)
       self._record_final_evals()
     final_eval = {e.name: done[e.name] for e in self.evaluations}
@@ -731,7 +752,9 @@ class Loop:
     (one file, written whole), so that a rerun does not make them again."""
     number = int(self.meta.get("checkpoint", self.meta["epoch"]))  # older runs: by epoch
     saved = self.checkpointer.read_meta(step=number)
-    self.checkpointer.rewrite_meta(number, {**saved, "final_evals": self.meta["final_evals"]})
+    self.checkpointer.rewrite_meta(number, {
+        **saved, "final_evals": self.meta["final_evals"],
+        "final_eval_settings": self.meta.get("final_eval_settings", {})})
 
   def _signalled_with_steps_left(self, step: int) -> bool:
     """A signal came (every process alike) and steps are left to train: at the last step (or
