@@ -11,6 +11,8 @@ traceback first. ``KeyboardInterrupt`` and ``SystemExit`` pass through.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import pathlib
 import re
@@ -39,6 +41,45 @@ class UsageError(ValueError):
   """
 
   exit_status = USAGE_STATUS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose error for an unknown flag suggests the tool's nearest
+  flags (``--wokdir=x`` -> ``did you mean --workdir?``), as absl's flags do for ``main``.
+
+  Unknown flags are reported first: a mistyped required flag is named as mistyped, not only
+  as a required flag that is missing.
+  """
+
+  def parse_args(self, args=None, namespace=None):
+    argv = list(sys.argv[1:] if args is None else args)
+    known = [o for a in self._actions for o in a.option_strings]
+    unknown = []
+    for arg in argv:
+      if arg == "--":
+        break
+      flag = arg.split("=", 1)[0]
+      if flag.startswith("--") and flag not in known and not (
+          self.allow_abbrev and any(k.startswith(flag) for k in known)):
+        unknown.append(arg)
+    if unknown:
+      self.error("unrecognized arguments: " + " ".join(unknown))
+    return super().parse_args(argv, namespace)
+
+  def error(self, message: str):
+    unknown = message.partition("unrecognized arguments: ")[2]
+    if unknown:
+      known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+      hints = []
+      for arg in unknown.split():
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=2, cutoff=0.6) if flag.startswith(
+            "--") else []
+        if close:
+          hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+      if hints:
+        message += " (" + "; ".join(hints) + ")"
+    super().error(message)
 
 
 def check_files(*flags: tuple[str, Any]) -> None:

@@ -266,7 +266,7 @@ def _run_variables(workdir: pathlib.Path, which: str
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m dsf3n_jax.convert", description=__doc__,
+  parser = cli.ArgumentParser(prog="python -m dsf3n_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("src", help="a .pth state dict (or, with --to_torch, a training run's "
                       "folder or a variables .npz)")

@@ -420,7 +420,7 @@ def _progress(out: pathlib.Path, signature: Mapping[str, Any]) -> dict[int, dict
 # -- command line ------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m dsf3n_jax.index", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m dsf3n_jax.index", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="the index folder to write")
   p.add_argument("--modality", required=True, help="visual or audio: what the library holds")

@@ -22,7 +22,7 @@ from dsf3n_jax import cli, metrics, retrieval
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m dsf3n_jax.retrieve", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m dsf3n_jax.retrieve", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_argument_group("input (exactly one of --workdir, --embeddings, --variables)")
   src.add_argument("--workdir", help="training directory (dsf3n_jax.train.restore_model)")

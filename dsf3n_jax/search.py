@@ -188,7 +188,7 @@ def _read_array(path, *, flag: str) -> np.ndarray:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m dsf3n_jax.search", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m dsf3n_jax.search", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--index", required=True, help="the index folder (python -m dsf3n_jax.index)")
   p.add_argument("--queries", help="query features of the other modality (.npy / .npz)")

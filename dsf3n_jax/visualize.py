@@ -113,7 +113,7 @@ def plot_plane(xy_visual, xy_audio, labels, *, title: str, path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m dsf3n_jax.visualize", description=__doc__,
+  p = cli.ArgumentParser(prog="python -m dsf3n_jax.visualize", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir")
   p.add_argument("--checkpoint", choices=("best", "latest"), default=None,

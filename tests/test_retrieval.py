@@ -1,5 +1,7 @@
 """Tests of dsf3n_jax.retrieval and the retrieve CLI with a tiny random-weight model."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,3 +325,23 @@ def test_non_finite_weights_or_embeddings_are_refused(tiny, tmp_path):
   np.savez(tmp_path / "nan.npz", emb_visual=emb, emb_audio=np.ones((3, 2)), labels=[0, 1, 0])
   with pytest.raises(ValueError, match=r"nan.npz: emb_visual must be finite floats"):
     retrieval.load_embeddings(tmp_path / "nan.npz")
+
+
+@pytest.mark.parametrize("tool, argv, hint", [
+    ("retrieve", ["--wokdir=x", "--k=3"], "--wokdir: did you mean --workdir?"),
+    ("search", ["--index=i", "--query_embedings", "q.npy"],
+     "--query_embedings: did you mean --query_embeddings"),
+    # a required flag mistyped: named as mistyped, not only as missing
+    ("visualize", ["--out_dri=o"], "--out_dri: did you mean --out_dir?"),
+    ("index", ["--modality=visual", "--chunk_sise=4"], "--chunk_sise: did you mean --chunk_size"),
+    ("convert", ["a.pth", "b", "--to_troch"], "--to_troch: did you mean --to_torch"),
+    ("retrieve", ["--zzzz=1"], None)])  # nothing near: argparse's message alone
+def test_a_mistyped_flag_gets_the_nearest_flags(tool, argv, hint, capsys):
+  main = importlib.import_module(f"dsf3n_jax.{tool}").main
+  with pytest.raises(SystemExit) as exit_:
+    main(argv)
+  assert exit_.value.code == 2
+  last = capsys.readouterr().err.rstrip().splitlines()[-1]
+  typo = hint.split(":")[0] if hint else "--zzzz"
+  assert f"error: unrecognized arguments: {typo}" in last, last
+  assert (f"({hint}" in last) if hint else last.endswith("--zzzz=1"), last
