@@ -358,3 +358,81 @@ def test_a_resume_with_another_batch_size_is_refused_and_other_schedule_changes_
                            workdir)
   (line,) = [m for m in said if "changed schedule" in m]
   assert "num_epochs 1 -> 2" in line and "optim.schedule 'constant' -> 'cosine'" in line
+
+
+class _Calls(actions_lib.PeriodicAction):
+  """A user's action that keeps its state in ``loop.meta`` (the checkpoint records it)."""
+
+  def __call__(self, loop, step):
+    loop.meta["my_calls"] = [*loop.meta.get("my_calls", []), step]
+
+
+def test_a_user_actions_state_in_meta_is_in_the_checkpoint_of_its_step(tmp_path):
+  """User actions run before the checkpoint of their step: a resume from it has their state
+  of that step (they ran after it, and the firing at a checkpoint's step was lost)."""
+  config = tiny_config(num_epochs=1, checkpoint_every_steps=4)
+  workdir = tmp_path / "run"
+  with pytest.raises(preemption.Preempted, match=r"saved .*checkpoints/4 at step 4"):
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
+                             actions=[_Calls(every_steps=2), _SignalAt(4)])
+  assert checkpoints.Checkpointer(workdir, read_only=True).read_meta()["my_calls"] == [2, 4]
+  train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
+                           actions=[_Calls(every_steps=2)])
+  assert checkpoints.Checkpointer(workdir, read_only=True).read_meta()["my_calls"] == [2, 4, 6]
+
+
+def test_an_at_end_user_action_fires_at_an_early_stop(tmp_path, monkeypatch):
+  from dsf3n_jax.training import loop as loop_lib
+  real = loop_lib.Loop.select
+
+  def select(self, step, *, early_stopping=True):  # no improvement after epoch 1, say
+    real(self, step, early_stopping=early_stopping)
+    if step == 6 and early_stopping:
+      self.meta["evals_without_improvement"], self.stopping = 1, True
+
+  monkeypatch.setattr(loop_lib.Loop, "select", select)
+  config = tiny_config(num_epochs=3, early_stopping_patience=1, eval_every_epochs=1)
+  results = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path),
+                                     actions=[_Calls(at_end=True)])
+  assert results["stopped_early"] and results["steps"] == 6
+  assert checkpoints.Checkpointer(tmp_path, read_only=True).read_meta()["my_calls"] == [6]
+
+
+def test_a_failing_user_action_names_the_checkpoint_still_being_saved(tmp_path):
+  class Fails(actions_lib.PeriodicAction):
+    def __call__(self, loop, step):
+      if step == 5:
+        raise RuntimeError("my action failed")
+
+  config = tiny_config(num_epochs=1, checkpoint_every_steps=4)
+  with pytest.raises(RuntimeError, match="my action failed") as failed:
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run"),
+                             actions=[Fails(every_steps=1)])
+  assert failed.value.__notes__ == [
+      f"last intact checkpoint: {tmp_path / 'run' / 'checkpoints' / '4'}"]
+  assert not (tmp_path / "run" / "lock").exists()
+
+
+@pytest.mark.parametrize("on_device", ["false", "true"])
+def test_the_rates_leave_out_the_compiling_step_and_are_each_epochs_own(tmp_path, monkeypatch,
+                                                                        on_device):
+  """A compile of 2 s (slept in the first call) would put epoch 1 of 6 steps of 16 samples
+  under 48 samples/s; the first step is timed alone, out of every rate."""
+  from dsf3n_jax.training import loop as loop_lib
+  steps, calls = loop_lib.Loop._steps, []
+
+  def slow_first(self, step, stop):
+    calls.append((step, stop))
+    if len(calls) == 1:
+      time.sleep(2.0)
+    return steps(self, step, stop)
+
+  monkeypatch.setattr(loop_lib.Loop, "_steps", slow_first)
+  config = tiny_config(num_epochs=2, **{"data.on_device": on_device})
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert calls[0] == (0, 1)  # the first step alone
+  assert results["first_step_s"] >= 2.0 and results["train_time_s"] < 2.0
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  train_rates = [r["samples_per_second"] for r in records if r["split"] == "train"]
+  assert len(train_rates) == 2 and min(train_rates) > 48, train_rates
+  assert results["samples_per_second"] > 48

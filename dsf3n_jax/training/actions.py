@@ -26,7 +26,11 @@ step where it is seen: a checkpoint of that step, then the run stops.
 
 A user's action subclasses ``PeriodicAction`` and is passed to
 ``train_and_evaluate(actions=[...])``; ``loop`` gives it ``state``, ``meta``,
-``run``, ``writer`` and ``last_evals``.
+``run``, ``writer`` and ``last_evals``. User actions run after ``FinalEvaluations``
+and before ``Checkpoint``: what one keeps in ``loop.meta`` (JSON values, under a key of
+its own) is in the checkpoint of its step and comes back on a resume; an attribute of the
+action does not. ``at_end`` fires at the run's last step, or at the step an early stop
+ends it at.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ if TYPE_CHECKING:
 
 
 class PeriodicAction:
-  """Fires after every ``every_steps``-th step (> 0) and, with ``at_end``, after the last."""
+  """Fires after every ``every_steps``-th step (> 0) and, with ``at_end``, after the last
+  (the run's last step, or the step an early stop ends it at).
+
+  The loop ends its chunks of steps only where some action's ``next_due`` says: a subclass
+  that overrides ``due`` overrides ``next_due`` too, or it is called only at the steps where
+  another action stops the loop."""
 
   name = "action"
 
@@ -83,7 +92,8 @@ TRAIN_KEYS = ("loss", "id", "pair", "center")
 
 
 class ReportProgress(PeriodicAction):
-  """``epoch E step i/N loss=... samples/s ETA`` every ``every_steps``."""
+  """``epoch E step i/N loss=... samples/s ETA`` every ``every_steps`` (the rate of the steps
+  since the last line)."""
 
   name = "progress"
 
@@ -91,11 +101,12 @@ class ReportProgress(PeriodicAction):
     spe = loop.run.steps_per_epoch
     epoch, within = divmod(step - 1, spe)
     log("epoch %d step %d/%d %s %.1f samples/s ETA %.0fs", epoch + 1, within + 1, spe,
-        fmt(loop.last_step_metrics, TRAIN_KEYS), loop.samples_per_second(), loop.eta(step))
+        fmt(loop.last_step_metrics, TRAIN_KEYS), loop.rates(self.name)[0], loop.eta(step))
 
 
 class EpochSummary(PeriodicAction):
-  """The epoch's train record: mean metrics, rate, step time, learning rate, device memory."""
+  """The epoch's train record: mean metrics, the epoch's own rate and step time (the first
+  step a process compiles left out), learning rate, device memory."""
 
   name = "epoch_summary"
 
@@ -103,8 +114,8 @@ class EpochSummary(PeriodicAction):
     spe = loop.run.steps_per_epoch
     epoch = math.ceil(step / spe)
     means = loop.epoch_means()
-    extra = {"epoch": epoch, "samples_per_second": loop.samples_per_second(),
-             "seconds_per_step": loop.seconds_per_step(),
+    rate, per_step = loop.rates(self.name)  # this epoch's steps (its compile left out)
+    extra = {"epoch": epoch, "samples_per_second": rate, "seconds_per_step": per_step,
              "learning_rate": float(loop.lr(step - 1)), **device_memory()}
     loop.writer.write(step, "train", means, **extra)
     log("epoch %d/%d train %s %.1f samples/s ETA %.0fs", epoch, loop.config.num_epochs,

@@ -117,8 +117,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       instead of ``config.loss.terms`` (``losses.LossTerm`` says what each
       argument holds); ``aux`` still holds the parameters of the terms of
       ``config.loss.terms``.
-    actions: more ``training.actions.PeriodicAction``s, called after the
-      built-in ones at the steps where they are due.
+    actions: more ``training.actions.PeriodicAction``s, called at the steps where
+      they are due after the evaluations and the selection of the best, before the
+      checkpoint of the step (state they keep in ``loop.meta``, JSON values, is in it).
 
   Returns:
     The ``results.json`` content: final and best metrics, epochs, timing.
@@ -172,6 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       raise
     except BaseException as e:
       if "checkpoint:" not in str(e):
+        # A save in flight, once done, is the last intact one (waited for a bounded time: a
+        # peer process that died would hold it at its barrier).
+        workdir_lib.close_within(checkpointer.wait, "the checkpoint save in flight")
         e.add_note(f"last intact checkpoint: {_last_intact(checkpointer)}")
       raise
   return results
@@ -386,15 +390,17 @@ def _finished_results(run: run_lib.Run, evaluations: Sequence[actions_lib.Evalua
 
 
 def _results(run: run_lib.Run, meta: Mapping[str, Any], state, final_eval, *, stopped: bool,
-             start_time: float, train_time: float = 0.0,
-             trained_steps: int = 0) -> dict[str, Any]:
+             start_time: float, train_time: float = 0.0, trained_steps: int = 0,
+             first_step_s: float | None = None) -> dict[str, Any]:
   """The ``results.json`` content: final and best metrics, epochs, timing."""
   return {
       "dataset": run.sources.name, "epochs": meta["epoch"], "steps": meta["step"],
       "final": final_eval, "best": meta["best"], "selected_on": run.selection,
       "selection_metric": run.metric, "selection_mode": run.mode,
       "stopped_early": bool(stopped),
+      # The steps after this process's first (its compile): "first_step_s".
       "wall_time_s": time.time() - start_time, "train_time_s": train_time,
+      "first_step_s": first_step_s,
       "samples_per_second": (trained_steps * run.config.batch_size / train_time
                              if train_time else None),
       "device_count": jax.device_count(), "process_count": jax.process_count(),
@@ -431,10 +437,12 @@ class Loop:
         *self.evaluations,
         actions_lib.SelectBest(),
         actions_lib.FinalEvaluations(),
+        # A user's actions before the checkpoint of their step: what they keep in ``meta`` is
+        # in that checkpoint, so it survives a resume from it.
+        *extra_actions,
         actions_lib.Checkpoint(every=(config.get("checkpoint_every_steps", 0),
                                       config.checkpoint_every_epochs * spe)),
         *_profile_actions(config, run.workdir),
-        *extra_actions,
     ]
     self.state, self.meta = None, None
     self.train_time, self.trained_steps = 0.0, 0
@@ -446,6 +454,8 @@ class Loop:
     self._output_cache: dict[str, tuple[set[str], dict[str, np.ndarray]]] = {}
     self.final = False  # the boundary being run (or last run) is the run's last evaluation
     self.compiled = False
+    self.first_step_s: float | None = None  # this process's first step, compile included
+    self._rate_marks: dict[str, tuple[float, int]] = {}  # rates(): (train_time, steps) by window
     self.loader: input_pipeline.TrainLoader | None = None  # streamed data (_start_data)
 
   # -- data and steps ------------------------------------------------------------------------
@@ -483,11 +493,28 @@ class Loop:
     return min(c for c in candidates if c > step)
 
   def _train(self, step: int, stop: int) -> int:
-    """Steps ``step..stop-1`` (fewer when a preemption is seen); returns the step reached."""
+    """Steps ``step..stop-1`` (fewer when a preemption is seen); returns the step reached.
+
+    This process's first step runs alone: it compiles, and its time (``first_step_s``) is
+    left out of the rates (``rates``) and the ETA, which time the steps after it.
+    """
     if not self.compiled:
       log("compiling the train %s", "chunk" if self.on_device else "step")
       self.compiled = True
+      t0 = time.time()
+      reached = self._steps(step, step + 1)
+      self.first_step_s = time.time() - t0
+      if reached == stop or reached == step:  # that step was all, or a signal came first
+        return reached
+      step = reached
     t0 = time.time()
+    reached = self._steps(step, stop)
+    self.train_time += time.time() - t0
+    self.trained_steps += reached - step
+    return reached
+
+  def _steps(self, step: int, stop: int) -> int:
+    """``_train``'s steps, untimed: one compiled call (on device) or one call per step."""
     spe = self.run.steps_per_epoch
     if self.on_device:
       epoch, start = divmod(step, spe)
@@ -498,8 +525,6 @@ class Loop:
       self.state, rows = steps_lib.run_steps(self.step_jit, self.state, self.loader_iter,
                                              steps=stop - step, stop=self._preemption_seen)
     done = len(rows["loss"])
-    self.train_time += time.time() - t0
-    self.trained_steps += done
     self._accumulate(step, rows)
     return step + done
 
@@ -531,11 +556,22 @@ class Loop:
   def reset_epoch_metrics(self) -> None:
     self.meta["epoch_metrics"] = {"count": 0, "sums": {}}
 
-  def samples_per_second(self) -> float:
-    return self.trained_steps * self.config.batch_size / max(self.train_time, 1e-9)
-
   def seconds_per_step(self) -> float:
-    return self.train_time / max(self.trained_steps, 1)
+    """Seconds per step since this process's first (compiling) step: that step's time when it
+    is the only one yet."""
+    if self.trained_steps:
+      return self.train_time / self.trained_steps
+    return self.first_step_s or 0.0
+
+  def rates(self, window: str) -> tuple[float, float]:
+    """``(samples per second, seconds per step)`` of the steps since the last call with the
+    same ``window`` (e.g. one epoch's), the first (compiling) step left out; the overall rate
+    when the window holds no other step."""
+    time0, steps0 = self._rate_marks.get(window, (0.0, 0))
+    self._rate_marks[window] = (self.train_time, self.trained_steps)
+    steps, seconds = self.trained_steps - steps0, self.train_time - time0
+    per_step = seconds / steps if steps else self.seconds_per_step()
+    return (self.config.batch_size / per_step if per_step else 0.0), per_step
 
   def eta(self, step: int) -> float:
     """Seconds left: the steps at the rate so far, plus the evaluations still to come."""
@@ -681,7 +717,9 @@ class Loop:
     self.saved_at = None
     self.meta["step"], self.meta["epoch"] = step, step // self.run.steps_per_epoch
     for action in (only if only is not None else self.actions):
-      if only is not None or action.due(step, self.total):
+      # An early stop (known once SelectBest ran) makes this step the run's last: the actions
+      # after it that fire ``at_end`` fire here.
+      if only is not None or action.due(step, step if self.stopping else self.total):
         action(self, step)
     self._output_cache = {}
 
@@ -734,7 +772,7 @@ class Loop:
     final_eval = {e.name: done[e.name] for e in self.evaluations}
     results = _results(run, self.meta, self.state, final_eval, stopped=self.stopping,
                        start_time=start_time, train_time=self.train_time,
-                       trained_steps=self.trained_steps)
+                       trained_steps=self.trained_steps, first_step_s=self.first_step_s)
     if run.is_main:
       workdir_lib.write_results(run.workdir, results)
     return results
