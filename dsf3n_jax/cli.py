@@ -48,18 +48,26 @@ class ArgumentParser(argparse.ArgumentParser):
   flags (``--wokdir=x`` -> ``did you mean --workdir?``), as absl's flags do for ``main``.
 
   Unknown flags are reported first: a mistyped required flag is named as mistyped, not only
-  as a required flag that is missing.
+  as a required flag that is missing. Flags are not abbreviated (``allow_abbrev=False``):
+  ``--query`` is unknown, not silently ``--query_embeddings``.
   """
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("allow_abbrev", False)
+    super().__init__(*args, **kwargs)
 
   def parse_args(self, args=None, namespace=None):
     argv = list(sys.argv[1:] if args is None else args)
     known = [o for a in self._actions for o in a.option_strings]
     unknown = []
     for arg in argv:
+      if arg in ("-h", "--help"):  # help is printed whatever else is given
+        unknown = []
+        break
       if arg == "--":
         break
       flag = arg.split("=", 1)[0]
-      if flag.startswith("--") and flag not in known and not (
+      if flag.startswith("--") and " " not in arg and flag not in known and not (
           self.allow_abbrev and any(k.startswith(flag) for k in known)):
         unknown.append(arg)
     if unknown:

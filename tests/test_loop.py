@@ -376,9 +376,18 @@ def test_a_user_actions_state_in_meta_is_in_the_checkpoint_of_its_step(tmp_path)
     train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
                              actions=[_Calls(every_steps=2), _SignalAt(4)])
   assert checkpoints.Checkpointer(workdir, read_only=True).read_meta()["my_calls"] == [2, 4]
+  saved = []
+
+  class AfterSave(actions_lib.PeriodicAction):  # acts on the checkpoint just saved
+    after_checkpoint = True
+
+    def __call__(self, loop, step):
+      saved.append((step, loop.saved_at))
+
   train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
-                           actions=[_Calls(every_steps=2)])
+                           actions=[_Calls(every_steps=2), AfterSave(every_steps=1)])
   assert checkpoints.Checkpointer(workdir, read_only=True).read_meta()["my_calls"] == [2, 4, 6]
+  assert saved == [(5, None), (6, 6)]  # resumed at 4; step 6 (the last) saved before it ran
 
 
 def test_an_at_end_user_action_fires_at_an_early_stop(tmp_path, monkeypatch):
@@ -416,23 +425,44 @@ def test_a_failing_user_action_names_the_checkpoint_still_being_saved(tmp_path):
 @pytest.mark.parametrize("on_device", ["false", "true"])
 def test_the_rates_leave_out_the_compiling_step_and_are_each_epochs_own(tmp_path, monkeypatch,
                                                                         on_device):
-  """A compile of 2 s (slept in the first call) would put epoch 1 of 6 steps of 16 samples
-  under 48 samples/s; the first step is timed alone, out of every rate."""
+  """The loop's clock made to say: 100 s for the first call of steps (its compile), 10 ms for
+  each step after it. The first step is timed alone and out of every rate."""
   from dsf3n_jax.training import loop as loop_lib
-  steps, calls = loop_lib.Loop._steps, []
+  steps, calls, clock = loop_lib.Loop._steps, [], [0.0]
 
-  def slow_first(self, step, stop):
+  def timed(self, step, stop):
     calls.append((step, stop))
-    if len(calls) == 1:
-      time.sleep(2.0)
-    return steps(self, step, stop)
+    reached = steps(self, step, stop)
+    clock[0] += 100.0 if len(calls) == 1 else 0.01 * (reached - step)
+    return reached
 
-  monkeypatch.setattr(loop_lib.Loop, "_steps", slow_first)
+  monkeypatch.setattr(loop_lib.Loop, "_steps", timed)
+  monkeypatch.setattr(loop_lib, "time", types.SimpleNamespace(time=lambda: clock[0]))
   config = tiny_config(num_epochs=2, **{"data.on_device": on_device})
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert calls[0] == (0, 1)  # the first step alone
-  assert results["first_step_s"] >= 2.0 and results["train_time_s"] < 2.0
+  assert results["first_step_s"] == 100.0
+  assert results["train_time_s"] == pytest.approx(100.11)  # every step (12 of 16 samples)
+  assert results["samples_per_second"] == pytest.approx(1600)  # of the 11 after the first
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  train_rates = [r["samples_per_second"] for r in records if r["split"] == "train"]
-  assert len(train_rates) == 2 and min(train_rates) > 48, train_rates
-  assert results["samples_per_second"] > 48
+  rates = [(r["epoch"], r["samples_per_second"], r["seconds_per_step"]) for r in records
+           if r["split"] == "train"]
+  assert rates == [(1, pytest.approx(1600), pytest.approx(0.01)),  # 5 steps after the first
+                   (2, pytest.approx(1600), pytest.approx(0.01))], rates
+
+
+def test_a_signal_during_the_first_step_stops_after_it(tmp_path, monkeypatch):
+  """The first step runs alone (its compile timed apart): a signal that came during it stops
+  the run at the boundary after it, not one step later."""
+  from dsf3n_jax.training import loop as loop_lib
+  steps = loop_lib.Loop._steps
+
+  def signalled_first(self, step, stop):
+    if not hasattr(self, "_signalled"):
+      self._signalled = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    return steps(self, step, stop)
+
+  monkeypatch.setattr(loop_lib.Loop, "_steps", signalled_first)
+  with pytest.raises(preemption.Preempted, match=r"saved .*checkpoints/1 at step 1 "):
+    train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path / "run"))

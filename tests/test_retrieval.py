@@ -335,6 +335,8 @@ def test_non_finite_weights_or_embeddings_are_refused(tiny, tmp_path):
     ("visualize", ["--out_dri=o"], "--out_dri: did you mean --out_dir?"),
     ("index", ["--modality=visual", "--chunk_sise=4"], "--chunk_sise: did you mean --chunk_size"),
     ("convert", ["a.pth", "b", "--to_troch"], "--to_troch: did you mean --to_torch"),
+    # no abbreviations: --query is not silently --query_embeddings
+    ("search", ["--index=i", "--query", "q.npy"], "--query: did you mean --queries?"),
     ("retrieve", ["--zzzz=1"], None)])  # nothing near: argparse's message alone
 def test_a_mistyped_flag_gets_the_nearest_flags(tool, argv, hint, capsys):
   main = importlib.import_module(f"dsf3n_jax.{tool}").main
@@ -345,3 +347,9 @@ def test_a_mistyped_flag_gets_the_nearest_flags(tool, argv, hint, capsys):
   typo = hint.split(":")[0] if hint else "--zzzz"
   assert f"error: unrecognized arguments: {typo}" in last, last
   assert (f"({hint}" in last) if hint else last.endswith("--zzzz=1"), last
+
+
+def test_help_is_printed_whatever_else_is_given(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    retrieve.main(["--wokdir=x", "--help"])
+  assert exit_.value.code == 0 and "--workdir" in capsys.readouterr().out

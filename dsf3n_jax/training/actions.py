@@ -29,8 +29,11 @@ A user's action subclasses ``PeriodicAction`` and is passed to
 ``run``, ``writer`` and ``last_evals``. User actions run after ``FinalEvaluations``
 and before ``Checkpoint``: what one keeps in ``loop.meta`` (JSON values, under a key of
 its own) is in the checkpoint of its step and comes back on a resume; an attribute of the
-action does not. ``at_end`` fires at the run's last step, or at the step an early stop
-ends it at.
+action does not. An action with ``after_checkpoint = True`` runs after ``Checkpoint``
+instead, for work on the checkpoint just saved (``loop.saved_at``: the step saved at this
+boundary, else None; ``loop.checkpointer.directory``); what it keeps in ``meta`` then reaches
+the next checkpoint only. ``at_end`` fires at the run's last step, or at the step an early
+stop ends it at.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class PeriodicAction:
   another action stops the loop."""
 
   name = "action"
+  after_checkpoint = False  # a user's action: after the step's checkpoint, not before it
 
   def __init__(self, *, every_steps: int = 0, at_end: bool = False):
     self.every_steps, self.at_end = int(every_steps), bool(at_end)
@@ -84,6 +88,11 @@ class PeriodicAction:
     """Called on every exit path of the run (a profile trace is stopped here)."""
 
 
+def eta_text(seconds: float | None) -> str:
+  """``123s``, or ``-`` before the loop has timed a step after its first (``Loop.eta``)."""
+  return "-" if seconds is None else f"{seconds:.0f}s"
+
+
 def fmt(values, keys) -> str:
   return " ".join(f"{k}={float(values[k]):.4f}" for k in keys if k in values)
 
@@ -100,8 +109,9 @@ class ReportProgress(PeriodicAction):
   def __call__(self, loop: Loop, step: int) -> None:
     spe = loop.run.steps_per_epoch
     epoch, within = divmod(step - 1, spe)
-    log("epoch %d step %d/%d %s %.1f samples/s ETA %.0fs", epoch + 1, within + 1, spe,
-        fmt(loop.last_step_metrics, TRAIN_KEYS), loop.rates(self.name)[0], loop.eta(step))
+    log("epoch %d step %d/%d %s %.1f samples/s ETA %s", epoch + 1, within + 1, spe,
+        fmt(loop.last_step_metrics, TRAIN_KEYS), loop.rates(self.name)[0],
+        eta_text(loop.eta(step)))
 
 
 class EpochSummary(PeriodicAction):
@@ -118,9 +128,9 @@ class EpochSummary(PeriodicAction):
     extra = {"epoch": epoch, "samples_per_second": rate, "seconds_per_step": per_step,
              "learning_rate": float(loop.lr(step - 1)), **device_memory()}
     loop.writer.write(step, "train", means, **extra)
-    log("epoch %d/%d train %s %.1f samples/s ETA %.0fs", epoch, loop.config.num_epochs,
+    log("epoch %d/%d train %s %.1f samples/s ETA %s", epoch, loop.config.num_epochs,
         fmt(means, (*TRAIN_KEYS, "accuracy_visual", "accuracy_audio")),
-        extra["samples_per_second"], loop.eta(step))
+        extra["samples_per_second"], eta_text(loop.eta(step)))
     loop.reset_epoch_metrics()
 
 

@@ -398,11 +398,13 @@ def _results(run: run_lib.Run, meta: Mapping[str, Any], state, final_eval, *, st
       "final": final_eval, "best": meta["best"], "selected_on": run.selection,
       "selection_metric": run.metric, "selection_mode": run.mode,
       "stopped_early": bool(stopped),
-      # The steps after this process's first (its compile): "first_step_s".
-      "wall_time_s": time.time() - start_time, "train_time_s": train_time,
+      # This process's time in train steps; its first step (with its compile) apart, and the
+      # rate of the steps after it (of that step when it is the only one).
+      "wall_time_s": time.time() - start_time, "train_time_s": train_time + (first_step_s or 0),
       "first_step_s": first_step_s,
-      "samples_per_second": (trained_steps * run.config.batch_size / train_time
-                             if train_time else None),
+      "samples_per_second": (trained_steps * run.config.batch_size / train_time if train_time
+                             else run.config.batch_size / first_step_s if first_step_s
+                             else None),
       "device_count": jax.device_count(), "process_count": jax.process_count(),
       "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "data": run.fingerprint,
@@ -438,10 +440,12 @@ class Loop:
         actions_lib.SelectBest(),
         actions_lib.FinalEvaluations(),
         # A user's actions before the checkpoint of their step: what they keep in ``meta`` is
-        # in that checkpoint, so it survives a resume from it.
-        *extra_actions,
+        # in that checkpoint, so it survives a resume from it. Those that act on the saved
+        # checkpoint (``after_checkpoint``) after it.
+        *[a for a in extra_actions if not a.after_checkpoint],
         actions_lib.Checkpoint(every=(config.get("checkpoint_every_steps", 0),
                                       config.checkpoint_every_epochs * spe)),
+        *[a for a in extra_actions if a.after_checkpoint],
         *_profile_actions(config, run.workdir),
     ]
     self.state, self.meta = None, None
@@ -504,8 +508,8 @@ class Loop:
       t0 = time.time()
       reached = self._steps(step, step + 1)
       self.first_step_s = time.time() - t0
-      if reached == stop or reached == step:  # that step was all, or a signal came first
-        return reached
+      if reached == stop or self.stopping_for is not None:  # that step was all, or a signal
+        return reached  # came during it (it stops at the next boundary, not a step later)
       step = reached
     t0 = time.time()
     reached = self._steps(step, stop)
@@ -563,6 +567,11 @@ class Loop:
       return self.train_time / self.trained_steps
     return self.first_step_s or 0.0
 
+  def samples_per_second(self) -> float:
+    """The rate since this process's first (compiling) step (``seconds_per_step``)."""
+    per_step = self.seconds_per_step()
+    return self.config.batch_size / per_step if per_step else 0.0
+
   def rates(self, window: str) -> tuple[float, float]:
     """``(samples per second, seconds per step)`` of the steps since the last call with the
     same ``window`` (e.g. one epoch's), the first (compiling) step left out; the overall rate
@@ -573,10 +582,13 @@ class Loop:
     per_step = seconds / steps if steps else self.seconds_per_step()
     return (self.config.batch_size / per_step if per_step else 0.0), per_step
 
-  def eta(self, step: int) -> float:
-    """Seconds left: the steps at the rate so far, plus the evaluations still to come."""
+  def eta(self, step: int) -> float | None:
+    """Seconds left: the steps at the rate so far, plus the evaluations still to come; None
+    before a step after this process's first (whose time is mostly its compile)."""
     if self.stopping:
       return 0.0
+    if not self.trained_steps:
+      return None
     evals = sum(e.firings(step, self.total) * (e.seconds / e.count)
                 for e in self.evaluations if e.count)
     return (self.total - step) * self.seconds_per_step() + evals
