@@ -135,6 +135,9 @@ def _on_primary(what: str, fn: Callable[[], Any]) -> None:
     raise error
 
 
+FOLDER = "checkpoints"  # the checkpoints' folder in a workdir (``Checkpointer.directory``)
+
+
 class Checkpointer:
   """The checkpoints of one workdir.
 
@@ -150,7 +153,7 @@ class Checkpointer:
   def __init__(self, workdir, *, keep: int = 2, optimizer_state: bool = True,
                read_only: bool = False):
     self.workdir = resolve(workdir)  # a local path made absolute: orbax requires that
-    self.directory = self.workdir / "checkpoints"
+    self.directory = self.workdir / FOLDER
     self.optimizer_state = optimizer_state
     self._best = _KeepBest()
     policy = _policies.AnyPreservationPolicy([_policies.LatestN(keep), self._best])

@@ -62,6 +62,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax import config_check, input_pipeline
 from dsf3n_jax import evaluators as evaluators_lib
+from dsf3n_jax.checkpoints import FOLDER as CHECKPOINTS
 from dsf3n_jax.checkpoints import (
     Checkpointer,
     StateStructureError,
@@ -82,7 +83,6 @@ from dsf3n_jax.training.state import (
 )
 from dsf3n_jax.training.workdir import log
 
-CHECKPOINTS = "checkpoints"  # the Checkpointer's folder in the workdir
 EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
              "unimodal_map_average")
 
@@ -350,6 +350,13 @@ def _final_evals_done(run: run_lib.Run, meta: Mapping[str, Any],
   return {}
 
 
+def _stopped_early(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> bool:
+  """Whether the run of ``meta`` stopped early (``early_stopping_patience`` evaluations
+  without improvement): it stays stopped when rerun or resumed."""
+  patience = config.early_stopping_patience
+  return bool(patience) and meta.get("evals_without_improvement", 0) >= patience
+
+
 def _finished_results(run: run_lib.Run, evaluations: Sequence[actions_lib.Evaluate],
                       checkpointer: Checkpointer, state, meta: Mapping[str, Any],
                       start_time: float) -> dict[str, Any] | None:
@@ -364,8 +371,7 @@ def _finished_results(run: run_lib.Run, evaluations: Sequence[actions_lib.Evalua
   """
   config, spe = run.config, run.steps_per_epoch
   total, step = config.num_epochs * spe, meta["step"]
-  patience = config.early_stopping_patience
-  stopped = bool(patience) and meta.get("evals_without_improvement", 0) >= patience
+  stopped = _stopped_early(config, meta)
   final, best = meta["final_evals"], meta.get("best")
   if (step < total and not stopped) or any(e.name not in final for e in evaluations) or (
       best and best_checkpoint(best) not in checkpointer.steps()):
@@ -747,8 +753,7 @@ class Loop:
           "highest" if best.get("mode", "max") == "max" else "lowest",
           "highest" if run.mode == "max" else "lowest")
     # A run that stopped early (and was preempted or rerun after) stays stopped.
-    patience = config.early_stopping_patience
-    self.stopping = bool(patience) and meta.get("evals_without_improvement", 0) >= patience
+    self.stopping = _stopped_early(config, meta)
     step = meta["step"]
     self._stop_if_signalled_while_starting(step)
     self._start_data()

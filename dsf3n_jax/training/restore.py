@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from dsf3n_jax import losses
+from dsf3n_jax.checkpoints import FOLDER as CHECKPOINTS
 from dsf3n_jax.checkpoints import Checkpointer, abstract_like
 from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.run import feature_stats, make_mesh, normalize_loss_config
@@ -101,7 +102,7 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
     The checkpoint directory written.
   """
   resolved = workdir_lib.resolve(workdir)
-  held = [name for name in (workdir_lib.RUN_FILE, "checkpoints") if (resolved / name).exists()]
+  held = [name for name in (workdir_lib.RUN_FILE, CHECKPOINTS) if (resolved / name).exists()]
   if held:
     raise workdir_lib.WorkdirError(
         f"{resolved}: holds a run already ({', '.join(held)}); expected a new or empty folder "
@@ -139,7 +140,7 @@ def save_variables_as_run(workdir, variables: Mapping[str, Any], *,
     checkpointer.wait()
   finally:
     checkpointer.close()
-  return str(workdir / "checkpoints" / "0")
+  return str(workdir / CHECKPOINTS / "0")
 
 
 def default_config() -> ml_collections.ConfigDict:
