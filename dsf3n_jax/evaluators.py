@@ -12,9 +12,10 @@ after the last step. Its other keys are the evaluator's own settings. An
 evaluator of the validation split is skipped when the run carves none.
 
 The values are written to ``metrics.jsonl`` (``split`` is the evaluator's
-name), to TensorBoard as ``<name>/<metric>`` and to ``results.json``
-(``final.<name>``). ``config.selection_metric = "<name>/<metric>"`` selects the
-best checkpoint by one of them.
+name; a final evaluation's record has ``final``, a digest of its settings), to
+TensorBoard as ``<name>/<metric>`` and to ``results.json`` (``final.<name>``).
+``config.selection_metric = "<name>/<metric>"`` selects the best checkpoint by
+one of them.
 
 A user adds an evaluator in their own module, imported by their config file::
 

@@ -21,6 +21,7 @@ from dsf3n_jax import checkpoints, config_check, train
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
+from dsf3n_jax.training.preemption import Preempted
 from tests.test_train import REPO, _env, tiny_config
 
 # A run that fails must end well inside this (a hang fails the test instead of the suite).
@@ -244,6 +245,45 @@ def test_a_resume_repairs_a_missing_best_checkpoint(tmp_path, monkeypatch, capfd
   assert (workdir / "metrics.jsonl").read_text() == rows
 
 
+def test_a_repair_of_a_missing_best_rewrites_the_row_of_the_restored_step(tmp_path,
+                                                                         monkeypatch):
+  """Mid-run (a preempted run) the repair evaluates the restored step again: its row is
+  rewritten, not written twice. A finished run resumed for more epochs takes its recorded
+  final evaluation (nothing evaluated or written again)."""
+  from tests.test_loop import _row_keys, _SignalAt
+  workdir = tmp_path / "run"
+  config = tiny_config(num_epochs=3, eval_every_epochs=1, checkpoint_every_epochs=1,
+                       keep_checkpoints=1)
+  real = steps_lib.evaluate
+  scores = iter([0.9, 0.5, 0.4, 0.3, 0.1, 0.1])
+
+  def evaluate(*args, **kwargs):
+    return {**real(*args, **kwargs), "map_average": next(scores)}
+
+  monkeypatch.setattr(steps_lib, "evaluate", evaluate)
+  with pytest.raises(Preempted, match=r"saved .*checkpoints/12 at epoch 2"):
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
+                             actions=[_SignalAt(12)])
+  assert _checkpoints(workdir) == [6, 12]
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  results = _run(config, workdir)  # the repair evaluates step 12 again (0.4): the best
+  assert (results["best"]["step"], results["best"]["value"]) == (12, 0.4)
+  keys = [key[:2] for key in _row_keys(workdir)]
+  assert keys == [(6, "train"), (6, "test"), (12, "train"), (12, "test"), (18, "train"),
+                  (18, "test")]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert rows[3]["map_average"] == 0.4  # the repair's, in place of the one it made again
+  assert _checkpoints(workdir) == [12, 18]
+  shutil.rmtree(workdir / "checkpoints" / "12")
+  more = _run(tiny_config(num_epochs=4, eval_every_epochs=1, checkpoint_every_epochs=1,
+                          keep_checkpoints=1), workdir)
+  assert (more["best"]["step"], more["best"]["value"]) == (18, 0.3)
+  assert [key[:2] for key in _row_keys(workdir)] == keys + [(24, "train"), (24, "test")]
+  # Only the final evaluations' rows are marked: the last step's of each run.
+  assert [bool(final) for _, _, final in _row_keys(workdir)] == [False] * 5 + [True, False,
+                                                                               True]
+
+
 def test_repairing_a_missing_best_does_not_count_toward_early_stopping(tmp_path, monkeypatch):
   """The repair evaluates the restored state again; the uninterrupted run did not, so its
   early-stopping count must not grow (it stopped the resumed run at once)."""
@@ -435,6 +475,36 @@ def test_a_checkpoint_from_before_loss_terms_resumes_with_the_same_terms():
               "unimodal_alpha": -1.0, "unimodal_beta": 0.3}
   run_lib.check_resume({"loss": unimodal}, fingerprint={}, where="w", loss={
       **now, "unimodal_weight": 1.0, "unimodal_terms": {"center": 0.3}})
+
+
+def test_a_workdir_that_cannot_be_written_is_refused_before_the_data_is_read(tmp_path,
+                                                                            monkeypatch):
+  """A parent (or the workdir) that is a file, or a folder this process may not write in: one
+  error naming the workdir and why, before the data is read, and no folder made. (As root,
+  permission bits say writable whatever they are: os.access answers as for another user.)"""
+  def read(*args, **kwargs):
+    raise AssertionError("the data was read")
+
+  monkeypatch.setattr(run_lib, "load_data", read)
+  mine = tmp_path / "notes.txt"
+  mine.write_text("mine")
+  for workdir in (mine / "run", mine / "run" / "deeper", mine):
+    with pytest.raises(workdir_lib.WorkdirError, match=re.escape(
+        f"--workdir={workdir}: not writable ({mine} is a file, not a folder)")):
+      train.train_and_evaluate(tiny_config(), str(workdir))
+  assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and mine.read_text() == "mine"
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+      os.fspath(path) != str(locked) and access(path, mode, **kwargs)))
+  for workdir, reason in (
+      (locked / "new" / "run", f"cannot create it: no permission to write in {locked}"),
+      (locked, f"no permission to write in {locked}")):
+    with pytest.raises(workdir_lib.WorkdirError, match=re.escape(
+        f"--workdir={workdir}: not writable ({reason})")):
+      train.train_and_evaluate(tiny_config(), str(workdir))
+  assert not list(locked.iterdir())
 
 
 def test_a_failed_start_leaves_no_folder_it_made(tmp_path, bad_npz_files):

@@ -21,7 +21,7 @@ from dsf3n_jax.training import actions as actions_lib
 from dsf3n_jax.training import preemption
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import workdir as workdir_lib
-from tests.test_train import REPO, mesh_of, tiny_config
+from tests.test_train import REPO, _rewrite_final_meta, mesh_of, tiny_config
 
 
 class _SignalAt(actions_lib.PeriodicAction):
@@ -466,3 +466,54 @@ def test_a_signal_during_the_first_step_stops_after_it(tmp_path, monkeypatch):
   monkeypatch.setattr(loop_lib.Loop, "_steps", signalled_first)
   with pytest.raises(preemption.Preempted, match=r"saved .*checkpoints/1 at step 1 "):
     train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path / "run"))
+
+
+class _Killed(BaseException):
+  """What a SIGKILL leaves on disk, in this process: nothing after the call that raises it."""
+
+
+def _row_keys(workdir):
+  return [(r["step"], r["split"], r.get("final")) for r in
+          map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, monkeypatch):
+  """A finished run rerun with an evaluator added writes that evaluator's final row; killed
+  before the checkpoint records the evaluation, the next rerun makes it again and rewrites
+  that row instead of writing a second. So does a checkpoint of a version that recorded no
+  final evaluations (nor marked their rows) left at its last step without results.json."""
+  from dsf3n_jax.training import loop as loop_lib
+  config = tiny_config(num_epochs=1)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  first = _row_keys(workdir)
+  assert [key[:2] for key in first] == [(6, "train"), (6, "test")]
+  more = config.copy_and_resolve_references()
+  more.evals["test_loss"] = {"type": "loss", "split": "test"}
+
+  def killed(self):
+    raise _Killed("SIGKILL before the checkpoint records the final evaluation")
+
+  monkeypatch.setattr(loop_lib.Loop, "_record_final_evals", killed)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(more.copy_and_resolve_references(), str(workdir))
+  monkeypatch.undo()
+  (added,) = _row_keys(workdir)[len(first):]
+  assert added[:2] == (6, "test_loss")
+  for _ in range(2):  # made again once (its row rewritten), then recorded: nothing more
+    train.train_and_evaluate(more.copy_and_resolve_references(), str(workdir))
+    assert _row_keys(workdir) == [*first, added]
+  # A version before the record: no final evaluations in the checkpoint, no "final" in the
+  # rows, and no results.json (killed after the last checkpoint). Made again, in their rows.
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  (workdir / "metrics.jsonl").write_text("".join(
+      json.dumps({k: v for k, v in r.items() if k != "final"}) + "\n" for r in rows))
+  (workdir / "results.json").unlink()
+  _rewrite_final_meta(workdir, lambda meta: [meta.pop(k) for k in ("final_evals",
+                                                             "final_eval_settings")])
+  for _ in range(2):
+    results = train.train_and_evaluate(more.copy_and_resolve_references(), str(workdir))
+    assert _row_keys(workdir) == [*first, added]
+    assert set(results["final"]) == {"test", "test_loss"}
+  # The final rows are marked (a digest of the settings they were made with).
+  assert [bool(final) for _, _, final in _row_keys(workdir)] == [False, True, True]

@@ -17,7 +17,9 @@ final evaluations (the last step's, or an early stop's) are made before the chec
 their step, which records them, so a rerun of a finished run trains and evaluates
 nothing: it says so and returns its results (writing only a ``results.json`` that a kill
 after that checkpoint left unwritten), and ``metrics.jsonl`` holds each evaluation once (an
-evaluator added since, or whose settings changed, ``eval_settings``, evaluates again). The
+evaluator added since, or whose settings changed, ``eval_settings``, evaluates again; a final
+evaluation's record is marked with its settings, ``final_mark``, and one made again after a
+kill that its checkpoint's record missed replaces the record it left). The
 selection metric (``selection_metric``, ``"<eval>/<metric>"`` or a metric of
 the ``selection_split`` evaluator) picks the best checkpoint; ``selection_split="last"``
 makes the final state the best (a refit on train + validation has nothing to select on). With
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import time
@@ -153,8 +156,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
     try:
       state, meta, resumed = _init_or_resume(run, checkpointer)
       _check_selection_metric(run, evaluations, state)  # before the step compiles
+      # The final evaluations the checkpoint records, whatever their settings (None: a
+      # checkpoint of a version that recorded none).
+      recorded = dict(meta["final_evals"] or {}) if "final_evals" in meta else None
       if resumed:
         meta["final_evals"] = _final_evals_done(run, meta, evaluations)
+        if recorded is None:  # its results.json's: taken as made with these settings
+          meta["final_eval_settings"] = {e.name: eval_settings(e.spec, config)
+                                         for e in evaluations if e.name in meta["final_evals"]}
         done = _finished_results(run, evaluations, checkpointer, state, meta, start_time)
         if done is not None:  # nothing to train or evaluate: nothing is written again
           return done
@@ -166,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       writer = workdir_lib.MetricWriter(run.workdir,
                                         resume_step=meta["step"] if resumed else None)
       stack.callback(workdir_lib.close_within, writer.close, "the metric writer")
+      if resumed:
+        _adopt_unmarked_finals(run, writer, evaluations, meta, recorded or {})
       loop = Loop(run, checkpointer, writer, watch, evaluations, extra_actions=actions)
       stack.callback(loop.close_actions)
       results = loop.fit(state, meta, start_time)
@@ -331,6 +342,13 @@ def eval_settings(spec: evaluators_lib.Spec, config: ml_collections.ConfigDict) 
                     sort_keys=True, default=repr)
 
 
+def final_mark(spec: evaluators_lib.Spec, config: ml_collections.ConfigDict) -> str:
+  """A final evaluation's mark, ``"final"`` in its ``metrics.jsonl`` record: a digest of its
+  ``eval_settings``. The same evaluation made again (after a kill before its checkpoint's
+  record) rewrites that record; one made with other settings is a record beside it."""
+  return hashlib.sha256(eval_settings(spec, config).encode()).hexdigest()[:12]
+
+
 def _final_evals_done(run: run_lib.Run, meta: Mapping[str, Any],
                       evaluations: Sequence[actions_lib.Evaluate]) -> dict[str, Any]:
   """The final evaluations made at the checkpoint's step that hold for this config, by
@@ -348,6 +366,26 @@ def _final_evals_done(run: run_lib.Run, meta: Mapping[str, Any],
       run.fingerprint:
     return dict(results.get("final") or {})
   return {}
+
+
+def _adopt_unmarked_finals(run: run_lib.Run, writer: workdir_lib.MetricWriter,
+                           evaluations: Sequence[actions_lib.Evaluate], meta: Mapping[str, Any],
+                           recorded: Mapping[str, Any]) -> None:
+  """The rows a version that did not mark final evaluations (``final_mark``) left in
+  ``metrics.jsonl`` of the final evaluation of an evaluator that the checkpoint of the step
+  its run finished at does not record (``recorded``): a kill between the two, or a version
+  before the record (without a ``results.json`` of that step). A final evaluation made now
+  replaces them (``MetricWriter.adopt_final``), not writes beside them. At the run's last step
+  every row of an evaluator is a final one; at an early stop, those after its periodic one
+  (when it was due there)."""
+  config, step = run.config, meta["step"]
+  total = config.num_epochs * run.steps_per_epoch
+  if step < total and not _stopped_early(config, meta):
+    return
+  for e in evaluations:
+    if e.name not in meta["final_evals"] and e.name not in recorded:
+      periodic = step < total and e.due(step, total)
+      writer.adopt_final(step, e.name, final_mark(e.spec, config), after=int(periodic))
 
 
 def _stopped_early(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> bool:
@@ -605,8 +643,10 @@ class Loop:
     """Runs one evaluator (the split's outputs shared at this step); its values are checked,
     written and kept in ``last_evals``."""
     spec = action.spec
+    # Made and recorded before this step's checkpoint (a record only the state of that
+    # checkpoint has: a trained step clears it); the repair of a missing best takes it too.
     done = self.meta.get("final_evals") or {}
-    if self.final and spec.name in done:  # made and recorded before this step's checkpoint
+    if spec.name in done:
       self.last_evals[spec.name] = done[spec.name]
       return
     ctx = evaluators_lib.EvalContext(run=self.run, state=self.state, step=step,
@@ -626,7 +666,8 @@ class Loop:
           f"{self._last_good()}")
     self.last_evals[spec.name] = values
     epoch = math.ceil(step / self.run.steps_per_epoch)
-    self.writer.write(step, spec.name, values, epoch=epoch)
+    self.writer.write(step, spec.name, values, epoch=epoch,
+                      final=final_mark(spec, self.config) if self.final else None)
     if self.final:  # the checkpoint of this step records that it is done (not made again)
       self.meta.setdefault("final_evals", {})[spec.name] = values
       self.meta.setdefault("final_eval_settings", {})[spec.name] = eval_settings(
@@ -705,7 +746,9 @@ class Loop:
             "schedule": run_lib.schedule_record(self.config)}
 
   def _repair_best(self) -> None:
-    """A resume whose best checkpoint is gone re-evaluates the restored state as the best."""
+    """A resume whose best checkpoint is gone re-evaluates the restored state as the best (a
+    finished run's recorded final evaluations are taken as they are); the rows of that step
+    already in ``metrics.jsonl`` are rewritten, not written twice (``MetricWriter``)."""
     best = self.meta.get("best")
     if not best or best_checkpoint(best) in self.checkpointer.steps():
       return
@@ -783,7 +826,7 @@ class Loop:
     missing = [e for e in self.evaluations if e.name not in done]
     if missing:  # a finished run resumed with an evaluator it has not run (or with other
       # settings), or a checkpoint of a version that did not record them: made once, and
-      # recorded in the checkpoint
+      # recorded in the checkpoint (a row a kill before that record left is rewritten)
       self._at_boundary(step, only=missing, final=True)
       self._record_final_evals()
     final_eval = {e.name: done[e.name] for e in self.evaluations}

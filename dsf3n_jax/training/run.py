@@ -214,11 +214,15 @@ def prepare_run(config: ml_collections.ConfigDict, workdir=None, *, model=None,
                 loss_fn: losses.LossFn | None = None) -> Run:
   """Every check that needs no compile: the config (all problems at once), data, workdir.
 
-  The workdir is created (and checked to be writable) last, so a config or data error
-  leaves nothing behind. ``workdir=None``: nothing is written (the run's parts only).
-  ``model`` and ``loss_fn``: as ``train_and_evaluate`` takes them.
+  A workdir that cannot be made or written (a parent that is a file, a folder without write
+  permission) is refused before the data is read (``workdir.check_writable``); it is created
+  (and checked to be writable) last, so a config or data error leaves nothing behind.
+  ``workdir=None``: nothing is written (the run's parts only). ``model`` and ``loss_fn``: as
+  ``train_and_evaluate`` takes them.
   """
   config_check.validate(config, num_devices=jax.device_count())
+  if workdir is not None:  # before the data is read, which may take long
+    workdir_lib.check_writable(workdir)
   sources = load_data(config)
   num_train = len(sources.train)
   if config.batch_size > num_train:

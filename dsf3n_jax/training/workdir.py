@@ -59,6 +59,31 @@ def prepare(workdir) -> epath.Path:
   return workdir
 
 
+def check_writable(workdir) -> epath.Path:
+  """``workdir`` (resolved) if it can be created and written, checked without creating it:
+  the nearest of it and its parents that exists is a folder this process may write in, and
+  none is a file. Else a ``WorkdirError`` naming it and why, e.g. ``--workdir=/a/b/run: not
+  writable (/a/b is a file, not a folder)``. A bucket is checked when ``prepare`` makes it.
+  (As root, ``os.access`` says writable whatever the permission bits: ``prepare``'s write
+  probe stays the last word.)
+  """
+  workdir = resolve(workdir)
+  if not _is_local(workdir):
+    return workdir
+  for folder in [workdir, *workdir.parents]:
+    path = os.fspath(folder)
+    if os.path.isdir(path):
+      if not os.access(path, os.W_OK | os.X_OK):
+        reason = f"no permission to write in {path}" if folder == workdir else \
+            f"cannot create it: no permission to write in {path}"
+        raise WorkdirError(f"--workdir={workdir}: not writable ({reason})")
+      return workdir
+    if os.path.lexists(path):  # a file, or a link to nothing, where a folder must be
+      what = "a file" if os.path.exists(path) else "a broken link"
+      raise WorkdirError(f"--workdir={workdir}: not writable ({path} is {what}, not a folder)")
+  return workdir
+
+
 def new_folders(path) -> list[epath.Path]:
   """``path`` and its parents that do not exist yet, innermost first: the folders that
   creating it creates. Empty for a bucket, which has no folders to leave behind."""
@@ -362,6 +387,13 @@ def read_results(workdir) -> dict[str, Any] | None:
   return results if isinstance(results, dict) else None
 
 
+def _record_key(record: Mapping[str, Any]) -> tuple[int, str, Any]:
+  """What tells a ``metrics.jsonl`` record from another of its step: its split (an evaluator's
+  name, or ``train``) and ``final`` (``MetricWriter.write``)."""
+  final = record.get("final")
+  return record.get("step", 0), record.get("split"), final if isinstance(final, str) else None
+
+
 class _EpathEventFile:
   """A TensorBoard event file written through ``epath`` (whole, at each flush)."""
 
@@ -415,7 +447,12 @@ class MetricWriter:
 
   On resume, ``metrics.jsonl`` is cut back to the restored step so that it
   never holds records of steps that are replayed, and TensorBoard purges their
-  events (``purge_step``).
+  events (``purge_step``). A record of the restored step that a resumed run makes again
+  (an evaluation of the restored state: the repair of a missing best, or a final evaluation
+  whose record in the checkpoint a kill prevented) replaces the one the file holds, in
+  place, in one atomic rewrite of the file: one record per step, split and kind (``final``:
+  a final evaluation's mark, ``write``), never a second. Records this process wrote are
+  never replaced.
   """
 
   def __init__(self, workdir, *, resume_step: int | None):
@@ -423,6 +460,9 @@ class MetricWriter:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
     self.lines: list[str] = []
+    # (step, split, final) of each line read back on resume (what a write of the same
+    # replaces); None for a line this process wrote.
+    self.keys: list[tuple[int, str, Any] | None] = []
     if not self.active:
       return
     if self.path.exists():
@@ -431,7 +471,8 @@ class MetricWriter:
           if not line.strip():
             continue
           try:
-            step = json.loads(line).get("step", 0)
+            record = json.loads(line)
+            step = record.get("step", 0)
             if not isinstance(step, int) or isinstance(step, bool):
               raise ValueError(f"its step is {step!r}, not an int")
           except (ValueError, AttributeError) as e:
@@ -439,6 +480,7 @@ class MetricWriter:
                              "repair or delete that line to resume") from e
           if step <= resume_step:
             self.lines.append(line + "\n")
+            self.keys.append(_record_key(record))
       atomic_write(self.path, "".join(self.lines))
     tensorboard = epath.Path(workdir) / "tensorboard"
     if not _is_local(tensorboard):
@@ -451,17 +493,43 @@ class MetricWriter:
         os.fspath(tensorboard), purge_step=(resume_step or 0) + 1,
         filename_suffix=f".{time.time_ns()}")
 
-  def write(self, step: int, split: str, values: Mapping[str, Any], **extra) -> None:
+  def adopt_final(self, step: int, split: str, final: str, *, after: int) -> None:
+    """Takes the unmarked records of ``step`` and ``split`` read back, after the first
+    ``after`` of them, as the final evaluation ``final``: those a version that did not mark
+    its final evaluations left, which a ``write`` of that evaluation then replaces."""
+    unmarked = [i for i, key in enumerate(self.keys) if key == (step, split, None)]
+    for i in unmarked[after:]:
+      self.keys[i] = (step, split, final)
+
+  def write(self, step: int, split: str, values: Mapping[str, Any], *,
+            final: str | None = None, **extra) -> None:
+    """Writes one record (``step``, ``split``, ``extra``, ``values``) to both logs.
+
+    ``final``: the record is a final evaluation's, made with the settings this string stands
+    for (``"final"`` in the record): an early stop's final evaluation of a step is a record
+    beside that step's periodic one, and a final evaluation made with other settings is
+    another record. A record read back on resume with the same step, split and ``final`` is
+    replaced by this one (its copies removed), where it stands.
+    """
     if not self.active:
       return
     record = {"step": int(step), "split": split, **extra,
+              **({} if final is None else {"final": final}),
               **{k: float(v) for k, v in values.items()}}
+    line, key = json.dumps(record) + "\n", (int(step), split, final)
+    same = [i for i, k in enumerate(self.keys) if k == key]
+    if same:  # made again after a resume: in place of the record (and its copies) read back
+      self.lines[same[0]], self.keys[same[0]] = line, None
+      for i in reversed(same[1:]):
+        del self.lines[i], self.keys[i]
+    else:
+      self.lines.append(line)
+      self.keys.append(None)
     # The whole file, atomically: object stores cannot append (a few hundred lines a run).
-    self.lines.append(json.dumps(record) + "\n")
     atomic_write(self.path, "".join(self.lines))
-    for key, value in {**values, **extra}.items():
-      if key != "epoch":
-        self.tb.add_scalar(f"{split}/{key}", float(value), int(step))
+    for name, value in {**values, **extra}.items():
+      if name != "epoch":
+        self.tb.add_scalar(f"{split}/{name}", float(value), int(step))
     self.tb.flush()
 
   def close(self) -> None:
