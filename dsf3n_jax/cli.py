@@ -5,7 +5,9 @@ per line of its message (a ``config_check.ConfigError`` has one per problem).
 The exit status is the exception's ``exit_status`` attribute if it has one (2:
 a usage error, as ``UsageError`` and ``ConfigError``), else 1. ``--verbose`` on
 the command line or ``DSF3N_VERBOSE=1`` in the environment prints the full
-traceback first. ``KeyboardInterrupt`` and ``SystemExit`` pass through.
+traceback first. An exception's ``details`` (text, e.g. how to get a missing file) follow
+its error lines as they are, not as errors. ``KeyboardInterrupt`` and ``SystemExit`` pass
+through.
 ``check_files`` and ``check_out_folder`` are the tools' shared checks of path flags.
 """
 
@@ -142,11 +144,15 @@ def error_lines(exc: BaseException) -> list[str]:
 
 
 def report(exc: BaseException, *, verbose: bool = False) -> int:
-  """Prints ``exc`` to stderr (traceback first if ``verbose``); returns the exit status."""
+  """Prints ``exc`` to stderr (traceback first if ``verbose``; its ``details`` after the error
+  lines, unprefixed); returns the exit status."""
   if verbose:
     traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
   for line in error_lines(exc):
     print(f"error: {line}", file=sys.stderr)
+  details = getattr(exc, "details", None)
+  if isinstance(details, str) and details.strip():
+    print(details.rstrip(), file=sys.stderr)
   sys.stderr.flush()
   return int(getattr(exc, "exit_status", RUNTIME_STATUS))
 

@@ -21,6 +21,9 @@ Command line::
   python -m dsf3n_jax.convert --to_torch RUN_DIR out.pth [--checkpoint best|latest]  # a run
   python -m dsf3n_jax.convert --to_torch in.npz out.pth [--num_batches_tracked STEPS]  # back
 
+The flags of one direction are refused in the other (``TO_RUN_FLAGS``, ``TO_TORCH_FLAGS``:
+a usage error, exit status 2), as is ``--checkpoint`` for an ``.npz``, not ignored.
+
 ``--to_torch RUN_DIR`` exports a training run (its best checkpoint by default) as a
 ``.pth`` that the original's ``CrossModal_NN`` loads with ``strict=True``, every
 BatchNorm's ``num_batches_tracked`` the checkpoint's step (for a run converted from a
@@ -273,16 +276,16 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("dst", help="output folder (or, with --to_torch, the .pth file)")
   parser.add_argument("--to_torch", action="store_true",
                       help="a run (or .npz) -> .pth instead")
-  parser.add_argument("--checkpoint", default="best", choices=("best", "latest"),
+  parser.add_argument("--checkpoint", default=None, choices=("best", "latest"),
                       help="with --to_torch of a run: which of its checkpoints (default best)")
   parser.add_argument("--num_batches_tracked", type=int, default=None,
                       help="with --to_torch: every BatchNorm's num_batches_tracked, i.e. the "
                       "number of training steps of the run the weights come from (default: "
                       "the checkpoint's step for a run; for a run converted from a .pth, that "
                       ".pth's counts plus the steps trained since; 0 for an .npz)")
-  parser.add_argument("--format", default="orbax", choices=sorted(WRITERS),
-                      help="torch -> flax output: orbax (a workdir that training resumes and "
-                      "retrieve/visualize read) or npz")
+  parser.add_argument("--format", default=None, choices=sorted(WRITERS),
+                      help="torch -> flax output: orbax (default: a workdir that training "
+                      "resumes and retrieve/visualize read) or npz")
   parser.add_argument("--num_classes", type=int, default=None,
                       help="default: read off the state dict")
   parser.add_argument("--model_config", default=None,
@@ -299,6 +302,34 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+# The flags of one direction only: given in the other, a ``cli.UsageError`` (not ignored).
+TO_RUN_FLAGS = ("format", "num_classes", "model_config", "mfa_variant", "no_mfa",
+                "kernel_sizes", "no_strict")
+TO_TORCH_FLAGS = ("checkpoint", "num_batches_tracked")
+
+
+def _check_direction(args: argparse.Namespace) -> None:
+  """A ``cli.UsageError`` for the first flag given that the other direction reads (all
+  default to None or False): ``--format`` with ``--to_torch``, ``--checkpoint`` without."""
+  if args.to_torch:
+    names, belongs = TO_RUN_FLAGS, ("a flag of the .pth -> run direction (without --to_torch); "
+                                    "not read with --to_torch")
+  else:
+    names, belongs = TO_TORCH_FLAGS, ("a flag of --to_torch (a run or variables .npz -> .pth); "
+                                      "not read without it")
+  for name in names:
+    value = getattr(args, name)
+    if value is None or value is False:
+      continue
+    if value is True:
+      flag = f"--{name}"
+    elif isinstance(value, list):
+      flag = f"--{name}={','.join(map(str, value))}"
+    else:
+      flag = f"--{name}={value}"
+    raise cli.UsageError(f"{flag}: {belongs}")
+
+
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   """Command-line entry point; returns the path written.
 
@@ -310,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   """
   parser = _parser()
   args = parser.parse_args(argv)
+  _check_direction(args)
 
   src, dst = pathlib.Path(args.src), pathlib.Path(args.dst).absolute()
   if not (src.is_file() or (args.to_torch and src.is_dir())):
@@ -328,9 +360,13 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         raise cli.UsageError(f"--to_torch {args.src}: no training run here "
                              f"({workdir_lib.RUN_FILE} not found); expected a training run's "
                              "folder or a variables .npz")
-      variables, step, fields = _run_variables(src, args.checkpoint)
+      variables, step, fields = _run_variables(src, args.checkpoint or "best")
       tracked = run_num_batches_tracked(src, step)
     else:
+      if args.checkpoint is not None:
+        raise cli.UsageError(f"--checkpoint={args.checkpoint}: read with --to_torch of a "
+                             f"training run's folder only; {args.src} is a variables file "
+                             "(one set of weights)")
       from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
       variables, tracked, fields = load_npz(src), 0, retrieval.load_variables(src)[1] or {}
     if args.num_batches_tracked is not None:
@@ -342,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
       paths.atomic_write(fields_path(dst), json.dumps(fields, indent=2) + "\n")
     return dst
 
+  args.format = args.format or "orbax"
   if args.format == "orbax" and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
     found = "a file" if not dst.is_dir() else ", ".join(sorted(p.name for p in dst.iterdir())[:5])
     parser.error(f"dst: {dst} is not an empty folder ({found}); the orbax format writes a new "

@@ -224,17 +224,23 @@ def read_features(path: pathlib.Path, *, what: str) -> Library:
                  None if labels is None else np.asarray(labels), _file_origin(path), str(path))
 
 
-def open_library(*, modality: str, run: RunModel | None, source: str | None = None,
-                 tfds: str | None = None, data_dir: str | None = None,
-                 split: str | None = None) -> Library:
+def open_library(*, modality: str, workdir: str | None = None, config: Any = None,
+                 source: str | None = None, tfds: str | None = None,
+                 data_dir: str | None = None, split: str | None = None) -> Library:
   """The items of ``modality`` from ``--source`` / ``--tfds`` (default: the run's dataset).
 
-  ``split``: of a paired file, the TFDS dataset or the run's data (default "test"); refused
-  for a features-only file, which has none.
+  Reads no checkpoint: ``main`` opens the library, checking its flags, before it restores the
+  run. ``workdir``: the run (needed for ``--tfds`` and the run's dataset); ``config``: its
+  config (default: read from ``workdir``'s ``config.json``). ``split``: of a paired file, the
+  TFDS dataset or the run's data (default "test"); refused for a features-only file, which
+  has none.
   """
   from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
   if source and tfds:
     raise cli.UsageError("--source and --tfds: give one of them")
+  if data_dir and not tfds:
+    raise cli.UsageError(f"--data_dir={data_dir}: read with --tfds only (the TFDS data_dir of "
+                         "the dataset it names)")
   if source:
     path = pathlib.Path(source)
     if not path.exists():
@@ -251,20 +257,27 @@ def open_library(*, modality: str, run: RunModel | None, source: str | None = No
                            "splits); drop --split")
     return read_features(path, what=f"--source={source}")
   split = split or "test"
-  if run is None:
+  if workdir is None:
     raise cli.UsageError("--workdir: needed to embed a source (or give --embeddings)")
   if tfds:
+    # load_sources carves no validation split: the name is checked before the dataset is read
+    # (or built).
+    _check_split_name(split, ("train", "test"), f"--tfds={tfds}")
     sources = _tfds_sources(tfds, data_dir)
     return Library(None, None, None, {"tfds": tfds, "split": split, **sources.origin},
                    f"--tfds={tfds} ({split})", _split(sources, split, f"--tfds={tfds}"),
                    modality)
   from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-  if not train.has_data(run.workdir):
-    raise cli.UsageError(f"--workdir={run.workdir}: converted weights, trained on no dataset "
+  from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
+  if not train.has_data(workdir):
+    raise cli.UsageError(f"--workdir={workdir}: converted weights, trained on no dataset "
                          "of its config: give the items with --source=FILE or --tfds=NAME")
+  config = restore.run_config(workdir) if config is None else config
+  _check_split_name(split, ("train", "validation", "test") if config.data.get(
+      "validation_fraction") else ("train", "test"), "the run's dataset")
   # The run's own data as stored: the embedder standardises it as the run did.
-  sources = train.load_data(run.config, normalize=False)
-  return Library(None, None, None, {"run": run.workdir, "split": split},
+  sources = train.load_data(config, normalize=False)
+  return Library(None, None, None, {"run": str(workdir), "split": split},
                  f"the run's {split} split", _split(sources, split, "the run's dataset"),
                  modality)
 
@@ -278,6 +291,13 @@ def _tfds_sources(name: str, data_dir: str | None):
     return input_pipeline.load_sources(name, data_dir=data_dir, flag="--tfds")
   except UnknownDatasetError as e:
     raise cli.UsageError(str(e)) from e
+
+
+def _check_split_name(split: str, splits: tuple[str, ...], where: str) -> None:
+  """``split`` one of ``splits`` (those ``where`` has), checked before its data is read."""
+  if split not in splits:
+    raise cli.UsageError(f"--split={split}: {where} has no such split; expected one of its "
+                         f"splits: {', '.join(splits)}")
 
 
 def _split(sources, split: str, where: str):
@@ -458,9 +478,9 @@ def main(argv=None) -> int:
   except distributed.SettingsError as e:
     raise cli.UsageError(str(e)) from e
   if args.embeddings:
-    if args.workdir or args.source or args.tfds or args.split:
-      raise cli.UsageError("--embeddings: give it alone (no --workdir, --source, --tfds or "
-                           "--split)")
+    if args.workdir or args.source or args.tfds or args.data_dir or args.split:
+      raise cli.UsageError("--embeddings: give it alone (no --workdir, --source, --tfds, "
+                           "--data_dir or --split)")
     path = pathlib.Path(args.embeddings)
     if not path.exists():
       raise cli.UsageError(f"--embeddings={args.embeddings}: no such file")
@@ -470,9 +490,14 @@ def main(argv=None) -> int:
     return 0
   if not args.workdir:
     raise cli.UsageError("--workdir: the trained run to embed with (or --embeddings=FILE)")
+  # The run's config.json (a folder that is no run is named now), then the library: a bad
+  # --source, --tfds or --split is refused before the checkpoint is read (RunModel.load
+  # restores the run: slow for a large model).
+  from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
+  library = open_library(modality=modality, workdir=args.workdir,
+                         config=restore.run_config(args.workdir), source=args.source,
+                         tfds=args.tfds, data_dir=args.data_dir, split=args.split)
   run = RunModel.load(args.workdir, which=args.checkpoint)
-  library = open_library(modality=modality, run=run, source=args.source, tfds=args.tfds,
-                         data_dir=args.data_dir, split=args.split)
   build(args.out, library, modality=modality, embed=run.embedder(
       modality, batch_size=args.batch_size), input_dim=run.input_dim(modality),
         fingerprint=run.fingerprint, protocol="unimodal", chunk_size=args.chunk_size,

@@ -14,6 +14,7 @@ by cosine) are L2-normalised. Works for any dataset.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -123,7 +124,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--variables")
   p.add_argument("--data", help="paired-feature file; needed for the raw-feature figure")
   p.add_argument("--model_kwargs", default=None)
-  p.add_argument("--split", default="test")
+  p.add_argument("--split", default=None,
+                 help="split to embed and to draw the raw features of (default test); with "
+                 "--embeddings only with --data (the split of its raw features: the one the "
+                 "embeddings were made of)")
   p.add_argument("--protocol", choices=retrieval.PROTOCOLS, default="unimodal",
                  help="unimodal: each item embedded from its own modality alone (deployable); "
                  "paired: each item embedded with its paired item (the paper's protocol)")
@@ -158,6 +162,11 @@ def main(argv=None) -> int:
   if not args.perplexity > 0:
     raise cli.UsageError(f"--perplexity={args.perplexity}: expected a number > 0")
   out = cli.check_out_folder("--out_dir", args.out_dir)
+  if args.embeddings and not args.data and args.split is not None:
+    raise cli.UsageError(f"--split={args.split}: not read with --embeddings alone (the "
+                         "embeddings are of the split they were made of); with --data=FILE it "
+                         "names the split of the raw features")
+  args.split = args.split or "test"
   if args.data and args.embeddings:  # embeddings_from_flags checks --data where it embeds it
     cli.check_files(("--data", args.data))
     retrieval.check_split(args.data, args.split, where=f"--data={args.data}")
@@ -200,7 +209,9 @@ def main(argv=None) -> int:
   xy_v, xy_a = joint_tsne(emb.emb_visual[rows], emb.emb_audio[rows], seed=args.seed,
                           perplexity=args.perplexity, kind="embedding")
   path = out / "embeddings.png"
-  plot_plane(xy_v, xy_a, labels, title=f"learned embeddings ({args.split})", path=path)
+  # --embeddings alone: their split is not known here (not the default --split).
+  split = pathlib.Path(args.embeddings).name if args.embeddings and not args.data else args.split
+  plot_plane(xy_v, xy_a, labels, title=f"learned embeddings ({split})", path=path)
   written.append(path)
   log("embeddings' t-SNE in %.1f s", time.perf_counter() - t0)
   for p in written:

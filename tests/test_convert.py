@@ -411,6 +411,38 @@ def test_usage_errors_name_the_argument_given_and_exit_2(tmp_path, capsys):
   assert not (tmp_path / "o.pth").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_flag_of_the_other_direction_is_refused_not_ignored(tmp_path, capsys):
+  """Each flag of one direction, given in the other: a usage error naming the flag and its
+  direction (exit status 2), before anything is read or written."""
+  from dsf3n_jax import cli
+  np.savez(tmp_path / "v.npz", x=np.zeros(2))
+  (tmp_path / "in.pth").write_bytes(b"not read")
+  to_torch = ["--to_torch", str(tmp_path / "v.npz"), str(tmp_path / "o.pth")]
+  to_run = [str(tmp_path / "in.pth"), str(tmp_path / "out")]
+  run_side = "a flag of the .pth -> run direction (without --to_torch); not read with --to_torch"
+  torch_side = "a flag of --to_torch (a run or variables .npz -> .pth); not read without it"
+  for argv, line in (
+      ([*to_torch, "--format", "npz"], f"--format=npz: {run_side}"),
+      ([*to_torch, "--format=orbax"], f"--format=orbax: {run_side}"),
+      ([*to_torch, "--num_classes=3"], f"--num_classes=3: {run_side}"),
+      ([*to_torch, f"--model_config={tmp_path / 'm.json'}"],
+       f"--model_config={tmp_path / 'm.json'}: {run_side}"),
+      ([*to_torch, "--mfa_variant=paper"], f"--mfa_variant=paper: {run_side}"),
+      ([*to_torch, "--no_mfa"], f"--no_mfa: {run_side}"),
+      ([*to_torch, "--kernel_sizes=3,5"], f"--kernel_sizes=3,5: {run_side}"),
+      ([*to_torch, "--no_strict"], f"--no_strict: {run_side}"),
+      ([*to_run, "--checkpoint=latest"], f"--checkpoint=latest: {torch_side}"),
+      ([*to_run, "--num_batches_tracked=5"], f"--num_batches_tracked=5: {torch_side}"),
+      # A variables file holds one set of weights: no checkpoint to choose.
+      ([*to_torch, "--checkpoint=best"],
+       f"--checkpoint=best: read with --to_torch of a training run's folder only; "
+       f"{tmp_path / 'v.npz'} is a variables file (one set of weights)")):
+    capsys.readouterr()
+    assert cli.run(convert.main, argv) == 2, argv
+    assert capsys.readouterr().err.splitlines() == [f"error: {line}"], argv
+  assert not (tmp_path / "o.pth").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_file_that_is_not_a_pth_is_one_error_line(tmp_path):
   bad = tmp_path / "features.npz"
   np.savez(bad, x=np.zeros(3))

@@ -180,10 +180,39 @@ def test_bad_file_leaves_no_dataset(data_dirs):
 
 
 def test_missing_manual_file(data_dirs):
+  """One line naming the folder, that it is empty (or lacks the file) and what it should
+  hold; the instructions apart, as the error's details."""
   from dsf3n_jax import input_pipeline
   data_dir, manual = data_dirs
-  with pytest.raises(DataValidationError, match="vegas_feature_norm.h5.*manual_dir"):
+  with pytest.raises(DataValidationError) as e:
     input_pipeline.load_sources("vegas", data_dir=data_dir, path=str(manual))
+  assert str(e.value) == (f"vegas: manual_dir {manual} is empty; expected "
+                          "vegas_feature_norm.h5 or vegas_feature_norm.npz there")
+  assert "python -m dsf3n_jax.datasets.build vegas --manual_dir=DIR" in e.value.details
+  (manual / "notes.txt").write_text("x")
+  with pytest.raises(DataValidationError) as e:
+    input_pipeline.load_sources("vegas", data_dir=data_dir, path=str(manual))
+  assert str(e.value) == (f"vegas: manual_dir {manual} holds no vegas_feature_norm.h5 or "
+                          "vegas_feature_norm.npz (found: notes.txt)")
+
+
+def test_the_build_command_names_a_missing_manual_folder_first(tmp_path):
+  """The error line names the folder and that it does not exist; the dataset's instructions
+  follow as text, not as more errors (nor a traceback, for paired_features)."""
+  for name, expected in (("vegas", "vegas_feature_norm.h5 or vegas_feature_norm.npz"),
+                         ("paired_features", "one .h5/.npz file")):
+    out = subprocess.run(
+        [sys.executable, "-m", "dsf3n_jax.datasets.build", name,
+         f"--manual_dir={tmp_path / 'absent'}", f"--data_dir={tmp_path / 'tfds'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    errors = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [f"error: {name}: manual_dir {tmp_path / 'absent'} does not exist; "
+                      f"expected {expected} there"], out.stderr[-2000:]
+    after = out.stderr.split(errors[0], 1)[1]
+    assert (f"python -m dsf3n_jax.datasets.build {name}" in after
+            and "--manual_dir" in after), out.stderr[-2000:]
 
 
 def test_paired_features_and_dim_check(data_dirs):

@@ -482,6 +482,48 @@ def test_usage_errors_name_the_flag_given_and_exit_2(run, tmp_path, capsys):
   assert "built from given embeddings (no model): pass query embeddings" in line
 
 
+@SHARES_RUN
+def test_index_refuses_bad_source_flags_before_it_restores_the_run(run, tmp_path, capsys,
+                                                                   monkeypatch):
+  """A dataset name, a split the source lacks, flags that do not go together: refused before
+  the run's checkpoint is read (restoring a large model takes long); good flags still build."""
+  workdir = run[0]
+  pairs = workdir.parent / "pairs.npz"
+  restored = []
+
+  def restore_model(*args, **kwargs):
+    restored.append(args)
+    raise AssertionError("the run was restored before the flags were checked")
+
+  real = train.restore_model
+  monkeypatch.setattr(train, "restore_model", restore_model)
+  flags = [f"--workdir={workdir}", "--modality=visual", f"--out={tmp_path / 'a'}"]
+  for argv, start in (
+      (["--tfds=bad_name"], "--tfds=bad_name: not 'synthetic' and not a TFDS dataset"),
+      (["--tfds=synthetic", "--split=validation"],
+       "--split=validation: --tfds=synthetic has no such split; expected one of its splits: "
+       "train, test"),
+      (["--split=valid"], "--split=valid: the run's dataset has no such split; expected one of "
+       "its splits: train, "),
+      ([f"--source={pairs}", "--split=validation"],
+       f"--split=validation: --source={pairs} has no such split"),
+      ([f"--source={pairs}", "--tfds=synthetic"], "--source and --tfds: give one of them"),
+      ([f"--data_dir={tmp_path}"], f"--data_dir={tmp_path}: read with --tfds only")):
+    capsys.readouterr()
+    assert cli.run(index_lib.main, [*flags, *argv]) == 2, argv
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {start}"), (argv, lines)
+  assert not restored and not (tmp_path / "a").exists()
+  # Good flags: the library is opened, then the run restored (once) and the index built.
+  monkeypatch.setattr(train, "restore_model", lambda *a, **k: restored.append(a) or real(
+      *a, **k))
+  assert _index(*flags, "--tfds=synthetic", f"--data_dir={tmp_path / 'tfds'}",
+                "--split=test") == 0
+  assert len(restored) == 1
+  built = search_lib.Index.load(tmp_path / "a")
+  assert built.manifest["source"]["split"] == "test" and built.count == 600
+
+
 @pytest.mark.slow
 @SHARES_RUN
 def test_two_processes_build_the_index_one_process_builds(run, tmp_path):

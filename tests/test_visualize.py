@@ -42,6 +42,23 @@ def test_cli_writes_both_figures_saying_what_it_does(tmp_path, capfd):
     assert said in err, err
 
 
+def test_embeddings_alone_draw_one_figure_that_names_no_split(tmp_path, monkeypatch):
+  rng = np.random.default_rng(4)
+  n = 30
+  labels = rng.integers(0, 3, n)
+  retrieval.save_embeddings(tmp_path / "train_emb.npz", retrieval.Embeddings(
+      rng.normal(size=(n, 8)).astype(np.float32), rng.normal(size=(n, 8)).astype(np.float32),
+      labels, np.arange(n), protocol="unimodal"))
+  titles = []
+  plot = visualize.plot_plane
+  monkeypatch.setattr(visualize, "plot_plane",
+                      lambda *a, **k: titles.append(k["title"]) or plot(*a, **k))
+  assert visualize.main([f"--embeddings={tmp_path / 'train_emb.npz'}",
+                         f"--out_dir={tmp_path / 'figs'}", "--perplexity=5"]) == 0
+  assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["embeddings.png"]
+  assert titles == ["learned embeddings (train_emb.npz)"]  # not the default split's "(test)"
+
+
 def test_bad_input_is_named_and_classes_keep_distinct_colours(tmp_path):
   rng = np.random.default_rng(2)
   n = 30
@@ -98,6 +115,10 @@ def test_usage_errors_are_found_before_anything_is_embedded_and_exit_2(tmp_path,
       ([figs, "--max_points=0"], "--max_points=0: expected at least 1"),
       ([figs, "--batch_size=0"], "--batch_size=0: expected an int >= 1"),
       ([figs, "--perplexity=-1"], "--perplexity=-1.0: expected a number > 0"),
+      # --split beside --embeddings alone would only relabel the figure: refused.
+      ([f"--embeddings={tmp_path / 'emb.npz'}", "--split=train", figs],
+       "--split=train: not read with --embeddings alone (the embeddings are of the split they "
+       "were made of); with --data=FILE it names the split of the raw features"),
       ([f"--embeddings={tmp_path / 'emb.npz'}", f"--data={tmp_path / 'data.npz'}",
         "--split=train", figs],
        f"--split=train: --data={tmp_path / 'data.npz'} has no such split (no visual_train, "

@@ -28,6 +28,7 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from dsf3n_jax.datasets import synthetic as synthetic_lib
 from dsf3n_jax.datasets import validation
@@ -100,21 +101,37 @@ class _PairedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, {"visual": visual[i], "audio": audio[i], "label": int(label[i]), "index": i}
 
 
+def _manual_dir(dl_manager, *, dataset: str, expected: str, instructions: str) -> str:
+  """The manual dir (``--manual_dir``; TFDS's default ``<data_dir>/downloads/manual``), or a
+  one-line ``DataValidationError`` naming it, that it is missing (or empty) and ``expected``
+  there, with the dataset's ``instructions`` as its ``details`` (printed after it)."""
+  try:
+    return os.fspath(dl_manager.manual_dir)
+  except AssertionError as e:  # TFDS: missing or empty, in one message with the instructions
+    folder = getattr(dl_manager, "_manual_dir", None)  # the folder TFDS looked in
+    if folder is None:
+      state = f"manual_dir not set ({str(e).splitlines()[0]})"
+    else:
+      state = (f"manual_dir {folder} is empty" if epath.Path(folder).is_dir()
+               else f"manual_dir {folder} does not exist")
+    raise validation.DataValidationError(
+        f"{dataset}: {state}; expected {expected} there", details=instructions) from e
+
+
 def _manual_file(dl_manager, filenames: tuple[str, ...], *, dataset: str,
                  instructions: str) -> str:
-  """The first of ``filenames`` in the manual dir, or a clear error."""
-  try:
-    manual_dir = os.fspath(dl_manager.manual_dir)
-  except AssertionError as e:  # TFDS: the directory is missing or empty.
-    raise validation.DataValidationError(
-        f"{dataset}: none of {list(filenames)} found: manual_dir is missing or empty ({e})"
-    ) from e
+  """The first of ``filenames`` in the manual dir, or a clear error (``_manual_dir``)."""
+  expected = " or ".join(filenames)
+  manual_dir = _manual_dir(dl_manager, dataset=dataset, expected=expected,
+                           instructions=instructions)
   for name in filenames:
     path = os.path.join(manual_dir, name)
     if os.path.exists(path):
       return path
+  found = sorted(os.listdir(manual_dir))
   raise validation.DataValidationError(
-      f"{dataset}: none of {list(filenames)} found in manual_dir {manual_dir}.\n{instructions}")
+      f"{dataset}: manual_dir {manual_dir} holds no {expected} (found: "
+      f"{', '.join(found[:5])}{', ...' if len(found) > 5 else ''})", details=instructions)
 
 
 _MANUAL_TEMPLATE = """\
@@ -210,13 +227,15 @@ default `manual` config.
   def _load_arrays(self, dl_manager):
     path = self.builder_config.path
     if not path:
-      manual_dir = os.fspath(dl_manager.manual_dir)
+      manual_dir = _manual_dir(dl_manager, dataset="paired_features",
+                               expected="one .h5/.npz file",
+                               instructions=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
       files = sorted(f for f in os.listdir(manual_dir)
                      if os.path.splitext(f)[1].lower() in validation.SUFFIXES)
       if len(files) != 1:
         raise validation.DataValidationError(
             f"paired_features: manual_dir {manual_dir} must hold exactly one .h5/.npz file; "
-            f"found {files}")
+            f"found {files}", details=self.MANUAL_DOWNLOAD_INSTRUCTIONS)
       path = os.path.join(manual_dir, files[0])
     return validation.read_paired_file(path), path
 

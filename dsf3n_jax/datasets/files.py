@@ -30,7 +30,15 @@ SUFFIXES = (".h5", ".hdf5", ".npz")
 
 
 class DataValidationError(ValueError):
-  """A data file or array does not have the expected content."""
+  """A data file or array does not have the expected content.
+
+  ``details``: text that the command lines print after the error line as it is, not as
+  errors (``cli.report``), e.g. how to get a missing file; not part of ``str(error)``.
+  """
+
+  def __init__(self, *args, details: str | None = None):
+    super().__init__(*args)
+    self.details = details
 
 
 NPZ_EXPECTED = "an .npz of arrays (np.savez)"
