@@ -268,17 +268,20 @@ def test_flags_change_what_they_should(small_setup):
   np.testing.assert_allclose(no_mfa.emb_visual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("in1, block", [(3, 8), (16, 8), (16, 4), (16, None)],
-                         ids=["one_block", "two_blocks", "four_blocks", "unblocked"])
-def test_bilinear_hand_written_backward_equals_autodiff(in1, block, monkeypatch):
+@pytest.mark.parametrize("in1, in2, block", [(3, 4, 8), (16, 16, 8), (16, 8, 4), (8, 24, 8),
+                                             (16, 4, None)],
+                         ids=["one_block", "two_blocks", "four_by_two_blocks",
+                              "blocks_of_in2_alone", "unblocked"])
+def test_bilinear_hand_written_backward_equals_autodiff(in1, in2, block, monkeypatch):
   """``layers.bilinear``'s blocked product and custom VJP against autodiff of the plain
-  formula, float64, over one block, several, and with blocking off."""
+  formula, float64, over one block, several (of ``in1`` for the product and the inputs'
+  gradients, of ``in2`` for the kernel's), and with blocking off."""
   monkeypatch.setattr(layers, "BILINEAR_BLOCK", block)
   with jax.enable_x64(True):
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (5, in1), jnp.float64)
-    z = jax.random.normal(k[1], (5, 4), jnp.float64)
-    w = jax.random.normal(k[2], (in1, 4, 2), jnp.float64)
+    z = jax.random.normal(k[1], (5, in2), jnp.float64)
+    w = jax.random.normal(k[2], (in1, in2, 2), jnp.float64)
     g = jax.random.normal(k[3], (5, 2), jnp.float64)
     plain = lambda x, z, w: jnp.einsum("bi,bj,ijo->bo", x, z, w)
     np.testing.assert_allclose(layers.bilinear(x, z, w), plain(x, z, w), rtol=1e-13)
