@@ -255,10 +255,12 @@ def test_the_lock_is_a_lease_other_hosts_can_see_expire(tmp_path, monkeypatch):
   # waits for it to lapse and takes it over.
   path.write_text(json.dumps({**owner, "renewed": time.time()}))
   start = time.time()
-  lock = workdir_lib.WorkdirLock(tmp_path, lease_s=1.0, renew_s=0.05)
+  lock = workdir_lib.WorkdirLock(tmp_path, lease_s=1.0, renew_s=3600)  # no renewal seen here
   lock.acquire()
   assert 0.8 < time.time() - start < 10 and json.loads(path.read_text())["pid"] == os.getpid()
   assert "taking over the stale lock" in logged[-1]
+  # Written as renewed when it was taken, not when the wait began (a lease lapsed already).
+  assert json.loads(path.read_text())["renewed"] > start + 0.8
   lock.release()
   path.write_text(json.dumps({**owner, "renewed": time.time() - workdir_lib.LEASE_S - 1}))
   lock = workdir_lib.WorkdirLock(tmp_path, renew_s=0.05)  # a requeued job on another host
@@ -271,6 +273,96 @@ def test_the_lock_is_a_lease_other_hosts_can_see_expire(tmp_path, monkeypatch):
   assert json.loads(path.read_text())["renewed"] > first["renewed"]  # the holder renews it
   lock.release()
   assert not path.exists()
+
+
+def _take_over(lock, record) -> None:
+  """Another run takes ``lock``'s workdir over (as after the holder's lease lapsed): its lock
+  replaces the holder's. Returns once the holder's renewer saw it and stopped; written again
+  while it runs, since a renewal that read the holder's lock just before writes it back."""
+  deadline = time.monotonic() + 120
+  while lock._renewer.is_alive():
+    assert time.monotonic() < deadline, "the renewer never saw the other run's lock"
+    workdir_lib.atomic_write(lock.path, json.dumps(record))
+    lock._renewer.join(0.5)
+
+
+_OTHER_RUN = {"pid": 4242, "host": "other-host", "start_time": None,
+              "started": "2030-01-02 03:04:05"}
+
+
+def test_a_lock_another_run_took_is_recorded_and_left_to_it(tmp_path, monkeypatch):
+  path, logged = tmp_path / "lock", []
+  monkeypatch.setattr(workdir_lib, "log", lambda msg, *a: logged.append(msg % a))
+  other = {**_OTHER_RUN, "renewed": time.time()}
+  # The renewer that finds another run's lock records it and stops renewing.
+  lock = workdir_lib.WorkdirLock(tmp_path, renew_s=0.05)
+  lock.acquire()
+  assert lock.lost_to() is None
+  _take_over(lock, other)
+  assert lock.lost_to() == other and "another run took this workdir over" in logged[-1]
+  lock.release()
+  assert json.loads(path.read_text()) == other  # that run's, left as it is
+  # A process frozen past its lease, its renewer not run since: ``lost_to`` reads the lock.
+  path.unlink()
+  lock = workdir_lib.WorkdirLock(tmp_path, lease_s=0.2, renew_s=3600)
+  lock.acquire()
+  path.write_text(json.dumps(other))
+  assert lock.lost is None
+  time.sleep(0.2)  # the renewals are overdue after this (a lower bound only)
+  assert lock.lost_to() == other
+  lock.release()
+  assert json.loads(path.read_text()) == other
+
+
+class _TakeOver(actions_lib.PeriodicAction):
+  """Another run takes the workdir over after step ``at`` (``_take_over``); what the workdir
+  held then is kept in ``seen``."""
+
+  def __init__(self, at: int, locks, record):
+    super().__init__(every_steps=at)
+    self.locks, self.record, self.seen = locks, record, None
+
+  def __call__(self, loop, step):
+    if self.seen is None:
+      loop.checkpointer.wait()  # the saves before the takeover, complete
+      _take_over(self.locks[0], self.record)
+      self.seen = {"metrics": (loop.run.workdir / "metrics.jsonl").read_text(),
+                   "checkpoints": loop.checkpointer.steps()}
+
+
+@pytest.mark.parametrize("at", [7, 8])
+def test_a_run_whose_workdir_another_run_took_over_stops_and_writes_nothing_more(
+    tmp_path, monkeypatch, at):
+  """A takeover after step 7 is seen at the next boundary (step 8), one after step 8 before
+  the checkpoint of step 8: a ``WorkdirError`` naming that run, no record, checkpoint or
+  ``results.json`` written after it, and that run's lock left in the workdir."""
+  locks = []
+
+  class Lock(workdir_lib.WorkdirLock):  # renews every 50 ms: a takeover is seen at once
+    def __init__(self, workdir, **kwargs):
+      super().__init__(workdir, **{**kwargs, "renew_s": 0.05})
+      locks.append(self)
+
+  monkeypatch.setattr(workdir_lib, "WorkdirLock", Lock)
+  other = {**_OTHER_RUN, "renewed": time.time()}
+  config = tiny_config(num_epochs=2, checkpoint_every_steps=4)  # 6 steps/epoch: 4, 6, 8, 12
+  workdir = tmp_path / "run"
+  take_over = _TakeOver(at, locks, other)
+  with pytest.raises(workdir_lib.WorkdirError) as stopped:
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
+                             actions=[take_over])
+  message = str(stopped.value)
+  assert f"--workdir={workdir}: another run took it over" in message
+  assert (f"pid 4242 on host other-host (started 2030-01-02 03:04:05) holds {workdir}/lock now; "
+          "this run stopped at step 8 (epoch 2, step 2/6), wrote nothing more and saved no "
+          "checkpoint after it found the lock lost") in message
+  assert stopped.value.__notes__ == [f"last intact checkpoint: {workdir}/checkpoints/6"]
+  assert take_over.seen["checkpoints"] == [4, 6]
+  assert checkpoints.Checkpointer(workdir, read_only=True).steps() == [4, 6]
+  assert (workdir / "metrics.jsonl").read_text() == take_over.seen["metrics"]
+  assert max(json.loads(line)["step"] for line in take_over.seen["metrics"].splitlines()) == 6
+  assert not (workdir / "results.json").exists()
+  assert json.loads((workdir / "lock").read_text()) == other
 
 
 def test_a_profile_past_the_last_step_ends_at_the_last_step(tmp_path, monkeypatch):

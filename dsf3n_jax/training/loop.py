@@ -42,6 +42,12 @@ evaluation of the selection metric. ``results.json`` is written after the
 checkpoints it names are complete. Any failure closes the profiler, the
 checkpointer, the metric writer and the workdir lock before it propagates,
 with the last intact checkpoint named.
+
+Another run that took the workdir over (this run's lock lease lapsed: its process was
+frozen longer than ``workdir.LEASE_S``; ``workdir.WorkdirLock``) stops the run with a
+``WorkdirError`` naming that run, before the next write of a step boundary: an evaluation's
+record, a checkpoint, a checkpoint's rewritten meta, ``results.json``. Two writers would
+corrupt each other's checkpoints; that run's lock is left as it is.
 """
 
 from __future__ import annotations
@@ -130,6 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
   Raises:
     Preempted: SIGTERM / SIGINT (or JAX's preemption notice) arrived; a
       checkpoint of the step named was saved, and a rerun resumes from it.
+    workdir.WorkdirError: the workdir is another run's: at the start, or taken over
+      while this run's lease had lapsed (nothing more was written then).
   """
   start_time = time.time()
   with contextlib.ExitStack() as stack:
@@ -148,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
     stack.push(remove_new_folders_if_empty)
     run = run_lib.prepare_run(config, workdir, model=model, loss_fn=loss_fn)
     evaluations = _build_evaluations(run)  # a bad setting fails before anything compiles
-    _hold_workdir(run, stack)
+    lock = _hold_workdir(run, stack)
     new_folders[:0] = workdir_lib.new_folders(run.workdir / CHECKPOINTS)  # the lock is held
     checkpointer = Checkpointer(run.workdir, keep=config.keep_checkpoints,
                                 optimizer_state=config.get("checkpoint_optimizer_state", True))
@@ -177,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, model=None
       stack.callback(workdir_lib.close_within, writer.close, "the metric writer")
       if resumed:
         _adopt_unmarked_finals(run, writer, evaluations, meta, recorded or {})
-      loop = Loop(run, checkpointer, writer, watch, evaluations, extra_actions=actions)
+      loop = Loop(run, checkpointer, writer, watch, evaluations, extra_actions=actions,
+                  lock=lock)
       stack.callback(loop.close_actions)
       results = loop.fit(state, meta, start_time)
     except Preempted:
@@ -244,9 +253,11 @@ def _check_selection_metric(run: run_lib.Run, evaluations: Sequence[actions_lib.
         f"{', '.join(sorted(names))}"])
 
 
-def _hold_workdir(run: run_lib.Run, stack: contextlib.ExitStack) -> None:
-  """Process 0 takes the workdir's lock; every process learns whether it did."""
-  error = None
+def _hold_workdir(run: run_lib.Run,
+                  stack: contextlib.ExitStack) -> workdir_lib.WorkdirLock | None:
+  """Process 0 takes the workdir's lock (returned; None on the other processes); every process
+  learns whether it did."""
+  error, lock = None, None
   if run.is_main:
     lock = workdir_lib.WorkdirLock(run.workdir)
     try:
@@ -260,6 +271,7 @@ def _hold_workdir(run: run_lib.Run, stack: contextlib.ExitStack) -> None:
       error = workdir_lib.WorkdirError(f"--workdir={run.workdir}: process 0 could not lock it")
   if error is not None:
     raise error
+  return lock
 
 
 def _last_intact(checkpointer: Checkpointer) -> str:
@@ -466,8 +478,10 @@ class Loop:
   def __init__(self, run: run_lib.Run, checkpointer: Checkpointer,
                writer: workdir_lib.MetricWriter, watch: PreemptionWatch,
                evaluations: Sequence[actions_lib.Evaluate], *,
-               extra_actions: Sequence[actions_lib.PeriodicAction] = ()):
+               extra_actions: Sequence[actions_lib.PeriodicAction] = (),
+               lock: workdir_lib.WorkdirLock | None = None):
     self.run, self.config = run, run.config
+    self.lock = lock  # the workdir's, on process 0 (``_stop_if_workdir_taken``)
     self.checkpointer, self.writer, self.watch = checkpointer, writer, watch
     config, spe = self.config, run.steps_per_epoch
     self.total = config.num_epochs * spe
@@ -666,6 +680,7 @@ class Loop:
           f"{self._last_good()}")
     self.last_evals[spec.name] = values
     epoch = math.ceil(step / self.run.steps_per_epoch)
+    self._stop_if_workdir_taken(step)  # an evaluation may take longer than a lease
     self.writer.write(step, spec.name, values, epoch=epoch,
                       final=final_mark(spec, self.config) if self.final else None)
     if self.final:  # the checkpoint of this step records that it is done (not made again)
@@ -730,7 +745,8 @@ class Loop:
     return f"last good checkpoint: {last}{' (kept)' if last != 'none' else ''}"
 
   def save(self, step: int) -> None:
-    """Saves ``checkpoints/<step>``; the state must be finite."""
+    """Saves ``checkpoints/<step>``; the state must be finite, the workdir still this run's."""
+    self._stop_if_workdir_taken(step)
     self.checkpointer.check_for_errors()
     if not bool(_state_is_finite(self.state)):
       raise FloatingPointError(
@@ -764,6 +780,7 @@ class Loop:
     if self.meta["best"] is not None:
       self.meta["best"]["checkpoint"] = number
     # The restored checkpoint's state is this state: only its meta changes (one file).
+    self._stop_if_workdir_taken(step)
     self.checkpointer.rewrite_meta(number, {**self._checkpoint_meta(step), "checkpoint": number})
 
   # -- the run -------------------------------------------------------------------------------
@@ -773,6 +790,7 @@ class Loop:
 
     ``final``: the evaluations are the run's last (default: at its last step).
     """
+    self._stop_if_workdir_taken(step)  # before any action writes
     self.last_evals, self.new_best, self._output_cache = {}, False, {}
     self.final = step >= self.total if final is None else final
     self.saved_at = None
@@ -833,6 +851,7 @@ class Loop:
     results = _results(run, self.meta, self.state, final_eval, stopped=self.stopping,
                        start_time=start_time, train_time=self.train_time,
                        trained_steps=self.trained_steps, first_step_s=self.first_step_s)
+    self._stop_if_workdir_taken(step)
     if run.is_main:
       workdir_lib.write_results(run.workdir, results)
     return results
@@ -849,10 +868,36 @@ class Loop:
     """Adds the final evaluations made after the restored checkpoint was saved to its meta
     (one file, written whole), so that a rerun does not make them again."""
     number = int(self.meta.get("checkpoint", self.meta["epoch"]))  # older runs: by epoch
+    self._stop_if_workdir_taken(self.meta["step"])
     saved = self.checkpointer.read_meta(step=number)
     self.checkpointer.rewrite_meta(number, {
         **saved, "final_evals": self.meta["final_evals"],
         "final_eval_settings": self.meta.get("final_eval_settings", {})})
+
+  def _stop_if_workdir_taken(self, step: int) -> None:
+    """A ``WorkdirError`` when another run took the workdir over (``WorkdirLock.lost_to``):
+    asked before each write of a step boundary, so that nothing more is written into a workdir
+    that run owns now (the error path writes nothing either, and leaves its lock as it is).
+
+    Only process 0 holds the lock; its answer is broadcast so that every process stops at the
+    same place (a process that went on alone would hang in the next collective). One process
+    asks only the lock's record of what its renewer saw.
+    """
+    owner = self.lock.lost_to() if self.lock is not None else None
+    taken = owner is not None
+    if jax.process_count() > 1:
+      taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
+    if not taken:
+      return
+    path = self.run.workdir / workdir_lib.LOCK_NAME
+    who = (f"pid {owner.get('pid')} on host {owner.get('host')} (started "
+           f"{owner.get('started')})" if owner is not None else "another run (process 0 saw it)")
+    raise workdir_lib.WorkdirError(
+        f"--workdir={self.run.workdir}: another run took it over while this run's lock lease "
+        f"had lapsed (this process stopped, or cut off from the workdir, for over "
+        f"{workdir_lib.LEASE_S:.0f} s): {who} holds {path} now; this run stopped at "
+        f"{_where(step, self.run.steps_per_epoch)}, wrote nothing more and saved no checkpoint "
+        f"after it found the lock lost, and left that run's lock as it is")
 
   def _signalled_with_steps_left(self, step: int) -> bool:
     """A signal came (every process alike) and steps are left to train: at the last step (or

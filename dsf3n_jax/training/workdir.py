@@ -169,8 +169,17 @@ class WorkdirLock:
 
   In a bucket, where a write cannot be made conditional here, a new lock is read
   back after ``settle_s`` seconds: of two runs that found no lock at once, the one
-  whose write was last keeps it. A holder that finds another run's lock when it
-  renews stops renewing and says so.
+  whose write was last keeps it.
+
+  A holder whose lease lapsed (its process frozen longer than ``LEASE_S``: a
+  SIGSTOP, a hung file system) may find another run's lock when it renews: that
+  run took the workdir over. It stops renewing, says so, and records that run's
+  lock (``lost``, ``lost_to``); ``release`` leaves that lock as it is. The
+  holder must then write nothing more into the workdir: the training loop asks
+  ``lost_to`` before each write of a step boundary (records, checkpoints,
+  ``results.json``) and stops the run with a ``WorkdirError`` naming that run.
+  ``lost_to`` reads the lock itself when no renewal succeeded for a while (a
+  process just thawed may not have run its renewer yet).
   """
 
   def __init__(self, workdir, *, lease_s: float = LEASE_S, renew_s: float = RENEW_S,
@@ -182,6 +191,9 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._renewer: threading.Thread | None = None
     self._me: dict[str, Any] = {}
+    self._renewed_at = 0.0  # the time of the last renewal written (or of the lock's creation)
+    # The lock of the run that took this workdir over, once seen (``lost_to``).
+    self.lost: dict[str, Any] | None = None
 
   def acquire(self) -> None:
     self._me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(
@@ -197,8 +209,11 @@ class WorkdirLock:
         log("taking over the stale lock %s of pid %s on %s (that run is gone)", self.path,
             owner.get("pid"), owner.get("host"))
         self._remove_stale(owner)
+      # Renewed now, not when this call began: waiting for a lease to lapse takes up to
+      # ``lease_s``, and a lock written with that old time would look lapsed to other hosts.
+      self._me["renewed"] = time.time()
       if self._create(json.dumps(self._me)):
-        self.held = True
+        self.held, self.lost, self._renewed_at = True, None, self._me["renewed"]
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="lock lease")
         self._renewer.start()
         return
@@ -251,14 +266,42 @@ class WorkdirLock:
     return True
 
   def _renew(self) -> None:
-    while not self._stop.wait(self.renew_s):
-      owner = self._owner()
-      if owner is not None and not _unreadable(owner) and not self._mine(owner):
-        log("error: %s now names pid %s on host %s: another run took this workdir; stop "
-            "one of the two", self.path, owner.get("pid"), owner.get("host"))
-        return
-      with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-        atomic_write(self.path, json.dumps({**self._me, "renewed": time.time()}))
+    while not self._stop.wait(self.renew_s) and self._renew_once():
+      pass
+
+  def _renew_once(self) -> bool:
+    """Renews the lease; False (renewing stops) once another run has taken the lock."""
+    if self.lost is not None or self._taken(self._owner()):
+      return False  # never written over: that run holds the workdir now
+    renewed = time.time()
+    with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
+      atomic_write(self.path, json.dumps({**self._me, "renewed": renewed}))
+      self._renewed_at = renewed
+    return True
+
+  def _taken(self, owner: Mapping[str, Any] | None) -> bool:
+    """Whether ``owner`` (the lock as read) is another run's; the first time, it is recorded
+    (``lost``) and said."""
+    if owner is None or _unreadable(owner) or self._mine(owner):
+      return False
+    if self.lost is None:
+      self.lost = dict(owner)
+      log("error: %s now names pid %s on host %s: another run took this workdir over (this "
+          "run's lease lapsed); this run no longer holds it", self.path, owner.get("pid"),
+          owner.get("host"))
+    return True
+
+  def lost_to(self) -> dict[str, Any] | None:
+    """The lock (pid, host, started) of the run that took this workdir over, else None.
+
+    What the renewer saw, at no cost while it renews in time. When no renewal succeeded for
+    ``min(2 * renew_s, lease_s / 2)`` seconds (this process was frozen, or its writes fail)
+    the lease may have lapsed and the renewer not have run since: the lock is read here.
+    """
+    if self.held and self.lost is None and \
+        time.time() - self._renewed_at > min(2 * self.renew_s, self.lease_s / 2):
+      self._taken(self._owner())
+    return self.lost
 
   def _mine(self, owner: Mapping[str, Any]) -> bool:
     return all(owner.get(k) == self._me[k] for k in ("pid", "host", "started"))
@@ -290,7 +333,8 @@ class WorkdirLock:
       if self._renewer is not None:
         self._renewer.join(timeout=5.0)
       owner = self._owner()
-      if owner is None or _unreadable(owner) or self._mine(owner):  # not another run's
+      # Not another run's: neither one seen (``lost``, whatever the lock reads now) nor this.
+      if self.lost is None and (owner is None or _unreadable(owner) or self._mine(owner)):
         with contextlib.suppress(OSError):
           self.path.unlink(missing_ok=True)
       self.held = False
