@@ -285,8 +285,9 @@ def test_a_repair_of_a_missing_best_rewrites_the_row_of_the_restored_step(tmp_pa
 
 
 def test_repairing_a_missing_best_does_not_count_toward_early_stopping(tmp_path, monkeypatch):
-  """The repair evaluates the restored state again; the uninterrupted run did not, so its
-  early-stopping count must not grow (it stopped the resumed run at once)."""
+  """The repair selects the restored state as the best again (the finished run's recorded
+  final evaluations taken as they are); the uninterrupted run did not, so its early-stopping
+  count must not grow (it stopped the resumed run at once)."""
   workdir = tmp_path / "run"
   config = tiny_config(num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1,
                        keep_checkpoints=1, early_stopping_patience=2)

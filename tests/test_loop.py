@@ -569,6 +569,25 @@ def _row_keys(workdir):
           map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
 
 
+def test_a_run_resumed_with_fewer_epochs_keeps_the_periodic_row_of_its_last_step(tmp_path):
+  """Stopped at the end of epoch 2 of 3 and resumed with ``num_epochs=2``, the run ends at the
+  step it stopped at: its final evaluation is a record beside that step's periodic one (this
+  version's unmarked records are periodic), not in its place."""
+  config = tiny_config(num_epochs=3, eval_every_epochs=1, checkpoint_every_epochs=1)
+  workdir = tmp_path / "run"
+  with pytest.raises(preemption.Preempted):
+    train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir),
+                             actions=[_SignalAt(12)])
+  before = _row_keys(workdir)
+  assert before == [(6, "train", None), (6, "test", None), (12, "train", None),
+                    (12, "test", None)]
+  config.num_epochs = 2
+  train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  after = _row_keys(workdir)
+  assert after[:4] == before and [key[:2] for key in after[4:]] == [(12, "test")]
+  assert after[4][2]  # the final one, marked
+
+
 def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, monkeypatch):
   """A finished run rerun with an evaluator added writes that evaluator's final row; killed
   before the checkpoint records the evaluation, the next rerun makes it again and rewrites
@@ -601,8 +620,8 @@ def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, m
   (workdir / "metrics.jsonl").write_text("".join(
       json.dumps({k: v for k, v in r.items() if k != "final"}) + "\n" for r in rows))
   (workdir / "results.json").unlink()
-  _rewrite_final_meta(workdir, lambda meta: [meta.pop(k) for k in ("final_evals",
-                                                             "final_eval_settings")])
+  _rewrite_final_meta(workdir, lambda meta: [meta.pop(k) for k in (
+      "final_evals", "final_eval_settings", loop_lib.FINALS_MARKED)])
   for _ in range(2):
     results = train.train_and_evaluate(more.copy_and_resolve_references(), str(workdir))
     assert _row_keys(workdir) == [*first, added]

@@ -362,8 +362,8 @@ def test_train_and_evaluate_resumes_and_reports(tmp_path, capsys):
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == files["metrics.jsonl"]
   # A checkpoint of a version that did not record its final evaluations (nor their settings):
   # the results.json of its step says they were made (with these settings, once recorded).
-  _rewrite_final_meta(workdir, lambda meta: [meta.pop(k) for k in ("final_evals",
-                                                                   "final_eval_settings")])
+  _rewrite_final_meta(workdir, lambda meta: [meta.pop(k) for k in (
+      "final_evals", "final_eval_settings", "final_records_marked")])
   assert train.train_and_evaluate(config, workdir)["final"] == results["final"]
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == files["metrics.jsonl"]
   # An evaluator added since: it alone evaluates the final state, once.

@@ -354,6 +354,11 @@ def eval_settings(spec: evaluators_lib.Spec, config: ml_collections.ConfigDict) 
                     sort_keys=True, default=repr)
 
 
+# In a checkpoint's meta: saved by a version that marks final evaluations' records
+# (``final_mark``), so the unmarked records of its step are periodic ones.
+FINALS_MARKED = "final_records_marked"
+
+
 def final_mark(spec: evaluators_lib.Spec, config: ml_collections.ConfigDict) -> str:
   """A final evaluation's mark, ``"final"`` in its ``metrics.jsonl`` record: a digest of its
   ``eval_settings``. The same evaluation made again (after a kill before its checkpoint's
@@ -389,9 +394,13 @@ def _adopt_unmarked_finals(run: run_lib.Run, writer: workdir_lib.MetricWriter,
   before the record (without a ``results.json`` of that step). A final evaluation made now
   replaces them (``MetricWriter.adopt_final``), not writes beside them. At the run's last step
   every row of an evaluator is a final one; at an early stop, those after its periodic one
-  (when it was due there)."""
+  (when it was due there): the last step of the schedule the checkpoint was saved with. A
+  checkpoint of this version (``FINALS_MARKED``) has none: its unmarked rows are periodic."""
+  if meta.get(FINALS_MARKED):
+    return
   config, step = run.config, meta["step"]
-  total = config.num_epochs * run.steps_per_epoch
+  epochs = (run_lib.saved_schedule(meta) or {}).get("num_epochs", config.num_epochs)
+  total = int(epochs) * run.steps_per_epoch
   if step < total and not _stopped_early(config, meta):
     return
   for e in evaluations:
@@ -757,7 +766,7 @@ class Loop:
 
   def _checkpoint_meta(self, step: int) -> dict[str, Any]:
     """What a checkpoint of ``step`` records beside the state."""
-    return {**self.meta, "checkpoint": step, "model": self.run.mcfg,
+    return {**self.meta, FINALS_MARKED: True, "checkpoint": step, "model": self.run.mcfg,
             "data": self.run.fingerprint, "loss": self.config.loss.to_dict(),
             "schedule": run_lib.schedule_record(self.config)}
 
@@ -883,7 +892,14 @@ class Loop:
     same place (a process that went on alone would hang in the next collective). One process
     asks only the lock's record of what its renewer saw.
     """
-    owner = self.lock.lost_to() if self.lock is not None else None
+    owner = None
+    if self.lock is not None:
+      try:
+        owner = self.lock.lost_to()
+      except Exception as e:  # pylint: disable=broad-except
+        # Not evidence of a takeover (and process 0 alone raising would leave the others
+        # waiting in the broadcast): asked again at the next write.
+        log("warning: could not read %s: %s", self.lock.path, e)
     taken = owner is not None
     if jax.process_count() > 1:
       taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))

@@ -308,11 +308,13 @@ class WorkdirLock:
 
   def _owner(self) -> dict[str, Any] | None:
     try:
-      return json.loads(self.path.read_text())
+      owner = json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
     except (ValueError, OSError):  # half-written by a run killed while taking it
-      return {**_UNREADABLE, "host": socket.gethostname()}
+      owner = None
+    # Not a lock's record (JSON of another shape): as unreadable, never another run's.
+    return owner if isinstance(owner, dict) else {**_UNREADABLE, "host": socket.gethostname()}
 
   def _create(self, text: str) -> bool:
     if _is_local(self.path):  # O_EXCL: of two runs starting at once, exactly one wins
