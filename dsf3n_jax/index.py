@@ -229,12 +229,25 @@ def open_library(*, modality: str, workdir: str | None = None, config: Any = Non
                  data_dir: str | None = None, split: str | None = None) -> Library:
   """The items of ``modality`` from ``--source`` / ``--tfds`` (default: the run's dataset).
 
-  Reads no checkpoint: ``main`` opens the library, checking its flags, before it restores the
-  run. ``workdir``: the run (needed for ``--tfds`` and the run's dataset); ``config``: its
-  config (default: read from ``workdir``'s ``config.json``). ``split``: of a paired file, the
-  TFDS dataset or the run's data (default "test"); refused for a features-only file, which
-  has none.
+  ``workdir``: the run (needed for ``--tfds`` and the run's dataset); ``config``: its config
+  (default: read from ``workdir``'s ``config.json``). ``split``: of a paired file, the TFDS
+  dataset or the run's data (default "test"); refused for a features-only file, which has
+  none. Reads no checkpoint (``library_reader``: the flags checked first, the items read
+  later).
   """
+  return library_reader(modality=modality, workdir=workdir, config=config, source=source,
+                        tfds=tfds, data_dir=data_dir, split=split)()
+
+
+def library_reader(*, modality: str, workdir: str | None = None, config: Any = None,
+                   source: str | None = None, tfds: str | None = None,
+                   data_dir: str | None = None,
+                   split: str | None = None) -> Callable[[], Library]:
+  """``open_library`` in two parts: checks the flags now (a ``cli.UsageError``), returns what
+  reads the items. ``main`` checks, restores the run, then reads: a bad flag is refused before
+  the checkpoint is read, and a run that cannot be restored before the data is. A ``--tfds``
+  dataset is opened now (whether its name is a dataset is known only then); its items are
+  read later, as the others'."""
   from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
   if source and tfds:
     raise cli.UsageError("--source and --tfds: give one of them")
@@ -248,14 +261,17 @@ def open_library(*, modality: str, workdir: str | None = None, config: Any = Non
     if path.suffix in (".h5", ".hdf5") or (path.suffix == ".npz" and _is_paired(path)):
       split = split or "test"
       retrieval.check_split(path, split, where=f"--source={source}")
-      visual, audio, labels = retrieval.load_split(path, split)
-      rows = visual if modality == "visual" else audio
-      return Library(rows, np.arange(len(rows)), labels, _file_origin(path, split=split),
-                     f"{path} ({split})")
+
+      def read_paired(split=split) -> Library:
+        visual, audio, labels = retrieval.load_split(path, split)
+        rows = visual if modality == "visual" else audio
+        return Library(rows, np.arange(len(rows)), labels, _file_origin(path, split=split),
+                       f"{path} ({split})")
+      return read_paired
     if split is not None:
       raise cli.UsageError(f"--split={split}: --source={source} holds features only (no "
                            "splits); drop --split")
-    return read_features(path, what=f"--source={source}")
+    return lambda: read_features(path, what=f"--source={source}")
   split = split or "test"
   if workdir is None:
     raise cli.UsageError("--workdir: needed to embed a source (or give --embeddings)")
@@ -264,9 +280,9 @@ def open_library(*, modality: str, workdir: str | None = None, config: Any = Non
     # (or built).
     _check_split_name(split, ("train", "test"), f"--tfds={tfds}")
     sources = _tfds_sources(tfds, data_dir)
-    return Library(None, None, None, {"tfds": tfds, "split": split, **sources.origin},
-                   f"--tfds={tfds} ({split})", _split(sources, split, f"--tfds={tfds}"),
-                   modality)
+    return lambda: Library(None, None, None, {"tfds": tfds, "split": split, **sources.origin},
+                           f"--tfds={tfds} ({split})",
+                           _split(sources, split, f"--tfds={tfds}"), modality)
   from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
   from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
   if not train.has_data(workdir):
@@ -275,11 +291,14 @@ def open_library(*, modality: str, workdir: str | None = None, config: Any = Non
   config = restore.run_config(workdir) if config is None else config
   _check_split_name(split, ("train", "validation", "test") if config.data.get(
       "validation_fraction") else ("train", "test"), "the run's dataset")
-  # The run's own data as stored: the embedder standardises it as the run did.
-  sources = train.load_data(config, normalize=False)
-  return Library(None, None, None, {"run": str(workdir), "split": split},
-                 f"the run's {split} split", _split(sources, split, "the run's dataset"),
-                 modality)
+
+  def read_run_data() -> Library:
+    # The run's own data as stored: the embedder standardises it as the run did.
+    sources = train.load_data(config, normalize=False)
+    return Library(None, None, None, {"run": str(workdir), "split": split},
+                   f"the run's {split} split", _split(sources, split, "the run's dataset"),
+                   modality)
+  return read_run_data
 
 
 def _tfds_sources(name: str, data_dir: str | None):
@@ -494,10 +513,11 @@ def main(argv=None) -> int:
   # --source, --tfds or --split is refused before the checkpoint is read (RunModel.load
   # restores the run: slow for a large model).
   from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
-  library = open_library(modality=modality, workdir=args.workdir,
-                         config=restore.run_config(args.workdir), source=args.source,
-                         tfds=args.tfds, data_dir=args.data_dir, split=args.split)
+  read_library = library_reader(modality=modality, workdir=args.workdir,
+                                config=restore.run_config(args.workdir), source=args.source,
+                                tfds=args.tfds, data_dir=args.data_dir, split=args.split)
   run = RunModel.load(args.workdir, which=args.checkpoint)
+  library = read_library()  # after the restore: a run that cannot be restored reads no data
   build(args.out, library, modality=modality, embed=run.embedder(
       modality, batch_size=args.batch_size), input_dim=run.input_dim(modality),
         fingerprint=run.fingerprint, protocol="unimodal", chunk_size=args.chunk_size,

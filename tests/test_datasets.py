@@ -197,18 +197,22 @@ def test_missing_manual_file(data_dirs):
 
 
 def test_the_build_command_names_a_missing_manual_folder_first(tmp_path):
-  """The error line names the folder and that it does not exist; the dataset's instructions
-  follow as text, not as more errors (nor a traceback, for paired_features)."""
-  for name, expected in (("vegas", "vegas_feature_norm.h5 or vegas_feature_norm.npz"),
-                         ("paired_features", "one .h5/.npz file")):
+  """The error line names the folder and that it does not exist (or is a file); the dataset's
+  instructions follow as text, not as more errors (nor a traceback, for paired_features)."""
+  (tmp_path / "feats.h5").write_bytes(b"")  # the file given where its folder belongs
+  for name, folder, state, expected in (
+      ("vegas", "absent", "does not exist", "vegas_feature_norm.h5 or vegas_feature_norm.npz"),
+      ("paired_features", "absent", "does not exist", "one .h5/.npz file"),
+      ("vegas", "feats.h5", "is a file, not a folder",
+       "vegas_feature_norm.h5 or vegas_feature_norm.npz")):
     out = subprocess.run(
         [sys.executable, "-m", "dsf3n_jax.datasets.build", name,
-         f"--manual_dir={tmp_path / 'absent'}", f"--data_dir={tmp_path / 'tfds'}"],
+         f"--manual_dir={tmp_path / folder}", f"--data_dir={tmp_path / 'tfds'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     errors = [x for x in out.stderr.splitlines() if x.startswith("error:")]
-    assert errors == [f"error: {name}: manual_dir {tmp_path / 'absent'} does not exist; "
+    assert errors == [f"error: {name}: manual_dir {tmp_path / folder} {state}; "
                       f"expected {expected} there"], out.stderr[-2000:]
     after = out.stderr.split(errors[0], 1)[1]
     assert (f"python -m dsf3n_jax.datasets.build {name}" in after

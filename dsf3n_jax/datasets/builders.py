@@ -107,13 +107,16 @@ def _manual_dir(dl_manager, *, dataset: str, expected: str, instructions: str) -
   there, with the dataset's ``instructions`` as its ``details`` (printed after it)."""
   try:
     return os.fspath(dl_manager.manual_dir)
-  except AssertionError as e:  # TFDS: missing or empty, in one message with the instructions
+  except (AssertionError, NotADirectoryError) as e:  # TFDS: missing, empty, or a file
     folder = getattr(dl_manager, "_manual_dir", None)  # the folder TFDS looked in
     if folder is None:
       state = f"manual_dir not set ({str(e).splitlines()[0]})"
+    elif epath.Path(folder).is_dir():
+      state = f"manual_dir {folder} is empty"
+    elif epath.Path(folder).exists():
+      state = f"manual_dir {folder} is a file, not a folder"
     else:
-      state = (f"manual_dir {folder} is empty" if epath.Path(folder).is_dir()
-               else f"manual_dir {folder} does not exist")
+      state = f"manual_dir {folder} does not exist"
     raise validation.DataValidationError(
         f"{dataset}: {state}; expected {expected} there", details=instructions) from e
 
