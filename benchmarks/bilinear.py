@@ -1,9 +1,10 @@
 """The MFA's bilinear product alone: forward, and forward plus backward, by block size.
 
 ``layers.bilinear`` multiplies the inputs' outer product by the kernel over blocks of
-``BILINEAR_BLOCK`` rows of the kernel's first axis (``lax.scan``); ``--blocks 0`` is the
-one unblocked product. The shapes are the training step's (3 tokens x batch rows, 256 x 256
-x 256 kernel) and, with ``--rows``, any other::
+``BILINEAR_BLOCK`` rows of the kernel's first axis (``lax.scan``; the kernel's gradient over
+blocks of as many rows of its second axis); ``--blocks 0`` is the one unblocked product.
+The shapes are the training step's (3 tokens x batch rows, 256 x 256 x 256 kernel) and,
+with ``--rows``, any other::
 
   python -m benchmarks.bilinear                       # rows 384 (batch 128), blocks 0 4 8 16 32
   python -m benchmarks.bilinear --rows 3072 --out DIR # the evaluation's batch of 1,024

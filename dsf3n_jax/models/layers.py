@@ -140,13 +140,15 @@ class BatchNorm(nn.Module):
     return y.astype(dtype)
 
 
-BILINEAR_BLOCK = 8  # rows of the kernel's first axis per block: an (8 * in2)-wide outer product
+# Rows of the kernel's first axis per block of the product and the inputs' gradients (an
+# (8 * in2)-wide outer product), and of its second axis per block of the kernel's gradient.
+BILINEAR_BLOCK = 8
 
 
-def _blocks(in1: int) -> int:
-  """The block of ``bilinear``: ``BILINEAR_BLOCK`` when it divides ``in1``, else (or when it
-  is None) all of it."""
-  return BILINEAR_BLOCK if BILINEAR_BLOCK and in1 % BILINEAR_BLOCK == 0 else in1
+def _blocks(size: int) -> int:
+  """The block of ``bilinear`` over an axis of ``size``: ``BILINEAR_BLOCK`` when it divides
+  ``size``, else (or when it is None) all of it."""
+  return BILINEAR_BLOCK if BILINEAR_BLOCK and size % BILINEAR_BLOCK == 0 else size
 
 
 def _dot_f32(a: Array, b: Array, contract: tuple[int, int], precision: Any) -> Array:
