@@ -64,8 +64,11 @@ def test_seeds_together_equal_seeds_one_by_one(trained):
                                [np.mean(losses[e * spe:(e + 1) * spe]) for e in range(2)],
                                rtol=1e-5)
     np.testing.assert_allclose(tests[i]["loss"], test["loss"], rtol=1e-5)
-    for key in ("map_average", "unimodal_map_average"):  # a rank may swap on a 1e-6 change
-      np.testing.assert_allclose(tests[i][key], test[key], atol=1e-4)
+    # The parameters agree to float32 rounding, and a rank may swap on a 1e-6 change of the
+    # embeddings: one swap of neighbours among the 40 test items (8 a class) moves an AP by
+    # up to 1/16, the mAP of both directions by up to 7.8e-4.
+    for key in ("map_average", "unimodal_map_average"):
+      np.testing.assert_allclose(tests[i][key], test[key], atol=8e-4)
   # Different seeds really are different runs.
   assert not np.allclose(jax.device_get(states.centers[0]), jax.device_get(states.centers[1]))
 
