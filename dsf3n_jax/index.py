@@ -224,30 +224,19 @@ def read_features(path: pathlib.Path, *, what: str) -> Library:
                  None if labels is None else np.asarray(labels), _file_origin(path), str(path))
 
 
-def open_library(*, modality: str, workdir: str | None = None, config: Any = None,
-                 source: str | None = None, tfds: str | None = None,
-                 data_dir: str | None = None, split: str | None = None) -> Library:
-  """The items of ``modality`` from ``--source`` / ``--tfds`` (default: the run's dataset).
-
-  ``workdir``: the run (needed for ``--tfds`` and the run's dataset); ``config``: its config
-  (default: read from ``workdir``'s ``config.json``). ``split``: of a paired file, the TFDS
-  dataset or the run's data (default "test"); refused for a features-only file, which has
-  none. Reads no checkpoint (``library_reader``: the flags checked first, the items read
-  later).
-  """
-  return library_reader(modality=modality, workdir=workdir, config=config, source=source,
-                        tfds=tfds, data_dir=data_dir, split=split)()
-
-
-def library_reader(*, modality: str, workdir: str | None = None, config: Any = None,
-                   source: str | None = None, tfds: str | None = None,
-                   data_dir: str | None = None,
+def library_reader(*, modality: str, workdir: str, config: Any, source: str | None = None,
+                   tfds: str | None = None, data_dir: str | None = None,
                    split: str | None = None) -> Callable[[], Library]:
-  """``open_library`` in two parts: checks the flags now (a ``cli.UsageError``), returns what
-  reads the items. ``main`` checks, restores the run, then reads: a bad flag is refused before
-  the checkpoint is read, and a run that cannot be restored before the data is. A ``--tfds``
-  dataset is opened now (whether its name is a dataset is known only then); its items are
-  read later, as the others'."""
+  """The items of ``modality`` from ``--source`` / ``--tfds`` (default: the run's dataset), in
+  two parts: checks the flags now (a ``cli.UsageError``) and returns what reads the items.
+
+  ``main`` checks, restores the run, then reads: a bad flag is refused before the checkpoint
+  is read, and a run that cannot be restored before the data is. A ``--tfds`` dataset is
+  opened now (whether its name is a dataset is known only then); its items are read later,
+  as the others'. ``workdir``, ``config``: the run and its config (the run's dataset, its
+  splits). ``split``: of a paired file, the TFDS dataset or the run's data (default "test");
+  refused for a features-only file, which has none.
+  """
   from dsf3n_jax import retrieval  # pylint: disable=g-import-not-at-top
   if source and tfds:
     raise cli.UsageError("--source and --tfds: give one of them")
@@ -273,8 +262,6 @@ def library_reader(*, modality: str, workdir: str | None = None, config: Any = N
                            "splits); drop --split")
     return lambda: read_features(path, what=f"--source={source}")
   split = split or "test"
-  if workdir is None:
-    raise cli.UsageError("--workdir: needed to embed a source (or give --embeddings)")
   if tfds:
     # load_sources carves no validation split: the name is checked before the dataset is read
     # (or built).
@@ -284,11 +271,9 @@ def library_reader(*, modality: str, workdir: str | None = None, config: Any = N
                            f"--tfds={tfds} ({split})",
                            _split(sources, split, f"--tfds={tfds}"), modality)
   from dsf3n_jax import train  # pylint: disable=g-import-not-at-top
-  from dsf3n_jax.training import restore  # pylint: disable=g-import-not-at-top
   if not train.has_data(workdir):
     raise cli.UsageError(f"--workdir={workdir}: converted weights, trained on no dataset "
                          "of its config: give the items with --source=FILE or --tfds=NAME")
-  config = restore.run_config(workdir) if config is None else config
   _check_split_name(split, ("train", "validation", "test") if config.data.get(
       "validation_fraction") else ("train", "test"), "the run's dataset")
 
