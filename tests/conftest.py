@@ -1,7 +1,9 @@
 """Test setup: eight host CPU devices, so data-parallel code runs here."""
 
+import copy
 import os
 import pathlib
+import shutil
 
 from tests import suite_xla
 
@@ -80,6 +82,29 @@ def _xla_optimization(request, monkeypatch):
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="session")
+def _plain_run_trained(tmp_path_factory):
+  from dsf3n_jax import train
+  from tests.test_train import tiny_config
+  workdir = tmp_path_factory.mktemp("plain") / "run"
+  return train.train_and_evaluate(tiny_config(num_epochs=1), str(workdir)), workdir
+
+
+@pytest.fixture
+def plain_run(_plain_run_trained):
+  """``copy(workdir) -> results``: ``workdir`` made a copy of the workdir of
+  ``train_and_evaluate(tiny_config(num_epochs=1))``, trained once per process (the tests that
+  use it share an xdist group, tests/test_loop.py's ``SHARES_PLAIN_RUN``); each test gets its
+  own copy of the folder and of the results."""
+  results, trained = _plain_run_trained
+
+  def copy_to(workdir):
+    shutil.copytree(trained, workdir)
+    return copy.deepcopy(results)
+
+  return copy_to
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def test_quick_run_on_synthetic_writes_every_row(tmp_path):
   for method in ("dsf3n_paper", "dsf3n_unimodal"):
     details = rows[(method, "paired")]["details"]
     assert details["best"]["epoch"] >= 1 and details["best"]["selected_on"], details
-  # The quick run's two epochs of the tiny model are a run of the pipeline, not of learning
+  # The quick run's one epoch of the tiny model is a run of the pipeline, not of learning
   # (about chance here); that DSF3N learns is test_train's (synthetic and fsdd_digits).
   assert rows[("semantic_mlp", "unimodal")]["average"] > doc["chance_map"] + 0.2, doc
   assert "**test** split" in md and "Selection:" in md and "Machine:" in md
@@ -67,6 +67,7 @@ def test_configs_of_the_dsf3n_rows():
   config, text = accuracy.dsf3n_config(ds, "paper", quick=True, seed=3)
   synthetic = accuracy.load_config("synthetic", "runlocal,tiny")
   assert config.data.to_dict() == synthetic.data.to_dict() and config.seed == 3
+  assert config.num_epochs == accuracy.QUICK_EPOCHS and text.endswith("; num_epochs=1")
   assert config.optim.lr == accuracy.load_config("default", "").optim.lr  # the paper's
   assert text.startswith("configs/default.py:runlocal,tiny with config.data of configs/")
   f = accuracy.Dataset("digits", "/data/digits.npz", "paired_features")
@@ -85,7 +86,7 @@ def test_a_failing_row_is_recorded_and_rendered(monkeypatch):
   assert [r["protocol"] for r in rows] == ["paired", "unimodal"]
   assert all(r["error"].startswith("ValueError: --config variant") and r["average"] is None
              for r in rows)
-  assert rows[0]["config"] == "configs/synthetic.py:unimodal,runlocal,tiny"
+  assert rows[0]["config"] == "configs/synthetic.py:unimodal,runlocal,tiny; num_epochs=1"
   doc = {"data": "synthetic", "quick": True, "data_path": None, "train_examples": 230,
          "test_examples": 128, "num_classes": 10, "metric": "mAP", "chance_map": 0.12,
          "seed": 0, "started": "today", "wall_s": 1.0, "command": "python -m ...",

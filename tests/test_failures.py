@@ -22,6 +22,7 @@ from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.preemption import Preempted
+from tests.test_loop import SHARES_PLAIN_RUN
 from tests.test_train import REPO, _env, tiny_config
 
 # A run that fails must end well inside this (a hang fails the test instead of the suite).
@@ -126,10 +127,27 @@ def test_a_full_disk_ends_the_run(tmp_path):
 
 # -- one writer per workdir ------------------------------------------------------------------
 
+# A run held at its start once it holds its workdir's lock (restoring or compiling for long, as
+# it were): a live owner of the lock that takes no CPU from the runs started beside it.
+_HELD_AT_ITS_START = """
+    import threading
+    from dsf3n_jax.training import loop as _loop
+    def _held(*args, **kwargs):
+      threading.Event().wait()
+    _loop._init_or_resume = _held
+    """
+
+
 def test_a_second_run_into_a_live_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
   workdir = tmp_path / "run"
+  code = textwrap.dedent(_HELD_AT_ITS_START) + textwrap.dedent("""
+      import sys
+      from dsf3n_jax import main
+      sys.argv = ["dsf3n_jax.main"] + sys.argv[1:]
+      main.run()
+      """)
   first = subprocess.Popen(
-      [sys.executable, "-m", "dsf3n_jax.main", *_argv(workdir, "--config.num_epochs=50")],
+      [sys.executable, "-c", code, *_argv(workdir, "--config.num_epochs=50")],
       cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + EXIT_TIMEOUT_S
@@ -330,12 +348,14 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
   assert f"is kept as {workdir / 'checkpoints' / '12.unreadable'}" in err
 
 
+@SHARES_PLAIN_RUN
 def test_a_resume_with_a_state_of_another_structure_names_the_change_and_deletes_nothing(
-    tmp_path):
+    tmp_path, plain_run):
   """Clipping adds a transformation to the optimiser, so its state: the intact checkpoint is
   refused (not taken for a broken file, set aside and trained again)."""
   workdir = tmp_path / "run"
-  _run(tiny_config(num_epochs=1, keep_checkpoints=2), workdir)
+  assert tiny_config(num_epochs=1).keep_checkpoints == 2
+  plain_run(workdir)  # tiny_config(num_epochs=1, keep_checkpoints=2), trained
   clipped = tiny_config(num_epochs=2, keep_checkpoints=2)
   clipped.optim.grad_clip_norm = 1.0
   with pytest.raises(run_lib.ResumeMismatchError, match=r"cannot resume .*checkpoints/6: its "
@@ -344,9 +364,10 @@ def test_a_resume_with_a_state_of_another_structure_names_the_change_and_deletes
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["6"]
 
 
-def test_garbage_checkpoint_metadata_is_named(tmp_path):
+@SHARES_PLAIN_RUN
+def test_garbage_checkpoint_metadata_is_named(tmp_path, plain_run):
   workdir = tmp_path / "run"
-  _run(tiny_config(num_epochs=1), workdir)
+  plain_run(workdir)  # tiny_config(num_epochs=1), trained
   meta_dir = workdir / "checkpoints" / "6" / "meta"
   for f in meta_dir.iterdir():
     f.write_text("{not json")
@@ -358,10 +379,11 @@ def test_garbage_checkpoint_metadata_is_named(tmp_path):
 
 # -- resumes on other data or another loss are refused ---------------------------------------
 
-def test_a_resume_on_other_data_or_loss_is_refused_naming_both(tmp_path):
+@SHARES_PLAIN_RUN
+def test_a_resume_on_other_data_or_loss_is_refused_naming_both(tmp_path, plain_run):
   workdir = tmp_path / "run"
   config = tiny_config(num_epochs=1)
-  _run(config, workdir)
+  plain_run(workdir)  # ``config``, trained
   config.num_epochs = 2
   other_data = config.copy_and_resolve_references()
   other_data.data.synthetic.num_train = 80
@@ -394,9 +416,10 @@ def _size(folder) -> int:
   return sum(f.stat().st_size for f in pathlib.Path(folder).rglob("*") if f.is_file())
 
 
-def test_checkpoints_without_optimizer_state_are_smaller_and_resume(tmp_path, capfd):
+@SHARES_PLAIN_RUN
+def test_checkpoints_without_optimizer_state_are_smaller_and_resume(tmp_path, plain_run, capfd):
   config = tiny_config(num_epochs=1)
-  _run(config, tmp_path / "full")
+  plain_run(tmp_path / "full")  # ``config``, trained
   config.checkpoint_optimizer_state = False
   _run(config, tmp_path / "lean")
   full = _size(tmp_path / "full" / "checkpoints" / "6")

@@ -42,6 +42,12 @@ def _params(workdir):
   return traverse_util.flatten_dict(variables, sep="/")
 
 
+# The tests that start from a finished ``tiny_config(num_epochs=1)`` run take a copy of it
+# (tests/conftest.py's ``plain_run``). They run on one xdist worker (``--dist loadgroup``,
+# pyproject.toml), this file's and test_failures.py's: spread over two, each would train it.
+SHARES_PLAIN_RUN = pytest.mark.xdist_group("plain_run")
+
+
 @pytest.mark.parametrize("devices,on_device", [(1, "false"), (8, "true")])
 def test_a_run_preempted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
                                                                         devices, on_device):
@@ -165,11 +171,12 @@ def test_a_signal_while_starting_stops_the_run_before_its_first_step(tmp_path, m
       == 2 * first["steps"]
 
 
-def test_a_signal_at_the_last_step_lets_the_run_finish(tmp_path):
+@SHARES_PLAIN_RUN
+def test_a_signal_at_the_last_step_lets_the_run_finish(tmp_path, plain_run):
   """Only the final evaluations are left: the run ends normally, as an uninterrupted one
   (stopping there would write them twice, once now and once more on the rerun)."""
   config = tiny_config(num_epochs=1)
-  plain = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "plain"))
+  plain = plain_run(tmp_path / "plain")  # the same config, uninterrupted
   results = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run"),
                                      actions=[_SignalAt(6)])
   assert results["steps"] == plain["steps"] == 6
@@ -421,12 +428,13 @@ def test_a_run_resumed_past_the_profiles_start_says_it_traces_nothing(tmp_path, 
   assert calls == ["start"]
 
 
+@SHARES_PLAIN_RUN
 def test_a_resume_with_another_batch_size_is_refused_and_other_schedule_changes_are_said(
-    tmp_path, monkeypatch):
+    tmp_path, plain_run, monkeypatch):
   from dsf3n_jax.training import loop as loop_lib
   from dsf3n_jax.training.run import ResumeMismatchError
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(**{"num_epochs": 1}), workdir)
+  plain_run(workdir)  # tiny_config(num_epochs=1), trained
   with pytest.raises(ResumeMismatchError, match=r"batch_size: checkpoint was trained with "
                      r"16, the config has 8 \(the steps per epoch"):
     train.train_and_evaluate(tiny_config(**{"num_epochs": 1, "batch_size": 8}), workdir)
@@ -588,7 +596,9 @@ def test_a_run_resumed_with_fewer_epochs_keeps_the_periodic_row_of_its_last_step
   assert after[4][2]  # the final one, marked
 
 
-def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, monkeypatch):
+@SHARES_PLAIN_RUN
+def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, plain_run,
+                                                                     monkeypatch):
   """A finished run rerun with an evaluator added writes that evaluator's final row; killed
   before the checkpoint records the evaluation, the next rerun makes it again and rewrites
   that row instead of writing a second. So does a checkpoint of a version that recorded no
@@ -596,7 +606,7 @@ def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, m
   from dsf3n_jax.training import loop as loop_lib
   config = tiny_config(num_epochs=1)
   workdir = tmp_path / "run"
-  train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  plain_run(workdir)  # ``config``, trained
   first = _row_keys(workdir)
   assert [key[:2] for key in first] == [(6, "train"), (6, "test")]
   more = config.copy_and_resolve_references()

@@ -305,8 +305,9 @@ def test_unimodal_embeddings_read_nothing_of_the_other_modality(missing_partner)
     assert float(jnp.abs(state["batch_stats"]["token_mean_audio"]).max()) > 0
     variables = {**variables, **state}
     # With bfloat16 parameters too the running means are float32, as BatchNorm's statistics.
-    half = DSF3N(5, **SMALL, missing_partner="mean", param_dtype=jnp.bfloat16).init(
-        jax.random.key(0), visual, audio)["batch_stats"]
+    half = jax.eval_shape(DSF3N(5, **SMALL, missing_partner="mean",
+                                param_dtype=jnp.bfloat16).init,
+                          jax.random.key(0), visual, audio)["batch_stats"]  # their dtypes
     assert half["token_mean_audio"].dtype == half["visual_fine_grained"]["bn"]["mean"].dtype == (
         jnp.float32)
   emb_v = model.apply(variables, visual, method="embed_visual")
@@ -414,8 +415,14 @@ def test_input_noise_is_drawn_per_example_and_only_in_training():
 
 
 def test_a_model_built_directly_names_a_bad_setting():
-  """The checks ``config_check`` makes of a config, for a model built in Python."""
+  """The checks ``config_check`` makes of a config, for a model built in Python. (The modules
+  make them as they are called: ``jax.eval_shape`` runs the same calls, without drawing the
+  full model's 20 M parameters op by op.)"""
   visual, audio = jnp.zeros((2, 1024)), jnp.zeros((2, 128))
+
+  def init(model):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), visual, audio))
+
   for kwargs, match in (
       (dict(encoder_features=64), r"encoder features 64: too short for the stem \(kernel 32"),
       (dict(kernel_sizes=()), r"kernel_sizes=\(\), branch_features=.*at least one branch"),
@@ -424,9 +431,9 @@ def test_a_model_built_directly_names_a_bad_setting():
   ):
     model = DSF3N(3, **kwargs)
     with pytest.raises(ValueError, match=match):
-      variables = model.init(jax.random.key(0), visual, audio)
-      model.apply(variables, visual, audio, train=True, mutable=["batch_stats"],
-                  rngs={"dropout": jax.random.key(1)})
+      jax.eval_shape(lambda model=model: model.apply(
+          model.init(jax.random.key(0), visual, audio), visual, audio, train=True,
+          mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}))
   with pytest.raises(ValueError, match="num_classes: expected a positive int, got 0"):
-    DSF3N(0).init(jax.random.key(0), visual, audio)
-  DSF3N(np.int64(3)).init(jax.random.key(0), visual, audio)  # a numpy count is a count
+    init(DSF3N(0))
+  init(DSF3N(np.int64(3)))  # a numpy count is a count

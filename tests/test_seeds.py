@@ -16,23 +16,30 @@ from tests.test_train import tiny_config
 SEEDS = (0, 5)
 
 
-def _one_by_one(config, seed):
-  """The loop's streamed path for ``config.seed = seed``: init, loader, step."""
+def _one_by_one(config):
+  """``train(seed) -> (state, losses, test)``: the loop's streamed path for
+  ``config.seed = seed``: init, loader, step. The seeds share the run's programs (one trace
+  and compile of each, as for one seed: none of them depends on the seed)."""
   run = run_lib.prepare_run(config)
-  state = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
-                       sharding=NamedSharding(run.mesh, P()))(seed)
+  init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
+                      sharding=NamedSharding(run.mesh, P()))
   step = steps_lib.make_train_step(steps_lib.per_device_step(config, run.model, run.tx),
                                    run.mesh)
-  loader = input_pipeline.TrainLoader(run.sources.train, global_batch_size=config.batch_size,
-                                      mesh=run.mesh, seed=seed, shuffle=True)
-  losses = []
-  for _ in range(config.num_epochs * run.steps_per_epoch):
-    state, m = step(state, next(loader))
-    losses.append(float(m["loss"]))
-  loader.close()
-  test = steps_lib.evaluate(steps_lib.make_embed_fn(run.model, run.mesh), state,
-                            run.sources.test, config=config, mesh=run.mesh)
-  return jax.device_get(state), losses, test
+  embed = steps_lib.make_embed_fn(run.model, run.mesh)
+
+  def train(seed):
+    state = init(seed)
+    loader = input_pipeline.TrainLoader(run.sources.train, global_batch_size=config.batch_size,
+                                        mesh=run.mesh, seed=seed, shuffle=True)
+    losses = []
+    for _ in range(config.num_epochs * run.steps_per_epoch):
+      state, m = step(state, next(loader))
+      losses.append(float(m["loss"]))
+    loader.close()
+    test = steps_lib.evaluate(embed, state, run.sources.test, config=config, mesh=run.mesh)
+    return jax.device_get(state), losses, test
+
+  return train
 
 
 # The tests that take ``trained`` run on one xdist worker (``--dist loadgroup``, pyproject.toml):
@@ -52,8 +59,9 @@ def test_seeds_together_equal_seeds_one_by_one(trained):
   config, run, states, history = trained
   tests = seeds_lib.evaluate_seeds(run, states, "test")
   assert len(history) == 2 and len(history[0]["loss"]) == len(SEEDS)
+  one_by_one = _one_by_one(config)
   for i, seed in enumerate(SEEDS):
-    alone, losses, test = _one_by_one(config, seed)
+    alone, losses, test = one_by_one(seed)
     together = jax.device_get(seeds_lib.seed_state(states, i))
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(alone),
                           jax.tree.leaves(alone), jax.tree.leaves(together)):
