@@ -443,15 +443,21 @@ def _progress(out: pathlib.Path, signature: Mapping[str, Any]) -> dict[int, dict
 
 # -- command line ------------------------------------------------------------------------------
 
+BATCH_SIZE = 1024  # --batch_size's default: items per forward pass
+# The flags of a library embedded by a run, refused beside --embeddings (which they would not
+# change).
+MODEL_FLAGS = ("workdir", "checkpoint", "source", "tfds", "data_dir", "split", "batch_size")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m dsf3n_jax.index", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="the index folder to write")
   p.add_argument("--modality", required=True, help="visual or audio: what the library holds")
   p.add_argument("--workdir", help="the trained run whose model embeds the library")
-  p.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                 help="which of the run's checkpoints embeds: 'best' (the one the run "
-                 "selected; default) or 'latest'; search embeds queries with the same")
+  p.add_argument("--checkpoint", choices=("best", "latest"), default=None,
+                 help="with --workdir: which of the run's checkpoints embeds, 'best' (the one "
+                 "the run selected; default) or 'latest'; search embeds queries with the same")
   p.add_argument("--source", help="paired-feature file, or features-only .npy / .npz")
   p.add_argument("--tfds", help="a TFDS dataset by name (with --split)")
   p.add_argument("--data_dir", help="TFDS data_dir for --tfds")
@@ -459,7 +465,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--embeddings", help="embeddings already computed: .npy, or .npz of one array "
                  "(+ ids, labels); no model")
   p.add_argument("--chunk_size", type=int, default=65536, help="items per shard")
-  p.add_argument("--batch_size", type=int, default=1024, help="items per forward pass")
+  p.add_argument("--batch_size", type=int, default=None,
+                 help=f"with --workdir: items per forward pass (default {BATCH_SIZE})")
   p.add_argument("--coordinator_address", help="host:port of process 0 (several hosts; on TPU "
                  "and under SLURM JAX finds it itself)")
   p.add_argument("--num_processes", type=int, help="number of processes (several hosts)")
@@ -471,7 +478,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   modality = check_modality(args.modality)
   for flag in ("batch_size", "chunk_size"):
-    if getattr(args, flag) < 1:
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
   cli.check_out_folder("--out", args.out)
   from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
@@ -482,9 +489,11 @@ def main(argv=None) -> int:
   except distributed.SettingsError as e:
     raise cli.UsageError(str(e)) from e
   if args.embeddings:
-    if args.workdir or args.source or args.tfds or args.data_dir or args.split:
-      raise cli.UsageError("--embeddings: give it alone (no --workdir, --source, --tfds, "
-                           "--data_dir or --split)")
+    given = [f"--{flag}" for flag in MODEL_FLAGS if getattr(args, flag) is not None]
+    if given:
+      raise cli.UsageError(f"--embeddings: give it alone, without {', '.join(given)} (those "
+                           "choose the model and the items it embeds; --embeddings are embedded "
+                           "already)")
     path = pathlib.Path(args.embeddings)
     if not path.exists():
       raise cli.UsageError(f"--embeddings={args.embeddings}: no such file")
@@ -501,13 +510,14 @@ def main(argv=None) -> int:
   read_library = library_reader(modality=modality, workdir=args.workdir,
                                 config=restore.run_config(args.workdir), source=args.source,
                                 tfds=args.tfds, data_dir=args.data_dir, split=args.split)
-  run = RunModel.load(args.workdir, which=args.checkpoint)
+  checkpoint = args.checkpoint or "best"
+  run = RunModel.load(args.workdir, which=checkpoint)
   library = read_library()  # after the restore: a run that cannot be restored reads no data
   build(args.out, library, modality=modality, embed=run.embedder(
-      modality, batch_size=args.batch_size), input_dim=run.input_dim(modality),
+      modality, batch_size=args.batch_size or BATCH_SIZE), input_dim=run.input_dim(modality),
         fingerprint=run.fingerprint, protocol="unimodal", chunk_size=args.chunk_size,
         model={"workdir": str(pathlib.Path(args.workdir).resolve()),
-               "checkpoint": args.checkpoint,
+               "checkpoint": checkpoint,
                "name": run.model_config.get("name"), "embed_dim": run.model_config.get(
                    "embed_dim")})
   return 0

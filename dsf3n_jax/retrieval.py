@@ -401,14 +401,18 @@ def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = No
   if args.checkpoint is not None and not args.workdir:
     raise cli.UsageError(f"--checkpoint={args.checkpoint}: read with --workdir only (which of "
                          "the run's checkpoints)")
+  if args.batch_size is not None and args.embeddings:
+    raise cli.UsageError(f"--batch_size={args.batch_size}: not read with --embeddings (they "
+                         "are embedded already)")
   return embeddings_from_args(
       workdir=args.workdir, embeddings=args.embeddings, variables=args.variables,
-      data=args.data, split=args.split, batch_size=args.batch_size,
+      data=args.data, split=args.split, batch_size=args.batch_size or BATCH_SIZE,
       model_kwargs=model_kwargs_flag(args.model_kwargs, embeddings=args.embeddings),
       protocol=args.protocol, check_rows=check_rows, data_with_embeddings=data_with_embeddings,
       checkpoint=args.checkpoint or "best")
 
 
+BATCH_SIZE = 256  # the retrieve and visualize CLIs' --batch_size default: pairs per pass
 CHECKPOINT_HELP = ("with --workdir: which of the run's checkpoints, 'best' (the one the run "
                    "selected; default) or 'latest'")
 

@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="comma-separated query rows to print (rows of the split)")
   p.add_argument("--k", type=int, default=5, help="items per query and the k of precision@k")
   p.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine")
-  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=None, help="pairs per forward pass (default "
+                 f"{retrieval.BATCH_SIZE}); not with --embeddings")
   p.add_argument("--save_embeddings", default=None, help="write the embeddings to this .npz")
   return p
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
   """
   args = _parser().parse_args(argv)
   for flag in ("k", "batch_size"):
-    if getattr(args, flag) < 1:
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
   if args.embeddings and args.split is not None:
     raise cli.UsageError(f"--split={args.split}: not read with --embeddings (its split is the "

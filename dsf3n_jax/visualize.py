@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="pairs plotted (stratified; at least one per class)")
   p.add_argument("--perplexity", type=float, default=30.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=None, help="pairs per forward pass (default "
+                 f"{retrieval.BATCH_SIZE}); not with --embeddings")
   return p
 
 
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
 
   if args.max_points < 1:
     raise cli.UsageError(f"--max_points={args.max_points}: expected at least 1")
-  if args.batch_size < 1:
+  if args.batch_size is not None and args.batch_size < 1:
     raise cli.UsageError(f"--batch_size={args.batch_size}: expected an int >= 1")
   if not args.perplexity > 0:
     raise cli.UsageError(f"--perplexity={args.perplexity}: expected a number > 0")

@@ -137,6 +137,8 @@ def test_usage_errors_exit_2_naming_flag_expected_and_found(tiny, tmp_path, caps
        "'--variables']"),
       ([f"--embeddings={emb}", "--checkpoint=latest"],
        "--checkpoint=latest: read with --workdir only (which of the run's checkpoints)"),
+      ([f"--embeddings={emb}", "--batch_size=8"],  # embedded already: it would do nothing
+       "--batch_size=8: not read with --embeddings (they are embedded already)"),
       ([f"--embeddings={tmp_path / 'paired.npz'}"],
        f"embeddings file {tmp_path / 'paired.npz'} was made under --protocol=paired, not "
        "--protocol=unimodal; re-embed, or pass --protocol=paired"),

@@ -420,6 +420,10 @@ def test_bad_input_is_one_line_naming_file_flag_expected_and_found(run, tmp_path
   line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'c'}",
                                  f"--embeddings={emb}", "--split=train"], capsys)
   assert "--embeddings: give it alone" in line and "--split" in line
+  for flag in ("--checkpoint=latest", "--batch_size=8"):  # flags it would not read
+    line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'c'}",
+                                   f"--embeddings={emb}", flag], capsys)
+    assert f"--embeddings: give it alone, without {flag.split('=')[0]} (" in line
   np.save(bad, np.full((3, 16), 1e20, np.float32))  # rows every search would refuse
   line = _error(index_lib.main, ["--modality=visual", f"--out={tmp_path / 'd'}",
                                  f"--embeddings={bad}"], capsys)

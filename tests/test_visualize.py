@@ -83,6 +83,9 @@ def test_bad_input_is_named_and_classes_keep_distinct_colours(tmp_path):
     visualize.main([f"--embeddings={tmp_path / 'neg.npz'}", *common[1:]])
   with pytest.raises(ValueError, match="--max_points=0: expected at least 1"):
     visualize.main([*common, "--max_points=0"])
+  with pytest.raises(ValueError, match=r"--batch_size=8: not read with --embeddings \(they are "
+                     "embedded already"):  # it would do nothing
+    visualize.main([*common, "--batch_size=8"])
   assert not list(tmp_path.glob("figs/*.png"))  # no figure from a refused run
   # retrieve ranks embeddings as they are: a --data beside them is refused, not ignored.
   with pytest.raises(ValueError, match="--data: not read with --embeddings"):
