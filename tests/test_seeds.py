@@ -16,10 +16,11 @@ from tests.test_train import tiny_config
 SEEDS = (0, 5)
 
 
-def _one_by_one(config):
+def _one_by_one(config, *, evaluate: bool = True):
   """``train(seed) -> (state, losses, test)``: the loop's streamed path for
   ``config.seed = seed``: init, loader, step. The seeds share the run's programs (one trace
-  and compile of each, as for one seed: none of them depends on the seed)."""
+  and compile of each, as for one seed: none of them depends on the seed). ``test``: the
+  test split's metrics (None without ``evaluate``: two programs less to compile)."""
   run = run_lib.prepare_run(config)
   init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
                       sharding=NamedSharding(run.mesh, P()))
@@ -36,7 +37,8 @@ def _one_by_one(config):
       state, m = step(state, next(loader))
       losses.append(float(m["loss"]))
     loader.close()
-    test = steps_lib.evaluate(embed, state, run.sources.test, config=config, mesh=run.mesh)
+    test = (steps_lib.evaluate(embed, state, run.sources.test, config=config, mesh=run.mesh)
+            if evaluate else None)
     return jax.device_get(state), losses, test
 
   return train

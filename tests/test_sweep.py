@@ -14,16 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from configs import paired_features
-from dsf3n_jax import input_pipeline, losses, sweep
+from dsf3n_jax import losses, sweep
 from dsf3n_jax.training import restore
 from dsf3n_jax.training import run as run_lib
 from dsf3n_jax.training import seeds as seeds_lib
 from dsf3n_jax.training import steps as steps_lib
-from dsf3n_jax.training.state import make_init_fn
+from tests.test_seeds import _one_by_one
 from tests.test_train import REPO, tiny_config
 
 SPEC = ("optim.lr=1e-3,3e-3;model.partner_dropout=0.3;loss.unimodal_weight=1.0;"
@@ -35,26 +33,6 @@ def _base(**overrides):
                           "selection_metric": "unimodal_map_average", **overrides})
   config.unlock()
   return config
-
-
-def _alone(config, seed):
-  """``config`` trained alone with ``config.seed = seed`` by the loop's streamed path (init,
-  loader, step), as ``tests.test_seeds._one_by_one`` trains it, without its evaluation of the
-  test split (not compared here: two programs less to compile per configuration). Returns the
-  final state and each step's loss."""
-  run = run_lib.prepare_run(config)
-  state = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
-                       sharding=NamedSharding(run.mesh, P()))(seed)
-  step = steps_lib.make_train_step(steps_lib.per_device_step(config, run.model, run.tx),
-                                   run.mesh)
-  loader = input_pipeline.TrainLoader(run.sources.train, global_batch_size=config.batch_size,
-                                      mesh=run.mesh, seed=seed, shuffle=True)
-  step_losses = []
-  for _ in range(config.num_epochs * run.steps_per_epoch):
-    state, m = step(state, next(loader))
-    step_losses.append(float(m["loss"]))
-  loader.close()
-  return jax.device_get(state), step_losses
 
 
 def test_each_member_of_a_group_trains_as_its_configuration_alone():
@@ -75,7 +53,7 @@ def test_each_member_of_a_group_trains_as_its_configuration_alone():
     assert len(sweep.plan_groups(configs, [3], "unimodal_map_average")) == 1
     _, states, history = seeds_lib.train_group(configs, [3, 3])
     for i, config in enumerate(configs):
-      alone, step_losses = _alone(config, 3)
+      alone, step_losses, _ = _one_by_one(config, evaluate=False)(3)
       together = jax.device_get(seeds_lib.seed_state(states, i))
       for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(alone),
                               jax.tree.leaves(together)):
