@@ -22,7 +22,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # time than they take to compile): the suite's tiny models compile a train step in about 3.5 s
 # instead of 6 on a 2-core host, and the suite ran in 15.5-18 min instead of 22 there. The
 # subprocesses inherit it. The tests that compare float32 rounding with PyTorch
-# (``pytest.mark.xla_optimized``) and the 30-epoch real-data run ("0" in its subprocess's
+# (``pytest.mark.xla_optimized``) and the 20-epoch real-data run ("0" in its subprocess's
 # environment) compile at XLA's default; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite
 # at it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
