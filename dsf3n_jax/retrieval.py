@@ -34,6 +34,9 @@ from dsf3n_jax.mesh import make_mesh
 
 _MODEL_KEY = "__model__"
 PROTOCOLS = ("unimodal", "paired")
+# Pairs per forward pass: the default of the embedding functions and of the retrieve and
+# visualize CLIs' --batch_size.
+BATCH_SIZE = 256
 # What each file should be, for the message when it is not (every .npz: allow_pickle=False).
 VARIABLES_EXPECTED = ("a variables .npz of arrays (retrieval.save_variables: '/'-joined keys "
                       "under params/ and batch_stats/)")
@@ -169,7 +172,7 @@ def check_split(path, split: str, *, where: str) -> None:
                        f"audio_{split} or lab_{split}); expected one of its splits: {splits}")
 
 
-def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = 256,
+def embed_split(model, variables, visual, audio, labels=None, *, batch_size: int = BATCH_SIZE,
                 indices=None, protocol: str = "unimodal") -> Embeddings:
   """Embeds a split with a model in eval mode: the trainer's ``training.steps.embed_split``
   (padded batches over this host's devices), under one protocol.
@@ -302,7 +305,7 @@ def retrieve(queries, items, query_labels, item_labels, *, k: int = 5,
 
 
 def embeddings_from_args(*, workdir=None, embeddings=None, variables=None, data=None,
-                         split: str = "test", batch_size: int = 256,
+                         split: str = "test", batch_size: int = BATCH_SIZE,
                          model_kwargs: Mapping[str, Any] | None = None,
                          protocol: str = "unimodal",
                          check_rows: Callable[[int], None] | None = None,
@@ -412,7 +415,6 @@ def embeddings_from_flags(args, *, check_rows: Callable[[int], None] | None = No
       checkpoint=args.checkpoint or "best")
 
 
-BATCH_SIZE = 256  # the retrieve and visualize CLIs' --batch_size default: pairs per pass
 CHECKPOINT_HELP = ("with --workdir: which of the run's checkpoints, 'best' (the one the run "
                    "selected; default) or 'latest'")
 
