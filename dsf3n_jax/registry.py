@@ -24,6 +24,7 @@ IMPORT_HINT = ("a module registering another must be imported first, e.g. by the
                "or name it as 'module:name'")
 
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_replaced = 0  # registrations that gave a name another object (``replacements``)
 
 
 def _check_kind(kind: str) -> None:
@@ -81,10 +82,20 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
     if old is not None and _identity(old) != _identity(obj):
       raise ValueError(f"{kind} {name!r} is already registered ({_origin(old)}); register "
                        f"{_origin(obj)} under another name")
+    if old is not None and old is not obj:
+      global _replaced
+      _replaced += 1
     _REGISTRY[kind][name] = obj
     return obj
 
   return decorator
+
+
+def replacements() -> int:
+  """How many registrations have given a registered name another object (a module
+  reloaded after an edit registers its parts again). Programs built from names
+  (``training.state.memoized``) are built anew after one."""
+  return _replaced
 
 
 def names(kind: str) -> tuple[str, ...]:

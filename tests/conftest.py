@@ -69,19 +69,23 @@ def _xla_optimization(request, monkeypatch):
   """XLA's default optimisation for a test marked ``xla_optimized`` (see the top of this file)
   while it runs: what it jits compiles at the default, with XLA's own codegen options (the
   persistent cache keys the two apart); a function this worker jitted and compiled before
-  keeps its executable. JAX has no public setting for compile options of every program, so
-  this wraps its private ``get_compile_options`` (jax 0.10)."""
+  keeps its executable, but the programs runs share (``state.forget_programs``) are
+  forgotten before and after. JAX has no public setting for compile options of every
+  program, so this wraps its private ``get_compile_options`` (jax 0.10)."""
   if request.node.get_closest_marker("xla_optimized") is None:
     yield
     return
+  from dsf3n_jax.training import state as state_lib
   monkeypatch.setattr(jax_compiler, "get_compile_options",
                       _with_xla_default_codegen(jax_compiler.get_compile_options))
   before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", False)
+  state_lib.forget_programs()
   try:
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+    state_lib.forget_programs()
 
 
 @pytest.fixture(scope="session")

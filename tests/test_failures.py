@@ -461,8 +461,10 @@ def _scalars(event_dir) -> dict[str, list[float]]:
 
 
 def test_progress_says_compiling_and_tensorboard_has_rate_and_learning_rate(tmp_path, capfd):
+  from dsf3n_jax.training import state as state_lib
   config = tiny_config(num_epochs=2, log_every_steps=2)
   config.optim.schedule = "cosine"
+  state_lib.forget_programs()  # as in a new process: no earlier run's step to reuse
   _run(config, tmp_path / "run")
   err = capfd.readouterr().err
   assert "compiling the train step" in err

@@ -638,3 +638,88 @@ def test_a_final_evaluation_made_again_after_a_kill_rewrites_its_row(tmp_path, p
     assert set(results["final"]) == {"test", "test_loss"}
   # The final rows are marked (a digest of the settings they were made with).
   assert [bool(final) for _, _, final in _row_keys(workdir)] == [False, True, True]
+
+
+def test_a_later_run_of_the_process_reuses_the_train_programs_and_ends_the_same(tmp_path,
+                                                                                capfd,
+                                                                                monkeypatch):
+  """Runs whose configs differ only in what the loop reads (``loop.LOOP_FIELDS``, and
+  ``num_epochs`` under a constant schedule) train with the programs the first one compiled:
+  the step is not traced again, and the run ends bit for bit as the first."""
+  from dsf3n_jax.training import loop as loop_lib
+  from dsf3n_jax.training import steps as steps_lib
+  real, traced = steps_lib.train_step, []
+
+  def counted(*args, **kwargs):
+    traced.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(steps_lib, "train_step", counted)
+  # A learning rate of no other test: this process has not built its programs yet.
+  first = tiny_config(num_epochs=1, **{"optim.lr": 1.25e-3})
+  train.train_and_evaluate(first, str(tmp_path / "first"))
+  assert traced and "compiling the train step" in capfd.readouterr().err
+  first_traces = len(traced)
+  other = tiny_config(num_epochs=1, log_every_steps=3, checkpoint_every_epochs=2,
+                      eval_every_epochs=2, keep_checkpoints=1, **{"optim.lr": 1.25e-3})
+  assert loop_lib.programs_key(other) == loop_lib.programs_key(first)
+  train.train_and_evaluate(other, str(tmp_path / "reused"))
+  assert len(traced) == first_traces  # nothing traced again
+  assert "reusing (compiled by an earlier run of this process) the train step" in (
+      capfd.readouterr().err)
+  reused, own = _params(tmp_path / "reused"), _params(tmp_path / "first")
+  for key in own:
+    np.testing.assert_array_equal(reused[key], own[key], err_msg=key)
+
+
+def test_programs_are_shared_only_by_configs_of_the_same_programs():
+  from dsf3n_jax.training import loop as loop_lib
+  from dsf3n_jax.training import state as state_lib
+  base = tiny_config(num_epochs=2)
+  key = loop_lib.programs_key
+  defaults = base.to_dict()
+  for field in loop_lib.LOOP_FIELDS:  # each a field the config has (a renamed one would rot)
+    assert field in defaults, field
+  # What a program bakes in: the rates, the loss's weights, the model, the data's order...
+  for change in ({"optim.lr": 3e-3}, {"loss.terms": {"id": 1.0, "pair": 1e-4}},
+                 {"model.embed_dim": 8}, {"seed": 1}, {"batch_size": 8},
+                 {"data.shuffle": False}, {"steps_per_call": 2}):
+    assert key(tiny_config(num_epochs=2, **change)) != key(base), change
+  # ...and the run's length, where the schedule reads it.
+  assert key(tiny_config(num_epochs=2, **{"optim.schedule": "cosine"})) != key(
+      tiny_config(num_epochs=3, **{"optim.schedule": "cosine"}))
+  assert key(tiny_config(num_epochs=3)) == key(base)
+  # Which schedules read it: the others give the same rate at every step of any length.
+  steps = np.arange(0, 400, 7)
+  for schedule in ("constant", "warmup_step", "cosine"):
+    short, long = (np.asarray(state_lib.learning_rate_schedule(
+        tiny_config(num_epochs=n, **{"optim.schedule": schedule}), 6)(steps)) for n in (2, 60))
+    reads = schedule in state_lib.SCHEDULES_READING_NUM_EPOCHS
+    assert (not np.array_equal(short, long)) == reads, schedule
+
+
+def test_a_part_registered_again_makes_memoized_programs_anew(monkeypatch):
+  """A module reloaded after an edit registers its parts again under their names: equal
+  models then stand for other code, so what ``memoized`` built for them is built anew."""
+  import dsf3n_jax.registry
+  from dsf3n_jax.models import registry
+  from dsf3n_jax.training import state as state_lib
+  monkeypatch.setattr(dsf3n_jax.registry, "_REGISTRY",  # the test's registrations: its own
+                      {kind: dict(parts) for kind, parts in dsf3n_jax.registry._REGISTRY.items()})
+  built = []
+  build = state_lib.memoized(lambda name: built.append(name) or len(built))
+
+  def reloaded():
+    def reload_me_head(model):  # the same module and qualified name each time
+      return model
+
+    return reload_me_head
+
+  registry.register("head", "reload_me_head")(reloaded())
+  assert build("x") == build("x") == 1
+  registry.register("head", "reload_me_head")(registry.lookup("head", "reload_me_head"))
+  assert build("x") == 1  # the same object again: nothing changed
+  registry.register("head", "reload_me_head")(reloaded())
+  assert build("x") == 2 and build("x") == 2
+  state_lib.forget_programs()
+  assert build("x") == 3

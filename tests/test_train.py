@@ -882,6 +882,7 @@ def test_a_selection_metric_its_evaluator_does_not_report_is_refused_before_trai
     tmp_path, monkeypatch):
   """Known before the step compiles (the built-in evaluators say what they report; the loss
   parts' names are traced off the loss), not after the first evaluation."""
+  from dsf3n_jax.training import state as state_lib
   from dsf3n_jax.training import steps as steps_lib
 
   def compiles(*args, **kwargs):
@@ -889,6 +890,7 @@ def test_a_selection_metric_its_evaluator_does_not_report_is_refused_before_trai
 
   monkeypatch.setattr(steps_lib, "make_train_step", compiles)
   monkeypatch.setattr(steps_lib, "make_train_chunk", compiles)
+  state_lib.forget_programs()  # no earlier run's step: a run that starts training builds it
   config = tiny_config(**{"data.validation_fraction": 0.25,
                           "selection_metric": "validation/map_avg"})
   with pytest.raises(config_check.ConfigError, match=r"selection_metric='validation/map_avg': "

@@ -33,7 +33,15 @@ from typing import Any
 from flax import linen as nn
 
 # The generic registry (dsf3n_jax.registry), re-exported: the model's parts are looked up here.
-from dsf3n_jax.registry import IMPORT_HINT, KINDS, PARTS, lookup, names, register  # noqa: F401
+from dsf3n_jax.registry import (  # noqa: F401
+    IMPORT_HINT,
+    KINDS,
+    PARTS,
+    lookup,
+    names,
+    register,
+    replacements,
+)
 
 ModuleDef = Any  # a Module class or a functools.partial of one
 

@@ -58,7 +58,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -85,15 +85,50 @@ from dsf3n_jax.training import steps as steps_lib
 from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.preemption import Preempted, PreemptionWatch
 from dsf3n_jax.training.state import (
+    SCHEDULES_READING_NUM_EPOCHS,
     init_state,
     learning_rate_schedule,
     make_init_fn,
+    memoized,
     new_meta,
 )
 from dsf3n_jax.training.workdir import log
 
 EVAL_KEYS = ("loss", "map_audio_to_visual", "map_visual_to_audio", "map_average",
              "unimodal_map_average")
+
+
+# The config fields that only the loop reads: when it evaluates, checkpoints, logs and
+# profiles, what it evaluates and how it selects. Runs of one process whose configs differ
+# only in them (and in ``num_epochs`` under a schedule that does not read it) train with the
+# same compiled programs (``_run_programs``).
+LOOP_FIELDS = ("eval_every_epochs", "evals", "checkpoint_every_epochs", "checkpoint_every_steps",
+               "profile_steps", "keep_checkpoints", "checkpoint_optimizer_state",
+               "allow_resume_mismatch", "log_every_steps", "selection_split",
+               "selection_metric", "selection_mode", "early_stopping_patience", "distributed",
+               "metric")
+
+
+def programs_key(config: ml_collections.ConfigDict) -> str:
+  """What of ``config`` the train programs are made of: all of it but ``LOOP_FIELDS`` (and
+  ``num_epochs`` where the schedule does not read it), as sorted JSON."""
+  c = json.loads(config.to_json_best_effort())
+  for field in LOOP_FIELDS:
+    c.pop(field, None)
+  if config.optim.schedule not in SCHEDULES_READING_NUM_EPOCHS:
+    c.pop("num_epochs", None)
+  return json.dumps(c, sort_keys=True)
+
+
+@memoized
+def _run_programs(key: str, model, loss_fn, mesh, steps_per_epoch: int) -> dict[str, Any]:
+  """The train programs of runs with these arguments, by name: empty until the first such
+  run of this process builds them (``Loop``); later ones reuse them, so they neither trace
+  nor compile them again (a sweep written as a loop, a notebook, a test suite). The model
+  compares by its fields, a given ``loss_fn`` by identity; the embedding and init programs
+  are memoized by the model already (``steps.make_embed_fn``, ``state.make_init_fn``)."""
+  del key, model, loss_fn, mesh, steps_per_epoch
+  return {}
 
 
 @jax.jit
@@ -494,7 +529,9 @@ class Loop:
     self.checkpointer, self.writer, self.watch = checkpointer, writer, watch
     config, spe = self.config, run.steps_per_epoch
     self.total = config.num_epochs * spe
-    self.step_fn = steps_lib.per_device_step(config, run.model, run.tx, loss_fn=run.loss_fn)
+    self.programs = _run_programs(programs_key(config), run.model, run.loss_fn, run.mesh, spe)
+    self.step_fn = self._program("step_fn", lambda: steps_lib.per_device_step(
+        config, run.model, run.tx, loss_fn=run.loss_fn))
     self.embed_fns = {protocol: steps_lib.make_embed_fn(run.model, run.mesh, protocol=protocol)
                       for protocol in steps_lib.PROTOCOLS}
     self.lr = learning_rate_schedule(config, spe)
@@ -538,9 +575,9 @@ class Loop:
     if self.on_device:
       self.arrays = input_pipeline.to_device(
           input_pipeline.load_split_arrays(run.sources.train), run.mesh)
-      self.chunk_fn = steps_lib.make_train_chunk(
+      self.chunk_fn = self._program(("chunk", num_train), lambda: steps_lib.make_train_chunk(
           self.step_fn, run.mesh, global_batch_size=config.batch_size, num_examples=num_train,
-          seed=config.seed, shuffle=config.data.shuffle)
+          seed=config.seed, shuffle=config.data.shuffle))
       return
     self.loader = input_pipeline.TrainLoader(
         run.sources.train, global_batch_size=config.batch_size, mesh=run.mesh,
@@ -553,7 +590,16 @@ class Loop:
     # refused unless allow_resume_mismatch: run_lib.check_schedule).
     self.loader.set_state({"epoch": position["epoch"], "step": position["step"]})
     self.loader_iter = iter(self.loader)
-    self.step_jit = steps_lib.make_train_step(self.step_fn, run.mesh)
+    self.step_jit = self._program("step", lambda: steps_lib.make_train_step(self.step_fn,
+                                                                             run.mesh))
+
+  def _program(self, name, build: Callable[[], Callable]) -> Callable:
+    """The run's program ``name``: the one an earlier run of this process built with the same
+    config, model and loss (``_run_programs``), else ``build()``'s."""
+    self.reused = name in self.programs
+    if not self.reused:
+      self.programs[name] = build()
+    return self.programs[name]
 
   def _next_boundary(self, step: int) -> int:
     spe = self.run.steps_per_epoch
@@ -566,11 +612,13 @@ class Loop:
   def _train(self, step: int, stop: int) -> int:
     """Steps ``step..stop-1`` (fewer when a preemption is seen); returns the step reached.
 
-    This process's first step runs alone: it compiles, and its time (``first_step_s``) is
-    left out of the rates (``rates``) and the ETA, which time the steps after it.
+    This process's first step runs alone: it compiles (unless an earlier run of this process
+    compiled the same program), and its time (``first_step_s``) is left out of the rates
+    (``rates``) and the ETA, which time the steps after it.
     """
     if not self.compiled:
-      log("compiling the train %s", "chunk" if self.on_device else "step")
+      log("%s the train %s", "reusing (compiled by an earlier run of this process)"
+          if self.reused else "compiling", "chunk" if self.on_device else "step")
       self.compiled = True
       t0 = time.time()
       reached = self._steps(step, step + 1)

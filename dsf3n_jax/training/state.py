@@ -166,6 +166,11 @@ def build_model(kwargs: Mapping[str, Any], *, axis_name: str | None = AXIS) -> D
   return model_def(**kw, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
 
 
+# The schedules (``optim.schedule``) that read ``num_epochs``: under the others, runs that
+# differ in their length train with the same program (``training.loop``).
+SCHEDULES_READING_NUM_EPOCHS = ("cosine",)
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
                            lr=None) -> optax.Schedule:
   """The network's learning rate as a function of the step.
@@ -337,10 +342,19 @@ def make_init_fn(model: DSF3N, tx: optax.GradientTransformation, *, num_classes:
   return init
 
 
+_MEMOIZED: list[Callable] = []  # the caches of ``memoized`` functions (``forget_programs``)
+
+
 def memoized(build: Callable) -> Callable:
   """``build`` remembered for its last 16 argument tuples (so equal arguments get the same
-  jitted function, traced and compiled once); unhashable arguments build anew."""
-  cached = functools.lru_cache(maxsize=16)(build)
+  jitted function, traced and compiled once); unhashable arguments build anew.
+
+  A registration that gives a registered name another object (``registry.replacements``:
+  a user's module reloaded after an edit) makes every later call build anew: a model
+  names its parts, so equal models may stand for other code then.
+  """
+  cached = functools.lru_cache(maxsize=16)(lambda replaced, *args: build(*args))
+  _MEMOIZED.append(cached.cache_clear)
 
   @functools.wraps(build)
   def get(*args):
@@ -348,9 +362,17 @@ def memoized(build: Callable) -> Callable:
       hash(args)
     except TypeError:  # e.g. an instance of an unfrozen dataclass
       return build(*args)
-    return cached(*args)
+    return cached(registry.replacements(), *args)
 
   return get
+
+
+def forget_programs() -> None:
+  """Forgets what every ``memoized`` function built: later runs of this process trace and
+  compile their programs anew. Needed only after changing a setting that JAX compiles
+  with but does not key its jitted functions on (``jax_disable_most_optimizations``)."""
+  for clear in _MEMOIZED:
+    clear()
 
 
 @memoized
