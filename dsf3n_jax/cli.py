@@ -101,6 +101,15 @@ def check_files(*flags: tuple[str, Any]) -> None:
       raise UsageError(f"{flag}={path}: {found}")
 
 
+def check_at_least_one(args, *flags: str) -> None:
+  """A ``UsageError`` for the first of ``flags`` (attributes of parsed ``args``) given a value
+  below 1: ``--batch_size=0: expected an int >= 1``; a flag not given (None) passes."""
+  for flag in flags:
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise UsageError(f"--{flag}={value}: expected an int >= 1")
+
+
 def check_out_folder(flag: str, path: str | os.PathLike) -> pathlib.Path:
   """``path`` (the value of ``flag``) as a folder that is there or can be made there, checked
   before any work: a ``UsageError`` if it or a folder above it is a file, or the nearest

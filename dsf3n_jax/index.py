@@ -477,9 +477,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   modality = check_modality(args.modality)
-  for flag in ("batch_size", "chunk_size"):
-    if getattr(args, flag) is not None and getattr(args, flag) < 1:
-      raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
+  cli.check_at_least_one(args, "batch_size", "chunk_size")
   cli.check_out_folder("--out", args.out)
   from dsf3n_jax import distributed  # pylint: disable=g-import-not-at-top
   try:

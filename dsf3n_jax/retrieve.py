@@ -71,9 +71,7 @@ def main(argv=None) -> int:
   command line raises ``cli.UsageError`` (exit status 2 under ``cli.run``).
   """
   args = _parser().parse_args(argv)
-  for flag in ("k", "batch_size"):
-    if getattr(args, flag) is not None and getattr(args, flag) < 1:
-      raise cli.UsageError(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
+  cli.check_at_least_one(args, "k", "batch_size")
   if args.embeddings and args.split is not None:
     raise cli.UsageError(f"--split={args.split}: not read with --embeddings (its split is the "
                          "one it was made of)")

@@ -158,8 +158,7 @@ def main(argv=None) -> int:
 
   if args.max_points < 1:
     raise cli.UsageError(f"--max_points={args.max_points}: expected at least 1")
-  if args.batch_size is not None and args.batch_size < 1:
-    raise cli.UsageError(f"--batch_size={args.batch_size}: expected an int >= 1")
+  cli.check_at_least_one(args, "batch_size")
   if not args.perplexity > 0:
     raise cli.UsageError(f"--perplexity={args.perplexity}: expected a number > 0")
   out = cli.check_out_folder("--out_dir", args.out_dir)
