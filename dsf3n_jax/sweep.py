@@ -54,7 +54,10 @@ skips the groups whose configurations, seeds and metric are unchanged (a killed
 sweep resumes at its first unfinished group), and the refit too. A ``--norefit``
 rerun publishes the selected state and keeps an earlier refit's record aside
 (``refit_unpublished`` in ``sweep.json``); a ``--refit`` rerun after it publishes
-that refit again without training.
+that refit again without training. One sweep runs per workdir (``sweep.lock``,
+``WorkdirLock``): one whose lease lapsed and whose workdir another sweep took over
+raises ``WorkdirError`` before its next write (a group's results, the refit's run,
+``chosen/``, ``sweep.json``), naming that sweep, and leaves its lock as it is.
 """
 
 from __future__ import annotations
@@ -486,6 +489,7 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
       result, chosen = train_group([configs[i] for i in group.configs], seeds, metric=metric,
                                    log=lambda m, name=name: log(f"{name}: {m}"))
       result["config_indices"] = list(group.configs)
+      lock.raise_if_lost(f"after training {name}, before writing its results")
       if chosen is not None:
         c, seed, variables, best_meta = chosen
         chosen_config = configs[group.configs[c]].copy_and_resolve_references()
@@ -523,15 +527,18 @@ def run_sweep(base: ml_collections.ConfigDict, overrides: Sequence[Mapping[str, 
           report["refit"] = saved
         else:
           report["refit"] = train_refit(refit_cfg, row["seeds"], refit_dir, metric=metric,
-                                        carve=config.data, log=lambda m: log(f"refit: {m}"))
+                                        carve=config.data, log=lambda m: log(f"refit: {m}"),
+                                        before_writing=lock.raise_if_lost)
           report["refit"]["fingerprint"] = fingerprint
         log(f"refit on train + validation: test {_refit_text(report['refit'])}")
         if report["refit"]["chosen_refit"]:
           config, run_dir = refit_cfg, refit_dir
       elif refit:
         log("refit: skipped, the data has no validation split to add to train")
+      lock.raise_if_lost(f"before publishing {root / 'chosen'}")
       publish_chosen(config, report, root, run_dir)
     report["seconds"] = time.perf_counter() - t0
+    lock.raise_if_lost(f"before writing {report_path} and sweep.md")
     paths.atomic_write(report_path, json.dumps(report, indent=1))
     paths.atomic_write(root / "sweep.md", markdown(report))
   finally:
@@ -586,14 +593,16 @@ def refit_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[str, Any]],
                 run_dir, *, metric: str, carve: ml_collections.ConfigDict,
-                log: Callable[[str], None]) -> dict[str, Any]:
+                log: Callable[[str], None],
+                before_writing: Callable[[str], None] = lambda stopped: None) -> dict[str, Any]:
   """Trains ``config`` (``refit_config``'s) once per seed of ``selected`` (the chosen
   configuration's per-seed results), all seeds as one program, and evaluates each final state.
 
   A refit that fits the validation pairs it trained on (``carve``: the data section that
   carved them) worse, by ``metric``, than the seed's selected state scored on them held out
   has not fit its data (a run that degraded late, which no split is left to catch): that seed
-  keeps its selected state. ``run_dir`` gets ``config.seed``'s refit as a run when it is kept.
+  keeps its selected state. ``run_dir`` gets ``config.seed``'s refit as a run when it is kept;
+  ``before_writing(where)`` is called first (the sweep's lock: ``WorkdirLock.raise_if_lost``).
 
   Returns ``{"seeds": [{"seed", "epoch", "test", "kept", "fit", "selected_validation"}],
   "summary": {"test": ...}, "refit_seeds", "chosen_refit", "seconds", "epochs"}``.
@@ -632,6 +641,7 @@ def train_refit(config: ml_collections.ConfigDict, selected: Sequence[Mapping[st
   i = seeds.index(int(config.seed))
   chosen_refit = entries[i]["kept"] == "refit"
   if chosen_refit:
+    before_writing(f"after the refit, before writing {run_dir}")
     state = jax.device_get(seeds_lib.seed_state(states, i))
     steps = int(config.num_epochs) * run.steps_per_epoch
     paths.publish_folder(run_dir, functools.partial(

@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -387,6 +388,51 @@ def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
   assert back["refit"] == report["refit"] and "refit_unpublished" not in back
   assert (workdir / "chosen_config.py").read_text() == (
       tmp_path / "first_chosen_config.py").read_text()
+
+
+def test_a_sweep_whose_workdir_another_sweep_took_over_stops_before_its_next_write(
+    swept, tmp_path, monkeypatch):
+  """A rerun that trains its first group again (its record dropped from ``sweep.json``) while
+  another sweep takes the workdir over (``train_group`` stands in for that training): a
+  ``WorkdirError`` naming that sweep before the group's results are written, the workdir as
+  it was, and that sweep's lock left in it."""
+  from dsf3n_jax.training import workdir as workdir_lib
+  from tests.test_loop import _OTHER_RUN, _take_over
+  workdir, overrides, report = swept
+  workdir = pathlib.Path(shutil.copytree(workdir, tmp_path / "sweep"))
+  doc = json.loads((workdir / "sweep.json").read_text())
+  groups = len(doc["groups"])
+  del doc["groups"][next(iter(doc["groups"]))]  # the plan's first group
+  (workdir / "sweep.json").write_text(json.dumps(doc))
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  locks = []
+
+  class Lock(workdir_lib.WorkdirLock):  # renews every 50 ms: a takeover is seen at once
+    def __init__(self, path, **kwargs):
+      super().__init__(path, **{**kwargs, "renew_s": 0.05})
+      locks.append(self)
+
+  other = {**_OTHER_RUN, "renewed": time.time()}
+
+  def train_group(configs, seeds, **kwargs):  # the group trains; meanwhile its lease lapses
+    _take_over(locks[0], other)
+    return {"configs": []}, None
+
+  monkeypatch.setattr(workdir_lib, "WorkdirLock", Lock)
+  monkeypatch.setattr(sweep, "train_group", train_group)
+  with pytest.raises(workdir_lib.WorkdirError) as stopped:
+    sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
+                    log=lambda m: None)
+  assert str(stopped.value) == (
+      f"--workdir={workdir}: another run took it over while this run's lock lease had lapsed "
+      "(this process stopped, or cut off from the workdir, for over 120 s): pid 4242 on host "
+      f"other-host (started 2030-01-02 03:04:05) holds {workdir}/sweep.lock now; this run "
+      f"stopped after training group 1/{groups}, before writing its results, and left that "
+      "run's lock as it is")
+  lock = workdir / "sweep.lock"
+  assert json.loads(lock.read_text()) == other
+  after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p != lock}
+  assert after == before
 
 
 def test_the_command_line_reports_a_bad_sweep_in_one_line(tmp_path):

@@ -953,15 +953,11 @@ class Loop:
       taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
     if not taken:
       return
-    path = self.run.workdir / workdir_lib.LOCK_NAME
-    who = (f"pid {owner.get('pid')} on host {owner.get('host')} (started "
-           f"{owner.get('started')})" if owner is not None else "another run (process 0 saw it)")
-    raise workdir_lib.WorkdirError(
-        f"--workdir={self.run.workdir}: another run took it over while this run's lock lease "
-        f"had lapsed (this process stopped, or cut off from the workdir, for over "
-        f"{workdir_lib.LEASE_S:.0f} s): {who} holds {path} now; this run stopped at "
-        f"{_where(step, self.run.steps_per_epoch)}, wrote nothing more and saved no checkpoint "
-        f"after it found the lock lost, and left that run's lock as it is")
+    lease_s = self.lock.lease_s if self.lock is not None else workdir_lib.LEASE_S
+    raise workdir_lib.taken_over(
+        "--workdir", self.run.workdir / workdir_lib.LOCK_NAME, owner, lease_s=lease_s,
+        stopped=f"at {_where(step, self.run.steps_per_epoch)}, wrote nothing more and saved no "
+        "checkpoint after it found the lock lost")
 
   def _signalled_with_steps_left(self, step: int) -> bool:
     """A signal came (every process alike) and steps are left to train: at the last step (or

@@ -177,7 +177,8 @@ class WorkdirLock:
   lock (``lost``, ``lost_to``); ``release`` leaves that lock as it is. The
   holder must then write nothing more into the workdir: the training loop asks
   ``lost_to`` before each write of a step boundary (records, checkpoints,
-  ``results.json``) and stops the run with a ``WorkdirError`` naming that run.
+  ``results.json``) and stops the run with a ``WorkdirError`` naming that run
+  (``taken_over``); a sweep asks ``raise_if_lost`` before each of its writes.
   ``lost_to`` reads the lock itself when no renewal succeeded for a while (a
   process just thawed may not have run its renewer yet).
   """
@@ -303,6 +304,13 @@ class WorkdirLock:
       self._taken(self._owner())
     return self.lost
 
+  def raise_if_lost(self, stopped: str) -> None:
+    """For a holder about to write into the workdir: a ``WorkdirError`` (``taken_over``) when
+    another run took it over (``lost_to``). ``stopped`` says where the holder stopped."""
+    owner = self.lost_to()
+    if owner is not None:
+      raise taken_over(self.flag, self.path, owner, lease_s=self.lease_s, stopped=stopped)
+
   def _mine(self, owner: Mapping[str, Any]) -> bool:
     return all(owner.get(k) == self._me[k] for k in ("pid", "host", "started"))
 
@@ -340,6 +348,20 @@ class WorkdirLock:
         with contextlib.suppress(OSError):
           self.path.unlink(missing_ok=True)
       self.held = False
+
+
+def taken_over(flag: str, lock_path, owner: Mapping[str, Any] | None, *, lease_s: float,
+               stopped: str) -> WorkdirError:
+  """The error of a run whose workdir another run took over (``WorkdirLock.lost_to``): who
+  holds ``lock_path`` now (``owner``; None where another process saw it), and where this
+  run ``stopped``."""
+  who = (f"pid {owner.get('pid')} on host {owner.get('host')} (started {owner.get('started')})"
+         if owner is not None else "another run (process 0 saw it)")
+  return WorkdirError(
+      f"{flag}={epath.Path(lock_path).parent}: another run took it over while this run's lock "
+      f"lease had lapsed (this process stopped, or cut off from the workdir, for over "
+      f"{lease_s:.0f} s): {who} holds {lock_path} now; this run stopped {stopped}, and left "
+      "that run's lock as it is")
 
 
 def write_run_config(workdir, config: ml_collections.ConfigDict, mcfg: Mapping[str, Any],
