@@ -427,18 +427,20 @@ def run(data: str, *, seeds: Sequence[int], quick: bool, out_dir: pathlib.Path,
   rows = [r for r in planned if not only or r.key in only or r.table in only]
   stem = f"paper-{name}" + ("-quick" if quick else "")
   out_dir.mkdir(parents=True, exist_ok=True)
-  # One writer per report: a second run into the same folder and report is refused.
+  # One writer per report: a second run into the same folder and report is refused, and a
+  # run whose lease lapsed and whose report another run took over writes nothing more.
   lock = WorkdirLock(out_dir, name=f".{stem}.lock", flag="--out")
   lock.acquire()
   try:
     return _run_rows(data, name, stem, planned, rows, seeds=seeds, quick=quick,
-                     out_dir=out_dir, budget=budget, figures=figures, command=command, log=log)
+                     out_dir=out_dir, budget=budget, figures=figures, command=command, log=log,
+                     before_writing=lock.raise_if_lost)
   finally:
     lock.release()
 
 
 def _run_rows(data, name, stem, planned, rows, *, seeds, quick, out_dir, budget, figures,
-              command, log) -> dict[str, Any]:
+              command, log, before_writing) -> dict[str, Any]:
   earlier = load_previous(out_dir / f"{stem}.json")
   previous = {r["key"]: r for r in earlier.get("rows", []) if not r.get("error")}
   base = base_config(data, unimodal=False, **budget)
@@ -468,12 +470,15 @@ def _run_rows(data, name, stem, planned, rows, *, seeds, quick, out_dir, budget,
     doc["ordering"] = ordering(doc)
     doc["wall_s"] = time.perf_counter() - t0
     doc["rows_s"] = sum(r.get("row_s", 0.0) for r in doc["rows"])
+    # A run whose report another run took over (its lease lapsed) writes nothing more.
+    before_writing(f"after row {row.key}, before writing {stem}.json")
     write(doc, out_dir, stem)
     log(f"{row.key}: " + ("FAILED " + entry["error"].splitlines()[0] if entry["error"] else
                           "; ".join(f"{p} {cell(entry, p)}" for p in entry["protocols"])))
   doc["wall_s"] = time.perf_counter() - t0
   doc["rows_s"] = sum(r.get("row_s", 0.0) for r in doc["rows"])
   doc["ordering"] = ordering(doc)
+  before_writing(f"before writing {stem}.json")
   write(doc, out_dir, stem)
   return doc
 

@@ -98,6 +98,39 @@ def test_quick_tables_on_synthetic_have_their_rows_and_a_rerun_keeps_them(tmp_pa
   assert again["figure_3"] == fig
 
 
+def test_a_report_another_run_took_over_gets_nothing_more_written(tmp_path, monkeypatch):
+  """A run whose lease lapsed while a row ran (``_run_row`` stands in for it) and whose report
+  another run took over: a ``WorkdirError`` naming that run, no report written."""
+  import time
+
+  from dsf3n_jax.training import workdir as workdir_lib
+  from tests.test_loop import _OTHER_RUN, _take_over
+  locks, other = [], {**_OTHER_RUN, "renewed": time.time()}
+
+  class Lock(workdir_lib.WorkdirLock):  # renews every 50 ms: a takeover is seen at once
+    def __init__(self, path, **kwargs):
+      super().__init__(path, **{**kwargs, "renew_s": 0.05})
+      locks.append(self)
+
+  def run_row(row, *args, **kwargs):
+    _take_over(locks[0], other)
+    return {"key": row.key, "error": None, "protocols": {}}
+
+  monkeypatch.setattr(paper, "WorkdirLock", Lock)
+  monkeypatch.setattr(paper, "_run_row", run_row)
+  with pytest.raises(workdir_lib.WorkdirError) as stopped:
+    paper.run("synthetic", seeds=[0], quick=True, out_dir=tmp_path, log=lambda m: None,
+              only=["linear_cca"])
+  lock = tmp_path / ".paper-synthetic-quick.lock"
+  assert str(stopped.value).startswith(f"--out={tmp_path}: another run took it over")
+  assert str(stopped.value).endswith(
+      f"pid 4242 on host other-host (started 2030-01-02 03:04:05) holds {lock} now; this run "
+      "stopped after row linear_cca, before writing paper-synthetic-quick.json, and left that "
+      "run's lock as it is")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [lock.name]
+  assert json.loads(lock.read_text()) == other
+
+
 def test_the_papers_ordering_counts_each_component_over_the_pairs_that_differ_only_in_it():
   from benchmarks import paper_report
 
