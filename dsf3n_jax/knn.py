@@ -201,14 +201,19 @@ def _merge(values, ids, k: int):
   return top, jnp.take_along_axis(ids, pos, axis=1)
 
 
+def _approximates(mesh: Mesh) -> bool:
+  """Whether ``approx_max_k`` is approximate on ``mesh``'s platform. Not on CPU: XLA:CPU
+  computes it as an exact top-k whose ties fall in no set order, so the exact search (ties
+  by the lower row) is the same work there."""
+  return mesh.devices.flat[0].platform != "cpu"
+
+
 @functools.lru_cache(maxsize=32)
 def _search_fn(mesh: Mesh, *, k: int, block: int, count: int, distance: str,
                approximate: bool, precision: str):
   """``(queries, items, sq_norms) -> (ids, scores)``: one compiled program per shape."""
   precision = jax.lax.Precision[precision.upper()] if isinstance(precision, str) else precision
-  # XLA:CPU computes approx_max_k as an exact top-k whose ties fall in no set order: the
-  # exact search is the same work there, ties by the lower row.
-  approximate = approximate and mesh.devices.flat[0].platform != "cpu"
+  approximate = approximate and _approximates(mesh)
 
   def local(q, items, norms):
     per_device = items.shape[0]

@@ -71,6 +71,38 @@ def test_the_kernel_gives_a_float32_brute_force_ties_included(devices):
   np.testing.assert_allclose(dist, ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_approximate_path_finds_the_exact_neighbours_where_its_top_k_is_exact(
+    devices, monkeypatch):
+  """The accelerators' path (``approx_max_k`` per block), taken on CPU, where XLA computes it
+  exactly: without ties, every block's candidates, their ids and the merges are the exact
+  search's."""
+  rng = np.random.default_rng(2)
+  items = rng.normal(size=(700, 24)).astype(np.float32)
+  queries = rng.normal(size=(21, 24)).astype(np.float32)
+  want = {}
+  for distance in ("cosine", "euclidean"):
+    library = knn.Library.put(items, distance=distance, mesh=mesh_of(devices), block=32)
+    want[distance] = library.search(queries, 12)
+  taken = []
+
+  def approximates(mesh):
+    taken.append(mesh)
+    return True
+
+  monkeypatch.setattr(knn, "_approximates", approximates)
+  knn._search_fn.cache_clear()  # programs built under the CPU rule
+  try:
+    for distance, (rows, dist) in want.items():
+      library = knn.Library.put(items, distance=distance, mesh=mesh_of(devices), block=32)
+      got_rows, got_dist = library.search(queries, 12, approximate=True, query_block=8)
+      np.testing.assert_array_equal(got_rows, rows, err_msg=distance)
+      np.testing.assert_allclose(got_dist, dist, rtol=1e-6, atol=1e-6, err_msg=distance)
+  finally:
+    knn._search_fn.cache_clear()
+  assert len(taken) == 2
+
+
 def test_euclidean_search_keeps_its_precision_far_from_the_origin():
   """Norms ~ 240, distances ~ 0.2 (the metric's test): uncentred, the expanded square keeps a
   few bits and most neighbours come out in the wrong order. Integer data far from the origin
