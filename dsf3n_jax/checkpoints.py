@@ -294,17 +294,28 @@ class Checkpointer:
       abstract_state = abstract_state.replace(opt_state=None)
     if meta.get("format", 1) < FORMAT:
       return self._restore_format_1(step, abstract_state), meta
+    # Read once into host arrays, then placed: orbax would read a replicated array once per
+    # device it goes to (8 host devices: 3x the time of one read and one placement).
+    on_host = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+                           abstract_state)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(abstract_state, restore_args=(
-              ocp.checkpoint_utils.construct_restore_args(abstract_state))),
+          state=ocp.args.PyTreeRestore(abstract_state, restore_args=on_host),
           meta=ocp.args.JsonRestore()))
     except ValueError as e:  # an intact checkpoint of another state: not a broken file
       if "tree structures do not match" not in str(e):
         raise
       raise StateStructureError(f"{self.directory}/{step}", first_line(e).rstrip(":"),
                                 meta) from e
-    return restored["state"], restored["meta"]
+    host = restored["state"]
+    shapes = [(np.shape(x), t.shape) for x, t in zip(jax.tree.leaves(host),
+                                                     jax.tree.leaves(abstract_state))]
+    if any(a != b for a, b in shapes):
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step}: its arrays do not fit the model and loss terms "
+          f"of the config (shapes {[a for a, b in shapes if a != b][:3]}, expected "
+          f"{[b for a, b in shapes if a != b][:3]})")
+    return place(host, abstract_state), restored["meta"]
 
   def _restore_format_1(self, step: int, abstract_state):
     """A checkpoint from before ``TrainState.aux``: the centres at the top as ``centers``, the
@@ -385,6 +396,26 @@ def check_model_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, 
   if diffs:
     raise CheckpointMismatchError(
         f"checkpoint {where} was written for a different model:\n  " + "\n  ".join(diffs))
+
+
+def place(host, abstract):
+  """The host arrays ``host`` placed as the leaves of ``abstract`` (the same tree) say: on their
+  sharding; a leaf without one stays a host array. Shardings of this process's devices alone
+  are placed in one ``device_put``; others (several processes) each process fills with the
+  shards of its own devices."""
+  leaves, treedef = jax.tree.flatten(host)
+  targets = jax.tree.leaves(abstract)
+  local = [i for i, t in enumerate(targets)
+           if t.sharding is not None and t.sharding.is_fully_addressable]
+  out = list(leaves)
+  for i, x in zip(local, jax.device_put([leaves[i] for i in local],
+                                        [targets[i].sharding for i in local])):
+    out[i] = x
+  for i, t in enumerate(targets):
+    if t.sharding is not None and not t.sharding.is_fully_addressable:
+      out[i] = jax.make_array_from_callback(t.shape, t.sharding,
+                                            lambda index, x=leaves[i]: x[index])
+  return jax.tree.unflatten(treedef, out)
 
 
 def abstract_like(state, mesh: Mesh):

@@ -38,3 +38,16 @@ def pmean(x, axis_name: str | None):
 def psum(x, axis_name: str | None):
   """``lax.psum`` of a pytree over ``axis_name``; ``x`` itself where the axis is ``single``."""
   return x if single(axis_name) else jax.lax.psum(x, axis_name)
+
+
+def replicate(tree, sharding: jax.sharding.Sharding):
+  """Every leaf of ``tree`` (the same values on every process) placed on ``sharding``, a
+  replicated one; across processes each process supplies the copies of its own devices."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, tree)

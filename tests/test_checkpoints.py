@@ -1,6 +1,7 @@
 """The checkpoints of a run (``dsf3n_jax.checkpoints``): what is kept across managers."""
 
 import numpy as np
+import pytest
 
 from dsf3n_jax import checkpoints
 from dsf3n_jax.checkpoints import Checkpointer
@@ -70,3 +71,45 @@ def test_a_checkpoints_meta_is_rewritten_whole_and_names_the_best_kept(tmp_path)
   _save(first, 3, best_step=2)
   assert first.steps() == [2, 3]
   first.close()
+
+
+def test_a_restore_reads_each_array_once_and_places_it_as_the_target_says(tmp_path, monkeypatch):
+  """Into host arrays, then placed: on the target's sharding (8 devices, replicated: one read,
+  not one per device), or left on the host for a target without one; the saved values bit for
+  bit, in the target's dtype. An array of another shape is refused, naming the checkpoint."""
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from tests.test_train import mesh_of
+  rng = np.random.default_rng(0)
+  state = {"w": rng.normal(size=(5, 3)).astype(np.float32), "step": np.int32(7),
+           "rng": np.arange(2, dtype=np.uint32)}
+  checkpointer = Checkpointer(tmp_path, keep=2)
+  checkpointer.save(1, state, _meta(None))
+  checkpointer.wait()
+  reads = []
+  real = checkpoints.ocp.RestoreArgs
+  monkeypatch.setattr(checkpoints.ocp, "RestoreArgs",
+                      lambda **kwargs: reads.append(kwargs) or real(**kwargs))
+  mesh = mesh_of(8)
+  placed, meta = checkpointer.restore(checkpoints.abstract_like(state, mesh))
+  assert meta == {**_meta(None), **meta} and len(reads) == 3
+  assert all(r["restore_type"] is np.ndarray for r in reads)
+  for key, value in state.items():
+    assert isinstance(placed[key], jax.Array), key
+    assert placed[key].sharding == NamedSharding(mesh, P()), key
+    assert len(placed[key].addressable_shards) == 8, key
+    np.testing.assert_array_equal(np.asarray(placed[key]), value, err_msg=key)
+    assert placed[key].dtype == value.dtype, key
+  host, _ = checkpointer.restore(jax.eval_shape(lambda: state))
+  for key, value in state.items():
+    assert isinstance(host[key], np.ndarray), key
+    np.testing.assert_array_equal(host[key], value, err_msg=key)
+  other = {**jax.eval_shape(lambda: state), "w": jax.ShapeDtypeStruct((4, 3), np.float32)}
+  with pytest.raises(checkpoints.CheckpointMismatchError) as refused:
+    checkpointer.restore(other, step=1)
+  assert str(refused.value).startswith(
+      f"checkpoint {tmp_path}/checkpoints/1: its arrays do not fit")
+  assert "shapes [(5, 3)], expected [(4, 3)]" in str(refused.value)
+  checkpointer.close()

@@ -14,9 +14,9 @@ import numpy as np
 
 from dsf3n_jax import losses
 from dsf3n_jax.checkpoints import FOLDER as CHECKPOINTS
-from dsf3n_jax.checkpoints import Checkpointer, abstract_like
+from dsf3n_jax.checkpoints import Checkpointer
 from dsf3n_jax.training import workdir as workdir_lib
-from dsf3n_jax.training.run import feature_stats, make_mesh, normalize_loss_config
+from dsf3n_jax.training.run import feature_stats, normalize_loss_config
 from dsf3n_jax.training.state import (
     build_model,
     build_optimizer,
@@ -65,9 +65,10 @@ def restore_model(workdir, *, which: str = "latest"):
   model = build_model(mcfg, axis_name=None)
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, read_only=True)
   try:  # the optimiser's structure does not depend on the schedule's steps per epoch
-    abstract = abstract_like(jax.eval_shape(lambda: init_state(
+    # Without shardings: read into host arrays, which the tools use.
+    abstract = jax.eval_shape(lambda: init_state(
         model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"],
-        loss_terms=config.loss.terms)), make_mesh())
+        loss_terms=config.loss.terms))
     state, meta = checkpointer.restore(abstract, which=which, model_config=mcfg,
                                        on_fallback=log)
   finally:

@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import struct
 from flax.core import FrozenDict
@@ -19,6 +18,7 @@ from flax.core import FrozenDict
 from dsf3n_jax import losses
 from dsf3n_jax.fused_draws import fused_draws
 from dsf3n_jax.mesh import DATA_AXIS as AXIS
+from dsf3n_jax.mesh import replicate
 from dsf3n_jax.models import DSF3N, registry
 from dsf3n_jax.models.dsf3n import resolved_fields, upgrade_fields
 
@@ -380,19 +380,6 @@ def _init_program(model: DSF3N, num_classes: int, loss_terms: tuple[str, ...]) -
   return jax.jit(fused_draws(lambda key: _init_without_optimizer(model, key, num_classes,
                                                                  loss_terms)),
                  compiler_options=init_compiler_options(jax.default_backend()))
-
-
-def replicate(tree, sharding: jax.sharding.Sharding):
-  """Every leaf of ``tree`` (the same values on every process) placed on ``sharding``, a
-  replicated one; across processes each process supplies the copies of its own devices."""
-  if sharding.is_fully_addressable:
-    return jax.device_put(tree, sharding)
-
-  def place(x):
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  return jax.tree.map(place, tree)
 
 
 # LLVM at -O1 instead of XLA:CPU's -O2 compiled the initialiser in 25-50 % less time (5.5-6 s
