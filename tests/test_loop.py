@@ -723,3 +723,31 @@ def test_a_part_registered_again_makes_memoized_programs_anew(monkeypatch):
   assert build("x") == 2 and build("x") == 2
   state_lib.forget_programs()
   assert build("x") == 3
+
+
+def test_a_restores_target_is_the_initial_states_shapes_traced_once_per_model(monkeypatch):
+  """``state.abstract_state``, what a resume and the tools restore into: the shapes, dtypes
+  and tree of ``init_state``'s state for the run's optimiser; the model's draws traced once
+  for equal models (the optimiser's state, a small trace, for each call)."""
+  import jax
+
+  from dsf3n_jax.training import state as state_lib
+  config = tiny_config()
+  run = run_lib.prepare_run(config)
+  kwargs = dict(num_classes=run.sources.num_classes, loss_terms=config.loss.terms)
+  state_lib.forget_programs()
+  traced, real = [], state_lib._init_without_optimizer
+  monkeypatch.setattr(state_lib, "_init_without_optimizer",
+                      lambda *a, **k: traced.append(a[0]) or real(*a, **k))
+  for optimizer in ({}, {"optim.grad_clip_norm": 1.0, "optim.weight_decay": 1e-3}):
+    tx = state_lib.build_optimizer(tiny_config(**optimizer), 6)
+    got = state_lib.abstract_state(run.model, tx, **kwargs)
+    want = jax.eval_shape(lambda tx=tx: state_lib.init_state(run.model, tx, seed=3, **kwargs))
+    assert jax.tree.structure(got) == jax.tree.structure(want), optimizer
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(want)], optimizer
+  assert len(traced) == 3  # the model's draws: once for abstract_state, twice for eval_shape
+  other = run.model.clone(embed_dim=run.model.embed_dim * 2)
+  wider = state_lib.abstract_state(other, tx, **kwargs)
+  assert len(traced) == 4 and wider.params != got.params
+  state_lib.forget_programs()

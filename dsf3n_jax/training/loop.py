@@ -53,7 +53,6 @@ corrupt each other's checkpoints; that run's lock is left as it is.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -86,7 +85,7 @@ from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.preemption import Preempted, PreemptionWatch
 from dsf3n_jax.training.state import (
     SCHEDULES_READING_NUM_EPOCHS,
-    init_state,
+    abstract_state,
     learning_rate_schedule,
     make_init_fn,
     memoized,
@@ -332,9 +331,8 @@ def _init_or_resume(run: run_lib.Run, checkpointer: Checkpointer):
     init = make_init_fn(run.model, run.tx, num_classes=run.sources.num_classes,
                         loss_terms=config.loss.terms, sharding=replicated)
     return init(config.seed), new_meta(), False
-  abstract = jax.eval_shape(functools.partial(
-      init_state, run.model, run.tx, seed=config.seed, num_classes=run.sources.num_classes,
-      loss_terms=config.loss.terms))
+  abstract = abstract_state(run.model, run.tx, num_classes=run.sources.num_classes,
+                            loss_terms=config.loss.terms)
   try:
     state, meta = checkpointer.restore(abstract_like(abstract, run.mesh),
                                        model_config=run.mcfg, on_fallback=log, repair=True)

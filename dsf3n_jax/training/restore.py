@@ -18,9 +18,9 @@ from dsf3n_jax.checkpoints import Checkpointer
 from dsf3n_jax.training import workdir as workdir_lib
 from dsf3n_jax.training.run import feature_stats, normalize_loss_config
 from dsf3n_jax.training.state import (
+    abstract_state,
     build_model,
     build_optimizer,
-    init_state,
     make_init_fn,
     model_config,
     new_meta,
@@ -66,9 +66,8 @@ def restore_model(workdir, *, which: str = "latest"):
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, read_only=True)
   try:  # the optimiser's structure does not depend on the schedule's steps per epoch
     # Without shardings: read into host arrays, which the tools use.
-    abstract = jax.eval_shape(lambda: init_state(
-        model, build_optimizer(config, 1), seed=config.seed, num_classes=mcfg["num_classes"],
-        loss_terms=config.loss.terms))
+    abstract = abstract_state(model, build_optimizer(config, 1),
+                              num_classes=mcfg["num_classes"], loss_terms=config.loss.terms)
     state, meta = checkpointer.restore(abstract, which=which, model_config=mcfg,
                                        on_fallback=log)
   finally:

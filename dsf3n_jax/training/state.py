@@ -375,6 +375,22 @@ def forget_programs() -> None:
     clear()
 
 
+def abstract_state(model: DSF3N, tx: optax.GradientTransformation, *, num_classes: int,
+                   loss_terms: Iterable[str] = DEFAULT_LOSS_TERMS) -> TrainState:
+  """``init_state``'s shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), which do not depend
+  on the seed: a checkpoint's restore target. What the model draws is traced once per equal
+  model, classes and loss terms (``memoized``); the optimiser's state is traced from it."""
+  drawn = _abstract_draws(model, int(num_classes), tuple(loss_terms), jax.config.jax_enable_x64)
+  return drawn.replace(opt_state=jax.eval_shape(tx.init, drawn.trainable))
+
+
+@memoized
+def _abstract_draws(model: DSF3N, num_classes: int, loss_terms: tuple[str, ...],
+                    x64: bool) -> TrainState:
+  del x64  # in the key: the dtypes JAX gives depend on it
+  return jax.eval_shape(lambda: _init_without_optimizer(model, 0, num_classes, loss_terms))
+
+
 @memoized
 def _init_program(model: DSF3N, num_classes: int, loss_terms: tuple[str, ...]) -> Callable:
   return jax.jit(fused_draws(lambda key: _init_without_optimizer(model, key, num_classes,
