@@ -390,6 +390,7 @@ def test_a_rerun_keeps_the_finished_groups(swept, tmp_path):
       tmp_path / "first_chosen_config.py").read_text()
 
 
+@SHARES_SWEPT
 def test_a_sweep_whose_workdir_another_sweep_took_over_stops_before_its_next_write(
     swept, tmp_path, monkeypatch):
   """A rerun that trains its first group again (its record dropped from ``sweep.json``) while
