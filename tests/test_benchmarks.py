@@ -360,6 +360,16 @@ def test_the_init_compile_benchmark_compiles_both_initialisers_and_checks_their_
   assert "| tiny | 74 |" in doc_path.with_suffix(".md").read_text()
 
 
+def test_the_restore_benchmark_times_the_three_ways_and_checks_they_read_the_same(tmp_path):
+  from benchmarks import restore_time
+  assert restore_time.main(["--configs=tiny", "--rounds=1", f"--out={tmp_path}"]) == 0
+  (doc_path,) = tmp_path.glob("restore-time-*.json")
+  (row,) = json.loads(doc_path.read_text())["rows"]  # the bits were compared in the run
+  assert (row["model"], row["arrays"], row["devices"]) == ("tiny", 231, 8)
+  assert all(row[k]["median"] > 0 for k in restore_time.KINDS)
+  assert "| tiny | 231 | 2.7 | 8 |" in doc_path.with_suffix(".md").read_text()
+
+
 def test_the_bilinear_benchmark_times_each_block_size(tmp_path):
   from benchmarks import bilinear
   rows = bilinear.measure(8, [0, 4], dim=8, repeats=1)

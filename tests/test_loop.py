@@ -293,6 +293,18 @@ def _take_over(lock, record) -> None:
     lock._renewer.join(0.5)
 
 
+def renewing_fast(locks: list) -> type:
+  """A ``WorkdirLock`` that renews every 50 ms, so that a takeover is seen at once; each one
+  made is appended to ``locks`` (for ``_take_over``)."""
+
+  class Lock(workdir_lib.WorkdirLock):
+    def __init__(self, workdir, **kwargs):
+      super().__init__(workdir, **{**kwargs, "renew_s": 0.05})
+      locks.append(self)
+
+  return Lock
+
+
 _OTHER_RUN = {"pid": 4242, "host": "other-host", "start_time": None,
               "started": "2030-01-02 03:04:05"}
 
@@ -344,13 +356,7 @@ def test_a_run_whose_workdir_another_run_took_over_stops_and_writes_nothing_more
   the checkpoint of step 8: a ``WorkdirError`` naming that run, no record, checkpoint or
   ``results.json`` written after it, and that run's lock left in the workdir."""
   locks = []
-
-  class Lock(workdir_lib.WorkdirLock):  # renews every 50 ms: a takeover is seen at once
-    def __init__(self, workdir, **kwargs):
-      super().__init__(workdir, **{**kwargs, "renew_s": 0.05})
-      locks.append(self)
-
-  monkeypatch.setattr(workdir_lib, "WorkdirLock", Lock)
+  monkeypatch.setattr(workdir_lib, "WorkdirLock", renewing_fast(locks))
   other = {**_OTHER_RUN, "renewed": time.time()}
   config = tiny_config(num_epochs=2, checkpoint_every_steps=4)  # 6 steps/epoch: 4, 6, 8, 12
   workdir = tmp_path / "run"

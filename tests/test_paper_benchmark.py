@@ -104,19 +104,14 @@ def test_a_report_another_run_took_over_gets_nothing_more_written(tmp_path, monk
   import time
 
   from dsf3n_jax.training import workdir as workdir_lib
-  from tests.test_loop import _OTHER_RUN, _take_over
+  from tests.test_loop import _OTHER_RUN, _take_over, renewing_fast
   locks, other = [], {**_OTHER_RUN, "renewed": time.time()}
-
-  class Lock(workdir_lib.WorkdirLock):  # renews every 50 ms: a takeover is seen at once
-    def __init__(self, path, **kwargs):
-      super().__init__(path, **{**kwargs, "renew_s": 0.05})
-      locks.append(self)
 
   def run_row(row, *args, **kwargs):
     _take_over(locks[0], other)
     return {"key": row.key, "error": None, "protocols": {}}
 
-  monkeypatch.setattr(paper, "WorkdirLock", Lock)
+  monkeypatch.setattr(paper, "WorkdirLock", renewing_fast(locks))
   monkeypatch.setattr(paper, "_run_row", run_row)
   with pytest.raises(workdir_lib.WorkdirError) as stopped:
     paper.run("synthetic", seeds=[0], quick=True, out_dir=tmp_path, log=lambda m: None,

@@ -398,7 +398,7 @@ def test_a_sweep_whose_workdir_another_sweep_took_over_stops_before_its_next_wri
   ``WorkdirError`` naming that sweep before the group's results are written, the workdir as
   it was, and that sweep's lock left in it."""
   from dsf3n_jax.training import workdir as workdir_lib
-  from tests.test_loop import _OTHER_RUN, _take_over
+  from tests.test_loop import _OTHER_RUN, _take_over, renewing_fast
   workdir, overrides, report = swept
   workdir = pathlib.Path(shutil.copytree(workdir, tmp_path / "sweep"))
   doc = json.loads((workdir / "sweep.json").read_text())
@@ -407,19 +407,13 @@ def test_a_sweep_whose_workdir_another_sweep_took_over_stops_before_its_next_wri
   (workdir / "sweep.json").write_text(json.dumps(doc))
   before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
   locks = []
-
-  class Lock(workdir_lib.WorkdirLock):  # renews every 50 ms: a takeover is seen at once
-    def __init__(self, path, **kwargs):
-      super().__init__(path, **{**kwargs, "renew_s": 0.05})
-      locks.append(self)
-
   other = {**_OTHER_RUN, "renewed": time.time()}
 
   def train_group(configs, seeds, **kwargs):  # the group trains; meanwhile its lease lapses
     _take_over(locks[0], other)
     return {"configs": []}, None
 
-  monkeypatch.setattr(workdir_lib, "WorkdirLock", Lock)
+  monkeypatch.setattr(workdir_lib, "WorkdirLock", renewing_fast(locks))
   monkeypatch.setattr(sweep, "train_group", train_group)
   with pytest.raises(workdir_lib.WorkdirError) as stopped:
     sweep.run_sweep(_base(), overrides, [0, 1], str(workdir), command="test",
