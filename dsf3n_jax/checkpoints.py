@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsf3n_jax.cli import first_line
+from dsf3n_jax.mesh import place
 from dsf3n_jax.paths import atomic_write, resolve
 
 _policies = ocp.checkpoint_managers
@@ -396,26 +397,6 @@ def check_model_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, 
   if diffs:
     raise CheckpointMismatchError(
         f"checkpoint {where} was written for a different model:\n  " + "\n  ".join(diffs))
-
-
-def place(host, abstract):
-  """The host arrays ``host`` placed as the leaves of ``abstract`` (the same tree) say: on their
-  sharding; a leaf without one stays a host array. Shardings of this process's devices alone
-  are placed in one ``device_put``; others (several processes) each process fills with the
-  shards of its own devices."""
-  leaves, treedef = jax.tree.flatten(host)
-  targets = jax.tree.leaves(abstract)
-  local = [i for i, t in enumerate(targets)
-           if t.sharding is not None and t.sharding.is_fully_addressable]
-  out = list(leaves)
-  for i, x in zip(local, jax.device_put([leaves[i] for i in local],
-                                        [targets[i].sharding for i in local])):
-    out[i] = x
-  for i, t in enumerate(targets):
-    if t.sharding is not None and not t.sharding.is_fully_addressable:
-      out[i] = jax.make_array_from_callback(t.shape, t.sharding,
-                                            lambda index, x=leaves[i]: x[index])
-  return jax.tree.unflatten(treedef, out)
 
 
 def abstract_like(state, mesh: Mesh):

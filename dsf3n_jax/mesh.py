@@ -40,14 +40,33 @@ def psum(x, axis_name: str | None):
   return x if single(axis_name) else jax.lax.psum(x, axis_name)
 
 
+def place(tree, abstract):
+  """The values of ``tree`` (host arrays, or arrays on one device; the same on every process)
+  placed as the leaves of ``abstract`` (the same tree) say: on their sharding; a leaf without
+  one is left as it is. Shardings of this process's devices alone are placed in one
+  ``device_put``; others (several processes) each process fills with the shards of its own
+  devices, from a host copy."""
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = jax.tree.leaves(abstract)
+  local = [i for i, t in enumerate(targets)
+           if t.sharding is not None and t.sharding.is_fully_addressable]
+  out = list(leaves)
+  for i, x in zip(local, jax.device_put([leaves[i] for i in local],
+                                        [targets[i].sharding for i in local])):
+    out[i] = x
+
+  def from_host(x, target):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(target.shape, target.sharding, lambda index: host[index])
+
+  for i, t in enumerate(targets):
+    if t.sharding is not None and not t.sharding.is_fully_addressable:
+      out[i] = from_host(leaves[i], t)
+  return jax.tree.unflatten(treedef, out)
+
+
 def replicate(tree, sharding: jax.sharding.Sharding):
   """Every leaf of ``tree`` (the same values on every process) placed on ``sharding``, a
-  replicated one; across processes each process supplies the copies of its own devices."""
-  if sharding.is_fully_addressable:
-    return jax.device_put(tree, sharding)
-
-  def place(x):
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  return jax.tree.map(place, tree)
+  replicated one (``place``)."""
+  return place(tree, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree))
