@@ -105,10 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [measure(model, args.rounds) for model in args.model or list(MODELS)]
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
-  doc = {"benchmark": "init_compile",
-         "command": " ".join(["python -m benchmarks.init_compile", *raw]),
-         "started": machine["date"], "machine": machine,
-         "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
+  doc = {**sysinfo.report_header("init_compile", raw, machine),
          "compiler_options": state_lib.init_compiler_options(jax.default_backend()),
          "rows": rows}
   name = "init-compile-" + sysinfo.machine_slug(machine, doc["accelerator"])

@@ -109,11 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.rounds < 1:
     parser.error(f"--rounds={args.rounds}: expected at least 1")
   machine = sysinfo.machine_info()  # before the runs: its date is the start
-  doc = {"benchmark": "repeat_runs",
-         "command": " ".join(["python -m benchmarks.repeat_runs", *raw]),
-         "started": machine["date"], "machine": machine,
-         "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
-         "row": measure(args.rounds)}
+  doc = {**sysinfo.report_header("repeat_runs", raw, machine), "row": measure(args.rounds)}
   name = "repeat-runs-" + sysinfo.machine_slug(machine, doc["accelerator"])
   accuracy.publish(args.out, name, doc, markdown(doc))
   return 0

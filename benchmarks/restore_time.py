@@ -133,10 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts
   machine = sysinfo.machine_info()  # before the runs: its date is the start
-  doc = {"benchmark": "restore_time",
-         "command": " ".join(["python -m benchmarks.restore_time", *raw]),
-         "started": machine["date"], "machine": machine,
-         "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
+  doc = {**sysinfo.report_header("restore_time", raw, machine),
          "rows": measure(names, args.rounds)}
   name = "restore-time-" + sysinfo.machine_slug(machine, doc["accelerator"])
   accuracy.publish(args.out, name, doc, markdown(doc))

@@ -187,11 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       rows.append(measure(model, k, steps=args.steps, batch_size=args.batch_size,
                           members=args.members))
       print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  doc = {"benchmark": "seeds", "members": args.members,
-         "command": " ".join(["python -m benchmarks.seeds", *raw]),
-         "started": machine["date"], "machine": machine,
-         "accelerator": sysinfo.accelerator_info(), "versions": sysinfo.versions(),
-         "rows": rows}
+  doc = {**sysinfo.report_header("seeds", raw, machine), "members": args.members, "rows": rows}
   tag = sysinfo.machine_slug(machine, doc["accelerator"])
   accuracy.publish(args.out, f"{'sweep' if args.members == 'configs' else 'seeds'}-{tag}",
                    doc, markdown(doc))

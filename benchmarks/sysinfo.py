@@ -16,7 +16,7 @@ import platform
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 ALLOCATORS = ("default", "jemalloc", "hugetlb")
@@ -225,6 +225,17 @@ def accelerator_info() -> dict[str, Any]:
   except ImportError:
     pass
   return out
+
+
+def report_header(benchmark: str, argv: Sequence[str], machine: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+  """The fields a benchmark's report starts with: its name, the command that made it
+  (``python -m benchmarks.<benchmark> argv...``), when it started (``machine``'s date: take
+  ``machine_info()`` before the runs), the machine, the accelerator and the versions."""
+  return {"benchmark": benchmark,
+          "command": " ".join([f"python -m benchmarks.{benchmark}", *argv]),
+          "started": machine["date"], "machine": machine, "accelerator": accelerator_info(),
+          "versions": versions()}
 
 
 def machine_slug(machine: Mapping[str, Any], accelerator: Mapping[str, Any]) -> str:
